@@ -1,0 +1,3 @@
+from modelfs.cli import main
+
+main()

@@ -1,0 +1,46 @@
+"""The narrow interface every blob source implements: a registry repository or an OCI layout.
+
+The piece fetcher and the mount only ever talk to a ``BlobSource``; how the bytes travel
+(HTTP with auth and retries, or files on disk) stays behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest as the source returned it; ``digest`` is the sha256 of ``data``."""
+
+    digest: str
+    media_type: str
+    data: bytes
+
+
+class BlobSource(Protocol):
+    """Where one model's manifests and blobs come from."""
+
+    @property
+    def name(self) -> str:
+        """Human-readable location for messages, e.g. ``localhost:5000/models/bert``."""
+        ...
+
+    async def get_manifest(self, selector: str) -> FetchedManifest:
+        """Fetch a manifest by tag or digest; verify it against the digest when given one."""
+        ...
+
+    async def get_blob(self, digest: str, max_size: int) -> bytes:
+        """Fetch a small blob (a config) whole and verify its digest."""
+        ...
+
+    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of the blob from ``start`` (fewer only at the blob's end)."""
+        ...
+
+    def stream_blob(self, digest: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """The whole blob as a stream of chunks (no digest check: the caller hashes)."""
+        ...

@@ -1,0 +1,69 @@
+"""ModelPack facts: media types and annotation keys (CNCF model-spec, plus the legacy cnai ones).
+
+Pure constants and classifiers, shared by the reader (fs/) and the builder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST])
+
+MODEL_ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
+MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
+OCI_EMPTY_JSON = "application/vnd.oci.empty.v1+json"
+
+ANNOTATION_FILEPATH = "org.cncf.model.filepath"
+ANNOTATION_METADATA = "org.cncf.model.file.metadata+json"
+ANNOTATION_UNTESTED = "org.cncf.model.file.mediatype.untested"
+LEGACY_ANNOTATION_FILEPATH = "org.cnai.model.filepath"
+LEGACY_ANNOTATION_METADATA = "org.cnai.model.file.metadata+json"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
+ANNOTATION_MODELFILE = "org.cncf.modctl.modelfile"
+
+_PREFIXES = ("application/vnd.cncf.model.", "application/vnd.cnai.model.")
+KINDS = ("weight.config", "weight", "doc", "code", "dataset")
+
+Format = Literal["raw", "tar", "tar+gzip", "tar+zstd"]
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """What a layer media type says: its kind (weight, doc, ...) and how it is packed."""
+
+    kind: str
+    format: Format
+
+
+def classify_layer(media_type: str) -> LayerType | None:
+    """Classify a ModelPack layer media type; None for anything else (e.g. a plain ORAS file)."""
+    for prefix in _PREFIXES:
+        if not media_type.startswith(prefix):
+            continue
+        body = media_type[len(prefix) :]
+        for kind in KINDS:
+            for fmt in ("raw", "tar+gzip", "tar+zstd", "tar"):
+                if body == f"{kind}.v1.{fmt}":
+                    return LayerType(kind, fmt)  # type: ignore[arg-type]
+        # "application/vnd.cncf.model.weight.v1.tar" variants without a format mean tar
+    return None
+
+
+def layer_media_type(kind: str, fmt: Format) -> str:
+    return f"application/vnd.cncf.model.{kind}.v1.{fmt}"
+
+
+def format_from_plain_media_type(media_type: str) -> Format:
+    """How a non-ModelPack layer (plain ORAS push) is packed, judged by its media type suffix."""
+    if media_type.endswith(("tar+gzip", ".tar.gzip", "tar.gz")):
+        return "tar+gzip"
+    if media_type.endswith(("tar+zstd", ".tar.zstd")):
+        return "tar+zstd"
+    if media_type.endswith(".tar") or media_type.endswith("+tar"):
+        return "tar"
+    return "raw"
