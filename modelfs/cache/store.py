@@ -1,0 +1,349 @@
+"""The node's piece cache: one LMDB environment shared by every modelfs process on the node.
+
+Layout (named sub-databases):
+- ``pieces``: ``<digest>/<index>`` -> xxh3-64 (8 bytes, little endian) + the piece's bytes.
+- ``stamps``: ``<digest>/<index>`` -> the piece's last-use stamp (8 bytes, big endian).
+- ``lru``:    stamp + ``<digest>/<index>`` -> empty; iterated in order, oldest first, to evict.
+- ``blobs``:  ``<digest>`` -> size, pieces present, verified flag.
+- ``leases``: ``<digest>/<pid>`` -> empty: blobs a live process is reading are evicted last.
+- ``meta``:   small records (the stamp clock, total bytes, manifests, configs, tar indexes).
+
+LMDB serialises writers across processes, so the size accounting in ``meta`` is exact and the
+limit holds for the whole node. Reads touch pieces in memory; the new stamps are written with the
+next write transaction rather than making every read a write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import xxhash
+
+from modelfs.errors import CacheError
+from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
+
+log = logging.getLogger(__name__)
+
+_BLOB = struct.Struct(">QIB")  # size, pieces present, verified
+_U64 = struct.Struct(">Q")
+_CHECKSUM = struct.Struct("<Q")
+_FORMAT = b"modelfs-cache-1"
+_TOUCH_FLUSH = 256  # pending stamp updates that force a write
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What storing a piece did: whether it was kept, and whether it completed its blob."""
+
+    stored: bool
+    blob_complete: bool
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    size: int
+    limit: int
+    pieces: int
+    blobs: int
+
+
+def _piece_key(digest: str, index: int) -> bytes:
+    return f"{digest}/{index:010d}".encode()
+
+
+def _split_piece_key(key: bytes) -> tuple[str, int]:
+    digest, _, index = key.decode().rpartition("/")
+    return digest, int(index)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class PieceCache:
+    """Pieces of blobs, checksummed, bounded in size, least recently used evicted first."""
+
+    def __init__(self, path: Path, max_size: int, piece_size: int = DEFAULT_PIECE_SIZE) -> None:
+        self.path = path
+        self.max_size = max_size
+        self.piece_size = piece_size
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            # The map is a sparse file: room for the limit plus LMDB's free-page slack.
+            self._env = lmdb.open(
+                str(path),
+                map_size=max(2 * max_size, 1 << 30),
+                max_dbs=8,
+                metasync=False,
+                readahead=False,
+            )
+        except (OSError, lmdb.Error) as error:
+            raise CacheError(
+                f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
+            ) from error
+        self._pieces = self._env.open_db(b"pieces")
+        self._stamps = self._env.open_db(b"stamps")
+        self._lru = self._env.open_db(b"lru")
+        self._blobs = self._env.open_db(b"blobs")
+        self._leases = self._env.open_db(b"leases")
+        self._meta = self._env.open_db(b"meta")
+        self._touched: dict[bytes, None] = {}
+        self._check_format()
+
+    def _check_format(self) -> None:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            stored = txn.get(b"format")
+            expected = _FORMAT + b"/" + str(self.piece_size).encode()
+            if stored is None:
+                txn.put(b"format", expected)
+            elif stored != expected:
+                raise CacheError(
+                    f"the cache at {self.path} was made with another format ({stored.decode()}); "
+                    "use another --cache-dir or remove this one"
+                )
+
+    def close(self) -> None:
+        self.flush()
+        self._env.close()
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def get(self, digest: str, index: int) -> bytes | None:
+        """The piece's bytes, or None when absent or when its checksum fails (it is dropped)."""
+        key = _piece_key(digest, index)
+        with self._env.begin(db=self._pieces, buffers=True) as txn:
+            value = txn.get(key)
+            if value is None:
+                return None
+            data = bytes(value[_CHECKSUM.size :])
+            (expected,) = _CHECKSUM.unpack_from(value)
+        if xxhash.xxh3_64_intdigest(data) != expected:
+            log.error("cache: piece %d of %s failed its checksum; dropped, fetching it again",
+                      index, digest)
+            self.drop_piece(digest, index)
+            return None
+        self._touched[key] = None
+        if len(self._touched) >= _TOUCH_FLUSH:
+            self.flush()
+        return data
+
+    def has(self, digest: str, index: int) -> bool:
+        with self._env.begin(db=self._pieces, buffers=True) as txn:
+            return txn.get(_piece_key(digest, index)) is not None
+
+    def put(self, digest: str, index: int, data: bytes, blob_size: int) -> PutResult:
+        """Store a piece, evicting others to stay under the limit. Thread-safe (one writer)."""
+        key = _piece_key(digest, index)
+        value = _CHECKSUM.pack(xxhash.xxh3_64_intdigest(data)) + data
+        cost = len(value)
+        if cost > self.max_size:
+            return PutResult(stored=False, blob_complete=False)
+        try:
+            with self._env.begin(write=True, buffers=True) as txn:
+                self._write_touches(txn)
+                if txn.get(key, db=self._pieces) is not None:
+                    return PutResult(stored=True, blob_complete=False)
+                total = self._total(txn)
+                if total + cost > self.max_size:
+                    total -= self._evict(txn, total + cost - self.max_size, protect=digest)
+                    if total + cost > self.max_size:
+                        return PutResult(stored=False, blob_complete=False)
+                txn.put(key, value, db=self._pieces)
+                self._stamp(txn, key)
+                txn.put(b"total", _U64.pack(total + cost), db=self._meta)
+                size, present, verified = self._blob_state(txn, digest, blob_size)
+                present += 1
+                txn.put(digest.encode(), _BLOB.pack(size, present, verified), db=self._blobs)
+                complete = present == piece_count(blob_size, self.piece_size)
+                return PutResult(stored=True, blob_complete=complete and not verified)
+        except lmdb.Error as error:
+            raise CacheError(f"cannot write to the cache at {self.path}: {error}") from error
+
+    def drop_piece(self, digest: str, index: int) -> None:
+        with self._env.begin(write=True, buffers=True) as txn:
+            self._delete_piece(txn, _piece_key(digest, index))
+
+    def drop_blob(self, digest: str) -> None:
+        """Remove every piece of a blob (after it failed its digest check)."""
+        prefix = f"{digest}/".encode()
+        with self._env.begin(write=True, buffers=True) as txn:
+            cursor = txn.cursor(db=self._pieces)
+            keys = []
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(values=False):
+                    if not bytes(key).startswith(prefix):
+                        break
+                    keys.append(bytes(key))
+            for key in keys:
+                self._delete_piece(txn, key)
+            txn.delete(digest.encode(), db=self._blobs)
+
+    def iter_blob(self, digest: str, blob_size: int, start: int = 0) -> Iterator[bytes | None]:
+        """The blob's pieces in order from ``start`` (None for a missing or corrupt one)."""
+        for index in range(start, piece_count(blob_size, self.piece_size)):
+            yield self.get(digest, index)
+
+    def missing(self, digest: str, blob_size: int) -> list[int]:
+        with self._env.begin(db=self._pieces, buffers=True) as txn:
+            return [
+                index
+                for index in range(piece_count(blob_size, self.piece_size))
+                if txn.get(_piece_key(digest, index)) is None
+            ]
+
+    # -- blob state -----------------------------------------------------------------------
+
+    def is_verified(self, digest: str) -> bool:
+        with self._env.begin(db=self._blobs) as txn:
+            value = txn.get(digest.encode())
+        return value is not None and _BLOB.unpack(value)[2] == 1
+
+    def is_complete(self, digest: str, blob_size: int) -> bool:
+        with self._env.begin(db=self._blobs) as txn:
+            value = txn.get(digest.encode())
+        return value is not None and _BLOB.unpack(value)[1] == piece_count(
+            blob_size, self.piece_size
+        )
+
+    def mark_verified(self, digest: str, blob_size: int) -> None:
+        with self._env.begin(write=True, buffers=True) as txn:
+            size, present, _ = self._blob_state(txn, digest, blob_size)
+            if present == piece_count(blob_size, self.piece_size):
+                txn.put(digest.encode(), _BLOB.pack(size, present, 1), db=self._blobs)
+
+    # -- leases: blobs in use by a live process are evicted last ---------------------------
+
+    def lease(self, digests: list[str]) -> None:
+        pid = os.getpid()
+        with self._env.begin(write=True, db=self._leases) as txn:
+            for digest in digests:
+                txn.put(f"{digest}/{pid}".encode(), b"")
+
+    def release(self, digests: list[str]) -> None:
+        pid = os.getpid()
+        with self._env.begin(write=True, db=self._leases) as txn:
+            for digest in digests:
+                txn.delete(f"{digest}/{pid}".encode())
+
+    # -- small records ---------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> bytes | None:
+        with self._env.begin(db=self._meta) as txn:
+            value = txn.get(f"record/{key}".encode())
+        return None if value is None else bytes(value)
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(f"record/{key}".encode(), value)
+
+    def stats(self) -> CacheStats:
+        with self._env.begin() as txn:
+            return CacheStats(
+                size=self._total(txn),
+                limit=self.max_size,
+                pieces=txn.stat(self._pieces)["entries"],
+                blobs=txn.stat(self._blobs)["entries"],
+            )
+
+    def flush(self) -> None:
+        """Write the stamps of pieces read since the last write."""
+        if self._touched:
+            with self._env.begin(write=True, buffers=True) as txn:
+                self._write_touches(txn)
+
+    # -- inside a write transaction ------------------------------------------------------
+
+    def _total(self, txn: lmdb.Transaction) -> int:
+        value = txn.get(b"total", db=self._meta)
+        return 0 if value is None else int(_U64.unpack(value)[0])
+
+    def _blob_state(self, txn: lmdb.Transaction, digest: str, size: int) -> tuple[int, int, int]:
+        value = txn.get(digest.encode(), db=self._blobs)
+        return (size, 0, 0) if value is None else _BLOB.unpack(value)
+
+    def _next_stamp(self, txn: lmdb.Transaction) -> bytes:
+        value = txn.get(b"clock", db=self._meta)
+        stamp = _U64.pack(0 if value is None else _U64.unpack(value)[0] + 1)
+        txn.put(b"clock", stamp, db=self._meta)
+        return stamp
+
+    def _stamp(self, txn: lmdb.Transaction, key: bytes) -> None:
+        old = txn.get(key, db=self._stamps)
+        if old is not None:
+            txn.delete(bytes(old) + key, db=self._lru)
+        stamp = self._next_stamp(txn)
+        txn.put(key, stamp, db=self._stamps)
+        txn.put(stamp + key, b"", db=self._lru)
+
+    def _write_touches(self, txn: lmdb.Transaction) -> None:
+        touched, self._touched = self._touched, {}
+        for key in touched:
+            if txn.get(key, db=self._stamps) is not None:
+                self._stamp(txn, key)
+
+    def _delete_piece(self, txn: lmdb.Transaction, key: bytes) -> int:
+        value = txn.get(key, db=self._pieces)
+        if value is None:
+            return 0
+        freed = len(value)
+        txn.delete(key, db=self._pieces)
+        stamp = txn.get(key, db=self._stamps)
+        if stamp is not None:
+            txn.delete(bytes(stamp) + key, db=self._lru)
+            txn.delete(key, db=self._stamps)
+        txn.put(b"total", _U64.pack(self._total(txn) - freed), db=self._meta)
+        digest, _ = _split_piece_key(key)
+        blob = txn.get(digest.encode(), db=self._blobs)
+        if blob is not None:
+            size, present, _ = _BLOB.unpack(blob)
+            txn.put(digest.encode(), _BLOB.pack(size, max(present - 1, 0), 0), db=self._blobs)
+        return freed
+
+    def _leased_blobs(self, txn: lmdb.Transaction) -> set[str]:
+        leased, stale = set(), []
+        for key in txn.cursor(db=self._leases).iternext(values=False):
+            digest, _, pid = bytes(key).decode().rpartition("/")
+            if _pid_alive(int(pid)):
+                leased.add(digest)
+            else:
+                stale.append(bytes(key))
+        for key in stale:
+            txn.delete(key, db=self._leases)
+        return leased
+
+    def _evict(self, txn: lmdb.Transaction, need: int, protect: str) -> int:
+        """Free at least ``need`` bytes, oldest first: other blobs no process is reading, then
+        other blobs, then older pieces of the blob being written."""
+        leased = self._leased_blobs(txn)
+        spared_by_pass = (leased | {protect}, {protect}, set())
+        freed = 0
+        for spared in spared_by_pass:
+            victims = []
+            for stamp_key in txn.cursor(db=self._lru).iternext(values=False):
+                key = bytes(stamp_key[_U64.size :])
+                if _split_piece_key(key)[0] in spared:
+                    continue
+                victims.append(key)
+                freed += len(txn.get(key, db=self._pieces) or b"")
+                if freed >= need:
+                    break
+            for key in victims:
+                self._delete_piece(txn, key)
+            if victims:
+                log.info("cache: evicted %d pieces to stay under %d bytes",
+                         len(victims), self.max_size)
+            if freed >= need:
+                break
+        return freed

@@ -1,0 +1,148 @@
+"""The FUSE operations: an immutable tree served read-only, file bytes read through a reader.
+
+The tree never changes under a mount (the manifest is pinned by digest), so the kernel may keep
+entries, attributes and page cache for as long as it likes: long timeouts and ``keep_cache``.
+Any failure to get bytes is EIO for that read only, logged with the file it concerns; the
+filesystem itself stays up.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+
+import pyfuse3
+
+from modelfs.errors import ModelfsError
+from modelfs.fs.tree import DirNode, FileNode, Tree
+
+log = logging.getLogger(__name__)
+
+# Nothing in the tree ever changes: let the kernel cache names and attributes for a day.
+CACHE_TIMEOUT = 24 * 3600.0
+
+ReadFile = Callable[[FileNode, int, int], Awaitable[bytes | memoryview]]
+
+
+class ReadOnlyTreeFS(pyfuse3.Operations):
+    """Serves ``tree``; file contents come from ``read_file(file, offset, size)``."""
+
+    def __init__(self, tree: Tree, read_file: ReadFile) -> None:
+        super().__init__()
+        self.tree = tree
+        self.read_file = read_file
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        try:
+            node = self.tree.node(inode)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.entry_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_uid = self._uid
+        attr.st_gid = self._gid
+        attr.st_blksize = 1 << 20
+        if isinstance(node, FileNode):
+            attr.st_mode = stat.S_IFREG | node.mode
+            attr.st_nlink = 1
+            attr.st_size = node.size
+        else:
+            attr.st_mode = stat.S_IFDIR | node.mode
+            attr.st_nlink = 2 + sum(
+                isinstance(self.tree.node(child), DirNode) for _, child in node.children.items()
+            )
+            attr.st_size = 0
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
+        return attr
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(inode)
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._attributes(parent_inode)
+        inode = self.tree.lookup(parent_inode, os.fsdecode(name))
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(inode)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        if not isinstance(self._node(inode), DirNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(inode)
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # start_id is the position in the sorted child list, so a listing can resume anywhere.
+        children = self.tree.children(fh)
+        for position in range(start_id, len(children)):
+            name, inode = children[position]
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(name), self._attributes(inode), position + 1
+            ):
+                return
+
+    async def open(
+        self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not isinstance(self._node(inode), FileNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        node = self._node(fh)
+        assert isinstance(node, FileNode)
+        if off >= node.size:
+            return b""
+        size = min(size, node.size - off)
+        try:
+            data = await self.read_file(node, off, size)
+        except ModelfsError as error:
+            log.error("read %s [%d, +%d): %s", node.path, off, size, error)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("read %s [%d, +%d) failed unexpectedly", node.path, off, size)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if len(data) != size:  # never a short read before EOF
+            log.error("read %s [%d, +%d): got %d bytes", node.path, off, size, len(data))
+            raise pyfuse3.FUSEError(errno.EIO)
+        return data  # type: ignore[return-value]  # any contiguous buffer is accepted
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self._node(inode)
+        return not mode & os.W_OK
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = (self.tree.total_size + 4095) // 4096
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.tree.files())
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._node(inode)
+        return []
+
+    def _node(self, inode: int) -> FileNode | DirNode:
+        try:
+            return self.tree.node(inode)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None

@@ -1,0 +1,203 @@
+"""From a reference to a file tree: the manifest, the config, and tar layers' member lists.
+
+This is all the I/O a mount does before it is ready. Raw layers need nothing beyond the
+manifest. An uncompressed tar layer needs its header blocks (small range reads). A compressed tar
+layer has no random access, so it is fetched whole, checked, decompressed into the cache as a
+derived blob, and read from there like an uncompressed one. Member lists, manifests and configs
+are kept in the cache so a remount by digest needs no network at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+import trio
+import zstandard
+
+from modelfs.cache import PieceCache
+from modelfs.errors import IntegrityError, ManifestError
+from modelfs.fetcher.pieces import PieceFetcher
+from modelfs.fetcher.source import BlobSource, FetchedManifest
+from modelfs.fs.tar import TarMember, read_members
+from modelfs.fs.tree import BlobRef, DirSpec, FileSpec, LayerPlan, Tree, plan_layers
+from modelfs.modelpack import DOCKER_MANIFEST_LIST, OCI_INDEX
+from modelfs.pieces import piece_count
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_SIZE = 4 << 20
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Model:
+    """A pinned manifest and the tree it describes."""
+
+    digest: str
+    manifest: dict[str, Any]
+    config: bytes
+    tree: Tree
+    blobs: list[BlobRef]  # every blob the tree reads from (for cache leases)
+
+
+async def resolve_manifest(source: BlobSource, selector: str, cache: PieceCache) -> FetchedManifest:
+    """A manifest by tag (always asked: tags move) or by digest (the cache's copy if it has it)."""
+    if selector.startswith("sha256:"):
+        cached = cache.get_meta(f"manifest/{selector}")
+        if cached is not None:
+            media_type, _, data = cached.partition(b"\n")
+            return FetchedManifest(selector, media_type.decode(), data)
+    fetched = await source.get_manifest(selector)
+    cache.put_meta(f"manifest/{fetched.digest}", fetched.media_type.encode() + b"\n" + fetched.data)
+    return fetched
+
+
+async def load_model(
+    source: BlobSource, selector: str, cache: PieceCache, fetcher: PieceFetcher
+) -> Model:
+    fetched = await resolve_manifest(source, selector, cache)
+    try:
+        manifest = json.loads(fetched.data)
+    except ValueError as error:
+        raise ManifestError(f"{source.name}@{fetched.digest}: manifest is not JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{source.name}@{fetched.digest}: manifest is not a JSON object")
+    if fetched.media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST) or "manifests" in manifest:
+        raise ManifestError(
+            f"{source.name}@{fetched.digest} is an image index, not a model manifest; "
+            "mount one of its manifests by digest"
+        )
+    plans = plan_layers(manifest)
+    config = await _config(source, manifest, cache)
+    files: list[FileSpec] = []
+    dirs: list[DirSpec] = []
+    blobs: list[BlobRef] = []
+    for plan in plans:
+        if plan.format == "raw":
+            blob = BlobRef(plan.digest, plan.size)
+            assert plan.path is not None  # plan_layers refuses raw layers without a path
+            files.append(
+                FileSpec(plan.path, plan.size, plan.mode or 0o444, plan.mtime_ns or 0, blob, 0)
+            )
+        else:
+            blob = await _tar_blob(plan, source, cache)
+            members = await _members(plan, blob, source, cache, fetcher)
+            _add_members(plan, blob, members, files, dirs)
+        blobs.append(blob)
+    tree = Tree(files, dirs)
+    return Model(fetched.digest, manifest, config, tree, blobs)
+
+
+async def _config(source: BlobSource, manifest: dict[str, Any], cache: PieceCache) -> bytes:
+    descriptor = manifest.get("config")
+    if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
+        raise ManifestError(f"{source.name}: manifest has no config descriptor")
+    digest = descriptor["digest"]
+    cached = cache.get_meta(f"config/{digest}")
+    if cached is not None:
+        return cached
+    config = await source.get_blob(digest, MAX_CONFIG_SIZE)
+    cache.put_meta(f"config/{digest}", config)
+    return config
+
+
+async def _tar_blob(plan: LayerPlan, source: BlobSource, cache: PieceCache) -> BlobRef:
+    """The blob holding the layer's tar stream: the layer itself, or its decompressed form."""
+    if plan.format == "tar":
+        return BlobRef(plan.digest, plan.size)
+    derived = f"{plan.digest}+decompressed"
+    size = cache.get_meta(f"decompressed-size/{plan.digest}")
+    if size is not None and cache.is_verified(derived):
+        return BlobRef(derived, int(size))
+    return await _decompress_into_cache(plan, derived, source, cache)
+
+
+def _decompressor(plan: LayerPlan) -> Callable[[bytes], bytes]:
+    if plan.format == "tar+gzip":
+        return zlib.decompressobj(wbits=31).decompress
+    return zstandard.ZstdDecompressor().decompressobj().decompress
+
+
+async def _decompress_into_cache(
+    plan: LayerPlan, derived: str, source: BlobSource, cache: PieceCache
+) -> BlobRef:
+    """Fetch a compressed layer whole, check its digest, and store its tar stream as pieces."""
+    log.info("fetching compressed layer %s (%d bytes) whole", plan.digest, plan.size)
+    hasher = hashlib.sha256()
+    decompress = _decompressor(plan)
+    with tempfile.TemporaryFile() as spool:
+        try:
+            async with source.stream_blob(plan.digest) as chunks:
+                async for chunk in chunks:
+                    hasher.update(chunk)
+                    spool.write(decompress(chunk))
+        except (zlib.error, zstandard.ZstdError) as error:
+            raise ManifestError(
+                f"layer {plan.index} ({plan.digest}) is not valid {plan.format}: {error}"
+            ) from None
+        if f"sha256:{hasher.hexdigest()}" != plan.digest:
+            raise IntegrityError(
+                f"layer {plan.index} from {source.name} does not match its digest {plan.digest}"
+            )
+        size = spool.tell()
+        spool.seek(0)
+        await trio.to_thread.run_sync(_store_pieces, cache, derived, spool, size)
+    cache.put_meta(f"decompressed-size/{plan.digest}", str(size).encode())
+    return BlobRef(derived, size)
+
+
+def _store_pieces(cache: PieceCache, digest: str, spool: IO[bytes], size: int) -> None:
+    # The stream came from a blob whose digest was just checked, so its pieces are known good.
+    for index in range(piece_count(size, cache.piece_size)):
+        cache.put(digest, index, spool.read(cache.piece_size), size)
+    cache.mark_verified(digest, size)
+
+
+async def _members(
+    plan: LayerPlan, blob: BlobRef, source: BlobSource, cache: PieceCache, fetcher: PieceFetcher
+) -> list[TarMember]:
+    key = f"tar-index/{blob.digest}"
+    cached = cache.get_meta(key)
+    if cached is not None:
+        return [TarMember(**fields) for fields in json.loads(cached)]
+    if blob.digest == plan.digest:
+        # Header blocks straight from the source: a few KiB, not the pieces around them.
+        async def read(offset: int, length: int) -> bytes:
+            return await source.read_range(blob.digest, offset, length)
+    else:
+        async def read(offset: int, length: int) -> bytes:
+            return bytes(await fetcher.read(blob, offset, length))
+
+    members = await read_members(read, blob.size)
+    cache.put_meta(key, json.dumps([asdict(member) for member in members]).encode())
+    return members
+
+
+def _add_members(
+    plan: LayerPlan,
+    blob: BlobRef,
+    members: list[TarMember],
+    files: list[FileSpec],
+    dirs: list[DirSpec],
+) -> None:
+    for member in members:
+        if member.name == "":
+            continue  # the archive's own "./" entry is the model root
+        if member.is_file:
+            files.append(
+                FileSpec(member.name, member.size, member.mode, member.mtime_ns, blob,
+                         member.data_offset)
+            )
+        elif member.is_dir:
+            dirs.append(DirSpec(member.name, member.mode, member.mtime_ns))
+        else:
+            log.warning("layer %d (%s): skipping %r, a tar member of type %r (only files and "
+                        "directories are served)", plan.index, plan.digest, member.name,
+                        member.typeflag)

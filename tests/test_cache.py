@@ -1,0 +1,151 @@
+"""The LMDB piece cache on real LMDB files: checksums, limits, LRU order, leases, sharing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from modelfs.cache import PieceCache
+from modelfs.errors import CacheError
+
+PIECE = 1024
+A, B, C = ("sha256:" + c * 64 for c in "abc")
+
+
+def make(path: Path, limit: int = 100 * PIECE) -> PieceCache:
+    return PieceCache(path, limit, piece_size=PIECE)
+
+
+def test_put_get_and_blob_completion(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    size = 2 * PIECE + 10
+    assert cache.get(A, 0) is None
+    assert cache.put(A, 0, b"x" * PIECE, size).blob_complete is False
+    assert cache.put(A, 2, b"z" * 10, size).blob_complete is False
+    assert cache.missing(A, size) == [1]
+    assert cache.put(A, 1, b"y" * PIECE, size).blob_complete is True
+    assert cache.get(A, 1) == b"y" * PIECE
+    assert cache.stats().pieces == 3
+    cache.mark_verified(A, size)
+    assert cache.is_verified(A)
+    cache.close()
+
+
+def test_persists_across_reopen_and_is_shared_between_processes(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    cache.put(A, 0, b"persist", 7)
+    cache.close()
+    script = (
+        "import sys; from pathlib import Path; from modelfs.cache import PieceCache; "
+        f"c = PieceCache(Path(sys.argv[1]), {100 * PIECE}, piece_size={PIECE}); "
+        f"assert c.get('{A}', 0) == b'persist'; c.put('{B}', 0, b'other', 5); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    cache = make(tmp_path)
+    assert cache.get(B, 0) == b"other"
+    cache.close()
+
+
+def test_corrupted_value_is_dropped_not_served(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    cache.put(A, 0, b"good bytes" * 10, 100)
+    cache.close()
+    # Flip a byte of the stored value behind the cache's back, as disk rot would.
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    db = env.open_db(b"pieces")
+    with env.begin(write=True, db=db) as txn:
+        key, value = next(iter(txn.cursor()))
+        damaged = bytearray(value)
+        damaged[20] ^= 0xFF
+        txn.put(key, bytes(damaged))
+    env.close()
+    cache = make(tmp_path)
+    assert cache.get(A, 0) is None
+    assert not cache.has(A, 0)
+    assert cache.stats().size == 0
+    cache.close()
+
+
+def test_limit_is_never_exceeded_and_oldest_goes_first(tmp_path: Path) -> None:
+    limit = 10 * (PIECE + 8)  # room for exactly ten pieces with their checksums
+    cache = make(tmp_path, limit)
+    for index in range(10):
+        cache.put(A, index, bytes(PIECE), 100 * PIECE)
+    cache.get(A, 0)  # piece 0 is now the most recently used
+    for index in range(5):
+        cache.put(B, index, bytes(PIECE), 100 * PIECE)
+        assert cache.stats().size <= limit
+    assert cache.has(A, 0)
+    assert [i for i in range(1, 10) if cache.has(A, i)] == [6, 7, 8, 9]
+    cache.close()
+
+
+def test_leased_blobs_are_evicted_last(tmp_path: Path) -> None:
+    limit = 4 * (PIECE + 8)
+    cache = make(tmp_path, limit)
+    cache.put(A, 0, bytes(PIECE), 10 * PIECE)
+    cache.put(A, 1, bytes(PIECE), 10 * PIECE)
+    cache.put(B, 0, bytes(PIECE), 10 * PIECE)
+    cache.put(B, 1, bytes(PIECE), 10 * PIECE)
+    cache.lease([A])
+    cache.put(C, 0, bytes(PIECE), 10 * PIECE)
+    cache.put(C, 1, bytes(PIECE), 10 * PIECE)
+    assert cache.has(A, 0) and cache.has(A, 1)
+    assert not cache.has(B, 0) and not cache.has(B, 1)
+    cache.release([A])
+    cache.close()
+
+
+def test_lease_of_a_dead_process_is_ignored(tmp_path: Path) -> None:
+    cache = make(tmp_path, 2 * (PIECE + 8))
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from modelfs.cache import PieceCache; "
+         f"c = PieceCache(Path(sys.argv[1]), {2 * (PIECE + 8)}, piece_size={PIECE}); "
+         f"c.put('{A}', 0, bytes({PIECE}), {4 * PIECE}); c.lease(['{A}'])",
+         str(tmp_path)],
+        check=True,
+    )
+    assert child.returncode == 0
+    cache.put(B, 0, bytes(PIECE), 4 * PIECE)
+    cache.put(B, 1, bytes(PIECE), 4 * PIECE)
+    assert not cache.has(A, 0)
+    cache.close()
+
+
+def test_piece_larger_than_the_cache_is_not_stored(tmp_path: Path) -> None:
+    cache = make(tmp_path, PIECE // 2)
+    assert cache.put(A, 0, bytes(PIECE), PIECE).stored is False
+    assert cache.stats().size == 0
+    cache.close()
+
+
+def test_drop_blob_removes_every_piece(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    for index in range(3):
+        cache.put(A, index, bytes(PIECE), 3 * PIECE)
+    cache.put(B, 0, b"keep", 4)
+    cache.drop_blob(A)
+    assert cache.missing(A, 3 * PIECE) == [0, 1, 2]
+    assert cache.get(B, 0) == b"keep"
+    assert cache.stats().size == 4 + 8
+    cache.close()
+
+
+def test_unusable_cache_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CacheError, match="cannot open the cache"):
+        make(blocker / "cache")
+
+
+def test_meta_records(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    cache.put_meta("manifest/x", b"{}")
+    assert cache.get_meta("manifest/x") == b"{}"
+    assert cache.get_meta("missing") is None
+    assert os.path.exists(tmp_path / "data.mdb")
+    cache.close()
