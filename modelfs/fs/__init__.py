@@ -1,0 +1,1 @@
+"""The filesystem: the file tree a manifest describes, and the FUSE operations that serve it."""
