@@ -130,6 +130,27 @@ def test_parse_member_asks_for_more_bytes() -> None:
     assert isinstance(result, TarMember) and result.name == LONG_NAME
 
 
+def test_parse_member_accepts_a_memoryview() -> None:
+    blob = make_tar([("a.bin", b"abc")], tarfile.USTAR_FORMAT)
+    member = parse_member(memoryview(blob), 1024)
+    assert isinstance(member, TarMember) and (member.data_offset, member.size) == (1536, 3)
+
+
+def test_malformed_pax_record_is_refused() -> None:
+    header = bytearray(make_tar([(LONG_NAME, b"x")], tarfile.PAX_FORMAT))
+    record = header.index(b" path=")
+    header[record - 3 : record] = b"zzz"  # the record's length digits
+    with pytest.raises(ManifestError, match="offset 0: malformed pax record"):
+        members_of(bytes(header))
+
+
+def test_sparse_pax_member_is_refused() -> None:
+    info = tarfile.TarInfo("sparse.bin")
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}
+    with pytest.raises(ManifestError, match="sparse members are not supported"):
+        parse_member(info.tobuf(format=tarfile.PAX_FORMAT), 0)
+
+
 def test_end_of_archive_and_empty_blob() -> None:
     assert parse_member(bytes(512), 0) is None
     assert members_of(make_tar([], tarfile.GNU_FORMAT)) == []

@@ -333,9 +333,10 @@ class Tree:
         dir_parts = set(dir_specs)
         for parts in (*file_specs, *dir_specs):
             dir_parts.update(parts[:end] for end in range(1, len(parts)))
-        for clash in sorted(dir_parts & file_specs.keys()):
+        clashes = sorted(dir_parts & file_specs.keys())
+        if clashes:
             raise ManifestError(
-                f"{'/'.join(clash)!r} is both a file and a directory in the manifest"
+                f"{'/'.join(clashes[0])!r} is both a file and a directory in the manifest"
             )
 
         self.root = ROOT_INODE
