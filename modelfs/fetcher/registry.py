@@ -1,0 +1,693 @@
+"""The OCI distribution client: one registry host, its TLS, the docker auth flow, retries.
+
+Every call is bounded in time: the attempts run inside one trio cancel scope, so a registry
+that stops answering gives ``RegistryUnavailableError`` instead of a hang. Blob bytes are
+streamed; nothing large is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+import trio
+
+from modelfs.errors import (
+    AuthError,
+    IntegrityError,
+    ManifestError,
+    NotFoundError,
+    RegistryError,
+    RegistryUnavailableError,
+)
+from modelfs.fetcher.auth import (
+    Challenge,
+    Credentials,
+    load_credentials,
+    parse_challenge,
+    token_from_response,
+)
+from modelfs.fetcher.source import FetchedManifest
+from modelfs.modelpack import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    MANIFEST_ACCEPT,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MANIFEST_LIMIT = 4 * 1024 * 1024
+_ERROR_BODY_LIMIT = 64 * 1024
+_TOKEN_BODY_LIMIT = 1024 * 1024
+_CHUNK = 1024 * 1024
+_MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
+_USER_AGENT = "modelfs/0.1"
+
+
+class _TransientError(Exception):
+    """An answer worth retrying (5xx, 429, a short body): the message says what happened."""
+
+
+def _backoff(attempt: int) -> float:
+    return float(min(0.2 * 2 ** (attempt - 1), 2.0))
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def registry_message(body: bytes) -> str:
+    """The ``errors`` of a distribution error body as ``CODE: message``; '' when there are none."""
+    try:
+        answer = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ""
+    errors = answer.get("errors") if isinstance(answer, dict) else None
+    if not isinstance(errors, list):
+        return ""
+    parts = []
+    for error in errors:
+        if isinstance(error, dict):
+            code, message = error.get("code", ""), error.get("message", "")
+            parts.append(f"{code}: {message}" if code and message else str(code or message))
+    return "; ".join(part for part in parts if part)
+
+
+def manifest_media_type(content_type: str | None, data: bytes) -> str:
+    """The manifest's media type: the Content-Type if it names one, else the body's mediaType."""
+    header = (content_type or "").split(";", 1)[0].strip()
+    if header in _MANIFEST_TYPES:
+        return header
+    try:
+        declared = json.loads(data).get("mediaType")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        declared = None
+    return declared if isinstance(declared, str) and declared else header or OCI_MANIFEST
+
+
+def parse_content_range(header: str | None) -> tuple[int, int, int | None] | None:
+    """``bytes 10-19/100`` -> (10, 19, 100); total None for ``*``; None when malformed."""
+    if not header or not header.startswith("bytes "):
+        return None
+    span, _, total = header[len("bytes ") :].partition("/")
+    first, _, last = span.partition("-")
+    try:
+        start, end = int(first), int(last)
+        size = None if total.strip() == "*" else int(total)
+    except ValueError:
+        return None
+    return (start, end, size) if 0 <= start <= end else None
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host, url.port)
+
+
+def _describe_transport_error(error: httpx.TransportError) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None as soon as it grows past ``limit`` (the rest is never read)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+class RegistryClient:
+    """One registry host: TLS, auth, retries. ``async with RegistryClient(...) as client:``."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        plain_http: bool = False,
+        insecure: bool = False,
+        credentials: Credentials | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+    ) -> None:
+        self.host = host
+        self.base_url = httpx.URL(f"{'http' if plain_http else 'https'}://{host}")
+        self.timeout = timeout
+        self.retries = retries
+        self._insecure = insecure
+        self._credentials = credentials
+        self._credentials_loaded = credentials is not None
+        self._http: httpx.AsyncClient | None = None
+        self._basic = False
+        self._bearer: Challenge | None = None
+        self._tokens: dict[str | None, str] = {}
+        self._token_lock = trio.Lock()
+
+    async def __aenter__(self) -> RegistryClient:
+        # System CAs (not certifi's bundle), as docker and oras use.
+        verify: ssl.SSLContext | bool = False if self._insecure else ssl.create_default_context()
+        self._http = httpx.AsyncClient(
+            verify=verify,
+            timeout=httpx.Timeout(self.timeout),
+            follow_redirects=False,
+            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def repository(self, name: str) -> RegistryRepository:
+        return RegistryRepository(self, name)
+
+    async def ping(self) -> None:
+        """GET /v2/ through the auth flow: proves the registry answers and accepts the login."""
+        what = f"the API check (/v2/) of {self.host}"
+
+        async def attempt() -> None:
+            async with self.request("GET", self.base_url.join("/v2/"), None, what=what):
+                pass
+
+        await self.retrying(what, attempt)
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("RegistryClient used outside `async with`")
+        return self._http
+
+    # --- time bound and retries ------------------------------------------------------------
+
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` up to ``retries + 1`` times, all within one deadline."""
+        deadline = self.timeout * (self.retries + 1) + sum(
+            _backoff(n) for n in range(1, self.retries + 1)
+        )
+        last = "no attempt finished"
+        with trio.move_on_after(deadline):
+            for number in range(self.retries + 1):
+                if number:
+                    await trio.sleep(_backoff(number))
+                try:
+                    return await attempt()
+                except _TransientError as error:
+                    last = str(error)
+                except httpx.TransportError as error:
+                    self._raise_if_tls_failure(error)
+                    last = _describe_transport_error(error)
+                log.debug("%s: attempt %d failed: %s", what, number + 1, last)
+            raise RegistryUnavailableError(
+                f"registry {self.host} failed {what} after {self.retries + 1} attempts "
+                f"({last}): check that it is running and reachable, then retry"
+            )
+        raise RegistryUnavailableError(
+            f"registry {self.host} did not finish {what} within {deadline:.0f} s ({last}): "
+            "check that it is running and reachable, then retry"
+        )
+
+    def _raise_if_tls_failure(self, error: httpx.TransportError) -> None:
+        """A TLS failure will not heal by retrying: say which flag the user probably needs."""
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLError):
+            raise RegistryError(
+                f"TLS with registry {self.host} failed ({cause.reason or cause}): if it serves "
+                "plain HTTP pass --plain-http; if its certificate is self-signed pass --insecure"
+            ) from error
+
+    # --- requests through auth and redirects -----------------------------------------------
+
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        url: httpx.URL,
+        scope: str | None,
+        *,
+        what: str,
+        headers: dict[str, str] | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
+        allow: frozenset[int] = frozenset(),
+    ) -> AsyncIterator[httpx.Response]:
+        """An open, streamed response with a 2xx status (or one in ``allow``); closed on exit."""
+        response = await self.open(
+            method, url, scope, what=what, headers=headers, content=content, allow=allow
+        )
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def open(
+        self,
+        method: str,
+        url: httpx.URL,
+        scope: str | None,
+        *,
+        what: str,
+        headers: dict[str, str] | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
+        allow: frozenset[int] = frozenset(),
+    ) -> httpx.Response:
+        """Like ``request`` but the caller closes the response (for streams that outlive it)."""
+        response = await self._exchange(method, url, scope, headers or {}, content, what)
+        try:
+            await self._check_status(response, what, allow)
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
+    async def _exchange(
+        self,
+        method: str,
+        url: httpx.URL,
+        scope: str | None,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        what: str,
+    ) -> httpx.Response:
+        response = await self._send_authorized(method, url, scope, headers, content, what)
+        for _ in range(_MAX_REDIRECTS):
+            if response.status_code not in _REDIRECT_STATUSES or method not in ("GET", "HEAD"):
+                return response
+            await response.aclose()
+            location = response.headers.get("Location")
+            if not location:
+                raise RegistryError(
+                    f"registry {self.host} redirected {what} without a Location header"
+                )
+            target = response.url.join(location)
+            if _origin(target) == _origin(self.base_url):
+                response = await self._send_authorized(method, target, scope, headers, None, what)
+            else:
+                # Another origin (a CDN, S3): the registry's Authorization must never go there.
+                request = self._client.build_request(method, target, headers=headers)
+                response = await self._client.send(request, stream=True)
+        await response.aclose()
+        raise RegistryError(
+            f"registry {self.host} redirected {what} more than {_MAX_REDIRECTS} times"
+        )
+
+    async def _send_authorized(
+        self,
+        method: str,
+        url: httpx.URL,
+        scope: str | None,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        what: str,
+    ) -> httpx.Response:
+        """Send with the best authorization known; on 401 answer the challenge and resend once."""
+        answered = False
+        while True:
+            authorization = await self._authorization(scope)
+            request = self._client.build_request(method, url, headers=headers, content=content)
+            if authorization:
+                request.headers["Authorization"] = authorization
+            response = await self._client.send(request, stream=True)
+            if response.status_code != 401:
+                return response
+            header = response.headers.get("WWW-Authenticate", "")
+            await response.aclose()
+            replayable = content is None or isinstance(content, bytes)
+            if answered or not replayable:
+                raise await self._auth_failure(what)
+            answered = True
+            await self._answer_challenge(parse_challenge(header), scope, authorization, what)
+
+    async def _credentials_for_host(self) -> Credentials | None:
+        if not self._credentials_loaded:
+            # Credential helpers are subprocesses: keep them off the event loop.
+            self._credentials = await trio.to_thread.run_sync(load_credentials, self.host)
+            self._credentials_loaded = True
+        return self._credentials
+
+    async def _authorization(self, scope: str | None) -> str | None:
+        if self._basic:
+            creds = await self._credentials_for_host()
+            return creds.basic_header() if creds else None
+        token = self._tokens.get(scope)
+        if token is None and self._bearer is not None:
+            # The registry uses tokens: ask for this scope's token before the first request.
+            token = await self._refresh_token(scope, None)
+        return f"Bearer {token}" if token else None
+
+    async def _answer_challenge(
+        self, challenge: Challenge, scope: str | None, sent: str | None, what: str
+    ) -> None:
+        if challenge.scheme == "basic":
+            if sent is not None and sent.startswith("Basic "):
+                raise await self._auth_failure(what)
+            if await self._credentials_for_host() is None:
+                raise await self._auth_failure(what)
+            self._basic = True
+        elif challenge.scheme == "bearer":
+            if "realm" not in challenge.params:
+                raise AuthError(
+                    f"registry {self.host} sent a Bearer challenge without a realm for {what}"
+                )
+            self._bearer = challenge
+            await self._refresh_token(scope, sent)
+        else:
+            raise AuthError(
+                f"registry {self.host} asked for unsupported authentication "
+                f"{challenge.scheme or '(none)'!r} for {what}"
+            )
+
+    async def _refresh_token(self, scope: str | None, rejected: str | None) -> str:
+        """Fetch a token for ``scope`` unless another task already replaced the rejected one."""
+        async with self._token_lock:
+            current = self._tokens.get(scope)
+            if current is not None and f"Bearer {current}" != rejected:
+                return current
+            token = await self._fetch_token(scope)
+            self._tokens[scope] = token
+            return token
+
+    async def _fetch_token(self, scope: str | None) -> str:
+        assert self._bearer is not None
+        params = self._bearer.params
+        realm = httpx.URL(params["realm"])
+        query: dict[str, str] = {}
+        if params.get("service"):
+            query["service"] = params["service"]
+        wanted = scope or params.get("scope")
+        if wanted:
+            query["scope"] = wanted
+        creds = await self._credentials_for_host()
+        what = f"a token from {realm} for {wanted or 'the registry'}"
+        if creds is not None and creds.is_identity_token:
+            # docker's OAuth2 flow: the stored identity token is a refresh token.
+            form = {
+                **query,
+                "grant_type": "refresh_token",
+                "refresh_token": creds.password,
+                "client_id": "modelfs",
+            }
+            request = self._client.build_request("POST", realm, data=form)
+        else:
+            request = self._client.build_request("GET", realm, params=query)
+            if creds is not None:
+                request.headers["Authorization"] = creds.basic_header()
+        response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code in (401, 403):
+                raise await self._auth_failure(what)
+            await self._check_status(response, what, frozenset())
+            body = await _read_limited(response, _TOKEN_BODY_LIMIT)
+        finally:
+            await response.aclose()
+        token = token_from_response(body or b"")
+        if token is None:
+            raise AuthError(f"the token server {realm} of {self.host} sent no token for {wanted}")
+        return token
+
+    async def _auth_failure(self, what: str) -> AuthError:
+        if await self._credentials_for_host() is None:
+            return AuthError(
+                f"registry {self.host} requires authentication for {what}: "
+                f"run `modelfs login {self.host}`"
+            )
+        return AuthError(
+            f"registry {self.host} rejected the credentials for {what}: check them with "
+            f"`modelfs login {self.host}` and that the account may access it"
+        )
+
+    async def _check_status(
+        self, response: httpx.Response, what: str, allow: frozenset[int]
+    ) -> None:
+        status = response.status_code
+        if 200 <= status < 300 or status in allow:
+            return
+        if status == 429 or status >= 500:
+            raise _TransientError(f"HTTP {status} for {what}")
+        body = await _read_limited(response, _ERROR_BODY_LIMIT)
+        detail = registry_message(body or b"")
+        suffix = f" ({detail})" if detail else ""
+        if status == 404:
+            raise NotFoundError(
+                f"{what} not found on registry {self.host}{suffix}: check the name, tag and digest"
+            )
+        raise RegistryError(f"registry {self.host} refused {what}: HTTP {status}{suffix}")
+
+
+class RegistryRepository:
+    """One repository of a registry; implements ``modelfs.fetcher.source.BlobSource``."""
+
+    def __init__(self, client: RegistryClient, repository: str) -> None:
+        self._client = client
+        self.repository = repository
+        self._pull = f"repository:{repository}:pull"
+        self._push = f"repository:{repository}:pull,push"
+
+    @property
+    def name(self) -> str:
+        return f"{self._client.host}/{self.repository}"
+
+    def _url(self, path: str) -> httpx.URL:
+        return self._client.base_url.join(f"/v2/{self.repository}/{path}")
+
+    async def get_manifest(self, selector: str) -> FetchedManifest:
+        pinned = selector.startswith("sha256:")
+        what = f"manifest {self.name}{'@' if pinned else ':'}{selector}"
+
+        async def attempt() -> tuple[str | None, str | None, bytes | None]:
+            async with self._client.request(
+                "GET",
+                self._url(f"manifests/{selector}"),
+                self._pull,
+                what=what,
+                headers={"Accept": MANIFEST_ACCEPT},
+            ) as response:
+                data = await _read_limited(response, MANIFEST_LIMIT)
+                return (
+                    response.headers.get("Content-Type"),
+                    response.headers.get("Docker-Content-Digest"),
+                    data,
+                )
+
+        content_type, announced, data = await self._client.retrying(what, attempt)
+        if data is None:
+            raise ManifestError(f"{what} is larger than {MANIFEST_LIMIT} bytes: refusing it")
+        digest = sha256_digest(data)
+        expected = selector if pinned else announced
+        if expected and expected.startswith("sha256:") and expected != digest:
+            raise IntegrityError(
+                f"{what} has digest {digest}, not {expected}: the registry or a proxy altered it"
+            )
+        return FetchedManifest(digest, manifest_media_type(content_type, data), data)
+
+    async def get_blob(self, digest: str, max_size: int) -> bytes:
+        what = f"blob {digest} of {self.name}"
+
+        async def attempt() -> bytes | None:
+            async with self._client.request(
+                "GET", self._url(f"blobs/{digest}"), self._pull, what=what
+            ) as response:
+                return await _read_limited(response, max_size)
+
+        data = await self._client.retrying(what, attempt)
+        if data is None:
+            raise ManifestError(f"{what} is larger than {max_size} bytes: refusing to load it")
+        actual = sha256_digest(data)
+        if actual != digest:
+            raise IntegrityError(
+                f"{what} arrived with digest {actual}: corrupted by the registry or a proxy"
+            )
+        return data
+
+    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        end = start + length - 1
+        what = f"bytes {start}-{end} of blob {digest} of {self.name}"
+        buffer = bytearray()
+
+        async def attempt() -> None:
+            # A retried attempt resumes where the previous one was cut off.
+            while len(buffer) < length:
+                if await self._read_range_into(buffer, digest, start + len(buffer), end, what):
+                    return
+
+        await self._client.retrying(what, attempt)
+        return bytes(buffer)
+
+    async def _read_range_into(
+        self, buffer: bytearray, digest: str, offset: int, end: int, what: str
+    ) -> bool:
+        """Append bytes ``offset..end`` to ``buffer``; True when the blob ended before ``end``."""
+        async with self._client.request(
+            "GET",
+            self._url(f"blobs/{digest}"),
+            self._pull,
+            what=what,
+            headers={"Range": f"bytes={offset}-{end}"},
+            allow=frozenset({416}),
+        ) as response:
+            if response.status_code == 416:
+                return True
+            wanted = end - offset + 1
+            if response.status_code == 206:
+                span = parse_content_range(response.headers.get("Content-Range"))
+                if span is None or span[0] != offset or span[1] > end:
+                    raise RegistryError(
+                        f"registry {self._client.host} answered {what} with Content-Range "
+                        f"{response.headers.get('Content-Range')!r}: it cannot serve lazy reads"
+                    )
+                first, last, _total = span
+                at_blob_end = last < end
+            else:
+                size = response.headers.get("Content-Length")
+                if offset != 0 or size is None or int(size) > wanted:
+                    raise RegistryError(
+                        f"registry {self._client.host} ignored the Range header for {what}: "
+                        "it cannot serve lazy reads"
+                    )
+                first, last, at_blob_end = 0, int(size) - 1, True
+            expected = last - first + 1
+            received = 0
+            async for chunk in response.aiter_bytes(_CHUNK):
+                received += len(chunk)
+                if received > expected:
+                    raise RegistryError(
+                        f"registry {self._client.host} sent more bytes than asked for {what}"
+                    )
+                buffer += chunk
+            if received < expected:
+                raise _TransientError(f"body of {what} ended after {received} of {expected} bytes")
+            return at_blob_end
+
+    def stream_blob(self, digest: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._stream(digest)
+
+    @asynccontextmanager
+    async def _stream(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        chunks = self._blob_chunks(digest)
+        try:
+            yield chunks
+        finally:
+            await chunks.aclose()
+
+    async def _blob_chunks(self, digest: str) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes; a broken connection resumes with a Range request at the offset."""
+        what = f"blob {digest} of {self.name}"
+        offset = 0
+        breaks = 0
+        while True:
+            response = await self._client.retrying(what, partial(self._open_blob, digest, offset))
+            try:
+                async for chunk in response.aiter_bytes(_CHUNK):
+                    offset += len(chunk)
+                    yield chunk
+                return
+            except httpx.TransportError as error:
+                breaks += 1
+                if breaks > self._client.retries:
+                    raise RegistryUnavailableError(
+                        f"registry {self._client.host} broke off {what} {breaks} times at "
+                        f"byte {offset} ({_describe_transport_error(error)}): retry later"
+                    ) from error
+            finally:
+                await response.aclose()
+
+    async def _open_blob(self, digest: str, offset: int) -> httpx.Response:
+        what = f"blob {digest} of {self.name}"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        response = await self._client.open(
+            "GET", self._url(f"blobs/{digest}"), self._pull, what=what, headers=headers
+        )
+        try:
+            span = parse_content_range(response.headers.get("Content-Range"))
+            if offset and (response.status_code != 206 or span is None or span[0] != offset):
+                raise RegistryError(
+                    f"registry {self._client.host} cannot resume {what} at byte {offset}"
+                )
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
+    async def has_blob(self, digest: str) -> bool:
+        return await self._has_blob(digest, self._pull)
+
+    async def _has_blob(self, digest: str, scope: str) -> bool:
+        what = f"blob {digest} of {self.name}"
+
+        async def attempt() -> bool:
+            async with self._client.request(
+                "HEAD", self._url(f"blobs/{digest}"), scope, what=what, allow=frozenset({404})
+            ) as response:
+                return response.status_code != 404
+
+        return await self._client.retrying(what, attempt)
+
+    async def push_blob(self, digest: str, size: int, chunks: AsyncIterable[bytes]) -> None:
+        """Upload a blob unless present: one POST, then the bytes streamed in one PUT."""
+        if await self._has_blob(digest, self._push):
+            return
+        what = f"upload of blob {digest} to {self.name}"
+
+        async def start_upload() -> httpx.URL:
+            async with self._client.request(
+                "POST", self._url("blobs/uploads/"), self._push, what=what
+            ) as response:
+                location = response.headers.get("Location")
+                if not location:
+                    raise RegistryError(
+                        f"registry {self._client.host} started the {what} without a Location"
+                    )
+                return response.url.join(location)
+
+        upload = await self._client.retrying(what, start_upload)
+        # The stream can be sent only once, so the PUT itself is not retried.
+        async with self._client.request(
+            "PUT",
+            upload.copy_merge_params({"digest": digest}),
+            self._push,
+            what=what,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            content=chunks,
+        ):
+            pass
+
+    async def push_manifest(self, reference: str, media_type: str, data: bytes) -> str:
+        digest = sha256_digest(data)
+        what = f"upload of manifest {self.name}:{reference}"
+
+        async def attempt() -> None:
+            async with self._client.request(
+                "PUT",
+                self._url(f"manifests/{reference}"),
+                self._push,
+                what=what,
+                headers={"Content-Type": media_type},
+                content=data,
+            ):
+                pass
+
+        await self._client.retrying(what, attempt)
+        return digest

@@ -1,0 +1,61 @@
+"""Shared fixtures: real registries (anonymous and htpasswd), a proxy in front, docker config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from registry_tools import Proxy, Registry, isolated_docker_config
+
+AUTH_USERNAME = "modelfs"
+AUTH_PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def docker_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's DOCKER_CONFIG: empty, so no test reads or writes the user's logins."""
+    return isolated_docker_config(tmp_path_factory.mktemp("docker-config"))
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """An anonymous registry shared by the session: push under a repository unique to the test."""
+    server = Registry(tmp_path_factory.mktemp("registry"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A registry behind htpasswd (bcrypt) basic auth; ``.username`` / ``.password``."""
+    server = Registry(
+        tmp_path_factory.mktemp("auth-registry"), username=AUTH_USERNAME, password=AUTH_PASSWORD
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A registry of the test's own, which the test may stop, restart or pause."""
+    server = Registry(tmp_path / "fresh-registry")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[Proxy]:
+    """A counting proxy in front of ``registry``; set ``.tamper`` / ``.redirect`` as needed."""
+    with Proxy(registry) as server:
+        yield server
+
+
+@pytest.fixture
+def auth_proxy(auth_registry: Registry) -> Iterator[Proxy]:
+    """The same proxy in front of ``auth_registry``."""
+    with Proxy(auth_registry) as server:
+        yield server

@@ -1,0 +1,471 @@
+"""Test tooling around a real registry: the distribution binary, a counting/faulting proxy, push.
+
+Nothing here fakes a registry: ``Registry`` runs Debian's ``docker-registry`` (distribution 2.8)
+on a loopback port; ``Proxy`` only forwards to it, counting and optionally tampering or
+redirecting, the way a CDN or a broken middlebox would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+
+import trio
+
+from modelfs.fetcher.auth import Credentials
+from modelfs.fetcher.registry import RegistryClient
+from modelfs.modelpack import MODEL_ARTIFACT_TYPE, MODEL_CONFIG, OCI_MANIFEST
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+HTPASSWD_BINARY = "/usr/bin/htpasswd"
+_CHUNK = 1024 * 1024
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+_BLOB_PATH = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
+_MANIFEST_PATH = re.compile(r"^/v2/.+/manifests/[^/]+$")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Registry:
+    """A ``docker-registry serve`` process on 127.0.0.1 with its own storage and port."""
+
+    def __init__(self, root: Path, *, username: str | None = None, password: str | None = None):
+        self.root = root
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.username = username
+        self.password = password
+        self.log_path = root / "registry.log"
+        self.config_path = root / "config.yml"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._paused = False
+        (root / "storage").mkdir(parents=True, exist_ok=True)
+        config: dict[str, object] = {
+            "version": 0.1,
+            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(root / "storage")},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": self.host, "secret": secrets.token_hex(16)},
+        }
+        if username is not None and password is not None:
+            htpasswd = root / "htpasswd"
+            line = subprocess.run(
+                [HTPASSWD_BINARY, "-Bbn", username, password],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            htpasswd.write_text(line)
+            config["auth"] = {"htpasswd": {"realm": "modelfs-test", "path": str(htpasswd)}}
+        # YAML is a superset of JSON: no YAML writer needed.
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    @property
+    def credentials(self) -> Credentials | None:
+        if self.username is None or self.password is None:
+            return None
+        return Credentials(self.username, self.password)
+
+    def start(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [REGISTRY_BINARY, "serve", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self._paused = False
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(
+                    f"docker-registry exited with {self._process.returncode}: {tail}"
+                )
+            connection = http.client.HTTPConnection(self.host, timeout=2)
+            try:
+                connection.request("GET", "/v2/")
+                if connection.getresponse().status in (200, 401):
+                    return
+            except OSError:
+                pass
+            finally:
+                connection.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"docker-registry on {self.host} did not answer /v2/ within 20 s")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if self._paused:
+            process.send_signal(signal.SIGCONT)
+            self._paused = False
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def pause(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+        self._paused = False
+
+
+@dataclass(frozen=True)
+class ProxiedRequest:
+    method: str
+    path: str
+    range: str | None
+    had_authorization: bool
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    proxy: Proxy
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 60
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep test output clean."""
+
+    def _any(self) -> None:
+        self.server.proxy.handle(self)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any
+
+
+class _RedirectTargetHandler(_Handler):
+    def _any(self) -> None:
+        self.server.proxy.handle_redirected(self)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any
+
+
+class Proxy:
+    """A threaded HTTP proxy in front of a registry that counts, and on demand tampers/redirects.
+
+    ``redirect=True`` answers blob GETs with a 307 to a second listener (another origin, like
+    S3) that records whether ``Authorization`` arrived and serves the bytes itself.
+    """
+
+    def __init__(self, upstream: Registry) -> None:
+        self.upstream = upstream
+        self.tamper = False
+        self.tamper_manifests = False
+        self.redirect = False
+        self.requests: list[ProxiedRequest] = []
+        self.redirect_requests: list[ProxiedRequest] = []
+        self.blob_bytes = 0
+        self._lock = threading.Lock()
+        self._tickets: dict[str, tuple[str, str | None]] = {}
+        self._servers: list[_Server] = []
+        self._threads: list[threading.Thread] = []
+        main = self._serve(_Handler)
+        target = self._serve(_RedirectTargetHandler)
+        self.port = main.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.redirect_host = f"127.0.0.1:{target.server_address[1]}"
+
+    def _serve(self, handler: type[_Handler]) -> _Server:
+        server = _Server(("127.0.0.1", 0), handler)
+        server.proxy = self
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.daemon = True
+        thread.start()
+        self._servers.append(server)
+        self._threads.append(thread)
+        return server
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.redirect_requests.clear()
+            self.blob_bytes = 0
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join()
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def blob_requests(self) -> list[ProxiedRequest]:
+        return [r for r in self.requests if r.method == "GET" and _BLOB_PATH.match(r.path)]
+
+    def _record(self, into: list[ProxiedRequest], handler: BaseHTTPRequestHandler) -> None:
+        entry = ProxiedRequest(
+            handler.command,
+            handler.path.split("?", 1)[0],
+            handler.headers.get("Range"),
+            "Authorization" in handler.headers,
+        )
+        with self._lock:
+            into.append(entry)
+
+    def handle(self, handler: _Handler) -> None:
+        self._record(self.requests, handler)
+        path = handler.path.split("?", 1)[0]
+        is_blob = handler.command == "GET" and bool(_BLOB_PATH.match(path))
+        if is_blob and self.redirect and self._upstream_allows(path, handler):
+            ticket = secrets.token_hex(8)
+            with self._lock:
+                self._tickets[ticket] = (handler.path, handler.headers.get("Authorization"))
+            handler.send_response_only(307)
+            handler.send_header("Location", f"http://{self.redirect_host}/ticket/{ticket}")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+        is_manifest = handler.command == "GET" and bool(_MANIFEST_PATH.match(path))
+        self._forward(
+            handler,
+            handler.path,
+            headers,
+            count=is_blob,
+            tamper=self.tamper_manifests if is_manifest else self.tamper and is_blob,
+        )
+
+    def _upstream_allows(self, path: str, handler: _Handler) -> bool:
+        """Whether the registry would serve this blob GET: it authorizes before redirecting."""
+        upstream = http.client.HTTPConnection(self.upstream.host, timeout=60)
+        try:
+            headers = {"Host": self.upstream.host}
+            if handler.headers.get("Authorization"):
+                headers["Authorization"] = handler.headers["Authorization"]
+            upstream.request("HEAD", path, headers=headers)
+            return upstream.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            upstream.close()
+
+    def handle_redirected(self, handler: _Handler) -> None:
+        self._record(self.redirect_requests, handler)
+        ticket = handler.path.rsplit("/", 1)[-1]
+        with self._lock:
+            found = self._tickets.get(ticket)
+        if found is None:
+            handler.send_error(404)
+            return
+        path, authorization = found
+        # Like a presigned URL: the ticket carries the right to read, not the client's header.
+        headers = {"Host": self.upstream.host}
+        if authorization:
+            headers["Authorization"] = authorization
+        if handler.headers.get("Range"):
+            headers["Range"] = handler.headers["Range"]
+        self._forward(handler, path, headers, count=True, tamper=self.tamper)
+
+    def _forward(
+        self,
+        handler: _Handler,
+        path: str,
+        headers: dict[str, str],
+        *,
+        count: bool,
+        tamper: bool,
+    ) -> None:
+        upstream = http.client.HTTPConnection(self.upstream.host, timeout=60)
+        try:
+            try:
+                upstream.putrequest(
+                    handler.command, path, skip_host=True, skip_accept_encoding=True
+                )
+                for key, value in headers.items():
+                    upstream.putheader(key, value)
+                upstream.endheaders()
+                remaining = int(handler.headers.get("Content-Length") or 0)
+                while remaining:
+                    chunk = handler.rfile.read(min(remaining, _CHUNK))
+                    if not chunk:
+                        break
+                    upstream.send(chunk)
+                    remaining -= len(chunk)
+                response = upstream.getresponse()
+            except OSError:
+                handler.send_error(502, "registry unreachable")
+                return
+            handler.send_response_only(response.status, response.reason)
+            for key, value in response.getheaders():
+                if key.lower() not in _HOP_BY_HOP:
+                    handler.send_header(key, value)
+            bodyless = handler.command == "HEAD" or response.status in (204, 304)
+            if response.getheader("Content-Length") is None and not bodyless:
+                handler.send_header("Connection", "close")
+                handler.close_connection = True
+            handler.end_headers()
+            if bodyless:
+                return
+            self._copy_body(response, handler, count=count, tamper=tamper)
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True
+        finally:
+            upstream.close()
+
+    def _copy_body(
+        self,
+        response: http.client.HTTPResponse,
+        handler: _Handler,
+        *,
+        count: bool,
+        tamper: bool,
+    ) -> None:
+        while chunk := response.read1(_CHUNK):
+            if count:
+                with self._lock:
+                    self.blob_bytes += len(chunk)
+            if tamper:
+                # Same length, different bytes: only a digest check can notice.
+                chunk = bytes([chunk[0] ^ 0x01]) + chunk[1:]
+            handler.wfile.write(chunk)
+
+
+@dataclass(frozen=True)
+class Layer:
+    media_type: str
+    data: bytes | Path
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Blob:
+    digest: str
+    size: int
+    source: bytes | Path
+
+
+def _describe(data: bytes | Path) -> _Blob:
+    if isinstance(data, bytes):
+        return _Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data), data)
+    digest = hashlib.sha256()
+    with data.open("rb") as file:
+        while chunk := file.read(4 * _CHUNK):
+            digest.update(chunk)
+    return _Blob("sha256:" + digest.hexdigest(), data.stat().st_size, data)
+
+
+async def _chunks(source: bytes | Path) -> AsyncIterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), 4 * _CHUNK):
+            yield source[start : start + 4 * _CHUNK]
+    else:
+        async with await trio.open_file(source, "rb") as file:
+            while chunk := await file.read(4 * _CHUNK):
+                yield chunk
+
+
+def push_artifact(
+    host: str,
+    repository: str,
+    tag: str,
+    layers: list[Layer],
+    *,
+    config: bytes = b"{}",
+    config_media_type: str = MODEL_CONFIG,
+    artifact_type: str | None = MODEL_ARTIFACT_TYPE,
+    annotations: dict[str, str] | None = None,
+    credentials: Credentials | None = None,
+) -> str:
+    """Push an OCI manifest with these layers over plain HTTP; returns the manifest digest."""
+    config_blob = _describe(config)
+    blobs = [_describe(layer.data) for layer in layers]
+    manifest: dict[str, object] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST}
+    if artifact_type:
+        manifest["artifactType"] = artifact_type
+    manifest["config"] = {
+        "mediaType": config_media_type,
+        "digest": config_blob.digest,
+        "size": config_blob.size,
+    }
+    manifest["layers"] = [
+        {
+            "mediaType": layer.media_type,
+            "digest": blob.digest,
+            "size": blob.size,
+            **({"annotations": layer.annotations} if layer.annotations else {}),
+        }
+        for layer, blob in zip(layers, blobs, strict=True)
+    ]
+    if annotations:
+        manifest["annotations"] = annotations
+    body = json.dumps(manifest, indent=2).encode()
+
+    async def push() -> str:
+        async with RegistryClient(host, plain_http=True, credentials=credentials) as client:
+            repo = client.repository(repository)
+            for blob in [config_blob, *blobs]:
+                await repo.push_blob(blob.digest, blob.size, _chunks(blob.source))
+            return await repo.push_manifest(tag, OCI_MANIFEST, body)
+
+    return trio.run(push)
+
+
+def isolated_docker_config(directory: Path) -> Path:
+    """Point DOCKER_CONFIG at an empty directory so tests never read the user's logins."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["DOCKER_CONFIG"] = str(directory)
+    return directory
