@@ -1,0 +1,90 @@
+"""``modelfs login`` / ``modelfs logout``: docker-compatible credentials in config.json."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import trio
+
+from modelfs.cli import cli
+from modelfs.errors import BadReferenceError
+from modelfs.fetcher.auth import (
+    Credentials,
+    docker_config_path,
+    normalize_host,
+    remove_credentials,
+    save_credentials,
+)
+from modelfs.fetcher.registry import RegistryClient
+from modelfs.reference import DOCKER_HUB, DOCKER_HUB_API
+
+
+def _api_host(host: str) -> str:
+    """The host to talk to: Docker Hub's API lives on another name than the one users type."""
+    return DOCKER_HUB_API if host in (DOCKER_HUB, "index.docker.io") else host
+
+
+def _host_argument(text: str) -> str:
+    host = normalize_host(text)
+    if not host:
+        raise BadReferenceError(f"invalid registry host {text!r}: expected HOST[:PORT]")
+    return host
+
+
+async def _check_login(host: str, creds: Credentials, plain_http: bool, insecure: bool) -> None:
+    async with RegistryClient(
+        _api_host(host), plain_http=plain_http, insecure=insecure, credentials=creds
+    ) as client:
+        await client.ping()
+
+
+@cli.command()
+@click.argument("host")
+@click.option("-u", "--username", help="Registry user name (prompted for when omitted).")
+@click.option("-p", "--password", help="Password or token (prefer --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--plain-http", is_flag=True, help="Talk to the registry over plain HTTP.")
+@click.option("--insecure", is_flag=True, help="HTTPS without checking the certificate.")
+def login(
+    host: str,
+    username: str | None,
+    password: str | None,
+    password_stdin: bool,
+    plain_http: bool,
+    insecure: bool,
+) -> None:
+    """Check credentials for registry HOST and save them in docker's config.json."""
+    host = _host_argument(host)
+    if password is not None and password_stdin:
+        raise click.UsageError("--password and --password-stdin are mutually exclusive")
+    if password_stdin:
+        if not username:
+            raise click.UsageError("--password-stdin needs --username")
+        password = sys.stdin.read().rstrip("\r\n")
+    elif password is not None:
+        click.echo(
+            "WARNING! Using --password on the command line is insecure; use --password-stdin.",
+            err=True,
+        )
+    if not username:
+        username = click.prompt("Username", type=str)
+    if password is None:
+        password = click.prompt("Password", type=str, hide_input=True)
+    if not username or not password:
+        raise click.UsageError("both a username and a password are needed")
+    creds = Credentials(username, password)
+    trio.run(_check_login, host, creds, plain_http, insecure)
+    save_credentials(host, creds)
+    click.echo(f"Login Succeeded (saved in {docker_config_path()})")
+
+
+@cli.command()
+@click.argument("host")
+def logout(host: str) -> None:
+    """Forget the saved credentials for registry HOST."""
+    host = _host_argument(host)
+    if remove_credentials(host):
+        click.echo(f"Removed login credentials for {host}")
+    else:
+        click.echo(f"Not logged in to {host}")
