@@ -209,6 +209,9 @@ class Proxy:
         self.blob_bytes = 0
         self._lock = threading.Lock()
         self._tickets: dict[str, tuple[str, str | None]] = {}
+        self._failures: list[int] = []
+        self._cut_after = 0
+        self._cuts_left = 0
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
         main = self._serve(_Handler)
@@ -233,6 +236,18 @@ class Proxy:
             self.requests.clear()
             self.redirect_requests.clear()
             self.blob_bytes = 0
+            self._failures.clear()
+            self._cuts_left = 0
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the next ``count`` requests with ``status`` and a distribution error body."""
+        with self._lock:
+            self._failures.extend([status] * count)
+
+    def cut_blobs(self, after: int, times: int = 1) -> None:
+        """Drop the connection after ``after`` body bytes of the next ``times`` blob answers."""
+        with self._lock:
+            self._cut_after, self._cuts_left = after, times
 
     def close(self) -> None:
         for server in self._servers:
@@ -268,6 +283,18 @@ class Proxy:
 
     def handle(self, handler: _Handler) -> None:
         self._record(self.requests, handler)
+        with self._lock:
+            failure = self._failures.pop(0) if self._failures else None
+        if failure is not None:
+            body = json.dumps(
+                {"errors": [{"code": "INJECTED", "message": f"proxy answered {failure}"}]}
+            ).encode()
+            handler.send_response_only(failure)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
         path = handler.path.split("?", 1)[0]
         is_blob = handler.command == "GET" and bool(_BLOB_PATH.match(path))
         if is_blob and self.redirect and self._upstream_allows(path, handler):
@@ -374,7 +401,20 @@ class Proxy:
         count: bool,
         tamper: bool,
     ) -> None:
+        limit = None
+        if count:
+            with self._lock:
+                if self._cuts_left:
+                    self._cuts_left -= 1
+                    limit = self._cut_after
+        sent = 0
         while chunk := response.read1(_CHUNK):
+            if limit is not None and sent + len(chunk) > limit:
+                # A broken connection: the announced Content-Length is never reached.
+                handler.wfile.write(chunk[: limit - sent])
+                handler.close_connection = True
+                return
+            sent += len(chunk)
             if count:
                 with self._lock:
                     self.blob_bytes += len(chunk)

@@ -253,6 +253,39 @@ def test_redirect_never_sends_authorization_elsewhere(
 # --- failures -------------------------------------------------------------------------------
 
 
+def test_broken_range_read_resumes(proxy: Proxy, pushed: str) -> None:
+    proxy.cut_blobs(after=1000)
+    data = run_on(proxy.host, "tests/blob", lambda repo: repo.read_range(BLOB_DIGEST, 10, 200_000))
+    assert data == BLOB[10:200_010]
+    assert [r.range for r in proxy.blob_requests] == ["bytes=10-200009", "bytes=1010-200009"]
+
+
+def test_broken_stream_resumes(proxy: Proxy, pushed: str) -> None:
+    proxy.cut_blobs(after=300_000, times=2)
+
+    async def stream(repo: RegistryRepository) -> bytes:
+        async with repo.stream_blob(BLOB_DIGEST) as chunks:
+            return b"".join([chunk async for chunk in chunks])
+
+    assert run_on(proxy.host, "tests/blob", stream) == BLOB
+    assert [r.range for r in proxy.blob_requests] == [None, "bytes=300000-", "bytes=600000-"]
+
+
+def test_server_errors_are_retried(proxy: Proxy, pushed: str) -> None:
+    proxy.fail_next(2, status=503)
+    manifest = run_on(proxy.host, "tests/blob", lambda repo: repo.get_manifest("v1"))
+    assert manifest.digest == pushed
+    proxy.fail_next(3, status=429)
+    with pytest.raises(RegistryUnavailableError, match=r"after 2 attempts \(HTTP 429"):
+        run_on(proxy.host, "tests/blob", lambda repo: repo.get_manifest("v1"), retries=1)
+
+
+def test_other_client_errors_name_status_and_message(proxy: Proxy, pushed: str) -> None:
+    proxy.fail_next(1, status=403)
+    with pytest.raises(RegistryError, match=r"HTTP 403 \(INJECTED: proxy answered 403\)"):
+        run_on(proxy.host, "tests/blob", lambda repo: repo.read_range(BLOB_DIGEST, 0, 10))
+
+
 def test_stopped_registry_is_unavailable_then_recovers(fresh_registry: Registry) -> None:
     push_artifact(fresh_registry.host, "tests/flaky", "v1", [Layer(RAW, BLOB, {})])
     fresh_registry.stop()

@@ -51,7 +51,6 @@ T = TypeVar("T")
 MANIFEST_LIMIT = 4 * 1024 * 1024
 _ERROR_BODY_LIMIT = 64 * 1024
 _TOKEN_BODY_LIMIT = 1024 * 1024
-_CHUNK = 1024 * 1024
 _MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
@@ -570,7 +569,7 @@ class RegistryRepository:
                 first, last, at_blob_end = 0, int(size) - 1, True
             expected = last - first + 1
             received = 0
-            async for chunk in response.aiter_bytes(_CHUNK):
+            async for chunk in response.aiter_bytes():
                 received += len(chunk)
                 if received > expected:
                     raise RegistryError(
@@ -600,7 +599,7 @@ class RegistryRepository:
         while True:
             response = await self._client.retrying(what, partial(self._open_blob, digest, offset))
             try:
-                async for chunk in response.aiter_bytes(_CHUNK):
+                async for chunk in response.aiter_bytes():
                     offset += len(chunk)
                     yield chunk
                 return
