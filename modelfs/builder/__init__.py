@@ -1,0 +1,1 @@
+"""Packing a model directory into a ModelPack artifact (Modelfile, config, layers, manifest)."""
