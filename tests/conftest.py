@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_tools import Proxy, Registry, isolated_docker_config
+from registry_tools import Proxy, Registry, TokenServer, isolated_docker_config
 
 AUTH_USERNAME = "modelfs"
 AUTH_PASSWORD = "correct horse battery staple"
@@ -36,6 +36,18 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A registry using docker token auth; ``.token_server`` issues the tokens and logs requests."""
+    root = tmp_path_factory.mktemp("token-registry")
+    tokens = TokenServer(root / "token-server", username=AUTH_USERNAME, password=AUTH_PASSWORD)
+    server = Registry(root, token_server=tokens)
+    server.start()
+    yield server
+    server.stop()
+    tokens.close()
 
 
 @pytest.fixture

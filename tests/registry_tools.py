@@ -7,6 +7,7 @@ redirecting, the way a CDN or a broken middlebox would.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,14 +57,198 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Registry:
-    """A ``docker-registry serve`` process on 127.0.0.1 with its own storage and port."""
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-    def __init__(self, root: Path, *, username: str | None = None, password: str | None = None):
+
+def _libtrust_key_id(public_key_der: bytes) -> str:
+    """The key id distribution derives from a certificate's key (docker's libtrust format)."""
+    encoded = base64.b32encode(hashlib.sha256(public_key_der).digest()[:30]).decode().rstrip("=")
+    return ":".join(encoded[i : i + 4] for i in range(0, len(encoded), 4))
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    scopes: tuple[str, ...]
+    username: str | None
+    grant: str  # "basic", "anonymous" or "refresh_token"
+
+
+class _TokenHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _TokenHTTPServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep test output clean."""
+
+    def do_GET(self) -> None:
+        self.server.tokens.handle(self, urllib.parse.urlsplit(self.path).query)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.server.tokens.handle(self, self.rfile.read(length).decode())
+
+
+class _TokenHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    tokens: TokenServer
+
+
+class TokenServer:
+    """A docker token endpoint: checks basic credentials or an identity token, signs RS256 JWTs.
+
+    The signing key and certificate come from the ``openssl`` command; the registry trusts the
+    certificate through ``auth.token.rootcertbundle``.
+    """
+
+    service = "modelfs-test-registry"
+    issuer = "modelfs-test-issuer"
+
+    def __init__(self, root: Path, *, username: str, password: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.username = username
+        self.password = password
+        self.identity_token = "refresh-" + secrets.token_hex(8)
+        self.key_path = root / "token-key.pem"
+        self.cert_path = root / "token-cert.pem"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=modelfs test token issuer",
+                "-keyout",
+                str(self.key_path),
+                "-out",
+                str(self.cert_path),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        public_der = subprocess.run(
+            ["openssl", "pkey", "-in", str(self.key_path), "-pubout", "-outform", "DER"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        self._key_id = _libtrust_key_id(public_der)
+        self.requests: list[TokenRequest] = []
+        self._expired_left = 0
+        self._lock = threading.Lock()
+        self._server = _TokenHTTPServer(("127.0.0.1", 0), _TokenHandler)
+        self._server.tokens = self
+        self.realm = f"http://127.0.0.1:{self._server.server_address[1]}/token"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def expire_next(self, count: int = 1) -> None:
+        """The next ``count`` tokens are already expired: the registry will refuse them."""
+        with self._lock:
+            self._expired_left = count
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self._expired_left = 0
+
+    def handle(self, handler: _TokenHandler, query: str) -> None:
+        params = urllib.parse.parse_qs(query)
+        scopes = tuple(params.get("scope", []))
+        username: str | None = None
+        if handler.command == "POST":
+            grant = "refresh_token"
+            valid = params.get("refresh_token") == [self.identity_token]
+            username = self.username if valid else None
+        elif handler.headers.get("Authorization", "").startswith("Basic "):
+            grant = "basic"
+            raw = base64.b64decode(handler.headers["Authorization"][len("Basic ") :]).decode()
+            username, _, password = raw.partition(":")
+            valid = (username, password) == (self.username, self.password)
+        else:
+            grant, valid = "anonymous", True
+        with self._lock:
+            self.requests.append(TokenRequest(scopes, username, grant))
+            expired = self._expired_left > 0
+            self._expired_left -= expired
+        if not valid:
+            self._reply(handler, 401, {"details": "invalid credentials"})
+            return
+        token = self._sign(username if grant != "anonymous" else None, scopes, expired=expired)
+        field_name = "access_token" if grant == "refresh_token" else "token"
+        self._reply(handler, 200, {field_name: token, "expires_in": 300})
+
+    def _sign(self, subject: str | None, scopes: tuple[str, ...], *, expired: bool) -> str:
+        now = int(time.time())
+        access = []
+        for scope in scopes if subject else ():
+            kind, name, actions = scope.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        claims = {
+            "iss": self.issuer,
+            "sub": subject or "",
+            "aud": self.service,
+            "exp": now - 3600 if expired else now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
+        }
+        header = {"typ": "JWT", "alg": "RS256", "kid": self._key_id}
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key_path)],
+            input=signing_input.encode(),
+            check=True,
+            capture_output=True,
+        ).stdout
+        return signing_input + "." + _b64url(signature)
+
+    @staticmethod
+    def _reply(handler: _TokenHandler, status: int, body: dict[str, object]) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response_only(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+
+class Registry:
+    """A ``docker-registry serve`` process on 127.0.0.1 with its own storage and port.
+
+    With ``username``/``password`` it uses htpasswd (bcrypt) basic auth; with ``token_server``
+    it uses docker token auth against that server (whose user it takes over).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        token_server: TokenServer | None = None,
+    ) -> None:
         self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
+        self.token_server = token_server
+        if token_server is not None:
+            username, password = token_server.username, token_server.password
         self.username = username
         self.password = password
         self.log_path = root / "registry.log"
@@ -80,7 +266,16 @@ class Registry:
             },
             "http": {"addr": self.host, "secret": secrets.token_hex(16)},
         }
-        if username is not None and password is not None:
+        if token_server is not None:
+            config["auth"] = {
+                "token": {
+                    "realm": token_server.realm,
+                    "service": token_server.service,
+                    "issuer": token_server.issuer,
+                    "rootcertbundle": str(token_server.cert_path),
+                }
+            }
+        elif username is not None and password is not None:
             htpasswd = root / "htpasswd"
             line = subprocess.run(
                 [HTPASSWD_BINARY, "-Bbn", username, password],

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import pytest
 import trio
-from registry_tools import Layer, Proxy, Registry, push_artifact
+from registry_tools import Layer, Proxy, Registry, TokenRequest, push_artifact
 
 from modelfs.errors import (
     AuthError,
@@ -363,3 +363,92 @@ def test_ping(registry: Registry, auth_registry: Registry) -> None:
 
 def test_environment_is_isolated() -> None:
     assert "docker-config" in os.environ["DOCKER_CONFIG"]
+
+
+# --- docker token (Bearer) auth -------------------------------------------------------------
+
+
+@pytest.fixture
+def token_registry_pushed(token_registry: Registry) -> Registry:
+    assert token_registry.token_server is not None
+    push_artifact(
+        token_registry.host,
+        "tests/bearer",
+        "v1",
+        [Layer(RAW, BLOB, {})],
+        credentials=token_registry.credentials,
+    )
+    token_registry.token_server.reset()
+    return token_registry
+
+
+def test_bearer_tokens_are_fetched_once_per_scope(token_registry_pushed: Registry) -> None:
+    server = token_registry_pushed
+    assert server.token_server is not None
+
+    async def reads(repo: RegistryRepository) -> list[bytes]:
+        await repo.get_manifest("v1")
+        async with trio.open_nursery() as nursery:
+            for index in range(8):
+                nursery.start_soon(repo.read_range, BLOB_DIGEST, index * 1000, 1000)
+        return [await repo.read_range(BLOB_DIGEST, 0, 10), await repo.get_blob(BLOB_DIGEST, 2**21)]
+
+    first, whole = run_on(server.host, "tests/bearer", reads, credentials=server.credentials)
+    assert (first, whole) == (BLOB[:10], BLOB)
+    assert server.token_server.requests == [
+        TokenRequest(("repository:tests/bearer:pull",), server.username, "basic")
+    ]
+
+
+def test_bearer_expired_token_is_refreshed_once(token_registry_pushed: Registry) -> None:
+    server = token_registry_pushed
+    assert server.token_server is not None
+    server.token_server.expire_next(1)
+    data = run_on(
+        server.host,
+        "tests/bearer",
+        lambda repo: repo.read_range(BLOB_DIGEST, 5, 5),
+        credentials=server.credentials,
+    )
+    assert data == BLOB[5:10]
+    assert len(server.token_server.requests) == 2
+    server.token_server.expire_next(2)  # the refreshed token is refused too: give up
+    with pytest.raises(AuthError, match="rejected the credentials"):
+        run_on(
+            server.host,
+            "tests/bearer",
+            lambda repo: repo.read_range(BLOB_DIGEST, 5, 5),
+            credentials=server.credentials,
+        )
+
+
+def test_bearer_wrong_and_missing_credentials(token_registry_pushed: Registry) -> None:
+    server = token_registry_pushed
+    with pytest.raises(AuthError, match=rf"rejected the credentials.*modelfs login {server.host}"):
+        run_on(
+            server.host,
+            "tests/bearer",
+            lambda repo: repo.get_manifest("v1"),
+            credentials=Credentials("modelfs", "wrong"),
+        )
+    with pytest.raises(AuthError, match=rf"requires authentication.*modelfs login {server.host}"):
+        run_on(server.host, "tests/bearer", lambda repo: repo.get_manifest("v1"))
+
+
+def test_bearer_identity_token_and_ping(token_registry_pushed: Registry) -> None:
+    server = token_registry_pushed
+    assert server.token_server is not None
+    identity = Credentials("<token>", server.token_server.identity_token)
+    manifest = run_on(
+        server.host, "tests/bearer", lambda repo: repo.get_manifest("v1"), credentials=identity
+    )
+    assert json.loads(manifest.data)["layers"][0]["digest"] == BLOB_DIGEST
+    assert server.token_server.requests[-1].grant == "refresh_token"
+
+    async def ping(creds: Credentials) -> None:
+        async with RegistryClient(server.host, plain_http=True, credentials=creds) as client:
+            await client.ping()
+
+    trio.run(ping, identity)
+    with pytest.raises(AuthError, match="rejected the credentials"):
+        trio.run(ping, Credentials("<token>", "not-the-token"))

@@ -320,8 +320,12 @@ class RegistryClient:
         content: bytes | AsyncIterable[bytes] | None,
         what: str,
     ) -> httpx.Response:
-        """Send with the best authorization known; on 401 answer the challenge and resend once."""
-        answered = False
+        """Send with the best authorization known; on 401 answer the challenge and resend.
+
+        An anonymous request is answered once (basic credentials or a first token) and a
+        refused token is refreshed once; anything refused after that is an AuthError.
+        """
+        anonymous_answered = token_refreshed = False
         while True:
             authorization = await self._authorization(scope)
             request = self._client.build_request(method, url, headers=headers, content=content)
@@ -333,9 +337,12 @@ class RegistryClient:
             header = response.headers.get("WWW-Authenticate", "")
             await response.aclose()
             replayable = content is None or isinstance(content, bytes)
-            if answered or not replayable:
+            if authorization is None and not anonymous_answered and replayable:
+                anonymous_answered = True
+            elif (authorization or "").startswith("Bearer ") and not token_refreshed and replayable:
+                token_refreshed = True
+            else:
                 raise await self._auth_failure(what)
-            answered = True
             await self._answer_challenge(parse_challenge(header), scope, authorization, what)
 
     async def _credentials_for_host(self) -> Credentials | None:
@@ -359,8 +366,6 @@ class RegistryClient:
         self, challenge: Challenge, scope: str | None, sent: str | None, what: str
     ) -> None:
         if challenge.scheme == "basic":
-            if sent is not None and sent.startswith("Basic "):
-                raise await self._auth_failure(what)
             if await self._credentials_for_host() is None:
                 raise await self._auth_failure(what)
             self._basic = True
