@@ -39,6 +39,15 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
 
 
 @pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """An anonymous registry on HTTPS with a self-signed certificate (``.tls_cert``)."""
+    server = Registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry using docker token auth; ``.token_server`` issues the tokens and logs requests."""
     root = tmp_path_factory.mktemp("token-registry")

@@ -16,6 +16,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -241,11 +242,13 @@ class Registry:
         username: str | None = None,
         password: str | None = None,
         token_server: TokenServer | None = None,
+        tls: bool = False,
     ) -> None:
         self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        self.tls_cert: Path | None = None
         self.token_server = token_server
         if token_server is not None:
             username, password = token_server.username, token_server.password
@@ -266,6 +269,36 @@ class Registry:
             },
             "http": {"addr": self.host, "secret": secrets.token_hex(16)},
         }
+        if tls:
+            # A self-signed certificate for 127.0.0.1: trusted only where a test says so.
+            self.tls_cert, key = root / "tls-cert.pem", root / "tls-key.pem"
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(self.tls_cert),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            config["http"] = {
+                "addr": self.host,
+                "secret": secrets.token_hex(16),
+                "tls": {"certificate": str(self.tls_cert), "key": str(key)},
+            }
         if token_server is not None:
             config["auth"] = {
                 "token": {
@@ -316,7 +349,13 @@ class Registry:
                 raise RuntimeError(
                     f"docker-registry exited with {self._process.returncode}: {tail}"
                 )
-            connection = http.client.HTTPConnection(self.host, timeout=2)
+            connection = (
+                http.client.HTTPSConnection(
+                    self.host, timeout=2, context=ssl._create_unverified_context()
+                )
+                if self.tls_cert
+                else http.client.HTTPConnection(self.host, timeout=2)
+            )
             try:
                 connection.request("GET", "/v2/")
                 if connection.getresponse().status in (200, 401):

@@ -350,6 +350,22 @@ def test_tls_to_plain_http_registry_names_the_flag(registry: Registry) -> None:
         trio.run(main)
 
 
+def test_tls_trust_comes_from_the_system_store(
+    tls_registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def ping(insecure: bool) -> None:
+        async with RegistryClient(tls_registry.host, insecure=insecure, retries=0) as client:
+            await client.ping()
+
+    with pytest.raises(RegistryError, match="self-signed pass --insecure"):
+        trio.run(ping, False)
+    trio.run(ping, True)
+    # OpenSSL's default verify paths honour SSL_CERT_FILE: the same place a system CA goes.
+    assert tls_registry.tls_cert is not None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.tls_cert))
+    trio.run(ping, False)
+
+
 def test_ping(registry: Registry, auth_registry: Registry) -> None:
     async def ping(host: str, creds: Credentials | None) -> None:
         async with RegistryClient(host, plain_http=True, credentials=creds) as client:

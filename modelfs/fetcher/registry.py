@@ -83,7 +83,8 @@ def registry_message(body: bytes) -> str:
         if isinstance(error, dict):
             code, message = error.get("code", ""), error.get("message", "")
             parts.append(f"{code}: {message}" if code and message else str(code or message))
-    return "; ".join(part for part in parts if part)
+    # One line, whatever the registry put in its messages.
+    return " ".join("; ".join(part for part in parts if part).split())
 
 
 def manifest_media_type(content_type: str | None, data: bytes) -> str:
@@ -183,7 +184,7 @@ class RegistryClient:
 
     async def ping(self) -> None:
         """GET /v2/ through the auth flow: proves the registry answers and accepts the login."""
-        what = f"the API check (/v2/) of {self.host}"
+        what = "the API check (/v2/)"
 
         async def attempt() -> None:
             async with self.request("GET", self.base_url.join("/v2/"), None, what=what):
