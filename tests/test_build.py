@@ -309,6 +309,14 @@ def test_bad_input_is_an_error_and_leaves_the_store_unchanged(
     assert snapshot(store) == before
 
 
+def test_store_must_be_a_layout_or_new(model: Path) -> None:
+    before = sorted(model.rglob("*"))
+    result = run("build", "-t", REF, "--store", model, model)
+    assert result.exit_code == 1
+    assert "holds files but is not an OCI image layout" in result.stderr
+    assert sorted(model.rglob("*")) == before
+
+
 def test_bad_input_does_not_create_a_store(model: Path, store: Path) -> None:
     (model / "Modelfile").write_text("MODEL *.gguf\n")
     result = run("build", "-t", REF, "--store", store, model)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
@@ -26,6 +26,9 @@ from modelfs.errors import BadReferenceError, ManifestError, NotFoundError
 from modelfs.fetcher.layout import CHUNK_SIZE, MAX_MANIFEST_SIZE, OciLayout
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.reference import Reference, parse_layout_reference, parse_reference
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 
 def default_store() -> Path:
@@ -136,14 +139,14 @@ def build(
         root, name = store or default_store(), store_name(_registry_reference(target))
     plan = plan_build(directory, modelfile or directory / "Modelfile")
     layout = OciLayout.create(root)
-    with _progress(plan.total_size, f"Packing {len(plan.files)} files") as advance:
+    with _progress(plan.total_size, f"Packing {len(plan.files)} files") as bar:
         result = write_build(
             plan,
             layout,
             name,
             layer_format="tar" if tar else "raw",
             created=created,
-            progress=advance,
+            progress=bar.update,
         )
     click.echo(f"{name} {result.digest}")
 
@@ -157,15 +160,9 @@ def push(reference: str, plain_http: bool, insecure: bool, store: Path | None) -
     """Push the build named REFERENCE from the store to its registry."""
     parsed = _registry_reference(reference)
     layout = _open_store(store)
-    name = store_name(parsed)
-    descriptor = layout.resolve(name)
-    if descriptor is None:
-        raise NotFoundError(
-            f"{name} is not in the store {layout.root}: build it with"
-            f" `modelfs build -t {name} DIR` (`modelfs ls` lists the store)"
-        )
+    descriptor = _resolve(layout, store_name(parsed))
     digest = trio.run(_push, layout, descriptor, parsed, plain_http, insecure)
-    click.echo(f"{name} {digest}")
+    click.echo(f"{store_name(parsed)} {digest}")
 
 
 async def _push(
@@ -183,17 +180,12 @@ async def _push(
     ) as client:
         repository = client.repository(reference.repository)
         total = sum(size for _, size in blobs)
-        with _progress(total, f"Pushing {len(blobs)} blobs") as advance:
+        with _progress(total, f"Pushing {len(blobs)} blobs") as bar:
             for digest, size in blobs:
-                sent = [0]
-
-                def count(n: int, sent: list[int] = sent) -> None:
-                    sent[0] += n
-                    advance(n)
-
-                await repository.push_blob(digest, size, _read_blob(layout, digest, count))
-                # A blob the registry already had was skipped: count it as done.
-                advance(size - sent[0])
+                done = bar.pos + size
+                await repository.push_blob(digest, size, _read_blob(layout, digest, bar.update))
+                # A blob the registry already had was not read: count it as sent.
+                bar.update(done - bar.pos)
         media_type = str(descriptor.get("mediaType") or json.loads(data).get("mediaType"))
         pushed = await repository.push_manifest(reference.tag or "latest", media_type, data)
     if pushed != manifest_digest:
@@ -229,10 +221,7 @@ async def _read_blob(
 def tag(source: str, target: str, store: Path | None) -> None:
     """Give the build SOURCE in the store a second name, TARGET."""
     layout = _open_store(store)
-    source_name = store_name(_registry_reference(source))
-    descriptor = layout.resolve(source_name)
-    if descriptor is None:
-        raise NotFoundError(f"{source_name} is not in the store {layout.root}: see `modelfs ls`")
+    descriptor = _resolve(layout, store_name(_registry_reference(source)))
     with layout.lock():
         layout.set_tag(store_name(_registry_reference(target)), descriptor)
 
@@ -249,8 +238,18 @@ def _open_store(store: Path | None) -> OciLayout:
     return OciLayout.open(store or default_store())
 
 
+def _resolve(layout: OciLayout, name: str) -> dict[str, Any]:
+    descriptor = layout.resolve(name)
+    if descriptor is None:
+        raise NotFoundError(
+            f"{name} is not in the store {layout.root}: build it with"
+            f" `modelfs build -t {name} DIR` (`modelfs ls` lists the store)"
+        )
+    return descriptor
+
+
 @contextlib.contextmanager
-def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A byte progress bar on stderr; yields the function that advances it."""
+def _progress(total: int, label: str) -> Iterator[ProgressBar[int]]:
+    """A byte progress bar on stderr."""
     with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-        yield bar.update
+        yield bar

@@ -18,14 +18,14 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from modelfs.errors import IntegrityError, ManifestError, NotFoundError
+from modelfs.errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
 from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
 
@@ -35,6 +35,10 @@ LAYOUT_VERSION = "1.0.0"
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 CHUNK_SIZE = 4 * 1024 * 1024
 _DIGEST_RE = re.compile(r"sha256:([a-f0-9]{64})")
+
+
+class LayoutError(ModelfsError):
+    """A directory that cannot be used as an OCI image layout."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,15 @@ class OciLayout:
     def create(cls, root: str | os.PathLike[str]) -> OciLayout:
         """Open the layout at ``root``, making an empty one first if there is none."""
         layout = cls(root)
+        if (
+            layout.root.is_dir()
+            and any(layout.root.iterdir())
+            and not (layout.root / "oci-layout").exists()
+        ):
+            raise LayoutError(
+                f"{layout.root} holds files but is not an OCI image layout:"
+                " choose a new or empty directory for the store"
+            )
         layout.blobs.mkdir(parents=True, exist_ok=True)
         if not (layout.root / "index.json").exists():
             layout._replace_file("index.json", _encode({"schemaVersion": 2, "manifests": []}))
@@ -275,12 +288,15 @@ class LayoutSource:
     @contextlib.asynccontextmanager
     async def stream_blob(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
         fd = await trio.to_thread.run_sync(self._open, digest)
+        chunks = self._chunks(fd)
         try:
-            yield self._chunks(fd)
+            yield chunks
         finally:
+            # Finish the generator before its file descriptor goes away.
+            await chunks.aclose()
             os.close(fd)
 
-    async def _chunks(self, fd: int) -> AsyncIterator[bytes]:
+    async def _chunks(self, fd: int) -> AsyncGenerator[bytes, None]:
         offset = 0
         while chunk := await trio.to_thread.run_sync(os.pread, fd, CHUNK_SIZE, offset):
             offset += len(chunk)
