@@ -49,8 +49,7 @@ def classify_layer(media_type: str) -> LayerType | None:
         for kind in KINDS:
             for fmt in ("raw", "tar+gzip", "tar+zstd", "tar"):
                 if body == f"{kind}.v1.{fmt}":
-                    return LayerType(kind, fmt)  # type: ignore[arg-type]
-        # "application/vnd.cncf.model.weight.v1.tar" variants without a format mean tar
+                    return LayerType(kind, fmt)
     return None
 
 

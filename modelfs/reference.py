@@ -97,7 +97,9 @@ def parse_reference(text: str) -> Reference:
         if not _TAG_RE.match(tag):
             raise _bad(text, f"tag {tag!r} has characters a tag cannot have")
     first, _, remainder = rest.partition("/")
-    if remainder and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+    if remainder and (
+        "." in first or ":" in first or first == "localhost" or first.startswith("[")
+    ):
         registry, repository = first, remainder
         if not _HOST_RE.match(registry):
             raise _bad(text, f"registry host {registry!r} is malformed")

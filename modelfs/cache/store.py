@@ -130,8 +130,11 @@ class PieceCache:
             data = bytes(value[_CHECKSUM.size :])
             (expected,) = _CHECKSUM.unpack_from(value)
         if xxhash.xxh3_64_intdigest(data) != expected:
-            log.error("cache: piece %d of %s failed its checksum; dropped, fetching it again",
-                      index, digest)
+            log.error(
+                "cache: piece %d of %s failed its checksum; dropped, fetching it again",
+                index,
+                digest,
+            )
             self.drop_piece(digest, index)
             return None
         self._touched[key] = None
@@ -180,12 +183,12 @@ class PieceCache:
         prefix = f"{digest}/".encode()
         with self._env.begin(write=True, buffers=True) as txn:
             cursor = txn.cursor(db=self._pieces)
-            keys = []
+            keys: list[bytes] = []
             if cursor.set_range(prefix):
-                for key in cursor.iternext(values=False):
-                    if not bytes(key).startswith(prefix):
+                for found in cursor.iternext(values=False):
+                    if not bytes(found).startswith(prefix):
                         break
-                    keys.append(bytes(key))
+                    keys.append(bytes(found))
             for key in keys:
                 self._delete_piece(txn, key)
             txn.delete(digest.encode(), db=self._blobs)
@@ -327,7 +330,7 @@ class PieceCache:
         """Free at least ``need`` bytes, oldest first: other blobs no process is reading, then
         other blobs, then older pieces of the blob being written."""
         leased = self._leased_blobs(txn)
-        spared_by_pass = (leased | {protect}, {protect}, set())
+        spared_by_pass: tuple[set[str], ...] = (leased | {protect}, {protect}, set())
         freed = 0
         for spared in spared_by_pass:
             victims = []
@@ -342,8 +345,9 @@ class PieceCache:
             for key in victims:
                 self._delete_piece(txn, key)
             if victims:
-                log.info("cache: evicted %d pieces to stay under %d bytes",
-                         len(victims), self.max_size)
+                log.info(
+                    "cache: evicted %d pieces to stay under %d bytes", len(victims), self.max_size
+                )
             if freed >= need:
                 break
         return freed

@@ -52,20 +52,41 @@ def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
 @click.argument("reference")
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=DEFAULT_CACHE_DIR, show_default=True, help="The node's LMDB piece cache.")
-@click.option("--cache-size", default=str(DEFAULT_CACHE_SIZE >> 30) + "G", show_default=True,
-              help="Most bytes the cache may hold (K, M, G, T suffixes).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_CACHE_DIR,
+    show_default=True,
+    help="The node's LMDB piece cache.",
+)
+@click.option(
+    "--cache-size",
+    default=str(DEFAULT_CACHE_SIZE >> 30) + "G",
+    show_default=True,
+    help="Most bytes the cache may hold (K, M, G, T suffixes).",
+)
 @click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to this registry.")
 @click.option("--insecure", is_flag=True, help="Accept a registry certificate that fails checks.")
-@click.option("--timeout", default=30.0, show_default=True,
-              help="Seconds one registry request may take.")
-@click.option("--retries", default=3, show_default=True,
-              help="Retries of a failed registry request before a read gets EIO.")
-@click.option("--read-ahead-kb", default=DEFAULT_READ_AHEAD_KB, show_default=True,
-              help="Kernel readahead window of the mount.")
-@click.option("--allow-other/--no-allow-other", default=None,
-              help="Let other users read the mount (default: yes when run as root).")
+@click.option(
+    "--timeout", default=30.0, show_default=True, help="Seconds one registry request may take."
+)
+@click.option(
+    "--retries",
+    default=3,
+    show_default=True,
+    help="Retries of a failed registry request before a read gets EIO.",
+)
+@click.option(
+    "--read-ahead-kb",
+    default=DEFAULT_READ_AHEAD_KB,
+    show_default=True,
+    help="Kernel readahead window of the mount.",
+)
+@click.option(
+    "--allow-other/--no-allow-other",
+    default=None,
+    help="Let other users read the mount (default: yes when run as root).",
+)
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(
     reference: str,
@@ -111,9 +132,11 @@ def _mount_in_foreground(options: MountOptions, ready_fd: int | None) -> None:
     started = time.monotonic()
 
     def on_ready(model: Model) -> None:
-        message = (f"mounted {options.reference} ({model.digest}) on {options.mountpoint}: "
-                   f"{len(model.tree.files())} files, {model.tree.total_size} bytes, "
-                   f"ready in {time.monotonic() - started:.2f}s")
+        message = (
+            f"mounted {options.reference} ({model.digest}) on {options.mountpoint}: "
+            f"{len(model.tree.files())} files, {model.tree.total_size} bytes, "
+            f"ready in {time.monotonic() - started:.2f}s"
+        )
         if ready_fd is None:
             click.echo(message, err=True)
         else:
@@ -132,22 +155,34 @@ def _mount_in_background(options: MountOptions) -> None:
     log_path = _log_path(options.cache_dir, options.mountpoint)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "modelfs", *sys.argv[1:],
-               "--foreground", "--ready-fd", str(write_end)]
+    command = [
+        sys.executable,
+        "-m",
+        "modelfs",
+        *sys.argv[1:],
+        "--foreground",
+        "--ready-fd",
+        str(write_end),
+    ]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=log_file, start_new_session=True,
+            command,
+            pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
         )
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         report = ready.read().decode(errors="replace")  # EOF: ready, failed, or died
     if report.startswith("ready "):
-        click.echo(report[len("ready "):].strip(), err=True)
+        click.echo(report[len("ready ") :].strip(), err=True)
         return
     process.wait(timeout=READY_TIMEOUT)
-    raise ModelfsError(report.strip() or f"the mount process exited with {process.returncode}; "
-                       f"see {log_path}")
+    raise ModelfsError(
+        report.strip() or f"the mount process exited with {process.returncode}; see {log_path}"
+    )
 
 
 @cli.command()

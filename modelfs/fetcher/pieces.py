@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -53,6 +54,7 @@ class PieceFetcher:
         *,
         max_concurrent: int = 8,
         memory_pieces: int = 8,
+        on_rejected: Callable[[str], None] = lambda digest: None,
     ) -> None:
         self.source = source
         self.cache = cache
@@ -60,11 +62,15 @@ class PieceFetcher:
         self._limiter = trio.CapacityLimiter(max_concurrent)
         self._memory: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._memory_pieces = memory_pieces
+        # Told the digest of a blob that failed its check, so its readers' caches can be purged.
+        self._on_rejected = on_rejected
         self._in_flight: dict[tuple[str, int], _InFlight] = {}
         self._verified: set[str] = set()
+        # Blobs that failed their digest check, each with the lock of its recheck.
+        self._suspect: dict[str, trio.Lock] = {}
 
     async def read(self, blob: BlobRef, offset: int, size: int) -> bytes | memoryview:
-        """Bytes of ``blob`` from ``offset``: exactly ``size`` of them unless the blob ends first."""
+        """``size`` bytes of ``blob`` from ``offset``, fewer only where the blob ends."""
         indexes = pieces_covering(offset, size, blob.size, self.cache.piece_size)
         if not indexes:
             return b""
@@ -87,6 +93,27 @@ class PieceFetcher:
 
     async def piece(self, blob: BlobRef, index: int) -> bytes:
         """One whole piece, from memory, the cache, a fetch under way, or the source."""
+        if blob.digest in self._suspect:
+            await self._recheck(blob)
+        return await self._piece(blob, index)
+
+    async def _recheck(self, blob: BlobRef) -> None:
+        """A blob that failed its digest check is served again only once it checks out whole."""
+        async with self._suspect[blob.digest]:
+            if blob.digest not in self._suspect:
+                return  # another reader rechecked it while we waited
+            async with trio.open_nursery() as nursery:
+                for index in self.cache.missing(blob.digest, blob.size):
+                    nursery.start_soon(self._piece, blob, index)
+            if blob.digest in self._verified or self.cache.is_verified(blob.digest):
+                del self._suspect[blob.digest]
+            else:
+                raise IntegrityError(
+                    f"blob {blob.digest} could not be checked whole (is --cache-size smaller "
+                    "than the file?); it failed its digest check before, so it is not served"
+                )
+
+    async def _piece(self, blob: BlobRef, index: int) -> bytes:
         key = (blob.digest, index)
         data = self._memory.get(key)
         if data is not None:
@@ -104,7 +131,7 @@ class PieceFetcher:
             if waiting.error is not None:
                 raise waiting.error
             if waiting.data is None:  # the fetching reader was cancelled: fetch it ourselves
-                return await self.piece(blob, index)
+                return await self._piece(blob, index)
             return waiting.data
         flight = _InFlight()
         self._in_flight[key] = flight
@@ -147,7 +174,7 @@ class PieceFetcher:
             await self._verify(blob)
 
     async def _verify(self, blob: BlobRef) -> None:
-        """Hash the whole blob from the cache; drop it and fail if it is not what its digest says."""
+        """Hash the whole blob from the cache; drop it and fail if it does not match its digest."""
         algorithm, _, expected = blob.digest.partition(":")
         if algorithm != "sha256":
             raise IntegrityError(f"blob {blob.digest}: only sha256 digests can be checked")
@@ -165,10 +192,17 @@ class PieceFetcher:
             return  # a piece was evicted or dropped meanwhile: checked when complete again
         if actual != expected:
             self.cache.drop_blob(blob.digest)
+            self._suspect.setdefault(blob.digest, trio.Lock())
+            self._on_rejected(blob.digest)
             for key in [key for key in self._memory if key[0] == blob.digest]:
                 del self._memory[key]
-            log.error("blob %s from %s does not match its digest (got sha256:%s); "
-                      "its pieces were dropped", blob.digest, self.source.name, actual)
+            log.error(
+                "blob %s from %s does not match its digest (got sha256:%s); "
+                "its pieces were dropped",
+                blob.digest,
+                self.source.name,
+                actual,
+            )
             raise IntegrityError(
                 f"blob {blob.digest} from {self.source.name} does not match its digest; "
                 "dropped from the cache, the next read fetches it again"

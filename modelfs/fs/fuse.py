@@ -81,7 +81,9 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return pyfuse3.FileHandleT(inode)
 
-    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
         # start_id is the position in the sorted child list, so a listing can resume anywhere.
         children = self.tree.children(fh)
         for position in range(start_id, len(children)):
@@ -91,9 +93,7 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
             ):
                 return
 
-    async def open(
-        self, inode: int, flags: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if not isinstance(self._node(inode), FileNode):

@@ -26,8 +26,16 @@ from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.fs.tar import TarMember, read_members
-from modelfs.fs.tree import BlobRef, DirSpec, FileSpec, LayerPlan, Tree, plan_layers
-from modelfs.modelpack import DOCKER_MANIFEST_LIST, OCI_INDEX
+from modelfs.fs.tree import (
+    BlobRef,
+    DirSpec,
+    FileSpec,
+    LayerPlan,
+    Tree,
+    plan_layers,
+    raw_layer_file,
+    tar_layer_entries,
+)
 from modelfs.pieces import piece_count
 
 log = logging.getLogger(__name__)
@@ -66,14 +74,11 @@ async def load_model(
     try:
         manifest = json.loads(fetched.data)
     except ValueError as error:
-        raise ManifestError(f"{source.name}@{fetched.digest}: manifest is not JSON ({error})") from None
+        raise ManifestError(
+            f"{source.name}@{fetched.digest}: manifest is not JSON ({error})"
+        ) from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{source.name}@{fetched.digest}: manifest is not a JSON object")
-    if fetched.media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST) or "manifests" in manifest:
-        raise ManifestError(
-            f"{source.name}@{fetched.digest} is an image index, not a model manifest; "
-            "mount one of its manifests by digest"
-        )
     plans = plan_layers(manifest)
     config = await _config(source, manifest, cache)
     files: list[FileSpec] = []
@@ -81,16 +86,16 @@ async def load_model(
     blobs: list[BlobRef] = []
     for plan in plans:
         if plan.format == "raw":
-            blob = BlobRef(plan.digest, plan.size)
-            assert plan.path is not None  # plan_layers refuses raw layers without a path
-            files.append(
-                FileSpec(plan.path, plan.size, plan.mode or 0o444, plan.mtime_ns or 0, blob, 0)
-            )
+            file = raw_layer_file(plan, default_mtime_ns=0)
+            files.append(file)
+            blobs.append(file.blob)
         else:
             blob = await _tar_blob(plan, source, cache)
             members = await _members(plan, blob, source, cache, fetcher)
-            _add_members(plan, blob, members, files, dirs)
-        blobs.append(blob)
+            layer_files, layer_dirs = tar_layer_entries(plan, members, blob)
+            files += layer_files
+            dirs += layer_dirs
+            blobs.append(blob)
     tree = Tree(files, dirs)
     return Model(fetched.digest, manifest, config, tree, blobs)
 
@@ -172,32 +177,13 @@ async def _members(
         async def read(offset: int, length: int) -> bytes:
             return await source.read_range(blob.digest, offset, length)
     else:
+
         async def read(offset: int, length: int) -> bytes:
             return bytes(await fetcher.read(blob, offset, length))
 
-    members = await read_members(read, blob.size)
+    try:
+        members = await read_members(read, blob.size)
+    except ManifestError as error:
+        raise ManifestError(f"{plan.label}: {error}") from None
     cache.put_meta(key, json.dumps([asdict(member) for member in members]).encode())
     return members
-
-
-def _add_members(
-    plan: LayerPlan,
-    blob: BlobRef,
-    members: list[TarMember],
-    files: list[FileSpec],
-    dirs: list[DirSpec],
-) -> None:
-    for member in members:
-        if member.name == "":
-            continue  # the archive's own "./" entry is the model root
-        if member.is_file:
-            files.append(
-                FileSpec(member.name, member.size, member.mode, member.mtime_ns, blob,
-                         member.data_offset)
-            )
-        elif member.is_dir:
-            dirs.append(DirSpec(member.name, member.mode, member.mtime_ns))
-        else:
-            log.warning("layer %d (%s): skipping %r, a tar member of type %r (only files and "
-                        "directories are served)", plan.index, plan.digest, member.name,
-                        member.typeflag)

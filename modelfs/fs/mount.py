@@ -8,6 +8,7 @@ unmount it; either way the cache is flushed and the leases on its blobs released
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -71,7 +72,11 @@ async def open_source(options: MountOptions) -> AsyncIterator[BlobSource]:
 
 def _fuse_options(options: MountOptions, model: Model) -> set[str]:
     name = str(options.reference).replace(",", "_")
-    fuse_options = set(pyfuse3.default_options) | {"ro", f"fsname=modelfs:{name}", "subtype=modelfs"}
+    fuse_options = set(pyfuse3.default_options) | {
+        "ro",
+        f"fsname=modelfs:{name}",
+        "subtype=modelfs",
+    }
     if options.allow_other:
         fuse_options.add("allow_other")
     return fuse_options
@@ -80,9 +85,10 @@ def _fuse_options(options: MountOptions, model: Model) -> set[str]:
 def _fuse_device(mountpoint: Path) -> str | None:
     """The ``major:minor`` of the FUSE mount at ``mountpoint``, from /proc/self/mountinfo.
 
-    Stat-ing the mountpoint would ask this very process, whose session is not serving yet.
+    Stat-ing the mountpoint (or resolving it) would ask this very process, whose session is not
+    serving yet: ``mountpoint`` must already be absolute and resolved.
     """
-    target = os.path.realpath(mountpoint)
+    target = str(mountpoint)
     device = None
     with open("/proc/self/mountinfo") as mounts:
         for line in mounts:
@@ -98,19 +104,29 @@ def _raise_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
     try:
         Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(read_ahead_kb))
     except OSError as error:
-        log.info("could not raise readahead of %s: %s (reads stay at the default size)",
-                 mountpoint, error)
+        log.info(
+            "could not raise readahead of %s: %s (reads stay at the default size)",
+            mountpoint,
+            error,
+        )
 
 
 async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> None:
     """Mount and serve until unmounted; ``on_ready`` runs once listing the mount works."""
+    options.mountpoint = options.mountpoint.resolve()  # before it is a FUSE mount
     cache = PieceCache(options.cache_dir, options.cache_size)
     try:
+        rejected_send, rejected_receive = trio.open_memory_channel[str](math.inf)
         async with open_source(options) as source:
-            fetcher = PieceFetcher(source, cache)
+            fetcher = PieceFetcher(source, cache, on_rejected=rejected_send.send_nowait)
             model = await load_model(source, options.reference.selector, cache, fetcher)
-            log.info("%s pinned to %s: %d files, %d bytes", options.reference, model.digest,
-                     len(model.tree.files()), model.tree.total_size)
+            log.info(
+                "%s pinned to %s: %d files, %d bytes",
+                options.reference,
+                model.digest,
+                len(model.tree.files()),
+                model.tree.total_size,
+            )
 
             async def read_file(node: FileNode, offset: int, size: int) -> bytes | memoryview:
                 return await fetcher.read(node.blob, node.offset + offset, size)
@@ -119,7 +135,7 @@ async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> Non
             leased = [blob.digest for blob in model.blobs]
             cache.lease(leased)
             try:
-                await _run_session(options, model, operations, on_ready)
+                await _run_session(options, model, operations, rejected_receive, on_ready)
             finally:
                 cache.release(leased)
     finally:
@@ -130,6 +146,7 @@ async def _run_session(
     options: MountOptions,
     model: Model,
     operations: ReadOnlyTreeFS,
+    rejected: trio.MemoryReceiveChannel[str],
     on_ready: Callable[[Model], None],
 ) -> None:
     try:
@@ -152,10 +169,23 @@ async def _run_session(
 
             nursery.start_soon(serve_until_unmounted)
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+            nursery.start_soon(_purge_rejected, model, rejected)
             on_ready(model)
     finally:
         pyfuse3.close(unmount=not unmounted_by_kernel)
         log.info("%s unmounted from %s", options.reference, options.mountpoint)
+
+
+async def _purge_rejected(model: Model, rejected: trio.MemoryReceiveChannel[str]) -> None:
+    """Drop the kernel's page cache of files whose blob failed its digest check.
+
+    Runs beside the request handlers, never inside one: the kernel waits on pages that an
+    unanswered read holds, so invalidating from a handler could deadlock.
+    """
+    async for digest in rejected:
+        for file in model.tree.files():
+            if file.blob.digest == digest:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, file.inode, False)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
