@@ -102,11 +102,14 @@ def test_leased_blobs_are_evicted_last(tmp_path: Path) -> None:
 def test_lease_of_a_dead_process_is_ignored(tmp_path: Path) -> None:
     cache = make(tmp_path, 2 * (PIECE + 8))
     child = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from modelfs.cache import PieceCache; "
-         f"c = PieceCache(Path(sys.argv[1]), {2 * (PIECE + 8)}, piece_size={PIECE}); "
-         f"c.put('{A}', 0, bytes({PIECE}), {4 * PIECE}); c.lease(['{A}'])",
-         str(tmp_path)],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from modelfs.cache import PieceCache; "
+            f"c = PieceCache(Path(sys.argv[1]), {2 * (PIECE + 8)}, piece_size={PIECE}); "
+            f"c.put('{A}', 0, bytes({PIECE}), {4 * PIECE}); c.lease(['{A}'])",
+            str(tmp_path),
+        ],
         check=True,
     )
     assert child.returncode == 0

@@ -232,12 +232,17 @@ def test_one_tensor_fetches_under_a_tenth(
         # the GIL, which would stall the in-process proxy that serves the page fault.
         out = tmp_path / "tensor.npy"
         subprocess.run(
-            [sys.executable, "-c",
-             "import sys, numpy; from safetensors import safe_open\n"
-             "with safe_open(sys.argv[1], framework='numpy') as f:\n"
-             "    numpy.save(sys.argv[2], f.get_tensor('layer.117.weight'))",
-             str(mnt / "model.safetensors"), str(out)],
-            check=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                "import sys, numpy; from safetensors import safe_open\n"
+                "with safe_open(sys.argv[1], framework='numpy') as f:\n"
+                "    numpy.save(sys.argv[2], f.get_tensor('layer.117.weight'))",
+                str(mnt / "model.safetensors"),
+                str(out),
+            ],
+            check=True,
+            timeout=60,
         )
         assert np.array_equal(np.load(out), tensors["layer.117.weight"])
         assert 0 < proxy.blob_bytes < len(weights) / 10, proxy.blob_bytes

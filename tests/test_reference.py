@@ -32,8 +32,17 @@ def test_selector_prefers_digest_and_str_round_trips() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", " reg.io/a", "reg.io/A/b", "reg.io/a:b:c", "reg.io/a@sha256:12", "reg.io/a:-bad",
-     "reg.io//a", "reg.io/a/", "reg.io/a@md5:" + "0" * 32],
+    [
+        "",
+        " reg.io/a",
+        "reg.io/A/b",
+        "reg.io/a:b:c",
+        "reg.io/a@sha256:12",
+        "reg.io/a:-bad",
+        "reg.io//a",
+        "reg.io/a/",
+        "reg.io/a@md5:" + "0" * 32,
+    ],
 )
 def test_bad_references_name_the_problem(text: str) -> None:
     with pytest.raises(BadReferenceError, match="invalid reference"):
