@@ -1,0 +1,32 @@
+import pytest
+
+from modelfs.pieces import piece_count, piece_span, pieces_covering
+
+
+def test_piece_count() -> None:
+    assert piece_count(0, 4) == 0
+    assert piece_count(1, 4) == 1
+    assert piece_count(4, 4) == 1
+    assert piece_count(9, 4) == 3
+
+
+def test_piece_span_last_is_short() -> None:
+    assert piece_span(0, 9, 4) == (0, 4)
+    assert piece_span(2, 9, 4) == (8, 1)
+    with pytest.raises(ValueError):
+        piece_span(3, 9, 4)
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "expected"),
+    [
+        (0, 1, range(0, 1)),
+        (3, 2, range(0, 2)),
+        (4, 4, range(1, 2)),
+        (0, 100, range(0, 3)),
+        (9, 5, range(0)),
+        (8, 0, range(0)),
+    ],
+)
+def test_pieces_covering(offset: int, size: int, expected: range) -> None:
+    assert pieces_covering(offset, size, 9, 4) == expected
