@@ -696,3 +696,29 @@ class RegistryRepository:
 
         await self._client.retrying(what, attempt)
         return digest
+
+    async def get_referrers(self, digest: str) -> bytes | None:
+        """The OCI index the referrers API lists for ``digest``; None if the API is missing.
+
+        Registries without the API (distribution 2.8) answer 404 on its path; callers then use
+        the referrers tag scheme.
+        """
+        what = f"referrers of {self.name}@{digest}"
+
+        async def attempt() -> bytes | None:
+            async with self._client.request(
+                "GET",
+                self._url(f"referrers/{digest}"),
+                self._pull,
+                what=what,
+                headers={"Accept": OCI_INDEX},
+                allow=frozenset({404}),
+            ) as response:
+                if response.status_code == 404:
+                    return None
+                data = await _read_limited(response, MANIFEST_LIMIT)
+                if data is None:
+                    raise ManifestError(f"{what} is larger than {MANIFEST_LIMIT} bytes")
+                return data
+
+        return await self._client.retrying(what, attempt)
