@@ -1,0 +1,1 @@
+"""Peers: nodes of one cluster serving each other verified pieces from their caches."""

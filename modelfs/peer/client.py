@@ -1,0 +1,106 @@
+"""Fetching one piece from a peer, trusting nothing it says.
+
+The bytes are checked against the piece index's sha256 (which came from the registry), so a
+lying peer costs one wasted transfer and a report, never a corrupt byte. Every failure (bad
+bytes, refusal, timeout, dead peer) gives None and a report; the caller falls back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+import httpx
+import trio
+
+from modelfs.peer.auth import sign
+from modelfs.pieces import DEFAULT_PIECE_SIZE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerFailure:
+    peer: str
+    digest: str
+    index: int
+    reason: str
+    corrupt: bool  # it sent bytes that do not match the index: never ask it again
+
+
+class PeerClient:
+    """``async with PeerClient(secret, report=...) as client:``; one connection pool for all."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        report: Callable[[PeerFailure], None],
+        timeout: float = 5.0,
+        max_piece_size: int = DEFAULT_PIECE_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._secret = secret
+        self._report = report
+        self.timeout = timeout
+        self._max_piece_size = max_piece_size
+        self._clock = clock
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> PeerClient:
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def fetch_piece(
+        self, peer: str, digest: str, index: int, expected_sha256: str
+    ) -> bytes | None:
+        """Piece ``index`` of blob ``digest`` from ``peer`` (host:port), or None (reported)."""
+        if self._http is None:
+            raise RuntimeError("PeerClient used outside `async with`")
+        path = f"/pieces/{digest}/{index}"
+        headers = {"Authorization": sign(self._secret, "GET", path, self._clock())}
+        reason = f"no answer within {self.timeout:.1f} s"
+        data: bytes | None = None
+        with trio.move_on_after(self.timeout):
+            try:
+                async with self._http.stream(
+                    "GET", f"http://{peer}{path}", headers=headers
+                ) as response:
+                    if response.status_code != 200:
+                        reason = f"answered HTTP {response.status_code}"
+                    else:
+                        data = await self._read(response)
+            except httpx.HTTPError as error:
+                reason = f"{type(error).__name__}: {error}".rstrip(": ")
+        if data is not None and hashlib.sha256(data).hexdigest() == expected_sha256:
+            return data
+        corrupt = data is not None
+        if corrupt:
+            reason = "sent bytes that do not match the piece index"
+        failure = PeerFailure(peer, digest, index, reason, corrupt)
+        log.warning("peer %s, piece %d of %s: %s", peer, index, digest, reason)
+        self._report(failure)
+        return None
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        """The body, cut short once longer than a piece (it then cannot match the index)."""
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > self._max_piece_size:
+                break
+        return bytes(body)
