@@ -53,6 +53,7 @@ def test_tokens() -> None:
         check(SECRET, token, "GET", "/pieces/x/0", NOW - MAX_SKEW - 1),
         check(SECRET, token.replace("Modelfs-HMAC", "Bearer"), "GET", "/pieces/x/0", NOW),
         check(SECRET, "Modelfs-HMAC garbage", "GET", "/pieces/x/0", NOW),
+        check(SECRET, sign(SECRET, "POST", "/v1/ask", NOW, b"{}"), "POST", "/v1/ask", NOW, b"[]"),
     ]
     assert refused == [Verdict.REFUSED] * len(refused)
 

@@ -1,9 +1,9 @@
 """The cluster secret and the request tokens made from it (HMAC-SHA256, time-bounded).
 
-A token signs the method, the path and the time, so it is worthless for another piece and
-stale after ``MAX_SKEW`` seconds; it is compared in constant time. Within the skew window a
-captured token can be replayed for the same piece, which gives the eavesdropper nothing it
-has not already seen on the wire.
+A token signs the method, the path, the body's sha256 and the time, so it is worthless for
+another request and stale after ``MAX_SKEW`` seconds; it is compared in constant time. Within
+the skew window a captured token can be replayed for the same request, which gives an
+eavesdropper nothing it has not already seen on the wire.
 """
 
 from __future__ import annotations
@@ -43,25 +43,27 @@ def load_secret(path: Path) -> bytes:
     return secret
 
 
-def _signature(secret: bytes, method: str, path: str, timestamp: str) -> str:
-    message = f"{method}\n{path}\n{timestamp}".encode()
+def _signature(secret: bytes, method: str, path: str, body: bytes, timestamp: str) -> str:
+    message = f"{method}\n{path}\n{hashlib.sha256(body).hexdigest()}\n{timestamp}".encode()
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def sign(secret: bytes, method: str, path: str, now: float) -> str:
+def sign(secret: bytes, method: str, path: str, now: float, body: bytes = b"") -> str:
     """The ``Authorization`` header value for one request."""
     timestamp = str(int(now))
-    return f"{SCHEME} {timestamp}:{_signature(secret, method, path, timestamp)}"
+    return f"{SCHEME} {timestamp}:{_signature(secret, method, path, body, timestamp)}"
 
 
-def check(secret: bytes, header: str | None, method: str, path: str, now: float) -> Verdict:
+def check(
+    secret: bytes, header: str | None, method: str, path: str, now: float, body: bytes = b""
+) -> Verdict:
     if not header:
         return Verdict.MISSING
     scheme, _, token = header.partition(" ")
     timestamp, _, signature = token.partition(":")
     if scheme != SCHEME or not timestamp.isdigit() or abs(now - int(timestamp)) > MAX_SKEW:
         return Verdict.REFUSED
-    expected = _signature(secret, method, path, timestamp)
+    expected = _signature(secret, method, path, body, timestamp)
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         return Verdict.REFUSED
     return Verdict.ACCEPTED

@@ -1,0 +1,152 @@
+"""A small HTTP/1.1 server on trio and h11 where every request must carry a cluster token.
+
+The peer server and the scheduler both use it. Requests without a token get 401, with a bad
+one 403, both with an empty body, before any handler runs. Bodies are bounded; connections
+are kept alive between requests and closed when idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from modelfs.peer.auth import SCHEME, Verdict, check
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 30.0
+MAX_BODY = 4 * 1024 * 1024
+_RECEIVE_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/octet-stream"
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class AuthenticatedServer:
+    def __init__(
+        self, handler: Handler, secret: bytes, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._handler = handler
+        self._secret = secret
+        self._clock = clock
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await trio.serve_tcp(self.handle_connection, port, host=host, task_status=task_status)
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                with trio.move_on_after(IDLE_TIMEOUT):
+                    received = await _next_request(connection, stream)
+                if received is None:
+                    return
+                request, authorization = received
+                await _respond(connection, stream, await self._answer(request, authorization))
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+        except h11.RemoteProtocolError as error:
+            await _refuse(connection, stream, error.error_status_hint)
+        except _BodyTooLarge:
+            await _refuse(connection, stream, 413)
+        except trio.BrokenResourceError:
+            log.debug("a client went away mid-answer")
+        finally:
+            await stream.aclose()
+
+    async def _answer(self, request: Request, authorization: str | None) -> Response:
+        verdict = check(
+            self._secret,
+            authorization,
+            request.method,
+            request.path,
+            self._clock(),
+            request.body,
+        )
+        if verdict is not Verdict.ACCEPTED:
+            return Response(verdict.value)
+        return await self._handler(request)
+
+
+async def _next_event(connection: h11.Connection, stream: trio.SocketStream) -> object:
+    while True:
+        event = connection.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        connection.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+
+
+async def _next_request(
+    connection: h11.Connection, stream: trio.SocketStream
+) -> tuple[Request, str | None] | None:
+    """The next request and its Authorization header; None when the client closed."""
+    head = await _next_event(connection, stream)
+    if not isinstance(head, h11.Request):
+        return None
+    body = bytearray()
+    while not isinstance(event := await _next_event(connection, stream), h11.EndOfMessage):
+        if isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise _BodyTooLarge
+    authorization = next(
+        (bytes(value).decode("latin-1") for key, value in head.headers if key == b"authorization"),
+        None,
+    )
+    path = head.target.decode("latin-1").split("?", 1)[0]
+    return Request(head.method.decode("latin-1"), path, bytes(body)), authorization
+
+
+async def _respond(
+    connection: h11.Connection, stream: trio.SocketStream, response: Response
+) -> None:
+    headers = [("Content-Length", str(len(response.body)))]
+    if response.body:
+        headers.append(("Content-Type", response.content_type))
+    if response.status == 401:
+        headers.append(("WWW-Authenticate", SCHEME))
+    for event in (
+        h11.Response(status_code=response.status, headers=headers),
+        h11.Data(data=response.body),
+        h11.EndOfMessage(),
+    ):
+        await stream.send_all(connection.send(event) or b"")
+
+
+async def _refuse(connection: h11.Connection, stream: trio.SocketStream, status: int) -> None:
+    """Answer a request we cannot parse or take, if the connection still allows an answer."""
+    if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        try:
+            await _respond(connection, stream, Response(status))
+        except (h11.LocalProtocolError, trio.BrokenResourceError):
+            log.debug("could not send the refusal %d", status)
