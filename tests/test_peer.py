@@ -19,6 +19,7 @@ from modelfs.errors import AuthError
 from modelfs.peer.auth import MAX_SKEW, Verdict, check, load_secret, sign
 from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.server import PeerServer
+from modelfs.scheduler.ranking import FailureKind
 
 PIECE = 64 * 1024
 SECRET = b"cluster-secret-0123456789abcdef"
@@ -159,8 +160,8 @@ def test_client_fetches_and_verifies(cache: PieceCache) -> None:
 def test_lying_peer_is_rejected_and_reported(cache: PieceCache) -> None:
     got, failures = fetch_all(LyingPeer(cache, SECRET, index_lookup), [(0, HASHES[0])])
     assert got == [None]
-    assert [(f.index, f.corrupt, f.reason) for f in failures] == [
-        (0, True, "sent bytes that do not match the piece index")
+    assert [(f.index, f.kind, f.reason) for f in failures] == [
+        (0, FailureKind.CORRUPT, "sent bytes that do not match the piece index")
     ]
 
 
@@ -170,18 +171,18 @@ def test_oversized_answer_is_corrupt(cache: PieceCache) -> None:
             return b"\0" * (3 * PIECE)
 
     got, failures = fetch_all(Flooding(cache, SECRET, index_lookup), [(0, HASHES[0])])
-    assert got == [None] and failures[0].corrupt
+    assert got == [None] and failures[0].kind is FailureKind.CORRUPT
 
 
 def test_refusals_and_absent_pieces_are_reported_not_corrupt(cache: PieceCache) -> None:
     got, failures = fetch_all(
         PeerServer(cache, SECRET, index_lookup), [(2, HASHES[2])], secret=b"x" * 32
     )
-    assert got == [None] and [(f.reason, f.corrupt) for f in failures] == [
-        ("answered HTTP 403", False)
+    assert got == [None] and [(f.reason, f.kind) for f in failures] == [
+        ("answered HTTP 403", FailureKind.FAILED)
     ]
     got, failures = fetch_all(PeerServer(cache, SECRET, index_lookup), [(2, HASHES[2])])
-    assert got == [None] and failures[0].reason == "answered HTTP 404"
+    assert got == [None] and failures[0].kind is FailureKind.MISSING
 
 
 def test_dead_and_silent_peers_give_none_quickly() -> None:
@@ -209,7 +210,7 @@ def test_dead_and_silent_peers_give_none_quickly() -> None:
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
-    assert [f.corrupt for f in failures] == [False, False]
+    assert [f.kind for f in failures] == [FailureKind.FAILED, FailureKind.FAILED]
     assert failures[0].reason.startswith("ConnectError")
     assert failures[1].reason == "no answer within 0.5 s"
 

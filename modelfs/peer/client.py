@@ -19,6 +19,7 @@ import trio
 
 from modelfs.peer.auth import sign
 from modelfs.pieces import DEFAULT_PIECE_SIZE
+from modelfs.scheduler.ranking import FailureKind
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class PeerFailure:
     digest: str
     index: int
     reason: str
-    corrupt: bool  # it sent bytes that do not match the index: never ask it again
+    kind: FailureKind
 
 
 class PeerClient:
@@ -74,6 +75,7 @@ class PeerClient:
         path = f"/pieces/{digest}/{index}"
         headers = {"Authorization": sign(self._secret, "GET", path, self._clock())}
         reason = f"no answer within {self.timeout:.1f} s"
+        kind = FailureKind.FAILED
         data: bytes | None = None
         with trio.move_on_after(self.timeout):
             try:
@@ -82,16 +84,17 @@ class PeerClient:
                 ) as response:
                     if response.status_code != 200:
                         reason = f"answered HTTP {response.status_code}"
+                        if response.status_code == 404:
+                            kind = FailureKind.MISSING
                     else:
                         data = await self._read(response)
             except httpx.HTTPError as error:
                 reason = f"{type(error).__name__}: {error}".rstrip(": ")
         if data is not None and hashlib.sha256(data).hexdigest() == expected_sha256:
             return data
-        corrupt = data is not None
-        if corrupt:
-            reason = "sent bytes that do not match the piece index"
-        failure = PeerFailure(peer, digest, index, reason, corrupt)
+        if data is not None:
+            reason, kind = "sent bytes that do not match the piece index", FailureKind.CORRUPT
+        failure = PeerFailure(peer, digest, index, reason, kind)
         log.warning("peer %s, piece %d of %s: %s", peer, index, digest, reason)
         self._report(failure)
         return None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from modelfs.errors import ModelfsError
 from modelfs.peer.auth import SCHEME, Verdict, check
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,13 @@ class AuthenticatedServer:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await trio.serve_tcp(self.handle_connection, port, host=host, task_status=task_status)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as error:
+            raise ModelfsError(
+                f"cannot listen on {host}:{port} ({error.strerror}): choose another address"
+            ) from None
+        await trio.serve_listeners(self.handle_connection, listeners, task_status=task_status)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         connection = h11.Connection(h11.SERVER)
@@ -150,3 +157,12 @@ async def _refuse(connection: h11.Connection, stream: trio.SocketStream, status:
             await _respond(connection, stream, Response(status))
         except (h11.LocalProtocolError, trio.BrokenResourceError):
             log.debug("could not send the refusal %d", status)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) for a listening socket."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port (e.g. 0.0.0.0:7480)")
+    return host, int(port)

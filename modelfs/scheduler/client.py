@@ -1,0 +1,115 @@
+"""A node's side of the scheduler: every call is bounded and none ever raises on failure.
+
+No scheduler, a slow one or one that errs simply means "go to the registry": ``ask`` returns
+None, and registrations, announcements and reports are best-effort.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import httpx
+import trio
+
+from modelfs.peer.auth import sign
+from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerClient:
+    def __init__(
+        self,
+        url: str,
+        secret: bytes,
+        node: NodeInfo,
+        *,
+        timeout: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.node = node
+        self.timeout = timeout
+        self._secret = secret
+        self._clock = clock
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> SchedulerClient:
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def _call(self, path: str, document: dict[str, Any]) -> dict[str, Any] | None:
+        if self._http is None:
+            raise RuntimeError("SchedulerClient used outside `async with`")
+        body = json.dumps(document).encode()
+        headers = {
+            "Authorization": sign(self._secret, "POST", path, self._clock(), body),
+            "Content-Type": "application/json",
+        }
+        problem = f"no answer within {self.timeout:.1f} s"
+        with trio.move_on_after(self.timeout):
+            try:
+                response = await self._http.post(self.url + path, content=body, headers=headers)
+                if response.status_code == 200:
+                    answer = response.json()
+                    if isinstance(answer, dict):
+                        return answer
+                problem = f"HTTP {response.status_code} {response.text[:200]}"
+            except (httpx.HTTPError, ValueError) as error:
+                problem = f"{type(error).__name__}: {error}"
+        log.info("scheduler %s, %s: %s", self.url, path, problem)
+        return None
+
+    async def register(self) -> bool:
+        node = self.node
+        document = {
+            "address": node.address,
+            "zone": node.zone,
+            "rack": node.rack,
+            "capacity": node.capacity,
+        }
+        return await self._call("/v1/register", document) is not None
+
+    async def keep_registered(self, interval: float = 10.0) -> None:
+        """Register now and every ``interval`` seconds (the scheduler forgets silent nodes)."""
+        while True:
+            await self.register()
+            await trio.sleep(interval)
+
+    async def announce(self, pieces: list[tuple[str, int]]) -> bool:
+        document = {"address": self.node.address, "pieces": [list(piece) for piece in pieces]}
+        return await self._call("/v1/announce", document) is not None
+
+    async def ask(self, digest: str, index: int) -> Decision | None:
+        document = {"address": self.node.address, "digest": digest, "index": index}
+        answer = await self._call("/v1/ask", document)
+        if answer is None:
+            return None
+        try:
+            return Decision(
+                Action(answer["action"]),
+                tuple(str(peer) for peer in answer.get("peers", [])),
+                float(answer.get("retry_after", 0.0)),
+            )
+        except (KeyError, ValueError, TypeError):
+            log.info("scheduler %s sent an unreadable decision %r", self.url, answer)
+            return None
+
+    async def report(self, peer: str, digest: str, index: int, kind: FailureKind) -> bool:
+        document = {"peer": peer, "digest": digest, "index": index, "kind": kind.value}
+        return await self._call("/v1/report", document) is not None

@@ -1,0 +1,146 @@
+"""The scheduler's HTTP API (JSON, cluster-token authenticated), over ``SchedulerState``.
+
+- ``POST /v1/register`` ``{"address", "zone", "rack", "capacity"}``: a node is alive (repeat
+  within ``NODE_TTL``).
+- ``POST /v1/announce`` ``{"address", "pieces": [[digest, index], ...]}``: pieces it holds.
+- ``POST /v1/ask`` ``{"address", "digest", "index"}`` -> ``{"action": "peers"|"source"|"wait",
+  "peers": [...], "retry_after": seconds}``.
+- ``POST /v1/report`` ``{"peer", "digest", "index", "kind": "corrupt"|"missing"|"failed"}``.
+
+A state backend that fails (Redis down) gives 503, and nodes then go to the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+
+from modelfs.peer.http import AuthenticatedServer, Request, Response
+from modelfs.scheduler.ranking import FailureKind, NodeInfo
+from modelfs.scheduler.redis import RedisError, RedisKeyValue
+from modelfs.scheduler.state import KeyValue, MemoryKeyValue, SchedulerState
+
+log = logging.getLogger(__name__)
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_ANNOUNCED = 10_000
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = body.get(name, default)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequest(f"{name} must be a {kind.__name__}")
+    return value
+
+
+def _piece(digest: Any, index: Any) -> tuple[str, int]:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise BadRequest("digest must be sha256:<64 hex>")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 10**9:
+        raise BadRequest("index must be a piece number")
+    return digest, index
+
+
+class SchedulerService:
+    def __init__(self, state: SchedulerState) -> None:
+        self.state = state
+
+    async def handle(self, request: Request) -> Response:
+        route = {
+            "/v1/register": self._register,
+            "/v1/announce": self._announce,
+            "/v1/ask": self._ask,
+            "/v1/report": self._report,
+        }.get(request.path)
+        if request.method != "POST" or route is None:
+            return Response(404)
+        try:
+            body = json.loads(request.body)
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            answer = await route(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _json(400, {"error": "the body is not JSON"})
+        except BadRequest as error:
+            return _json(400, {"error": str(error)})
+        except RedisError as error:
+            log.error("scheduler: %s", error)
+            return _json(503, {"error": str(error)})
+        return _json(200, answer)
+
+    async def _register(self, body: dict[str, Any]) -> dict[str, Any]:
+        node = NodeInfo(
+            _field(body, "address", str),
+            _field(body, "zone", str, ""),
+            _field(body, "rack", str, ""),
+            _field(body, "capacity", int, 4),
+        )
+        if problem := node.problem():
+            raise BadRequest(problem)
+        await self.state.register(node)
+        return {}
+
+    async def _announce(self, body: dict[str, Any]) -> dict[str, Any]:
+        pieces = _field(body, "pieces", list)
+        if len(pieces) > MAX_ANNOUNCED:
+            raise BadRequest(f"announce at most {MAX_ANNOUNCED} pieces at once")
+        parsed = []
+        for entry in pieces:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise BadRequest("pieces must be [digest, index] pairs")
+            parsed.append(_piece(entry[0], entry[1]))
+        await self.state.announce(_field(body, "address", str), parsed)
+        return {}
+
+    async def _ask(self, body: dict[str, Any]) -> dict[str, Any]:
+        digest, index = _piece(body.get("digest"), body.get("index"))
+        decision = await self.state.ask(_field(body, "address", str), digest, index)
+        return {
+            "action": decision.action.value,
+            "peers": list(decision.peers),
+            "retry_after": decision.retry_after,
+        }
+
+    async def _report(self, body: dict[str, Any]) -> dict[str, Any]:
+        digest, index = _piece(body.get("digest"), body.get("index"))
+        try:
+            kind = FailureKind(body.get("kind"))
+        except ValueError:
+            raise BadRequest("kind must be corrupt, missing or failed") from None
+        await self.state.report(_field(body, "peer", str), digest, index, kind)
+        return {}
+
+
+def _json(status: int, document: dict[str, Any]) -> Response:
+    return Response(status, json.dumps(document).encode(), "application/json")
+
+
+async def run_scheduler(
+    host: str,
+    port: int,
+    secret: bytes,
+    redis_url: str | None,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the scheduler until cancelled; state in Redis when ``redis_url`` is given."""
+    async with AsyncExitStack() as stack:
+        store: KeyValue
+        if redis_url is None:
+            store = MemoryKeyValue()
+        else:
+            redis = await stack.enter_async_context(RedisKeyValue(redis_url))
+            await redis.command("PING")  # fail at start, not at the first request
+            store = redis
+        service = SchedulerService(SchedulerState(store))
+        server = AuthenticatedServer(service.handle, secret)
+        await server.serve(host, port, task_status=task_status)
