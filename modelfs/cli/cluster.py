@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import trio
 
 from modelfs.cli import cli
+from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.peer.auth import load_secret
 from modelfs.peer.http import parse_listen
+from modelfs.peer.source import ClusterOptions
 from modelfs.reference import parse_reference
 from modelfs.scheduler.service import run_scheduler
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @cli.command("index")
@@ -44,11 +50,58 @@ def index(reference: str, plain_http: bool, insecure: bool, force: bool) -> None
     click.echo(trio.run(run))
 
 
-def _listen_address(_: click.Context, __: click.Parameter, value: str) -> tuple[str, int]:
+def _listen_address(
+    _: click.Context, __: click.Parameter, value: str | None
+) -> tuple[str, int] | None:
+    if value is None:
+        return None
     try:
         return parse_listen(value)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+
+
+_secret_file = click.option(
+    "--cluster-secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the secret every node of the cluster shares.",
+)
+
+
+def cluster_options(command: F) -> F:
+    """The options of a node that shares pieces with its peers (``modelfs mount``)."""
+    for option in reversed(
+        [
+            click.option("--scheduler", default=None, help="Scheduler URL (enables peers)."),
+            _secret_file,
+            click.option(
+                "--peer-listen",
+                default=None,
+                callback=_listen_address,
+                help="host:port this node serves pieces to peers on (reachable by them).",
+            ),
+            click.option("--zone", default="", help="Zone label, for peer locality."),
+            click.option("--rack", default="", help="Rack label, for peer locality."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def cluster_settings(
+    scheduler: str | None,
+    cluster_secret_file: Path | None,
+    peer_listen: tuple[str, int] | None,
+    zone: str,
+    rack: str,
+) -> ClusterOptions | None:
+    """What ``cluster_options`` gave: None when peers are not in use."""
+    if scheduler is None and cluster_secret_file is None and peer_listen is None:
+        return None
+    if scheduler is None or cluster_secret_file is None or peer_listen is None:
+        raise ModelfsError("peers need all of --scheduler, --cluster-secret-file and --peer-listen")
+    return ClusterOptions(scheduler, load_secret(cluster_secret_file), peer_listen, zone, rack)
 
 
 @cli.command("scheduler")
@@ -59,20 +112,19 @@ def _listen_address(_: click.Context, __: click.Parameter, value: str) -> tuple[
     callback=_listen_address,
     help="Address (host:port) to serve the scheduler API on.",
 )
-@click.option(
-    "--cluster-secret-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="File holding the secret every node of the cluster shares.",
-)
+@_secret_file
 @click.option(
     "--redis",
     "redis_url",
     default=None,
     help="redis://host:port/db to share state between scheduler replicas (default: memory).",
 )
-def scheduler(listen: tuple[str, int], cluster_secret_file: Path, redis_url: str | None) -> None:
+def scheduler(
+    listen: tuple[str, int], cluster_secret_file: Path | None, redis_url: str | None
+) -> None:
     """Tell nodes which peers hold a piece, and ration trips to the registry."""
+    if cluster_secret_file is None:
+        raise ModelfsError("the scheduler needs --cluster-secret-file (the nodes' shared secret)")
     secret = load_secret(cluster_secret_file)
     host, port = listen
 

@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
 
 from modelfs.cli import cli
+from modelfs.cli.cluster import cluster_options, cluster_settings
 from modelfs.errors import ModelfsError
 from modelfs.fs.model import Model
 from modelfs.fs.mount import (
@@ -88,6 +90,7 @@ def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
     help="Let other users read the mount (default: yes when run as root).",
 )
 @click.option("--ready-fd", type=int, hidden=True)
+@cluster_options
 def mount(
     reference: str,
     mountpoint: Path,
@@ -101,6 +104,7 @@ def mount(
     read_ahead_kb: int,
     allow_other: bool | None,
     ready_fd: int | None,
+    **cluster: Any,
 ) -> None:
     """Mount REFERENCE (host/repo:tag, host/repo@sha256:..., oci:PATH[:TAG]) on MOUNTPOINT.
 
@@ -119,6 +123,7 @@ def mount(
         timeout=timeout,
         retries=retries,
         read_ahead_kb=read_ahead_kb,
+        cluster=cluster_settings(**cluster),
     )
     if allow_other is not None:
         options.allow_other = allow_other

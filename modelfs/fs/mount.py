@@ -28,6 +28,7 @@ from modelfs.fetcher.source import BlobSource
 from modelfs.fs.fuse import ReadOnlyTreeFS
 from modelfs.fs.model import Model, load_model
 from modelfs.fs.tree import FileNode
+from modelfs.peer.source import ClusterOptions, with_peers
 from modelfs.reference import LayoutReference, Reference
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class MountOptions:
     retries: int = 3
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
+    cluster: ClusterOptions | None = None  # share pieces with peers (per the scheduler)
 
 
 @asynccontextmanager
@@ -117,7 +119,10 @@ async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> Non
     cache = PieceCache(options.cache_dir, options.cache_size)
     try:
         rejected_send, rejected_receive = trio.open_memory_channel[str](math.inf)
-        async with open_source(options) as source:
+        async with (
+            open_source(options) as origin,
+            with_peers(options.cluster, origin, options.reference.selector, cache) as source,
+        ):
             fetcher = PieceFetcher(source, cache, on_rejected=rejected_send.send_nowait)
             model = await load_model(source, options.reference.selector, cache, fetcher)
             log.info(

@@ -1,0 +1,267 @@
+"""A blob source that takes whole pieces from peers (as the scheduler says) before the registry.
+
+``with_peers`` wraps the mount's registry repository: it runs this node's peer server, keeps
+the node registered with the scheduler, announces the pieces the node stores and reports peers
+that fail. For each whole piece the fetcher asks for, ``PeerSource.read_range`` asks the
+scheduler, tries the candidates it names, and falls back to the registry whenever anything
+fails or the wait budget runs out: no scheduler, no peers or a dead peer means the registry,
+never a hang. Every piece, from a peer or the registry, is checked against the piece index
+(which came from the registry); without an index, peers are not used at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from modelfs.cache.store import PieceCache
+from modelfs.errors import IntegrityError, ModelfsError
+from modelfs.fetcher.index import PieceIndex, find_index
+from modelfs.fetcher.registry import RegistryRepository
+from modelfs.fetcher.source import BlobSource, FetchedManifest
+from modelfs.peer.client import PeerClient, PeerFailure
+from modelfs.peer.server import PeerServer
+from modelfs.pieces import piece_count, piece_span
+from modelfs.scheduler.client import SchedulerClient
+from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
+
+log = logging.getLogger(__name__)
+
+INDEX_TIMEOUT = 15.0
+ANNOUNCE_TRIES = 200  # x ANNOUNCE_PERIOD: how long a piece may take to reach the cache
+ANNOUNCE_PERIOD = 0.01
+RETRY_PAUSE = 0.02
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    scheduler_url: str
+    secret: bytes
+    listen: tuple[str, int]  # where this node's peer server listens
+    zone: str = ""
+    rack: str = ""
+    wait_budget: float = 10.0  # longest a read waits on peers before it goes to the registry
+    peer_timeout: float = 5.0
+
+    @property
+    def advertised(self) -> str:
+        """The address other nodes reach this one at."""
+        host, port = self.listen
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class PeerStats:
+    """Where piece bytes came from, and which peers sent bad ones (for metrics and status)."""
+
+    peer_bytes: int = 0
+    registry_bytes: int = 0
+    rejected_by_peer: dict[str, int] = field(default_factory=dict)
+
+
+class PeerSource:
+    """``BlobSource`` over a registry repository, with peers tried first for whole pieces."""
+
+    def __init__(
+        self,
+        origin: RegistryRepository,
+        selector: str,
+        cache: PieceCache,
+        scheduler: SchedulerClient,
+        peers: PeerClient,
+        failures: trio.MemoryReceiveChannel[PeerFailure],
+        options: ClusterOptions,
+    ) -> None:
+        self.origin = origin
+        self.stats = PeerStats()
+        self._selector = selector
+        self._cache = cache
+        self._scheduler = scheduler
+        self._peers = peers
+        self._options = options
+        self._failures = failures
+        self._index: PieceIndex | None = None
+        self._index_lock = trio.Lock()
+        self._index_resolved = False
+        self._announce_send, self._announce_receive = trio.open_memory_channel[tuple[str, int]](
+            math.inf
+        )
+
+    @property
+    def name(self) -> str:
+        return self.origin.name
+
+    async def get_manifest(self, selector: str) -> FetchedManifest:
+        return await self.origin.get_manifest(selector)
+
+    async def get_blob(self, digest: str, max_size: int) -> bytes:
+        return await self.origin.get_blob(digest, max_size)
+
+    def stream_blob(self, digest: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self.origin.stream_blob(digest)
+
+    def expected(self, digest: str, index: int) -> str | None:
+        return None if self._index is None else self._index.expected(digest, index)
+
+    async def piece_index(self) -> PieceIndex | None:
+        """The model's piece index, looked up once (bounded in time; None if there is none)."""
+        async with self._index_lock:
+            if not self._index_resolved:
+                self._index_resolved = True
+                with trio.move_on_after(INDEX_TIMEOUT):
+                    try:
+                        manifest = await self.origin.get_manifest(self._selector)
+                        self._index = await find_index(self.origin, manifest)
+                    except ModelfsError as error:
+                        log.warning("piece index of %s: %s", self.origin.name, error)
+                if self._index is None:
+                    log.warning(
+                        "%s has no piece index: pieces come from the registry only "
+                        "(publish one with `modelfs index`)",
+                        self.origin.name,
+                    )
+                else:
+                    self._announce_held(self._index)
+        return self._index
+
+    def _announce_held(self, index: PieceIndex) -> None:
+        """Pieces left in the cache by earlier mounts are offered to peers too."""
+        for digest, blob in index.blobs.items():
+            missing = set(self._cache.missing(digest, blob.size))
+            for piece in range(piece_count(blob.size, index.piece_size)):
+                if piece not in missing:
+                    self._announce_send.send_nowait((digest, piece))
+
+    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+        index = await self.piece_index()
+        piece, expected = self._whole_piece(index, digest, start, length)
+        if expected is None:
+            return await self.origin.read_range(digest, start, length)
+        data = await self._from_peers(digest, piece, expected)
+        if data is None:
+            data = await self.origin.read_range(digest, start, length)
+            self.stats.registry_bytes += len(data)
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise IntegrityError(
+                    f"piece {piece} of blob {digest} from {self.origin.name} does not match the "
+                    "piece index: the registry or a proxy altered it; retry"
+                )
+        else:
+            self.stats.peer_bytes += len(data)
+        self._announce_send.send_nowait((digest, piece))
+        return data
+
+    @staticmethod
+    def _whole_piece(
+        index: PieceIndex | None, digest: str, start: int, length: int
+    ) -> tuple[int, str | None]:
+        """(piece number, expected sha256) when the range is exactly one indexed piece."""
+        blob = None if index is None else index.blobs.get(digest)
+        if index is None or blob is None or start % index.piece_size or start >= blob.size:
+            return -1, None
+        piece = start // index.piece_size
+        if piece_span(piece, blob.size, index.piece_size) != (start, length):
+            return -1, None
+        return piece, blob.pieces[piece]
+
+    async def _from_peers(self, digest: str, piece: int, expected: str) -> bytes | None:
+        with trio.move_on_after(self._options.wait_budget):
+            while True:
+                decision = await self._scheduler.ask(digest, piece)
+                if decision is None or decision.action is Action.SOURCE:
+                    return None
+                if decision.action is Action.WAIT:
+                    await trio.sleep(decision.retry_after)
+                    continue
+                for peer in decision.peers:
+                    data = await self._peers.fetch_piece(peer, digest, piece, expected)
+                    if data is not None:
+                        return data
+                # Every candidate failed; let the reports reach the scheduler before asking again.
+                await trio.sleep(RETRY_PAUSE)
+        log.info("piece %d of %s: no peer within %.1f s", piece, digest, self._options.wait_budget)
+        return None
+
+    async def announce_stored(self) -> None:
+        """Announce pieces once they are in the cache (a peer asking sooner would get 404)."""
+        waiting: dict[tuple[str, int], int] = {}
+        while True:
+            if not waiting:
+                key = await self._announce_receive.receive()
+                waiting[key] = 0
+            while True:
+                try:
+                    waiting.setdefault(self._announce_receive.receive_nowait(), 0)
+                except trio.WouldBlock:
+                    break
+            stored = [key for key in waiting if self._cache.has(*key)]
+            for key in stored:
+                del waiting[key]
+            for key in [key for key, tries in waiting.items() if tries >= ANNOUNCE_TRIES]:
+                del waiting[key]  # never stored (cache full): nothing to offer
+            for key in waiting:
+                waiting[key] += 1
+            if stored:
+                await self._scheduler.announce(stored)
+            if waiting:
+                await trio.sleep(ANNOUNCE_PERIOD)
+
+    async def send_reports(self) -> None:
+        async for failure in self._failures:
+            if failure.kind is FailureKind.CORRUPT:
+                rejected = self.stats.rejected_by_peer
+                rejected[failure.peer] = rejected.get(failure.peer, 0) + 1
+            await self._scheduler.report(failure.peer, failure.digest, failure.index, failure.kind)
+
+
+@asynccontextmanager
+async def with_peers(
+    cluster: ClusterOptions | None, origin: BlobSource, selector: str, cache: PieceCache
+) -> AsyncIterator[BlobSource]:
+    """``origin`` itself without a cluster (or for a layout); else a ``PeerSource`` over it."""
+    if cluster is None or not isinstance(origin, RegistryRepository):
+        yield origin
+        return
+    node = NodeInfo(cluster.advertised, cluster.zone, cluster.rack)
+    try:
+        async with (
+            SchedulerClient(cluster.scheduler_url, cluster.secret, node) as scheduler,
+            trio.open_nursery() as nursery,
+        ):
+            failures_send, failures_receive = trio.open_memory_channel[PeerFailure](math.inf)
+            async with PeerClient(
+                cluster.secret, report=failures_send.send_nowait, timeout=cluster.peer_timeout
+            ) as peers:
+                source = PeerSource(
+                    origin, selector, cache, scheduler, peers, failures_receive, cluster
+                )
+                server = PeerServer(cache, cluster.secret, source.expected)
+                await nursery.start(server.serve, *cluster.listen)
+                nursery.start_soon(scheduler.keep_registered)
+                nursery.start_soon(source.announce_stored)
+                nursery.start_soon(source.send_reports)
+                nursery.start_soon(source.piece_index)
+                try:
+                    yield source
+                finally:
+                    log.info(
+                        "bytes from peers %d, from the registry %d, rejected pieces by peer %s",
+                        source.stats.peer_bytes,
+                        source.stats.registry_bytes,
+                        source.stats.rejected_by_peer,
+                    )
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The mount's own error (one line for the user) must not arrive wrapped in a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
