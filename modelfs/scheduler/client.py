@@ -29,7 +29,7 @@ class SchedulerClient:
         secret: bytes,
         node: NodeInfo,
         *,
-        timeout: float = 1.0,
+        timeout: float = 2.0,  # above the scheduler's long poll
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url.rstrip("/")

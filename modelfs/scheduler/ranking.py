@@ -14,7 +14,7 @@ LOAD_WEIGHT = 0.6
 ZONE_WEIGHT = 0.25
 RACK_WEIGHT = 0.15
 MAX_CANDIDATES = 3
-WAIT_SECONDS = 0.05  # how long a rationed node waits before asking again
+WAIT_SECONDS = 0.02  # how long a rationed node waits before asking again
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 _LABEL = re.compile(r"^[A-Za-z0-9._\-]{0,63}$")
 

@@ -137,6 +137,11 @@ class RedisKeyValue:
                     except (OSError, trio.BrokenResourceError) as error:
                         last = str(error) or type(error).__name__
                         await self._close()
+                    except BaseException:
+                        # Cancelled mid-command: its reply would answer the next one.
+                        with trio.CancelScope(shield=True):
+                            await self._close()
+                        raise
             await self._close()
             raise RedisError(
                 f"Redis at {self._host}:{self._port} did not answer {args[0]} "

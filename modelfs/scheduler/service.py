@@ -4,7 +4,9 @@
   within ``NODE_TTL``).
 - ``POST /v1/announce`` ``{"address", "pieces": [[digest, index], ...]}``: pieces it holds.
 - ``POST /v1/ask`` ``{"address", "digest", "index"}`` -> ``{"action": "peers"|"source"|"wait",
-  "peers": [...], "retry_after": seconds}``.
+  "peers": [...], "retry_after": seconds}``. A node told to wait is held (long poll, up to
+  ``LONG_POLL``) until the piece is announced, so waiting costs no stream of requests; an
+  announcement made through another replica is seen within ``RECHECK``.
 - ``POST /v1/report`` ``{"peer", "digest", "index", "kind": "corrupt"|"missing"|"failed"}``.
 
 A state backend that fails (Redis down) gives 503, and nodes then go to the registry.
@@ -21,7 +23,7 @@ from typing import Any
 import trio
 
 from modelfs.peer.http import AuthenticatedServer, Request, Response
-from modelfs.scheduler.ranking import FailureKind, NodeInfo
+from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
 from modelfs.scheduler.redis import RedisError, RedisKeyValue
 from modelfs.scheduler.state import KeyValue, MemoryKeyValue, SchedulerState
 
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAX_ANNOUNCED = 10_000
+LONG_POLL = 0.5
+RECHECK = 0.05
 
 
 class BadRequest(Exception):
@@ -53,6 +57,8 @@ def _piece(digest: Any, index: Any) -> tuple[str, int]:
 class SchedulerService:
     def __init__(self, state: SchedulerState) -> None:
         self.state = state
+        # Asks held until a piece is announced here (a replica's announcement: by RECHECK).
+        self._announced: dict[tuple[str, int], trio.Event] = {}
 
     async def handle(self, request: Request) -> Response:
         route = {
@@ -99,11 +105,22 @@ class SchedulerService:
                 raise BadRequest("pieces must be [digest, index] pairs")
             parsed.append(_piece(entry[0], entry[1]))
         await self.state.announce(_field(body, "address", str), parsed)
+        for piece in parsed:
+            if (event := self._announced.pop(piece, None)) is not None:
+                event.set()
         return {}
 
     async def _ask(self, body: dict[str, Any]) -> dict[str, Any]:
         digest, index = _piece(body.get("digest"), body.get("index"))
-        decision = await self.state.ask(_field(body, "address", str), digest, index)
+        address = _field(body, "address", str)
+        deadline = trio.current_time() + LONG_POLL
+        while True:
+            decision = await self.state.ask(address, digest, index)
+            left = deadline - trio.current_time()
+            if decision.action is not Action.WAIT or left <= 0:
+                break
+            with trio.move_on_after(min(left, RECHECK)):
+                await self._announced.setdefault((digest, index), trio.Event()).wait()
         return {
             "action": decision.action.value,
             "peers": list(decision.peers),
