@@ -5,23 +5,31 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 from click.testing import CliRunner
 from mounting import mounted
 from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
 
+from modelfs.cache.store import PieceCache
 from modelfs.cli import (
     cli,
     cluster,  # noqa: F401  (registers the commands)
 )
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
+from modelfs.peer.server import PeerServer
+from modelfs.scheduler.client import SchedulerClient
+from modelfs.scheduler.ranking import Decision, NodeInfo
 
 MIB = 1 << 20
 SECRET = b"cluster-test-secret-0123456789abcdef"
@@ -72,8 +80,6 @@ def scheduler_process(secret_file: Path) -> Iterator[tuple[str, subprocess.Popen
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                import socket
-
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
@@ -154,3 +160,140 @@ def test_four_nodes_fetch_the_model_about_once(
     )
     assert hashes == [expected] * 4
     assert registry_bytes <= 1.25 * size
+
+
+class LyingPeer(PeerServer):
+    """A compromised node: holds the right pieces but serves them with one bit flipped."""
+
+    served = 0
+
+    def piece(self, digest: str, index: int) -> bytes | None:
+        data = super().piece(digest, index)
+        if data is None:
+            return None
+        LyingPeer.served += 1
+        return bytes([data[0] ^ 1]) + data[1:]
+
+
+@contextmanager
+def lying_peer(scheduler: str, cache_dir: Path, data: bytes, digest: str) -> Iterator[str]:
+    """A liar in a thread of its own: registered, announcing every piece of the blob."""
+    piece_size = 4 * MIB
+    cache = PieceCache(cache_dir, 256 * MIB)
+    for index in range(0, len(data), piece_size):
+        cache.put(digest, index // piece_size, data[index : index + piece_size], len(data))
+    cache.mark_verified(digest, len(data))
+    address = f"127.0.0.1:{free_port()}"
+    stop = threading.Event()
+    ready = threading.Event()
+
+    async def main() -> None:
+        node = NodeInfo(address)
+        async with SchedulerClient(scheduler, SECRET, node) as client, trio.open_nursery() as n:
+            liar = LyingPeer(cache, SECRET, lambda digest, index: None)
+            await n.start(liar.serve, "127.0.0.1", int(address.split(":")[1]))
+            assert await client.register()
+            pieces = [(digest, i) for i in range((len(data) + piece_size - 1) // piece_size)]
+            assert await client.announce(pieces)
+            ready.set()
+            await trio.to_thread.run_sync(stop.wait)
+            n.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(main,))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield address
+    finally:
+        stop.set()
+        thread.join(10)
+        cache.close()
+
+
+def blob_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def ask_as_stranger(scheduler: str, digest: str, index: int) -> Decision | None:
+    async def main() -> Decision | None:
+        async with SchedulerClient(scheduler, SECRET, NodeInfo("127.0.0.1:1")) as client:
+            return await client.ask(digest, index)
+
+    decision: Decision | None = trio.run(main)
+    return decision
+
+
+def test_a_lying_peer_never_poisons_and_is_avoided(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(32 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry, "cluster/liar", data_path)
+    digest = blob_digest(data)
+    with (
+        scheduler_process(secret_file) as (scheduler, _),
+        lying_peer(scheduler, tmp_path / "liar-cache", data, digest) as liar,
+        nodes(
+            reference,
+            proxy,
+            tmp_path,
+            1,
+            "--scheduler",
+            scheduler,
+            "--cluster-secret-file",
+            str(secret_file),
+        ) as (mnt,),
+    ):
+        proxy.reset()
+        (got,), _ = read_all([mnt / "model.bin"])
+        assert got == hashlib.sha256(data).hexdigest()
+        # Every piece came from the registry in the end, after the liar was caught.
+        assert proxy.blob_bytes == len(data)
+        assert 0 < LyingPeer.served <= 8
+        decision = ask_as_stranger(scheduler, digest, 0)
+        assert decision is not None and liar not in decision.peers
+
+
+def mount_pid(mountpoint: Path) -> int:
+    """The pid of the mount process serving ``mountpoint`` (started by this test)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(mountpoint).encode() in argv and b"--foreground" in argv:
+                return int(entry.name)
+    raise AssertionError(f"no mount process for {mountpoint}")
+
+
+def test_dead_scheduler_and_killed_peer_never_fail_reads(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(24 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry, "cluster/faults", data_path)
+    expected = hashlib.sha256(data).hexdigest()
+    peer_args = ("--cluster-secret-file", str(secret_file))
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with nodes(reference, proxy, tmp_path / "lonely", 1, "--scheduler", nobody, *peer_args) as (
+        mnt,
+    ):
+        (got,), elapsed = read_all([mnt / "model.bin"])
+        assert got == expected and elapsed < 30
+
+    with (
+        scheduler_process(secret_file) as (scheduler, _),
+        nodes(reference, proxy, tmp_path / "a", 1, "--scheduler", scheduler, *peer_args) as (a,),
+        nodes(reference, proxy, tmp_path / "b", 1, "--scheduler", scheduler, *peer_args) as (b,),
+    ):
+        (got,), _ = read_all([a / "model.bin"])
+        assert got == expected
+        os.kill(mount_pid(a.resolve()), signal.SIGKILL)
+        proxy.reset()
+        (got,), elapsed = read_all([b / "model.bin"])
+        assert got == expected and elapsed < 30
+        assert proxy.blob_bytes == len(data)  # the dead peer's pieces came from the registry
