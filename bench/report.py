@@ -1,0 +1,194 @@
+"""From timed samples to the results table and the verdict on each target of the issue (pure)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed run of one case."""
+
+    seconds: float
+    payload: int = 0  # bytes the case delivered to its reader (0: not a transfer)
+    registry_bytes: int | None = None  # blob bytes the registry sent during the case
+    peak_rss: int | None = None  # VmHWM of the mount process, bytes
+    parts: dict[str, float] = field(default_factory=dict)  # a breakdown of ``seconds``
+
+
+Results = dict[str, list[Sample]]
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+
+
+ROWS = [
+    Row("curl", "(a) curl: every layer blob, one connection, to /dev/null (the wire limit)"),
+    Row("oras", "(b) oras pull (oras-py) to local disk"),
+    Row("listing_large", "(c) modelfs cold: mount -> directory lists, large model"),
+    Row("listing_small", "(c) modelfs cold: mount -> directory lists, small model"),
+    Row("first_tensor", "(c) modelfs cold: first tensor (config, index, safe_open, 1 tensor)"),
+    Row("cold_read", "(c) modelfs cold: full sequential read, 1 MiB reads"),
+    Row("cold_read_small", "(c) modelfs cold: full sequential read, small model"),
+    Row("warm_read", "(d) modelfs warm: full read from LMDB, page cache dropped"),
+    Row("memfs_read", "(e) trivial pyfuse3 memory FS: full read (FUSE ceiling)"),
+    Row("disk_read", "(e) local disk, page cache dropped: full read"),
+    Row("cold_load", "(f) modelfs cold: mount + safetensors load of every tensor"),
+    Row("download_load", "(f) curl download + safetensors load from local disk"),
+]
+
+REFERENCES = {"curl": "(a)", "oras": "(b)", "memfs_read": "(e)"}
+
+
+def median(samples: list[Sample], value: Callable[[Sample], float | None]) -> float | None:
+    values = [v for v in map(value, samples) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def seconds(results: Results, key: str) -> float | None:
+    return median(results.get(key, []), lambda sample: sample.seconds)
+
+
+def throughput(results: Results, key: str) -> float | None:
+    """Bytes per second of a transfer case (median time, its payload)."""
+    samples = results.get(key, [])
+    if not samples or not samples[0].payload:
+        return None
+    time = seconds(results, key)
+    return samples[0].payload / time if time else None
+
+
+def ratio(results: Results, key: str, reference: str) -> float | None:
+    """How many times faster than ``reference`` the case moved its bytes."""
+    mine, theirs = throughput(results, key), throughput(results, reference)
+    return mine / theirs if mine is not None and theirs else None
+
+
+def _format(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value / scale, spec)
+
+
+def render_table(results: Results) -> str:
+    header = (
+        "| case | median s | MB/s | x (a) curl | x (b) oras | x (e) FUSE | registry MB "
+        "| mount peak RSS MB | runs | breakdown (medians) |"
+    )
+    lines = [header, "|" + " --- |" * 10]
+    for row in ROWS:
+        samples = results.get(row.key)
+        if not samples:
+            continue
+        parts = ", ".join(
+            f"{name} {statistics.median(sample.parts[name] for sample in samples):.2f} s"
+            for name in samples[0].parts
+        )
+        cells = [
+            row.label,
+            _format(seconds(results, row.key), ".2f"),
+            _format(throughput(results, row.key), ".0f", MB),
+            *(
+                "ref"
+                if row.key == reference
+                else _format(ratio(results, row.key, reference), ".2f")
+                for reference in REFERENCES
+            ),
+            _format(median(samples, lambda sample: sample.registry_bytes), ".1f", MB),
+            _format(median(samples, lambda sample: sample.peak_rss), ".0f", MB),
+            str(len(samples)),
+            parts or "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    met: bool | None  # None: not measured in this run
+    figure: str
+
+
+def _at_most(target: str, value: float | None, limit: float, figure: str) -> Verdict:
+    return Verdict(target, None if value is None else value <= limit, figure)
+
+
+def _at_least(target: str, value: float | None, limit: float, figure: str) -> Verdict:
+    return Verdict(target, None if value is None else value >= limit, figure)
+
+
+def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
+    """Each target of the issue, judged on the medians of this run."""
+    listings = [seconds(results, key) for key in ("listing_large", "listing_small")]
+    slowest_listing = max((s for s in listings if s is not None), default=None)
+    load, baseline = seconds(results, "cold_load"), seconds(results, "download_load")
+    load_ratio = load / baseline if load is not None and baseline else None
+    fetched = median(results.get("cold_read", []), lambda sample: sample.registry_bytes)
+    fetched_ratio = fetched / model_bytes if fetched is not None else None
+    rss_large = median(results.get("cold_read", []), lambda sample: sample.peak_rss)
+    rss_small = median(results.get("cold_read_small", []), lambda sample: sample.peak_rss)
+    rss_growth = rss_large / rss_small if rss_large is not None and rss_small else None
+    vs_curl = ratio(results, "cold_read", "curl")
+    vs_oras = ratio(results, "cold_read", "oras")
+    vs_memfs = ratio(results, "warm_read", "memfs_read")
+    return [
+        _at_most(
+            "mount-to-listing <= 0.5 s, large and small model",
+            slowest_listing,
+            0.5,
+            f"large {_format(listings[0], '.2f')} s, small {_format(listings[1], '.2f')} s",
+        ),
+        _at_most(
+            "time to first tensor <= 1 s",
+            seconds(results, "first_tensor"),
+            1.0,
+            f"{_format(seconds(results, 'first_tensor'), '.2f')} s",
+        ),
+        _at_least("cold full read >= 0.8 x curl (a)", vs_curl, 0.8, f"{_format(vs_curl, '.2f')} x"),
+        _at_least(
+            "cold full read >= 2 x oras pull (b)", vs_oras, 2.0, f"{_format(vs_oras, '.2f')} x"
+        ),
+        _at_most(
+            "cold safetensors load (f) <= 1.1 x download-then-load",
+            load_ratio,
+            1.1,
+            f"{_format(load, '.2f')} s vs {_format(baseline, '.2f')} s = "
+            f"{_format(load_ratio, '.2f')} x",
+        ),
+        _at_least(
+            "warm read >= 0.8 x trivial FUSE (e)", vs_memfs, 0.8, f"{_format(vs_memfs, '.2f')} x"
+        ),
+        _at_most(
+            "registry bytes of a cold full read <= 1.02 x model size",
+            fetched_ratio,
+            1.02,
+            f"{_format(fetched, '.1f', MB)} MB for {model_bytes / MB:.1f} MB = "
+            f"{_format(fetched_ratio, '.3f')} x",
+        ),
+        _at_most(
+            "mount peak RSS <= 250 MB reading the large model",
+            rss_large,
+            250 * MB,
+            f"{_format(rss_large, '.0f', MB)} MB",
+        ),
+        _at_most(
+            "mount peak RSS not growing with model size (large <= 1.25 x small)",
+            rss_growth,
+            1.25,
+            f"{_format(rss_large, '.0f', MB)} MB vs {_format(rss_small, '.0f', MB)} MB = "
+            f"{_format(rss_growth, '.2f')} x",
+        ),
+    ]
+
+
+def render_verdicts(verdicts: list[Verdict]) -> str:
+    marks = {True: "met", False: "**not met**", None: "not measured"}
+    return "\n".join(
+        f"- {verdict.target}: {marks[verdict.met]} ({verdict.figure})" for verdict in verdicts
+    )

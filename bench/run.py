@@ -1,0 +1,466 @@
+"""The benchmark: modelfs against curl, oras, a trivial FUSE filesystem and the local disk.
+
+``python -m bench.run [--quick] [--runs N]`` (``scripts/bench``) starts its own docker-registry,
+generates a Llama-shaped model (sharded safetensors, index, config, tokenizer; 2.2 GB and a
+200 MB one), pushes it once, then runs every case N times, dropping the page cache before each,
+and prints a markdown table of medians with ratios plus the verdict on each target of issue 4.
+Results also go to ``bench/results/<time>.md`` and ``.json`` (raw samples).
+
+Registry bytes come from the registry's own access log (no proxy in the data path to slow it);
+the peak RSS of a mount is its process's VmHWM, read before unmounting. Needs root (to drop the
+page cache and to raise the readahead of the reference FUSE mount).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import model as models
+from bench.report import MB, Results, Sample, evaluate, render_table, render_verdicts
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the registry fixtures of the test suite, reused as is
+
+from mounting import modelfs, unmount  # noqa: E402
+from registry_tools import Layer, Registry, push_artifact  # noqa: E402
+
+from modelfs.modelpack import (  # noqa: E402
+    ANNOTATION_FILEPATH,
+    ANNOTATION_TITLE,
+    OCI_MANIFEST,
+    layer_media_type,
+)
+
+RESULTS_DIR = ROOT / "bench" / "results"
+READ_SIZE = 1 << 20
+_BLOB_LOG_LINE = re.compile(rb'"GET /v2/\S+/blobs/sha256:[0-9a-f]{64} HTTP/[\d.]+" 20[06] (\d+)')
+_READY_IN = re.compile(r"ready in ([\d.]+)s")
+
+
+class BenchError(Exception):
+    """A case could not run; the message says which and why."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cold_start() -> None:
+    """Drop the page cache, then load the programs the cases run back into it.
+
+    Every case starts with no model byte cached anywhere, but with warm code: interpreter start-up
+    from a cold disk (~1 s here) is not what the figures are about.
+    """
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    modelfs("--help")
+    subprocess.run([sys.executable, "-c", "import bench.tasks, bench.memfs"], check=True, cwd=ROOT)
+    subprocess.run(["curl", "--version"], check=True, capture_output=True)
+
+
+def read_all(paths: list[Path]) -> int:
+    """Read every file start to end in 1 MiB reads, as ``cat`` does; the bytes read."""
+    buffer = bytearray(READ_SIZE)
+    total = 0
+    for path in paths:
+        with path.open("rb", buffering=0) as file:
+            while count := file.readinto(buffer):
+                total += count
+    return total
+
+
+def timed(action: Callable[[], int]) -> tuple[float, int]:
+    started = time.monotonic()
+    result = action()
+    return time.monotonic() - started, result
+
+
+def run_task(*arguments: str) -> dict[str, float]:
+    """One of ``bench.tasks`` in its own process; its JSON result."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.tasks", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise BenchError(f"bench.tasks {' '.join(arguments)} failed: {tail[0]}")
+    parsed: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def bdi_read_ahead(mountpoint: Path) -> Path:
+    """The readahead knob of the filesystem mounted at ``mountpoint`` (stat from outside it)."""
+    device = os.stat(mountpoint).st_dev
+    return Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+
+
+class AccessLog:
+    """Blob bytes the registry sent, from its access log (combined format, bytes written)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        return self.path.stat().st_size
+
+    def blob_bytes_since(self, mark: int) -> int:
+        # A line is written just after its response ends: wait for the log to settle.
+        size = -1
+        while size != self.path.stat().st_size:
+            size = self.path.stat().st_size
+            time.sleep(0.1)
+        with self.path.open("rb") as file:
+            file.seek(mark)
+            return sum(int(m.group(1)) for m in _BLOB_LOG_LINE.finditer(file.read()))
+
+
+def start_registry(root: Path) -> Registry:
+    registry = Registry(root)
+    config = json.loads(registry.config_path.read_text())
+    config["log"]["accesslog"] = {"disabled": False}  # the byte counts of each case
+    registry.config_path.write_text(json.dumps(config))
+    registry.start()
+    return registry
+
+
+@dataclass(frozen=True)
+class PushedModel:
+    reference: str
+    files: list[Path]  # on local disk, in load order
+    blob_urls: dict[str, str]  # file name -> its layer blob in the registry
+
+    @property
+    def size(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
+
+    def names(self) -> list[str]:
+        return [path.name for path in self.files]
+
+
+def push_model(registry: Registry, repository: str, files: list[Path]) -> PushedModel:
+    layers = []
+    for path in files:
+        kind = "weight" if path.suffix == ".safetensors" else "weight.config"
+        annotations = {ANNOTATION_FILEPATH: path.name, ANNOTATION_TITLE: path.name}
+        layers.append(Layer(layer_media_type(kind, "raw"), path, annotations))
+    push_artifact(registry.host, repository, "v1", layers)
+    connection = http.client.HTTPConnection(registry.host, timeout=30)
+    try:
+        connection.request(
+            "GET", f"/v2/{repository}/manifests/v1", headers={"Accept": OCI_MANIFEST}
+        )
+        manifest = json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    blob_urls = {
+        layer["annotations"][ANNOTATION_TITLE]: f"{registry.url}/v2/{repository}/blobs/"
+        + layer["digest"]
+        for layer in manifest["layers"]
+    }
+    return PushedModel(f"{registry.host}/{repository}:v1", files, blob_urls)
+
+
+@dataclass
+class Mount:
+    path: Path
+    pid: int
+    listed_after: float  # seconds from running ``modelfs mount`` to a full listing
+    ready_in: float  # what the mount process reports: its own start to ready
+
+    def peak_rss(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        if match is None:
+            raise BenchError(f"no VmHWM in /proc/{self.pid}/status")
+        return int(match.group(1)) * 1024
+
+    def files(self, names: list[str]) -> list[Path]:
+        return [self.path / name for name in names]
+
+
+def _mount_pid(mountpoint: Path) -> int:
+    wanted = [b"--foreground", str(mountpoint).encode()]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(word in arguments for word in wanted) and b"modelfs" in arguments:
+            return int(entry.name)
+    raise BenchError(f"no modelfs process serves {mountpoint}")
+
+
+def _wait_gone(pid: int, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} (pid {pid}) still runs 30 s after unmounting")
+        time.sleep(0.02)
+
+
+@contextmanager
+def mounted(pushed: PushedModel, mountpoint: Path, cache_dir: Path) -> Iterator[Mount]:
+    """``modelfs mount`` as a user runs it; unmounted, and its process gone, on exit."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = modelfs(
+        "mount", pushed.reference, str(mountpoint), "--cache-dir", str(cache_dir), "--plain-http"
+    )
+    if result.returncode != 0:
+        raise BenchError(f"modelfs mount {pushed.reference} failed: {result.stderr.strip()}")
+    try:
+        pid = _mount_pid(mountpoint)
+        listing = os.listdir(mountpoint)
+        listed_after = time.monotonic() - started
+        if sorted(listing) != sorted(pushed.names()):
+            raise BenchError(f"{mountpoint} lists {sorted(listing)}, not the model's files")
+        ready = _READY_IN.search(result.stderr)
+        yield Mount(mountpoint, pid, listed_after, float(ready.group(1)) if ready else 0.0)
+    except (OSError, BenchError) as error:
+        logs = sorted((cache_dir / "logs").glob("*.log"))
+        tail = logs[0].read_text(errors="replace").strip().splitlines()[-3:] if logs else []
+        raise BenchError(f"{error}; the mount log ends: {' | '.join(tail) or '(empty)'}") from None
+    finally:
+        unmount(mountpoint)
+    _wait_gone(pid, "the mount process")
+
+
+class Bench:
+    def __init__(self, work: Path, large: PushedModel, small: PushedModel, log: AccessLog) -> None:
+        self.work = work
+        self.large = large
+        self.small = small
+        self.access_log = log
+        self.results: Results = {}
+        self.read_ahead_kb: str | None = None  # modelfs's, copied to the reference FUSE mount
+        self._memfs: subprocess.Popen[str] | None = None
+
+    def record(self, key: str, sample: Sample) -> None:
+        self.results.setdefault(key, []).append(sample)
+        rate = f", {sample.payload / sample.seconds / MB:.0f} MB/s" if sample.payload else ""
+        log(f"  {key}: {sample.seconds:.2f} s{rate}")
+
+    def fresh_cache(self, name: str) -> Path:
+        path = self.work / "cache" / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def run_once(self) -> None:
+        downloads = self.work / "downloads"
+        self.curl()
+        self.download_then_load(downloads)
+        self.disk_read(downloads)
+        self.oras()
+        self.first_tensor()
+        self.cold_and_warm_read()
+        self.cold_load()
+        self.small_model()
+        self.memfs_read()
+
+    def _curl(self, outputs: list[str]) -> Sample:
+        """One curl fetching every layer blob in turn over one connection, into ``outputs``."""
+        command = ["curl", "--silent", "--show-error", "--fail"]
+        for output, url in zip(outputs, self.large.blob_urls.values(), strict=True):
+            command += ["-o", output, url]
+        cold_start()
+        mark = self.access_log.mark()
+        started = time.monotonic()
+        result = subprocess.run(command, capture_output=True, text=True)
+        elapsed = time.monotonic() - started
+        if result.returncode != 0:
+            raise BenchError(f"curl failed: {result.stderr.strip()}")
+        return Sample(elapsed, self.large.size, self.access_log.blob_bytes_since(mark))
+
+    def curl(self) -> None:
+        """The wire limit: nothing is written anywhere."""
+        self.record("curl", self._curl(["/dev/null"] * len(self.large.blob_urls)))
+
+    def download_then_load(self, downloads: Path) -> None:
+        """Download to local disk, then load from there (its pages still cached, as in life)."""
+        shutil.rmtree(downloads, ignore_errors=True)
+        downloads.mkdir(parents=True)
+        download = self._curl([str(downloads / name) for name in self.large.blob_urls])
+        load = run_task("load-all", str(downloads))
+        parts = {"download": download.seconds, "load": load["seconds"]}
+        total = download.seconds + load["seconds"]
+        self.record(
+            "download_load", Sample(total, download.payload, download.registry_bytes, parts=parts)
+        )
+
+    def disk_read(self, downloads: Path) -> None:
+        cold_start()
+        elapsed, count = timed(lambda: read_all([downloads / n for n in self.large.names()]))
+        self.record("disk_read", Sample(elapsed, count))
+
+    def oras(self) -> None:
+        target = self.work / "oras"
+        shutil.rmtree(target, ignore_errors=True)
+        cold_start()
+        mark = self.access_log.mark()
+        pulled = run_task("oras-pull", self.large.reference, str(target))
+        fetched = self.access_log.blob_bytes_since(mark)
+        self.record("oras", Sample(pulled["seconds"], int(pulled["bytes"]), fetched))
+        shutil.rmtree(target)
+
+    def first_tensor(self) -> None:
+        cold_start()
+        mark = self.access_log.mark()
+        with mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("ttft")) as mount:
+            self.read_ahead_kb = bdi_read_ahead(mount.path).read_text().strip()
+            loaded = run_task("first-tensor", str(mount.path))
+            rss = mount.peak_rss()
+        fetched = self.access_log.blob_bytes_since(mark)
+        listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
+        self.record("listing_large", listing)
+        self.record("first_tensor", Sample(loaded["seconds"], 0, fetched, rss))
+
+    def _mounted_read(self, key: str, pushed: PushedModel, cache: Path) -> Mount:
+        cold_start()
+        mark = self.access_log.mark()
+        with mounted(pushed, self.work / "mnt" / "modelfs", cache) as mount:
+            elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
+            rss = mount.peak_rss()
+        fetched = self.access_log.blob_bytes_since(mark)
+        self.record(key, Sample(elapsed, count, fetched, rss))
+        if count != pushed.size:
+            raise BenchError(f"{key}: read {count} bytes of a {pushed.size}-byte model")
+        return mount
+
+    def cold_and_warm_read(self) -> None:
+        cache = self.fresh_cache("read")
+        self._mounted_read("cold_read", self.large, cache)
+        self._mounted_read("warm_read", self.large, cache)
+        shutil.rmtree(cache)
+
+    def cold_load(self) -> None:
+        cold_start()
+        mark = self.access_log.mark()
+        with mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("load")) as mount:
+            load = run_task("load-all", str(mount.path))
+            rss = mount.peak_rss()
+        fetched = self.access_log.blob_bytes_since(mark)
+        parts = {"mount": mount.listed_after, "load": load["seconds"]}
+        total = mount.listed_after + load["seconds"]
+        self.record("cold_load", Sample(total, self.large.size, fetched, rss, parts))
+        shutil.rmtree(self.work / "cache" / "load")
+
+    def small_model(self) -> None:
+        cache = self.fresh_cache("small")
+        mount = self._mounted_read("cold_read_small", self.small, cache)
+        listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
+        self.record("listing_small", listing)
+        shutil.rmtree(cache)
+
+    def memfs_read(self) -> None:
+        mountpoint = self.work / "mnt" / "memfs"
+        if self._memfs is None:
+            self._memfs = self._start_memfs(mountpoint)
+        cold_start()
+        paths = [mountpoint / name for name in self.large.names()]
+        elapsed, count = timed(lambda: read_all(paths))
+        self.record("memfs_read", Sample(elapsed, count))
+
+    def _start_memfs(self, mountpoint: Path) -> subprocess.Popen[str]:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        source = self.large.files[0].parent
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.memfs", str(source), str(mountpoint)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            process.wait()
+            raise BenchError(f"bench.memfs exited with {process.returncode} before mounting")
+        if self.read_ahead_kb is not None:
+            bdi_read_ahead(mountpoint).write_text(self.read_ahead_kb)
+        return process
+
+    def close(self) -> None:
+        if self._memfs is not None:
+            unmount(self.work / "mnt" / "memfs")
+            self._memfs.wait(timeout=30)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a ~64 MiB and a ~14 MB model, one run (smoke test)"
+    )
+    parser.add_argument("--runs", type=int, help="runs of every case (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path("/var/tmp"), help="where the scratch directory goes"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    runs = arguments.runs or (1 if arguments.quick else 3)
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root to drop the page cache between cases; run it as root")
+    large_shape, small_shape = (
+        (models.QUICK_LARGE, models.QUICK_SMALL)
+        if arguments.quick
+        else (models.LARGE, models.SMALL)
+    )
+    work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=arguments.work_dir))
+    registry = start_registry(work / "registry")
+    bench: Bench | None = None
+    try:
+        log(f"bench: generating and pushing the models in {work}")
+        large = push_model(registry, "large", models.generate(large_shape, work / "model-large"))
+        small = push_model(registry, "small", models.generate(small_shape, work / "model-small"))
+        log(f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB")
+        bench = Bench(work, large, small, AccessLog(registry.log_path))
+        for run in range(1, runs + 1):
+            log(f"bench: run {run} of {runs}")
+            bench.run_once()
+        report = "\n\n".join(
+            [
+                f"modelfs benchmark: large model {large.size / MB:.0f} MB "
+                f"({len(large.files)} files), small model {small.size / MB:.0f} MB; "
+                f"medians of {runs} run(s); readahead {bench.read_ahead_kb} KiB on both FUSE "
+                f"mounts; {os.cpu_count()} CPUs",
+                render_table(bench.results),
+                render_verdicts(evaluate(bench.results, large.size)),
+            ]
+        )
+        print(report)
+        RESULTS_DIR.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (RESULTS_DIR / f"{stamp}.md").write_text(report + "\n")
+        raw = {
+            key: [dataclasses.asdict(s) for s in samples] for key, samples in bench.results.items()
+        }
+        (RESULTS_DIR / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
+    except BenchError as error:
+        sys.exit(f"bench: {error}")
+    finally:
+        if bench is not None:
+            bench.close()
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
