@@ -92,6 +92,7 @@ class PeerSource:
         self._index: PieceIndex | None = None
         self._index_lock = trio.Lock()
         self._index_resolved = False
+        self.server = PeerServer(cache, options.secret, self.expected)
         self._announce_send, self._announce_receive = trio.open_memory_channel[tuple[str, int]](
             math.inf
         )
@@ -157,6 +158,7 @@ class PeerSource:
                 )
         else:
             self.stats.peer_bytes += len(data)
+        self.server.vouch(digest, piece)
         self._announce_send.send_nowait((digest, piece))
         return data
 
@@ -244,8 +246,7 @@ async def with_peers(
                 source = PeerSource(
                     origin, selector, cache, scheduler, peers, failures_receive, cluster
                 )
-                server = PeerServer(cache, cluster.secret, source.expected)
-                await nursery.start(server.serve, *cluster.listen)
+                await nursery.start(source.server.serve, *cluster.listen)
                 nursery.start_soon(scheduler.keep_registered)
                 nursery.start_soon(source.announce_stored)
                 nursery.start_soon(source.send_reports)
