@@ -20,6 +20,7 @@ import trio
 from click.testing import CliRunner
 from mounting import mounted
 from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
+from test_scheduler import Redis, redis_fixture  # noqa: F401  (the fixture)
 
 from modelfs.cache.store import PieceCache
 from modelfs.cli import (
@@ -61,21 +62,12 @@ def secret_file(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def scheduler_process(secret_file: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def scheduler_process(secret_file: Path, *extra: str) -> Iterator[str]:
+    """``modelfs scheduler`` in its own process; yields its URL once it accepts connections."""
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modelfs",
-            "scheduler",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--cluster-secret-file",
-            str(secret_file),
-        ],
-        stderr=subprocess.DEVNULL,
-    )
+    command = [sys.executable, "-m", "modelfs", "scheduler", "--listen", f"127.0.0.1:{port}"]
+    command += ["--cluster-secret-file", str(secret_file), *extra]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -84,7 +76,7 @@ def scheduler_process(secret_file: Path) -> Iterator[tuple[str, subprocess.Popen
                 break
             except OSError:
                 time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}", process
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(10)
@@ -138,7 +130,7 @@ def test_four_nodes_fetch_the_model_about_once(
     assert hashes == [expected] * 4
 
     with (
-        scheduler_process(secret_file) as (scheduler, _),
+        scheduler_process(secret_file) as scheduler,
         nodes(
             reference,
             proxy,
@@ -232,7 +224,7 @@ def test_a_lying_peer_never_poisons_and_is_avoided(
     reference = publish(registry, "cluster/liar", data_path)
     digest = blob_digest(data)
     with (
-        scheduler_process(secret_file) as (scheduler, _),
+        scheduler_process(secret_file) as scheduler,
         lying_peer(scheduler, tmp_path / "liar-cache", data, digest) as liar,
         nodes(
             reference,
@@ -286,7 +278,7 @@ def test_dead_scheduler_and_killed_peer_never_fail_reads(
         assert got == expected and elapsed < 30
 
     with (
-        scheduler_process(secret_file) as (scheduler, _),
+        scheduler_process(secret_file) as scheduler,
         nodes(reference, proxy, tmp_path / "a", 1, "--scheduler", scheduler, *peer_args) as (a,),
         nodes(reference, proxy, tmp_path / "b", 1, "--scheduler", scheduler, *peer_args) as (b,),
     ):
@@ -297,3 +289,39 @@ def test_dead_scheduler_and_killed_peer_never_fail_reads(
         (got,), elapsed = read_all([b / "model.bin"])
         assert got == expected and elapsed < 30
         assert proxy.blob_bytes == len(data)  # the dead peer's pieces came from the registry
+
+
+def test_replicas_sharing_redis_survive_its_restart(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path, redis: Redis
+) -> None:
+    data = os.urandom(48 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry, "cluster/redis", data_path)
+    expected = hashlib.sha256(data).hexdigest()
+    peer_args = ("--cluster-secret-file", str(secret_file))
+    with (
+        scheduler_process(secret_file, "--redis", redis.url) as one,
+        scheduler_process(secret_file, "--redis", redis.url) as two,
+        nodes(reference, proxy, tmp_path / "a", 1, "--scheduler", one, *peer_args) as (a,),
+        nodes(reference, proxy, tmp_path / "b", 1, "--scheduler", two, *peer_args) as (b,),
+    ):
+        (got,), _ = read_all([a / "model.bin"])
+        assert got == expected
+        proxy.reset()
+        # B's replica learnt from A's through Redis: B takes the model from A.
+        (got,), _ = read_all([b / "model.bin"])
+        assert got == expected and proxy.blob_bytes < len(data) / 4
+
+        # Redis restarts while a node reads: it loses the state, the read goes on.
+        with nodes(reference, proxy, tmp_path / "c", 1, "--scheduler", one, *peer_args) as (c,):
+            reader = subprocess.Popen(
+                [sys.executable, "-c", READER, str(c / "model.bin")],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(0.2)
+            redis.stop()
+            time.sleep(0.5)
+            redis.start()
+            assert reader.communicate(timeout=120)[0].split()[0] == expected

@@ -148,8 +148,8 @@ class Redis:
             self.process = None
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Redis]:
+@pytest.fixture(name="redis")
+def redis_fixture(tmp_path: Path) -> Iterator[Redis]:
     server = Redis(tmp_path)
     server.start()
     yield server
