@@ -35,6 +35,6 @@ def cli(verbose: int) -> None:
 
 def main() -> None:
     # Importing registers the commands on ``cli``.
-    from modelfs.cli import auth, build, cluster, mount  # noqa: F401
+    from modelfs.cli import auth, build, cluster, mount, service  # noqa: F401
 
     cli()

@@ -1,0 +1,1 @@
+"""The node service: preheat, cache operations, the daemon supervising mounts."""
