@@ -192,3 +192,53 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
     return "\n".join(
         f"- {verdict.target}: {marks[verdict.met]} ({verdict.figure})" for verdict in verdicts
     )
+
+
+def _function(frame: str) -> str:
+    """``name (path/file.py:123)`` -> ``name (file.py)``: one entry per function, not per line."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit('/', 1)[-1].split(':', 1)[0].rstrip(')')})" if where else name
+
+
+def _is_modelfs_work(frame: str) -> bool:
+    """A frame of modelfs's own code below the command line (which is on every stack)."""
+    where = frame.partition(" (")[2]
+    return "modelfs/" in where and not any(
+        part in where for part in ("modelfs/cli/", "modelfs/__main__")
+    )
+
+
+def summarize_profile(raw: str, rate: int, seconds: float, top: int = 8) -> str:
+    """py-spy raw (collapsed) stacks -> the functions most on CPU: their own time, and the time
+    spent in and under each modelfs function."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        leaf = _function(frames[-1])
+        own[leaf] = own.get(leaf, 0) + count
+        for name in {_function(frame) for frame in frames if _is_modelfs_work(frame)}:
+            inclusive[name] = inclusive.get(name, 0) + count
+    if not total:
+        return "  no samples (the process was idle)"
+    lines = [
+        f"  {total} samples on CPU at {rate}/s over a {seconds:.1f} s case "
+        f"(~{total / rate / seconds:.0%} of one core, all threads)",
+        "  self: "
+        + ", ".join(
+            f"{name} {count / total:.0%}"
+            for name, count in sorted(own.items(), key=lambda item: -item[1])[:top]
+        ),
+        "  in and under modelfs functions: "
+        + ", ".join(
+            f"{name} {count / total:.0%}"
+            for name, count in sorted(inclusive.items(), key=lambda item: -item[1])[:top]
+        ),
+    ]
+    return "\n".join(lines)

@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import model as models
-from bench.report import MB, Results, Sample, evaluate, render_table, render_verdicts
+from bench.report import (
+    MB,
+    Results,
+    Sample,
+    evaluate,
+    render_table,
+    render_verdicts,
+    summarize_profile,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the registry fixtures of the test suite, reused as is
@@ -47,6 +55,7 @@ from modelfs.modelpack import (  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 READ_SIZE = 1 << 20
+PROFILE_RATE = 200  # py-spy samples per second
 _BLOB_LOG_LINE = re.compile(rb'"GET /v2/\S+/blobs/sha256:[0-9a-f]{64} HTTP/[\d.]+" 20[06] (\d+)')
 _READY_IN = re.compile(r"ready in ([\d.]+)s")
 
@@ -251,6 +260,7 @@ class Bench:
         self.access_log = log
         self.results: Results = {}
         self.read_ahead_kb: str | None = None  # modelfs's, copied to the reference FUSE mount
+        self.profile_dir: Path | None = None  # set during the profile pass
         self._memfs: subprocess.Popen[str] | None = None
 
     def record(self, key: str, sample: Sample) -> None:
@@ -332,10 +342,36 @@ class Bench:
         self.record("listing_large", listing)
         self.record("first_tensor", Sample(loaded["seconds"], 0, fetched, rss))
 
+    @contextmanager
+    def profiled(self, key: str) -> Iterator[Callable[[int], None]]:
+        """In the profile pass, ``attach(pid)`` starts py-spy on a mount process; it stops when
+        that process exits, which this waits for on the way out."""
+        spies: list[subprocess.Popen[bytes]] = []
+
+        def attach(pid: int) -> None:
+            if self.profile_dir is None:
+                return
+            command = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)]
+            command += ["--rate", str(PROFILE_RATE), "--format", "raw", "--nonblocking"]
+            command += ["--output", str(self.profile_dir / f"{key}.txt")]
+            spies.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+
+        try:
+            yield attach
+        finally:
+            for spy in spies:
+                spy.wait(timeout=60)
+
     def _mounted_read(self, key: str, pushed: PushedModel, cache: Path) -> Mount:
         cold_start()
         mark = self.access_log.mark()
-        with mounted(pushed, self.work / "mnt" / "modelfs", cache) as mount:
+        with (
+            self.profiled(key) as attach,
+            mounted(pushed, self.work / "mnt" / "modelfs", cache) as mount,
+        ):
+            attach(mount.pid)
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
             rss = mount.peak_rss()
         fetched = self.access_log.blob_bytes_since(mark)
@@ -353,7 +389,11 @@ class Bench:
     def cold_load(self) -> None:
         cold_start()
         mark = self.access_log.mark()
-        with mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("load")) as mount:
+        with (
+            self.profiled("cold_load") as attach,
+            mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("load")) as mount,
+        ):
+            attach(mount.pid)
             load = run_task("load-all", str(mount.path))
             rss = mount.peak_rss()
         fetched = self.access_log.blob_bytes_since(mark)
@@ -395,6 +435,21 @@ class Bench:
             bdi_read_ahead(mountpoint).write_text(self.read_ahead_kb)
         return process
 
+    def profile_pass(self, directory: Path) -> dict[str, str]:
+        """The mount process's cases once more under py-spy (not timed); raw stacks per case."""
+        directory.mkdir(parents=True, exist_ok=True)
+        timed_results, self.results, self.profile_dir = self.results, {}, directory
+        try:
+            self.cold_and_warm_read()
+            self.cold_load()
+            seconds = {key: samples[0].seconds for key, samples in self.results.items()}
+        finally:
+            self.results, self.profile_dir = timed_results, None
+        return {
+            key: summarize_profile((directory / f"{key}.txt").read_text(), PROFILE_RATE, elapsed)
+            for key, elapsed in seconds.items()
+        }
+
     def close(self) -> None:
         if self._memfs is not None:
             unmount(self.work / "mnt" / "memfs")
@@ -407,6 +462,12 @@ def parse_arguments() -> argparse.Namespace:
         "--quick", action="store_true", help="a ~64 MiB and a ~14 MB model, one run (smoke test)"
     )
     parser.add_argument("--runs", type=int, help="runs of every case (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then run the cold read, warm read and cold load once more under py-spy, and "
+        "summarize where the mount process spends its time",
+    )
     parser.add_argument(
         "--work-dir", type=Path, default=Path("/var/tmp"), help="where the scratch directory goes"
     )
@@ -432,22 +493,27 @@ def main() -> None:
         small = push_model(registry, "small", models.generate(small_shape, work / "model-small"))
         log(f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB")
         bench = Bench(work, large, small, AccessLog(registry.log_path))
+        load_before = os.getloadavg()[0]
         for run in range(1, runs + 1):
             log(f"bench: run {run} of {runs}")
             bench.run_once()
-        report = "\n\n".join(
-            [
-                f"modelfs benchmark: large model {large.size / MB:.0f} MB "
-                f"({len(large.files)} files), small model {small.size / MB:.0f} MB; "
-                f"medians of {runs} run(s); readahead {bench.read_ahead_kb} KiB on both FUSE "
-                f"mounts; {os.cpu_count()} CPUs",
-                render_table(bench.results),
-                render_verdicts(evaluate(bench.results, large.size)),
-            ]
-        )
+        sections = [
+            f"modelfs benchmark: large model {large.size / MB:.0f} MB "
+            f"({len(large.files)} files), small model {small.size / MB:.0f} MB; "
+            f"medians of {runs} run(s); readahead {bench.read_ahead_kb} KiB on both FUSE "
+            f"mounts; {os.cpu_count()} CPUs, load average {load_before:.1f} before and "
+            f"{os.getloadavg()[0]:.1f} after",
+            render_table(bench.results),
+            render_verdicts(evaluate(bench.results, large.size)),
+        ]
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if arguments.profile:
+            log("bench: profile pass")
+            profiles = bench.profile_pass(RESULTS_DIR / f"{stamp}-profiles")
+            sections += [f"py-spy, mount process, {key}:\n{text}" for key, text in profiles.items()]
+        report = "\n\n".join(sections)
         print(report)
         RESULTS_DIR.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         (RESULTS_DIR / f"{stamp}.md").write_text(report + "\n")
         raw = {
             key: [dataclasses.asdict(s) for s in samples] for key, samples in bench.results.items()
