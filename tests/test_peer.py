@@ -16,6 +16,7 @@ import trio
 
 from modelfs.cache.store import PieceCache
 from modelfs.errors import AuthError
+from modelfs.peer import http as peer_http
 from modelfs.peer.auth import MAX_SKEW, Verdict, check, load_secret, sign
 from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.server import PeerServer
@@ -228,3 +229,22 @@ def test_malformed_request_gets_400(cache: PieceCache) -> None:
             return answer
 
     assert trio.run(main).startswith(b"HTTP/1.1 400 ")
+
+
+def test_idle_and_oversized_requests_are_cut_off(
+    cache: PieceCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_http, "IDLE_TIMEOUT", 0.2)
+
+    async def main() -> tuple[bytes, int]:
+        async with peer(PeerServer(cache, SECRET, index_lookup)) as address:
+            host, port = address.split(":")
+            idle = await trio.open_tcp_stream(host, int(port))
+            with trio.fail_after(5):
+                closed = await idle.receive_some(10)
+            await idle.aclose()
+            async with httpx.AsyncClient() as client:
+                flood = await client.post(f"http://{address}/pieces", content=b"x" * (5 << 20))
+            return closed, flood.status_code
+
+    assert trio.run(main) == (b"", 413)

@@ -73,6 +73,7 @@ class AuthenticatedServer:
         connection = h11.Connection(h11.SERVER)
         try:
             while True:
+                received = None  # stays None if the client idles past the timeout
                 with trio.move_on_after(IDLE_TIMEOUT):
                     received = await _next_request(connection, stream)
                 if received is None:

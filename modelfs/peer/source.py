@@ -38,6 +38,7 @@ INDEX_TIMEOUT = 15.0
 ANNOUNCE_TRIES = 200  # x ANNOUNCE_PERIOD: how long a piece may take to reach the cache
 ANNOUNCE_PERIOD = 0.01
 RETRY_PAUSE = 0.02
+ANNOUNCE_BATCH = 1000  # pieces per announcement (the scheduler takes up to 10 000)
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,8 @@ class PeerSource:
                 del waiting[key]  # never stored (cache full): nothing to offer
             for key in waiting:
                 waiting[key] += 1
-            if stored:
-                await self._scheduler.announce(stored)
+            for start in range(0, len(stored), ANNOUNCE_BATCH):
+                await self._scheduler.announce(stored[start : start + ANNOUNCE_BATCH])
             if waiting:
                 await trio.sleep(ANNOUNCE_PERIOD)
 
