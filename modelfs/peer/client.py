@@ -24,6 +24,11 @@ from modelfs.scheduler.ranking import FailureKind
 log = logging.getLogger(__name__)
 
 
+async def sha256_hex(data: bytes) -> str:
+    """Hash in a worker thread: 4 MiB takes ~10 ms, too long to hold the event loop."""
+    return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+
+
 @dataclass(frozen=True)
 class PeerFailure:
     peer: str
@@ -90,7 +95,7 @@ class PeerClient:
                         data = await self._read(response)
             except httpx.HTTPError as error:
                 reason = f"{type(error).__name__}: {error}".rstrip(": ")
-        if data is not None and hashlib.sha256(data).hexdigest() == expected_sha256:
+        if data is not None and await sha256_hex(data) == expected_sha256:
             return data
         if data is not None:
             reason, kind = "sent bytes that do not match the piece index", FailureKind.CORRUPT

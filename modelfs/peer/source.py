@@ -11,7 +11,6 @@ never a hang. Every piece, from a peer or the registry, is checked against the p
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import socket
@@ -26,7 +25,7 @@ from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.index import PieceIndex, find_index
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import BlobSource, FetchedManifest
-from modelfs.peer.client import PeerClient, PeerFailure
+from modelfs.peer.client import PeerClient, PeerFailure, sha256_hex
 from modelfs.peer.server import PeerServer
 from modelfs.pieces import piece_count, piece_span
 from modelfs.scheduler.client import SchedulerClient
@@ -152,7 +151,7 @@ class PeerSource:
         if data is None:
             data = await self.origin.read_range(digest, start, length)
             self.stats.registry_bytes += len(data)
-            if hashlib.sha256(data).hexdigest() != expected:
+            if await sha256_hex(data) != expected:
                 raise IntegrityError(
                     f"piece {piece} of blob {digest} from {self.origin.name} does not match the "
                     "piece index: the registry or a proxy altered it; retry"
