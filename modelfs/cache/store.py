@@ -46,6 +46,16 @@ class PutResult:
 
 
 @dataclass(frozen=True)
+class BlobState:
+    """What the cache holds of one blob."""
+
+    digest: str
+    size: int
+    present: int  # pieces
+    verified: bool
+
+
+@dataclass(frozen=True)
 class CacheStats:
     size: int
     limit: int
@@ -259,6 +269,66 @@ class PieceCache:
                 pieces=txn.stat(self._pieces)["entries"],
                 blobs=txn.stat(self._blobs)["entries"],
             )
+
+    # -- operations over the whole cache (modelfs cache ls|gc|verify|rm) ----------------------
+
+    def blob_states(self) -> list[BlobState]:
+        """Every blob with at least one piece present."""
+        with self._env.begin(db=self._blobs) as txn:
+            states = [
+                BlobState(bytes(key).decode(), size, present, verified == 1)
+                for key, value in txn.cursor()
+                for size, present, verified in [_BLOB.unpack(value)]
+            ]
+        return [state for state in states if state.present > 0]
+
+    def meta_keys(self, prefix: str) -> list[str]:
+        """Keys of the small records starting with ``prefix`` (as given to ``put_meta``)."""
+        start = f"record/{prefix}".encode()
+        with self._env.begin(db=self._meta) as txn:
+            cursor = txn.cursor()
+            keys: list[str] = []
+            if cursor.set_range(start):
+                for key in cursor.iternext(values=False):
+                    if not bytes(key).startswith(start):
+                        break
+                    keys.append(bytes(key).decode()[len("record/") :])
+        return keys
+
+    def delete_meta(self, key: str) -> None:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.delete(f"record/{key}".encode())
+
+    def evict_to(self, size: int) -> int:
+        """Evict least recently used pieces (blobs in use last) until at most ``size`` bytes
+        are held; the bytes freed."""
+        with self._env.begin(write=True, buffers=True) as txn:
+            self._write_touches(txn)
+            total = self._total(txn)
+            if total <= size:
+                return 0
+            return self._evict(txn, total - size, protect="")
+
+    def drop_corrupt_pieces(self) -> list[tuple[str, int]]:
+        """Check every piece against its checksum; drop and return the ones that fail."""
+        bad: list[bytes] = []
+        with self._env.begin(db=self._pieces, buffers=True) as txn:
+            for key, value in txn.cursor():
+                (expected,) = _CHECKSUM.unpack_from(value)
+                if xxhash.xxh3_64_intdigest(value[_CHECKSUM.size :]) != expected:
+                    bad.append(bytes(key))
+        if bad:
+            with self._env.begin(write=True, buffers=True) as txn:
+                for bad_key in bad:
+                    self._delete_piece(txn, bad_key)
+        return [_split_piece_key(bad_key) for bad_key in bad]
+
+    def stored_pieces(self, digest: str, blob_size: int) -> Iterator[bytes | None]:
+        """The blob's pieces in order as stored, unchecked and without counting as a use."""
+        for index in range(piece_count(blob_size, self.piece_size)):
+            with self._env.begin(db=self._pieces, buffers=True) as txn:
+                value = txn.get(_piece_key(digest, index))
+                yield None if value is None else bytes(value[_CHECKSUM.size :])
 
     def flush(self) -> None:
         """Write the stamps of pieces read since the last write."""

@@ -13,9 +13,11 @@ import trio
 from modelfs.cache import PieceCache
 from modelfs.cli import F, cli
 from modelfs.cli.mount import parse_size
+from modelfs.errors import CacheError
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
-from modelfs.service.preheat import PreheatPlan, SourceSettings
+from modelfs.service.cache_ops import cached_models, remove_model, verify
+from modelfs.service.preheat import PreheatPlan, SourceSettings, resolve_digest
 from modelfs.service.preheat import preheat as preheat_model
 
 
@@ -85,3 +87,99 @@ def _preheat_one(
 
         plan = trio.run(preheat_model, ref, cache, settings, on_plan, on_piece)
     click.echo(f"{ref}: {plan.digest} cached ({_mib(plan.total_bytes)})", err=True)
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect and manage the node's piece cache."""
+
+
+def _open_cache(cache_dir: Path, cache_size: str) -> PieceCache:
+    if not (cache_dir / "data.mdb").exists():
+        raise CacheError(f"no modelfs cache at {cache_dir}; pass the --cache-dir mounts use")
+    return PieceCache(cache_dir, parse_size(cache_size))
+
+
+@cache.command("ls")
+@cache_options
+def cache_ls(cache_dir: Path, cache_size: str) -> None:
+    """List cached models with how much of each is present."""
+    store = _open_cache(cache_dir, cache_size)
+    try:
+        models = cached_models(store)
+        stats = store.stats()
+    finally:
+        store.close()
+    click.echo(f"{'MODEL':<72} {'BLOBS':>5} {'PRESENT':>12} {'TOTAL':>12} {'%':>6}")
+    for model in models:
+        percent = 100 * model.present_bytes / model.total_bytes if model.total_bytes else 100.0
+        click.echo(
+            f"{model.digest:<72} {len(model.blobs):>5} {_mib(model.present_bytes):>12} "
+            f"{_mib(model.total_bytes):>12} {percent:>5.1f}%"
+        )
+    click.echo(
+        f"cache {cache_dir}: {_mib(stats.size)} of {_mib(stats.limit)}, "
+        f"{stats.blobs} blobs, {stats.pieces} pieces"
+    )
+
+
+@cache.command("gc")
+@cache_options
+@click.option("--size", "target", required=True, help="Evict until at most this much is held.")
+def cache_gc(cache_dir: Path, cache_size: str, target: str) -> None:
+    """Evict least recently used pieces (pieces of mounted models last) down to --size."""
+    store = _open_cache(cache_dir, cache_size)
+    try:
+        freed = store.evict_to(parse_size(target))
+        size = store.stats().size
+    finally:
+        store.close()
+    click.echo(f"evicted {_mib(freed)}; the cache holds {_mib(size)}")
+
+
+@cache.command("verify")
+@cache_options
+def cache_verify(cache_dir: Path, cache_size: str) -> None:
+    """Check every piece's checksum and every verified blob's digest; drop what fails.
+
+    Exits 1 when something was corrupt (it is fetched again when next read).
+    """
+    store = _open_cache(cache_dir, cache_size)
+    try:
+        report = verify(store)
+    finally:
+        store.close()
+    for digest, index in report.corrupt_pieces:
+        click.echo(f"corrupt piece {index} of {digest}: dropped")
+    for digest in report.corrupt_blobs:
+        click.echo(f"blob {digest} does not match its digest: dropped")
+    click.echo(
+        f"checked {report.pieces_checked} pieces and {report.blobs_checked} whole blobs: "
+        f"{len(report.corrupt_pieces)} corrupt pieces, {len(report.corrupt_blobs)} corrupt blobs"
+    )
+    if report.corrupt_pieces or report.corrupt_blobs:
+        sys.exit(1)
+
+
+@cache.command("rm")
+@click.argument("reference")
+@cache_options
+@source_options
+def cache_rm(
+    reference: str, cache_dir: Path, cache_size: str, plain_http: bool, insecure: bool
+) -> None:
+    """Remove a model (REFERENCE, or its bare manifest digest) and the blobs only it uses.
+
+    A reference by tag is resolved at the registry; by digest, no network is needed.
+    """
+    store = _open_cache(cache_dir, cache_size)
+    try:
+        if reference.startswith("sha256:"):
+            digest = reference
+        else:
+            settings = SourceSettings(plain_http=plain_http, insecure=insecure)
+            digest = trio.run(resolve_digest, parse_any_reference(reference), store, settings)
+        dropped = remove_model(store, digest)
+    finally:
+        store.close()
+    click.echo(f"removed {digest} and {len(dropped)} blobs")

@@ -8,6 +8,7 @@ checked against its digest on the way in, exactly as a mount would check it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.fetcher.pieces import PieceFetcher
-from modelfs.fs.model import load_model
+from modelfs.fetcher.source import BlobSource
+from modelfs.fs.model import load_model, resolve_manifest
 from modelfs.fs.mount import MountOptions, open_source
 from modelfs.fs.tree import BlobRef
 from modelfs.pieces import piece_span
@@ -44,6 +46,30 @@ class SourceSettings:
     retries: int = 3
 
 
+def _open_source(
+    reference: Reference | LayoutReference, settings: SourceSettings
+) -> AbstractAsyncContextManager[BlobSource]:
+    # open_source reads only the reference and connection settings; no mountpoint is involved.
+    return open_source(
+        MountOptions(
+            reference=reference,
+            mountpoint=Path(),
+            plain_http=settings.plain_http,
+            insecure=settings.insecure,
+            timeout=settings.timeout,
+            retries=settings.retries,
+        )
+    )
+
+
+async def resolve_digest(
+    reference: Reference | LayoutReference, cache: PieceCache, settings: SourceSettings
+) -> str:
+    """The manifest digest ``reference`` names now (asked of the source for a tag)."""
+    async with _open_source(reference, settings) as source:
+        return (await resolve_manifest(source, reference.selector, cache)).digest
+
+
 def plan_missing(cache: PieceCache, digest: str, blobs: list[BlobRef]) -> PreheatPlan:
     missing = [(blob, index) for blob in blobs for index in cache.missing(blob.digest, blob.size)]
     missing_bytes = sum(
@@ -60,16 +86,7 @@ async def preheat(
     on_piece: Callable[[int], None],
 ) -> PreheatPlan:
     """Fetch what the cache lacks of ``reference``; ``on_piece`` gets each piece's size."""
-    # open_source only reads the reference and connection settings; no mountpoint is involved.
-    options = MountOptions(
-        reference=reference,
-        mountpoint=Path(),
-        plain_http=settings.plain_http,
-        insecure=settings.insecure,
-        timeout=settings.timeout,
-        retries=settings.retries,
-    )
-    async with open_source(options) as source:
+    async with _open_source(reference, settings) as source:
         fetcher = PieceFetcher(source, cache)
         model = await load_model(source, reference.selector, cache, fetcher)
         plan = plan_missing(cache, model.digest, model.blobs)

@@ -1,0 +1,128 @@
+"""What ``modelfs cache ls|gc|verify|rm`` do to the node's cache, apart from printing.
+
+A model in the cache is a manifest record (``manifest/<digest>``, written by every mount and
+preheat); its blobs are its layers, or for a compressed layer the decompressed stream stored in
+its place (``<layer digest>+decompressed``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from modelfs.cache import PieceCache
+from modelfs.errors import CacheError, ModelfsError
+from modelfs.fs.tree import BlobRef, plan_layers
+from modelfs.service.preheat import plan_missing
+
+_DERIVED = "+decompressed"
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    digest: str
+    config_digest: str
+    blobs: list[BlobRef]
+    present_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    pieces_checked: int
+    corrupt_pieces: list[tuple[str, int]]
+    blobs_checked: int
+    corrupt_blobs: list[str]
+
+
+def _manifest(cache: PieceCache, digest: str) -> dict[str, object]:
+    record = cache.get_meta(f"manifest/{digest}")
+    if record is None:
+        raise CacheError(f"the cache holds no model {digest}; `modelfs cache ls` lists them")
+    manifest = json.loads(record.partition(b"\n")[2])
+    if not isinstance(manifest, dict):
+        raise CacheError(f"the cached manifest {digest} is not a JSON object; remove it")
+    return manifest
+
+
+def model_blobs(cache: PieceCache, manifest: dict[str, object]) -> list[BlobRef]:
+    """The blobs a mount of this manifest reads, as the cache keys them."""
+    blobs = []
+    for plan in plan_layers(manifest):
+        decompressed = cache.get_meta(f"decompressed-size/{plan.digest}")
+        if plan.format in ("tar+gzip", "tar+zstd"):
+            # Never stored compressed: unknown size until first decompressed, counted as missing.
+            size = plan.size if decompressed is None else int(decompressed)
+            blobs.append(BlobRef(plan.digest + _DERIVED, size))
+        else:
+            blobs.append(BlobRef(plan.digest, plan.size))
+    return blobs
+
+
+def cached_models(cache: PieceCache) -> list[CachedModel]:
+    models = []
+    for key in cache.meta_keys("manifest/"):
+        digest = key.removeprefix("manifest/")
+        try:
+            manifest = _manifest(cache, digest)
+            blobs = model_blobs(cache, manifest)
+        except (ModelfsError, ValueError):
+            continue  # an image index or foreign manifest someone resolved: not a model
+        config = manifest.get("config")
+        config_digest = config.get("digest", "") if isinstance(config, dict) else ""
+        plan = plan_missing(cache, digest, blobs)
+        models.append(
+            CachedModel(
+                digest,
+                str(config_digest),
+                blobs,
+                plan.total_bytes - plan.missing_bytes,
+                plan.total_bytes,
+            )
+        )
+    return models
+
+
+def remove_model(cache: PieceCache, digest: str) -> list[str]:
+    """Drop a model's manifest and the blobs no other cached model uses; the blobs dropped."""
+    target = next((model for model in cached_models(cache) if model.digest == digest), None)
+    if target is None:
+        _manifest(cache, digest)  # raises the "no such model" error
+        cache.delete_meta(f"manifest/{digest}")  # not a model: just forget the record
+        return []
+    others = [model for model in cached_models(cache) if model.digest != digest]
+    shared = {blob.digest for model in others for blob in model.blobs}
+    dropped = [blob.digest for blob in target.blobs if blob.digest not in shared]
+    for blob_digest in dropped:
+        cache.drop_blob(blob_digest)
+        cache.delete_meta(f"tar-index/{blob_digest}")
+        cache.delete_meta(f"decompressed-size/{blob_digest.removesuffix(_DERIVED)}")
+    if target.config_digest not in {model.config_digest for model in others}:
+        cache.delete_meta(f"config/{target.config_digest}")
+    cache.delete_meta(f"manifest/{digest}")
+    return dropped
+
+
+def verify(cache: PieceCache) -> VerifyReport:
+    """Check every piece's checksum, then every verified blob against its sha256 digest;
+    whatever fails is dropped so it is fetched again."""
+    pieces_checked = cache.stats().pieces
+    corrupt_pieces = cache.drop_corrupt_pieces()
+    checked, corrupt_blobs = 0, []
+    for state in cache.blob_states():
+        # A decompressed stream has no digest of its own; its pieces' checksums cover it.
+        if not state.verified or _DERIVED in state.digest:
+            continue
+        checked += 1
+        hasher = hashlib.sha256()
+        for data in cache.stored_pieces(state.digest, state.size):
+            if data is None:
+                break
+            hasher.update(data)
+        else:
+            if f"sha256:{hasher.hexdigest()}" == state.digest:
+                continue
+        corrupt_blobs.append(state.digest)
+        cache.drop_blob(state.digest)
+    return VerifyReport(pieces_checked, corrupt_pieces, checked, corrupt_blobs)
