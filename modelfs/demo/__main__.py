@@ -1,0 +1,3 @@
+from modelfs.demo.run import main
+
+main()
