@@ -25,6 +25,7 @@ LEGACY_ANNOTATION_FILEPATH = "org.cnai.model.filepath"
 LEGACY_ANNOTATION_METADATA = "org.cnai.model.file.metadata+json"
 ANNOTATION_TITLE = "org.opencontainers.image.title"
 ANNOTATION_MODELFILE = "org.cncf.modctl.modelfile"
+ANNOTATION_ORAS_UNPACK = "io.deis.oras.content.unpack"
 
 _PREFIXES = ("application/vnd.cncf.model.", "application/vnd.cnai.model.")
 KINDS = ("weight.config", "weight", "doc", "code", "dataset")
@@ -57,12 +58,17 @@ def layer_media_type(kind: str, fmt: Format) -> str:
     return f"application/vnd.cncf.model.{kind}.v1.{fmt}"
 
 
-def format_from_plain_media_type(media_type: str) -> Format:
-    """How a non-ModelPack layer (plain ORAS push) is packed, judged by its media type suffix."""
-    if media_type.endswith(("tar+gzip", ".tar.gzip", "tar.gz")):
-        return "tar+gzip"
+def plain_layer_format(media_type: str, annotations: dict[str, str]) -> Format:
+    """How a non-ModelPack layer (a plain ORAS push) is packed.
+
+    ORAS clients push a directory as a compressed tar but give a plain file the media type
+    ``application/vnd.oci.image.layer.v1.tar`` without making it a tar, so an uncompressed
+    ``.tar`` type is an archive only when the layer is marked for unpacking.
+    """
     if media_type.endswith(("tar+zstd", ".tar.zstd")):
         return "tar+zstd"
-    if media_type.endswith(".tar") or media_type.endswith("+tar"):
+    if media_type.endswith(("tar+gzip", ".tar.gzip", ".tar.gz")):
+        return "tar+gzip"
+    if media_type.endswith((".tar", "+tar")) and annotations.get(ANNOTATION_ORAS_UNPACK) == "true":
         return "tar"
     return "raw"

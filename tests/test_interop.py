@@ -160,12 +160,6 @@ def test_oras_push_in_modctl_layout(
         assert weights.st_mode & 0o777 == 0o444
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modelfs reads application/vnd.oci.image.layer.v1.tar, the media type ORAS clients "
-    "give a plain file, as a tar archive (modelpack.format_from_plain_media_type); ORAS itself "
-    "unpacks only its directory layers (tar+gzip)",
-)
 def test_plain_oras_push_with_titles_only(
     registry: Registry, model_dir: Path, tmp_path: Path, mnt: Path
 ) -> None:

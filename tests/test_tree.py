@@ -37,6 +37,7 @@ from modelfs.modelpack import (
     MODEL_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
+    plain_layer_format,
 )
 
 MTIME = "2025-03-04T05:06:07.123456789Z"
@@ -412,3 +413,19 @@ def test_tar_layer_refuses_symlinks_and_hostile_names() -> None:
         tar_layer_entries(plan, [member("hard", "1", "not-earlier")], ref)
     with pytest.raises(ManifestError, match=r"layer 0 .*'\.\.' component"):
         tar_layer_entries(plan, [member("../../etc/passwd")], ref)
+
+
+@pytest.mark.parametrize(
+    ("media_type", "annotations", "expected"),
+    [
+        ("application/vnd.oci.image.layer.v1.tar", {}, "raw"),
+        ("application/vnd.oci.image.layer.v1.tar", {"io.deis.oras.content.unpack": "true"}, "tar"),
+        ("application/vnd.oci.image.layer.v1.tar+gzip", {}, "tar+gzip"),
+        ("application/vnd.oci.image.layer.v1.tar+zstd", {}, "tar+zstd"),
+        ("application/octet-stream", {}, "raw"),
+    ],
+)
+def test_plain_layer_format_follows_oras(
+    media_type: str, annotations: dict[str, str], expected: str
+) -> None:
+    assert plain_layer_format(media_type, annotations) == expected

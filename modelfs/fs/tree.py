@@ -24,7 +24,7 @@ from modelfs.modelpack import (
     OCI_INDEX,
     Format,
     classify_layer,
-    format_from_plain_media_type,
+    plain_layer_format,
 )
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE, the FUSE protocol's fixed root
@@ -177,7 +177,7 @@ def _plan_layer(index: int, layer: object, model_manifest: bool) -> LayerPlan:
     ):
         raise _layer_error(index, digest, "annotations are not a map of strings")
     layer_type = classify_layer(media_type) if model_manifest else None
-    fmt = layer_type.format if layer_type else format_from_plain_media_type(media_type)
+    fmt = layer_type.format if layer_type else plain_layer_format(media_type, annotations)
     path = next(
         (
             annotations[key]
