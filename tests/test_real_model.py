@@ -123,9 +123,11 @@ def test_loads_from_raw_and_tar_mounts_lazily_and_identically(
             fetched_at_first_tensor.append(proxy.blob_bytes)
 
     # The raw mount through the counting proxy, the tar one straight; separate caches, so each
-    # fetches the whole model.
+    # fetches the whole model. The raw one fetches only what is read, in small reads: what the
+    # first tensor needs is then exact, not what readahead had in flight at that moment.
+    lazy = ("--prefetch", "none", "--read-ahead-kb", "128")
     with (
-        mounted(f"{proxy.host}/{repository}:raw", raw_mnt, cache / "raw"),
+        mounted(f"{proxy.host}/{repository}:raw", raw_mnt, cache / "raw", *lazy),
         mounted(f"{registry.host}/{repository}:tar", tar_mnt, cache / "tar"),
     ):
         for mnt in (raw_mnt, tar_mnt):
@@ -140,10 +142,10 @@ def test_loads_from_raw_and_tar_mounts_lazily_and_identically(
             for name, path in expected.items():
                 assert sha256(mnt / name) == sha256(path), name
 
-    # Config, tokenizer files, the safetensors header and the first tensor's pieces (4 MiB
-    # each, plus the prefetch hints) are a small part of the 87 MiB; the full load reads
-    # everything once: about the model's size, not more.
-    assert 0 < fetched_at_first_tensor[0] < total / 4, (fetched_at_first_tensor, total)
+    # Config and tokenizer files (0.7 MB) and the 4 MiB piece holding the safetensors header
+    # and the first tensor: a small part of the 87 MiB. The full load reads everything once:
+    # about the model's size, not more.
+    assert 0 < fetched_at_first_tensor[0] < total / 10, (fetched_at_first_tensor, total)
     assert total * 0.9 < proxy.blob_bytes < total * 1.1, (proxy.blob_bytes, total)
     reference = np.load(out / "2.npy")
     assert reference.shape == (3, 384)

@@ -352,8 +352,12 @@ async def demo(work: Path) -> None:
     local = report.events["source", "loaded"]
     say("Bytes the registry sent to the mount (counted by the relay, HTTP headers included):")
     say(f"  directory ready  after {mount_seconds:5.2f} s: {share(fetched_when_ready, size)}")
+    say("    (the manifest, then what modelfs prefetches at once: config and tokenizer files and")
+    say("     the piece of model.safetensors holding its header)")
     say(f"  first tensor     after {first['seconds']:5.2f} s of loading: "
         f"{share(report.fetched['first_tensor'], size)}")  # fmt: skip
+    say("    (the pieces it needed, and what kernel readahead and modelfs's window ahead of a")
+    say("     sequential reader had fetched by then)")
     after_load = share(report.fetched["loaded"], size)
     say(f"  full load        in    {loaded['seconds']:5.2f} s: {after_load}")
     say(f"  (the same load from the source directory, page cache warm: {local['seconds']:.2f} s;")
