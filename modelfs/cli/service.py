@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,9 @@ from modelfs.errors import CacheError
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.cache_ops import cached_models, remove_model, verify
+from modelfs.service.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, load_config
+from modelfs.service.control import ask
+from modelfs.service.daemon import Daemon
 from modelfs.service.preheat import PreheatPlan, SourceSettings, resolve_digest
 from modelfs.service.preheat import preheat as preheat_model
 
@@ -183,3 +188,52 @@ def cache_rm(
     finally:
         store.close()
     click.echo(f"removed {digest} and {len(dropped)} blobs")
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="The daemon's config file (see systemd/config.toml.example).",
+)
+@click.option("--metrics-addr", help="Serve Prometheus metrics on HOST:PORT (default: off).")
+def daemon(config_path: Path, metrics_addr: str | None) -> None:
+    """Run the node service: the config's mounts, the control socket, metrics."""
+    config = load_config(config_path)
+    if metrics_addr:
+        config = replace(config, metrics_addr=metrics_addr)
+    trio.run(Daemon(config).run)
+
+
+@cli.command()
+@click.option(
+    "--control-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONTROL_SOCKET,
+    show_default=True,
+    help="Where the daemon listens.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's answer as JSON.")
+def status(control_socket: Path, as_json: bool) -> None:
+    """Show the daemon's mounts and the node's cache."""
+    reply = trio.run(ask, control_socket, {"command": "status"})
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    click.echo(f"{'MOUNTPOINT':<32} {'STATE':<10} {'RESTARTS':>8}  {'REFERENCE / DIGEST'}")
+    for mount in reply["mounts"]:
+        click.echo(
+            f"{mount['mountpoint']:<32} {mount['state']:<10} {mount['restarts']:>8}  "
+            f"{mount['reference']} {mount['digest'] or ''}"
+        )
+        if mount["last_error"]:
+            click.echo(f"{'':<32} last error: {mount['last_error']}")
+    cache_state = reply["cache"]
+    click.echo(
+        f"cache {cache_state['dir']}: {_mib(cache_state['size'])} of "
+        f"{_mib(cache_state['limit'])}, {cache_state['models']} models, "
+        f"{cache_state['blobs']} blobs"
+    )

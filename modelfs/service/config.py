@@ -1,0 +1,143 @@
+"""The daemon's config file (``/etc/modelfs/config.toml``), parsed into plain values.
+
+Example: systemd/config.toml.example. Parsing is pure (text in, DaemonConfig out); every mistake
+is a one-line ConfigError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from modelfs.cli.mount import parse_size
+from modelfs.errors import ModelfsError
+from modelfs.fetcher.prefetch import PrefetchMode
+from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
+from modelfs.reference import LayoutReference, Reference, parse_any_reference
+
+DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
+DEFAULT_CONTROL_SOCKET = Path("/run/modelfs/control.sock")
+
+
+class ConfigError(ModelfsError):
+    """The daemon's config file is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    plain_http: bool = False
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    reference: Reference | LayoutReference
+    path: Path
+    prefetch: PrefetchMode = PrefetchMode.HINTS
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    cache_size: int = DEFAULT_CACHE_SIZE
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    metrics_addr: str | None = None
+    credentials: Path | None = None  # a docker-style config directory (DOCKER_CONFIG)
+    registries: dict[str, RegistrySettings] = field(default_factory=dict)
+    mounts: list[MountSpec] = field(default_factory=list)
+
+    def registry_for(self, reference: Reference | LayoutReference) -> RegistrySettings:
+        if isinstance(reference, LayoutReference):
+            return RegistrySettings()
+        return self.registries.get(reference.registry, RegistrySettings())
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    return value
+
+
+def _typed(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = table.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def _known(table: dict[str, Any], keys: set[str], where: str) -> None:
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+
+
+def parse_config(text: str, origin: str) -> DaemonConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{origin} is not valid TOML: {error}") from None
+    _known(
+        data,
+        {"control_socket", "metrics_addr", "credentials", "cache", "registries", "mounts"},
+        origin,
+    )
+    cache = _table(data.get("cache", {}), f"{origin} [cache]")
+    _known(cache, {"dir", "size"}, f"{origin} [cache]")
+    size_text = _typed(cache, "size", str, f"{origin} [cache]")
+    try:
+        size = DEFAULT_CACHE_SIZE if size_text is None else parse_size(size_text)
+    except click.BadParameter as error:
+        raise ConfigError(f"{origin} [cache]: {error.message}") from None
+    registries = {}
+    for host, settings in _table(data.get("registries", {}), f"{origin} [registries]").items():
+        where = f'{origin} [registries."{host}"]'
+        table = _table(settings, where)
+        _known(table, {"plain_http", "insecure"}, where)
+        registries[host] = RegistrySettings(
+            plain_http=bool(_typed(table, "plain_http", bool, where)),
+            insecure=bool(_typed(table, "insecure", bool, where)),
+        )
+    mounts = []
+    raw_mounts = data.get("mounts", [])
+    if not isinstance(raw_mounts, list):
+        raise ConfigError(f"{origin}: mounts must be an array of tables ([[mounts]])")
+    for number, entry in enumerate(raw_mounts, 1):
+        where = f"{origin} mount #{number}"
+        table = _table(entry, where)
+        _known(table, {"ref", "path", "prefetch"}, where)
+        ref, path = _typed(table, "ref", str, where), _typed(table, "path", str, where)
+        if not ref or not path:
+            raise ConfigError(f"{where}: needs both ref and path")
+        prefetch = _typed(table, "prefetch", str, where) or PrefetchMode.HINTS.value
+        if prefetch not in {mode.value for mode in PrefetchMode}:
+            choices = ", ".join(mode.value for mode in PrefetchMode)
+            raise ConfigError(f"{where}: prefetch {prefetch!r} is not one of {choices}")
+        mounts.append(MountSpec(parse_any_reference(ref), Path(path), PrefetchMode(prefetch)))
+    paths = [spec.path for spec in mounts]
+    duplicate = next((path for path in paths if paths.count(path) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{origin}: two mounts on {duplicate}; give each its own path")
+    credentials = _typed(data, "credentials", str, origin)
+    return DaemonConfig(
+        cache_dir=Path(_typed(cache, "dir", str, f"{origin} [cache]") or DEFAULT_CACHE_DIR),
+        cache_size=size,
+        control_socket=Path(_typed(data, "control_socket", str, origin) or DEFAULT_CONTROL_SOCKET),
+        metrics_addr=_typed(data, "metrics_addr", str, origin) or None,
+        credentials=None if credentials is None else Path(credentials),
+        registries=registries,
+        mounts=mounts,
+    )
+
+
+def load_config(path: Path) -> DaemonConfig:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read the config {path}: {error.strerror} (see systemd/config.toml.example)"
+        ) from None
+    return parse_config(text, str(path))

@@ -1,0 +1,166 @@
+"""One mount, kept up: a ``modelfs mount --foreground`` child process, restarted when it dies.
+
+Before each start a stale mount on the path (left by a killed process: ``Transport endpoint is
+not connected``) is detached with ``fusermount3 -u -z``. Readiness comes over an inherited pipe,
+as with ``modelfs mount`` in the background. Cancelling the supervisor stops the child with
+SIGTERM, which unmounts, and detaches whatever is left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from modelfs.service.config import DaemonConfig, MountSpec
+from modelfs.service.notify import NOTIFY_VARIABLES
+
+STOP_TIMEOUT = 20.0
+FIRST_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 30.0
+# A mount that stayed up this long is healthy again: the next failure retries quickly.
+HEALTHY_AFTER = 60.0
+_DIGEST = re.compile(r"\((sha256:[0-9a-f]{64})\)")
+
+
+@dataclass
+class MountState:
+    """What ``modelfs status`` shows of a supervised mount."""
+
+    reference: str
+    mountpoint: str
+    state: str = "starting"  # starting, mounted, restarting, stopped
+    digest: str | None = None
+    pid: int | None = None
+    restarts: int = 0
+    last_error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_mounted(path: Path) -> bool:
+    """From /proc/self/mountinfo: stat-ing a dead FUSE mount would fail or hang."""
+    target = str(path)
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == target for line in mounts)
+
+
+async def detach(path: Path) -> None:
+    if is_mounted(path):
+        await trio.run_process(
+            ["fusermount3", "-u", "-z", str(path)],
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+
+
+def mount_command(spec: MountSpec, config: DaemonConfig, ready_fd: int) -> list[str]:
+    registry = config.registry_for(spec.reference)
+    return [
+        sys.executable, "-m", "modelfs", "mount", str(spec.reference), str(spec.path),
+        "--foreground",
+        "--cache-dir", str(config.cache_dir),
+        "--cache-size", str(config.cache_size),
+        "--prefetch", spec.prefetch.value,
+        "--ready-fd", str(ready_fd),
+        *(["--plain-http"] if registry.plain_http else []),
+        *(["--insecure"] if registry.insecure else []),
+    ]  # fmt: skip
+
+
+def child_environment(config: DaemonConfig) -> dict[str, str]:
+    # The notify socket and watchdog belong to the daemon alone.
+    env = {key: value for key, value in os.environ.items() if key not in NOTIFY_VARIABLES}
+    if config.credentials is not None:
+        env["DOCKER_CONFIG"] = str(config.credentials)
+    return env
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"the mount process was killed by {signal.Signals(-code).name}"
+    return f"the mount process exited with status {code}"
+
+
+async def _read_report(fd: int) -> str:
+    report = b""
+    async with trio.lowlevel.FdStream(fd) as stream:
+        while chunk := await stream.receive_some():
+            report += chunk
+    return report.decode(errors="replace")
+
+
+async def supervise(
+    spec: MountSpec, config: DaemonConfig, state: MountState, first_attempt: trio.Event
+) -> None:
+    """Keep ``spec`` mounted until cancelled; ``first_attempt`` is set once it mounted or
+    failed once."""
+    path = spec.path.resolve()
+    failures = 0
+    try:
+        while True:
+            await detach(path)
+            started = time.monotonic()
+            error = await _run_once(spec, config, state, path, first_attempt)
+            first_attempt.set()
+            failures = 1 if time.monotonic() - started > HEALTHY_AFTER else failures + 1
+            state.state, state.pid, state.last_error = "restarting", None, error
+            state.restarts += 1
+            await trio.sleep(min(MAX_RETRY_DELAY, FIRST_RETRY_DELAY * 2 ** (failures - 1)))
+    finally:
+        state.state, state.pid = "stopped", None
+        with trio.CancelScope(shield=True):
+            await detach(path)
+
+
+async def _run_once(
+    spec: MountSpec,
+    config: DaemonConfig,
+    state: MountState,
+    path: Path,
+    first_attempt: trio.Event,
+) -> str:
+    """Run one mount process until it exits; why it ended."""
+    read_end, write_end = os.pipe()
+    try:
+        process = await trio.lowlevel.open_process(
+            mount_command(spec, config, write_end),
+            pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL,
+            env=child_environment(config),
+        )
+    finally:
+        os.close(write_end)
+    state.pid = process.pid
+    try:
+        report = await _read_report(read_end)  # EOF: ready, failed, or died
+        if report.startswith("ready "):
+            match = _DIGEST.search(report)
+            state.state, state.digest = "mounted", match.group(1) if match else None
+            first_attempt.set()
+        code = await process.wait()
+        return report.strip() if report and not report.startswith("ready ") else describe_exit(code)
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop(process)
+
+
+async def _stop(process: trio.Process) -> None:
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)  # the mount unmounts on SIGTERM
+    with trio.move_on_after(STOP_TIMEOUT):
+        await process.wait()
+        return
+    process.kill()
+    await process.wait()
