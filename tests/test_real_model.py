@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -162,3 +163,103 @@ def test_loads_from_raw_and_tar_mounts_lazily_and_identically(
         f" {said[str(MODEL_DIR), 'loaded']['seconds']:.2f}s; fetched at first tensor"
         f" {fetched_at_first_tensor[0] / total:.1%} of {total} bytes"
     )
+
+
+@pytest.fixture(scope="module")
+def loader_module() -> Any:
+    """The loader imported here (torch and all): its errors are checked without a mount."""
+    from modelfs.demo import embed
+
+    return embed
+
+
+def model_without_weights(tmp_path: Path, config: dict[str, Any] | None = None) -> Path:
+    """MiniLM's config and tokenizer files, no weights; ``config`` replaces config.json."""
+    directory = tmp_path / "model"
+    directory.mkdir(parents=True)
+    for name, path in model_files(MODEL_DIR).items():
+        if "/" not in name and not name.endswith(".safetensors"):
+            (directory / name).write_bytes(path.read_bytes())
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_loader_errors(loader_module: Any, tmp_path: Path) -> None:
+    import click
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    cases = []
+    directory = model_without_weights(tmp_path / "none")
+    cases.append((directory, "has no *.safetensors file"))
+    directory = model_without_weights(tmp_path / "arch", {**config, "architectures": ["NoSuch"]})
+    cases.append((directory, "names no architecture transformers has: ['NoSuch']"))
+    directory = model_without_weights(tmp_path / "shape")
+    save_file({"pooler.dense.bias": torch.zeros(3)}, str(directory / "model.safetensors"))
+    cases.append((directory, "tensor pooler.dense.bias is (3,), the model expects (384,)"))
+    directory = model_without_weights(tmp_path / "missing")
+    save_file({"pooler.dense.bias": torch.zeros(384)}, str(directory / "model.safetensors"))
+    cases.append((directory, "no weights for 102 parameters, e.g. embeddings.LayerNorm.bias"))
+    for directory, message in cases:
+        with pytest.raises(click.ClickException) as raised:
+            loader_module.load(directory)
+        assert message in raised.value.message
+
+
+def start_demo(log_path: Path) -> subprocess.Popen[str]:
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "modelfs.demo"], stdout=subprocess.PIPE, stderr=log, text=True
+        )
+
+
+def is_mounted_under(work: Path) -> bool:
+    with open("/proc/self/mountinfo") as mounts:
+        return any(str(work) in line for line in mounts)
+
+
+def leftovers(work: Path) -> list[str]:
+    """Processes still naming the demo's work directory, and mounts under it."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(work) in cmdline.read_text():
+                found.append(cmdline.read_text().replace("\0", " "))
+        except OSError:
+            continue  # the process ended while being looked at
+    if is_mounted_under(work):
+        found.append(f"a mount under {work}")
+    return found
+
+
+def test_demo_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    demo = start_demo(tmp_path / "demo.log")
+    stdout, _ = demo.communicate(timeout=300)
+    assert demo.returncode == 0, (tmp_path / "demo.log").read_text()
+    assert "bit for bit identical to the model loaded from its source directory: yes" in stdout
+    for reading in ("directory ready", "first tensor", "full load"):
+        assert reading in stdout
+    work = Path(stdout.split("Work directory: ")[1].split()[0])
+    assert not work.exists()
+    assert leftovers(work) == []
+
+
+def test_demo_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    demo = start_demo(tmp_path / "demo.log")
+    try:
+        assert demo.stdout is not None
+        lines = iter(demo.stdout.readline, "")
+        work = Path(next(line for line in lines if "Work directory: " in line).split()[-1])
+        next(line for line in lines if line.startswith("[4/5] mount"))
+        assert is_mounted_under(work)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 130
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert "interrupted" in (tmp_path / "demo.log").read_text()
+    assert not work.exists()
+    assert leftovers(work) == []

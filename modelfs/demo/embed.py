@@ -92,6 +92,7 @@ def load(directory: Path, on_first_tensor: Callable[[], None] = lambda: None) ->
     if unfilled:
         raise click.ClickException(
             f"{directory}: no weights for {len(unfilled)} parameters, e.g. {sorted(unfilled)[0]}"
+            " (do the safetensors files belong to this config.json?)"
         )
     model.train(False)  # inference: no dropout
     parameters = sum(p.numel() for p in model.parameters())
@@ -108,7 +109,8 @@ def embed(loaded: LoadedModel, sentences: tuple[str, ...] = SENTENCES) -> np.nda
     else:
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
+    embeddings: np.ndarray = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
+    return embeddings
 
 
 def _emit(event: str, directory: Path, **fields: object) -> None:
@@ -117,7 +119,10 @@ def _emit(event: str, directory: Path, **fields: object) -> None:
 
 @click.command()
 @click.argument(
-    "directories", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path)
+    "directories",
+    nargs=-1,
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
 )
 @click.option(
     "--out-dir",
