@@ -60,6 +60,8 @@ def directory_size(root: Path) -> tuple[int, int]:
 
 
 def mib(size: int) -> str:
+    if size < 1 << 20:
+        return f"{size / 1024:.1f} KiB"
     return f"{size / (1 << 20):.1f} MiB"
 
 
@@ -352,8 +354,8 @@ async def demo(work: Path) -> None:
     local = report.events["source", "loaded"]
     say("Bytes the registry sent to the mount (counted by the relay, HTTP headers included):")
     say(f"  directory ready  after {mount_seconds:5.2f} s: {share(fetched_when_ready, size)}")
-    say("    (the manifest, then what modelfs prefetches at once: config and tokenizer files and")
-    say("     the piece of model.safetensors holding its header)")
+    say("    (manifest and config, and what had arrived of the prefetch that starts at mount:")
+    say("     config and tokenizer files, the piece of model.safetensors holding its header)")
     say(f"  first tensor     after {first['seconds']:5.2f} s of loading: "
         f"{share(report.fetched['first_tensor'], size)}")  # fmt: skip
     say("    (the pieces it needed, and what kernel readahead and modelfs's window ahead of a")
