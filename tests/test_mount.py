@@ -21,7 +21,7 @@ import sys
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +179,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
 def test_listing_fetches_no_file_bytes(
     model: Model, proxy: Proxy, mnt: Path, cache_dir: Path
 ) -> None:
-    with mounted(f"{proxy.host}/{model.reference}", mnt, cache_dir):
+    with mounted(f"{proxy.host}/{model.reference}", mnt, cache_dir, "--prefetch", "none"):
         listed = {str(p.relative_to(mnt)): p.stat().st_size for p in mnt.rglob("*") if p.is_file()}
         assert listed == {name: len(data) for name, data in model.files.items()}
         # The config and the two small compressed layers are fetched whole, tar layers only by
@@ -564,3 +564,106 @@ def test_umount_and_signals_unmount(
         process.send_signal(signum)
         assert process.wait(timeout=30) == 0, process.stderr.read() if process.stderr else ""
         assert not is_mounted(mnt)
+
+
+# -- prefetch ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardedModel:
+    reference: str
+    files: dict[str, bytes]
+    digests: dict[str, str]  # path -> layer digest
+
+
+@pytest.fixture(scope="module")
+def sharded_model(registry: Registry) -> ShardedModel:
+    """A transformers-style model: config, tokenizer, two safetensors shards and their index."""
+    rng = np.random.default_rng(11)
+    shard_tensors = [
+        {
+            f"layer.{shard}.{i}": rng.standard_normal((1024, 1024), dtype=np.float32)
+            for i in range(6)
+        }
+        for shard in range(2)
+    ]
+    names = [f"model-0000{shard + 1}-of-00002.safetensors" for shard in range(2)]
+    index = {
+        "metadata": {},
+        "weight_map": {
+            tensor: names[shard] for shard, t in enumerate(shard_tensors) for tensor in t
+        },
+    }
+    files = {
+        "config.json": json.dumps({"model_type": "bert"}).encode(),
+        "tokenizer.json": json.dumps({"vocab": list(range(5000))}).encode(),
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        names[0]: save(shard_tensors[0]),
+        names[1]: save(shard_tensors[1]),
+        "notes.bin": os.urandom(5 * MIB),
+    }
+    repository = f"test/sharded-{uuid.uuid4().hex[:8]}"
+    push_artifact(
+        registry.host, repository, "v1", [raw(path, data) for path, data in files.items()]
+    )
+    digests = {path: "sha256:" + hashlib.sha256(data).hexdigest() for path, data in files.items()}
+    return ShardedModel(f"{repository}:v1", files, digests)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def requested_ranges(proxy: Proxy, digest: str) -> list[str | None]:
+    return [r.range for r in proxy.blob_requests if r.path.endswith(digest)]
+
+
+def test_hints_fetch_config_tokenizer_and_headers_right_after_mount(
+    sharded_model: ShardedModel, proxy: Proxy, mnt: Path, cache_dir: Path
+) -> None:
+    digests = sharded_model.digests
+    shards = [path for path in digests if path.endswith(".safetensors")]
+    with mounted(f"{proxy.host}/{sharded_model.reference}", mnt, cache_dir):
+        wait_until(lambda: all(requested_ranges(proxy, digests[path]) for path in shards), 20)
+        time.sleep(0.5)  # anything else would be fetched by now
+        for path in ("config.json", "tokenizer.json", "model.safetensors.index.json"):
+            assert requested_ranges(proxy, digests[path]) == [
+                f"bytes=0-{len(sharded_model.files[path]) - 1}"
+            ]
+        for path in shards:  # the header's piece only: the first 4 MiB
+            assert requested_ranges(proxy, digests[path]) == [f"bytes=0-{4 * MIB - 1}"]
+        assert requested_ranges(proxy, digests["notes.bin"]) == []
+
+
+def test_prefetch_none_fetches_only_what_is_read(
+    sharded_model: ShardedModel, proxy: Proxy, mnt: Path, cache_dir: Path
+) -> None:
+    shard = "model-00002-of-00002.safetensors"
+    with mounted(f"{proxy.host}/{sharded_model.reference}", mnt, cache_dir, "--prefetch", "none"):
+        after_mount = proxy.blob_bytes  # the model's config blob
+        time.sleep(1)
+        assert proxy.blob_bytes == after_mount
+        assert (mnt / shard).read_bytes() == sharded_model.files[shard]
+        time.sleep(0.5)
+        assert proxy.blob_bytes == after_mount + len(sharded_model.files[shard])
+
+
+def test_prefetch_all_caches_the_whole_model_fetching_each_byte_once(
+    sharded_model: ShardedModel, proxy: Proxy, mnt: Path, cache_dir: Path
+) -> None:
+    reference = f"{proxy.host}/{sharded_model.reference}"
+    size = sum(len(data) for data in sharded_model.files.values())
+    with mounted(reference, mnt, cache_dir, "--prefetch", "all"):
+        # A reader going through a shard while the background fetch runs.
+        shard = "model-00002-of-00002.safetensors"
+        assert (mnt / shard).read_bytes() == sharded_model.files[shard]
+        wait_until(lambda: proxy.blob_bytes >= size)
+        time.sleep(0.5)
+        assert proxy.blob_bytes <= 1.02 * size
+    proxy.reset()
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert read_tree(mnt) == sharded_model.files
+    assert proxy.blob_bytes == 0

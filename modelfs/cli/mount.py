@@ -21,6 +21,7 @@ import trio
 from modelfs.cli import cli
 from modelfs.cli.cluster import cluster_options, cluster_settings
 from modelfs.errors import ModelfsError
+from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.model import Model
 from modelfs.fs.mount import (
     DEFAULT_CACHE_DIR,
@@ -85,6 +86,14 @@ def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
     help="Kernel readahead window of the mount.",
 )
 @click.option(
+    "--prefetch",
+    type=click.Choice([mode.value for mode in PrefetchMode]),
+    default=PrefetchMode.HINTS.value,
+    show_default=True,
+    help="none: fetch only what is read; hints: also read ahead of sequential readers and "
+    "fetch config, tokenizer and safetensors headers first; all: then the whole model.",
+)
+@click.option(
     "--allow-other/--no-allow-other",
     default=None,
     help="Let other users read the mount (default: yes when run as root).",
@@ -102,6 +111,7 @@ def mount(
     timeout: float,
     retries: int,
     read_ahead_kb: int,
+    prefetch: str,
     allow_other: bool | None,
     ready_fd: int | None,
     **cluster: Any,
@@ -123,6 +133,7 @@ def mount(
         timeout=timeout,
         retries=retries,
         read_ahead_kb=read_ahead_kb,
+        prefetch=PrefetchMode(prefetch),
         cluster=cluster_settings(**cluster),
     )
     if allow_other is not None:

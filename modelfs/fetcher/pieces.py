@@ -1,19 +1,29 @@
 """The piece fetcher: turns "bytes [offset, offset+size) of blob B" into pieces, each fetched once.
 
-Order of sources for a piece: a few recently used pieces held in memory, then the node's LMDB
-cache, then the blob source (registry or layout). A piece several readers want at once is fetched
-by the first; the others wait on its result. When a put completes a blob, the whole blob is
-checked against its sha256 digest before the read that completed it returns; a mismatch drops
-every piece of the blob and fails that read, so no byte proven wrong is served.
+Order of sources for a piece: the latest pieces fetched, held in memory, then the node's LMDB cache,
+then the blob source (registry or layout). A piece several readers want at once is fetched by the
+first; the others wait on its result.
+
+Fetches take connection slots by priority: a read waiting on the piece (``DEMAND``) goes before
+the readahead of a sequential reader (``READAHEAD``), which goes before hints and whole-model
+prefetch (``BACKGROUND``). Lower priorities are capped below the total, so prefetch never holds
+every connection, and a demand read promotes a queued prefetch of the piece it waits for.
+
+Each blob is hashed while its pieces arrive, in order (out-of-order pieces are caught up from
+memory or the cache). The piece that completes the hash completes the check: a blob is marked
+verified only once it hashed whole to its digest; a mismatch drops every piece of the blob and
+fails the read (or prefetch) that completed it, so no byte proven wrong is served again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import trio
 
@@ -21,18 +31,111 @@ from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.source import BlobSource
 from modelfs.fs.tree import BlobRef
-from modelfs.pieces import piece_span, pieces_covering
+from modelfs.pieces import piece_count, piece_span, pieces_covering
 
 log = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    BACKGROUND = 0  # hints and whole-model prefetch
+    READAHEAD = 1  # the window ahead of a sequential reader
+    DEMAND = 2  # a read is waiting on it
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One fetch's claim on a connection slot; its priority may rise while it waits."""
+
+    priority: Priority
+    granted: trio.Event = field(default_factory=trio.Event)
+
+
+class ConnectionSlots:
+    """At most ``total`` fetches at once; a freed slot goes to the highest-priority waiter.
+
+    ``caps[p]`` bounds the slots held by priority ``p`` and those below it together, so with
+    readahead capped below the total, a demand read finds a slot free even while prefetch
+    runs flat out.
+    """
+
+    def __init__(self, total: int, caps: dict[Priority, int]) -> None:
+        self._caps = {priority: min(caps.get(priority, total), total) for priority in Priority}
+        self._caps[Priority.DEMAND] = total  # all priorities together
+        self._held: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._waiting: deque[Ticket] = deque()
+
+    def _allowed(self, priority: Priority) -> bool:
+        # One more slot at ``priority`` counts against its cap and every cap above it.
+        return all(
+            sum(held for p, held in self._held.items() if p <= level) < self._caps[level]
+            for level in Priority
+            if level >= priority
+        )
+
+    def _grant(self) -> None:
+        # Highest priority first, then first come first served.
+        for ticket in sorted(self._waiting, key=lambda t: -t.priority):
+            if self._allowed(ticket.priority):
+                self._waiting.remove(ticket)
+                self._held[ticket.priority] += 1
+                ticket.granted.set()
+
+    @asynccontextmanager
+    async def slot(self, ticket: Ticket) -> AsyncIterator[None]:
+        waiting_above = any(t.priority >= ticket.priority for t in self._waiting)
+        if not waiting_above and self._allowed(ticket.priority):
+            self._held[ticket.priority] += 1
+        else:
+            self._waiting.append(ticket)
+            try:
+                await ticket.granted.wait()
+            except BaseException:
+                if ticket.granted.is_set():  # granted and cancelled in the same breath
+                    self._release(ticket.priority)
+                else:
+                    self._waiting.remove(ticket)
+                raise
+        held_as = ticket.priority
+        try:
+            yield
+        finally:
+            self._release(held_as)
+
+    def promote(self, ticket: Ticket, priority: Priority) -> None:
+        """Raise a waiting fetch's priority (a read now waits on it)."""
+        if priority > ticket.priority and not ticket.granted.is_set():
+            ticket.priority = priority
+            self._grant()
+
+    def _release(self, priority: Priority) -> None:
+        self._held[priority] -= 1
+        self._grant()
 
 
 @dataclass
 class _InFlight:
     """One fetch that other readers of the same piece wait on."""
 
+    ticket: Ticket
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: ModelfsError | None = None
+
+
+# Pieces up to this many ahead of a blob's hash are held for it; further ones are read back
+# from the cache when the hash gets to them (a random reader's pieces, mostly).
+_HASH_AHEAD = 16
+
+
+@dataclass
+class _BlobHash:
+    """A blob's sha256 over its pieces ``0 .. next_index - 1``, fed in order."""
+
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    next_index: int = 0
+    ahead: dict[int, bytes] = field(default_factory=dict)  # arrived, not hashed yet
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    rejected: bool = False
 
 
 @dataclass
@@ -52,37 +155,48 @@ class PieceFetcher:
         source: BlobSource,
         cache: PieceCache,
         *,
-        max_concurrent: int = 8,
-        memory_pieces: int = 8,
+        connections: int = 8,
+        readahead_connections: int = 6,
+        background_connections: int = 4,
+        memory_pieces: int = 16,
         on_rejected: Callable[[str], None] = lambda digest: None,
     ) -> None:
         self.source = source
         self.cache = cache
         self.stats = FetchStats()
-        self._limiter = trio.CapacityLimiter(max_concurrent)
-        self._memory: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._slots = ConnectionSlots(
+            connections,
+            {
+                Priority.READAHEAD: readahead_connections,
+                Priority.BACKGROUND: background_connections,
+            },
+        )
+        self._memory: dict[tuple[str, int], bytes] = {}  # in the order fetched
         self._memory_pieces = memory_pieces
         # Told the digest of a blob that failed its check, so its readers' caches can be purged.
         self._on_rejected = on_rejected
         self._in_flight: dict[tuple[str, int], _InFlight] = {}
+        self._hashes: dict[str, _BlobHash] = {}
         self._verified: set[str] = set()
         # Blobs that failed their digest check, each with the lock of its recheck.
         self._suspect: dict[str, trio.Lock] = {}
 
-    async def read(self, blob: BlobRef, offset: int, size: int) -> bytes | memoryview:
+    async def read(
+        self, blob: BlobRef, offset: int, size: int, priority: Priority = Priority.DEMAND
+    ) -> bytes | memoryview:
         """``size`` bytes of ``blob`` from ``offset``, fewer only where the blob ends."""
         indexes = pieces_covering(offset, size, blob.size, self.cache.piece_size)
         if not indexes:
             return b""
         piece_size = self.cache.piece_size
         if len(indexes) == 1:
-            data = await self.piece(blob, indexes[0])
+            data = await self.piece(blob, indexes[0], priority)
             start = offset - indexes[0] * piece_size
             return memoryview(data)[start : start + size]
         parts: list[bytes] = [b""] * len(indexes)
 
         async def fetch_into(slot: int, index: int) -> None:
-            parts[slot] = await self.piece(blob, index)
+            parts[slot] = await self.piece(blob, index, priority)
 
         async with trio.open_nursery() as nursery:
             for slot, index in enumerate(indexes):
@@ -91,11 +205,22 @@ class PieceFetcher:
         start = offset - indexes[0] * piece_size
         return memoryview(joined)[start : start + size]
 
-    async def piece(self, blob: BlobRef, index: int) -> bytes:
+    async def piece(self, blob: BlobRef, index: int, priority: Priority = Priority.DEMAND) -> bytes:
         """One whole piece, from memory, the cache, a fetch under way, or the source."""
         if blob.digest in self._suspect:
             await self._recheck(blob)
-        return await self._piece(blob, index)
+        return await self._piece(blob, index, priority)
+
+    async def prefetch(self, blob: BlobRef, index: int, priority: Priority) -> None:
+        """Have the piece in the cache; readahead also keeps it in memory for its reader."""
+        if blob.digest in self._suspect or (blob.digest, index) in self._memory:
+            return
+        # Background prefetch only fills the cache; readahead also loads cached pieces to memory.
+        if priority == Priority.BACKGROUND and (
+            (blob.digest, index) in self._in_flight or self.cache.has(blob.digest, index)
+        ):
+            return
+        await self._piece(blob, index, priority)
 
     async def _recheck(self, blob: BlobRef) -> None:
         """A blob that failed its digest check is served again only once it checks out whole."""
@@ -104,7 +229,7 @@ class PieceFetcher:
                 return  # another reader rechecked it while we waited
             async with trio.open_nursery() as nursery:
                 for index in self.cache.missing(blob.digest, blob.size):
-                    nursery.start_soon(self._piece, blob, index)
+                    nursery.start_soon(self._piece, blob, index, Priority.DEMAND)
             if blob.digest in self._verified or self.cache.is_verified(blob.digest):
                 del self._suspect[blob.digest]
             else:
@@ -113,31 +238,24 @@ class PieceFetcher:
                     "than the file?); it failed its digest check before, so it is not served"
                 )
 
-    async def _piece(self, blob: BlobRef, index: int) -> bytes:
+    async def _piece(self, blob: BlobRef, index: int, priority: Priority) -> bytes:
         key = (blob.digest, index)
         data = self._memory.get(key)
         if data is not None:
-            self._memory.move_to_end(key)
-            return data
-        data = self.cache.get(blob.digest, index)
-        if data is not None:
-            self.stats.cache_bytes += len(data)
-            await self._verify_once(blob)
-            self._remember(key, data)
             return data
         waiting = self._in_flight.get(key)
         if waiting is not None:
+            self._slots.promote(waiting.ticket, priority)
             await waiting.done.wait()
             if waiting.error is not None:
                 raise waiting.error
-            if waiting.data is None:  # the fetching reader was cancelled: fetch it ourselves
-                return await self._piece(blob, index)
+            if waiting.data is None:  # the fetching task was cancelled: fetch it ourselves
+                return await self._piece(blob, index, priority)
             return waiting.data
-        flight = _InFlight()
+        flight = _InFlight(Ticket(priority))
         self._in_flight[key] = flight
         try:
-            flight.data = await self._fetch(blob, index)
-            self._remember(key, flight.data)
+            flight.data = await self._load(blob, index, flight.ticket)
             return flight.data
         except ModelfsError as error:
             flight.error = error
@@ -146,9 +264,23 @@ class PieceFetcher:
             del self._in_flight[key]
             flight.done.set()
 
-    async def _fetch(self, blob: BlobRef, index: int) -> bytes:
+    async def _load(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
+        """The piece from the cache, else from the source; kept in memory unless background."""
+        data = None
+        if self.cache.has(blob.digest, index):
+            data = await trio.to_thread.run_sync(self.cache.get, blob.digest, index)
+        if data is not None:
+            self.stats.cache_bytes += len(data)
+            await self._verify_once(blob)
+        else:
+            data = await self._fetch(blob, index, ticket)
+        if ticket.priority != Priority.BACKGROUND:
+            self._remember((blob.digest, index), data)
+        return data
+
+    async def _fetch(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
         start, length = piece_span(index, blob.size, self.cache.piece_size)
-        async with self._limiter:
+        async with self._slots.slot(ticket):
             data = await self.source.read_range(blob.digest, start, length)
         if len(data) != length:
             raise IntegrityError(
@@ -157,12 +289,35 @@ class PieceFetcher:
             )
         self.stats.source_bytes += length
         self.stats.source_requests += 1
+        # Handed to the hash before it is in the cache, so the hash never reads it back.
+        state = self._hash_state_for(blob, index, data)
         put = await trio.to_thread.run_sync(self.cache.put, blob.digest, index, data, blob.size)
-        if put.blob_complete:
-            await self._verify(blob)
-        elif not put.stored:
+        if not put.stored:
             log.warning("cache full: piece %d of %s served without caching", index, blob.digest)
+        if state is not None:
+            await self._advance_hash(blob, state)
+            if state.rejected:
+                # Its blob failed while this piece waited: the piece may be stored again since.
+                self.cache.drop_piece(blob.digest, index)
+                raise IntegrityError(
+                    f"blob {blob.digest} from {self.source.name} does not match its digest; "
+                    "dropped from the cache, the next read fetches it again"
+                )
         return data
+
+    def _hash_state_for(self, blob: BlobRef, index: int, data: bytes) -> _BlobHash | None:
+        """The hash a piece fresh from the source goes to (None: its blob is checked already)."""
+        if blob.digest in self._verified:
+            if self.cache.is_verified(blob.digest):
+                return None  # another process fetched it too; the cache's copy was checked
+            self._verified.discard(blob.digest)  # a piece was evicted and is back: check again
+        state = self._hashes.get(blob.digest)
+        if state is None or index < state.next_index:
+            # (Re)start; a piece hashed before, evicted and fetched again is not covered.
+            state = self._hashes[blob.digest] = _BlobHash()
+        if index - state.next_index < _HASH_AHEAD:
+            state.ahead[index] = data
+        return state
 
     async def _verify_once(self, blob: BlobRef) -> None:
         """A blob found complete but unchecked (a process died before checking it) is checked."""
@@ -171,47 +326,65 @@ class PieceFetcher:
         if self.cache.is_verified(blob.digest):
             self._verified.add(blob.digest)
         elif self.cache.is_complete(blob.digest, blob.size):
-            await self._verify(blob)
+            await self._advance_hash(blob, self._hashes.setdefault(blob.digest, _BlobHash()))
 
-    async def _verify(self, blob: BlobRef) -> None:
-        """Hash the whole blob from the cache; drop it and fail if it does not match its digest."""
+    async def _advance_hash(self, blob: BlobRef, state: _BlobHash) -> None:
+        """Hash the blob's pieces in order as far as they are at hand; check it once whole.
+
+        Pieces come from those that arrived ahead of the hash, else from the cache (a missing
+        one stops the hash until it arrives). Callers queue on the lock, so each fetch returns
+        only once the hash went past what was at hand, its own piece included.
+        """
         algorithm, _, expected = blob.digest.partition(":")
         if algorithm != "sha256":
             raise IntegrityError(f"blob {blob.digest}: only sha256 digests can be checked")
-
-        def hash_blob() -> str | None:
-            hasher = hashlib.sha256()
-            for data in self.cache.iter_blob(blob.digest, blob.size):
+        count = piece_count(blob.size, self.cache.piece_size)
+        async with state.lock:
+            while self._hashes.get(blob.digest) is state and state.next_index < count:
+                data = state.ahead.pop(state.next_index, None)
                 if data is None:
-                    return None
-                hasher.update(data)
-            return hasher.hexdigest()
-
-        actual = await trio.to_thread.run_sync(hash_blob)
-        if actual is None:
-            return  # a piece was evicted or dropped meanwhile: checked when complete again
+                    data = await trio.to_thread.run_sync(
+                        self.cache.get, blob.digest, state.next_index
+                    )
+                if data is None:
+                    return  # not here yet (or evicted): hashed when it arrives
+                await trio.to_thread.run_sync(state.hasher.update, data)
+                state.next_index += 1
+            if self._hashes.get(blob.digest) is not state:
+                return  # finished, or restarted, by a task that held the lock before
+            del self._hashes[blob.digest]
+        actual = state.hasher.hexdigest()
         if actual != expected:
-            self.cache.drop_blob(blob.digest)
-            self._suspect.setdefault(blob.digest, trio.Lock())
-            self._on_rejected(blob.digest)
-            for key in [key for key in self._memory if key[0] == blob.digest]:
-                del self._memory[key]
-            log.error(
-                "blob %s from %s does not match its digest (got sha256:%s); "
-                "its pieces were dropped",
-                blob.digest,
-                self.source.name,
-                actual,
-            )
-            raise IntegrityError(
-                f"blob {blob.digest} from {self.source.name} does not match its digest; "
-                "dropped from the cache, the next read fetches it again"
-            )
+            state.rejected = True
+            raise self._reject(blob, actual)
         self.cache.mark_verified(blob.digest, blob.size)
         self._verified.add(blob.digest)
 
+    def _reject(self, blob: BlobRef, actual: str) -> IntegrityError:
+        """Drop a blob that hashed wrong; its pieces are served again only once it checks out."""
+        self.cache.drop_blob(blob.digest)
+        self._suspect.setdefault(blob.digest, trio.Lock())
+        self._on_rejected(blob.digest)
+        for key in [key for key in self._memory if key[0] == blob.digest]:
+            del self._memory[key]
+        log.error(
+            "blob %s from %s does not match its digest (got sha256:%s); its pieces were dropped",
+            blob.digest,
+            self.source.name,
+            actual,
+        )
+        return IntegrityError(
+            f"blob {blob.digest} from {self.source.name} does not match its digest; "
+            "dropped from the cache, the next read fetches it again"
+        )
+
     def _remember(self, key: tuple[str, int], data: bytes) -> None:
+        """Hold a piece for its readers, oldest fetched dropped first.
+
+        First in, first out rather than least recently used: a sequential reader has finished
+        with the older pieces (the kernel's page cache keeps what it read), while the pieces
+        prefetched ahead of it are the newest and not read yet.
+        """
         self._memory[key] = data
-        self._memory.move_to_end(key)
         while len(self._memory) > self._memory_pieces:
-            self._memory.popitem(last=False)
+            del self._memory[next(iter(self._memory))]

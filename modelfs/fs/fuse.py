@@ -9,10 +9,12 @@ filesystem itself stays up.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import pyfuse3
 
@@ -24,18 +26,41 @@ log = logging.getLogger(__name__)
 # Nothing in the tree ever changes: let the kernel cache names and attributes for a day.
 CACHE_TIMEOUT = 24 * 3600.0
 
-ReadFile = Callable[[FileNode, int, int], Awaitable[bytes | memoryview]]
+
+class OpenFile(Protocol):
+    """What an open file handle reads through (one per open, so it can follow the reader)."""
+
+    node: FileNode
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        """``size`` bytes from ``offset``; any contiguous buffer."""
+        ...
 
 
 class ReadOnlyTreeFS(pyfuse3.Operations):
-    """Serves ``tree``; file contents come from ``read_file(file, offset, size)``."""
+    """Serves ``tree``; each open gets its reader from ``open_file(file)``.
 
-    def __init__(self, tree: Tree, read_file: ReadFile) -> None:
+    ``on_init`` runs when the kernel's INIT arrives; the INIT reply is sent right after it
+    returns, so anything that must follow the reply (bdi readahead) waits for it.
+    """
+
+    def __init__(
+        self,
+        tree: Tree,
+        open_file: Callable[[FileNode], OpenFile],
+        on_init: Callable[[], None],
+    ) -> None:
         super().__init__()
         self.tree = tree
-        self.read_file = read_file
+        self._open_file = open_file
+        self._on_init = on_init
+        self._handles: dict[int, OpenFile] = {}
+        self._next_handle = itertools.count(1)
         self._uid = os.getuid()
         self._gid = os.getgid()
+
+    def init(self) -> None:
+        self._on_init()
 
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
         try:
@@ -96,18 +121,27 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if not isinstance(self._node(inode), FileNode):
+        node = self._node(inode)
+        if not isinstance(node, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)
+        handle = next(self._next_handle)
+        self._handles[handle] = self._open_file(node)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._handles.pop(fh, None)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        node = self._node(fh)
-        assert isinstance(node, FileNode)
+        try:
+            file = self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        node = file.node
         if off >= node.size:
             return b""
         size = min(size, node.size - off)
         try:
-            data = await self.read_file(node, off, size)
+            data = await file.read(off, size)
         except ModelfsError as error:
             log.error("read %s [%d, +%d): %s", node.path, off, size, error)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -1,0 +1,224 @@
+"""The prefetcher: what to fetch before anyone asks for it.
+
+Two sources of foresight:
+
+- Per open file, the read pattern. A reader that keeps reading where it left off gets a window of
+  bytes fetched ahead of it, starting at one piece and doubling each time it reaches a new piece,
+  up to a cap (mountpoint-s3 and hf-mount do the same). Kernel readahead sends several reads at
+  once and they arrive out of order, so a read within the kernel readahead window of the furthest
+  byte read still counts as sequential; anything further is a random read, which closes the
+  window and starts a new run. A run opens a window only once it is longer than the kernel
+  readahead window: shorter ones may be a single burst of readahead around an mmap page fault
+  (a loader reading one tensor), which the kernel already asked for in full.
+- Per model, hints (``modelfs.fetcher.hints``): config and tokenizer files, safetensors headers,
+  shards in index order, and with ``--prefetch all`` every byte of the model.
+
+``ReadPattern`` is the pure policy; ``Prefetcher`` does the I/O. Its tasks run in the mount
+session's nursery, fetch at readahead or background priority (a read waiting on a piece always
+goes first, see ``modelfs.fetcher.pieces``), and a failed prefetch is only logged: the read
+that needs the bytes fetches them again and reports the error.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import trio
+
+from modelfs.errors import ModelfsError
+from modelfs.fetcher.hints import (
+    SAFETENSORS_PREFIX,
+    Hint,
+    header_hint,
+    index_files,
+    shards,
+    startup_hints,
+    whole_model,
+)
+from modelfs.fetcher.pieces import PieceFetcher, Priority
+from modelfs.fs.tree import FileNode, Tree
+from modelfs.pieces import pieces_covering
+
+log = logging.getLogger(__name__)
+
+# Enough to keep the readahead connections busy (6 x 4 MiB in flight); the piece fetcher holds
+# 16 pieces in memory, so two streams' windows fit before a prefetched piece is dropped unread.
+DEFAULT_MAX_WINDOW = 32 << 20
+
+
+class PrefetchMode(enum.Enum):
+    NONE = "none"  # fetch only what is read
+    HINTS = "hints"  # plus the window ahead of sequential readers, and the built-in hints
+    ALL = "all"  # plus, after the hints, the whole model in the background
+
+
+# -- policy (pure) -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    piece_size: int
+    # The mount's kernel readahead window. Its reads arrive in any order within it, so a read that
+    # close to the furthest byte read is still sequential; and a run no longer than it may be one
+    # burst of readahead around an mmap page fault, so the window opens only for longer runs.
+    kernel_readahead: int
+    max_window: int = DEFAULT_MAX_WINDOW
+
+
+class ReadPattern:
+    """The read pattern of one open file, and the bytes to fetch ahead of it."""
+
+    def __init__(self, policy: WindowPolicy, file_size: int) -> None:
+        self.policy = policy
+        self.file_size = file_size
+        self.window = 0  # bytes to have fetched ahead of the reader; 0 until a run is long
+        self._run_start = 0  # where the current run of sequential reads began
+        self._furthest: int | None = None  # end of the furthest read of the run
+        self._requested = 0  # prefetch was asked for every byte before this offset
+
+    def on_read(self, offset: int, size: int) -> tuple[int, int] | None:
+        """Note a read; return the (start, end) of file bytes to prefetch now, if any."""
+        end = min(offset + size, self.file_size)
+        previous = self._furthest
+        if previous is None or abs(offset - previous) > self.policy.kernel_readahead:
+            # The first read, or a random one: a new run starts here, without a window.
+            self.window = 0
+            self._run_start = offset
+            self._furthest = self._requested = end
+            return None
+        furthest = self._furthest = max(end, previous)
+        if furthest - self._run_start <= self.policy.kernel_readahead:
+            return None  # no longer than what the kernel reads ahead by itself
+        piece = self.policy.piece_size
+        if self.window == 0:
+            self.window = piece
+        elif (furthest - 1) // piece > (previous - 1) // piece:
+            # The reader got into a new piece: it keeps consuming, so look further ahead.
+            self.window = min(2 * self.window, self.policy.max_window)
+        start = max(self._requested, furthest)
+        # Whole pieces: the next span is asked for only once the reader needs a new piece.
+        stop = min(-(-(furthest + self.window) // piece) * piece, self.file_size)
+        if stop <= start:
+            return None
+        self._requested = stop
+        return start, stop
+
+
+# -- I/O -----------------------------------------------------------------------------------------
+
+
+class OpenFile:
+    """One open file handle: reads go through the fetcher, the window ahead is prefetched."""
+
+    def __init__(self, prefetcher: Prefetcher, node: FileNode) -> None:
+        self._prefetcher = prefetcher
+        self.node = node
+        self.pattern = ReadPattern(prefetcher.policy, node.size)
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        if self._prefetcher.mode != PrefetchMode.NONE:
+            ahead = self.pattern.on_read(offset, size)
+            if ahead is not None:
+                self._prefetcher.start_readahead(self.node, *ahead)
+        return await self._prefetcher.fetcher.read(self.node.blob, self.node.offset + offset, size)
+
+
+class Prefetcher:
+    """Prefetch for one mount according to ``mode``; its tasks live in ``run``'s nursery."""
+
+    def __init__(
+        self,
+        fetcher: PieceFetcher,
+        mode: PrefetchMode,
+        policy: WindowPolicy,
+        background_tasks: int = 4,
+    ) -> None:
+        self.fetcher = fetcher
+        self.mode = mode
+        self.policy = policy
+        self._background_tasks = background_tasks
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self, tree: Tree, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the prefetch tasks until cancelled (the mount session ends); start the hints."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._prefetch_model(tree)
+            await trio.sleep_forever()
+
+    def open(self, node: FileNode) -> OpenFile:
+        return OpenFile(self, node)
+
+    def start_readahead(self, node: FileNode, start: int, end: int) -> None:
+        if self._nursery is None:
+            raise RuntimeError("Prefetcher.start_readahead before Prefetcher.run started")
+        for index in self._pieces(Hint(node, start, end - start)):
+            self._nursery.start_soon(self._prefetch_piece, node, index, Priority.READAHEAD)
+
+    async def _prefetch_model(self, tree: Tree) -> None:
+        """Hints first (config and tokenizer files, safetensors headers), then maybe the rest."""
+        if self.mode == PrefetchMode.NONE:
+            return
+        try:
+            indexes = {
+                node.path: bytes(await self._read(node, 0, node.size)) for node in index_files(tree)
+            }
+            hints = startup_hints(tree, indexes)
+            await self._fetch_in_order(hints)
+            headers = []
+            for shard in shards(tree, indexes):
+                prefix = bytes(await self._read(shard, 0, SAFETENSORS_PREFIX))
+                header = header_hint(shard, prefix)
+                if header is not None:
+                    headers.append(header)
+            await self._fetch_in_order(headers)
+            log.info("prefetch: hints fetched (%d ranges)", len(hints) + len(headers))
+            if self.mode == PrefetchMode.ALL:
+                await self._fetch_in_order(whole_model(tree, indexes))
+                log.info("prefetch: the whole model is in the cache")
+        except ModelfsError as error:
+            log.warning("prefetch stopped: %s (reads fetch what they need)", error)
+
+    async def _read(self, node: FileNode, offset: int, size: int) -> bytes | memoryview:
+        return await self.fetcher.read(
+            node.blob, node.offset + offset, size, priority=Priority.BACKGROUND
+        )
+
+    async def _fetch_in_order(self, hints: Iterable[Hint]) -> None:
+        """Fetch the pieces of ``hints`` in order, a few at a time, at background priority."""
+        running = trio.Semaphore(self._background_tasks)
+        started: set[tuple[str, int]] = set()
+
+        async def fetch(node: FileNode, index: int) -> None:
+            try:
+                await self._prefetch_piece(node, index, Priority.BACKGROUND)
+            finally:
+                running.release()
+
+        async with trio.open_nursery() as nursery:
+            for hint in hints:
+                for index in self._pieces(hint):
+                    if (hint.file.blob.digest, index) not in started:
+                        started.add((hint.file.blob.digest, index))
+                        await running.acquire()
+                        nursery.start_soon(fetch, hint.file, index)
+
+    def _pieces(self, hint: Hint) -> range:
+        return pieces_covering(
+            hint.file.offset + hint.offset,
+            hint.length,
+            hint.file.blob.size,
+            self.fetcher.cache.piece_size,
+        )
+
+    async def _prefetch_piece(self, node: FileNode, index: int, priority: Priority) -> None:
+        try:
+            await self.fetcher.prefetch(node.blob, index, priority)
+        except ModelfsError as error:
+            log.info("prefetch of piece %d of %s failed: %s", index, node.path, error)
