@@ -201,9 +201,12 @@ class PieceFetcher:
         async with trio.open_nursery() as nursery:
             for slot, index in enumerate(indexes):
                 nursery.start_soon(fetch_into, slot, index)
-        joined = b"".join(parts)
-        start = offset - indexes[0] * piece_size
-        return memoryview(joined)[start : start + size]
+        # One copy, of just the bytes asked for.
+        end = offset + size
+        return b"".join(
+            memoryview(part)[max(offset - index * piece_size, 0) : end - index * piece_size]
+            for index, part in zip(indexes, parts, strict=True)
+        )
 
     async def piece(self, blob: BlobRef, index: int, priority: Priority = Priority.DEMAND) -> bytes:
         """One whole piece, from memory, the cache, a fetch under way, or the source."""
