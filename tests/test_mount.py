@@ -667,3 +667,22 @@ def test_prefetch_all_caches_the_whole_model_fetching_each_byte_once(
     with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
         assert read_tree(mnt) == sharded_model.files
     assert proxy.blob_bytes == 0
+
+
+def bdi_read_ahead_kb(mountpoint: Path) -> int:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as mounts:
+        device = [line.split()[2] for line in mounts if line.split()[4] == target][-1]
+    return int(Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a bdi's readahead needs root")
+def test_kernel_readahead_is_raised_after_fuse_init(
+    sharded_model: ShardedModel, registry: Registry, mnt: Path, cache_dir: Path
+) -> None:
+    # Written before the kernel saw the INIT reply, it would fall back to 128 KiB.
+    reference = f"{registry.host}/{sharded_model.reference}"
+    with mounted(reference, mnt, cache_dir):
+        wait_until(lambda: bdi_read_ahead_kb(mnt) == 4096, 10)
+    with mounted(reference, mnt, cache_dir, "--read-ahead-kb", "1024"):
+        wait_until(lambda: bdi_read_ahead_kb(mnt) == 1024, 10)
