@@ -33,6 +33,7 @@ from mounting import MODELFS, is_mounted, modelfs, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from safetensors.numpy import save
 
+from modelfs.cache import PieceCache
 from modelfs.fetcher.auth import Credentials
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
@@ -686,3 +687,24 @@ def test_kernel_readahead_is_raised_after_fuse_init(
         wait_until(lambda: bdi_read_ahead_kb(mnt) == 4096, 10)
     with mounted(reference, mnt, cache_dir, "--read-ahead-kb", "1024"):
         wait_until(lambda: bdi_read_ahead_kb(mnt) == 1024, 10)
+
+
+def rss_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+def test_cache_reads_leave_no_mapped_pages_behind(tmp_path: Path) -> None:
+    # Warm reads copy pieces out of LMDB's map; the mount lets go of those pages as it goes.
+    cache = PieceCache(tmp_path / "cache", 1 << 30)
+    digest = "sha256:" + "a" * 64
+    for index in range(16):
+        cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB)
+    before = rss_file_kb()
+    for index in range(16):
+        assert cache.get(digest, index) is not None
+    assert rss_file_kb() - before > 48 * 1024
+    cache.release_mapped_pages()
+    assert rss_file_kb() - before < 8 * 1024
+    assert cache.get(digest, 5) is not None  # still readable
+    cache.close()

@@ -15,7 +15,9 @@ next write transaction rather than making every read a write.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -263,6 +265,23 @@ class PieceCache:
     def put_meta(self, key: str, value: bytes) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
             txn.put(f"record/{key}".encode(), value)
+
+    def release_mapped_pages(self) -> None:
+        """Unmap the pages of the cache this process has read; they stay in the page cache.
+
+        Reads copy pieces out of LMDB's memory map, and every page touched stays mapped, so a
+        process serving warm reads would show the size of everything it read as its RSS.
+        """
+        data_file = os.fsencode(self.path.resolve() / "data.mdb")
+        with open("/proc/self/maps", "rb") as maps:
+            spans = [
+                [int(bound, 16) for bound in line.split(maxsplit=1)[0].split(b"-")]
+                for line in maps
+                if line.rstrip().endswith(data_file)
+            ]
+        libc = ctypes.CDLL(None, use_errno=True)
+        for start, end in spans:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
     def stats(self) -> CacheStats:
         with self._env.begin() as txn:

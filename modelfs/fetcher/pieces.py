@@ -122,6 +122,10 @@ class _InFlight:
     error: ModelfsError | None = None
 
 
+# Reading pieces from the cache maps its pages into this process; let them go this often, so a
+# warm reader's RSS stays flat instead of growing with what it read.
+_RELEASE_MAPPED_EVERY = 64 << 20
+
 # Pieces up to this many ahead of a blob's hash are held for it; further ones are read back
 # from the cache when the hash gets to them (a random reader's pieces, mostly).
 _HASH_AHEAD = 16
@@ -180,6 +184,7 @@ class PieceFetcher:
         self._verified: set[str] = set()
         # Blobs that failed their digest check, each with the lock of its recheck.
         self._suspect: dict[str, trio.Lock] = {}
+        self._mapped_bytes = 0  # read from the cache's map since its pages were released
 
     async def read(
         self, blob: BlobRef, offset: int, size: int, priority: Priority = Priority.DEMAND
@@ -269,9 +274,7 @@ class PieceFetcher:
 
     async def _load(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
         """The piece from the cache, else from the source; kept in memory unless background."""
-        data = None
-        if self.cache.has(blob.digest, index):
-            data = await trio.to_thread.run_sync(self.cache.get, blob.digest, index)
+        data = await self._cache_get(blob, index) if self.cache.has(blob.digest, index) else None
         if data is not None:
             self.stats.cache_bytes += len(data)
             await self._verify_once(blob)
@@ -346,9 +349,7 @@ class PieceFetcher:
             while self._hashes.get(blob.digest) is state and state.next_index < count:
                 data = state.ahead.pop(state.next_index, None)
                 if data is None:
-                    data = await trio.to_thread.run_sync(
-                        self.cache.get, blob.digest, state.next_index
-                    )
+                    data = await self._cache_get(blob, state.next_index)
                 if data is None:
                     return  # not here yet (or evicted): hashed when it arrives
                 await trio.to_thread.run_sync(state.hasher.update, data)
@@ -380,6 +381,15 @@ class PieceFetcher:
             f"blob {blob.digest} from {self.source.name} does not match its digest; "
             "dropped from the cache, the next read fetches it again"
         )
+
+    async def _cache_get(self, blob: BlobRef, index: int) -> bytes | None:
+        data = await trio.to_thread.run_sync(self.cache.get, blob.digest, index)
+        if data is not None:
+            self._mapped_bytes += len(data)
+            if self._mapped_bytes >= _RELEASE_MAPPED_EVERY:
+                self._mapped_bytes = 0
+                self.cache.release_mapped_pages()
+        return data
 
     def _remember(self, key: tuple[str, int], data: bytes) -> None:
         """Hold a piece for its readers, oldest fetched dropped first.

