@@ -162,7 +162,7 @@ class PieceFetcher:
         connections: int = 8,
         readahead_connections: int = 6,
         background_connections: int = 4,
-        memory_pieces: int = 16,
+        memory_pieces: int = 12,
         on_rejected: Callable[[str], None] = lambda digest: None,
     ) -> None:
         self.source = source
