@@ -34,7 +34,7 @@ ROWS = [
     Row("oras", "(b) oras pull (oras-py) to local disk"),
     Row("listing_large", "(c) modelfs cold: mount -> directory lists, large model"),
     Row("listing_small", "(c) modelfs cold: mount -> directory lists, small model"),
-    Row("first_tensor", "(c) modelfs cold: first tensor (config, index, safe_open, 1 tensor)"),
+    Row("first_tensor", "(c) modelfs cold: first tensor (config, index, safe_open, the tensor)"),
     Row("cold_read", "(c) modelfs cold: full sequential read, 1 MiB reads"),
     Row("cold_read_small", "(c) modelfs cold: full sequential read, small model"),
     Row("warm_read", "(d) modelfs warm: full read from LMDB, page cache dropped"),
@@ -131,12 +131,24 @@ def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
     load_ratio = load / baseline if load is not None and baseline else None
     fetched = median(results.get("cold_read", []), lambda sample: sample.registry_bytes)
     fetched_ratio = fetched / model_bytes if fetched is not None else None
+    # The worst of the cases that read the large model through a mount.
+    rss_cases = {
+        key: median(results.get(key, []), lambda sample: sample.peak_rss)
+        for key in ("first_tensor", "cold_read", "warm_read", "cold_load")
+    }
+    rss_worst_case = max(
+        (key for key, rss in rss_cases.items() if rss is not None),
+        key=lambda key: rss_cases[key] or 0,
+        default=None,
+    )
+    rss_worst = rss_cases[rss_worst_case] if rss_worst_case else None
     rss_large = median(results.get("cold_read", []), lambda sample: sample.peak_rss)
     rss_small = median(results.get("cold_read_small", []), lambda sample: sample.peak_rss)
     rss_growth = rss_large / rss_small if rss_large is not None and rss_small else None
     vs_curl = ratio(results, "cold_read", "curl")
     vs_oras = ratio(results, "cold_read", "oras")
     vs_memfs = ratio(results, "warm_read", "memfs_read")
+    disk_vs_memfs = ratio(results, "disk_read", "memfs_read")
     return [
         _at_most(
             "mount-to-listing <= 0.5 s, large and small model",
@@ -162,7 +174,11 @@ def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
             f"{_format(load_ratio, '.2f')} x",
         ),
         _at_least(
-            "warm read >= 0.8 x trivial FUSE (e)", vs_memfs, 0.8, f"{_format(vs_memfs, '.2f')} x"
+            "warm read >= 0.8 x trivial FUSE (e)",
+            vs_memfs,
+            0.8,
+            f"{_format(vs_memfs, '.2f')} x; a cold local disk read, the bound once LMDB's pages "
+            f"are dropped, is {_format(disk_vs_memfs, '.2f')} x",
         ),
         _at_most(
             "registry bytes of a cold full read <= 1.02 x model size",
@@ -173,9 +189,10 @@ def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
         ),
         _at_most(
             "mount peak RSS <= 250 MB reading the large model",
-            rss_large,
+            rss_worst,
             250 * MB,
-            f"{_format(rss_large, '.0f', MB)} MB",
+            f"highest in {rss_worst_case or '—'}: {_format(rss_worst, '.0f', MB)} MB; "
+            + ", ".join(f"{key} {_format(rss, '.0f', MB)}" for key, rss in rss_cases.items()),
         ),
         _at_most(
             "mount peak RSS not growing with model size (large <= 1.25 x small)",

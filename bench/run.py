@@ -340,7 +340,8 @@ class Bench:
         fetched = self.access_log.blob_bytes_since(mark)
         listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
         self.record("listing_large", listing)
-        self.record("first_tensor", Sample(loaded["seconds"], 0, fetched, rss))
+        tensor = int(loaded["bytes"])
+        self.record("first_tensor", Sample(loaded["seconds"], tensor, fetched, rss))
 
     @contextmanager
     def profiled(self, key: str) -> Iterator[Callable[[int], None]]:
@@ -493,7 +494,7 @@ def main() -> None:
         small = push_model(registry, "small", models.generate(small_shape, work / "model-small"))
         log(f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB")
         bench = Bench(work, large, small, AccessLog(registry.log_path))
-        load_before = os.getloadavg()[0]
+        load_before, started = os.getloadavg()[0], time.monotonic()
         for run in range(1, runs + 1):
             log(f"bench: run {run} of {runs}")
             bench.run_once()
@@ -502,7 +503,8 @@ def main() -> None:
             f"({len(large.files)} files), small model {small.size / MB:.0f} MB; "
             f"medians of {runs} run(s); readahead {bench.read_ahead_kb} KiB on both FUSE "
             f"mounts; {os.cpu_count()} CPUs, load average {load_before:.1f} before and "
-            f"{os.getloadavg()[0]:.1f} after",
+            f"{os.getloadavg()[0]:.1f} after; the runs took "
+            f"{(time.monotonic() - started) / 60:.1f} min",
             render_table(bench.results),
             render_verdicts(evaluate(bench.results, large.size)),
         ]
