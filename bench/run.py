@@ -43,7 +43,7 @@ from bench.report import (
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the registry fixtures of the test suite, reused as is
 
-from mounting import modelfs, unmount  # noqa: E402
+from mounting import modelfs, mount_pid, unmount  # noqa: E402
 from registry_tools import Layer, Registry, push_artifact  # noqa: E402
 
 from modelfs.modelpack import (  # noqa: E402
@@ -203,20 +203,6 @@ class Mount:
         return [self.path / name for name in names]
 
 
-def _mount_pid(mountpoint: Path) -> int:
-    wanted = [b"--foreground", str(mountpoint).encode()]
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            arguments = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if all(word in arguments for word in wanted) and b"modelfs" in arguments:
-            return int(entry.name)
-    raise BenchError(f"no modelfs process serves {mountpoint}")
-
-
 def _wait_gone(pid: int, what: str) -> None:
     deadline = time.monotonic() + 30
     while Path(f"/proc/{pid}").exists():
@@ -236,14 +222,14 @@ def mounted(pushed: PushedModel, mountpoint: Path, cache_dir: Path) -> Iterator[
     if result.returncode != 0:
         raise BenchError(f"modelfs mount {pushed.reference} failed: {result.stderr.strip()}")
     try:
-        pid = _mount_pid(mountpoint)
+        pid = mount_pid(mountpoint)
         listing = os.listdir(mountpoint)
         listed_after = time.monotonic() - started
         if sorted(listing) != sorted(pushed.names()):
             raise BenchError(f"{mountpoint} lists {sorted(listing)}, not the model's files")
         ready = _READY_IN.search(result.stderr)
         yield Mount(mountpoint, pid, listed_after, float(ready.group(1)) if ready else 0.0)
-    except (OSError, BenchError) as error:
+    except (OSError, LookupError, BenchError) as error:
         logs = sorted((cache_dir / "logs").glob("*.log"))
         tail = logs[0].read_text(errors="replace").strip().splitlines()[-3:] if logs else []
         raise BenchError(f"{error}; the mount log ends: {' | '.join(tail) or '(empty)'}") from None

@@ -31,6 +31,20 @@ def unmount(path: Path) -> None:
         time.sleep(0.05)
 
 
+def mount_pid(mountpoint: Path) -> int:
+    """The pid of the ``modelfs mount`` process serving ``mountpoint`` (given as it was mounted)."""
+    wanted = [b"mount", str(mountpoint).encode()]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"modelfs" in argv and all(word in argv for word in wanted):
+                return int(entry.name)
+    raise LookupError(f"no modelfs mount process serves {mountpoint}")
+
+
 @contextmanager
 def mounted(reference: str, mountpoint: Path, cache_dir: Path, *extra: str) -> Iterator[Path]:
     """``modelfs mount`` in the background; unmounted on exit, whatever happened."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 from click.testing import CliRunner
-from mounting import mounted
+from mounting import mount_pid, mounted
 from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
 from test_scheduler import Redis, redis_fixture  # noqa: F401  (the fixture)
 
@@ -245,19 +245,6 @@ def test_a_lying_peer_never_poisons_and_is_avoided(
         assert 0 < LyingPeer.served <= 8
         decision = ask_as_stranger(scheduler, digest, 0)
         assert decision is not None and liar not in decision.peers
-
-
-def mount_pid(mountpoint: Path) -> int:
-    """The pid of the mount process serving ``mountpoint`` (started by this test)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(mountpoint).encode() in argv and b"--foreground" in argv:
-                return int(entry.name)
-    raise AssertionError(f"no mount process for {mountpoint}")
 
 
 def test_dead_scheduler_and_killed_peer_never_fail_reads(

@@ -33,7 +33,6 @@ from modelfs.fs.mount import (
 from modelfs.reference import parse_any_reference
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
-READY_TIMEOUT = 600.0
 
 
 def parse_size(text: str) -> int:
@@ -168,36 +167,46 @@ def _mount_in_foreground(options: MountOptions, ready_fd: int | None) -> None:
 
 
 def _mount_in_background(options: MountOptions) -> None:
+    """Fork the mount process and return once it reports the mount ready (or why it failed).
+
+    A fork, not a new interpreter: the child already holds every module this command imported,
+    which halves the time from command to listing (no second interpreter start).
+    """
     log_path = _log_path(options.cache_dir, options.mountpoint)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_end, write_end = os.pipe()
-    command = [
-        sys.executable,
-        "-m",
-        "modelfs",
-        *sys.argv[1:],
-        "--foreground",
-        "--ready-fd",
-        str(write_end),
-    ]
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            pass_fds=(write_end,),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the mount process: detached from the terminal, logging to the file
+            os.close(read_end)
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+            os.close(null)
+            code = 0
+            try:
+                _mount_in_foreground(options, write_end)
+            except ModelfsError as error:
+                click.echo(f"modelfs: error: {error}", err=True)
+                code = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         report = ready.read().decode(errors="replace")  # EOF: ready, failed, or died
     if report.startswith("ready "):
         click.echo(report[len("ready ") :].strip(), err=True)
         return
-    process.wait(timeout=READY_TIMEOUT)
+    _, status = os.waitpid(pid, 0)
     raise ModelfsError(
-        report.strip() or f"the mount process exited with {process.returncode}; see {log_path}"
+        report.strip()
+        or f"the mount process exited with status {os.waitstatus_to_exitcode(status)}; "
+        f"see {log_path}"
     )
 
 
