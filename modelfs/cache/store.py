@@ -115,6 +115,9 @@ class PieceCache:
         self._leases = self._env.open_db(b"leases")
         self._meta = self._env.open_db(b"meta")
         self._touched: dict[bytes, None] = {}
+        # Counted for this process's metrics.
+        self.evicted_pieces = 0
+        self.corrupt_pieces_found = 0
         self._check_format()
 
     def _check_format(self) -> None:
@@ -151,6 +154,7 @@ class PieceCache:
                 digest,
             )
             self.drop_piece(digest, index)
+            self.corrupt_pieces_found += 1
             return None
         self._touched[key] = None
         if len(self._touched) >= _TOUCH_FLUSH:
@@ -436,6 +440,7 @@ class PieceCache:
                     break
             for key in victims:
                 self._delete_piece(txn, key)
+            self.evicted_pieces += len(victims)
             if victims:
                 log.info(
                     "cache: evicted %d pieces to stay under %d bytes", len(victims), self.max_size

@@ -98,6 +98,9 @@ def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
     help="Let other users read the mount (default: yes when run as root).",
 )
 @click.option("--ready-fd", type=int, hidden=True)
+@click.option(
+    "--stats-socket", type=click.Path(dir_okay=False, path_type=Path), hidden=True
+)  # the daemon asks the mount's counters here
 @cluster_options
 def mount(
     reference: str,
@@ -113,6 +116,7 @@ def mount(
     prefetch: str,
     allow_other: bool | None,
     ready_fd: int | None,
+    stats_socket: Path | None,
     **cluster: Any,
 ) -> None:
     """Mount REFERENCE (host/repo:tag, host/repo@sha256:..., oci:PATH[:TAG]) on MOUNTPOINT.
@@ -134,6 +138,7 @@ def mount(
         read_ahead_kb=read_ahead_kb,
         prefetch=PrefetchMode(prefetch),
         cluster=cluster_settings(**cluster),
+        stats_socket=stats_socket,
     )
     if allow_other is not None:
         options.allow_other = allow_other

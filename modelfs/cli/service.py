@@ -223,17 +223,68 @@ def status(control_socket: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return
-    click.echo(f"{'MOUNTPOINT':<32} {'STATE':<10} {'RESTARTS':>8}  {'REFERENCE / DIGEST'}")
+    rows = [["REFERENCE", "DIGEST", "MOUNTPOINT", "STATE", "FILES", "FETCHED", "SOURCES"]]
+    errors = []
     for mount in reply["mounts"]:
-        click.echo(
-            f"{mount['mountpoint']:<32} {mount['state']:<10} {mount['restarts']:>8}  "
-            f"{mount['reference']} {mount['digest'] or ''}"
+        live = mount.get("live") or {}
+        rows.append(
+            [
+                mount["reference"],
+                short_digest(mount["digest"]),
+                mount["mountpoint"],
+                mount["state"] + (f" ({mount['restarts']} restarts)" if mount["restarts"] else ""),
+                str(live.get("files", "-")),
+                describe_fetched(mount.get("present_bytes"), mount.get("total_bytes")),
+                describe_sources(live.get("fetched_bytes", {})),
+            ]
         )
-        if mount["last_error"]:
-            click.echo(f"{'':<32} last error: {mount['last_error']}")
+        # The mount's own last failure is the newer news; else why its process last ended.
+        last_error = live.get("last_error") or mount["last_error"]
+        if last_error:
+            errors.append(f"{mount['mountpoint']}: last error: {last_error}")
+    for line in table(rows):
+        click.echo(line)
+    for line in errors:
+        click.echo(line)
     cache_state = reply["cache"]
+    ratio = cache_state.get("hit_ratio")
     click.echo(
         f"cache {cache_state['dir']}: {_mib(cache_state['size'])} of "
         f"{_mib(cache_state['limit'])}, {cache_state['models']} models, "
-        f"{cache_state['blobs']} blobs"
+        f"{cache_state['blobs']} blobs, hit ratio "
+        + ("-" if ratio is None else f"{100 * ratio:.0f}%")
     )
+
+
+def short_digest(digest: str | None) -> str:
+    return "-" if digest is None else digest[: len("sha256:") + 12]
+
+
+def describe_fetched(present: int | None, total: int | None) -> str:
+    """``12.0 of 16.0 MiB (75%)``: how much of the model the cache holds."""
+    if present is None or not total:
+        return "-"
+    return f"{present / (1 << 20):.1f} of {_mib(total)} ({100 * present // total}%)"
+
+
+def describe_sources(fetched_bytes: dict[str, int]) -> str:
+    """``registry 80% peer 20%``: where the mount's bytes came from, largest share first."""
+    total = sum(fetched_bytes.values())
+    if not total:
+        return "-"
+    shares = sorted(fetched_bytes.items(), key=lambda item: (-item[1], item[0]))
+
+    def share(size: int) -> str:
+        percent = round(100 * size / total)
+        return f"{percent}%" if percent else "<1%"  # a sliver still shows it was there
+
+    return " ".join(f"{source} {share(size)}" for source, size in shares if size)
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell, two spaces apart."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]

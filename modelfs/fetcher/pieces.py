@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +31,15 @@ import trio
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.source import BlobSource
+from modelfs.fetcher.stats import (
+    CACHE,
+    ON_DEMAND,
+    PREFETCH,
+    REGISTRY,
+    MountStats,
+    attributing,
+    error_kind,
+)
 from modelfs.fs.tree import BlobRef
 from modelfs.pieces import piece_count, piece_span, pieces_covering
 
@@ -142,15 +152,6 @@ class _BlobHash:
     rejected: bool = False
 
 
-@dataclass
-class FetchStats:
-    """Counters of where bytes came from (for status, metrics and tests)."""
-
-    source_bytes: int = 0
-    cache_bytes: int = 0
-    source_requests: int = 0
-
-
 class PieceFetcher:
     """Reads byte ranges of blobs through the cache, fetching missing pieces from a source."""
 
@@ -164,10 +165,15 @@ class PieceFetcher:
         background_connections: int = 4,
         memory_pieces: int = 12,
         on_rejected: Callable[[str], None] = lambda digest: None,
+        stats: MountStats | None = None,
+        source_kind: str = REGISTRY,
     ) -> None:
         self.source = source
         self.cache = cache
-        self.stats = FetchStats()
+        # Bytes a registry sends are counted by the metered repository itself (pieces and
+        # whole blobs alike); the fetcher counts the other sources, and cache loads.
+        self.stats = MountStats() if stats is None else stats
+        self._source_kind = source_kind  # what ``source`` is, unless the registry served
         self._slots = ConnectionSlots(
             connections,
             {
@@ -267,6 +273,7 @@ class PieceFetcher:
             return flight.data
         except ModelfsError as error:
             flight.error = error
+            self.stats.failed(error_kind(error), str(error))
             raise
         finally:
             del self._in_flight[key]
@@ -274,9 +281,14 @@ class PieceFetcher:
 
     async def _load(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
         """The piece from the cache, else from the source; kept in memory unless background."""
-        data = await self._cache_get(blob, index) if self.cache.has(blob.digest, index) else None
+        data = None
+        if self.cache.has(blob.digest, index):
+            started = time.monotonic()
+            data = await self._cache_get(blob, index)
+            if data is not None:
+                self.stats.timed(CACHE, time.monotonic() - started)
         if data is not None:
-            self.stats.cache_bytes += len(data)
+            self.stats.fetched(CACHE, len(data))
             await self._verify_once(blob)
         else:
             data = await self._fetch(blob, index, ticket)
@@ -287,14 +299,18 @@ class PieceFetcher:
     async def _fetch(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
         start, length = piece_span(index, blob.size, self.cache.piece_size)
         async with self._slots.slot(ticket):
-            data = await self.source.read_range(blob.digest, start, length)
+            self.stats.fetch_started(ON_DEMAND if ticket.priority == Priority.DEMAND else PREFETCH)
+            with attributing(self._source_kind) as served_by:
+                started = time.monotonic()
+                data = await self.source.read_range(blob.digest, start, length)
+        if served_by[0] != REGISTRY:
+            self.stats.timed(served_by[0], time.monotonic() - started)
+            self.stats.fetched(served_by[0], len(data))
         if len(data) != length:
             raise IntegrityError(
                 f"{self.source.name}: blob {blob.digest} gave {len(data)} bytes for a piece of "
                 f"{length} at offset {start}; the registry's copy may be damaged"
             )
-        self.stats.source_bytes += length
-        self.stats.source_requests += 1
         # Handed to the hash before it is in the cache, so the hash never reads it back.
         state = self._hash_state_for(blob, index, data)
         put = await trio.to_thread.run_sync(self.cache.put, blob.digest, index, data, blob.size)

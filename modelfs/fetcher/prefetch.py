@@ -125,7 +125,10 @@ class OpenFile:
             ahead = self.pattern.on_read(offset, size)
             if ahead is not None:
                 self._prefetcher.start_readahead(self.node, *ahead)
-        return await self._prefetcher.fetcher.read(self.node.blob, self.node.offset + offset, size)
+        fetcher = self._prefetcher.fetcher
+        data = await fetcher.read(self.node.blob, self.node.offset + offset, size)
+        fetcher.stats.read_bytes += len(data)
+        return data
 
 
 class Prefetcher:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -37,6 +38,7 @@ from modelfs.fetcher.auth import (
     token_from_response,
 )
 from modelfs.fetcher.source import FetchedManifest
+from modelfs.fetcher.stats import REGISTRY, MountStats, mark_served_by
 from modelfs.modelpack import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -733,3 +735,39 @@ class RegistryRepository:
                 return data
 
         return await self._client.retrying(what, attempt)
+
+
+class MeteredRepository(RegistryRepository):
+    """A repository that counts every blob byte it receives in a mount's stats (pieces, configs,
+    tar headers, compressed layers fetched whole), and times its range reads."""
+
+    def __init__(self, client: RegistryClient, repository: str, stats: MountStats) -> None:
+        super().__init__(client, repository)
+        self.stats = stats
+
+    async def get_blob(self, digest: str, max_size: int) -> bytes:
+        data = await super().get_blob(digest, max_size)
+        self.stats.fetched(REGISTRY, len(data))
+        return data
+
+    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+        mark_served_by(REGISTRY)
+        started = time.monotonic()
+        data = await super().read_range(digest, start, length)
+        self.stats.timed(REGISTRY, time.monotonic() - started)
+        self.stats.fetched(REGISTRY, len(data))
+        return data
+
+    @asynccontextmanager
+    async def _stream(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        async with super()._stream(digest) as chunks:
+            counted = self._counted(chunks)
+            try:
+                yield counted
+            finally:
+                await counted.aclose()
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+        async for chunk in chunks:
+            self.stats.fetched(REGISTRY, len(chunk))
+            yield chunk

@@ -15,8 +15,10 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -26,12 +28,22 @@ from modelfs.errors import ModelfsError
 from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, WindowPolicy
-from modelfs.fetcher.registry import RegistryClient
+from modelfs.fetcher.registry import MeteredRepository, RegistryClient
 from modelfs.fetcher.source import BlobSource
+from modelfs.fetcher.stats import (
+    CORRUPT_CACHE_ENTRY,
+    LAYOUT,
+    PEER,
+    REGISTRY,
+    REJECTED_PEER_PIECE,
+    MountStats,
+)
 from modelfs.fs.fuse import ReadOnlyTreeFS
 from modelfs.fs.model import Model, load_model
-from modelfs.peer.source import ClusterOptions, with_peers
+from modelfs.logs import set_log_context
+from modelfs.peer.source import ClusterOptions, PeerSource, with_peers
 from modelfs.reference import LayoutReference, Reference
+from modelfs.service.control import Handler, open_control_socket, serve_control
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +91,15 @@ class MountOptions:
     prefetch: PrefetchMode = PrefetchMode.HINTS
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
     cluster: ClusterOptions | None = None  # share pieces with peers (per the scheduler)
+    stats_socket: Path | None = None  # where the daemon asks for this mount's counters
 
 
 @asynccontextmanager
-async def open_source(options: MountOptions) -> AsyncIterator[BlobSource]:
-    """The blob source a reference names: a registry repository or an OCI layout on disk."""
+async def open_source(
+    options: MountOptions, stats: MountStats | None = None
+) -> AsyncIterator[BlobSource]:
+    """The blob source a reference names: a registry repository or an OCI layout on disk;
+    with ``stats``, a registry's bytes are counted there."""
     ref = options.reference
     if isinstance(ref, LayoutReference):
         yield LayoutSource(Path(ref.path))
@@ -95,7 +111,10 @@ async def open_source(options: MountOptions) -> AsyncIterator[BlobSource]:
         timeout=options.timeout,
         retries=options.retries,
     ) as client:
-        yield client.repository(ref.repository)
+        if stats is None:
+            yield client.repository(ref.repository)
+        else:
+            yield MeteredRepository(client, ref.repository, stats)
 
 
 def _fuse_options(options: MountOptions, model: Model) -> set[str]:
@@ -143,15 +162,28 @@ async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> Non
     """Mount and serve until unmounted; ``on_ready`` runs once listing the mount works."""
     options.mountpoint = options.mountpoint.resolve()  # before it is a FUSE mount
     _tune_malloc()
+    selector = options.reference.selector
+    set_log_context(
+        reference=str(options.reference),
+        digest=selector if selector.startswith("sha256:") else None,
+    )
     cache = PieceCache(options.cache_dir, options.cache_size)
+    stats = MountStats()
     try:
         rejected_send, rejected_receive = trio.open_memory_channel[str](math.inf)
         async with (
-            open_source(options) as origin,
-            with_peers(options.cluster, origin, options.reference.selector, cache) as source,
+            open_source(options, stats) as origin,
+            with_peers(options.cluster, origin, selector, cache) as source,
         ):
-            fetcher = PieceFetcher(source, cache, on_rejected=rejected_send.send_nowait)
-            model = await load_model(source, options.reference.selector, cache, fetcher)
+            fetcher = PieceFetcher(
+                source,
+                cache,
+                on_rejected=rejected_send.send_nowait,
+                stats=stats,
+                source_kind=_source_kind(origin, source),
+            )
+            model = await load_model(source, selector, cache, fetcher)
+            set_log_context(digest=model.digest)
             log.info(
                 "%s pinned to %s: %d files, %d bytes",
                 options.reference,
@@ -163,11 +195,39 @@ async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> Non
             leased = [blob.digest for blob in model.blobs]
             cache.lease(leased)
             try:
-                await _run_session(options, model, fetcher, rejected_receive, on_ready)
+                snapshot = partial(_snapshot, model, fetcher, source)
+                await _run_session(options, model, fetcher, rejected_receive, on_ready, snapshot)
             finally:
                 cache.release(leased)
+                if options.stats_socket is not None:
+                    options.stats_socket.unlink(missing_ok=True)
     finally:
         cache.close()
+
+
+def _source_kind(origin: BlobSource, source: BlobSource) -> str:
+    if isinstance(origin, LayoutSource):
+        return LAYOUT
+    return REGISTRY if source is origin else PEER
+
+
+async def _snapshot(
+    model: Model, fetcher: PieceFetcher, source: BlobSource, request: dict[str, Any]
+) -> dict[str, Any]:
+    """The mount's counters as the daemon asks for them (whatever the request says)."""
+    stats = replace(
+        fetcher.stats,
+        errors=dict(fetcher.stats.errors),
+        files=len(model.tree.files()),
+        cache_evictions=fetcher.cache.evicted_pieces,
+    )
+    if fetcher.cache.corrupt_pieces_found:
+        stats.errors[CORRUPT_CACHE_ENTRY] = fetcher.cache.corrupt_pieces_found
+    if isinstance(source, PeerSource):
+        stats.rejected_by_peer = dict(source.stats.rejected_by_peer)
+        if stats.rejected_by_peer:
+            stats.errors[REJECTED_PEER_PIECE] = sum(stats.rejected_by_peer.values())
+    return {"digest": model.digest, **stats.as_json()}
 
 
 async def _run_session(
@@ -176,6 +236,7 @@ async def _run_session(
     fetcher: PieceFetcher,
     rejected: trio.MemoryReceiveChannel[str],
     on_ready: Callable[[Model], None],
+    snapshot: Handler,
 ) -> None:
     policy = WindowPolicy(fetcher.cache.piece_size, kernel_readahead=options.read_ahead_kb << 10)
     prefetcher = Prefetcher(fetcher, options.prefetch, policy)
@@ -209,6 +270,9 @@ async def _run_session(
             nursery.start_soon(serve_until_unmounted)
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
             nursery.start_soon(_purge_rejected, model, rejected)
+            if options.stats_socket is not None:
+                listener = await open_control_socket(options.stats_socket)
+                nursery.start_soon(serve_control, listener, snapshot)
             on_ready(model)
     finally:
         pyfuse3.close(unmount=not unmounted_by_kernel)

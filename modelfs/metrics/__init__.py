@@ -7,11 +7,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from modelfs.cache import CacheStats
 from modelfs.errors import ModelfsError
+from modelfs.fetcher.stats import CACHE, MountStats
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class MountSample:
     mountpoint: str
     up: bool
     restarts: int
+    present_bytes: int | None  # of the pinned model, in the node's cache
+    total_bytes: int | None
+    live: MountStats | None  # what the mount process counted; None if it did not answer
 
 
 @dataclass(frozen=True)
@@ -28,13 +32,95 @@ class DaemonSample:
     mounts: Sequence[MountSample]
 
 
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes ``le``."""
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def hit_ratio(mounts: Sequence[MountStats]) -> float | None:
+    """Of the bytes the mounts loaded, the share the cache had; None before any load."""
+    cache = sum(stats.fetched_bytes.get(CACHE, 0) for stats in mounts)
+    loaded = sum(sum(stats.fetched_bytes.values()) for stats in mounts)
+    return cache / loaded if loaded else None
+
+
+def _mount_families(
+    mounts: Sequence[MountSample],
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+    """The counters each mount process reports, labelled by reference and mountpoint."""
+    labels = ["reference", "mountpoint"]
+    read = CounterMetricFamily(
+        "modelfs_read_bytes", "Bytes served to readers of the mount.", labels=labels
+    )
+    fetched = CounterMetricFamily(
+        "modelfs_fetched_bytes",
+        "Bytes the mount loaded, by source (registry, peer, layout, cache).",
+        labels=[*labels, "source"],
+    )
+    duration = HistogramMetricFamily(
+        "modelfs_fetch_duration_seconds",
+        "Time to load one piece (a range, for the registry), by source.",
+        labels=[*labels, "source"],
+    )
+    fetches = CounterMetricFamily(
+        "modelfs_fetches",
+        "Pieces fetched from a source, on demand (a read waited) or prefetched.",
+        labels=[*labels, "kind"],
+    )
+    errors = CounterMetricFamily(
+        "modelfs_errors", "Failed fetches and rejected bytes, by kind.", labels=[*labels, "kind"]
+    )
+    evictions = CounterMetricFamily(
+        "modelfs_cache_evictions",
+        "Pieces the mount process evicted from the cache.",
+        labels=labels,
+    )
+    rejected = CounterMetricFamily(
+        "modelfs_peer_rejected_pieces",
+        "Pieces from a peer that failed their check.",
+        labels=[*labels, "peer"],
+    )
+    ratio = GaugeMetricFamily(
+        "modelfs_mount_fetched_ratio",
+        "Share of the mounted model's bytes present in the cache.",
+        labels=labels,
+    )
+    for mount in mounts:
+        names = [mount.reference, mount.mountpoint]
+        if mount.total_bytes:
+            ratio.add_metric(names, (mount.present_bytes or 0) / mount.total_bytes)
+        stats = mount.live
+        if stats is None:
+            continue
+        read.add_metric(names, stats.read_bytes)
+        for source in sorted(stats.fetched_bytes):
+            fetched.add_metric([*names, source], stats.fetched_bytes[source])
+        for source, histogram in sorted(stats.fetch_seconds.items()):
+            duration.add_metric(
+                [*names, source],
+                [(_le(bound), count) for bound, count in histogram.cumulative()],
+                histogram.total,
+            )
+        for kind, count in sorted(stats.fetches.items()):
+            fetches.add_metric([*names, kind], count)
+        for kind, count in sorted(stats.errors.items()):
+            errors.add_metric([*names, kind], count)
+        evictions.add_metric(names, stats.cache_evictions)
+        for peer, count in sorted(stats.rejected_by_peer.items()):
+            rejected.add_metric([*names, peer], count)
+    yield from (read, fetched, duration, fetches, errors, evictions, rejected, ratio)
+
+
 class DaemonCollector(Collector):
-    """Reads the daemon's state at scrape time: nothing to keep in step."""
+    """Reads the daemon's state, and asks the mounts for their counters, at scrape time:
+    nothing to keep in step."""
 
     def __init__(self, sample: Callable[[], DaemonSample]) -> None:
         self._sample = sample
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         sample = self._sample()
         yield GaugeMetricFamily(
             "modelfs_cache_size_bytes", "Bytes held by the node's piece cache.", sample.cache.size
@@ -58,6 +144,7 @@ class DaemonCollector(Collector):
             restarts.add_metric([mount.reference, mount.mountpoint], mount.restarts)
         yield up
         yield restarts
+        yield from _mount_families(sample.mounts)
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import trio
 from modelfs.errors import ModelfsError
 
 MAX_REQUEST = 64 << 10
-Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 class ControlError(ModelfsError):
@@ -53,9 +53,9 @@ async def serve_control(listener: trio.SocketListener, handle: Handler) -> None:
                 request += chunk
             try:
                 message = json.loads(request)
-                reply = handle(message) if isinstance(message, dict) else None
             except ValueError:
-                reply = None
+                message = None
+            reply = await handle(message) if isinstance(message, dict) else None
             if reply is None:
                 reply = {"error": 'send one JSON object, such as {"command": "status"}'}
             await stream.send_all(json.dumps(reply).encode() + b"\n")

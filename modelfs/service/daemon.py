@@ -11,18 +11,30 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from modelfs.cache import PieceCache
-from modelfs.metrics import DaemonCollector, DaemonSample, MountSample, serving_metrics
+from modelfs.fetcher.stats import MountStats
+from modelfs.metrics import (
+    DaemonCollector,
+    DaemonSample,
+    MountSample,
+    hit_ratio,
+    serving_metrics,
+)
+from modelfs.service.cache_ops import cached_models
 from modelfs.service.config import DaemonConfig
-from modelfs.service.control import ask, open_control_socket, serve_control
+from modelfs.service.control import ControlError, ask, open_control_socket, serve_control
 from modelfs.service.notify import notify, watchdog_interval
-from modelfs.service.supervisor import MountState, supervise
+from modelfs.service.supervisor import MountState, stats_socket, supervise
 
 log = logging.getLogger(__name__)
+
+# How long a scrape or ``modelfs status`` waits on a mount process for its counters.
+STATS_TIMEOUT = 2.0
 
 
 class Daemon:
@@ -31,45 +43,88 @@ class Daemon:
         self.mounts = [MountState(str(spec.reference), str(spec.path)) for spec in config.mounts]
         self.cache = PieceCache(config.cache_dir, config.cache_size)
 
-    def status(self) -> dict[str, Any]:
-        stats = self.cache.stats()
+    async def status(self) -> dict[str, Any]:
+        sample = await self.sample()
+        live = [mount.live for mount in sample.mounts if mount.live is not None]
         return {
-            "mounts": [mount.as_json() for mount in self.mounts],
+            "mounts": [
+                {
+                    **state.as_json(),
+                    "present_bytes": mount.present_bytes,
+                    "total_bytes": mount.total_bytes,
+                    "live": None if mount.live is None else mount.live.as_json(),
+                }
+                for state, mount in zip(self.mounts, sample.mounts, strict=True)
+            ],
             "cache": {
                 "dir": str(self.config.cache_dir),
-                "size": stats.size,
-                "limit": stats.limit,
-                "pieces": stats.pieces,
-                "blobs": stats.blobs,
+                "size": sample.cache.size,
+                "limit": sample.cache.limit,
+                "pieces": sample.cache.pieces,
+                "blobs": sample.cache.blobs,
                 "models": len(self.cache.meta_keys("manifest/")),
+                "hit_ratio": hit_ratio(live),
             },
         }
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
         command = request.get("command")
         if command == "ping":
             return {"ok": True}
         if command == "status":
-            return self.status()
+            return await self.status()
         return None
 
-    def sample(self) -> DaemonSample:
-        return DaemonSample(
-            self.cache.stats(),
-            [
+    async def sample(self) -> DaemonSample:
+        """The cache, and each mount with the counters its process reports (none from a mount
+        process that is down or does not answer in time)."""
+        live: list[MountStats | None] = [None] * len(self.mounts)
+
+        async def ask_counters(number: int, mount: MountState) -> None:
+            with trio.move_on_after(STATS_TIMEOUT):
+                try:
+                    reply = await ask(
+                        stats_socket(self.config, Path(mount.mountpoint)), {"command": "stats"}
+                    )
+                    live[number] = MountStats.from_json(reply)
+                except (ControlError, KeyError, TypeError, ValueError) as error:
+                    log.info("no counters from the mount on %s: %s", mount.mountpoint, error)
+
+        async with trio.open_nursery() as nursery:
+            for number, mount in enumerate(self.mounts):
+                if mount.state == "mounted":
+                    nursery.start_soon(ask_counters, number, mount)
+        presence = {model.digest: model for model in cached_models(self.cache)}
+        mounts = []
+        for mount, counters in zip(self.mounts, live, strict=True):
+            model = presence.get(mount.digest or "")
+            mounts.append(
                 MountSample(
-                    mount.reference, mount.mountpoint, mount.state == "mounted", mount.restarts
+                    mount.reference,
+                    mount.mountpoint,
+                    mount.state == "mounted",
+                    mount.restarts,
+                    None if model is None else model.present_bytes,
+                    None if model is None else model.total_bytes,
+                    counters,
                 )
-                for mount in self.mounts
-            ],
-        )
+            )
+        return DaemonSample(self.cache.stats(), mounts)
 
     async def run(self) -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def sample_from_thread() -> DaemonSample:
+            # The metrics server calls from its own thread; the mounts are asked from trio.
+            return trio.from_thread.run(self.sample, trio_token=token)
+
         try:
             with ExitStack() as resources:
                 if self.config.metrics_addr:
                     resources.enter_context(
-                        serving_metrics(self.config.metrics_addr, DaemonCollector(self.sample))
+                        serving_metrics(
+                            self.config.metrics_addr, DaemonCollector(sample_from_thread)
+                        )
                     )
                 await self._serve()
         finally:

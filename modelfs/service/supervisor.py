@@ -8,6 +8,7 @@ SIGTERM, which unmounts, and detaches whatever is left.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -64,6 +65,13 @@ async def detach(path: Path) -> None:
         )
 
 
+def stats_socket(config: DaemonConfig, mountpoint: Path) -> Path:
+    """Where the mount process on ``mountpoint`` serves its counters: beside the control socket,
+    named by a hash (a unix socket path is at most 107 bytes)."""
+    name = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return config.control_socket.parent / f"mount-{name}.sock"
+
+
 def mount_command(spec: MountSpec, config: DaemonConfig, ready_fd: int) -> list[str]:
     registry = config.registry_for(spec.reference)
     return [
@@ -73,6 +81,7 @@ def mount_command(spec: MountSpec, config: DaemonConfig, ready_fd: int) -> list[
         "--cache-size", str(config.cache_size),
         "--prefetch", spec.prefetch.value,
         "--ready-fd", str(ready_fd),
+        "--stats-socket", str(stats_socket(config, spec.path)),
         *(["--plain-http"] if registry.plain_http else []),
         *(["--insecure"] if registry.insecure else []),
     ]  # fmt: skip
