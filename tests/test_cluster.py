@@ -43,14 +43,21 @@ with open(sys.argv[1], "rb", buffering=0) as file:
         digest.update(chunk)
 print(digest.hexdigest(), time.monotonic() - started)
 """
+HEAD_READER = """
+import hashlib, sys
+with open(sys.argv[1], "rb", buffering=0) as file:
+    print(hashlib.sha256(file.read(1 << 20)).hexdigest())
+"""
 
 
-def publish(registry: Registry, repository: str, path: Path) -> str:
-    """Push a one-file model and its piece index; returns the reference."""
+def publish(registry: Registry, repository: str, path: Path, index: bool = True) -> str:
+    """Push a one-file model and (unless told not to) its piece index; returns the reference."""
     layer = Layer(layer_media_type("weight", "raw"), path, {ANNOTATION_FILEPATH: "model.bin"})
     push_artifact(registry.host, repository, "v1", [layer])
-    result = CliRunner().invoke(cli, ["index", f"{registry.host}/{repository}:v1", "--plain-http"])
-    assert result.exit_code == 0, result.output
+    if index:
+        reference = f"{registry.host}/{repository}:v1"
+        result = CliRunner().invoke(cli, ["index", reference, "--plain-http"])
+        assert result.exit_code == 0, result.output
     return f"{repository}:v1"
 
 
@@ -245,6 +252,73 @@ def test_a_lying_peer_never_poisons_and_is_avoided(
         assert 0 < LyingPeer.served <= 8
         decision = ask_as_stranger(scheduler, digest, 0)
         assert decision is not None and liar not in decision.peers
+
+
+def test_without_an_index_a_lying_peer_is_caught_by_the_whole_blob_check(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(32 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry, "cluster/unindexed", data_path, index=False)
+    digest = blob_digest(data)
+    peer_args = ("--cluster-secret-file", str(secret_file))
+    LyingPeer.served = 0
+    with (
+        scheduler_process(secret_file) as scheduler,
+        lying_peer(scheduler, tmp_path / "liar-cache", data, digest) as liar,
+    ):
+        # Not allowed by the operator: no peer is asked for a piece of an unindexed blob.
+        with nodes(
+            reference, proxy, tmp_path / "strict", 1, "--scheduler", scheduler, *peer_args
+        ) as (mnt,):
+            proxy.reset()
+            (got,), _ = read_all([mnt / "model.bin"])
+        assert got == hashlib.sha256(data).hexdigest() and LyingPeer.served == 0
+        assert proxy.blob_bytes == len(data)
+
+        allowed = ("--scheduler", scheduler, *peer_args, "--peers-without-index")
+        with nodes(reference, proxy, tmp_path / "allowed", 1, *allowed) as (mnt,):
+            proxy.reset()
+            # Readers of the start and of the whole file at once: no corrupt byte reaches either
+            # (the liar's pieces are held back until the blob fails its check).
+            head = subprocess.Popen(
+                [sys.executable, "-c", HEAD_READER, str(mnt / "model.bin")],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            (got,), _ = read_all([mnt / "model.bin"])
+            assert (
+                head.communicate(timeout=120)[0].strip() == hashlib.sha256(data[:MIB]).hexdigest()
+            )
+            assert got == hashlib.sha256(data).hexdigest()
+            assert LyingPeer.served > 0
+            # Purged and fetched again from the registry only: the registry served it once.
+            assert proxy.blob_bytes == len(data)
+            decision = ask_as_stranger(scheduler, digest, 0)
+            assert decision is not None and liar not in decision.peers  # reported, avoided
+
+
+def test_without_an_index_honest_peers_still_spare_the_registry(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(24 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry, "cluster/unindexed-honest", data_path, index=False)
+    expected = hashlib.sha256(data).hexdigest()
+    with scheduler_process(secret_file) as scheduler:
+        allowed = ("--scheduler", scheduler, "--cluster-secret-file", str(secret_file))
+        allowed += ("--peers-without-index",)
+        with (
+            nodes(reference, proxy, tmp_path / "a", 1, *allowed) as (a,),
+            nodes(reference, proxy, tmp_path / "b", 1, *allowed) as (b,),
+        ):
+            (got,), _ = read_all([a / "model.bin"])
+            assert got == expected
+            proxy.reset()
+            (got,), _ = read_all([b / "model.bin"])
+            assert got == expected and proxy.blob_bytes < len(data) / 4
 
 
 def mount_pid(mountpoint: Path) -> int:
