@@ -229,9 +229,9 @@ class PieceFetcher:
     async def _whole_before_serving(self, blob: BlobRef) -> bool:
         if self._unvouched is None or blob.digest in self._verified:
             return False
-        if self.cache.is_verified(blob.digest):
-            return False
         if not await self._unvouched.whole_before_serving(blob.digest):
+            return False
+        if self.cache.is_verified(blob.digest):
             return False
         self._suspect.setdefault(blob.digest, trio.Lock())
         return True
