@@ -18,6 +18,7 @@ import pytest
 import trio
 from cluster_tools import MIB, READER, nodes, publish, read_all, scheduler_process
 from registry_tools import Proxy, Registry, free_port
+from test_peer import make_ca, make_node_cert
 from test_scheduler import Redis, redis_fixture  # noqa: F401  (the fixture)
 
 from modelfs.cache.store import PieceCache
@@ -242,6 +243,45 @@ def test_without_an_index_honest_peers_still_spare_the_registry(
             proxy.reset()
             (got,), _ = read_all([b / "model.bin"])
             assert got == expected and proxy.blob_bytes < len(data) / 4
+
+
+def test_peers_over_mutual_tls(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(16 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry.host, "cluster/tls", data_path)
+    expected = hashlib.sha256(data).hexdigest()
+    ca = make_ca(tmp_path, "cluster")
+
+    def tls_args(name: str, signer: tuple[Path, Path] = ca) -> list[str]:
+        node = make_node_cert(tmp_path, name, signer)
+        return [
+            f"--peer-tls-cert={node.cert}",
+            f"--peer-tls-key={node.key}",
+            f"--peer-tls-ca={node.ca}",
+        ]
+
+    with scheduler_process(secret_file) as scheduler:
+        peer_args = ("--scheduler", scheduler, "--cluster-secret-file", str(secret_file))
+        with (
+            nodes(reference, proxy.host, tmp_path / "a", 1, *peer_args, *tls_args("a")) as (a,),
+            nodes(reference, proxy.host, tmp_path / "b", 1, *peer_args, *tls_args("b")) as (b,),
+        ):
+            (got,), _ = read_all([a / "model.bin"])
+            assert got == expected
+            proxy.reset()
+            (got,), _ = read_all([b / "model.bin"])
+            assert got == expected and proxy.blob_bytes < len(data) / 4  # from A, over TLS
+
+            # A node whose certificate another CA signed knows the secret, and still gets
+            # nothing from A or B: the whole model comes from the registry.
+            outsider = tls_args("outsider", make_ca(tmp_path, "other"))
+            with nodes(reference, proxy.host, tmp_path / "c", 1, *peer_args, *outsider) as (c,):
+                proxy.reset()
+                (got,), _ = read_all([c / "model.bin"])
+                assert got == expected and proxy.blob_bytes == len(data)
 
 
 def mount_pid(mountpoint: Path) -> int:

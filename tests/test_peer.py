@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from modelfs.cache.store import PieceCache
-from modelfs.errors import AuthError
+from modelfs.cli.cluster import cluster_settings
+from modelfs.errors import AuthError, ModelfsError
 from modelfs.peer import http as peer_http
 from modelfs.peer.auth import MAX_SKEW, Verdict, check, load_secret, sign
 from modelfs.peer.client import PeerClient, PeerFailure
@@ -370,3 +371,24 @@ def test_connections_beyond_the_limit_are_refused_at_once(cache: PieceCache) -> 
                 await stream.aclose()
 
     trio.run(main)
+
+
+def test_cluster_settings_take_all_three_tls_files_or_none(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    node = make_node_cert(tmp_path, "node", make_ca(tmp_path, "cluster"))
+    common = ("http://scheduler:7480", secret, ("127.0.0.1", 7481), "", "")
+    with pytest.raises(ModelfsError, match=r"needs all of --peer-tls-cert, --peer-tls-key and"):
+        cluster_settings(*common, peer_tls_cert=node.cert, peer_tls_key=node.key)
+    options = cluster_settings(
+        *common,
+        peers_without_index=True,
+        peer_max_connections=8,
+        peer_tls_cert=node.cert,
+        peer_tls_key=node.key,
+        peer_tls_ca=node.ca,
+    )
+    assert options is not None and options.tls == node
+    assert options.without_index and options.max_connections == 8
+    plain = cluster_settings(*common)
+    assert plain is not None and plain.tls is None and not plain.without_index
