@@ -347,6 +347,7 @@ def test_tls_files_that_cannot_be_used_are_named(tmp_path: Path) -> None:
 
 def test_connections_beyond_the_limit_are_refused_at_once(cache: PieceCache) -> None:
     limit = 3
+    failures: list[PeerFailure] = []
 
     async def main() -> None:
         server = PeerServer(cache, SECRET, index_lookup, max_connections=limit)
@@ -356,21 +357,23 @@ def test_connections_beyond_the_limit_are_refused_at_once(cache: PieceCache) -> 
             # Let the server take them before the next one knocks.
             while server.connections.borrowed_tokens < limit:
                 await trio.sleep(0.01)
-            extra = await trio.open_tcp_stream(host, int(port))
-            with trio.fail_after(2):
-                assert await extra.receive_some(10) == b""  # closed unread, not queued
-            await extra.aclose()
-            assert server.refused_connections == 1
+            path = f"/pieces/{DIGEST}/0"
+            with trio.fail_after(2):  # answered at once, not queued
+                busy = await raw_get(address, path, None)
+                assert (busy.status_code, busy.content) == (503, b"")
+                async with PeerClient(SECRET, report=failures.append) as client:
+                    assert await client.fetch_piece(address, DIGEST, 0, HASHES[0]) is None
+            assert server.refused_connections == 2
             await held.pop().aclose()
             while server.connections.borrowed_tokens >= limit:
                 await trio.sleep(0.01)
-            path = f"/pieces/{DIGEST}/0"
             served = await raw_get(address, path, sign(SECRET, "GET", path, time.time()))
             assert (served.status_code, served.content) == (200, PIECES[0])
             for stream in held:
                 await stream.aclose()
 
     trio.run(main)
+    assert failures == []  # busy is not at fault: not reported
 
 
 def test_cluster_settings_take_all_three_tls_files_or_none(tmp_path: Path) -> None:

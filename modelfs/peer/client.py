@@ -3,7 +3,8 @@
 The bytes are checked against the piece index's sha256 (which came from the registry), so a
 lying peer costs one wasted transfer and a report, never a corrupt byte. Without an index (no
 expected sha256) the caller checks the whole blob instead. Every failure (bad bytes, refusal,
-timeout, dead peer) gives None and a report; the caller falls back.
+timeout, dead peer) gives None and a report; the caller falls back. A busy peer (503: at its
+connection limit) gives None without a report: it is not at fault.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class PeerClient:
     async def fetch_piece(
         self, peer: str, digest: str, index: int, expected_sha256: str | None
     ) -> bytes | None:
-        """Piece ``index`` of blob ``digest`` from ``peer`` (host:port), or None (reported).
+        """Piece ``index`` of blob ``digest`` from ``peer`` (host:port), or None.
 
-        ``expected_sha256`` None: no piece index; the bytes are unchecked here."""
+        None is reported, unless the peer was only busy. ``expected_sha256`` None: no piece
+        index; the bytes are unchecked here."""
         if self._http is None:
             raise RuntimeError("PeerClient used outside `async with`")
         path = f"/pieces/{digest}/{index}"
@@ -96,6 +98,9 @@ class PeerClient:
                 async with self._http.stream(
                     "GET", f"{self._scheme}://{peer}{path}", headers=headers
                 ) as response:
+                    if response.status_code == 503:
+                        log.info("peer %s is busy; piece %d of %s elsewhere", peer, index, digest)
+                        return None
                     if response.status_code != 200:
                         reason = f"answered HTTP {response.status_code}"
                         if response.status_code == 404:

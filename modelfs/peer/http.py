@@ -9,9 +9,10 @@ With a TLS context (mutual TLS: the context requires a client certificate), each
 wrapped before its first byte is read; a client without a certificate the CA signed fails the
 handshake and is never answered. The HMAC token is still required on top.
 
-At most ``max_connections`` connections are served at once. One more is closed at once, unread:
-a peer client then tries another peer or the registry right away, instead of queueing behind a
-busy node (a stalled queue would eat its wait budget).
+At most ``max_connections`` connections are served at once. One more gets 503 to its first
+request, unauthenticated and at once, and is closed: a peer client then tries another peer or
+the registry right away, instead of queueing behind a busy node (a stalled queue would eat its
+wait budget), and does not report the peer as failed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from modelfs.peer.auth import SCHEME, Verdict, check
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 30.0
+BUSY_TIMEOUT = 1.0  # longest a refused connection is kept to tell it 503
 DEFAULT_MAX_CONNECTIONS = 256
 MAX_BODY = 4 * 1024 * 1024
 _RECEIVE_SIZE = 64 * 1024
@@ -92,17 +94,17 @@ class AuthenticatedServer:
         await trio.serve_listeners(self.handle_connection, listeners, task_status=task_status)
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if self._tls is not None:
+            stream = trio.SSLStream(tcp, self._tls, server_side=True, https_compatible=True)
         try:
             self.connections.acquire_nowait()
         except trio.WouldBlock:
             self.refused_connections += 1
             log.info("%d connections already: one more refused", self.connections.total_tokens)
-            await tcp.aclose()
+            await _refuse_busy(stream)
             return
         try:
-            stream: trio.abc.Stream = tcp
-            if self._tls is not None:
-                stream = trio.SSLStream(tcp, self._tls, server_side=True, https_compatible=True)
             await self._serve_connection(stream)
         finally:
             self.connections.release()
@@ -189,6 +191,19 @@ async def _respond(connection: h11.Connection, stream: trio.abc.Stream, response
         h11.EndOfMessage(),
     ):
         await stream.send_all(connection.send(event) or b"")
+
+
+async def _refuse_busy(stream: trio.abc.Stream) -> None:
+    """503 to the first request, then close. The request is read first: closing a socket with
+    unread bytes resets it, and the client could lose the answer."""
+    connection = h11.Connection(h11.SERVER)
+    with trio.move_on_after(BUSY_TIMEOUT):
+        try:
+            if await _next_request(connection, stream) is not None:
+                await _respond(connection, stream, Response(503))
+        except (h11.ProtocolError, _BodyTooLarge, trio.BrokenResourceError):
+            log.debug("a refused client went away, or sent no valid request")
+    await trio.aclose_forcefully(stream)
 
 
 async def _refuse(connection: h11.Connection, stream: trio.abc.Stream, status: int) -> None:
