@@ -4,6 +4,8 @@
 generates a Llama-shaped model (sharded safetensors, index, config, tokenizer; 2.2 GB and a
 200 MB one), pushes it once, then runs every case N times, dropping the page cache before each,
 and prints a markdown table of medians with ratios plus the verdict on each target of issue 4.
+Then the cluster case (``bench/cluster.py``): 2, 4 and 8 nodes reading one model together,
+with and without peers (``--only cluster`` runs just that one).
 Results also go to ``bench/results/<time>.md`` and ``.json`` (raw samples).
 
 Registry bytes come from the registry's own access log (no proxy in the data path to slow it);
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the registry fixtures of the test sui
 from mounting import modelfs, mount_pid, unmount  # noqa: E402
 from registry_tools import Layer, Registry, push_artifact  # noqa: E402
 
+from bench.cluster import NODE_COUNTS, ClusterCase, ClusterError, render_cluster  # noqa: E402
 from modelfs.modelpack import (  # noqa: E402
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
@@ -458,6 +461,19 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--work-dir", type=Path, default=Path("/var/tmp"), help="where the scratch directory goes"
     )
+    parser.add_argument(
+        "--only", choices=["cluster"], help="run only this case (cluster: N nodes with peers)"
+    )
+    parser.add_argument(
+        "--cluster-size",
+        type=int,
+        help="MiB of the cluster case's model (default 256; 32 with --quick)",
+    )
+    parser.add_argument(
+        "--cluster-nodes",
+        default=",".join(map(str, NODE_COUNTS)),
+        help="node counts of the cluster case (default %(default)s)",
+    )
     return parser.parse_args()
 
 
@@ -471,31 +487,59 @@ def main() -> None:
         if arguments.quick
         else (models.LARGE, models.SMALL)
     )
+    cluster_size = (arguments.cluster_size or (32 if arguments.quick else 256)) << 20
+    node_counts = tuple(int(count) for count in arguments.cluster_nodes.split(","))
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=arguments.work_dir))
     registry = start_registry(work / "registry")
+    access_log = AccessLog(registry.log_path)
     bench: Bench | None = None
     try:
-        log(f"bench: generating and pushing the models in {work}")
-        large = push_model(registry, "large", models.generate(large_shape, work / "model-large"))
-        small = push_model(registry, "small", models.generate(small_shape, work / "model-small"))
-        log(f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB")
-        bench = Bench(work, large, small, AccessLog(registry.log_path))
+        sections: list[str] = []
         load_before, started = os.getloadavg()[0], time.monotonic()
+        if arguments.only is None:
+            log(f"bench: generating and pushing the models in {work}")
+            large = push_model(
+                registry, "large", models.generate(large_shape, work / "model-large")
+            )
+            small = push_model(
+                registry, "small", models.generate(small_shape, work / "model-small")
+            )
+            log(
+                f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB"
+            )
+            bench = Bench(work, large, small, access_log)
+            for run in range(1, runs + 1):
+                log(f"bench: run {run} of {runs}")
+                bench.run_once()
+            sections += [
+                f"modelfs benchmark: large model {large.size / MB:.0f} MB "
+                f"({len(large.files)} files), small model {small.size / MB:.0f} MB; "
+                f"medians of {runs} run(s); readahead {bench.read_ahead_kb} KiB on both FUSE "
+                f"mounts; {os.cpu_count()} CPUs, load average {load_before:.1f} before and "
+                f"{os.getloadavg()[0]:.1f} after; the runs took "
+                f"{(time.monotonic() - started) / 60:.1f} min",
+                render_table(bench.results),
+                render_verdicts(evaluate(bench.results, large.size)),
+            ]
+        log(f"bench: cluster case, a {cluster_size >> 20} MiB model, nodes {node_counts}")
+        cluster = ClusterCase(registry.host, access_log, work, cluster_size, node_counts)
+        cluster_results: Results = {}
+
+        def record_cluster(key: str, sample: Sample) -> None:
+            cluster_results.setdefault(key, []).append(sample)
+            log(f"  {key}: {sample.seconds:.2f} s, registry {sample.registry_bytes} bytes")
+
         for run in range(1, runs + 1):
-            log(f"bench: run {run} of {runs}")
-            bench.run_once()
-        sections = [
-            f"modelfs benchmark: large model {large.size / MB:.0f} MB "
-            f"({len(large.files)} files), small model {small.size / MB:.0f} MB; "
-            f"medians of {runs} run(s); readahead {bench.read_ahead_kb} KiB on both FUSE "
-            f"mounts; {os.cpu_count()} CPUs, load average {load_before:.1f} before and "
-            f"{os.getloadavg()[0]:.1f} after; the runs took "
-            f"{(time.monotonic() - started) / 60:.1f} min",
-            render_table(bench.results),
-            render_verdicts(evaluate(bench.results, large.size)),
+            log(f"bench: cluster run {run} of {runs}")
+            cluster.run_once(cold_start, record_cluster)
+        sections += [
+            f"cluster: N nodes reading one {cluster_size >> 20} MiB model together (separate "
+            f"mount processes, each its own cache and peer port, one scheduler); medians of "
+            f"{runs} run(s); {os.cpu_count()} CPUs",
+            render_cluster(cluster_results, cluster_size),
         ]
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        if arguments.profile:
+        if arguments.profile and bench is not None:
             log("bench: profile pass")
             profiles = bench.profile_pass(RESULTS_DIR / f"{stamp}-profiles")
             sections += [f"py-spy, mount process, {key}:\n{text}" for key, text in profiles.items()]
@@ -503,11 +547,12 @@ def main() -> None:
         print(report)
         RESULTS_DIR.mkdir(exist_ok=True)
         (RESULTS_DIR / f"{stamp}.md").write_text(report + "\n")
+        all_results = {**(bench.results if bench is not None else {}), **cluster_results}
         raw = {
-            key: [dataclasses.asdict(s) for s in samples] for key, samples in bench.results.items()
+            key: [dataclasses.asdict(s) for s in samples] for key, samples in all_results.items()
         }
         (RESULTS_DIR / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
-    except BenchError as error:
+    except (BenchError, ClusterError) as error:
         sys.exit(f"bench: {error}")
     finally:
         if bench is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cluster import render_cluster
 from bench.model import LARGE, SMALL, split_into_shards
 from bench.report import MB, Results, Sample, evaluate, render_table, summarize_profile
 
@@ -88,3 +89,17 @@ def test_profile_summary_groups_by_function() -> None:
     assert "self: get (store.py) 80%, get_events (_io_epoll.py) 20%" in summary
     assert "in and under modelfs functions: " in summary
     assert "read (fuse.py) 80%" in summary
+
+
+def test_the_cluster_table_gives_ratios_per_node_count() -> None:
+    size = 256 << 20
+    table = render_cluster(
+        {
+            "cluster_1": [Sample(2.0, size, size)],
+            "cluster_4_alone": [Sample(6.0, 4 * size, 4 * size), Sample(8.0, 4 * size, 4 * size)],
+            "cluster_4_peers": [Sample(3.0, 4 * size, size + size // 10)],
+        },
+        size,
+    )
+    # registry x model without / with peers, seconds without / with, with/without, with/one
+    assert table.splitlines()[2] == "| 4 | 4.00 | 1.10 | 7.00 | 3.00 | 0.43 | 1.50 |"

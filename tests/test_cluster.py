@@ -6,52 +6,36 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from click.testing import CliRunner
-from mounting import mount_pid, mounted
-from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
+from cluster_tools import MIB, READER, nodes, publish, read_all, scheduler_process
+from mounting import mount_pid
+from registry_tools import Proxy, Registry, free_port
+from test_peer import make_ca, make_node_cert
 from test_scheduler import Redis, redis_fixture  # noqa: F401  (the fixture)
 
 from modelfs.cache.store import PieceCache
 from modelfs.cli import (
-    cli,
     cluster,  # noqa: F401  (registers the commands)
 )
-from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 from modelfs.peer.server import PeerServer
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import Decision, NodeInfo
 
-MIB = 1 << 20
 SECRET = b"cluster-test-secret-0123456789abcdef"
-READER = """
-import hashlib, sys, time
-started = time.monotonic()
-digest = hashlib.sha256()
+HEAD_READER = """
+import hashlib, sys
 with open(sys.argv[1], "rb", buffering=0) as file:
-    while chunk := file.read(1 << 20):
-        digest.update(chunk)
-print(digest.hexdigest(), time.monotonic() - started)
+    print(hashlib.sha256(file.read(1 << 20)).hexdigest())
 """
-
-
-def publish(registry: Registry, repository: str, path: Path) -> str:
-    """Push a one-file model and its piece index; returns the reference."""
-    layer = Layer(layer_media_type("weight", "raw"), path, {ANNOTATION_FILEPATH: "model.bin"})
-    push_artifact(registry.host, repository, "v1", [layer])
-    result = CliRunner().invoke(cli, ["index", f"{registry.host}/{repository}:v1", "--plain-http"])
-    assert result.exit_code == 0, result.output
-    return f"{repository}:v1"
 
 
 @pytest.fixture
@@ -61,58 +45,6 @@ def secret_file(tmp_path: Path) -> Path:
     return path
 
 
-@contextmanager
-def scheduler_process(secret_file: Path, *extra: str) -> Iterator[str]:
-    """``modelfs scheduler`` in its own process; yields its URL once it accepts connections."""
-    port = free_port()
-    command = [sys.executable, "-m", "modelfs", "scheduler", "--listen", f"127.0.0.1:{port}"]
-    command += ["--cluster-secret-file", str(secret_file), *extra]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def read_all(paths: list[Path]) -> tuple[list[str], float]:
-    """Read each file in its own process, all at once; (sha256 of each, wall time)."""
-    started = time.monotonic()
-    readers = [
-        subprocess.Popen(
-            [sys.executable, "-c", READER, str(path)], stdout=subprocess.PIPE, text=True
-        )
-        for path in paths
-    ]
-    outputs = [reader.communicate(timeout=300)[0].split() for reader in readers]
-    return [output[0] if output else "" for output in outputs], time.monotonic() - started
-
-
-@contextmanager
-def nodes(reference: str, proxy: Proxy, root: Path, count: int, *args: str) -> Iterator[list[Path]]:
-    """``count`` mounts of ``reference`` through ``proxy``, each with its own cache (and port)."""
-    with ExitStack() as stack:
-        yield [
-            stack.enter_context(
-                mounted(
-                    f"{proxy.host}/{reference}",
-                    root / f"node{n}",
-                    root / f"cache{n}",
-                    *args,
-                    *(("--peer-listen", f"127.0.0.1:{free_port()}") if args else ()),
-                )
-            )
-            for n in range(count)
-        ]
-
-
 def test_four_nodes_fetch_the_model_about_once(
     registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
 ) -> None:
@@ -120,10 +52,10 @@ def test_four_nodes_fetch_the_model_about_once(
     data_path = tmp_path / "model.bin"
     data_path.write_bytes(os.urandom(size))
     expected = hashlib.sha256(data_path.read_bytes()).hexdigest()
-    reference = publish(registry, "cluster/four", data_path)
+    reference = publish(registry.host, "cluster/four", data_path)
 
     # Baseline: the same four nodes without peers, each pulling the model from the registry.
-    with nodes(reference, proxy, tmp_path / "alone", 4) as mounts:
+    with nodes(reference, proxy.host, tmp_path / "alone", 4) as mounts:
         proxy.reset()
         hashes, alone_time = read_all([mnt / "model.bin" for mnt in mounts])
         alone_bytes = proxy.blob_bytes
@@ -133,7 +65,7 @@ def test_four_nodes_fetch_the_model_about_once(
         scheduler_process(secret_file) as scheduler,
         nodes(
             reference,
-            proxy,
+            proxy.host,
             tmp_path / "peers",
             4,
             "--scheduler",
@@ -221,14 +153,14 @@ def test_a_lying_peer_never_poisons_and_is_avoided(
     data = os.urandom(32 * MIB)
     data_path = tmp_path / "model.bin"
     data_path.write_bytes(data)
-    reference = publish(registry, "cluster/liar", data_path)
+    reference = publish(registry.host, "cluster/liar", data_path)
     digest = blob_digest(data)
     with (
         scheduler_process(secret_file) as scheduler,
         lying_peer(scheduler, tmp_path / "liar-cache", data, digest) as liar,
         nodes(
             reference,
-            proxy,
+            proxy.host,
             tmp_path,
             1,
             "--scheduler",
@@ -247,27 +179,137 @@ def test_a_lying_peer_never_poisons_and_is_avoided(
         assert decision is not None and liar not in decision.peers
 
 
+def test_without_an_index_a_lying_peer_is_caught_by_the_whole_blob_check(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(32 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry.host, "cluster/unindexed", data_path, index=False)
+    digest = blob_digest(data)
+    peer_args = ("--cluster-secret-file", str(secret_file))
+    LyingPeer.served = 0
+    with (
+        scheduler_process(secret_file) as scheduler,
+        lying_peer(scheduler, tmp_path / "liar-cache", data, digest) as liar,
+    ):
+        # Not allowed by the operator: no peer is asked for a piece of an unindexed blob.
+        with nodes(
+            reference, proxy.host, tmp_path / "strict", 1, "--scheduler", scheduler, *peer_args
+        ) as (mnt,):
+            proxy.reset()
+            (got,), _ = read_all([mnt / "model.bin"])
+        assert got == hashlib.sha256(data).hexdigest() and LyingPeer.served == 0
+        assert proxy.blob_bytes == len(data)
+
+        allowed = ("--scheduler", scheduler, *peer_args, "--peers-without-index")
+        with nodes(reference, proxy.host, tmp_path / "allowed", 1, *allowed) as (mnt,):
+            proxy.reset()
+            # Readers of the start and of the whole file at once: no corrupt byte reaches either
+            # (the liar's pieces are held back until the blob fails its check).
+            head = subprocess.Popen(
+                [sys.executable, "-c", HEAD_READER, str(mnt / "model.bin")],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            (got,), _ = read_all([mnt / "model.bin"])
+            assert (
+                head.communicate(timeout=120)[0].strip() == hashlib.sha256(data[:MIB]).hexdigest()
+            )
+            assert got == hashlib.sha256(data).hexdigest()
+            assert LyingPeer.served > 0
+            # Purged and fetched again from the registry only: the registry served it once.
+            assert proxy.blob_bytes == len(data)
+            decision = ask_as_stranger(scheduler, digest, 0)
+            assert decision is not None and liar not in decision.peers  # reported, avoided
+
+
+def test_without_an_index_honest_peers_still_spare_the_registry(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(24 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry.host, "cluster/unindexed-honest", data_path, index=False)
+    expected = hashlib.sha256(data).hexdigest()
+    with scheduler_process(secret_file) as scheduler:
+        allowed = ("--scheduler", scheduler, "--cluster-secret-file", str(secret_file))
+        allowed += ("--peers-without-index",)
+        with (
+            nodes(reference, proxy.host, tmp_path / "a", 1, *allowed) as (a,),
+            nodes(reference, proxy.host, tmp_path / "b", 1, *allowed) as (b,),
+        ):
+            (got,), _ = read_all([a / "model.bin"])
+            assert got == expected
+            proxy.reset()
+            (got,), _ = read_all([b / "model.bin"])
+            assert got == expected and proxy.blob_bytes < len(data) / 4
+
+
+def test_peers_over_mutual_tls(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    data = os.urandom(16 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry.host, "cluster/tls", data_path)
+    expected = hashlib.sha256(data).hexdigest()
+    ca = make_ca(tmp_path, "cluster")
+
+    def tls_args(name: str, signer: tuple[Path, Path] = ca) -> list[str]:
+        node = make_node_cert(tmp_path, name, signer)
+        return [
+            f"--peer-tls-cert={node.cert}",
+            f"--peer-tls-key={node.key}",
+            f"--peer-tls-ca={node.ca}",
+        ]
+
+    with scheduler_process(secret_file) as scheduler:
+        peer_args = ("--scheduler", scheduler, "--cluster-secret-file", str(secret_file))
+        with (
+            nodes(reference, proxy.host, tmp_path / "a", 1, *peer_args, *tls_args("a")) as (a,),
+            nodes(reference, proxy.host, tmp_path / "b", 1, *peer_args, *tls_args("b")) as (b,),
+        ):
+            (got,), _ = read_all([a / "model.bin"])
+            assert got == expected
+            proxy.reset()
+            (got,), _ = read_all([b / "model.bin"])
+            assert got == expected and proxy.blob_bytes < len(data) / 4  # from A, over TLS
+
+            # A node whose certificate another CA signed knows the secret, and still gets
+            # nothing from A or B: the whole model comes from the registry.
+            outsider = tls_args("outsider", make_ca(tmp_path, "other"))
+            with nodes(reference, proxy.host, tmp_path / "c", 1, *peer_args, *outsider) as (c,):
+                proxy.reset()
+                (got,), _ = read_all([c / "model.bin"])
+                assert got == expected and proxy.blob_bytes == len(data)
+
+
 def test_dead_scheduler_and_killed_peer_never_fail_reads(
     registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
 ) -> None:
     data = os.urandom(24 * MIB)
     data_path = tmp_path / "model.bin"
     data_path.write_bytes(data)
-    reference = publish(registry, "cluster/faults", data_path)
+    reference = publish(registry.host, "cluster/faults", data_path)
     expected = hashlib.sha256(data).hexdigest()
     peer_args = ("--cluster-secret-file", str(secret_file))
 
     nobody = f"http://127.0.0.1:{free_port()}"
-    with nodes(reference, proxy, tmp_path / "lonely", 1, "--scheduler", nobody, *peer_args) as (
-        mnt,
-    ):
+    with nodes(
+        reference, proxy.host, tmp_path / "lonely", 1, "--scheduler", nobody, *peer_args
+    ) as (mnt,):
         (got,), elapsed = read_all([mnt / "model.bin"])
         assert got == expected and elapsed < 30
 
     with (
         scheduler_process(secret_file) as scheduler,
-        nodes(reference, proxy, tmp_path / "a", 1, "--scheduler", scheduler, *peer_args) as (a,),
-        nodes(reference, proxy, tmp_path / "b", 1, "--scheduler", scheduler, *peer_args) as (b,),
+        nodes(reference, proxy.host, tmp_path / "a", 1, "--scheduler", scheduler, *peer_args) as (
+            a,
+        ),
+        nodes(reference, proxy.host, tmp_path / "b", 1, "--scheduler", scheduler, *peer_args) as (
+            b,
+        ),
     ):
         (got,), _ = read_all([a / "model.bin"])
         assert got == expected
@@ -284,14 +326,14 @@ def test_replicas_sharing_redis_survive_its_restart(
     data = os.urandom(48 * MIB)
     data_path = tmp_path / "model.bin"
     data_path.write_bytes(data)
-    reference = publish(registry, "cluster/redis", data_path)
+    reference = publish(registry.host, "cluster/redis", data_path)
     expected = hashlib.sha256(data).hexdigest()
     peer_args = ("--cluster-secret-file", str(secret_file))
     with (
         scheduler_process(secret_file, "--redis", redis.url) as one,
         scheduler_process(secret_file, "--redis", redis.url) as two,
-        nodes(reference, proxy, tmp_path / "a", 1, "--scheduler", one, *peer_args) as (a,),
-        nodes(reference, proxy, tmp_path / "b", 1, "--scheduler", two, *peer_args) as (b,),
+        nodes(reference, proxy.host, tmp_path / "a", 1, "--scheduler", one, *peer_args) as (a,),
+        nodes(reference, proxy.host, tmp_path / "b", 1, "--scheduler", two, *peer_args) as (b,),
     ):
         (got,), _ = read_all([a / "model.bin"])
         assert got == expected
@@ -301,7 +343,9 @@ def test_replicas_sharing_redis_survive_its_restart(
         assert got == expected and proxy.blob_bytes < len(data) / 4
 
         # Redis restarts while a node reads: it loses the state, the read goes on.
-        with nodes(reference, proxy, tmp_path / "c", 1, "--scheduler", one, *peer_args) as (c,):
+        with nodes(reference, proxy.host, tmp_path / "c", 1, "--scheduler", one, *peer_args) as (
+            c,
+        ):
             reader = subprocess.Popen(
                 [sys.executable, "-c", READER, str(c / "model.bin")],
                 stdout=subprocess.PIPE,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,11 +17,13 @@ import pytest
 import trio
 
 from modelfs.cache.store import PieceCache
-from modelfs.errors import AuthError
+from modelfs.cli.cluster import cluster_settings
+from modelfs.errors import AuthError, ModelfsError
 from modelfs.peer import http as peer_http
 from modelfs.peer.auth import MAX_SKEW, Verdict, check, load_secret, sign
 from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.server import PeerServer
+from modelfs.peer.tls import PeerTLS, TLSConfigError
 from modelfs.scheduler.ranking import FailureKind
 
 PIECE = 64 * 1024
@@ -248,3 +252,146 @@ def test_idle_and_oversized_requests_are_cut_off(
             return closed, flood.status_code
 
     assert trio.run(main) == (b"", 413)
+
+
+# --- mutual TLS -----------------------------------------------------------------------------
+
+
+def openssl(*arguments: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True)
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}-ca.crt", directory / f"{name}-ca.key"
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", f"/CN={name} cluster CA", "-keyout", key, "-out", cert,
+    )  # fmt: skip
+    return cert, key
+
+
+def make_node_cert(directory: Path, name: str, ca: tuple[Path, Path]) -> PeerTLS:
+    """A node certificate for 127.0.0.1 signed by ``ca``; with that CA as the trusted one."""
+    cert, key, request = (directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+        "-keyout", key, "-out", request,
+    )  # fmt: skip
+    extensions = directory / f"{name}.ext"
+    extensions.write_text("subjectAltName = IP:127.0.0.1\n")
+    openssl(
+        "x509", "-req", "-in", request, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+        "-days", "2", "-extfile", extensions, "-out", cert,
+    )  # fmt: skip
+    return PeerTLS(cert, key, ca[0])
+
+
+def test_mutual_tls_serves_only_clients_the_cluster_ca_signed(
+    cache: PieceCache, tmp_path: Path
+) -> None:
+    cluster_ca = make_ca(tmp_path, "cluster")
+    server_tls = make_node_cert(tmp_path, "server", cluster_ca)
+    member = make_node_cert(tmp_path, "member", cluster_ca)
+    outsider = make_node_cert(tmp_path, "outsider", make_ca(tmp_path, "other"))
+    path = f"/pieces/{DIGEST}/0"
+
+    async def get(address: str, client_cert: PeerTLS | None) -> httpx.Response | str:
+        # Trusts the cluster CA; presents ``client_cert`` (or nothing).
+        context = ssl.create_default_context(cafile=cluster_ca[0])
+        if client_cert is not None:
+            context.load_cert_chain(client_cert.cert, client_cert.key)
+        headers = {"Authorization": sign(SECRET, "GET", path, time.time())}
+        async with httpx.AsyncClient(verify=context, timeout=5) as client:
+            try:
+                return await client.get(f"https://{address}{path}", headers=headers)
+            except httpx.HTTPError as error:
+                return type(error).__name__
+
+    async def main() -> None:
+        server = PeerServer(cache, SECRET, index_lookup, tls=server_tls.server_context())
+        async with peer(server) as address:
+            served = await get(address, member)
+            assert isinstance(served, httpx.Response)
+            assert (served.status_code, served.content) == (200, PIECES[0])
+            for client_cert in (None, outsider):
+                refused = await get(address, client_cert)
+                assert isinstance(refused, str), refused  # no answer at all, not even a status
+            async with httpx.AsyncClient() as plain:
+                with pytest.raises(httpx.HTTPError):
+                    await plain.get(f"http://{address}{path}")
+            failures: list[PeerFailure] = []
+            async with PeerClient(
+                SECRET, report=failures.append, tls=member.client_context()
+            ) as client:
+                assert await client.fetch_piece(address, DIGEST, 1, HASHES[1]) == PIECES[1]
+            async with PeerClient(
+                SECRET, report=failures.append, tls=outsider.client_context()
+            ) as client:
+                assert await client.fetch_piece(address, DIGEST, 1, HASHES[1]) is None
+            assert [f.kind for f in failures] == [FailureKind.FAILED]
+
+    trio.run(main)
+
+
+def test_tls_files_that_cannot_be_used_are_named(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "cluster")
+    node = make_node_cert(tmp_path, "node", ca)
+    with pytest.raises(TLSConfigError, match=r"peer CA certificate .*absent.*--peer-tls-ca"):
+        PeerTLS(node.cert, node.key, tmp_path / "absent").server_context()
+    with pytest.raises(TLSConfigError, match=r"--peer-tls-cert and --peer-tls-key"):
+        PeerTLS(node.cert, ca[1], node.ca).client_context()  # a key of another certificate
+
+
+# --- the connection limit -------------------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_are_refused_at_once(cache: PieceCache) -> None:
+    limit = 3
+    failures: list[PeerFailure] = []
+
+    async def main() -> None:
+        server = PeerServer(cache, SECRET, index_lookup, max_connections=limit)
+        async with peer(server) as address:
+            host, port = address.split(":")
+            held = [await trio.open_tcp_stream(host, int(port)) for _ in range(limit)]
+            # Let the server take them before the next one knocks.
+            while server.connections.borrowed_tokens < limit:
+                await trio.sleep(0.01)
+            path = f"/pieces/{DIGEST}/0"
+            with trio.fail_after(2):  # answered at once, not queued
+                busy = await raw_get(address, path, None)
+                assert (busy.status_code, busy.content) == (503, b"")
+                async with PeerClient(SECRET, report=failures.append) as client:
+                    assert await client.fetch_piece(address, DIGEST, 0, HASHES[0]) is None
+            assert server.refused_connections == 2
+            await held.pop().aclose()
+            while server.connections.borrowed_tokens >= limit:
+                await trio.sleep(0.01)
+            served = await raw_get(address, path, sign(SECRET, "GET", path, time.time()))
+            assert (served.status_code, served.content) == (200, PIECES[0])
+            for stream in held:
+                await stream.aclose()
+
+    trio.run(main)
+    assert failures == []  # busy is not at fault: not reported
+
+
+def test_cluster_settings_take_all_three_tls_files_or_none(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    node = make_node_cert(tmp_path, "node", make_ca(tmp_path, "cluster"))
+    common = ("http://scheduler:7480", secret, ("127.0.0.1", 7481), "", "")
+    with pytest.raises(ModelfsError, match=r"needs all of --peer-tls-cert, --peer-tls-key and"):
+        cluster_settings(*common, peer_tls_cert=node.cert, peer_tls_key=node.key)
+    options = cluster_settings(
+        *common,
+        peers_without_index=True,
+        peer_max_connections=8,
+        peer_tls_cert=node.cert,
+        peer_tls_key=node.key,
+        peer_tls_ca=node.ca,
+    )
+    assert options is not None and options.tls == node
+    assert options.without_index and options.max_connections == 8
+    plain = cluster_settings(*common)
+    assert plain is not None and plain.tls is None and not plain.without_index

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from registry_tools import free_port
 
 from modelfs.peer.http import parse_listen
@@ -374,3 +375,49 @@ def test_cli_serves(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_metrics_count_the_decisions() -> None:
+    async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"{url}/metrics")  # no token: Prometheus scrapes it
+        assert answer.status_code == 200
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples
+        }
+
+    async def main() -> None:
+        async with (
+            scheduler(None) as url,
+            node_client(url, A) as a,
+            node_client(url, B) as b,
+            node_client(url, C) as c,
+        ):
+            for client in (a, b, c, a):
+                assert await client.register()
+            assert (await a.ask(BLOB, 0)).action is Action.SOURCE  # type: ignore[union-attr]
+            assert (await b.ask(BLOB, 0)).action is Action.WAIT  # type: ignore[union-attr]
+            assert await a.announce([(BLOB, 0), (BLOB, 1)])
+            assert (await b.ask(BLOB, 0)).peers == (A.address,)  # type: ignore[union-attr]
+            assert await b.report(A.address, BLOB, 0, FailureKind.CORRUPT)
+            assert (await c.ask(BLOB, 0)).action is Action.SOURCE  # type: ignore[union-attr]
+            metrics = await scrape(url)
+
+        def value(name: str, **labels: str) -> float:
+            return metrics[(f"modelfs_scheduler_{name}", tuple(sorted(labels.items())))]
+
+        assert value("answers_total", action="source") == 2
+        assert value("answers_total", action="wait") == 1
+        assert value("answers_total", action="peers") == 1
+        assert value("candidates_total") == 1
+        assert value("avoided_peers_total") == 1  # A, reported corrupt, left out for C
+        assert value("reports_total", kind="corrupt") == 1
+        assert value("reports_total", kind="failed") == 0
+        assert value("registrations_total") == 4
+        assert value("nodes") == 3
+        assert value("announced_pieces_total") == 2
+        assert value("backend_errors_total") == 0
+
+    trio.run(main)

@@ -16,6 +16,7 @@ from modelfs.fetcher.registry import RegistryClient
 from modelfs.peer.auth import load_secret
 from modelfs.peer.http import parse_listen
 from modelfs.peer.source import ClusterOptions
+from modelfs.peer.tls import PeerTLS
 from modelfs.reference import parse_reference
 from modelfs.scheduler.service import run_scheduler
 
@@ -69,6 +70,12 @@ _secret_file = click.option(
 )
 
 
+def _tls_file(name: str, help: str) -> Callable[[F], F]:
+    return click.option(
+        name, type=click.Path(dir_okay=False, path_type=Path), default=None, help=help
+    )
+
+
 def cluster_options(command: F) -> F:
     """The options of a node that shares pieces with its peers (``modelfs mount``)."""
     for option in reversed(
@@ -83,6 +90,22 @@ def cluster_options(command: F) -> F:
             ),
             click.option("--zone", default="", help="Zone label, for peer locality."),
             click.option("--rack", default="", help="Rack label, for peer locality."),
+            click.option(
+                "--peers-without-index",
+                is_flag=True,
+                help="Also take pieces of blobs no piece index covers from peers; such a blob "
+                "is then served only once it matched its digest whole (reads wait for it).",
+            ),
+            click.option(
+                "--peer-max-connections",
+                default=ClusterOptions.max_connections,
+                show_default=True,
+                type=click.IntRange(1, 100_000),
+                help="Connections the peer server serves at once; more are refused at once.",
+            ),
+            _tls_file("--peer-tls-cert", "This node's certificate (PEM), signed by the CA."),
+            _tls_file("--peer-tls-key", "The private key of --peer-tls-cert (PEM)."),
+            _tls_file("--peer-tls-ca", "The cluster CA (PEM) that signed every peer's cert."),
         ]
     ):
         command = option(command)
@@ -95,13 +118,37 @@ def cluster_settings(
     peer_listen: tuple[str, int] | None,
     zone: str,
     rack: str,
+    peers_without_index: bool = False,
+    peer_max_connections: int = ClusterOptions.max_connections,
+    peer_tls_cert: Path | None = None,
+    peer_tls_key: Path | None = None,
+    peer_tls_ca: Path | None = None,
 ) -> ClusterOptions | None:
     """What ``cluster_options`` gave: None when peers are not in use."""
     if scheduler is None and cluster_secret_file is None and peer_listen is None:
         return None
     if scheduler is None or cluster_secret_file is None or peer_listen is None:
         raise ModelfsError("peers need all of --scheduler, --cluster-secret-file and --peer-listen")
-    return ClusterOptions(scheduler, load_secret(cluster_secret_file), peer_listen, zone, rack)
+    tls_files = (peer_tls_cert, peer_tls_key, peer_tls_ca)
+    tls = None
+    if peer_tls_cert is not None and peer_tls_key is not None and peer_tls_ca is not None:
+        tls = PeerTLS(peer_tls_cert, peer_tls_key, peer_tls_ca)
+        tls.client_context()  # a bad file is reported now, not at the first peer
+    elif any(path is not None for path in tls_files):
+        raise ModelfsError(
+            "mutual TLS between peers needs all of --peer-tls-cert, --peer-tls-key and "
+            "--peer-tls-ca"
+        )
+    return ClusterOptions(
+        scheduler,
+        load_secret(cluster_secret_file),
+        peer_listen,
+        zone,
+        rack,
+        without_index=peers_without_index,
+        tls=tls,
+        max_connections=peer_max_connections,
+    )
 
 
 @cli.command("scheduler")

@@ -13,6 +13,12 @@ Each blob is hashed while its pieces arrive, in order (out-of-order pieces are c
 memory or the cache). The piece that completes the hash completes the check: a blob is marked
 verified only once it hashed whole to its digest; a mismatch drops every piece of the blob and
 fails the read (or prefetch) that completed it, so no byte proven wrong is served again.
+
+Pieces that nothing vouches for before their blob is whole (from peers, for a model without a
+piece index, when the source says so: ``UnvouchedPieces``) are never served piece by piece: the
+first read of such a blob fetches it whole and checks it first. If it fails, the source takes it
+from the registry only and it is fetched again; a piece of the failed try that lands late drops
+itself, so the next try cannot keep it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError
-from modelfs.fetcher.source import BlobSource
+from modelfs.fetcher.source import BlobSource, UnvouchedPieces
 from modelfs.fetcher.stats import (
     CACHE,
     ON_DEMAND,
@@ -149,7 +155,6 @@ class _BlobHash:
     next_index: int = 0
     ahead: dict[int, bytes] = field(default_factory=dict)  # arrived, not hashed yet
     lock: trio.Lock = field(default_factory=trio.Lock)
-    rejected: bool = False
 
 
 class PieceFetcher:
@@ -185,6 +190,8 @@ class PieceFetcher:
         self._memory_pieces = memory_pieces
         # Told the digest of a blob that failed its check, so its readers' caches can be purged.
         self._on_rejected = on_rejected
+        self._unvouched = source if isinstance(source, UnvouchedPieces) else None
+        self._rejections: dict[str, int] = {}  # digest -> times it failed its check
         self._in_flight: dict[tuple[str, int], _InFlight] = {}
         self._hashes: dict[str, _BlobHash] = {}
         self._verified: set[str] = set()
@@ -221,9 +228,19 @@ class PieceFetcher:
 
     async def piece(self, blob: BlobRef, index: int, priority: Priority = Priority.DEMAND) -> bytes:
         """One whole piece, from memory, the cache, a fetch under way, or the source."""
-        if blob.digest in self._suspect:
-            await self._recheck(blob)
+        if blob.digest in self._suspect or await self._whole_before_serving(blob):
+            await self._whole_first(blob)
         return await self._piece(blob, index, priority)
+
+    async def _whole_before_serving(self, blob: BlobRef) -> bool:
+        if self._unvouched is None or blob.digest in self._verified:
+            return False
+        if not await self._unvouched.whole_before_serving(blob.digest):
+            return False
+        if self.cache.is_verified(blob.digest):
+            return False
+        self._suspect.setdefault(blob.digest, trio.Lock())
+        return True
 
     async def prefetch(self, blob: BlobRef, index: int, priority: Priority) -> None:
         """Have the piece in the cache; readahead also keeps it in memory for its reader."""
@@ -236,21 +253,54 @@ class PieceFetcher:
             return
         await self._piece(blob, index, priority)
 
-    async def _recheck(self, blob: BlobRef) -> None:
-        """A blob that failed its digest check is served again only once it checks out whole."""
+    async def _whole_first(self, blob: BlobRef) -> None:
+        """Serve the blob only once it checked out whole: it failed its check before, or its
+        pieces may come from peers nothing vouches for."""
         async with self._suspect[blob.digest]:
             if blob.digest not in self._suspect:
-                return  # another reader rechecked it while we waited
-            async with trio.open_nursery() as nursery:
-                for index in self.cache.missing(blob.digest, blob.size):
-                    nursery.start_soon(self._piece, blob, index, Priority.DEMAND)
-            if blob.digest in self._verified or self.cache.is_verified(blob.digest):
-                del self._suspect[blob.digest]
-            else:
+                return  # another reader checked it while we waited
+            # A failed blob of unvouched pieces comes from the registry next; one more try for
+            # pieces of the failed one still landing (they drop themselves).
+            unvouched = self._unvouched is not None and (
+                await self._unvouched.whole_before_serving(blob.digest)
+            )
+            for _ in range(3 if unvouched else 1):
+                good = await self._fetch_whole(blob)
+                if blob.digest in self._verified or self.cache.is_verified(blob.digest):
+                    del self._suspect[blob.digest]
+                    return
+                if good:
+                    break
+            if not good:
                 raise IntegrityError(
-                    f"blob {blob.digest} could not be checked whole (is --cache-size smaller "
-                    "than the file?); it failed its digest check before, so it is not served"
+                    f"blob {blob.digest} from {self.source.name} does not match its digest; "
+                    "dropped from the cache, the next read fetches it again"
                 )
+            raise IntegrityError(
+                f"blob {blob.digest} could not be checked whole (is --cache-size smaller than "
+                "the file?); it must be before it is served, so it is not"
+            )
+
+    async def _fetch_whole(self, blob: BlobRef) -> bool:
+        """Fetch the blob's missing pieces and check it; False if it failed its check."""
+        rejected = False
+
+        async def fetch(index: int) -> None:
+            nonlocal rejected
+            try:
+                await self._piece(blob, index, Priority.DEMAND)
+            except IntegrityError:
+                rejected = True  # the others finish: none lands after the next try started
+
+        async with trio.open_nursery() as nursery:
+            for index in self.cache.missing(blob.digest, blob.size):
+                nursery.start_soon(fetch, index)
+        if not rejected:
+            try:
+                await self._verify_once(blob)  # complete in the cache, never checked
+            except IntegrityError:
+                rejected = True
+        return not rejected
 
     async def _piece(self, blob: BlobRef, index: int, priority: Priority) -> bytes:
         key = (blob.digest, index)
@@ -298,6 +348,7 @@ class PieceFetcher:
 
     async def _fetch(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
         start, length = piece_span(index, blob.size, self.cache.piece_size)
+        rejections = self._rejections.get(blob.digest, 0)
         async with self._slots.slot(ticket):
             self.stats.fetch_started(ON_DEMAND if ticket.priority == Priority.DEMAND else PREFETCH)
             with attributing(self._source_kind) as served_by:
@@ -318,13 +369,13 @@ class PieceFetcher:
             log.warning("cache full: piece %d of %s served without caching", index, blob.digest)
         if state is not None:
             await self._advance_hash(blob, state)
-            if state.rejected:
-                # Its blob failed while this piece waited: the piece may be stored again since.
-                self.cache.drop_piece(blob.digest, index)
-                raise IntegrityError(
-                    f"blob {blob.digest} from {self.source.name} does not match its digest; "
-                    "dropped from the cache, the next read fetches it again"
-                )
+        if self._rejections.get(blob.digest, 0) != rejections:
+            # Its blob failed while this piece was on its way: it was stored after the purge.
+            self.cache.drop_piece(blob.digest, index)
+            raise IntegrityError(
+                f"blob {blob.digest} from {self.source.name} does not match its digest; "
+                "dropped from the cache, the next read fetches it again"
+            )
         return data
 
     def _hash_state_for(self, blob: BlobRef, index: int, data: bytes) -> _BlobHash | None:
@@ -375,16 +426,20 @@ class PieceFetcher:
             del self._hashes[blob.digest]
         actual = state.hasher.hexdigest()
         if actual != expected:
-            state.rejected = True
             raise self._reject(blob, actual)
         self.cache.mark_verified(blob.digest, blob.size)
         self._verified.add(blob.digest)
+        if self._unvouched is not None:
+            self._unvouched.blob_checked(blob.digest, True)
 
     def _reject(self, blob: BlobRef, actual: str) -> IntegrityError:
         """Drop a blob that hashed wrong; its pieces are served again only once it checks out."""
         self.cache.drop_blob(blob.digest)
+        self._rejections[blob.digest] = self._rejections.get(blob.digest, 0) + 1
         self._suspect.setdefault(blob.digest, trio.Lock())
         self._on_rejected(blob.digest)
+        if self._unvouched is not None:
+            self._unvouched.blob_checked(blob.digest, False)
         for key in [key for key in self._memory if key[0] == blob.digest]:
             del self._memory[key]
         log.error(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -43,4 +43,18 @@ class BlobSource(Protocol):
 
     def stream_blob(self, digest: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """The whole blob as a stream of chunks (no digest check: the caller hashes)."""
+        ...
+
+
+@runtime_checkable
+class UnvouchedPieces(Protocol):
+    """A source that may hand out pieces nothing vouches for until their whole blob checks out
+    (pieces from peers when the model has no piece index, ``--peers-without-index``)."""
+
+    async def whole_before_serving(self, digest: str) -> bool:
+        """Whether no byte of the blob may be served before the whole blob matched its digest."""
+        ...
+
+    def blob_checked(self, digest: str, good: bool) -> None:
+        """The blob hashed whole to its digest (``good``), or not (its pieces were dropped)."""
         ...

@@ -1,14 +1,17 @@
 """Fetching one piece from a peer, trusting nothing it says.
 
 The bytes are checked against the piece index's sha256 (which came from the registry), so a
-lying peer costs one wasted transfer and a report, never a corrupt byte. Every failure (bad
-bytes, refusal, timeout, dead peer) gives None and a report; the caller falls back.
+lying peer costs one wasted transfer and a report, never a corrupt byte. Without an index (no
+expected sha256) the caller checks the whole blob instead. Every failure (bad bytes, refusal,
+timeout, dead peer) gives None and a report; the caller falls back. A busy peer (503: at its
+connection limit) gives None without a report: it is not at fault.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +52,11 @@ class PeerClient:
         timeout: float = 5.0,
         max_piece_size: int = DEFAULT_PIECE_SIZE,
         clock: Callable[[], float] = time.time,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._secret = secret
+        self._tls = tls
+        self._scheme = "http" if tls is None else "https"
         self._report = report
         self.timeout = timeout
         self._max_piece_size = max_piece_size
@@ -58,7 +64,9 @@ class PeerClient:
         self._http: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> PeerClient:
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeout), verify=self._tls if self._tls else True
+        )
         return self
 
     async def __aexit__(
@@ -72,9 +80,12 @@ class PeerClient:
             self._http = None
 
     async def fetch_piece(
-        self, peer: str, digest: str, index: int, expected_sha256: str
+        self, peer: str, digest: str, index: int, expected_sha256: str | None
     ) -> bytes | None:
-        """Piece ``index`` of blob ``digest`` from ``peer`` (host:port), or None (reported)."""
+        """Piece ``index`` of blob ``digest`` from ``peer`` (host:port), or None.
+
+        None is reported, unless the peer was only busy. ``expected_sha256`` None: no piece
+        index; the bytes are unchecked here."""
         if self._http is None:
             raise RuntimeError("PeerClient used outside `async with`")
         path = f"/pieces/{digest}/{index}"
@@ -85,8 +96,11 @@ class PeerClient:
         with trio.move_on_after(self.timeout):
             try:
                 async with self._http.stream(
-                    "GET", f"http://{peer}{path}", headers=headers
+                    "GET", f"{self._scheme}://{peer}{path}", headers=headers
                 ) as response:
+                    if response.status_code == 503:
+                        log.info("peer %s is busy; piece %d of %s elsewhere", peer, index, digest)
+                        return None
                     if response.status_code != 200:
                         reason = f"answered HTTP {response.status_code}"
                         if response.status_code == 404:
@@ -95,14 +109,25 @@ class PeerClient:
                         data = await self._read(response)
             except httpx.HTTPError as error:
                 reason = f"{type(error).__name__}: {error}".rstrip(": ")
-        if data is not None and await sha256_hex(data) == expected_sha256:
+        if data is not None and (
+            expected_sha256 is None or await sha256_hex(data) == expected_sha256
+        ):
             return data
         if data is not None:
             reason, kind = "sent bytes that do not match the piece index", FailureKind.CORRUPT
-        failure = PeerFailure(peer, digest, index, reason, kind)
-        log.warning("peer %s, piece %d of %s: %s", peer, index, digest, reason)
-        self._report(failure)
+        self.fail(PeerFailure(peer, digest, index, reason, kind))
         return None
+
+    def fail(self, failure: PeerFailure) -> None:
+        """Log and report a peer that failed (here, or in a check the caller made)."""
+        log.warning(
+            "peer %s, piece %d of %s: %s",
+            failure.peer,
+            failure.index,
+            failure.digest,
+            failure.reason,
+        )
+        self._report(failure)
 
     async def _read(self, response: httpx.Response) -> bytes:
         """The body, cut short once longer than a piece (it then cannot match the index)."""

@@ -2,21 +2,23 @@
 
 One route, ``GET /pieces/<digest>/<index>``, answered only to requests carrying a valid cluster
 token (``AuthenticatedServer``). A piece is served only if this node can vouch for it: its blob
-was verified whole, or the piece matches the piece index. There is no listing and no file path:
-a stranger learns nothing, a member learns only whether this node holds a piece it named.
+was verified whole, the piece matches the piece index, or (a model without an index) this
+process took it from the registry itself. There is no listing and no file path: a stranger
+learns nothing, a member learns only whether this node holds a piece it named.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 import time
 from collections.abc import Callable
 
 import trio
 
 from modelfs.cache.store import PieceCache
-from modelfs.peer.http import AuthenticatedServer, Request, Response
+from modelfs.peer.http import DEFAULT_MAX_CONNECTIONS, AuthenticatedServer, Request, Response
 
 PIECE_PATH = re.compile(r"^/pieces/(sha256:[0-9a-f]{64})/(\d{1,9})$")
 
@@ -31,15 +33,18 @@ class PeerServer(AuthenticatedServer):
         secret: bytes,
         expected: ExpectedPiece,
         clock: Callable[[], float] = time.time,
+        *,
+        tls: ssl.SSLContext | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        super().__init__(self.answer, secret, clock)
+        super().__init__(self.answer, secret, clock, tls=tls, max_connections=max_connections)
         self.cache = cache
         self._expected = expected
         # Pieces already hashed against the index: several peers usually want the same one.
         self._vouched: set[tuple[str, int]] = set()
 
     def vouch(self, digest: str, index: int) -> None:
-        """This process checked the piece against the index before storing it: no re-hash."""
+        """This process checked the piece against the index, or took it from the registry."""
         self._vouched.add((digest, index))
 
     def piece(self, digest: str, index: int) -> bytes | None:

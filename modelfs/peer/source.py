@@ -6,7 +6,14 @@ that fail. For each whole piece the fetcher asks for, ``PeerSource.read_range`` 
 scheduler, tries the candidates it names, and falls back to the registry whenever anything
 fails or the wait budget runs out: no scheduler, no peers or a dead peer means the registry,
 never a hang. Every piece, from a peer or the registry, is checked against the piece index
-(which came from the registry); without an index, peers are not used at all.
+(which came from the registry).
+
+Without an index, peers are used only if the operator allows it (``--peers-without-index``).
+Nothing can check a single piece then, so the fetcher serves no byte of such a blob before the
+whole blob matched its digest (``UnvouchedPieces``). A blob that fails is purged, taken from the
+registry only from then on, and every peer that supplied pieces of it is reported (which of them
+lied cannot be told). Pieces this node took from peers are offered on only once their blob
+checked out; those it took from the registry, at once.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.peer.client import PeerClient, PeerFailure, sha256_hex
 from modelfs.peer.server import PeerServer
+from modelfs.peer.tls import PeerTLS
 from modelfs.pieces import piece_count, piece_span
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
@@ -49,6 +57,9 @@ class ClusterOptions:
     rack: str = ""
     wait_budget: float = 10.0  # longest a read waits on peers before it goes to the registry
     peer_timeout: float = 5.0
+    without_index: bool = False  # peers for blobs the piece index does not cover
+    tls: PeerTLS | None = None  # mutual TLS between peers
+    max_connections: int = 64  # served at once by this node's peer server
 
     @property
     def advertised(self) -> str:
@@ -92,7 +103,18 @@ class PeerSource:
         self._index: PieceIndex | None = None
         self._index_lock = trio.Lock()
         self._index_resolved = False
-        self.server = PeerServer(cache, options.secret, self.expected)
+        # Blobs without an index: who supplied pieces (peer -> a piece it sent), the pieces
+        # from peers not offered on yet, and blobs that failed (registry only from then on).
+        self._suppliers: dict[str, dict[str, int]] = {}
+        self._unannounced: dict[str, set[int]] = {}
+        self._registry_only: set[str] = set()
+        self.server = PeerServer(
+            cache,
+            options.secret,
+            self.expected,
+            tls=None if options.tls is None else options.tls.server_context(),
+            max_connections=options.max_connections,
+        )
         self._announce_send, self._announce_receive = trio.open_memory_channel[tuple[str, int]](
             math.inf
         )
@@ -142,25 +164,65 @@ class PeerSource:
                 if piece not in missing:
                     self._announce_send.send_nowait((digest, piece))
 
+    async def whole_before_serving(self, digest: str) -> bool:
+        """Pieces of it may come from peers with nothing to check them by (``UnvouchedPieces``)."""
+        if not self._options.without_index:
+            return False
+        index = await self.piece_index()
+        return index is None or digest not in index.blobs
+
+    def blob_checked(self, digest: str, good: bool) -> None:
+        suppliers = self._suppliers.pop(digest, {})
+        from_peers = self._unannounced.pop(digest, set())
+        if good:
+            for piece in from_peers:  # the peer server serves them now: offer them
+                self._announce_send.send_nowait((digest, piece))
+            return
+        self._registry_only.add(digest)
+        for peer, piece in suppliers.items():
+            self._peers.fail(
+                PeerFailure(
+                    peer,
+                    digest,
+                    piece,
+                    "sent pieces of a blob that does not match its digest (no piece index)",
+                    FailureKind.CORRUPT,
+                )
+            )
+
     async def read_range(self, digest: str, start: int, length: int) -> bytes:
         index = await self.piece_index()
         piece, expected = self._whole_piece(index, digest, start, length)
-        if expected is None:
+        if piece < 0 and await self.whole_before_serving(digest):
+            piece = self._unindexed_piece(digest, start, length)
+        if piece < 0:
             return await self.origin.read_range(digest, start, length)
-        data = await self._from_peers(digest, piece, expected)
-        if data is None:
+        found = await self._from_peers(digest, piece, expected, length)
+        if found is None:
             data = await self.origin.read_range(digest, start, length)
             self.stats.registry_bytes += len(data)
-            if await sha256_hex(data) != expected:
+            if expected is not None and await sha256_hex(data) != expected:
                 raise IntegrityError(
                     f"piece {piece} of blob {digest} from {self.origin.name} does not match the "
                     "piece index: the registry or a proxy altered it; retry"
                 )
         else:
+            peer, data = found
             self.stats.peer_bytes += len(data)
+            if expected is None:  # vouched for, and offered on, once its blob checks out
+                self._suppliers.setdefault(digest, {}).setdefault(peer, piece)
+                self._unannounced.setdefault(digest, set()).add(piece)
+                return data
         self.server.vouch(digest, piece)
         self._announce_send.send_nowait((digest, piece))
         return data
+
+    def _unindexed_piece(self, digest: str, start: int, length: int) -> int:
+        """The piece number when the range is one whole cache piece of a blob peers may send."""
+        piece_size = self._cache.piece_size
+        if digest in self._registry_only or start % piece_size or not 0 < length <= piece_size:
+            return -1
+        return start // piece_size
 
     @staticmethod
     def _whole_piece(
@@ -175,7 +237,10 @@ class PeerSource:
             return -1, None
         return piece, blob.pieces[piece]
 
-    async def _from_peers(self, digest: str, piece: int, expected: str) -> bytes | None:
+    async def _from_peers(
+        self, digest: str, piece: int, expected: str | None, length: int
+    ) -> tuple[str, bytes] | None:
+        """(peer, bytes) of the piece from the first candidate that sends it right, or None."""
         with trio.move_on_after(self._options.wait_budget):
             while True:
                 decision = await self._scheduler.ask(digest, piece)
@@ -186,8 +251,15 @@ class PeerSource:
                     continue
                 for peer in decision.peers:
                     data = await self._peers.fetch_piece(peer, digest, piece, expected)
-                    if data is not None:
-                        return data
+                    if data is None:
+                        continue
+                    if digest in self._registry_only:
+                        return None  # its blob failed while this piece travelled
+                    if len(data) == length:
+                        return peer, data
+                    reason = f"sent {len(data)} bytes for a piece of {length}"
+                    failure = PeerFailure(peer, digest, piece, reason, FailureKind.CORRUPT)
+                    self._peers.fail(failure)
                 # Every candidate failed; let the reports reach the scheduler before asking again.
                 await trio.sleep(RETRY_PAUSE)
         log.info("piece %d of %s: no peer within %.1f s", piece, digest, self._options.wait_budget)
@@ -241,7 +313,10 @@ async def with_peers(
         ):
             failures_send, failures_receive = trio.open_memory_channel[PeerFailure](math.inf)
             async with PeerClient(
-                cluster.secret, report=failures_send.send_nowait, timeout=cluster.peer_timeout
+                cluster.secret,
+                report=failures_send.send_nowait,
+                timeout=cluster.peer_timeout,
+                tls=None if cluster.tls is None else cluster.tls.client_context(),
             ) as peers:
                 source = PeerSource(
                     origin, selector, cache, scheduler, peers, failures_receive, cluster

@@ -50,6 +50,7 @@ class Decision:
     action: Action
     peers: tuple[str, ...] = ()
     retry_after: float = 0.0
+    avoided: int = 0  # holders left out because they were reported (for metrics)
 
 
 class FailureKind(enum.Enum):

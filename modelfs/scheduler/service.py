@@ -8,6 +8,7 @@
   ``LONG_POLL``) until the piece is announced, so waiting costs no stream of requests; an
   announcement made through another replica is seen within ``RECHECK``.
 - ``POST /v1/report`` ``{"peer", "digest", "index", "kind": "corrupt"|"missing"|"failed"}``.
+- ``GET /metrics``: decisions for Prometheus (``SchedulerMetrics``), without a token.
 
 A state backend that fails (Redis down) gives 503, and nodes then go to the registry.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import trio
 
 from modelfs.peer.http import AuthenticatedServer, Request, Response
+from modelfs.scheduler.metrics import SchedulerMetrics
 from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
 from modelfs.scheduler.redis import RedisError, RedisKeyValue
 from modelfs.scheduler.state import KeyValue, MemoryKeyValue, SchedulerState
@@ -57,6 +59,7 @@ def _piece(digest: Any, index: Any) -> tuple[str, int]:
 class SchedulerService:
     def __init__(self, state: SchedulerState) -> None:
         self.state = state
+        self.metrics = SchedulerMetrics()
         # Asks held until a piece is announced here (a replica's announcement: by RECHECK).
         self._announced: dict[tuple[str, int], trio.Event] = {}
 
@@ -80,6 +83,7 @@ class SchedulerService:
             return _json(400, {"error": str(error)})
         except RedisError as error:
             log.error("scheduler: %s", error)
+            self.metrics.backend_errors.inc()
             return _json(503, {"error": str(error)})
         return _json(200, answer)
 
@@ -93,6 +97,7 @@ class SchedulerService:
         if problem := node.problem():
             raise BadRequest(problem)
         await self.state.register(node)
+        self.metrics.registered(node.address)
         return {}
 
     async def _announce(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +110,7 @@ class SchedulerService:
                 raise BadRequest("pieces must be [digest, index] pairs")
             parsed.append(_piece(entry[0], entry[1]))
         await self.state.announce(_field(body, "address", str), parsed)
+        self.metrics.announced.inc(len(parsed))
         for piece in parsed:
             if (event := self._announced.pop(piece, None)) is not None:
                 event.set()
@@ -121,6 +127,7 @@ class SchedulerService:
                 break
             with trio.move_on_after(min(left, RECHECK)):
                 await self._announced.setdefault((digest, index), trio.Event()).wait()
+        self.metrics.answered(decision)
         return {
             "action": decision.action.value,
             "peers": list(decision.peers),
@@ -134,6 +141,7 @@ class SchedulerService:
         except ValueError:
             raise BadRequest("kind must be corrupt, missing or failed") from None
         await self.state.report(_field(body, "peer", str), digest, index, kind)
+        self.metrics.reports.labels(kind.value).inc()
         return {}
 
 
@@ -159,5 +167,7 @@ async def run_scheduler(
             await redis.command("PING")  # fail at start, not at the first request
             store = redis
         service = SchedulerService(SchedulerState(store))
-        server = AuthenticatedServer(service.handle, secret)
+        server = AuthenticatedServer(
+            service.handle, secret, public={"/metrics": service.metrics.scrape}
+        )
         await server.serve(host, port, task_status=task_status)

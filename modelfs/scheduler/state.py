@@ -8,6 +8,7 @@ peer comes back after its penalty.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -149,7 +150,7 @@ class SchedulerState:
             # The first candidate is the one the node will most likely use.
             await self._store.increment(f"{_PREFIX}load:{candidate}", LOAD_WINDOW)
         may_go_to_source = not candidates and await self._claim_source(piece, address)
-        return decide(candidates, may_go_to_source)
+        return dataclasses.replace(decide(candidates, may_go_to_source), avoided=len(blocked))
 
     async def _claim_source(self, piece: str, address: str) -> bool:
         keys = [f"{_PREFIX}source:{piece}:{slot}" for slot in range(SOURCE_SLOTS)]
