@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from modelfs.errors import ModelfsError
+from modelfs.errors import ModelfsError, RegistryError
 from modelfs.fetcher.profile import Profile, ReadRecorder, publish_profile
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fs.model import Model
@@ -97,9 +97,10 @@ async def _run_load(options: MountOptions, command: list[str]) -> tuple[Model, P
 
 async def profile_model(options: MountOptions, command: list[str]) -> PublishedProfile:
     """Record what ``command`` reads from a mount of the model and publish it with the model."""
-    if isinstance(options.reference, LayoutReference):
+    reference = options.reference
+    if isinstance(reference, LayoutReference):
         raise ProfileError(
-            f"{options.reference} is an OCI layout: a profile is published as a referrer in a "
+            f"{reference} is an OCI layout: a profile is published as a referrer in a "
             "registry, so profile a registry reference"
         )
     mountpoint = Path(tempfile.mkdtemp(prefix="modelfs-profile-"))
@@ -110,7 +111,13 @@ async def profile_model(options: MountOptions, command: list[str]) -> PublishedP
         mountpoint.rmdir()
     async with open_source(options) as source:
         if not isinstance(source, RegistryRepository):
-            raise ProfileError(f"{options.reference} is not in a registry")
+            raise ProfileError(f"{reference} is not in a registry")
         manifest = await source.get_manifest(model.digest)
-        referrer = await publish_profile(source, manifest, profile)
+        try:
+            referrer = await publish_profile(source, manifest, profile)
+        except RegistryError as error:
+            raise ProfileError(
+                f"cannot publish the read profile in {source.name} ({error}): it needs push "
+                f"access, see `modelfs login {reference.registry}`"
+            ) from None
         return PublishedProfile(model.digest, referrer, source.name, profile)
