@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from safetensors.numpy import save
 
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.hints import Hint, hinted_pieces
+from modelfs.fetcher.prefetch import feed_hints
 from modelfs.fetcher.profile import (
     Profile,
     ProfiledRange,
@@ -39,7 +42,7 @@ from modelfs.fetcher.profile import (
 )
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.fs.recording import command_for
-from modelfs.fs.tree import BlobRef, FileSpec, Tree
+from modelfs.fs.tree import BlobRef, FileNode, FileSpec, Tree
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 from modelfs.pieces import DEFAULT_PIECE_SIZE, pieces_covering
 
@@ -141,6 +144,54 @@ def test_profile_ranges_that_do_not_fit_the_tree_are_ignored() -> None:
         ("a", 50, 50),
     ]
     assert ignored == [profile.ranges[i] for i in (1, 2, 3, 4)]
+
+
+def test_a_recorded_profile_takes_the_builtin_hints_place_in_its_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tree = tree_of(
+        {
+            "config.json": (10, blob("c", 10), 0),
+            "w.safetensors": (100, blob("w", 100), 0),
+        }
+    )
+    profile = Profile(
+        "sha256:" + "0" * 64,
+        PIECE,
+        (
+            ProfiledRange("w.safetensors", 60, 40),
+            ProfiledRange("gone.bin", 0, 5),
+            ProfiledRange("config.json", 0, 10),
+        ),
+    )
+    reads: list[tuple[str, int, int]] = []
+
+    async def read(node: FileNode, offset: int, size: int) -> bytes:
+        reads.append((node.path, offset, size))
+        return struct.pack("<Q", 20)  # a safetensors header of 20 bytes
+
+    def feed_all(recorded: Profile | None) -> list[list[tuple[str, int, int]]]:
+        batches: list[list[tuple[str, int, int]]] = []
+
+        async def feed(hints: list[Hint]) -> None:
+            batches.append([(hint.file.path, hint.offset, hint.length) for hint in hints])
+
+        async def lookup() -> Profile | None:
+            return recorded
+
+        trio.run(feed_hints, tree, read, lookup, feed)
+        return batches
+
+    with caplog.at_level(logging.WARNING):
+        assert feed_all(profile) == [[("w.safetensors", 60, 40), ("config.json", 0, 10)]]
+    assert reads == []  # nothing read to work out hints: the profile says it all
+    assert "1 of 3 ranges do not fit the tree" in caplog.text
+    assert "gone.bin" in caplog.text
+    assert feed_all(None) == [
+        [("config.json", 0, 10), ("w.safetensors", 0, 8)],
+        [("w.safetensors", 8, 20)],
+    ]
+    assert reads == [("w.safetensors", 0, 8)]
 
 
 def test_hinted_pieces_are_in_hint_order_each_once() -> None:
@@ -407,10 +458,12 @@ def test_preheat_hints_only_without_a_profile_takes_the_builtin_hints(
 
 def test_a_failing_command_publishes_nothing(registry: Registry, tmp_path: Path) -> None:
     model = push_model(registry)
-    failing = "import sys; open(sys.argv[1] + '/config.json', 'rb').read(); sys.exit(3)"
+    failing = (
+        "import os, sys; open(os.environ['MODELFS_MOUNT'] + '/config.json').read(); sys.exit(3)"
+    )
     common = ["--plain-http", "--cache-dir", str(tmp_path / "cache"), "--"]
     reference = f"{registry.host}/{model.reference}"
-    fails = modelfs("profile", reference, *common, sys.executable, "-c", failing, "{}")
+    fails = modelfs("profile", reference, *common, sys.executable, "-c", failing)
     assert fails.returncode == 1
     assert "exited with status 3: no profile published" in fails.stderr
     reads_nothing = modelfs("profile", reference, *common, "true")
