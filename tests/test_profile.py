@@ -30,6 +30,7 @@ from safetensors.numpy import save
 
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.hints import Hint, hinted_pieces
+from modelfs.fetcher.index import PieceIndex, find_index
 from modelfs.fetcher.prefetch import feed_hints
 from modelfs.fetcher.profile import (
     Profile,
@@ -387,6 +388,28 @@ def test_profile_publishes_the_ranges_the_load_read_in_order(
     assert recorded_pieces == touched_pieces(model, model.loader_reads(LOADED))
     assert "tokenizer.json" not in {entry.path for entry in profile.ranges}
     assert f"{len(profile.ranges)} ranges, {profile.total_bytes} bytes" in result.stdout
+
+
+def test_profile_and_piece_index_share_the_referrers_tag(
+    registry: Registry, profiled: tuple[SafetensorsModel, subprocess.CompletedProcess[str]]
+) -> None:
+    model, result = profiled
+    assert result.returncode == 0, result.stderr
+    before = lookup_profile(registry.host, model)
+    indexed = modelfs("index", f"{registry.host}/{model.reference}", "--plain-http")
+    assert indexed.returncode == 0, indexed.stderr
+
+    async def lookup() -> tuple[PieceIndex | None, Profile | None]:
+        async with RegistryClient(registry.host, plain_http=True) as client:
+            repository = client.repository(model.reference.split(":")[0])
+            manifest = await repository.get_manifest(model.digest)
+            return await find_index(repository, manifest), await find_profile(
+                repository, model.digest
+            )
+
+    index, profile = trio.run(lookup)
+    assert index is not None and index.manifest == model.digest
+    assert profile is not None and profile == before
 
 
 def test_a_mount_prefetches_the_profile_before_any_read(
