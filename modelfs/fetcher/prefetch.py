@@ -209,8 +209,11 @@ class Prefetcher:
 
     async def _prefetch_model(self, tree: Tree) -> None:
         """Hints first (a recorded profile, else the built-in ones), then maybe the rest."""
-        if self.mode == PrefetchMode.NONE:
-            return
+        cache = self.fetcher.cache
+        if self.mode == PrefetchMode.NONE or all(
+            cache.is_complete(node.blob.digest, node.blob.size) for node in tree.files()
+        ):
+            return  # nothing to fetch: not even the profile lookup (a remount needs no network)
         try:
             count = await feed_hints(tree, self._read, self._recorded, self._fetch_in_order)
             log.info("prefetch: hints fetched (%d ranges)", count)
