@@ -7,6 +7,7 @@ command succeeded, after the mount is gone, as a referrer of the model's manifes
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import tempfile
@@ -22,6 +23,8 @@ from modelfs.fs.model import Model
 from modelfs.fs.mount import MountOptions, open_source, serve
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.reference import LayoutReference
+
+log = logging.getLogger(__name__)
 
 MOUNT_ENV = "MODELFS_MOUNT"
 MOUNT_PLACEHOLDER = "{}"
@@ -108,7 +111,10 @@ async def profile_model(options: MountOptions, command: list[str]) -> PublishedP
         options.mountpoint = mountpoint
         model, profile = await _run_load(options, command)
     finally:
-        mountpoint.rmdir()
+        try:
+            mountpoint.rmdir()
+        except OSError as error:  # still busy: the kernel detached the mount lazily
+            log.warning("could not remove %s: %s", mountpoint, error)
     async with open_source(options) as source:
         if not isinstance(source, RegistryRepository):
             raise ProfileError(f"{reference} is not in a registry")
