@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import struct
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
-from mounting import modelfs, mounted
+from mounting import MODELFS, modelfs, mounted
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from safetensors.numpy import save
 
@@ -522,3 +523,35 @@ def test_a_read_only_registry_gets_one_line_and_no_profile(
     assert "cannot publish the read profile" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert lookup_profile(fresh_registry.host, model) is None
+
+
+def test_an_interrupted_profile_publishes_nothing_and_leaves_no_mount(
+    registry: Registry, tmp_path: Path
+) -> None:
+    model = push_model(registry)
+    started = tmp_path / "started"
+    waits = (
+        "import os, pathlib, sys, time; open(os.environ['MODELFS_MOUNT'] + '/config.json').read();"
+        " pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+    )
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as errors:
+        profiling = subprocess.Popen(
+            [*MODELFS, "profile", f"{registry.host}/{model.reference}", "--plain-http",
+             "--cache-dir", str(tmp_path / "cache"), "--", sys.executable, "-c", waits,
+             str(started)],
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )  # fmt: skip
+        try:
+            wait_until(started.exists)
+            profiling.send_signal(signal.SIGINT)
+            assert profiling.wait(timeout=30) == 1
+        finally:
+            if profiling.poll() is None:
+                profiling.kill()
+                profiling.wait()
+    assert "no profile published" in stderr.read_text()
+    assert len(stderr.read_text().strip().splitlines()) == 1, stderr.read_text()
+    assert lookup_profile(registry.host, model) is None
+    assert no_profile_mount_left()
