@@ -21,16 +21,14 @@ from modelfs.cli import (
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.index import (
     PIECE_INDEX_ARTIFACT_TYPE,
-    Descriptor,
     PieceHasher,
     PieceIndex,
     compute_index,
     encode_index,
     find_index,
     parse_index,
-    referrers_tag,
-    with_referrer,
 )
+from modelfs.fetcher.referrers import Descriptor, referrers_tag, with_referrer
 from modelfs.fetcher.registry import RegistryClient, RegistryRepository
 from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
@@ -108,14 +106,18 @@ def test_referrers_tag_index_keeps_other_referrers() -> None:
     foreign = json.dumps(
         {"manifests": [{"digest": digest_of(b"sig"), "artifactType": "signature"}]}
     ).encode()
-    updated = json.loads(with_referrer(with_referrer(foreign, first), second))
+
+    def add(existing: bytes, referrer: Descriptor) -> bytes:
+        return with_referrer(existing, referrer, PIECE_INDEX_ARTIFACT_TYPE)
+
+    updated = json.loads(add(add(foreign, first), second))
     assert updated["mediaType"] == OCI_INDEX
     assert [m["digest"] for m in updated["manifests"]] == [
         digest_of(b"sig"),
         first.digest,
         second.digest,
     ]
-    again = json.loads(with_referrer(json.dumps(updated).encode(), first))
+    again = json.loads(add(json.dumps(updated).encode(), first))
     assert [m["digest"] for m in again["manifests"]][-1] == first.digest
     assert len(again["manifests"]) == 3
 

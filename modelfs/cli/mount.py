@@ -1,4 +1,4 @@
-"""``modelfs mount`` and ``modelfs umount``.
+"""``modelfs mount``, ``modelfs umount`` and ``modelfs profile``.
 
 Without ``--foreground`` the command starts the mount process in the background and returns once
 the directory lists (or prints why it could not mount); the process reports readiness through an
@@ -18,7 +18,7 @@ from typing import Any
 import click
 import trio
 
-from modelfs.cli import cli
+from modelfs.cli import F, cli
 from modelfs.cli.cluster import cluster_options, cluster_settings
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
@@ -30,7 +30,8 @@ from modelfs.fs.mount import (
     MountOptions,
     serve,
 )
-from modelfs.reference import parse_any_reference
+from modelfs.fs.recording import profile_model
+from modelfs.reference import LayoutReference, Reference, parse_any_reference
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
 
@@ -50,62 +51,71 @@ def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
     return cache_dir / "logs" / f"mount-{escaped}.log"
 
 
-@cli.command()
-@click.argument("reference")
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_CACHE_DIR,
-    show_default=True,
-    help="The node's LMDB piece cache.",
-)
-@click.option(
-    "--cache-size",
-    default=str(DEFAULT_CACHE_SIZE >> 30) + "G",
-    show_default=True,
-    help="Most bytes the cache may hold (K, M, G, T suffixes).",
-)
-@click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to this registry.")
-@click.option("--insecure", is_flag=True, help="Accept a registry certificate that fails checks.")
-@click.option(
-    "--timeout", default=30.0, show_default=True, help="Seconds one registry request may take."
-)
-@click.option(
-    "--retries",
-    default=3,
-    show_default=True,
-    help="Retries of a failed registry request before a read gets EIO.",
-)
-@click.option(
-    "--read-ahead-kb",
-    default=DEFAULT_READ_AHEAD_KB,
-    show_default=True,
-    help="Kernel readahead window of the mount.",
-)
-@click.option(
-    "--prefetch",
-    type=click.Choice([mode.value for mode in PrefetchMode]),
-    default=PrefetchMode.HINTS.value,
-    show_default=True,
-    help="none: fetch only what is read; hints: also read ahead of sequential readers and "
-    "fetch config, tokenizer and safetensors headers first; all: then the whole model.",
-)
-@click.option(
-    "--allow-other/--no-allow-other",
-    default=None,
-    help="Let other users read the mount (default: yes when run as root).",
-)
-@click.option("--ready-fd", type=int, hidden=True)
-@click.option(
-    "--stats-socket", type=click.Path(dir_okay=False, path_type=Path), hidden=True
-)  # the daemon asks the mount's counters here
-@cluster_options
-def mount(
-    reference: str,
+def mount_options(command: F) -> F:
+    """The options of one mount: cache, registry access, readahead, prefetch, sharing."""
+    for option in reversed(
+        [
+            click.option(
+                "--cache-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=DEFAULT_CACHE_DIR,
+                show_default=True,
+                help="The node's LMDB piece cache.",
+            ),
+            click.option(
+                "--cache-size",
+                default=str(DEFAULT_CACHE_SIZE >> 30) + "G",
+                show_default=True,
+                help="Most bytes the cache may hold (K, M, G, T suffixes).",
+            ),
+            click.option(
+                "--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to this registry."
+            ),
+            click.option(
+                "--insecure", is_flag=True, help="Accept a registry certificate that fails checks."
+            ),
+            click.option(
+                "--timeout",
+                default=30.0,
+                show_default=True,
+                help="Seconds one registry request may take.",
+            ),
+            click.option(
+                "--retries",
+                default=3,
+                show_default=True,
+                help="Retries of a failed registry request before a read gets EIO.",
+            ),
+            click.option(
+                "--read-ahead-kb",
+                default=DEFAULT_READ_AHEAD_KB,
+                show_default=True,
+                help="Kernel readahead window of the mount.",
+            ),
+            click.option(
+                "--prefetch",
+                type=click.Choice([mode.value for mode in PrefetchMode]),
+                default=PrefetchMode.HINTS.value,
+                show_default=True,
+                help="none: fetch only what is read; hints: also read ahead of sequential "
+                "readers and fetch the recorded profile's ranges (modelfs profile), else config, "
+                "tokenizer and safetensors headers, first; all: then the whole model.",
+            ),
+            click.option(
+                "--allow-other/--no-allow-other",
+                default=None,
+                help="Let other users read the mount (default: yes when run as root).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def mount_settings(
+    reference: Reference | LayoutReference,
     mountpoint: Path,
-    foreground: bool,
+    *,
     cache_dir: Path,
     cache_size: str,
     plain_http: bool,
@@ -115,19 +125,10 @@ def mount(
     read_ahead_kb: int,
     prefetch: str,
     allow_other: bool | None,
-    ready_fd: int | None,
-    stats_socket: Path | None,
-    **cluster: Any,
-) -> None:
-    """Mount REFERENCE (host/repo:tag, host/repo@sha256:..., oci:PATH[:TAG]) on MOUNTPOINT.
-
-    The directory lists as soon as the manifest is read; file bytes are fetched when read.
-    """
-    ref = parse_any_reference(reference)
-    if not mountpoint.is_dir():
-        raise ModelfsError(f"mountpoint {mountpoint} is not a directory; create it first")
+) -> MountOptions:
+    """What ``mount_options`` gave, as the options of a mount of ``reference``."""
     options = MountOptions(
-        reference=ref,
+        reference=reference,
         mountpoint=mountpoint,
         cache_dir=cache_dir,
         cache_size=parse_size(cache_size),
@@ -137,11 +138,45 @@ def mount(
         retries=retries,
         read_ahead_kb=read_ahead_kb,
         prefetch=PrefetchMode(prefetch),
-        cluster=cluster_settings(**cluster),
-        stats_socket=stats_socket,
     )
     if allow_other is not None:
         options.allow_other = allow_other
+    return options
+
+
+@cli.command()
+@click.argument("reference")
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted.")
+@mount_options
+@click.option("--ready-fd", type=int, hidden=True)
+@click.option(
+    "--stats-socket", type=click.Path(dir_okay=False, path_type=Path), hidden=True
+)  # the daemon asks the mount's counters here
+@cluster_options
+def mount(
+    reference: str,
+    mountpoint: Path,
+    foreground: bool,
+    ready_fd: int | None,
+    stats_socket: Path | None,
+    scheduler: str | None,
+    cluster_secret_file: Path | None,
+    peer_listen: tuple[str, int] | None,
+    zone: str,
+    rack: str,
+    **settings: Any,
+) -> None:
+    """Mount REFERENCE (host/repo:tag, host/repo@sha256:..., oci:PATH[:TAG]) on MOUNTPOINT.
+
+    The directory lists as soon as the manifest is read; file bytes are fetched when read.
+    """
+    ref = parse_any_reference(reference)
+    if not mountpoint.is_dir():
+        raise ModelfsError(f"mountpoint {mountpoint} is not a directory; create it first")
+    options = mount_settings(ref, mountpoint, **settings)
+    options.cluster = cluster_settings(scheduler, cluster_secret_file, peer_listen, zone, rack)
+    options.stats_socket = stats_socket
     if not foreground:
         _mount_in_background(options)
         return
@@ -225,3 +260,24 @@ def umount(mountpoint: Path) -> None:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
             return
         raise ModelfsError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("reference")
+@mount_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def profile(reference: str, command: tuple[str, ...], **settings: Any) -> None:
+    """Record what COMMAND reads from REFERENCE and publish it with the model.
+
+    Put COMMAND after --. REFERENCE is mounted on a temporary directory, given to COMMAND as
+    $MODELFS_MOUNT and in place of {} in its arguments; the ranges the command reads, in order,
+    are published as a referrer of the model's manifest (nothing is if the command fails). Mounts
+    then fetch them first (--prefetch hints or all), as does preheat --hints-only.
+    """
+    options = mount_settings(parse_any_reference(reference), Path(), **settings)
+    published = trio.run(profile_model, options, list(command))
+    recorded = published.profile
+    click.echo(
+        f"{reference} {published.digest}: profile {published.referrer} published in "
+        f"{published.repository}: {len(recorded.ranges)} ranges, {recorded.total_bytes} bytes"
+    )

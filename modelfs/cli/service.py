@@ -59,8 +59,19 @@ def _mib(size: int) -> str:
 @click.argument("references", nargs=-1, required=True)
 @cache_options
 @source_options
+@click.option(
+    "--hints-only",
+    is_flag=True,
+    help="Only what a mount prefetches first: the recorded profile (modelfs profile), else "
+    "config and tokenizer files and safetensors headers.",
+)
 def preheat(
-    references: tuple[str, ...], cache_dir: Path, cache_size: str, plain_http: bool, insecure: bool
+    references: tuple[str, ...],
+    cache_dir: Path,
+    cache_size: str,
+    plain_http: bool,
+    insecure: bool,
+    hints_only: bool,
 ) -> None:
     """Fetch every piece of each model REFERENCE into the node's cache, without mounting.
 
@@ -71,13 +82,13 @@ def preheat(
     cache = PieceCache(cache_dir, parse_size(cache_size))
     try:
         for ref in refs:
-            _preheat_one(ref, cache, settings)
+            _preheat_one(ref, cache, settings, hints_only)
     finally:
         cache.close()
 
 
 def _preheat_one(
-    ref: Reference | LayoutReference, cache: PieceCache, settings: SourceSettings
+    ref: Reference | LayoutReference, cache: PieceCache, settings: SourceSettings, hints_only: bool
 ) -> None:
     with ExitStack() as bar_scope:
         bars: list[Any] = []  # the bar exists once the plan says how many bytes are missing
@@ -90,8 +101,9 @@ def _preheat_one(
         def on_piece(size: int) -> None:
             bars[0].update(size)
 
-        plan = trio.run(preheat_model, ref, cache, settings, on_plan, on_piece)
-    click.echo(f"{ref}: {plan.digest} cached ({_mib(plan.total_bytes)})", err=True)
+        plan = trio.run(preheat_model, ref, cache, settings, on_plan, on_piece, hints_only)
+    what = "hinted ranges" if hints_only else "model"
+    click.echo(f"{ref}: {plan.digest} cached ({what}: {_mib(plan.total_bytes)})", err=True)
 
 
 @cli.group()

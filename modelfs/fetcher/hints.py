@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 
 from modelfs.fs.tree import FileNode, Tree
+from modelfs.pieces import pieces_covering
 
 SAFETENSORS_PREFIX = 8
 # safetensors itself refuses headers over 100 MB; a larger "length" means this is no header.
@@ -131,3 +132,18 @@ def whole_model(tree: Tree, indexes: Mapping[str, bytes]) -> list[Hint]:
     seen = {node.path for node in first}
     rest = [node for node in tree.files() if node.path not in seen]
     return [Hint(node, 0, node.size) for node in [*first, *rest] if node.size]
+
+
+def hinted_pieces(hints: list[Hint], piece_size: int) -> list[tuple[FileNode, int]]:
+    """The pieces ``hints`` cover, each once, in the order first hinted (with a file in it)."""
+    seen: set[tuple[str, int]] = set()
+    pieces = []
+    for hint in hints:
+        blob = hint.file.blob
+        for index in pieces_covering(
+            hint.file.offset + hint.offset, hint.length, blob.size, piece_size
+        ):
+            if (blob.digest, index) not in seen:
+                seen.add((blob.digest, index))
+                pieces.append((hint.file, index))
+    return pieces

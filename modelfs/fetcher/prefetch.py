@@ -10,8 +10,10 @@ Two sources of foresight:
   window and starts a new run. A run opens a window only once it is longer than the kernel
   readahead window: shorter ones may be a single burst of readahead around an mmap page fault
   (a loader reading one tensor), which the kernel already asked for in full.
-- Per model, hints (``modelfs.fetcher.hints``): config and tokenizer files, safetensors headers,
-  shards in index order, and with ``--prefetch all`` every byte of the model.
+- Per model, hints: the ranges a recorded load read, in its order, when the model has a read
+  profile (``modelfs.fetcher.profile``); else the built-in ones (``modelfs.fetcher.hints``):
+  config and tokenizer files, safetensors headers, shards in index order. With ``--prefetch all``
+  every byte of the model follows.
 
 ``ReadPattern`` is the pure policy; ``Prefetcher`` does the I/O. Its tasks run in the mount
 session's nursery, fetch at readahead or background priority (a read waiting on a piece always
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -33,12 +35,14 @@ from modelfs.fetcher.hints import (
     SAFETENSORS_PREFIX,
     Hint,
     header_hint,
+    hinted_pieces,
     index_files,
     shards,
     startup_hints,
     whole_model,
 )
 from modelfs.fetcher.pieces import PieceFetcher, Priority
+from modelfs.fetcher.profile import Profile, tree_hints
 from modelfs.fs.tree import FileNode, Tree
 from modelfs.pieces import pieces_covering
 
@@ -111,6 +115,40 @@ class ReadPattern:
 
 # -- I/O -----------------------------------------------------------------------------------------
 
+Reader = Callable[[FileNode, int, int], Awaitable[bytes | memoryview]]
+HintSink = Callable[[list[Hint]], Awaitable[None]]
+ProfileLookup = Callable[[], Awaitable[Profile | None]]
+
+
+async def read_indexes(tree: Tree, read: Reader) -> dict[str, bytes]:
+    """The bytes of the ``*.safetensors.index.json`` files, which say the shards' order."""
+    return {node.path: bytes(await read(node, 0, node.size)) for node in index_files(tree)}
+
+
+async def feed_hints(
+    tree: Tree, read: Reader, recorded: ProfileLookup | None, feed: HintSink
+) -> int:
+    """Feed ``feed`` the model's hints in order, in batches; returns how many ranges.
+
+    The recorded profile's ranges if there is one; else the built-in hints: config and tokenizer
+    files and each shard's header prefix, then (once those prefixes are read) the headers.
+    """
+    profile = None if recorded is None else await recorded()
+    if profile is not None:
+        hints = tree_hints(tree, profile)
+        await feed(hints)
+        return len(hints)
+    indexes = await read_indexes(tree, read)
+    hints = startup_hints(tree, indexes)
+    await feed(hints)
+    headers = []
+    for shard in shards(tree, indexes):
+        header = header_hint(shard, bytes(await read(shard, 0, SAFETENSORS_PREFIX)))
+        if header is not None:
+            headers.append(header)
+    await feed(headers)
+    return len(hints) + len(headers)
+
 
 class OpenFile:
     """One open file handle: reads go through the fetcher, the window ahead is prefetched."""
@@ -140,10 +178,12 @@ class Prefetcher:
         mode: PrefetchMode,
         policy: WindowPolicy,
         background_tasks: int = 4,
+        recorded: ProfileLookup | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.mode = mode
         self.policy = policy
+        self._recorded = recorded  # the model's read profile, looked up when hints start
         self._background_tasks = background_tasks
         self._nursery: trio.Nursery | None = None
 
@@ -163,28 +203,22 @@ class Prefetcher:
     def start_readahead(self, node: FileNode, start: int, end: int) -> None:
         if self._nursery is None:
             raise RuntimeError("Prefetcher.start_readahead before Prefetcher.run started")
-        for index in self._pieces(Hint(node, start, end - start)):
+        piece_size = self.fetcher.cache.piece_size
+        for index in pieces_covering(node.offset + start, end - start, node.blob.size, piece_size):
             self._nursery.start_soon(self._prefetch_piece, node, index, Priority.READAHEAD)
 
     async def _prefetch_model(self, tree: Tree) -> None:
-        """Hints first (config and tokenizer files, safetensors headers), then maybe the rest."""
-        if self.mode == PrefetchMode.NONE:
-            return
+        """Hints first (a recorded profile, else the built-in ones), then maybe the rest."""
+        cache = self.fetcher.cache
+        if self.mode == PrefetchMode.NONE or all(
+            cache.is_complete(node.blob.digest, node.blob.size) for node in tree.files()
+        ):
+            return  # nothing to fetch: not even the profile lookup (a remount needs no network)
         try:
-            indexes = {
-                node.path: bytes(await self._read(node, 0, node.size)) for node in index_files(tree)
-            }
-            hints = startup_hints(tree, indexes)
-            await self._fetch_in_order(hints)
-            headers = []
-            for shard in shards(tree, indexes):
-                prefix = bytes(await self._read(shard, 0, SAFETENSORS_PREFIX))
-                header = header_hint(shard, prefix)
-                if header is not None:
-                    headers.append(header)
-            await self._fetch_in_order(headers)
-            log.info("prefetch: hints fetched (%d ranges)", len(hints) + len(headers))
+            count = await feed_hints(tree, self._read, self._recorded, self._fetch_in_order)
+            log.info("prefetch: hints fetched (%d ranges)", count)
             if self.mode == PrefetchMode.ALL:
+                indexes = await read_indexes(tree, self._read)
                 await self._fetch_in_order(whole_model(tree, indexes))
                 log.info("prefetch: the whole model is in the cache")
         except ModelfsError as error:
@@ -195,10 +229,9 @@ class Prefetcher:
             node.blob, node.offset + offset, size, priority=Priority.BACKGROUND
         )
 
-    async def _fetch_in_order(self, hints: Iterable[Hint]) -> None:
+    async def _fetch_in_order(self, hints: list[Hint]) -> None:
         """Fetch the pieces of ``hints`` in order, a few at a time, at background priority."""
         running = trio.Semaphore(self._background_tasks)
-        started: set[tuple[str, int]] = set()
 
         async def fetch(node: FileNode, index: int) -> None:
             try:
@@ -207,20 +240,9 @@ class Prefetcher:
                 running.release()
 
         async with trio.open_nursery() as nursery:
-            for hint in hints:
-                for index in self._pieces(hint):
-                    if (hint.file.blob.digest, index) not in started:
-                        started.add((hint.file.blob.digest, index))
-                        await running.acquire()
-                        nursery.start_soon(fetch, hint.file, index)
-
-    def _pieces(self, hint: Hint) -> range:
-        return pieces_covering(
-            hint.file.offset + hint.offset,
-            hint.length,
-            hint.file.blob.size,
-            self.fetcher.cache.piece_size,
-        )
+            for node, index in hinted_pieces(hints, self.fetcher.cache.piece_size):
+                await running.acquire()
+                nursery.start_soon(fetch, node, index)
 
     async def _prefetch_piece(self, node: FileNode, index: int, priority: Priority) -> None:
         try:

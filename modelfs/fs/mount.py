@@ -27,7 +27,8 @@ from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.pieces import PieceFetcher
-from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, WindowPolicy
+from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
+from modelfs.fetcher.profile import ReadRecorder, recorded_profile
 from modelfs.fetcher.registry import MeteredRepository, RegistryClient
 from modelfs.fetcher.source import BlobSource
 from modelfs.fetcher.stats import (
@@ -38,8 +39,9 @@ from modelfs.fetcher.stats import (
     REJECTED_PEER_PIECE,
     MountStats,
 )
-from modelfs.fs.fuse import ReadOnlyTreeFS
+from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.fs.model import Model, load_model
+from modelfs.fs.tree import FileNode
 from modelfs.logs import set_log_context
 from modelfs.peer.source import ClusterOptions, PeerSource, with_peers
 from modelfs.reference import LayoutReference, Reference
@@ -158,8 +160,28 @@ def _raise_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
         )
 
 
-async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> None:
-    """Mount and serve until unmounted; ``on_ready`` runs once listing the mount works."""
+class RecordingFile:
+    """An open file whose reads are noted by a ``ReadRecorder`` (``modelfs profile``)."""
+
+    def __init__(self, inner: OpenFile, recorder: ReadRecorder) -> None:
+        self.node = inner.node
+        self._inner = inner
+        self._recorder = recorder
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        self._recorder.note(self.node, offset, size)
+        return await self._inner.read(offset, size)
+
+
+async def serve(
+    options: MountOptions,
+    on_ready: Callable[[Model], None],
+    recorder: ReadRecorder | None = None,
+) -> None:
+    """Mount and serve until unmounted; ``on_ready`` runs once listing the mount works.
+
+    With a ``recorder``, every read that reaches the mount is noted in it.
+    """
     options.mountpoint = options.mountpoint.resolve()  # before it is a FUSE mount
     _tune_malloc()
     selector = options.reference.selector
@@ -196,7 +218,16 @@ async def serve(options: MountOptions, on_ready: Callable[[Model], None]) -> Non
             cache.lease(leased)
             try:
                 snapshot = partial(_snapshot, model, fetcher, source)
-                await _run_session(options, model, fetcher, rejected_receive, on_ready, snapshot)
+                await _run_session(
+                    options,
+                    model,
+                    fetcher,
+                    rejected_receive,
+                    on_ready,
+                    snapshot,
+                    partial(recorded_profile, origin, model.digest),
+                    recorder,
+                )
             finally:
                 cache.release(leased)
                 if options.stats_socket is not None:
@@ -237,11 +268,18 @@ async def _run_session(
     rejected: trio.MemoryReceiveChannel[str],
     on_ready: Callable[[Model], None],
     snapshot: Handler,
+    recorded: ProfileLookup,
+    recorder: ReadRecorder | None,
 ) -> None:
     policy = WindowPolicy(fetcher.cache.piece_size, kernel_readahead=options.read_ahead_kb << 10)
-    prefetcher = Prefetcher(fetcher, options.prefetch, policy)
+    prefetcher = Prefetcher(fetcher, options.prefetch, policy, recorded=recorded)
+
+    def open_file(node: FileNode) -> OpenFile:
+        opened = prefetcher.open(node)
+        return opened if recorder is None else RecordingFile(opened, recorder)
+
     initialized = trio.Event()
-    operations = ReadOnlyTreeFS(model.tree, prefetcher.open, initialized.set)
+    operations = ReadOnlyTreeFS(model.tree, open_file, initialized.set)
     try:
         pyfuse3.init(operations, str(options.mountpoint), _fuse_options(options, model))
     except RuntimeError as error:

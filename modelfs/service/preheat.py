@@ -1,8 +1,10 @@
 """Preheat: every piece of a model fetched into the node's cache, without mounting it.
 
-Resumable by construction: only the pieces the cache is missing are fetched, so an interrupted
-preheat run again picks up where it stopped. Pieces go through the PieceFetcher, so each blob is
-checked against its digest on the way in, exactly as a mount would check it.
+With ``hints_only``, only the pieces a mount would prefetch first: the model's recorded read
+profile, else the built-in hints. Resumable by construction: only the pieces the cache is
+missing are fetched, so an interrupted preheat run again picks up where it stopped. Pieces go
+through the PieceFetcher, so each blob is checked against its digest on the way in (once it is
+whole), exactly as a mount would check it.
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from modelfs.cache import PieceCache
+from modelfs.fetcher.hints import Hint, hinted_pieces
 from modelfs.fetcher.pieces import PieceFetcher
+from modelfs.fetcher.prefetch import feed_hints
+from modelfs.fetcher.profile import recorded_profile
 from modelfs.fetcher.source import BlobSource
-from modelfs.fs.model import load_model, resolve_manifest
+from modelfs.fs.model import Model, load_model, resolve_manifest
 from modelfs.fs.mount import MountOptions, open_source
-from modelfs.fs.tree import BlobRef
+from modelfs.fs.tree import BlobRef, FileNode
 from modelfs.pieces import piece_span
 from modelfs.reference import LayoutReference, Reference
 
@@ -70,12 +76,36 @@ async def resolve_digest(
         return (await resolve_manifest(source, reference.selector, cache)).digest
 
 
+def _pieces_bytes(cache: PieceCache, pieces: list[tuple[BlobRef, int]]) -> int:
+    return sum(piece_span(index, blob.size, cache.piece_size)[1] for blob, index in pieces)
+
+
 def plan_missing(cache: PieceCache, digest: str, blobs: list[BlobRef]) -> PreheatPlan:
+    """Every piece of ``blobs`` the cache lacks."""
     missing = [(blob, index) for blob in blobs for index in cache.missing(blob.digest, blob.size)]
-    missing_bytes = sum(
-        piece_span(index, blob.size, cache.piece_size)[1] for blob, index in missing
+    return PreheatPlan(
+        digest, missing, _pieces_bytes(cache, missing), sum(blob.size for blob in blobs)
     )
-    return PreheatPlan(digest, missing, missing_bytes, sum(blob.size for blob in blobs))
+
+
+def plan_pieces(cache: PieceCache, digest: str, wanted: list[tuple[BlobRef, int]]) -> PreheatPlan:
+    """The ``wanted`` pieces the cache lacks, in their order."""
+    missing = [(blob, index) for blob, index in wanted if not cache.has(blob.digest, index)]
+    return PreheatPlan(digest, missing, _pieces_bytes(cache, missing), _pieces_bytes(cache, wanted))
+
+
+async def _hinted(model: Model, source: BlobSource, fetcher: PieceFetcher) -> list[Hint]:
+    """The hints a mount would prefetch first (reading what the built-in ones need to)."""
+    hints: list[Hint] = []
+
+    async def read(node: FileNode, offset: int, size: int) -> bytes | memoryview:
+        return await fetcher.read(node.blob, node.offset + offset, size)
+
+    async def collect(batch: list[Hint]) -> None:
+        hints.extend(batch)
+
+    await feed_hints(model.tree, read, partial(recorded_profile, source, model.digest), collect)
+    return hints
 
 
 async def preheat(
@@ -84,12 +114,18 @@ async def preheat(
     settings: SourceSettings,
     on_plan: Callable[[PreheatPlan], None],
     on_piece: Callable[[int], None],
+    hints_only: bool = False,
 ) -> PreheatPlan:
     """Fetch what the cache lacks of ``reference``; ``on_piece`` gets each piece's size."""
     async with _open_source(reference, settings) as source:
         fetcher = PieceFetcher(source, cache)
         model = await load_model(source, reference.selector, cache, fetcher)
-        plan = plan_missing(cache, model.digest, model.blobs)
+        if hints_only:
+            hints = await _hinted(model, source, fetcher)
+            wanted = [(node.blob, index) for node, index in hinted_pieces(hints, cache.piece_size)]
+            plan = plan_pieces(cache, model.digest, wanted)
+        else:
+            plan = plan_missing(cache, model.digest, model.blobs)
         on_plan(plan)
         work_send, work_receive = trio.open_memory_channel[tuple[BlobRef, int]](len(plan.missing))
         for item in plan.missing:
