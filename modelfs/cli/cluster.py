@@ -76,6 +76,21 @@ def _tls_file(name: str, help: str) -> Callable[[F], F]:
     )
 
 
+# The parameters ``cluster_options`` adds to a command: what ``cluster_settings`` takes.
+CLUSTER_PARAMETERS = (
+    "scheduler",
+    "cluster_secret_file",
+    "peer_listen",
+    "zone",
+    "rack",
+    "peers_without_index",
+    "peer_max_connections",
+    "peer_tls_cert",
+    "peer_tls_key",
+    "peer_tls_ca",
+)
+
+
 def cluster_options(command: F) -> F:
     """The options of a node that shares pieces with its peers (``modelfs mount``)."""
     for option in reversed(

@@ -19,7 +19,7 @@ import click
 import trio
 
 from modelfs.cli import F, cli
-from modelfs.cli.cluster import cluster_options, cluster_settings
+from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_settings
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.model import Model
@@ -160,11 +160,6 @@ def mount(
     foreground: bool,
     ready_fd: int | None,
     stats_socket: Path | None,
-    scheduler: str | None,
-    cluster_secret_file: Path | None,
-    peer_listen: tuple[str, int] | None,
-    zone: str,
-    rack: str,
     **settings: Any,
 ) -> None:
     """Mount REFERENCE (host/repo:tag, host/repo@sha256:..., oci:PATH[:TAG]) on MOUNTPOINT.
@@ -174,8 +169,9 @@ def mount(
     ref = parse_any_reference(reference)
     if not mountpoint.is_dir():
         raise ModelfsError(f"mountpoint {mountpoint} is not a directory; create it first")
+    cluster = {name: settings.pop(name) for name in CLUSTER_PARAMETERS}
     options = mount_settings(ref, mountpoint, **settings)
-    options.cluster = cluster_settings(scheduler, cluster_secret_file, peer_listen, zone, rack)
+    options.cluster = cluster_settings(**cluster)
     options.stats_socket = stats_socket
     if not foreground:
         _mount_in_background(options)
