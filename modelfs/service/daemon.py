@@ -4,32 +4,59 @@ It owns the node's cache settings, keeps the config's mounts up (one supervised 
 each), answers the control socket, and serves metrics if asked. READY=1 goes to systemd once the
 control socket answers and every configured mount has been tried once, so units ordered after
 it find their models mounted. SIGTERM (or SIGINT) sends STOPPING=1 and unmounts everything.
+SIGHUP reloads: the daemon re-executes itself and keeps its mounts (modelfs.service.reload).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from modelfs.cache import PieceCache
+from modelfs.errors import ModelfsError
 from modelfs.metrics import DaemonCollector, DaemonSample, MountSample, serving_metrics
 from modelfs.service.config import DaemonConfig
-from modelfs.service.control import ask, open_control_socket, serve_control
+from modelfs.service.control import ask, serve_control
+from modelfs.service.mount_table import MountRequestError, MountTable, parse_mount_request
 from modelfs.service.notify import notify, watchdog_interval
-from modelfs.service.supervisor import MountState, supervise
+from modelfs.service.reload import (
+    HandedOver,
+    Handover,
+    control_listener,
+    monotonic_usec,
+    next_signal,
+    reexec,
+    resume,
+    to_carry,
+    to_stop,
+)
+from modelfs.service.supervisor import MountState
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        load_config: Callable[[], DaemonConfig],
+        handover: Handover | None = None,
+    ) -> None:
         self.config = config
-        self.mounts = [MountState(str(spec.reference), str(spec.path)) for spec in config.mounts]
+        self.load_config = load_config  # the config as it is now, for a reload
+        self.handover = handover  # from the previous image, when this start is a reload
+        self.table: MountTable | None = None
         self.cache = PieceCache(config.cache_dir, config.cache_size)
+
+    @property
+    def mounts(self) -> list[MountState]:
+        return [] if self.table is None else self.table.states()
 
     def status(self) -> dict[str, Any]:
         stats = self.cache.stats()
@@ -45,12 +72,20 @@ class Daemon:
             },
         }
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any] | None:
         command = request.get("command")
         if command == "ping":
             return {"ok": True}
         if command == "status":
             return self.status()
+        if command == "mount" and self.table is not None:
+            spec, settings = parse_mount_request(request)
+            return {"mount": (await self.table.mount(spec, settings)).as_json()}
+        if command == "umount" and self.table is not None:
+            path = request.get("path")
+            if not isinstance(path, str):
+                raise MountRequestError("an umount request needs the mountpoint's path")
+            return {"unmounted": await self.table.stop(Path(path))}
         return None
 
     def sample(self) -> DaemonSample:
@@ -77,17 +112,21 @@ class Daemon:
             self.cache.close()
 
     async def _serve(self) -> None:
-        listener = await open_control_socket(self.config.control_socket)
+        listener = await control_listener(self.config.control_socket, self.handover)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            self.table = table = MountTable(nursery, self.config)
+            nursery.start_soon(self._on_signals, nursery.cancel_scope, listener)
             nursery.start_soon(serve_control, listener, self.handle)
-            tried = []
-            for spec, state in zip(self.config.mounts, self.mounts, strict=True):
-                tried.append(trio.Event())
-                nursery.start_soon(supervise, spec, self.config, state, tried[-1])
+            handed = self.handover.mounts if self.handover is not None else []
+            entries = [resume(table, mount) for mount in handed]
+            for spec in self.config.mounts:
+                if spec.path.resolve() not in table.entries:
+                    entries.append(
+                        table.start(spec, MountState(str(spec.reference), str(spec.path)))
+                    )
             await ask(self.config.control_socket, {"command": "ping"})
-            for event in tried:
-                await event.wait()
+            for entry in entries:
+                await entry.first_attempt.wait()
             up = sum(mount.state == "mounted" for mount in self.mounts)
             notify(f"READY=1\nSTATUS={up} of {len(self.mounts)} mounts up")
             log.warning("modelfs daemon ready: %d of %d mounts up", up, len(self.mounts))
@@ -95,17 +134,51 @@ class Daemon:
             if interval is not None:
                 nursery.start_soon(_keep_alive, interval)
 
+    async def _on_signals(self, scope: trio.CancelScope, listener: trio.SocketListener) -> None:
+        """SIGTERM or SIGINT: unmount everything and stop. SIGHUP: reload."""
+        while True:
+            signum = await next_signal()
+            if signum != signal.SIGHUP:
+                log.warning("received %s: unmounting everything", signal.Signals(signum).name)
+                notify("STOPPING=1")
+                scope.cancel()
+                return
+            handover = await self._prepare_reload(listener)
+            if handover is None:
+                continue
+            self.cache.close()
+            try:
+                reexec(handover)
+            except OSError as error:
+                self.cache = PieceCache(self.config.cache_dir, self.config.cache_size)
+                log.error("reload failed, running on: cannot re-execute: %s", error)
+                notify(f"READY=1\nSTATUS=reload failed: {error}")
+
+    async def _prepare_reload(self, listener: trio.SocketListener) -> Handover | None:
+        """Check the config as it is now and stop the mounts that cannot be handed over; what
+        to hand the new image. None: the config is wrong and the daemon runs on as it was."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
+        try:
+            config = self.load_config()
+        except ModelfsError as error:
+            log.error("reload refused, the running config stays: %s", error)
+            notify(f"READY=1\nSTATUS=reload refused: {error}")
+            return None
+        assert self.table is not None
+        table = self.table
+        restarted = to_carry(list(table.entries.values()), self.config, config)
+        while stopping := to_stop(list(table.entries.values()), self.config, config):
+            for path in stopping:
+                await table.stop(path)
+        # No checkpoint from here to exec: every mount left is up, its process alive or unreaped.
+        carried = list(table.entries.values())
+        carried += [entry for entry in restarted if entry not in carried]
+        log.warning("reloading: re-executing, %d mounts handed over", len(carried))
+        mounts = [HandedOver(entry.spec, entry.settings, entry.state) for entry in carried]
+        return Handover(self.config.control_socket, listener.socket.fileno(), mounts)
+
 
 async def _keep_alive(interval: float) -> None:
     while True:
         notify("WATCHDOG=1")
         await trio.sleep(interval)
-
-
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.warning("received %s: unmounting everything", signal.Signals(signum).name)
-            notify("STOPPING=1")
-            scope.cancel()
-            return
