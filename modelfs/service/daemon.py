@@ -166,13 +166,13 @@ class Daemon:
             return None
         assert self.table is not None
         table = self.table
-        restarted = to_carry(list(table.entries.values()), self.config, config)
+        carried = to_carry(list(table.entries.values()), self.config, config)
         while stopping := to_stop(list(table.entries.values()), self.config, config):
             for path in stopping:
                 await table.stop(path)
-        # No checkpoint from here to exec: every mount left is up, its process alive or unreaped.
-        carried = list(table.entries.values())
-        carried += [entry for entry in restarted if entry not in carried]
+        # No checkpoint from here to exec: every mount left is up, its process alive or unreaped
+        # (one a control request added meanwhile included); the stopped are started again.
+        carried += [entry for entry in table.entries.values() if entry not in carried]
         log.warning("reloading: re-executing, %d mounts handed over", len(carried))
         mounts = [HandedOver(entry.spec, entry.settings, entry.state) for entry in carried]
         return Handover(self.config.control_socket, listener.socket.fileno(), mounts)

@@ -22,7 +22,7 @@ class MountRequestError(ModelfsError):
     """A mount or umount asked of the daemon cannot be done."""
 
 
-@dataclass
+@dataclass(eq=False)  # each is one mount's supervision: equal only to itself
 class Supervised:
     spec: MountSpec
     settings: RegistrySettings | None  # a control request's registry settings; None: the config's
