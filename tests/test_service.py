@@ -287,31 +287,48 @@ def test_reload_keeps_mounts_being_read_and_applies_the_config(
         unmount(added)
 
 
-def test_mount_by_daemon_errors_are_one_line(
+def test_mount_by_daemon_refusals_are_one_line_and_no_daemon_mounts_here(
     daemon_setup: tuple[Path, Path, dict[str, bytes], Path], tmp_path: Path
 ) -> None:
-    config, control, _, mnt = daemon_setup
+    config, control, files, mnt = daemon_setup
     other = tmp_path / "models" / "other"
     other.mkdir()
     notifications = Notifications(tmp_path / "notify.sock")
-    with running_daemon(config, notifications) as daemon:
-        notifications.wait_for("READY=1")
-        reference = mounts_by_path(control)[str(mnt)]["reference"]
-        control_option = ("--control-socket", str(control))
-        missing = reference.rsplit(":", 1)[0] + ":no-such-tag"
-        cases = [
-            ((missing, str(other), "--plain-http"), "no-such-tag"),
-            ((reference, str(mnt), "--plain-http"), "already mounted by the daemon"),
-            ((reference, str(other), "--cache-dir", str(tmp_path)), "--no-daemon"),
-        ]
-        for args, message in cases:
-            result = modelfs("mount", *args, *control_option)
-            assert result.returncode == 1, result.stderr
-            assert message in result.stderr, result.stderr
-            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-        # The failed mount is neither kept up nor retried.
-        assert list(mounts_by_path(control)) == [str(mnt)] and not is_mounted(other)
-        stop_daemon(daemon)
+    try:
+        with running_daemon(config, notifications) as daemon:
+            notifications.wait_for("READY=1")
+            reference = mounts_by_path(control)[str(mnt)]["reference"]
+            control_option = ("--control-socket", str(control))
+            missing = reference.rsplit(":", 1)[0] + ":no-such-tag"
+            cases = [
+                ((missing, str(other), "--plain-http"), "no-such-tag"),
+                ((reference, str(mnt), "--plain-http"), "already mounted by the daemon"),
+                ((reference, str(other), "--cache-dir", str(tmp_path)), "--no-daemon"),
+            ]
+            for args, message in cases:
+                result = modelfs("mount", *args, *control_option)
+                assert result.returncode == 1, result.stderr
+                assert message in result.stderr, result.stderr
+                assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+            # The failed mount is neither kept up nor retried.
+            assert list(mounts_by_path(control)) == [str(mnt)] and not is_mounted(other)
+
+            # --no-daemon mounts in this process's child; umount of a mount the daemon does
+            # not keep unmounts it here.
+            own_cache = ("--cache-dir", str(tmp_path / "own-cache"))
+            result = modelfs(
+                "mount", reference, str(other), "--plain-http", "--no-daemon", *own_cache,
+                *control_option,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert (other / "tokenizer.json").read_bytes() == files["tokenizer.json"]
+            assert list(mounts_by_path(control)) == [str(mnt)]
+            result = modelfs("umount", str(other), *control_option)
+            assert result.returncode == 0, result.stderr
+            assert not is_mounted(other) and is_mounted(mnt)
+            stop_daemon(daemon)
+    finally:
+        unmount(other)
 
 
 def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
