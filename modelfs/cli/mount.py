@@ -51,8 +51,9 @@ def parse_size(text: str) -> int:
     return int(float(number) * factor)
 
 
-# What a mount asked of the daemon carries; the daemon's own settings (cache...) do the rest.
-_PASSED_TO_DAEMON = {"reference", "mountpoint", "prefetch", "plain_http", "insecure"}
+# The options that mean something to a mount the daemon makes; its own settings (cache...) do
+# the rest.
+_FOR_DAEMON = {"reference", "mountpoint", "prefetch", "plain_http", "insecure", "control_socket"}
 
 
 def daemon_options(command: F) -> F:
@@ -180,10 +181,8 @@ def mount(
 def _mount_by_daemon(context: click.Context, control_socket: Path) -> None:
     params = context.params
     for name, value in params.items():
-        if (
-            name not in _PASSED_TO_DAEMON
-            and name != "control_socket"
-            and (context.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+        if name not in _FOR_DAEMON and (
+            context.get_parameter_source(name) == ParameterSource.COMMANDLINE
         ):
             option = "--" + name.replace("_", "-")
             raise ModelfsError(
