@@ -43,6 +43,7 @@ def test_units_allow_fuse_and_keep_the_host_mount_namespace() -> None:
         assert not [line for line in lines if line.startswith(NAMESPACING)]
     assert "Type=notify" in (UNITS / "modelfsd.service").read_text()
     assert "WatchdogSec=" in (UNITS / "modelfsd.service").read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in (UNITS / "modelfsd.service").read_text()
 
 
 def test_example_config_parses() -> None:

@@ -2,13 +2,16 @@
 
 Without ``--foreground`` the command starts the mount process in the background and returns once
 the directory lists (or prints why it could not mount); the process reports readiness through an
-inherited pipe, so there is no polling and no race with the first ``ls``.
+inherited pipe, so there is no polling and no race with the first ``ls``. When the node service
+(``modelfs daemon``) answers on its control socket, ``mount`` and ``umount`` ask it instead, so
+the mount is supervised like the config's.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ from typing import Any
 
 import click
 import trio
+from click.core import ParameterSource
 
 from modelfs.cli import F, cli
 from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_settings
@@ -32,6 +36,7 @@ from modelfs.fs.mount import (
 )
 from modelfs.fs.recording import profile_model
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
+from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
 
@@ -44,6 +49,24 @@ def parse_size(text: str) -> int:
     number, unit = match.groups()
     factor = 1024 ** ("kmgtp".index(unit.lower()) + 1) if unit else 1
     return int(float(number) * factor)
+
+
+# The options that mean something to a mount the daemon makes; its own settings (cache...) do
+# the rest.
+_FOR_DAEMON = {"reference", "mountpoint", "prefetch", "plain_http", "insecure", "control_socket"}
+
+
+def daemon_options(command: F) -> F:
+    command = click.option(
+        "--no-daemon", is_flag=True, help="Do it here even if the modelfs daemon is running."
+    )(command)
+    return click.option(
+        "--control-socket",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=DEFAULT_CONTROL_SOCKET,
+        show_default=True,
+        help="Where the modelfs daemon listens; when it answers, it is asked to do it.",
+    )(command)
 
 
 def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
@@ -153,22 +176,33 @@ def mount_settings(
 @click.option(
     "--stats-socket", type=click.Path(dir_okay=False, path_type=Path), hidden=True
 )  # the daemon asks the mount's counters here
+@daemon_options
 @cluster_options
+@click.pass_context
 def mount(
+    context: click.Context,
+    /,
     reference: str,
     mountpoint: Path,
     foreground: bool,
     ready_fd: int | None,
     stats_socket: Path | None,
+    control_socket: Path,
+    no_daemon: bool,
     **settings: Any,
 ) -> None:
     """Mount REFERENCE (host/repo:tag, host/repo@sha256:..., oci:PATH[:TAG]) on MOUNTPOINT.
 
     The directory lists as soon as the manifest is read; file bytes are fetched when read.
+    With the modelfs daemon running (and neither --foreground nor --no-daemon), the daemon
+    mounts it, with its cache settings, and keeps it up until `modelfs umount`.
     """
     ref = parse_any_reference(reference)
     if not mountpoint.is_dir():
         raise ModelfsError(f"mountpoint {mountpoint} is not a directory; create it first")
+    if not (foreground or no_daemon) and trio.run(daemon_answers, control_socket):
+        _mount_by_daemon(context, control_socket)
+        return
     cluster = {name: settings.pop(name) for name in CLUSTER_PARAMETERS}
     options = mount_settings(ref, mountpoint, **settings)
     options.cluster = cluster_settings(**cluster)
@@ -179,8 +213,37 @@ def mount(
     _mount_in_foreground(options, ready_fd)
 
 
+def _mount_by_daemon(context: click.Context, control_socket: Path) -> None:
+    params = context.params
+    for name, value in params.items():
+        if name not in _FOR_DAEMON and (
+            context.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        ):
+            option = "--" + name.replace("_", "-")
+            raise ModelfsError(
+                f"{option} {value} does not apply to a mount the modelfs daemon makes (it uses "
+                "its own settings); drop it, or pass --no-daemon to mount without the daemon"
+            )
+    request = {
+        "command": "mount",
+        "reference": params["reference"],
+        "path": str(params["mountpoint"].resolve()),
+        "prefetch": params["prefetch"],
+        "plain_http": params["plain_http"],
+        "insecure": params["insecure"],
+    }
+    state = trio.run(ask, control_socket, request)["mount"]
+    click.echo(
+        f"mounted {state['reference']} ({state['digest']}) on {state['mountpoint']} "
+        "by the modelfs daemon",
+        err=True,
+    )
+
+
 def _mount_in_foreground(options: MountOptions, ready_fd: int | None) -> None:
     started = time.monotonic()
+    # The daemon starts its mounts with these blocked (they are its own); ours stop the mount.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
     def on_ready(model: Model) -> None:
         message = (
@@ -248,8 +311,16 @@ def _mount_in_background(options: MountOptions) -> None:
 
 @cli.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-def umount(mountpoint: Path) -> None:
-    """Unmount a modelfs MOUNTPOINT (a dead mount's stale endpoint included)."""
+@daemon_options
+def umount(mountpoint: Path, control_socket: Path, no_daemon: bool) -> None:
+    """Unmount a modelfs MOUNTPOINT (a dead mount's stale endpoint included).
+
+    A mount the modelfs daemon keeps up is unmounted by the daemon, which then stops keeping it.
+    """
+    if not no_daemon and trio.run(daemon_answers, control_socket):
+        request = {"command": "umount", "path": str(mountpoint.resolve())}
+        if trio.run(ask, control_socket, request)["unmounted"]:
+            return
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0:
         if "not connected" in result.stderr or "Transport endpoint" in result.stderr:

@@ -19,11 +19,17 @@ from modelfs.errors import CacheError
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.cache_ops import cached_models, remove_model, verify
-from modelfs.service.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, load_config
+from modelfs.service.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_CONTROL_SOCKET,
+    DaemonConfig,
+    load_config,
+)
 from modelfs.service.control import ask
 from modelfs.service.daemon import Daemon
 from modelfs.service.preheat import PreheatPlan, SourceSettings, resolve_digest
 from modelfs.service.preheat import preheat as preheat_model
+from modelfs.service.reload import block_daemon_signals, take_handover
 
 
 def cache_options(command: F) -> F:
@@ -213,11 +219,18 @@ def cache_rm(
 )
 @click.option("--metrics-addr", help="Serve Prometheus metrics on HOST:PORT (default: off).")
 def daemon(config_path: Path, metrics_addr: str | None) -> None:
-    """Run the node service: the config's mounts, the control socket, metrics."""
-    config = load_config(config_path)
-    if metrics_addr:
-        config = replace(config, metrics_addr=metrics_addr)
-    trio.run(Daemon(config).run)
+    """Run the node service: the config's mounts, the control socket, metrics.
+
+    SIGHUP (systemctl reload) re-reads the config and re-executes, keeping the mounts up.
+    """
+    block_daemon_signals()
+    handover = take_handover()
+
+    def current_config() -> DaemonConfig:
+        config = load_config(config_path)
+        return replace(config, metrics_addr=metrics_addr) if metrics_addr else config
+
+    trio.run(Daemon(current_config(), current_config, handover).run)
 
 
 @cli.command()

@@ -18,9 +18,9 @@ from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
+from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
-DEFAULT_CONTROL_SOCKET = Path("/run/modelfs/control.sock")
 
 
 class ConfigError(ModelfsError):

@@ -1,5 +1,6 @@
 """The daemon's control API: one JSON request line in, one JSON answer line out, per connection,
-on a unix socket only root may open (mode 0600)."""
+on a unix socket only root may open (mode 0600). A request the daemon refuses is answered
+``{"error": "<one line>"}``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import trio
 
 from modelfs.errors import ModelfsError
 
+DEFAULT_CONTROL_SOCKET = Path("/run/modelfs/control.sock")
 MAX_REQUEST = 64 << 10
+PING_TIMEOUT = 10.0
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
@@ -55,7 +58,10 @@ async def serve_control(listener: trio.SocketListener, handle: Handler) -> None:
                 message = json.loads(request)
             except ValueError:
                 message = None
-            reply = await handle(message) if isinstance(message, dict) else None
+            try:
+                reply = await handle(message) if isinstance(message, dict) else None
+            except ModelfsError as error:
+                reply = {"error": str(error)}
             if reply is None:
                 reply = {"error": 'send one JSON object, such as {"command": "status"}'}
             await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -77,10 +83,31 @@ async def ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
         answer = b""
         while chunk := await stream.receive_some():
             answer += chunk
+    if not answer:
+        raise ControlError(
+            f"the daemon at {path} closed the connection without answering "
+            "(was it reloading or stopping?); try again"
+        )
     try:
         reply = json.loads(answer)
     except ValueError:
         raise ControlError(f"the daemon at {path} sent no JSON answer") from None
-    if not isinstance(reply, dict) or "error" in reply:
+    if not isinstance(reply, dict):
         raise ControlError(f"the daemon at {path} refused the request: {reply}")
+    if "error" in reply:
+        raise ControlError(str(reply["error"]))
     return reply
+
+
+async def daemon_answers(path: Path) -> bool:
+    """Whether a daemon listens on ``path`` (False when nothing does, or we may not connect)."""
+    try:
+        with trio.fail_after(PING_TIMEOUT):
+            await ask(path, {"command": "ping"})
+    except trio.TooSlowError:
+        raise ControlError(
+            f"the modelfs daemon at {path} does not answer; pass --no-daemon to work without it"
+        ) from None
+    except ControlError:
+        return False
+    return True

@@ -4,12 +4,14 @@ It owns the node's cache settings, keeps the config's mounts up (one supervised 
 each), answers the control socket, and serves metrics if asked. READY=1 goes to systemd once the
 control socket answers and every configured mount has been tried once, so units ordered after
 it find their models mounted. SIGTERM (or SIGINT) sends STOPPING=1 and unmounts everything.
+SIGHUP reloads: the daemon re-executes itself and keeps its mounts (modelfs.service.reload).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import trio
 
 from modelfs.cache import PieceCache
+from modelfs.errors import ModelfsError
 from modelfs.fetcher.stats import MountStats
 from modelfs.metrics import (
     DaemonCollector,
@@ -27,9 +30,21 @@ from modelfs.metrics import (
 )
 from modelfs.service.cache_ops import cached_models
 from modelfs.service.config import DaemonConfig
-from modelfs.service.control import ControlError, ask, open_control_socket, serve_control
+from modelfs.service.control import ControlError, ask, serve_control
+from modelfs.service.mount_table import MountRequestError, MountTable, parse_mount_request
 from modelfs.service.notify import notify, watchdog_interval
-from modelfs.service.supervisor import MountState, stats_socket, supervise
+from modelfs.service.reload import (
+    HandedOver,
+    Handover,
+    control_listener,
+    monotonic_usec,
+    next_signal,
+    reexec,
+    resume,
+    to_carry,
+    to_stop,
+)
+from modelfs.service.supervisor import MountState, stats_socket
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +53,25 @@ STATS_TIMEOUT = 2.0
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        load_config: Callable[[], DaemonConfig],
+        handover: Handover | None = None,
+    ) -> None:
         self.config = config
-        self.mounts = [MountState(str(spec.reference), str(spec.path)) for spec in config.mounts]
+        self.load_config = load_config  # the config as it is now, for a reload
+        self.handover = handover  # from the previous image, when this start is a reload
+        self.table: MountTable | None = None
         self.cache = PieceCache(config.cache_dir, config.cache_size)
 
+    @property
+    def mounts(self) -> list[MountState]:
+        return [] if self.table is None else self.table.states()
+
     async def status(self) -> dict[str, Any]:
-        sample = await self.sample()
+        states = self.mounts
+        sample = await self.sample(states)
         live = [mount.live for mount in sample.mounts if mount.live is not None]
         return {
             "mounts": [
@@ -54,7 +81,7 @@ class Daemon:
                     "total_bytes": mount.total_bytes,
                     "live": None if mount.live is None else mount.live.as_json(),
                 }
-                for state, mount in zip(self.mounts, sample.mounts, strict=True)
+                for state, mount in zip(states, sample.mounts, strict=True)
             ],
             "cache": {
                 "dir": str(self.config.cache_dir),
@@ -73,12 +100,21 @@ class Daemon:
             return {"ok": True}
         if command == "status":
             return await self.status()
+        if command == "mount" and self.table is not None:
+            spec, settings = parse_mount_request(request)
+            return {"mount": (await self.table.mount(spec, settings)).as_json()}
+        if command == "umount" and self.table is not None:
+            path = request.get("path")
+            if not isinstance(path, str):
+                raise MountRequestError("an umount request needs the mountpoint's path")
+            return {"unmounted": await self.table.stop(Path(path))}
         return None
 
-    async def sample(self) -> DaemonSample:
-        """The cache, and each mount with the counters its process reports (none from a mount
-        process that is down or does not answer in time)."""
-        live: list[MountStats | None] = [None] * len(self.mounts)
+    async def sample(self, states: list[MountState] | None = None) -> DaemonSample:
+        """The cache, and each mount (of ``states``, by default all) with the counters its
+        process reports (none from a mount process that is down or does not answer in time)."""
+        states = self.mounts if states is None else states  # one list: mounts come and go
+        live: list[MountStats | None] = [None] * len(states)
 
         async def ask_counters(number: int, mount: MountState) -> None:
             with trio.move_on_after(STATS_TIMEOUT):
@@ -91,12 +127,12 @@ class Daemon:
                     log.info("no counters from the mount on %s: %s", mount.mountpoint, error)
 
         async with trio.open_nursery() as nursery:
-            for number, mount in enumerate(self.mounts):
+            for number, mount in enumerate(states):
                 if mount.state == "mounted":
                     nursery.start_soon(ask_counters, number, mount)
         presence = {model.digest: model for model in cached_models(self.cache)}
         mounts = []
-        for mount, counters in zip(self.mounts, live, strict=True):
+        for mount, counters in zip(states, live, strict=True):
             model = presence.get(mount.digest or "")
             mounts.append(
                 MountSample(
@@ -132,17 +168,21 @@ class Daemon:
             self.cache.close()
 
     async def _serve(self) -> None:
-        listener = await open_control_socket(self.config.control_socket)
+        listener = await control_listener(self.config.control_socket, self.handover)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            self.table = table = MountTable(nursery, self.config)
+            nursery.start_soon(self._on_signals, nursery.cancel_scope, listener)
             nursery.start_soon(serve_control, listener, self.handle)
-            tried = []
-            for spec, state in zip(self.config.mounts, self.mounts, strict=True):
-                tried.append(trio.Event())
-                nursery.start_soon(supervise, spec, self.config, state, tried[-1])
+            handed = self.handover.mounts if self.handover is not None else []
+            entries = [resume(table, mount) for mount in handed]
+            for spec in self.config.mounts:
+                if spec.path.resolve() not in table.entries:
+                    entries.append(
+                        table.start(spec, MountState(str(spec.reference), str(spec.path)))
+                    )
             await ask(self.config.control_socket, {"command": "ping"})
-            for event in tried:
-                await event.wait()
+            for entry in entries:
+                await entry.first_attempt.wait()
             up = sum(mount.state == "mounted" for mount in self.mounts)
             notify(f"READY=1\nSTATUS={up} of {len(self.mounts)} mounts up")
             log.warning("modelfs daemon ready: %d of %d mounts up", up, len(self.mounts))
@@ -150,17 +190,51 @@ class Daemon:
             if interval is not None:
                 nursery.start_soon(_keep_alive, interval)
 
+    async def _on_signals(self, scope: trio.CancelScope, listener: trio.SocketListener) -> None:
+        """SIGTERM or SIGINT: unmount everything and stop. SIGHUP: reload."""
+        while True:
+            signum = await next_signal()
+            if signum != signal.SIGHUP:
+                log.warning("received %s: unmounting everything", signal.Signals(signum).name)
+                notify("STOPPING=1")
+                scope.cancel()
+                return
+            handover = await self._prepare_reload(listener)
+            if handover is None:
+                continue
+            self.cache.close()
+            try:
+                reexec(handover)
+            except OSError as error:
+                self.cache = PieceCache(self.config.cache_dir, self.config.cache_size)
+                log.error("reload failed, running on: cannot re-execute: %s", error)
+                notify(f"READY=1\nSTATUS=reload failed: {error}")
+
+    async def _prepare_reload(self, listener: trio.SocketListener) -> Handover | None:
+        """Check the config as it is now and stop the mounts that cannot be handed over; what
+        to hand the new image. None: the config is wrong and the daemon runs on as it was."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
+        try:
+            config = self.load_config()
+        except ModelfsError as error:
+            log.error("reload refused, the running config stays: %s", error)
+            notify(f"READY=1\nSTATUS=reload refused: {error}")
+            return None
+        assert self.table is not None
+        table = self.table
+        carried = to_carry(list(table.entries.values()), self.config, config)
+        while stopping := to_stop(list(table.entries.values()), self.config, config):
+            for path in stopping:
+                await table.stop(path)
+        # No checkpoint from here to exec: every mount left is up, its process alive or unreaped
+        # (one a control request added meanwhile included); the stopped are started again.
+        carried += [entry for entry in table.entries.values() if entry not in carried]
+        log.warning("reloading: re-executing, %d mounts handed over", len(carried))
+        mounts = [HandedOver(entry.spec, entry.settings, entry.state) for entry in carried]
+        return Handover(self.config.control_socket, listener.socket.fileno(), mounts)
+
 
 async def _keep_alive(interval: float) -> None:
     while True:
         notify("WATCHDOG=1")
         await trio.sleep(interval)
-
-
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.warning("received %s: unmounting everything", signal.Signals(signum).name)
-            notify("STOPPING=1")
-            scope.cancel()
-            return

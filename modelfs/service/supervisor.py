@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -43,9 +43,23 @@ class MountState:
     pid: int | None = None
     restarts: int = 0
     last_error: str | None = None
+    origin: str = "config"  # config, or control: asked for over the control socket
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Child(Protocol):
+    """A mount process: one this daemon started (trio.Process) or adopted across a reload."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
 
 
 def is_mounted(path: Path) -> bool:
@@ -110,17 +124,26 @@ async def _read_report(fd: int) -> str:
 
 
 async def supervise(
-    spec: MountSpec, config: DaemonConfig, state: MountState, first_attempt: trio.Event
+    spec: MountSpec,
+    config: DaemonConfig,
+    state: MountState,
+    first_attempt: trio.Event,
+    adopted: Child | None = None,
 ) -> None:
     """Keep ``spec`` mounted until cancelled; ``first_attempt`` is set once it mounted or
-    failed once."""
+    failed once. ``adopted``: the mount's running process, handed over by a reload."""
     path = spec.path.resolve()
     failures = 0
     try:
         while True:
-            await detach(path)
             started = time.monotonic()
-            error = await _run_once(spec, config, state, path, first_attempt)
+            if adopted is None:
+                await detach(path)
+                error = await _run_once(spec, config, state, path, first_attempt)
+            else:
+                first_attempt.set()  # it is mounted already
+                error = await _watch_adopted(adopted)
+                adopted = None
             first_attempt.set()
             failures = 1 if time.monotonic() - started > HEALTHY_AFTER else failures + 1
             state.state, state.pid, state.last_error = "restarting", None, error
@@ -164,7 +187,16 @@ async def _run_once(
             await _stop(process)
 
 
-async def _stop(process: trio.Process) -> None:
+async def _watch_adopted(process: Child) -> str:
+    """Wait for an adopted mount process to exit; why it ended. Cancelled: stop it."""
+    try:
+        return describe_exit(await process.wait())
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop(process)
+
+
+async def _stop(process: Child) -> None:
     if process.returncode is not None:
         return
     process.send_signal(signal.SIGTERM)  # the mount unmounts on SIGTERM

@@ -1,0 +1,120 @@
+"""The daemon's mounts while it runs: each one supervised in its own cancel scope, in a nursery the
+daemon owns, so mounts can come and go (the config's at start and on reload, others asked for over
+the control socket) without touching the rest."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from modelfs.errors import ModelfsError
+from modelfs.fetcher.prefetch import PrefetchMode
+from modelfs.reference import LayoutReference, parse_any_reference
+from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
+from modelfs.service.supervisor import Child, MountState, is_mounted, supervise
+
+
+class MountRequestError(ModelfsError):
+    """A mount or umount asked of the daemon cannot be done."""
+
+
+@dataclass(eq=False)  # each is one mount's supervision: equal only to itself
+class Supervised:
+    spec: MountSpec
+    settings: RegistrySettings | None  # a control request's registry settings; None: the config's
+    state: MountState
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    first_attempt: trio.Event = field(default_factory=trio.Event)
+    ended: trio.Event = field(default_factory=trio.Event)
+
+
+def config_for(
+    config: DaemonConfig, spec: MountSpec, settings: RegistrySettings | None
+) -> DaemonConfig:
+    """The daemon's config as one mount sees it: a control request's registry settings win."""
+    if settings is None or isinstance(spec.reference, LayoutReference):
+        return config
+    return replace(config, registries={**config.registries, spec.reference.registry: settings})
+
+
+def parse_mount_request(request: dict[str, Any]) -> tuple[MountSpec, RegistrySettings]:
+    """``{"reference", "path", "prefetch", "plain_http", "insecure"}`` into what to mount."""
+    reference, path = request.get("reference"), request.get("path")
+    if not isinstance(reference, str) or not isinstance(path, str) or not os.path.isabs(path):
+        raise MountRequestError("a mount request needs a reference and an absolute path")
+    prefetch = request.get("prefetch", PrefetchMode.HINTS.value)
+    if prefetch not in {mode.value for mode in PrefetchMode}:
+        raise MountRequestError(f"prefetch {prefetch!r} is not one of none, hints, all")
+    spec = MountSpec(parse_any_reference(reference), Path(path), PrefetchMode(prefetch))
+    settings = RegistrySettings(
+        plain_http=bool(request.get("plain_http")), insecure=bool(request.get("insecure"))
+    )
+    return spec, settings
+
+
+class MountTable:
+    def __init__(self, nursery: trio.Nursery, config: DaemonConfig) -> None:
+        self.nursery = nursery
+        self.config = config
+        self.entries: dict[Path, Supervised] = {}  # by resolved mountpoint
+
+    def states(self) -> list[MountState]:
+        return [entry.state for entry in self.entries.values()]
+
+    def start(
+        self,
+        spec: MountSpec,
+        state: MountState,
+        settings: RegistrySettings | None = None,
+        adopted: Child | None = None,
+    ) -> Supervised:
+        entry = Supervised(spec, settings, state)
+        self.entries[spec.path.resolve()] = entry
+        self.nursery.start_soon(self._supervise, entry, adopted)
+        return entry
+
+    async def _supervise(self, entry: Supervised, adopted: Child | None) -> None:
+        config = config_for(self.config, entry.spec, entry.settings)
+        try:
+            with entry.scope:
+                await supervise(entry.spec, config, entry.state, entry.first_attempt, adopted)
+        finally:
+            entry.ended.set()
+            path = entry.spec.path.resolve()
+            if self.entries.get(path) is entry:
+                del self.entries[path]
+
+    async def stop(self, path: Path) -> bool:
+        """Unmount the mount on ``path``; False if the daemon has none there."""
+        entry = self.entries.get(path)
+        if entry is None:
+            return False
+        entry.scope.cancel()
+        await entry.ended.wait()
+        return True
+
+    async def mount(self, spec: MountSpec, settings: RegistrySettings) -> MountState:
+        """Mount ``spec`` for a control request and keep it up; once its first attempt mounted.
+        A first attempt that fails is not retried: the request fails with its error."""
+        path = spec.path.resolve()
+        if path in self.entries:
+            held = self.entries[path].state.reference
+            raise MountRequestError(
+                f"{path} is already mounted by the daemon ({held}); umount it first"
+            )
+        if is_mounted(path):
+            raise MountRequestError(f"{path} is already a mount point; umount it first")
+        if not path.is_dir():
+            raise MountRequestError(f"mountpoint {path} is not a directory; create it first")
+        entry = self.start(
+            spec, MountState(str(spec.reference), str(path), origin="control"), settings
+        )
+        await entry.first_attempt.wait()
+        if entry.state.state != "mounted":
+            await self.stop(path)
+            raise MountRequestError(entry.state.last_error or f"{spec.reference} did not mount")
+        return entry.state

@@ -1,0 +1,103 @@
+"""The reload's pure parts: which mounts are stopped or handed over, and the handover's text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+
+from modelfs.service.config import RegistrySettings, parse_config
+from modelfs.service.mount_table import Supervised
+from modelfs.service.reload import (
+    HandedOver,
+    Handover,
+    decode_handover,
+    encode_handover,
+    to_carry,
+    to_stop,
+)
+from modelfs.service.supervisor import MountState
+
+BASE = """
+[[mounts]]
+ref = "r.example/kept:v1"
+path = "/m/kept"
+[[mounts]]
+ref = "r.example/changed:v1"
+path = "/m/changed"
+[[mounts]]
+ref = "r.example/dropped:v1"
+path = "/m/dropped"
+[[mounts]]
+ref = "r.example/down:v1"
+path = "/m/down"
+"""
+NEW = BASE.replace('path = "/m/dropped"', 'path = "/m/other"').replace(
+    'ref = "r.example/changed:v1"', 'ref = "r.example/changed:v2"'
+)
+
+
+def entries(state_of: dict[str, str]) -> list[Supervised]:
+    config = parse_config(BASE, "old.toml")
+    found = [
+        Supervised(
+            spec, None, MountState(str(spec.reference), str(spec.path), state_of[str(spec.path)])
+        )
+        for spec in config.mounts
+    ]
+    asked = parse_config('[[mounts]]\nref = "r.example/asked:v1"\npath = "/m/asked"\n', "x").mounts
+    state = MountState(str(asked[0].reference), "/m/asked", "mounted", origin="control")
+    found.append(Supervised(asked[0], RegistrySettings(plain_http=True), state))
+    found[-1].first_attempt.set()
+    return found
+
+
+def test_reload_stops_what_the_config_drops_or_changes_and_what_is_not_up() -> None:
+    old, new = parse_config(BASE, "old.toml"), parse_config(NEW, "new.toml")
+    mounts = entries(
+        {
+            "/m/kept": "mounted",
+            "/m/changed": "mounted",
+            "/m/dropped": "mounted",
+            "/m/down": "restarting",
+        }
+    )
+    assert to_stop(mounts, old, new) == [Path("/m/changed"), Path("/m/dropped"), Path("/m/down")]
+    # Handed over: the kept one, the one down (the new image starts it), the asked-for one.
+    assert [str(entry.spec.path) for entry in to_carry(mounts, old, new)] == [
+        "/m/kept",
+        "/m/down",
+        "/m/asked",
+    ]
+    # The same config: only what is not up is stopped.
+    assert to_stop(mounts, old, old) == [Path("/m/down")]
+
+
+def test_an_asked_for_mount_not_answered_yet_is_not_handed_over() -> None:
+    old = parse_config(BASE, "old.toml")
+    mounts = entries(
+        {path: "mounted" for path in ("/m/kept", "/m/changed", "/m/dropped", "/m/down")}
+    )
+    mounts[-1].first_attempt = trio.Event()  # its request still waits for an answer
+    mounts[-1].state.state = "starting"
+    assert Path("/m/asked") in to_stop(mounts, old, old)
+    assert "/m/asked" not in [str(entry.spec.path) for entry in to_carry(mounts, old, old)]
+
+
+def test_handover_round_trip_ignores_state_fields_this_version_lacks() -> None:
+    config = parse_config(BASE, "old.toml")
+    state = MountState("r.example/kept:v1", "/m/kept", "mounted", "sha256:" + "0" * 64, 4242, 3)
+    changed = MountState("r.example/changed:v1", "/m/changed")
+    handover = Handover(
+        Path("/run/modelfs/control.sock"),
+        7,
+        [
+            HandedOver(config.mounts[0], None, state),
+            HandedOver(config.mounts[1], RegistrySettings(insecure=True), changed),
+        ],
+    )
+    assert decode_handover(encode_handover(handover)) == handover
+    data = json.loads(encode_handover(handover))
+    data["mounts"][0]["state"]["from_a_newer_version"] = 1
+    assert decode_handover(json.dumps(data)) == handover
