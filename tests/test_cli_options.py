@@ -1,7 +1,7 @@
 import click
 import pytest
 
-from modelfs.cli.mount import parse_size
+from modelfs.cli.options import parse_size
 
 
 @pytest.mark.parametrize(

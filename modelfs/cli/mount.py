@@ -10,7 +10,6 @@ the mount is supervised like the config's.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,12 +23,11 @@ from click.core import ParameterSource
 
 from modelfs.cli import F, cli
 from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_settings
+from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.model import Model
 from modelfs.fs.mount import (
-    DEFAULT_CACHE_DIR,
-    DEFAULT_CACHE_SIZE,
     DEFAULT_READ_AHEAD_KB,
     MountOptions,
     serve,
@@ -37,19 +35,6 @@ from modelfs.fs.mount import (
 from modelfs.fs.recording import profile_model
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``100G``, ``512MiB``, ``1.5t`` or plain bytes; binary units."""
-    match = _SIZE.match(text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size (examples: 100G, 512M, 1073741824)")
-    number, unit = match.groups()
-    factor = 1024 ** ("kmgtp".index(unit.lower()) + 1) if unit else 1
-    return int(float(number) * factor)
-
 
 # The options that mean something to a mount the daemon makes; its own settings (cache...) do
 # the rest.
@@ -78,25 +63,6 @@ def mount_options(command: F) -> F:
     """The options of one mount: cache, registry access, readahead, prefetch, sharing."""
     for option in reversed(
         [
-            click.option(
-                "--cache-dir",
-                type=click.Path(file_okay=False, path_type=Path),
-                default=DEFAULT_CACHE_DIR,
-                show_default=True,
-                help="The node's LMDB piece cache.",
-            ),
-            click.option(
-                "--cache-size",
-                default=str(DEFAULT_CACHE_SIZE >> 30) + "G",
-                show_default=True,
-                help="Most bytes the cache may hold (K, M, G, T suffixes).",
-            ),
-            click.option(
-                "--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to this registry."
-            ),
-            click.option(
-                "--insecure", is_flag=True, help="Accept a registry certificate that fails checks."
-            ),
             click.option(
                 "--timeout",
                 default=30.0,
@@ -132,7 +98,7 @@ def mount_options(command: F) -> F:
         ]
     ):
         command = option(command)
-    return command
+    return cache_options(source_options(command))
 
 
 def mount_settings(

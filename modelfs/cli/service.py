@@ -13,10 +13,9 @@ import click
 import trio
 
 from modelfs.cache import PieceCache
-from modelfs.cli import F, cli
-from modelfs.cli.mount import parse_size
+from modelfs.cli import cli
+from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import CacheError
-from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.cache_ops import cached_models, remove_model, verify
 from modelfs.service.config import (
@@ -30,31 +29,6 @@ from modelfs.service.daemon import Daemon
 from modelfs.service.preheat import PreheatPlan, SourceSettings, resolve_digest
 from modelfs.service.preheat import preheat as preheat_model
 from modelfs.service.reload import block_daemon_signals, take_handover
-
-
-def cache_options(command: F) -> F:
-    command = click.option(
-        "--cache-size",
-        default=str(DEFAULT_CACHE_SIZE >> 30) + "G",
-        show_default=True,
-        help="Most bytes the cache may hold (K, M, G, T suffixes).",
-    )(command)
-    return click.option(
-        "--cache-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=DEFAULT_CACHE_DIR,
-        show_default=True,
-        help="The node's LMDB piece cache.",
-    )(command)
-
-
-def source_options(command: F) -> F:
-    command = click.option(
-        "--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to this registry."
-    )(command)
-    return click.option(
-        "--insecure", is_flag=True, help="Accept a registry certificate that fails checks."
-    )(command)
 
 
 def _mib(size: int) -> str:

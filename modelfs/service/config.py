@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from modelfs.cli.mount import parse_size
+from modelfs.cli.options import parse_size
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
