@@ -39,7 +39,7 @@ from modelfs.fetcher.auth import (
     token_from_response,
 )
 from modelfs.fetcher.rangeget import Origin, RangeGetter, parse_content_range
-from modelfs.fetcher.source import FetchedManifest
+from modelfs.fetcher.source import BlobBytes, FetchedManifest
 from modelfs.fetcher.stats import REGISTRY, MountStats, mark_served_by
 from modelfs.modelpack import (
     DOCKER_MANIFEST,
@@ -560,7 +560,7 @@ class RegistryRepository:
             )
         return data
 
-    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+    async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
         if length <= 0:
             return b""
         end = start + length - 1
@@ -569,7 +569,7 @@ class RegistryRepository:
             self._url(f"blobs/{digest}"), self._pull, start, end
         )
         if plain is not None and len(plain) == length:
-            return bytes(plain)
+            return plain
         # Cut short, or not a plain answer: the general path resumes from what came.
         buffer = bytearray() if plain is None else plain
 
@@ -778,7 +778,7 @@ class MeteredRepository(RegistryRepository):
         self.stats.fetched(REGISTRY, len(data))
         return data
 
-    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+    async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
         mark_served_by(REGISTRY)
         started = time.monotonic()
         data = await super().read_range(digest, start, length)
