@@ -413,6 +413,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         """Keep test output clean."""
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.proxy.connected()
+
     def _any(self) -> None:
         self.server.proxy.handle(self)
 
@@ -441,6 +445,7 @@ class Proxy:
         self.requests: list[ProxiedRequest] = []
         self.redirect_requests: list[ProxiedRequest] = []
         self.blob_bytes = 0
+        self.connections = 0  # accepted by either listener
         self._lock = threading.Lock()
         self._tickets: dict[str, tuple[str, str | None]] = {}
         self._failures: list[int] = []
@@ -470,8 +475,13 @@ class Proxy:
             self.requests.clear()
             self.redirect_requests.clear()
             self.blob_bytes = 0
+            self.connections = 0
             self._failures.clear()
             self._cuts_left = 0
+
+    def connected(self) -> None:
+        with self._lock:
+            self.connections += 1
 
     def fail_next(self, count: int, status: int = 503) -> None:
         """Answer the next ``count`` requests with ``status`` and a distribution error body."""

@@ -281,7 +281,8 @@ def test_server_errors_are_retried(proxy: Proxy, pushed: str) -> None:
 
 
 def test_other_client_errors_name_status_and_message(proxy: Proxy, pushed: str) -> None:
-    proxy.fail_next(1, status=403)
+    # Twice: the lean range GET gives an error answer back and the general path asks again.
+    proxy.fail_next(2, status=403)
     with pytest.raises(RegistryError, match=r"HTTP 403 \(INJECTED: proxy answered 403\)"):
         run_on(proxy.host, "tests/blob", lambda repo: repo.read_range(BLOB_DIGEST, 0, 10))
 

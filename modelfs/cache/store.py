@@ -165,7 +165,7 @@ class PieceCache:
         with self._env.begin(db=self._pieces, buffers=True) as txn:
             return txn.get(_piece_key(digest, index)) is not None
 
-    def put(self, digest: str, index: int, data: bytes, blob_size: int) -> PutResult:
+    def put(self, digest: str, index: int, data: bytes | bytearray, blob_size: int) -> PutResult:
         """Store a piece, evicting others to stay under the limit. Thread-safe (one writer)."""
         key = _piece_key(digest, index)
         value = _CHECKSUM.pack(xxhash.xxh3_64_intdigest(data)) + data

@@ -36,7 +36,7 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError
-from modelfs.fetcher.source import BlobSource, UnvouchedPieces
+from modelfs.fetcher.source import BlobBytes, BlobSource, UnvouchedPieces
 from modelfs.fetcher.stats import (
     CACHE,
     ON_DEMAND,
@@ -134,7 +134,7 @@ class _InFlight:
 
     ticket: Ticket
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: BlobBytes | None = None
     error: ModelfsError | None = None
 
 
@@ -153,7 +153,7 @@ class _BlobHash:
 
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     next_index: int = 0
-    ahead: dict[int, bytes] = field(default_factory=dict)  # arrived, not hashed yet
+    ahead: dict[int, BlobBytes] = field(default_factory=dict)  # arrived, not hashed yet
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -186,7 +186,7 @@ class PieceFetcher:
                 Priority.BACKGROUND: background_connections,
             },
         )
-        self._memory: dict[tuple[str, int], bytes] = {}  # in the order fetched
+        self._memory: dict[tuple[str, int], BlobBytes] = {}  # in the order fetched
         self._memory_pieces = memory_pieces
         # Told the digest of a blob that failed its check, so its readers' caches can be purged.
         self._on_rejected = on_rejected
@@ -211,7 +211,7 @@ class PieceFetcher:
             data = await self.piece(blob, indexes[0], priority)
             start = offset - indexes[0] * piece_size
             return memoryview(data)[start : start + size]
-        parts: list[bytes] = [b""] * len(indexes)
+        parts: list[BlobBytes] = [b""] * len(indexes)
 
         async def fetch_into(slot: int, index: int) -> None:
             parts[slot] = await self.piece(blob, index, priority)
@@ -226,7 +226,9 @@ class PieceFetcher:
             for index, part in zip(indexes, parts, strict=True)
         )
 
-    async def piece(self, blob: BlobRef, index: int, priority: Priority = Priority.DEMAND) -> bytes:
+    async def piece(
+        self, blob: BlobRef, index: int, priority: Priority = Priority.DEMAND
+    ) -> BlobBytes:
         """One whole piece, from memory, the cache, a fetch under way, or the source."""
         if blob.digest in self._suspect or await self._whole_before_serving(blob):
             await self._whole_first(blob)
@@ -302,7 +304,7 @@ class PieceFetcher:
                 rejected = True
         return not rejected
 
-    async def _piece(self, blob: BlobRef, index: int, priority: Priority) -> bytes:
+    async def _piece(self, blob: BlobRef, index: int, priority: Priority) -> BlobBytes:
         key = (blob.digest, index)
         data = self._memory.get(key)
         if data is not None:
@@ -329,9 +331,9 @@ class PieceFetcher:
             del self._in_flight[key]
             flight.done.set()
 
-    async def _load(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
+    async def _load(self, blob: BlobRef, index: int, ticket: Ticket) -> BlobBytes:
         """The piece from the cache, else from the source; kept in memory unless background."""
-        data = None
+        data: BlobBytes | None = None
         if self.cache.has(blob.digest, index):
             started = time.monotonic()
             data = await self._cache_get(blob, index)
@@ -346,7 +348,7 @@ class PieceFetcher:
             self._remember((blob.digest, index), data)
         return data
 
-    async def _fetch(self, blob: BlobRef, index: int, ticket: Ticket) -> bytes:
+    async def _fetch(self, blob: BlobRef, index: int, ticket: Ticket) -> BlobBytes:
         start, length = piece_span(index, blob.size, self.cache.piece_size)
         rejections = self._rejections.get(blob.digest, 0)
         async with self._slots.slot(ticket):
@@ -378,7 +380,7 @@ class PieceFetcher:
             )
         return data
 
-    def _hash_state_for(self, blob: BlobRef, index: int, data: bytes) -> _BlobHash | None:
+    def _hash_state_for(self, blob: BlobRef, index: int, data: BlobBytes) -> _BlobHash | None:
         """The hash a piece fresh from the source goes to (None: its blob is checked already)."""
         if blob.digest in self._verified:
             if self.cache.is_verified(blob.digest):
@@ -462,7 +464,7 @@ class PieceFetcher:
                 self.cache.release_mapped_pages()
         return data
 
-    def _remember(self, key: tuple[str, int], data: bytes) -> None:
+    def _remember(self, key: tuple[str, int], data: BlobBytes) -> None:
         """Hold a piece for its readers, oldest fetched dropped first.
 
         First in, first out rather than least recently used: a sequential reader has finished

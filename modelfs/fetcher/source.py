@@ -11,6 +11,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+# A range as a source hands it over: a registry's lean path receives the body into a bytearray,
+# and it travels on as that (to the cache, the hash, the reader) rather than being copied.
+BlobBytes = bytes | bytearray
+
 
 @dataclass(frozen=True)
 class FetchedManifest:
@@ -37,7 +41,7 @@ class BlobSource(Protocol):
         """Fetch a small blob (a config) whole and verify its digest."""
         ...
 
-    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+    async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
         """Exactly ``length`` bytes of the blob from ``start`` (fewer only at the blob's end)."""
         ...
 

@@ -175,7 +175,7 @@ async def _members(
     if blob.digest == plan.digest:
         # Header blocks straight from the source: a few KiB, not the pieces around them.
         async def read(offset: int, length: int) -> bytes:
-            return await source.read_range(blob.digest, offset, length)
+            return bytes(await source.read_range(blob.digest, offset, length))
     else:
 
         async def read(offset: int, length: int) -> bytes:

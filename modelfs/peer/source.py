@@ -31,7 +31,7 @@ from modelfs.cache.store import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.index import PieceIndex, find_index
 from modelfs.fetcher.registry import RegistryRepository
-from modelfs.fetcher.source import BlobSource, FetchedManifest
+from modelfs.fetcher.source import BlobBytes, BlobSource, FetchedManifest
 from modelfs.peer.client import PeerClient, PeerFailure, sha256_hex
 from modelfs.peer.server import PeerServer
 from modelfs.peer.tls import PeerTLS
@@ -190,7 +190,7 @@ class PeerSource:
                 )
             )
 
-    async def read_range(self, digest: str, start: int, length: int) -> bytes:
+    async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
         index = await self.piece_index()
         piece, expected = self._whole_piece(index, digest, start, length)
         if piece < 0 and await self.whole_before_serving(digest):
