@@ -159,6 +159,7 @@ class OpenFile:
         self.pattern = ReadPattern(prefetcher.policy, node.size)
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
+        await self.node.locate()  # a deferred file's first read fetches its layer
         if self._prefetcher.mode != PrefetchMode.NONE:
             ahead = self.pattern.on_read(offset, size)
             if ahead is not None:
@@ -211,13 +212,16 @@ class Prefetcher:
         """Hints first (a recorded profile, else the built-in ones), then maybe the rest."""
         cache = self.fetcher.cache
         if self.mode == PrefetchMode.NONE or all(
-            cache.is_complete(node.blob.digest, node.blob.size) for node in tree.files()
+            node.located and cache.is_complete(node.blob.digest, node.blob.size)
+            for node in tree.files()
         ):
             return  # nothing to fetch: not even the profile lookup (a remount needs no network)
         try:
             count = await feed_hints(tree, self._read, self._recorded, self._fetch_in_order)
             log.info("prefetch: hints fetched (%d ranges)", count)
             if self.mode == PrefetchMode.ALL:
+                for node in tree.files():
+                    await node.locate()  # deferred layers: fetched whole into the cache
                 indexes = await read_indexes(tree, self._read)
                 await self._fetch_in_order(whole_model(tree, indexes))
                 log.info("prefetch: the whole model is in the cache")
