@@ -177,8 +177,10 @@ def test_layer_unlike_its_annotations_fails_its_reads(
         ),
     }
     reference = push(registry, "lying", layers)
-    for attempt in range(2):  # the second mount finds the layers in the cache: still refused
-        with mounted(f"{registry.host}/{reference}", mnt, cache_dir):
+    # --prefetch all fetches (and refuses) them in the background, each apart from the others;
+    # the second mount finds them in the cache: still refused.
+    for attempt in (("--prefetch", "all"), ()):
+        with mounted(f"{registry.host}/{reference}", mnt, cache_dir, *attempt):
             assert sorted(p.name for p in mnt.iterdir()) == sorted(layers)
             for name in ("size.bin", "name.bin", "two.bin"):
                 assert (mnt / name).stat().st_size == len(data)

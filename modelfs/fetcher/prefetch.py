@@ -220,13 +220,21 @@ class Prefetcher:
             count = await feed_hints(tree, self._read, self._recorded, self._fetch_in_order)
             log.info("prefetch: hints fetched (%d ranges)", count)
             if self.mode == PrefetchMode.ALL:
-                for node in tree.files():
-                    await node.locate()  # deferred layers: fetched whole into the cache
+                await self._locate_deferred(tree)
                 indexes = await read_indexes(tree, self._read)
                 await self._fetch_in_order(whole_model(tree, indexes))
                 log.info("prefetch: the whole model is in the cache")
         except ModelfsError as error:
             log.warning("prefetch stopped: %s (reads fetch what they need)", error)
+
+    async def _locate_deferred(self, tree: Tree) -> None:
+        """Fetch the deferred layers whole into the cache; one that fails leaves the others be."""
+        for node in tree.files():
+            if not node.located:
+                try:
+                    await node.locate()
+                except ModelfsError as error:
+                    log.warning("prefetch of %s failed: %s (its reads retry)", node.path, error)
 
     async def _read(self, node: FileNode, offset: int, size: int) -> bytes | memoryview:
         return await self.fetcher.read(
