@@ -5,6 +5,7 @@ with ``oci:PATH:TAG`` / ``oci:PATH@sha256:...``, no registry. Each mounts and re
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -124,7 +125,7 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     unmount(path)
 
 
-@pytest.mark.parametrize("layer_format", ["raw", "tar"])
+@pytest.mark.parametrize("layer_format", ["raw", "tar", "tar+gzip"])
 def test_oras_push_in_modctl_layout(
     registry: Registry, model_dir: Path, tmp_path: Path, mnt: Path, layer_format: str
 ) -> None:
@@ -137,8 +138,10 @@ def test_oras_push_in_modctl_layout(
         if layer_format == "raw":
             blob = model_dir / name  # oras-py titles it by its base name: the filepath wins
         else:
-            blob = work / f"layer-{index}.tar"
-            blob.write_bytes(one_member_tar(name, data))
+            blob = work / f"layer-{index}.{layer_format}"
+            archive = one_member_tar(name, data)
+            # compressed: the mount shows the file from its annotations, fetched on first read
+            blob.write_bytes(gzip.compress(archive) if layer_format == "tar+gzip" else archive)
         files.append(f"{blob}:{layer_media_type(kind, layer_format)}")
         metadata = {"name": Path(name).name, "mode": 0o644, "uid": 0, "gid": 0,
                     "size": len(data), "mtime": MTIME, "typeflag": 0}  # fmt: skip
@@ -150,7 +153,7 @@ def test_oras_push_in_modctl_layout(
     annotations["$manifest"] = {ANNOTATION_MODELFILE: MODELFILE}
     config = work / "config.json"
     config.write_text(json.dumps(modelpack_config(len(files))))
-    repository = f"interop/modctl-{layer_format}-{uuid.uuid4().hex[:8]}"
+    repository = f"interop/modctl-{layer_format.replace('+', '-')}-{uuid.uuid4().hex[:8]}"
     oras_push(registry.host, f"{registry.host}/{repository}:v1", files, annotations, work, config)
 
     with mounted(f"{registry.host}/{repository}:v1", mnt, tmp_path / "cache"):

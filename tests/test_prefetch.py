@@ -14,6 +14,7 @@ import trio.testing
 from modelfs.fetcher.hints import (
     Hint,
     header_hint,
+    hinted_pieces,
     index_files,
     shards,
     small_files,
@@ -244,6 +245,37 @@ def test_whole_model_lists_every_file_once_in_load_order() -> None:
         ("w2.safetensors", 0, 50 * MIB),
         ("a.bin", 0, 10),
     ]
+
+
+class NotYetFetched:
+    """A deferred file's data before its first read: no location."""
+
+    location = None
+
+    async def locate(self) -> tuple[BlobRef, int]:
+        raise AssertionError("hints must not fetch a deferred layer")
+
+
+def test_hints_leave_deferred_files_to_their_first_read() -> None:
+    located = [
+        FileSpec(path, size, 0o444, 0, BlobRef(f"sha256:{index:064x}", size), 0)
+        for index, (path, size) in enumerate(
+            [("model.safetensors.index.json", 300), ("a.safetensors", 10 * MIB)]
+        )
+    ]
+    deferred = [
+        FileSpec(path, size, 0o444, 0, NotYetFetched(), 0)
+        for path, size in [
+            ("config.json", 500),
+            ("sub/model.safetensors.index.json", 300),
+            ("b.safetensors", 10 * MIB),
+        ]
+    ]
+    tree = Tree([*located, *deferred])
+    assert paths(index_files(tree)) == ["model.safetensors.index.json"]
+    assert paths(shards(tree, {})) == ["a.safetensors"]
+    pieces = hinted_pieces(whole_model(tree, {}), 4 * MIB)
+    assert {node.path for node, _ in pieces} == {"model.safetensors.index.json", "a.safetensors"}
 
 
 # -- connection slots -----------------------------------------------------------------------------

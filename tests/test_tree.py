@@ -15,6 +15,7 @@ from modelfs.fs.tar import TarMember, read_members
 from modelfs.fs.tree import (
     ROOT_INODE,
     BlobRef,
+    DataNotLocatedError,
     DirNode,
     DirSpec,
     FileNode,
@@ -22,6 +23,9 @@ from modelfs.fs.tree import (
     LayerPlan,
     Tree,
     check_path,
+    deferred_layer_file,
+    deferred_member,
+    is_deferrable,
     parse_rfc3339_ns,
     plan_layers,
     raw_layer_file,
@@ -111,6 +115,7 @@ def test_modelpack_manifest_plans() -> None:
         mode=0o644,  # Go's FileMode type bits dropped
         mtime_ns=MTIME_NS,
         meta_size=10,
+        meta_typeflag=0,
     )
     assert (docs.format, docs.path, docs.index) == ("tar", "docs.tar", 1)
     assert (code.format, code.path, code.mode) == ("tar+gzip", None, None)
@@ -429,3 +434,102 @@ def test_plain_layer_format_follows_oras(
     media_type: str, annotations: dict[str, str], expected: str
 ) -> None:
     assert plain_layer_format(media_type, annotations) == expected
+
+
+# --- compressed layers whose one file is known before their bytes ---------------------------------
+
+GZIP_TAR = "application/vnd.cncf.model.weight.v1.tar+gzip"
+REGULAR = {"name": "w.bin", "mode": 0o100640, "size": 10, "mtime": MTIME, "typeflag": ord("0")}
+
+
+@pytest.mark.parametrize(
+    ("media_type", "metadata", "deferrable"),
+    [
+        (GZIP_TAR, REGULAR, True),
+        ("application/vnd.cncf.model.weight.v1.tar+zstd", REGULAR, True),
+        (GZIP_TAR, {**REGULAR, "typeflag": 0}, True),  # the spec text's spelling of regular
+        (GZIP_TAR, {**REGULAR, "typeflag": ord("5"), "mode": 0o20000000755}, False),  # a directory
+        (GZIP_TAR, {key: v for key, v in REGULAR.items() if key != "typeflag"}, False),
+        (GZIP_TAR, {key: v for key, v in REGULAR.items() if key != "size"}, False),
+        (GZIP_TAR, None, False),
+        ("application/vnd.cncf.model.weight.v1.tar", REGULAR, False),  # random access anyway
+    ],
+)
+def test_which_compressed_layers_are_deferred(
+    media_type: str, metadata: dict[str, object] | None, deferrable: bool
+) -> None:
+    (plan,) = plan_layers(model_manifest(layer("w.bin", 4096, media_type, metadata)))
+    assert is_deferrable(plan) is deferrable
+
+
+class Located:
+    """A deferred file's data as it is after its first read found it."""
+
+    def __init__(self, location: tuple[BlobRef, int] | None) -> None:
+        self.location = location
+
+    async def locate(self) -> tuple[BlobRef, int]:
+        assert self.location is not None
+        return self.location
+
+
+def test_deferred_file_has_the_annotated_attributes_and_no_blob_until_located() -> None:
+    (plan,) = plan_layers(model_manifest(layer("dir/w.bin", 4096, GZIP_TAR, REGULAR)))
+    data = Located(None)
+    tree = Tree([deferred_layer_file(plan, data, default_mtime_ns=0)])
+    (node,) = tree.files()
+    assert (node.path, node.size, node.mode, node.mtime_ns) == ("dir/w.bin", 10, 0o440, MTIME_NS)
+    assert not node.located
+    with pytest.raises(DataNotLocatedError):
+        node.blob  # noqa: B018  # the property raises
+    derived = BlobRef(f"{plan.digest}+decompressed", 2048)
+    data.location = (derived, 512)
+    assert node.located and (node.blob, node.offset) == (derived, 512)
+
+
+def tar_of(files: dict[str, bytes], dirs: tuple[str, ...] = ()) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name in dirs:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            archive.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_deferred_member_is_the_promised_file() -> None:
+    (plan,) = plan_layers(model_manifest(layer("w.bin", 4096, GZIP_TAR, REGULAR)))
+    derived = BlobRef(f"{plan.digest}+decompressed", 2048)
+    archive = tar_of({"./w.bin": b"0123456789"}, dirs=("./",))
+    member = deferred_member(plan, members_of(archive), derived)
+    assert (member.path, member.size, member.blob) == ("w.bin", 10, derived)
+    assert archive[member.offset : member.offset + member.size] == b"0123456789"
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"w.bin": b"012345678"},  # a size other than the annotation's
+        {"other.bin": b"0123456789"},  # another name
+        {"w.bin": b"0123456789", "extra.bin": b"x"},  # two members
+        {},  # none
+    ],
+)
+def test_deferred_member_refuses_an_archive_that_differs_from_its_annotations(
+    files: dict[str, bytes],
+) -> None:
+    (plan,) = plan_layers(model_manifest(layer("w.bin", 4096, GZIP_TAR, REGULAR)))
+    derived = BlobRef(f"{plan.digest}+decompressed", 2048)
+    with pytest.raises(ManifestError, match=r"^layer 0 \(sha256:[0-9a-f]+\): the archive holds"):
+        deferred_member(plan, members_of(tar_of(files)), derived)
+
+
+def test_deferred_member_refuses_a_directory_beside_the_file() -> None:
+    (plan,) = plan_layers(model_manifest(layer("w.bin", 4096, GZIP_TAR, REGULAR)))
+    derived = BlobRef(f"{plan.digest}+decompressed", 2048)
+    with pytest.raises(ManifestError, match="'sub', 'directory'"):
+        deferred_member(plan, members_of(tar_of({"w.bin": b"0123456789"}, ("sub",))), derived)

@@ -71,11 +71,15 @@ def small_files(tree: Tree) -> list[FileNode]:
 
 
 def index_files(tree: Tree) -> list[FileNode]:
-    """The ``*.safetensors.index.json`` files, whose bytes say the shards' order."""
+    """The ``*.safetensors.index.json`` files, whose bytes say the shards' order.
+
+    Only located ones: reading a deferred file would fetch its whole layer, which only its own
+    first read (or ``--prefetch all``) may do.
+    """
     return [
         node
         for node in tree.files()
-        if node.path.endswith(_INDEX_SUFFIX) and node.size <= MAX_SMALL_FILE
+        if node.located and node.path.endswith(_INDEX_SUFFIX) and node.size <= MAX_SMALL_FILE
     ]
 
 
@@ -91,7 +95,7 @@ def shards(tree: Tree, indexes: Mapping[str, bytes]) -> list[FileNode]:
     for node in sorted(by_path.values(), key=lambda node: node.path):
         if node.path.endswith(".safetensors"):
             ordered.setdefault(node.path, node)
-    return list(ordered.values())
+    return [node for node in ordered.values() if node.located]  # see index_files
 
 
 def _indexed_files(index: bytes) -> set[str]:
@@ -135,10 +139,15 @@ def whole_model(tree: Tree, indexes: Mapping[str, bytes]) -> list[Hint]:
 
 
 def hinted_pieces(hints: list[Hint], piece_size: int) -> list[tuple[FileNode, int]]:
-    """The pieces ``hints`` cover, each once, in the order first hinted (with a file in it)."""
+    """The pieces ``hints`` cover, each once, in the order first hinted (with a file in it).
+
+    Deferred files not yet located have no pieces to fetch (see ``index_files``).
+    """
     seen: set[tuple[str, int]] = set()
     pieces = []
     for hint in hints:
+        if not hint.file.located:
+            continue
         blob = hint.file.blob
         for index in pieces_covering(
             hint.file.offset + hint.offset, hint.length, blob.size, piece_size

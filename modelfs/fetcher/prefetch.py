@@ -159,6 +159,7 @@ class OpenFile:
         self.pattern = ReadPattern(prefetcher.policy, node.size)
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
+        await self.node.locate()  # a deferred file's first read fetches its layer
         if self._prefetcher.mode != PrefetchMode.NONE:
             ahead = self.pattern.on_read(offset, size)
             if ahead is not None:
@@ -211,18 +212,29 @@ class Prefetcher:
         """Hints first (a recorded profile, else the built-in ones), then maybe the rest."""
         cache = self.fetcher.cache
         if self.mode == PrefetchMode.NONE or all(
-            cache.is_complete(node.blob.digest, node.blob.size) for node in tree.files()
+            node.located and cache.is_complete(node.blob.digest, node.blob.size)
+            for node in tree.files()
         ):
             return  # nothing to fetch: not even the profile lookup (a remount needs no network)
         try:
             count = await feed_hints(tree, self._read, self._recorded, self._fetch_in_order)
             log.info("prefetch: hints fetched (%d ranges)", count)
             if self.mode == PrefetchMode.ALL:
+                await self._locate_deferred(tree)
                 indexes = await read_indexes(tree, self._read)
                 await self._fetch_in_order(whole_model(tree, indexes))
                 log.info("prefetch: the whole model is in the cache")
         except ModelfsError as error:
             log.warning("prefetch stopped: %s (reads fetch what they need)", error)
+
+    async def _locate_deferred(self, tree: Tree) -> None:
+        """Fetch the deferred layers whole into the cache; one that fails leaves the others be."""
+        for node in tree.files():
+            if not node.located:
+                try:
+                    await node.locate()
+                except ModelfsError as error:
+                    log.warning("prefetch of %s failed: %s (its reads retry)", node.path, error)
 
     async def _read(self, node: FileNode, offset: int, size: int) -> bytes | memoryview:
         return await self.fetcher.read(

@@ -3,12 +3,15 @@
 This is all the I/O a mount does before it is ready. Raw layers need nothing beyond the
 manifest. An uncompressed tar layer needs its header blocks (small range reads). A compressed tar
 layer has no random access, so it is fetched whole, checked, decompressed into the cache as a
-derived blob, and read from there like an uncompressed one. Member lists, manifests and configs
-are kept in the cache so a remount by digest needs no network at all.
+derived blob, and read from there like an uncompressed one. When its annotations describe the
+one file it holds (modctl's form), a mount does that on the file's first read instead
+(``DeferredLayer``) and does not wait for it. Member lists, manifests and configs are kept in the
+cache so a remount by digest needs no network at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +35,9 @@ from modelfs.fs.tree import (
     FileSpec,
     LayerPlan,
     Tree,
+    deferred_layer_file,
+    deferred_member,
+    is_deferrable,
     plan_layers,
     raw_layer_file,
     tar_layer_entries,
@@ -53,6 +59,7 @@ class Model:
     config: bytes
     tree: Tree
     blobs: list[BlobRef]  # every blob the tree reads from (for cache leases)
+    deferred: list[str]  # blobs deferred layers will be read from once fetched (for leases)
 
 
 async def resolve_manifest(source: BlobSource, selector: str, cache: PieceCache) -> FetchedManifest:
@@ -67,9 +74,54 @@ async def resolve_manifest(source: BlobSource, selector: str, cache: PieceCache)
     return fetched
 
 
+class DeferredLayer:
+    """A compressed layer holding one file that its annotations describe: located on first read.
+
+    The first ``locate`` fetches the layer whole, checks and decompresses it into the cache, and
+    checks the archive holds exactly the promised file; concurrent callers wait for that one fetch.
+    A failure is not remembered: the next read tries again (from the cache if the layer got there).
+    """
+
+    def __init__(
+        self, plan: LayerPlan, source: BlobSource, cache: PieceCache, fetcher: PieceFetcher
+    ) -> None:
+        self._plan = plan
+        self._source = source
+        self._cache = cache
+        self._fetcher = fetcher
+        self._lock = trio.Lock()
+        self.location: tuple[BlobRef, int] | None = None
+
+    @property
+    def blob_digest(self) -> str:
+        return _derived_digest(self._plan)
+
+    async def locate(self) -> tuple[BlobRef, int]:
+        async with self._lock:
+            if self.location is None:
+                blob = await _tar_blob(self._plan, self._source, self._cache)
+                members = await _members(self._plan, blob, self._source, self._cache, self._fetcher)
+                self.location = (blob, deferred_member(self._plan, members, blob).offset)
+            return self.location
+
+    async def locate_if_cached(self) -> None:
+        """Locate now if the layer was decompressed before and matches (a remount): no network."""
+        if _cached_tar_blob(self._plan, self._cache) is not None:
+            # A lying layer stays unlocated: its reads fail, and say why, as on the first mount.
+            with contextlib.suppress(ManifestError):
+                await self.locate()
+
+
 async def load_model(
-    source: BlobSource, selector: str, cache: PieceCache, fetcher: PieceFetcher
+    source: BlobSource,
+    selector: str,
+    cache: PieceCache,
+    fetcher: PieceFetcher,
+    *,
+    defer_compressed: bool = False,
 ) -> Model:
+    """The model ``selector`` names; with ``defer_compressed`` (a mount), compressed layers
+    that describe their one file are fetched on its first read rather than now."""
     fetched = await resolve_manifest(source, selector, cache)
     try:
         manifest = json.loads(fetched.data)
@@ -84,11 +136,17 @@ async def load_model(
     files: list[FileSpec] = []
     dirs: list[DirSpec] = []
     blobs: list[BlobRef] = []
+    deferred: list[str] = []
     for plan in plans:
         if plan.format == "raw":
             file = raw_layer_file(plan, default_mtime_ns=0)
             files.append(file)
-            blobs.append(file.blob)
+            blobs.append(BlobRef(plan.digest, plan.size))
+        elif defer_compressed and is_deferrable(plan):
+            layer = DeferredLayer(plan, source, cache, fetcher)
+            await layer.locate_if_cached()
+            files.append(deferred_layer_file(plan, layer, default_mtime_ns=0))
+            deferred.append(layer.blob_digest)
         else:
             blob = await _tar_blob(plan, source, cache)
             members = await _members(plan, blob, source, cache, fetcher)
@@ -97,7 +155,7 @@ async def load_model(
             dirs += layer_dirs
             blobs.append(blob)
     tree = Tree(files, dirs)
-    return Model(fetched.digest, manifest, config, tree, blobs)
+    return Model(fetched.digest, manifest, config, tree, blobs, deferred)
 
 
 async def _config(source: BlobSource, manifest: dict[str, Any], cache: PieceCache) -> bytes:
@@ -117,11 +175,24 @@ async def _tar_blob(plan: LayerPlan, source: BlobSource, cache: PieceCache) -> B
     """The blob holding the layer's tar stream: the layer itself, or its decompressed form."""
     if plan.format == "tar":
         return BlobRef(plan.digest, plan.size)
-    derived = f"{plan.digest}+decompressed"
+    cached = _cached_tar_blob(plan, cache)
+    if cached is not None:
+        return cached
+    return await _decompress_into_cache(plan, _derived_digest(plan), source, cache)
+
+
+def _derived_digest(plan: LayerPlan) -> str:
+    """The cache key of a compressed layer's tar stream."""
+    return f"{plan.digest}+decompressed"
+
+
+def _cached_tar_blob(plan: LayerPlan, cache: PieceCache) -> BlobRef | None:
+    """A compressed layer's tar stream if the cache holds it whole; None if not."""
+    derived = _derived_digest(plan)
     size = cache.get_meta(f"decompressed-size/{plan.digest}")
     if size is not None and cache.is_verified(derived):
         return BlobRef(derived, int(size))
-    return await _decompress_into_cache(plan, derived, source, cache)
+    return None
 
 
 def _decompressor(plan: LayerPlan) -> Callable[[bytes], bytes]:

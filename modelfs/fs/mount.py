@@ -169,8 +169,9 @@ class RecordingFile:
         self._recorder = recorder
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
+        data = await self._inner.read(offset, size)  # locates a deferred file first
         self._recorder.note(self.node, offset, size)
-        return await self._inner.read(offset, size)
+        return data
 
 
 async def serve(
@@ -204,7 +205,7 @@ async def serve(
                 stats=stats,
                 source_kind=_source_kind(origin, source),
             )
-            model = await load_model(source, selector, cache, fetcher)
+            model = await load_model(source, selector, cache, fetcher, defer_compressed=True)
             set_log_context(digest=model.digest)
             log.info(
                 "%s pinned to %s: %d files, %d bytes",
@@ -214,7 +215,7 @@ async def serve(
                 model.tree.total_size,
             )
 
-            leased = [blob.digest for blob in model.blobs]
+            leased = [blob.digest for blob in model.blobs] + model.deferred
             cache.lease(leased)
             try:
                 snapshot = partial(_snapshot, model, fetcher, source)
@@ -325,7 +326,7 @@ async def _purge_rejected(model: Model, rejected: trio.MemoryReceiveChannel[str]
     """
     async for digest in rejected:
         for file in model.tree.files():
-            if file.blob.digest == digest:
+            if file.located and file.blob.digest == digest:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, file.inode, False)
 
 

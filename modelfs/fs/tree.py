@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Protocol
 
 from modelfs.errors import ManifestError
 from modelfs.fs.tar import HARDLINK_TYPE, TarMember
@@ -34,6 +35,10 @@ DIR_MODE = 0o555
 _ALLOWED_MODE_BITS = 0o555
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
+
+# modctl writes Go's tar.TypeReg ('0', 48); the spec's text says 0. Either is a regular file.
+_REGULAR_TYPEFLAGS = (0, ord("0"))
+_COMPRESSED_TAR = ("tar+gzip", "tar+zstd")
 
 _MODEL_PREFIXES = ("application/vnd.cncf.model.", "application/vnd.cnai.model.")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -64,11 +69,27 @@ class LayerPlan:
     mode: int | None
     mtime_ns: int | None
     meta_size: int | None
+    meta_typeflag: int | None = None
 
     @property
     def label(self) -> str:
         """How messages name the layer."""
         return f"layer {self.index} ({self.digest})"
+
+
+class DeferredData(Protocol):
+    """Bytes whose place is found only on the first read (a compressed layer, fetched then)."""
+
+    @property
+    def location(self) -> tuple[BlobRef, int] | None:
+        """(blob, offset of the file's byte 0) once found; None before."""
+
+    async def locate(self) -> tuple[BlobRef, int]:
+        """Find the bytes (once; concurrent callers wait for the same search)."""
+
+
+class DataNotLocatedError(RuntimeError):
+    """A deferred file's blob was asked for before its first read located it (a bug)."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +98,8 @@ class FileSpec:
     size: int
     mode: int
     mtime_ns: int
-    blob: BlobRef
-    offset: int  # where the file's byte 0 is in the blob
+    blob: BlobRef | DeferredData
+    offset: int  # where the file's byte 0 is in the blob (a deferred file's location says)
 
 
 @dataclass(frozen=True)
@@ -95,8 +116,33 @@ class FileNode:
     size: int
     mode: int
     mtime_ns: int
-    blob: BlobRef
-    offset: int
+    data: BlobRef | DeferredData
+    data_offset: int
+
+    @property
+    def located(self) -> bool:
+        """Whether ``blob`` and ``offset`` are known (always, unless the file is deferred)."""
+        return isinstance(self.data, BlobRef) or self.data.location is not None
+
+    @property
+    def blob(self) -> BlobRef:
+        return self._location()[0]
+
+    @property
+    def offset(self) -> int:
+        return self._location()[1]
+
+    async def locate(self) -> None:
+        """Make ``blob`` and ``offset`` known: a deferred file's first read fetches its layer."""
+        if not isinstance(self.data, BlobRef):
+            await self.data.locate()
+
+    def _location(self) -> tuple[BlobRef, int]:
+        if isinstance(self.data, BlobRef):
+            return self.data, self.data_offset
+        if self.data.location is None:
+            raise DataNotLocatedError(f"{self.path}: its layer has not been fetched yet")
+        return self.data.location
 
 
 @dataclass
@@ -127,8 +173,10 @@ def _layer_error(index: int, digest: object, problem: str) -> ManifestError:
     return ManifestError(f"manifest layer {index} ({digest}): {problem}")
 
 
-def _metadata(index: int, digest: str, text: str) -> tuple[int | None, int | None, int | None]:
-    """(mode, mtime_ns, size) from a file metadata annotation."""
+def _metadata(
+    index: int, digest: str, text: str
+) -> tuple[int | None, int | None, int | None, int | None]:
+    """(mode, mtime_ns, size, typeflag) from a file metadata annotation."""
     try:
         meta = json.loads(text)
     except ValueError:
@@ -138,14 +186,14 @@ def _metadata(index: int, digest: str, text: str) -> tuple[int | None, int | Non
     if not isinstance(meta, dict):
         raise _layer_error(index, digest, "file metadata annotation is not a JSON object")
     values: list[int | None] = []
-    for key in ("mode", "size"):
+    for key in ("mode", "size", "typeflag"):
         value = meta.get(key)
         if value is not None and (type(value) is not int or value < 0):
             raise _layer_error(
                 index, digest, f"file metadata {key!r} is {value!r}, not a non-negative integer"
             )
         values.append(value)
-    mode, size = values
+    mode, size, typeflag = values
     mtime = meta.get("mtime")
     try:
         mtime_ns = None if mtime is None else parse_rfc3339_ns(str(mtime))
@@ -154,7 +202,7 @@ def _metadata(index: int, digest: str, text: str) -> tuple[int | None, int | Non
             index, digest, f"file metadata 'mtime' {mtime!r} is not an RFC 3339 time"
         ) from None
     # Go's FileMode keeps its type bits above the nine permission bits.
-    return (None if mode is None else mode & 0o777), mtime_ns, size
+    return (None if mode is None else mode & 0o777), mtime_ns, size, typeflag
 
 
 def _plan_layer(index: int, layer: object, model_manifest: bool) -> LayerPlan:
@@ -187,7 +235,9 @@ def _plan_layer(index: int, layer: object, model_manifest: bool) -> LayerPlan:
         None,
     )
     metadata = annotations.get(ANNOTATION_METADATA) or annotations.get(LEGACY_ANNOTATION_METADATA)
-    mode, mtime_ns, meta_size = _metadata(index, digest, metadata) if metadata else (None,) * 3
+    mode, mtime_ns, meta_size, typeflag = (
+        _metadata(index, digest, metadata) if metadata else (None,) * 4
+    )
     if fmt == "raw":
         if path is None:
             raise _layer_error(
@@ -207,7 +257,9 @@ def _plan_layer(index: int, layer: object, model_manifest: bool) -> LayerPlan:
                 f"file metadata says {meta_size} bytes but the descriptor says {size}; "
                 "the artifact is inconsistent",
             )
-    return LayerPlan(index, digest, size, media_type, fmt, path, mode, mtime_ns, meta_size)
+    return LayerPlan(
+        index, digest, size, media_type, fmt, path, mode, mtime_ns, meta_size, typeflag
+    )
 
 
 def plan_layers(manifest: dict[str, object]) -> list[LayerPlan]:
@@ -241,6 +293,43 @@ def raw_layer_file(plan: LayerPlan, default_mtime_ns: int) -> FileSpec:
         blob=BlobRef(plan.digest, plan.size),
         offset=0,
     )
+
+
+def is_deferrable(plan: LayerPlan) -> bool:
+    """Whether a compressed tar layer's file is known without its bytes: the annotations name
+    one regular file (modctl's one-member archive) with its path and size."""
+    return (
+        plan.format in _COMPRESSED_TAR
+        and plan.path is not None
+        and plan.meta_size is not None
+        and plan.meta_typeflag in _REGULAR_TYPEFLAGS
+    )
+
+
+def deferred_layer_file(plan: LayerPlan, data: DeferredData, default_mtime_ns: int) -> FileSpec:
+    """The file a deferrable layer's annotations describe; its bytes are located on first read."""
+    if plan.path is None or plan.meta_size is None:
+        raise ManifestError(f"{plan.label}: the layer's annotations do not describe one file")
+    return FileSpec(
+        path=plan.path,
+        size=plan.meta_size,
+        mode=FILE_MODE if plan.mode is None else plan.mode,
+        mtime_ns=default_mtime_ns if plan.mtime_ns is None else plan.mtime_ns,
+        blob=data,
+        offset=0,
+    )
+
+
+def deferred_member(plan: LayerPlan, members: Iterable[TarMember], blob: BlobRef) -> FileSpec:
+    """The archive's one file, checked against what the annotations promised at mount time."""
+    files, dirs = tar_layer_entries(plan, members, blob)
+    found = [(file.path, file.size) for file in files] + [(d.path, "directory") for d in dirs]
+    if len(files) != 1 or dirs or (files[0].path, files[0].size) != (plan.path, plan.meta_size):
+        raise ManifestError(
+            f"{plan.label}: the archive holds {found!r}, not the one file {plan.path!r} of "
+            f"{plan.meta_size} bytes its annotations describe; the artifact is inconsistent"
+        )
+    return files[0]
 
 
 def tar_layer_entries(
