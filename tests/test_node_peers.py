@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 from cluster_tools import MIB, publish, read_all, scheduler_process
-from mounting import unmount
+from mounting import modelfs, unmount
 from prometheus_client.parser import text_string_to_metric_families
 from registry_tools import Proxy, Registry, free_port
 from test_service import Notifications, running_daemon, status, stop_daemon
@@ -38,13 +39,16 @@ def node_config(root: Path, proxy: Proxy, reference: str, scheduler: str, secret
     return config
 
 
-def started(stack: ExitStack, config: Path, *extra: str) -> subprocess.Popen[str]:
-    """The node's daemon, once READY; stopped (and its mount detached) when ``stack`` closes."""
+def started(
+    stack: ExitStack, config: Path, *extra: str
+) -> tuple[subprocess.Popen[str], Notifications]:
+    """The node's daemon, once READY; stopped (and its mounts detached) when ``stack`` closes."""
     stack.callback(unmount, config.parent / "model")
+    stack.callback(unmount, config.parent / "asked")
     notifications = Notifications(config.parent / "notify.sock")
     daemon = stack.enter_context(running_daemon(config, notifications, *extra))
     notifications.wait_for("READY=1")
-    return daemon
+    return daemon, notifications
 
 
 def test_a_node_takes_what_another_read_from_it(
@@ -61,10 +65,8 @@ def test_a_node_takes_what_another_read_from_it(
     with scheduler_process(secret) as scheduler, ExitStack() as stack:
         a = node_config(tmp_path / "a", proxy, reference, scheduler, secret)
         b = node_config(tmp_path / "b", proxy, reference, scheduler, secret)
-        daemons = [
-            started(stack, a),
-            started(stack, b, "--metrics-addr", f"127.0.0.1:{metrics_port}"),
-        ]
+        daemon_a, _ = started(stack, a)
+        daemon_b, notifications_b = started(stack, b, "--metrics-addr", f"127.0.0.1:{metrics_port}")
         control_b = tmp_path / "b" / "run" / "control.sock"
         (mount_b,) = status(control_b)["mounts"]  # type: ignore[misc]
         assert mount_b["state"] == "mounted" and mount_b["peer_port"] is not None
@@ -91,5 +93,26 @@ def test_a_node_takes_what_another_read_from_it(
             if sample.name == "modelfs_fetched_bytes_total" and sample.labels["source"] == "peer"
         ]
         assert peer_bytes == [live["fetched_bytes"]["peer"]]
-        for daemon in daemons:
+
+        # A mount asked for over B's control socket serves peers too, on the next free port;
+        # a reload keeps both mounts, their processes and their ports.
+        asked = tmp_path / "b" / "asked"
+        asked.mkdir()
+        control_option = ("--control-socket", str(control_b))
+        result = modelfs(
+            "mount", f"{proxy.host}/{reference}", str(asked), "--plain-http", *control_option
+        )
+        assert result.returncode == 0, result.stderr
+        before = {mount["mountpoint"]: mount for mount in status(control_b)["mounts"]}  # type: ignore[attr-defined]
+        assert before[str(asked)]["peer_port"] == mount_b["peer_port"] + 1
+        assert (asked / "model.bin").read_bytes()[:MIB] == data_path.read_bytes()[:MIB]
+        daemon_b.send_signal(signal.SIGHUP)
+        notifications_b.wait_for("READY=1", times=2)
+        after = {mount["mountpoint"]: mount for mount in status(control_b)["mounts"]}  # type: ignore[attr-defined]
+        for path, mount in before.items():
+            assert (after[path]["pid"], after[path]["peer_port"]) == (
+                mount["pid"],
+                mount["peer_port"],
+            )
+        for daemon in (daemon_a, daemon_b):
             stop_daemon(daemon)
