@@ -65,7 +65,7 @@ def test_reload_stops_what_the_config_drops_or_changes_and_what_is_not_up() -> N
     )
     assert to_stop(mounts, old, new) == [Path("/m/changed"), Path("/m/dropped"), Path("/m/down")]
     # Handed over: the kept one, the one down (the new image starts it), the asked-for one.
-    assert [str(entry.spec.path) for entry in to_carry(mounts, old, new)] == [
+    assert [str(entry.spec.path) for entry in to_carry(mounts, new)] == [
         "/m/kept",
         "/m/down",
         "/m/asked",
@@ -82,7 +82,7 @@ def test_an_asked_for_mount_not_answered_yet_is_not_handed_over() -> None:
     mounts[-1].first_attempt = trio.Event()  # its request still waits for an answer
     mounts[-1].state.state = "starting"
     assert Path("/m/asked") in to_stop(mounts, old, old)
-    assert "/m/asked" not in [str(entry.spec.path) for entry in to_carry(mounts, old, old)]
+    assert "/m/asked" not in [str(entry.spec.path) for entry in to_carry(mounts, old)]
 
 
 def test_handover_round_trip_ignores_state_fields_this_version_lacks() -> None:
@@ -101,3 +101,34 @@ def test_handover_round_trip_ignores_state_fields_this_version_lacks() -> None:
     data = json.loads(encode_handover(handover))
     data["mounts"][0]["state"]["from_a_newer_version"] = 1
     assert decode_handover(json.dumps(data)) == handover
+
+
+CLUSTER = """
+[cluster]
+scheduler = "http://scheduler.internal:7480"
+secret_file = "/etc/modelfs/cluster-secret"
+peer_ports = "7481-7490"
+"""
+
+
+def test_reload_restarts_every_mount_the_cluster_settings_change() -> None:
+    old = parse_config(BASE + CLUSTER, "old.toml")
+    mounts = entries(
+        {path: "mounted" for path in ("/m/kept", "/m/changed", "/m/dropped", "/m/down")}
+    )
+    for port, entry in enumerate(mounts, 7481):
+        entry.state.peer_port = port
+    assert to_stop(mounts, old, old) == []
+    rezoned = parse_config(BASE + CLUSTER + 'zone = "eu-1b"\n', "new.toml")
+    # Config mounts and the asked-for one alike; all handed over, to be started again.
+    assert len(to_stop(mounts, old, rezoned)) == len(mounts)
+    assert to_carry(mounts, rezoned) == mounts
+    # A narrower range: only the mounts whose port left it.
+    narrower = parse_config(BASE + CLUSTER.replace("7481-7490", "7481-7484"), "new.toml")
+    assert to_stop(mounts, old, narrower) == [Path("/m/asked")]
+    # Peers switched off, or on.
+    assert len(to_stop(mounts, old, parse_config(BASE, "new.toml"))) == len(mounts)
+    plain = entries(
+        {path: "mounted" for path in ("/m/kept", "/m/changed", "/m/dropped", "/m/down")}
+    )
+    assert len(to_stop(plain, parse_config(BASE, "old.toml"), old)) == len(plain)

@@ -338,6 +338,9 @@ def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+CLUSTER = "[cluster]\nscheduler = 'http://s.example:7480'\nsecret_file = '/nonexistent/s'\n"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -346,6 +349,10 @@ def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
         ("[[mounts]]\nref = 'r.example/m:v1'\npath = '/m'\nprefetch = 'some'\n", "prefetch"),
         ("colour = 'blue'\n", "unknown key 'colour'"),
         ("[cache\n", "not valid TOML"),
+        ("[cluster]\nscheduler = 'http://s.example:7480'\n", "needs secret_file, peer_ports"),
+        (f"{CLUSTER}peer_ports = 7481\ncolour = 'blue'\n", "[cluster]: unknown key 'colour'"),
+        (f"{CLUSTER}peer_ports = '7481:7490'\n", "is not a port or a range LOW-HIGH"),
+        (f"{CLUSTER}peer_ports = 7481\n", "cannot read the cluster secret file /nonexistent/s"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path: Path, text: str, message: str) -> None:

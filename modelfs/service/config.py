@@ -13,12 +13,15 @@ from typing import Any
 
 import click
 
+from modelfs.cli.cluster import cluster_settings
 from modelfs.cli.options import parse_size
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
+from modelfs.peer.source import ClusterOptions
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
+from modelfs.service.peer_ports import PortRange, parse_port_range
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
 
@@ -41,6 +44,24 @@ class MountSpec:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: every mount shares pieces with the cluster's other nodes, each mount
+    process serving them on its own port of ``peer_ports`` (modelfs.service.peer_ports)."""
+
+    scheduler: str
+    secret_file: Path
+    peer_ports: PortRange
+    peer_listen: str = "0.0.0.0"  # the host part: each mount adds its port
+    zone: str = ""
+    rack: str = ""
+    peers_without_index: bool = False
+    max_connections: int = ClusterOptions.max_connections
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_size: int = DEFAULT_CACHE_SIZE
@@ -49,6 +70,7 @@ class DaemonConfig:
     credentials: Path | None = None  # a docker-style config directory (DOCKER_CONFIG)
     registries: dict[str, RegistrySettings] = field(default_factory=dict)
     mounts: list[MountSpec] = field(default_factory=list)
+    cluster: ClusterSettings | None = None
 
     def registry_for(self, reference: Reference | LayoutReference) -> RegistrySettings:
         if isinstance(reference, LayoutReference):
@@ -82,7 +104,15 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
         raise ConfigError(f"{origin} is not valid TOML: {error}") from None
     _known(
         data,
-        {"control_socket", "metrics_addr", "credentials", "cache", "registries", "mounts"},
+        {
+            "control_socket",
+            "metrics_addr",
+            "credentials",
+            "cache",
+            "registries",
+            "mounts",
+            "cluster",
+        },
         origin,
     )
     cache = _table(data.get("cache", {}), f"{origin} [cache]")
@@ -121,6 +151,17 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
     duplicate = next((path for path in paths if paths.count(path) > 1), None)
     if duplicate is not None:
         raise ConfigError(f"{origin}: two mounts on {duplicate}; give each its own path")
+    cluster = None
+    if "cluster" in data:
+        cluster = _parse_cluster(
+            _table(data["cluster"], f"{origin} [cluster]"), f"{origin} [cluster]"
+        )
+        ports = cluster.peer_ports
+        if len(mounts) > len(ports):
+            raise ConfigError(
+                f"{origin} [cluster]: peer_ports {ports} has {len(ports)} ports for "
+                f"{len(mounts)} mounts (each mount serves peers on its own): widen it"
+            )
     credentials = _typed(data, "credentials", str, origin)
     return DaemonConfig(
         cache_dir=Path(_typed(cache, "dir", str, f"{origin} [cache]") or DEFAULT_CACHE_DIR),
@@ -130,6 +171,48 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
         credentials=None if credentials is None else Path(credentials),
         registries=registries,
         mounts=mounts,
+        cluster=cluster,
+    )
+
+
+_TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
+
+
+def _parse_cluster(table: dict[str, Any], where: str) -> ClusterSettings:
+    _known(
+        table,
+        {"scheduler", "secret_file", "peer_listen", "peer_ports", "zone", "rack"}
+        | {"peers_without_index", "max_connections", *_TLS_KEYS},
+        where,
+    )
+    missing = [key for key in ("scheduler", "secret_file", "peer_ports") if key not in table]
+    if missing:
+        raise ConfigError(f"{where}: needs {', '.join(missing)} (see systemd/config.toml.example)")
+    try:
+        ports = parse_port_range(table["peer_ports"])
+    except ValueError as error:
+        raise ConfigError(f"{where}: peer_ports {error}") from None
+    tls = {key: _typed(table, key, str, where) for key in _TLS_KEYS}
+    if any(tls.values()) and not all(tls.values()):
+        raise ConfigError(f"{where}: mutual TLS between peers needs all of {', '.join(_TLS_KEYS)}")
+    listen = _typed(table, "peer_listen", str, where) or ClusterSettings.peer_listen
+    if listen.count(":") == 1 or "]:" in listen:  # host:port; an IPv6 host has several
+        raise ConfigError(
+            f"{where}: peer_listen {listen!r} is the host only; ports come from peer_ports"
+        )
+    max_connections = _typed(table, "max_connections", int, where)
+    if max_connections is not None and max_connections < 1:
+        raise ConfigError(f"{where}: max_connections must be at least 1, not {max_connections}")
+    return ClusterSettings(
+        scheduler=_typed(table, "scheduler", str, where),
+        secret_file=Path(_typed(table, "secret_file", str, where)),
+        peer_ports=ports,
+        peer_listen=listen.strip("[]"),
+        zone=_typed(table, "zone", str, where) or "",
+        rack=_typed(table, "rack", str, where) or "",
+        peers_without_index=bool(_typed(table, "peers_without_index", bool, where)),
+        max_connections=max_connections or ClusterOptions.max_connections,
+        **{key: None if value is None else Path(value) for key, value in tls.items()},
     )
 
 
@@ -140,4 +223,25 @@ def load_config(path: Path) -> DaemonConfig:
         raise ConfigError(
             f"cannot read the config {path}: {error.strerror} (see systemd/config.toml.example)"
         ) from None
-    return parse_config(text, str(path))
+    config = parse_config(text, str(path))
+    if config.cluster is not None:
+        check_cluster_files(config.cluster, f"{path} [cluster]")
+    return config
+
+
+def check_cluster_files(cluster: ClusterSettings, where: str) -> None:
+    """The secret and TLS files load, as each mount process will load them: a mistake is
+    reported when the daemon starts (or reloads), not by every mount failing."""
+    try:
+        cluster_settings(
+            cluster.scheduler,
+            cluster.secret_file,
+            (cluster.peer_listen, cluster.peer_ports.first),
+            cluster.zone,
+            cluster.rack,
+            peer_tls_cert=cluster.tls_cert,
+            peer_tls_key=cluster.tls_key,
+            peer_tls_ca=cluster.tls_ca,
+        )
+    except ModelfsError as error:
+        raise ConfigError(f"{where}: {error}") from None

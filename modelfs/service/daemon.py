@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +175,20 @@ class Daemon:
             nursery.start_soon(self._on_signals, nursery.cancel_scope, listener)
             nursery.start_soon(serve_control, listener, self.handle)
             handed = self.handover.mounts if self.handover is not None else []
-            entries = [resume(table, mount) for mount in handed]
-            for spec in self.config.mounts:
-                if spec.path.resolve() not in table.entries:
-                    entries.append(
-                        table.start(spec, MountState(str(spec.reference), str(spec.path)))
-                    )
+            # Those up first: their processes hold their peer ports, the others may get new ones.
+            handed = sorted(handed, key=lambda mount: mount.state.state != "mounted")
+            handed_paths = {mount.spec.path.resolve() for mount in handed}
+            starts = [partial(resume, table, mount) for mount in handed] + [
+                partial(table.start, spec, MountState(str(spec.reference), str(spec.path)))
+                for spec in self.config.mounts
+                if spec.path.resolve() not in handed_paths
+            ]
+            entries = []
+            for start in starts:
+                try:
+                    entries.append(start())
+                except MountRequestError as error:  # no peer port left for it
+                    log.error("a mount is not started: %s", error)
             await ask(self.config.control_socket, {"command": "ping"})
             for entry in entries:
                 await entry.first_attempt.wait()
@@ -222,7 +231,7 @@ class Daemon:
             return None
         assert self.table is not None
         table = self.table
-        carried = to_carry(list(table.entries.values()), self.config, config)
+        carried = to_carry(list(table.entries.values()), config)
         while stopping := to_stop(list(table.entries.values()), self.config, config):
             for path in stopping:
                 await table.stop(path)

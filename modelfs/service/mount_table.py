@@ -15,6 +15,7 @@ from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.reference import LayoutReference, parse_any_reference
 from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
+from modelfs.service.peer_ports import choose_port
 from modelfs.service.supervisor import Child, MountState, is_mounted, supervise
 
 
@@ -72,10 +73,30 @@ class MountTable:
         settings: RegistrySettings | None = None,
         adopted: Child | None = None,
     ) -> Supervised:
+        """Supervise ``spec``; with ``[cluster]``, on the peer port it had if it may keep it
+        (an ``adopted`` process always may: the reload stopped those that may not)."""
+        state.peer_port = self._peer_port(spec, state.peer_port)
         entry = Supervised(spec, settings, state)
         self.entries[spec.path.resolve()] = entry
         self.nursery.start_soon(self._supervise, entry, adopted)
         return entry
+
+    def _peer_port(self, spec: MountSpec, kept: int | None) -> int | None:
+        cluster = self.config.cluster
+        if cluster is None:
+            return None
+        taken = {
+            entry.state.peer_port
+            for entry in self.entries.values()
+            if entry.state.peer_port is not None
+        }
+        port = choose_port(cluster.peer_ports, taken, kept)
+        if port is None:
+            raise MountRequestError(
+                f"no free peer port for {spec.path}: all of [cluster] peer_ports "
+                f"{cluster.peer_ports} serve other mounts; widen the range or umount one"
+            )
+        return port
 
     async def _supervise(self, entry: Supervised, adopted: Child | None) -> None:
         config = config_for(self.config, entry.spec, entry.settings)

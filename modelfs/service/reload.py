@@ -28,7 +28,8 @@ from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.reference import parse_any_reference
 from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
 from modelfs.service.control import open_control_socket
-from modelfs.service.mount_table import MountTable, Supervised
+from modelfs.service.mount_table import MountTable, Supervised, config_for
+from modelfs.service.peer_ports import choose_port
 from modelfs.service.supervisor import MountState, mount_command
 
 HANDOVER_VARIABLE = "MODELFS_DAEMON_HANDOVER"
@@ -96,18 +97,36 @@ def take_handover() -> Handover | None:
     return None if text is None else decode_handover(text)
 
 
-def _launch(spec: MountSpec, config: DaemonConfig) -> tuple[Any, ...]:
+def _launch(
+    spec: MountSpec, config: DaemonConfig, settings: RegistrySettings | None, port: int | None
+) -> tuple[Any, ...]:
     """Everything a mount process is started with: if it changes, the mount is restarted."""
-    return (*mount_command(spec, config, ready_fd=0), config.credentials)
+    config = config_for(config, spec, settings)
+    return (*mount_command(spec, config, ready_fd=0, peer_port=port), config.credentials)
 
 
-def _dropped(entry: Supervised, old: DaemonConfig, new: DaemonConfig) -> bool:
-    """A config mount the new config drops or starts differently."""
+def _dropped(entry: Supervised, new: DaemonConfig) -> bool:
+    """A config mount the new config drops or mounts another way (the new image starts the
+    new config's mount in its place)."""
     if entry.state.origin != "config":
         return False
     path = entry.spec.path.resolve()
     wanted = next((spec for spec in new.mounts if spec.path.resolve() == path), None)
-    return wanted is None or _launch(wanted, new) != _launch(entry.spec, old)
+    return wanted != entry.spec
+
+
+def _restarted(entry: Supervised, old: DaemonConfig, new: DaemonConfig) -> bool:
+    """A mount whose process the new config would start differently: other cache, registry or
+    cluster settings, or a peer port outside the new range (it gets another). Config mounts
+    and mounts asked for over the control socket alike."""
+    kept = entry.state.peer_port
+    cluster = new.cluster
+    port = choose_port(cluster.peer_ports, (), kept) if cluster is not None else None
+    if cluster is not None and kept is not None and port != kept:
+        return True
+    return _launch(entry.spec, new, entry.settings, port) != _launch(
+        entry.spec, old, entry.settings, kept
+    )
 
 
 def to_stop(entries: Iterable[Supervised], old: DaemonConfig, new: DaemonConfig) -> list[Path]:
@@ -117,20 +136,19 @@ def to_stop(entries: Iterable[Supervised], old: DaemonConfig, new: DaemonConfig)
     return [
         entry.spec.path.resolve()
         for entry in entries
-        if _dropped(entry, old, new) or entry.state.state != "mounted"
+        if _dropped(entry, new) or _restarted(entry, old, new) or entry.state.state != "mounted"
     ]
 
 
-def to_carry(
-    entries: Iterable[Supervised], old: DaemonConfig, new: DaemonConfig
-) -> list[Supervised]:
-    """Mounts the new image takes over (adopting the process of those up): all but the dropped
-    config mounts and a control request's mount that has not answered yet (the request fails
-    with the reload; the client asks again)."""
+def to_carry(entries: Iterable[Supervised], new: DaemonConfig) -> list[Supervised]:
+    """Mounts the new image takes over: all but the dropped config mounts and a control
+    request's mount that has not answered yet (the request fails with the reload; the client
+    asks again). Those up and not stopped, the new image adopts; the others it starts again,
+    with the new config."""
     return [
         entry
         for entry in entries
-        if not _dropped(entry, old, new)
+        if not _dropped(entry, new)
         and (entry.state.origin == "config" or entry.first_attempt.is_set())
     ]
 

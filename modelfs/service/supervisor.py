@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
-from modelfs.service.config import DaemonConfig, MountSpec
+from modelfs.service.config import ClusterSettings, DaemonConfig, MountSpec
 from modelfs.service.notify import NOTIFY_VARIABLES
 
 STOP_TIMEOUT = 20.0
@@ -44,6 +44,7 @@ class MountState:
     restarts: int = 0
     last_error: str | None = None
     origin: str = "config"  # config, or control: asked for over the control socket
+    peer_port: int | None = None  # its peer server's, with [cluster] (modelfs.service.peer_ports)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,8 +87,36 @@ def stats_socket(config: DaemonConfig, mountpoint: Path) -> Path:
     return config.control_socket.parent / f"mount-{name}.sock"
 
 
-def mount_command(spec: MountSpec, config: DaemonConfig, ready_fd: int) -> list[str]:
+def cluster_arguments(cluster: ClusterSettings, port: int) -> list[str]:
+    """The options of ``modelfs mount`` (modelfs.cli.cluster) for ``[cluster]``."""
+    host = cluster.peer_listen
+    optional = {
+        "--zone": cluster.zone,
+        "--rack": cluster.rack,
+        "--peer-tls-cert": cluster.tls_cert,
+        "--peer-tls-key": cluster.tls_key,
+        "--peer-tls-ca": cluster.tls_ca,
+    }
+    return [
+        "--scheduler", cluster.scheduler,
+        "--cluster-secret-file", str(cluster.secret_file),
+        "--peer-listen", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "--peer-max-connections", str(cluster.max_connections),
+        *(["--peers-without-index"] if cluster.peers_without_index else []),
+        *(part for name, value in optional.items() if value for part in (name, str(value))),
+    ]  # fmt: skip
+
+
+def mount_command(
+    spec: MountSpec, config: DaemonConfig, ready_fd: int, peer_port: int | None = None
+) -> list[str]:
+    """``peer_port``: where the mount serves peers; with ``[cluster]`` every mount has one."""
     registry = config.registry_for(spec.reference)
+    peers: list[str] = []
+    if config.cluster is not None:
+        if peer_port is None:
+            raise ValueError(f"the mount on {spec.path} has no peer port")  # a bug, not input
+        peers = cluster_arguments(config.cluster, peer_port)
     return [
         sys.executable, "-m", "modelfs", "mount", str(spec.reference), str(spec.path),
         "--foreground",
@@ -98,6 +127,7 @@ def mount_command(spec: MountSpec, config: DaemonConfig, ready_fd: int) -> list[
         "--stats-socket", str(stats_socket(config, spec.path)),
         *(["--plain-http"] if registry.plain_http else []),
         *(["--insecure"] if registry.insecure else []),
+        *peers,
     ]  # fmt: skip
 
 
@@ -166,7 +196,7 @@ async def _run_once(
     read_end, write_end = os.pipe()
     try:
         process = await trio.lowlevel.open_process(
-            mount_command(spec, config, write_end),
+            mount_command(spec, config, write_end, state.peer_port),
             pass_fds=(write_end,),
             stdin=subprocess.DEVNULL,
             env=child_environment(config),
