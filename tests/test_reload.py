@@ -17,6 +17,7 @@ from modelfs.service.reload import (
     to_carry,
     to_stop,
 )
+from modelfs.service.restart import restart_queued
 from modelfs.service.supervisor import MountState
 
 BASE = """
@@ -132,3 +133,15 @@ def test_reload_restarts_every_mount_the_cluster_settings_change() -> None:
         {path: "mounted" for path in ("/m/kept", "/m/changed", "/m/dropped", "/m/down")}
     )
     assert len(to_stop(plain, parse_config(BASE, "old.toml"), old)) == len(plain)
+
+
+def test_a_restart_is_seen_in_the_units_job_list_only() -> None:
+    jobs = (
+        "42 modelfsd.service restart running\n"
+        "43 vllm.service start waiting\n"
+        "44 other.service restart running\n"
+    )
+    assert restart_queued(jobs, "modelfsd.service")
+    assert not restart_queued(jobs, "vllm.service")
+    assert not restart_queued("45 modelfsd.service stop running\n", "modelfsd.service")
+    assert not restart_queued("", "modelfsd.service")

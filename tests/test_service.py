@@ -107,10 +107,14 @@ class Reader:
 
 @contextmanager
 def running_daemon(
-    config: Path, notifications: Notifications, *extra: str
+    config: Path, notifications: Notifications, *extra: str, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[str]]:
     """``modelfs daemon`` as modelfsd.service's ExecStart runs it, with the venv's interpreter."""
-    env = {**os.environ, "NOTIFY_SOCKET": str(notifications.path), "WATCHDOG_USEC": "1000000"}
+    env = {
+        **(os.environ if env is None else env),
+        "NOTIFY_SOCKET": str(notifications.path),
+        "WATCHDOG_USEC": "1000000",
+    }
     daemon = subprocess.Popen(
         [*MODELFS, "daemon", "--config", str(config), *extra],
         env=env,
@@ -285,6 +289,81 @@ def test_reload_keeps_mounts_being_read_and_applies_the_config(
             reader.kill()
         unmount(asked)
         unmount(added)
+
+
+def systemd_stand_in(directory: Path) -> tuple[dict[str, str], Path]:
+    """What the daemon asks systemd on SIGTERM, answered as systemd answers while it restarts
+    modelfsd.service (its job is listed as ``restart`` until the stop is done) whenever the
+    returned flag file exists, else with no jobs. systemd cannot run as PID 1 here; everything
+    else in the restart (processes, FUSE, registry, readers) is real."""
+    directory.mkdir()
+    flag = directory / "restarting"
+    systemctl = directory / "systemctl"
+    systemctl.write_text(
+        "#!/bin/sh\n"
+        'test "$1 $2 $3 $4 $5" = "list-jobs --no-legend --plain --no-pager modelfsd.service" '
+        "|| exit 1\n"
+        f'test -e "{flag}" && echo "42 modelfsd.service restart running"\n'
+        "exit 0\n"
+    )
+    systemctl.chmod(0o755)
+    env = {**os.environ, "MODELFS_UNIT": "modelfsd.service"}
+    env["PATH"] = f"{directory}:{env['PATH']}"
+    return env, flag
+
+
+def test_restart_leaves_mounts_up_for_the_next_daemon_which_adopts_them(
+    daemon_setup: tuple[Path, Path, dict[str, bytes], Path], tmp_path: Path
+) -> None:
+    config, control, files, mnt = daemon_setup
+    env, restarting = systemd_stand_in(tmp_path / "bin")
+    handover = control.parent / "handover.json"
+    reader = None
+    try:
+        first = Notifications(tmp_path / "notify1.sock")
+        with running_daemon(config, first, env=env) as daemon:
+            first.wait_for("READY=1")
+            pid = mounts_by_path(control)[str(mnt)]["pid"]
+            reader = Reader(mnt / "model.safetensors", files["model.safetensors"], tmp_path / "r")
+            wait_until(lambda: reader.last_pass() > 0)
+            # systemctl restart: SIGTERM while the unit's restart job runs.
+            restarting.touch()
+            stop_daemon(daemon)
+        assert is_mounted(mnt) and handover.exists()
+        os.kill(pid, 0)  # the mount process serves on, with no daemon
+        assert (mnt / "tokenizer.json").read_bytes() == files["tokenizer.json"]  # a first read
+        restarting.unlink()
+
+        second = Notifications(tmp_path / "notify2.sock")
+        with running_daemon(config, second, env=env) as daemon:
+            second.wait_for("READY=1")
+            mount = mounts_by_path(control)[str(mnt)]
+            assert (mount["state"], mount["pid"], mount["restarts"]) == ("mounted", pid, 0)
+            assert not handover.exists()  # taken once
+            adopted = time.monotonic()
+            wait_until(lambda: reader.last_pass() > adopted)
+            summary = reader.finish()
+            assert summary == {"passes": summary["passes"], "wrong": 0, "errors": {}}
+            assert (mnt / "code" / "run.py").read_bytes() == files["code/run.py"]
+
+            # The adopted process is not the new daemon's child; its end is still noticed.
+            os.kill(pid, signal.SIGKILL)
+            wait_until(
+                lambda: (
+                    mounts_by_path(control)[str(mnt)]["restarts"] == 1
+                    and mounts_by_path(control)[str(mnt)]["state"] == "mounted"
+                )
+            )
+            mount = mounts_by_path(control)[str(mnt)]
+            assert "adopted after a daemon restart" in mount["last_error"]
+            assert (mnt / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+            # A plain stop (no restart job): everything is unmounted, as before.
+            stop_daemon(daemon)
+            assert not is_mounted(mnt) and not handover.exists()
+    finally:
+        if reader is not None:
+            reader.kill()
 
 
 def test_mount_by_daemon_refusals_are_one_line_and_no_daemon_mounts_here(

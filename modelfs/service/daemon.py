@@ -3,14 +3,18 @@
 It owns the node's cache settings, keeps the config's mounts up (one supervised child process
 each), answers the control socket, and serves metrics if asked. READY=1 goes to systemd once the
 control socket answers and every configured mount has been tried once, so units ordered after
-it find their models mounted. SIGTERM (or SIGINT) sends STOPPING=1 and unmounts everything.
-SIGHUP reloads: the daemon re-executes itself and keeps its mounts (modelfs.service.reload).
+it find their models mounted. SIGTERM (or SIGINT) sends STOPPING=1 and unmounts everything,
+unless systemd is restarting the unit: then the mounts stay up for the next daemon
+(modelfs.service.restart). SIGHUP reloads: the daemon re-executes itself and keeps its mounts
+(modelfs.service.reload).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
@@ -45,6 +49,7 @@ from modelfs.service.reload import (
     to_carry,
     to_stop,
 )
+from modelfs.service.restart import restart_pending, save_handover, take_saved_handover
 from modelfs.service.supervisor import MountState, stats_socket
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,8 @@ class Daemon:
     ) -> None:
         self.config = config
         self.load_config = load_config  # the config as it is now, for a reload
-        self.handover = handover  # from the previous image, when this start is a reload
+        # From the previous image (a reload) or the previous daemon (a restart).
+        self.handover = handover or take_saved_handover(config.control_socket)
         self.table: MountTable | None = None
         self.cache = PieceCache(config.cache_dir, config.cache_size)
 
@@ -200,12 +206,15 @@ class Daemon:
                 nursery.start_soon(_keep_alive, interval)
 
     async def _on_signals(self, scope: trio.CancelScope, listener: trio.SocketListener) -> None:
-        """SIGTERM or SIGINT: unmount everything and stop. SIGHUP: reload."""
+        """SIGTERM or SIGINT: unmount everything and stop (or, in a restart, leave the mounts
+        to the next daemon). SIGHUP: reload."""
         while True:
             signum = await next_signal()
             if signum != signal.SIGHUP:
-                log.warning("received %s: unmounting everything", signal.Signals(signum).name)
                 notify("STOPPING=1")
+                if signum == signal.SIGTERM and await restart_pending():
+                    await self._exit_for_restart()
+                log.warning("received %s: unmounting everything", signal.Signals(signum).name)
                 scope.cancel()
                 return
             handover = await self._prepare_reload(listener)
@@ -229,18 +238,35 @@ class Daemon:
             log.error("reload refused, the running config stays: %s", error)
             notify(f"READY=1\nSTATUS=reload refused: {error}")
             return None
+        mounts = await self._mounts_to_hand_over(config)
+        log.warning("reloading: re-executing, %d mounts handed over", len(mounts))
+        return Handover(self.config.control_socket, listener.socket.fileno(), mounts)
+
+    async def _exit_for_restart(self) -> None:
+        """Hand the mounts over through a file and end the process where it stands: like the
+        exec of a reload, nothing unwinds, so no mount process is stopped."""
+        mounts = await self._mounts_to_hand_over(self.config)
+        save_handover(Handover(self.config.control_socket, None, mounts))
+        log.warning(
+            "systemd restarts the service: %d mounts left up for the next daemon", len(mounts)
+        )
+        self.cache.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    async def _mounts_to_hand_over(self, config: DaemonConfig) -> list[HandedOver]:
+        """Stop the mounts that ``config`` drops or changes, and those not up; the rest."""
         assert self.table is not None
         table = self.table
         carried = to_carry(list(table.entries.values()), config)
         while stopping := to_stop(list(table.entries.values()), self.config, config):
             for path in stopping:
                 await table.stop(path)
-        # No checkpoint from here to exec: every mount left is up, its process alive or unreaped
-        # (one a control request added meanwhile included); the stopped are started again.
+        # No checkpoint from here to the hand-over: every mount left is up, its process alive or
+        # unreaped (one a control request added meanwhile included); the stopped start again.
         carried += [entry for entry in table.entries.values() if entry not in carried]
-        log.warning("reloading: re-executing, %d mounts handed over", len(carried))
-        mounts = [HandedOver(entry.spec, entry.settings, entry.state) for entry in carried]
-        return Handover(self.config.control_socket, listener.socket.fileno(), mounts)
+        return [HandedOver(entry.spec, entry.settings, entry.state) for entry in carried]
 
 
 async def _keep_alive(interval: float) -> None:

@@ -11,6 +11,7 @@ adds. That is also how a new modelfs version takes over without unmounting anyth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,7 +51,7 @@ class HandedOver:
 @dataclass(frozen=True)
 class Handover:
     control_socket: Path
-    control_fd: int
+    control_fd: int | None  # the listening control socket; None after a restart (it closed)
     mounts: list[HandedOver]
 
 
@@ -170,21 +171,23 @@ async def next_signal() -> int:
 def reexec(handover: Handover) -> None:
     """Replace this process's image by a new start of its own command line, handing ``handover``
     over. Returns only by raising OSError, when exec failed."""
-    os.set_inheritable(handover.control_fd, True)
+    control_fd = handover.control_fd
+    assert control_fd is not None, "a reload hands its listening control socket over"
+    os.set_inheritable(control_fd, True)
     sys.stdout.flush()
     sys.stderr.flush()
     env = {**os.environ, HANDOVER_VARIABLE: encode_handover(handover)}
     try:
         os.execve(sys.executable, sys.orig_argv, env)
     except OSError:
-        os.set_inheritable(handover.control_fd, False)
+        os.set_inheritable(control_fd, False)
         raise
 
 
 async def control_listener(path: Path, handover: Handover | None) -> trio.SocketListener:
     """The control socket: the previous image's listening one if it is still at ``path``, so no
     client is refused during a reload."""
-    if handover is not None:
+    if handover is not None and handover.control_fd is not None:
         if handover.control_socket == path:
             os.set_inheritable(handover.control_fd, False)
             sock = trio.socket.socket(
@@ -199,40 +202,49 @@ async def control_listener(path: Path, handover: Handover | None) -> trio.Socket
 def resume(table: MountTable, mount: HandedOver) -> Supervised:
     """Supervise a handed-over mount again: adopt its process if it was up, else start it."""
     state = mount.state
-    process = adopt(state.pid) if state.state == "mounted" and state.pid is not None else None
+    process = None
+    if state.state == "mounted" and state.pid is not None:
+        process = adopt(state.pid, mount.spec.path)
     if process is None:
         state.state, state.pid = "starting", None
     return table.start(mount.spec, state, mount.settings, process)
 
 
 class AdoptedProcess:
-    """A mount process started by the previous image: still this process's child (exec keeps
-    children), so it is waited for on a pidfd and reaped with waitpid."""
+    """A mount process started by an earlier daemon. After a reload it is still this process's
+    child (exec keeps children): waited for on a pidfd and reaped with waitpid. After a restart
+    it is not (its parent exited; init reaps it): the pidfd tells when it ends, not how."""
 
-    def __init__(self, pid: int, pidfd: int) -> None:
+    def __init__(self, pid: int, pidfd: int, child: bool) -> None:
         self.pid = pid
         self._pidfd = pidfd
+        self._child = child
+        self._ended = False
         self.returncode: int | None = None
 
-    async def wait(self) -> int:
-        if self.returncode is None:
+    async def wait(self) -> int | None:
+        if not self._ended:
             await trio.lowlevel.wait_readable(self._pidfd)
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+            if self._child:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            self._ended = True
             os.close(self._pidfd)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            # by pidfd: never a process that took over the number after this one was reaped
-            signal.pidfd_send_signal(self._pidfd, sig)
+        if not self._ended:
+            # By pidfd: never a process that took over the number after this one ended. One
+            # that has just ended is for wait() to report.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
 
-def adopt(pid: int) -> AdoptedProcess | None:
-    """The handed-over mount process ``pid``, if it is still this process's child."""
+def adopt(pid: int, mountpoint: Path) -> AdoptedProcess | None:
+    """The handed-over process ``pid``, if it still runs the mount on ``mountpoint``."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -240,6 +252,18 @@ def adopt(pid: int) -> AdoptedProcess | None:
     try:  # is it our child? WNOWAIT: a zombie stays to be reaped by wait()
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
-        os.close(pidfd)
-        return None
-    return AdoptedProcess(pid, pidfd)
+        # Not ours: the pidfd holds the process now, so its command line says whether the
+        # number still names the mount process rather than one that took it over since.
+        if not _runs_mount(pid, mountpoint):
+            os.close(pidfd)
+            return None
+        return AdoptedProcess(pid, pidfd, child=False)
+    return AdoptedProcess(pid, pidfd, child=True)
+
+
+def _runs_mount(pid: int, mountpoint: Path) -> bool:
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"mount" in arguments and os.fsencode(str(mountpoint)) in arguments

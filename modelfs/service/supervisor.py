@@ -56,7 +56,7 @@ class Child(Protocol):
     @property
     def returncode(self) -> int | None: ...
 
-    async def wait(self) -> int: ...
+    async def wait(self) -> int | None: ...  # None: ended, status unknown (not our child)
 
     def send_signal(self, sig: int) -> None: ...
 
@@ -139,7 +139,9 @@ def child_environment(config: DaemonConfig) -> dict[str, str]:
     return env
 
 
-def describe_exit(code: int) -> str:
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "the mount process ended (adopted after a daemon restart: its status is unknown)"
     if code < 0:
         return f"the mount process was killed by {signal.Signals(-code).name}"
     return f"the mount process exited with status {code}"
