@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from modelfs.service.config import ConfigError, parse_config
@@ -78,3 +80,20 @@ def test_cluster_config_errors_name_the_key(change: tuple[str, str], message: st
     with pytest.raises(ConfigError, match=message) as caught:
         parse_config(CLUSTER.replace(*change), "config.toml")
     assert "config.toml [cluster]" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_daemons_verbosity_goes_on_every_mount_command_line() -> None:
+    config = parse_config('[[mounts]]\nref = "r.example/m:v1"\npath = "/m"\n', "c.toml")
+    root = logging.getLogger()
+    before = root.level
+    try:
+        for level, flags in (
+            (logging.WARNING, []),
+            (logging.INFO, ["-v"]),
+            (logging.DEBUG, ["-vv"]),
+        ):
+            root.setLevel(level)
+            command = mount_command(config.mounts[0], config, 3)
+            assert command[3 : command.index("mount")] == flags
+    finally:
+        root.setLevel(before)

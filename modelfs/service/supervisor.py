@@ -9,6 +9,7 @@ SIGTERM, which unmounts, and detaches whatever is left.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -118,7 +119,8 @@ def mount_command(
             raise ValueError(f"the mount on {spec.path} has no peer port")  # a bug, not input
         peers = cluster_arguments(config.cluster, peer_port)
     return [
-        sys.executable, "-m", "modelfs", "mount", str(spec.reference), str(spec.path),
+        sys.executable, "-m", "modelfs", *_verbosity(),
+        "mount", str(spec.reference), str(spec.path),
         "--foreground",
         "--cache-dir", str(config.cache_dir),
         "--cache-size", str(config.cache_size),
@@ -129,6 +131,12 @@ def mount_command(
         *(["--insecure"] if registry.insecure else []),
         *peers,
     ]  # fmt: skip
+
+
+def _verbosity() -> list[str]:
+    """The daemon's ``-v``/``-vv`` for its mount processes (the log format goes by environment)."""
+    level = logging.getLogger().getEffectiveLevel()
+    return ["-" + "v" * ((logging.WARNING - level) // 10)] if level < logging.WARNING else []
 
 
 def child_environment(config: DaemonConfig) -> dict[str, str]:
