@@ -13,7 +13,7 @@ from mounting import modelfs
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_preheat import MIB, push_model
 
-from modelfs.cache import PieceCache
+from modelfs.cache import CacheStats, PieceCache
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 
 
@@ -74,15 +74,24 @@ def _manifest_digest(cache_dir: Path) -> str:
 def test_gc_evicts_down_to_the_size(registry: Registry, proxy: Proxy, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     preheated(proxy, registry, cache_dir)
+    before = _cache_stats(cache_dir)
     code, out = cache_cli(cache_dir, "gc", "--size", "5M")
     assert code == 0, out
-    store = PieceCache(cache_dir, 1 << 30)
-    try:
-        assert store.stats().size <= 5 * MIB
-    finally:
-        store.close()
+    after = _cache_stats(cache_dir)
+    assert after.size <= 5 * MIB
+    # The node-wide counter (the metric modelfs_cache_evicted_pieces_total) saw gc's evictions.
+    assert after.evicted_pieces == before.evicted_pieces + before.pieces - after.pieces > 0
     code, out = cache_cli(cache_dir, "ls")
     assert "100.0%" not in out, out
+    assert f"{after.evicted_pieces} pieces evicted so far" in out, out
+
+
+def _cache_stats(cache_dir: Path) -> CacheStats:
+    store = PieceCache(cache_dir, 1 << 30)
+    try:
+        return store.stats()
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("fix_checksum", [False, True], ids=["piece", "blob"])

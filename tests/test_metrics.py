@@ -140,6 +140,9 @@ def test_metrics_match_the_registry_traffic_and_reads(
         assert delta("modelfs_fetched_bytes_total", second, after_second, source="registry") == 0
         assert delta("modelfs_fetches_total", second, after_second, kind="on_demand") == 0
         assert proxy.blob_bytes == proxy_after_first
+        # The cache held everything: the node-wide eviction counter is exported, at zero.
+        evicted = [s.value for s in after_second if s.name == "modelfs_cache_evicted_pieces_total"]
+        assert evicted == [0.0]
 
         # Whatever the two processes fetched since they started, startup included.
         assert (

@@ -63,6 +63,7 @@ class CacheStats:
     limit: int
     pieces: int
     blobs: int
+    evicted_pieces: int  # by every process on the node since the cache was made
 
 
 def _piece_key(digest: str, index: int) -> bytes:
@@ -294,6 +295,7 @@ class PieceCache:
                 limit=self.max_size,
                 pieces=txn.stat(self._pieces)["entries"],
                 blobs=txn.stat(self._blobs)["entries"],
+                evicted_pieces=self._counter(txn, b"evicted"),
             )
 
     # -- operations over the whole cache (modelfs cache ls|gc|verify|rm) ----------------------
@@ -365,7 +367,10 @@ class PieceCache:
     # -- inside a write transaction ------------------------------------------------------
 
     def _total(self, txn: lmdb.Transaction) -> int:
-        value = txn.get(b"total", db=self._meta)
+        return self._counter(txn, b"total")
+
+    def _counter(self, txn: lmdb.Transaction, key: bytes) -> int:
+        value = txn.get(key, db=self._meta)
         return 0 if value is None else int(_U64.unpack(value)[0])
 
     def _blob_state(self, txn: lmdb.Transaction, digest: str, size: int) -> tuple[int, int, int]:
@@ -442,6 +447,8 @@ class PieceCache:
                 self._delete_piece(txn, key)
             self.evicted_pieces += len(victims)
             if victims:
+                evicted = self._counter(txn, b"evicted") + len(victims)
+                txn.put(b"evicted", _U64.pack(evicted), db=self._meta)
                 log.info(
                     "cache: evicted %d pieces to stay under %d bytes", len(victims), self.max_size
                 )

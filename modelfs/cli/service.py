@@ -116,7 +116,7 @@ def cache_ls(cache_dir: Path, cache_size: str) -> None:
         )
     click.echo(
         f"cache {cache_dir}: {_mib(stats.size)} of {_mib(stats.limit)}, "
-        f"{stats.blobs} blobs, {stats.pieces} pieces"
+        f"{stats.blobs} blobs, {stats.pieces} pieces, {stats.evicted_pieces} pieces evicted so far"
     )
 
 

@@ -134,6 +134,11 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "modelfs_cache_blobs", "Blobs with pieces in the cache.", sample.cache.blobs
         )
+        yield CounterMetricFamily(
+            "modelfs_cache_evicted_pieces",
+            "Pieces evicted from the node's cache by any process (mounts, preheat, cache gc).",
+            sample.cache.evicted_pieces,
+        )
         labels = ["reference", "mountpoint"]
         up = GaugeMetricFamily("modelfs_mount_up", "1 while the mount is serving.", labels=labels)
         restarts = CounterMetricFamily(

@@ -96,6 +96,7 @@ class Daemon:
                 "limit": sample.cache.limit,
                 "pieces": sample.cache.pieces,
                 "blobs": sample.cache.blobs,
+                "evicted_pieces": sample.cache.evicted_pieces,
                 "models": len(self.cache.meta_keys("manifest/")),
                 "hit_ratio": hit_ratio(live),
             },
