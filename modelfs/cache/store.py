@@ -163,7 +163,10 @@ class PieceCache:
         return data
 
     def has(self, digest: str, index: int) -> bool:
-        with self._env.begin(db=self._pieces, buffers=True) as txn:
+        # Asks the stamps (every piece has one) so the piece's own pages are not touched: the
+        # first page of a 4 MiB value is a disk read once the page cache let it go, and this is
+        # called on the event loop.
+        with self._env.begin(db=self._stamps, buffers=True) as txn:
             return txn.get(_piece_key(digest, index)) is not None
 
     def put(self, digest: str, index: int, data: bytes | bytearray, blob_size: int) -> PutResult:
@@ -219,7 +222,7 @@ class PieceCache:
             yield self.get(digest, index)
 
     def missing(self, digest: str, blob_size: int) -> list[int]:
-        with self._env.begin(db=self._pieces, buffers=True) as txn:
+        with self._env.begin(db=self._stamps, buffers=True) as txn:  # as in ``has``
             return [
                 index
                 for index in range(piece_count(blob_size, self.piece_size))
