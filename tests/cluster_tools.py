@@ -19,10 +19,7 @@ from click.testing import CliRunner
 from mounting import mounted
 from registry_tools import Layer, free_port, push_artifact
 
-from modelfs.cli import (
-    cli,
-    cluster,  # noqa: F401  (registers the commands)
-)
+from modelfs.cli import cli
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 
 MIB = 1 << 20

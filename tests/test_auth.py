@@ -12,7 +12,6 @@ import trio
 from click.testing import CliRunner
 from registry_tools import Registry
 
-from modelfs.cli import auth as _auth_commands  # noqa: F401 - registers login/logout
 from modelfs.cli import cli
 from modelfs.errors import AuthError
 from modelfs.fetcher.auth import (

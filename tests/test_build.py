@@ -17,7 +17,6 @@ import trio
 from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
-import modelfs.cli.build  # noqa: F401 - registers the commands on `cli`
 from modelfs.builder.build import generate_for_directory, plan_build, write_build
 from modelfs.builder.config import validate_model_config
 from modelfs.builder.modelfile import ModelfileError

@@ -23,9 +23,6 @@ from test_peer import make_ca, make_node_cert
 from test_scheduler import Redis, redis_fixture  # noqa: F401  (the fixture)
 
 from modelfs.cache.store import PieceCache
-from modelfs.cli import (
-    cluster,  # noqa: F401  (registers the commands)
-)
 from modelfs.peer.server import PeerServer
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import Decision, NodeInfo

@@ -14,10 +14,7 @@ import trio
 from click.testing import CliRunner, Result
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
-from modelfs.cli import (
-    cli,
-    cluster,  # noqa: F401  (registers the commands)
-)
+from modelfs.cli import cli
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.index import (
     PIECE_INDEX_ARTIFACT_TYPE,

@@ -7,7 +7,6 @@ import sys
 import click
 import trio
 
-from modelfs.cli import cli
 from modelfs.errors import BadReferenceError
 from modelfs.fetcher.auth import (
     Credentials,
@@ -39,7 +38,7 @@ async def _check_login(host: str, creds: Credentials, plain_http: bool, insecure
         await client.ping()
 
 
-@cli.command()
+@click.command()
 @click.argument("host")
 @click.option("-u", "--username", help="Registry user name (prompted for when omitted).")
 @click.option("-p", "--password", help="Password or token (prefer --password-stdin).")
@@ -79,7 +78,7 @@ def login(
     click.echo(f"Login Succeeded (saved in {docker_config_path()})")
 
 
-@cli.command()
+@click.command()
 @click.argument("host")
 def logout(host: str) -> None:
     """Forget the saved credentials for registry HOST."""

@@ -21,7 +21,6 @@ import click
 import trio
 
 from modelfs.builder.build import DEFAULT_CREATED, generate_for_directory, plan_build, write_build
-from modelfs.cli import cli
 from modelfs.errors import BadReferenceError, ManifestError, NotFoundError
 from modelfs.fetcher.layout import CHUNK_SIZE, MAX_MANIFEST_SIZE, OciLayout
 from modelfs.fetcher.registry import RegistryClient
@@ -70,7 +69,7 @@ _store_option = click.option(
 )
 
 
-@cli.group("modelfile")
+@click.group("modelfile")
 def modelfile_group() -> None:
     """Write Modelfiles."""
 
@@ -96,7 +95,7 @@ def generate(directory: Path, output: Path | None, force: bool) -> None:
     click.echo(f"wrote {output}", err=True)
 
 
-@cli.command("build")
+@click.command("build")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "-t",
@@ -151,7 +150,7 @@ def build(
     click.echo(f"{name} {result.digest}")
 
 
-@cli.command("push")
+@click.command("push")
 @click.argument("reference")
 @click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to the registry.")
 @click.option("--insecure", is_flag=True, help="Accept any TLS certificate.")
@@ -214,7 +213,7 @@ async def _read_blob(
             yield chunk
 
 
-@cli.command("tag")
+@click.command("tag")
 @click.argument("source")
 @click.argument("target")
 @_store_option
@@ -226,7 +225,7 @@ def tag(source: str, target: str, store: Path | None) -> None:
         layout.set_tag(store_name(_registry_reference(target)), descriptor)
 
 
-@cli.command("ls")
+@click.command("ls")
 @_store_option
 def list_store(store: Path | None) -> None:
     """List the builds in the store: name and manifest digest."""

@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 import click
 import trio
 
-from modelfs.cli import cli
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
 from modelfs.fetcher.registry import RegistryClient
@@ -18,12 +17,11 @@ from modelfs.peer.http import parse_listen
 from modelfs.peer.source import ClusterOptions
 from modelfs.peer.tls import PeerTLS
 from modelfs.reference import parse_reference
-from modelfs.scheduler.service import run_scheduler
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@cli.command("index")
+@click.command("index")
 @click.argument("reference")
 @click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to the registry.")
 @click.option("--insecure", is_flag=True, help="Accept any TLS certificate.")
@@ -166,7 +164,7 @@ def cluster_settings(
     )
 
 
-@cli.command("scheduler")
+@click.command("scheduler")
 @click.option(
     "--listen",
     default="0.0.0.0:7480",
@@ -185,6 +183,10 @@ def scheduler(
     listen: tuple[str, int], cluster_secret_file: Path | None, redis_url: str | None
 ) -> None:
     """Tell nodes which peers hold a piece, and ration trips to the registry."""
+    # Here, not at the top: the scheduler's server, Redis client and Prometheus metrics would
+    # slow down ``modelfs mount``, which imports this module for the cluster options.
+    from modelfs.scheduler.service import run_scheduler
+
     if cluster_secret_file is None:
         raise ModelfsError("the scheduler needs --cluster-secret-file (the nodes' shared secret)")
     secret = load_secret(cluster_secret_file)

@@ -13,7 +13,6 @@ import click
 import trio
 
 from modelfs.cache import PieceCache
-from modelfs.cli import cli
 from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import CacheError
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
@@ -35,7 +34,7 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-@cli.command()
+@click.command()
 @click.argument("references", nargs=-1, required=True)
 @cache_options
 @source_options
@@ -86,7 +85,7 @@ def _preheat_one(
     click.echo(f"{ref}: {plan.digest} cached ({what}: {_mib(plan.total_bytes)})", err=True)
 
 
-@cli.group()
+@click.group()
 def cache() -> None:
     """Inspect and manage the node's piece cache."""
 
@@ -182,7 +181,7 @@ def cache_rm(
     click.echo(f"removed {digest} and {len(dropped)} blobs")
 
 
-@cli.command()
+@click.command()
 @click.option(
     "--config",
     "config_path",
@@ -207,7 +206,7 @@ def daemon(config_path: Path, metrics_addr: str | None) -> None:
     trio.run(Daemon(current_config(), current_config, handover).run)
 
 
-@cli.command()
+@click.command()
 @click.option(
     "--control-socket",
     type=click.Path(dir_okay=False, path_type=Path),
