@@ -241,6 +241,11 @@ class PieceFetcher:
                 finally:
                     self._writes = None
                     send.close()  # the writer stores what is queued, then ends
+        except BaseExceptionGroup as group:
+            # A mount's one-line error must not arrive wrapped in a group.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             self._queued.clear()  # stored, or dropped by a cancellation
 
