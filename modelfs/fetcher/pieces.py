@@ -431,17 +431,22 @@ class PieceFetcher:
             with attributing(self._source_kind) as served_by:
                 started = time.monotonic()
                 data = await self.source.read_range(blob.digest, start, length)
-        if served_by[0] != REGISTRY:
-            self.stats.timed(served_by[0], time.monotonic() - started)
-            self.stats.fetched(served_by[0], len(data))
-        if len(data) != length:
-            raise IntegrityError(
-                f"{self.source.name}: blob {blob.digest} gave {len(data)} bytes for a piece of "
-                f"{length} at offset {start}; the registry's copy may be damaged"
-            )
-        # Handed to the hash before it is in the cache, so the hash never reads it back.
-        state = self._hash_state_for(blob, index, data)
-        await self._write(_QueuedWrite(blob.digest, index, data, blob.size, rejections))
+            if served_by[0] != REGISTRY:
+                self.stats.timed(served_by[0], time.monotonic() - started)
+                self.stats.fetched(served_by[0], len(data))
+            if len(data) != length:
+                raise IntegrityError(
+                    f"{self.source.name}: blob {blob.digest} gave {len(data)} bytes for a piece "
+                    f"of {length} at offset {start}; the registry's copy may be damaged"
+                )
+            # Handed to the hash before it is in the cache, so the hash never reads it back.
+            state = self._hash_state_for(blob, index, data)
+            write = _QueuedWrite(blob.digest, index, data, blob.size, rejections)
+            # Queued holding the connection slot: a writer that falls behind holds fetching
+            # back, rather than fetched pieces piling up in tasks waiting for room.
+            queued = await self._queue(write)
+        if not queued:
+            await self._store([write])
         if state is not None:
             await self._advance_hash(blob, state)
         if self._rejections.get(blob.digest, 0) != rejections:
@@ -452,20 +457,19 @@ class PieceFetcher:
             )
         return data
 
-    async def _write(self, write: _QueuedWrite) -> None:
-        """Queue the piece for the writer (waiting for room), or store it now without one."""
-        if self._writes is not None:
-            key = (write.digest, write.index)
-            self._queued[key] = write.data
-            try:
-                await self._writes.send(write)
-                return
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # ``writing`` ended while this waited for room: store it here
-            except BaseException:
-                self._dequeue(write)  # cancelled while waiting for room: not stored
-                raise
-        await self._store([write])
+    async def _queue(self, write: _QueuedWrite) -> bool:
+        """Hand the piece to the writer, waiting for room; False if there is none to store it."""
+        if self._writes is None:
+            return False
+        self._queued[(write.digest, write.index)] = write.data
+        try:
+            await self._writes.send(write)
+        except BaseException as error:
+            self._dequeue(write)
+            if isinstance(error, trio.ClosedResourceError | trio.BrokenResourceError):
+                return False  # ``writing`` ended while this waited for room
+            raise  # cancelled while waiting for room: not stored
+        return True
 
     async def _store(self, writes: list[_QueuedWrite]) -> None:
         """Store pieces in one transaction, except those of a blob that failed since."""
