@@ -169,6 +169,20 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     unmount(path)
 
 
+def wait_cached(cache_dir: Path, blob: bytes, timeout: float = 10) -> None:
+    """Until the node's cache holds every piece of ``blob`` (a mount stores pieces just after
+    it served them)."""
+    cache = PieceCache(cache_dir, 1 << 30)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    try:
+        deadline = time.monotonic() + timeout
+        while cache.missing(digest, len(blob)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cache.missing(digest, len(blob)) == []
+    finally:
+        cache.close()
+
+
 def read_tree(root: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(root)): path.read_bytes()
@@ -530,6 +544,7 @@ def test_two_mounts_share_one_cache(
     reference = f"{proxy.host}/{model.reference}"
     with mounted(reference, first, cache_dir), mounted(reference, second, cache_dir):
         assert (first / "small.bin").read_bytes() == model.files["small.bin"]
+        wait_cached(cache_dir, model.files["small.bin"])
         proxy.reset()
         assert (second / "small.bin").read_bytes() == model.files["small.bin"]
         assert proxy.blob_bytes == 0

@@ -20,9 +20,10 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 import xxhash
@@ -45,6 +46,22 @@ class PutResult:
 
     stored: bool
     blob_complete: bool
+
+
+_NOT_STORED = PutResult(stored=False, blob_complete=False)
+
+
+@dataclass(frozen=True)
+class PieceWrite:
+    """A piece to store: ``data`` is piece ``index`` of blob ``digest`` of ``blob_size`` bytes."""
+
+    digest: str
+    index: int
+    data: bytes | bytearray
+    blob_size: int
+
+
+W = TypeVar("W", bound=PieceWrite)
 
 
 @dataclass(frozen=True)
@@ -171,29 +188,20 @@ class PieceCache:
 
     def put(self, digest: str, index: int, data: bytes | bytearray, blob_size: int) -> PutResult:
         """Store a piece, evicting others to stay under the limit. Thread-safe (one writer)."""
-        key = _piece_key(digest, index)
-        value = _CHECKSUM.pack(xxhash.xxh3_64_intdigest(data)) + data
-        cost = len(value)
-        if cost > self.max_size:
-            return PutResult(stored=False, blob_complete=False)
+        return self.put_many([PieceWrite(digest, index, data, blob_size)])[0]
+
+    def put_many(
+        self, writes: Sequence[W], keep: Callable[[W], bool] = lambda write: True
+    ) -> list[PutResult]:
+        """Store pieces in one write transaction (one commit for all), as ``put`` does each.
+
+        ``keep`` is asked inside the transaction, holding the node's write lock: a write it
+        refuses is not stored (a piece of a blob dropped since it was fetched).
+        """
         try:
             with self._env.begin(write=True, buffers=True) as txn:
                 self._write_touches(txn)
-                if txn.get(key, db=self._pieces) is not None:
-                    return PutResult(stored=True, blob_complete=False)
-                total = self._total(txn)
-                if total + cost > self.max_size:
-                    total -= self._evict(txn, total + cost - self.max_size, protect=digest)
-                    if total + cost > self.max_size:
-                        return PutResult(stored=False, blob_complete=False)
-                txn.put(key, value, db=self._pieces)
-                self._stamp(txn, key)
-                txn.put(b"total", _U64.pack(total + cost), db=self._meta)
-                size, present, verified = self._blob_state(txn, digest, blob_size)
-                present += 1
-                txn.put(digest.encode(), _BLOB.pack(size, present, verified), db=self._blobs)
-                complete = present == piece_count(blob_size, self.piece_size)
-                return PutResult(stored=True, blob_complete=complete and not verified)
+                return [self._put(txn, write) if keep(write) else _NOT_STORED for write in writes]
         except lmdb.Error as error:
             raise CacheError(f"cannot write to the cache at {self.path}: {error}") from error
 
@@ -368,6 +376,28 @@ class PieceCache:
                 self._write_touches(txn)
 
     # -- inside a write transaction ------------------------------------------------------
+
+    def _put(self, txn: lmdb.Transaction, write: PieceWrite) -> PutResult:
+        key = _piece_key(write.digest, write.index)
+        value = _CHECKSUM.pack(xxhash.xxh3_64_intdigest(write.data)) + write.data
+        cost = len(value)
+        if cost > self.max_size:
+            return _NOT_STORED
+        if txn.get(key, db=self._pieces) is not None:
+            return PutResult(stored=True, blob_complete=False)
+        total = self._total(txn)
+        if total + cost > self.max_size:
+            total -= self._evict(txn, total + cost - self.max_size, protect=write.digest)
+            if total + cost > self.max_size:
+                return _NOT_STORED
+        txn.put(key, value, db=self._pieces)
+        self._stamp(txn, key)
+        txn.put(b"total", _U64.pack(total + cost), db=self._meta)
+        size, present, verified = self._blob_state(txn, write.digest, write.blob_size)
+        present += 1
+        txn.put(write.digest.encode(), _BLOB.pack(size, present, verified), db=self._blobs)
+        complete = present == piece_count(write.blob_size, self.piece_size)
+        return PutResult(stored=True, blob_complete=complete and not verified)
 
     def _total(self, txn: lmdb.Transaction) -> int:
         return self._counter(txn, b"total")

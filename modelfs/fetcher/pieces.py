@@ -14,6 +14,12 @@ memory or the cache). The piece that completes the hash completes the check: a b
 verified only once it hashed whole to its digest; a mismatch drops every piece of the blob and
 fails the read (or prefetch) that completed it, so no byte proven wrong is served again.
 
+A piece fetched goes to its readers before it is stored: inside ``writing()`` a writer task
+stores the queued pieces, several per LMDB write transaction, and until then a queued piece
+counts as cached (served, hashed, not fetched again). The writer asks inside its transaction
+whether the piece's blob failed its check since the piece was fetched, so no piece of a failed
+blob is stored after its blob was dropped.
+
 Pieces that nothing vouches for before their blob is whole (from peers, for a model without a
 piece index, when the source says so: ``UnvouchedPieces``) are never served piece by piece: the
 first read of such a blob fetches it whole and checks it first. If it fails, the source takes it
@@ -34,8 +40,8 @@ from enum import IntEnum
 
 import trio
 
-from modelfs.cache import PieceCache
-from modelfs.errors import IntegrityError, ModelfsError
+from modelfs.cache import PieceCache, PieceWrite
+from modelfs.errors import CacheError, IntegrityError, ModelfsError
 from modelfs.fetcher.source import BlobBytes, BlobSource, UnvouchedPieces
 from modelfs.fetcher.stats import (
     CACHE,
@@ -147,6 +153,20 @@ _RELEASE_MAPPED_EVERY = 64 << 20
 _HASH_AHEAD = 16
 
 
+# Pieces fetched and waiting for the cache writer (``PieceFetcher.writing``) before a fetch waits
+# for room; and the most it stores per LMDB write transaction (one commit for all).
+_QUEUED_WRITES = 4
+_WRITES_PER_TRANSACTION = 4
+
+
+@dataclass(frozen=True)
+class _QueuedWrite(PieceWrite):
+    """A fetched piece on its way to the cache, with its blob's rejections when it was fetched:
+    if its blob failed its check since, the piece is not stored."""
+
+    rejections: int
+
+
 @dataclass
 class _BlobHash:
     """A blob's sha256 over its pieces ``0 .. next_index - 1``, fed in order."""
@@ -198,6 +218,54 @@ class PieceFetcher:
         # Blobs that failed their digest check, each with the lock of its recheck.
         self._suspect: dict[str, trio.Lock] = {}
         self._mapped_bytes = 0  # read from the cache's map since its pages were released
+        # While ``writing`` is active: where fetched pieces go to be stored, and those not
+        # stored yet (found there as if in the cache).
+        self._writes: trio.MemorySendChannel[_QueuedWrite] | None = None
+        self._queued: dict[tuple[str, int], BlobBytes] = {}
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Store fetched pieces in a writer task, so no reader waits for an LMDB write.
+
+        Pieces queue for the writer (a fetch waits for room, so they never pile up), which
+        stores up to ``_WRITES_PER_TRANSACTION`` at a time. On leaving, the queued pieces are
+        stored; on cancellation they are dropped. Without it, each fetch stores its piece.
+        """
+        send, receive = trio.open_memory_channel[_QueuedWrite](_QUEUED_WRITES)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_queued, receive)
+                self._writes = send
+                try:
+                    yield
+                finally:
+                    self._writes = None
+                    send.close()  # the writer stores what is queued, then ends
+        except BaseExceptionGroup as group:
+            # A mount's one-line error must not arrive wrapped in a group.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            self._queued.clear()  # stored, or dropped by a cancellation
+
+    async def _write_queued(self, receive: trio.MemoryReceiveChannel[_QueuedWrite]) -> None:
+        async with receive:
+            async for write in receive:
+                batch = [write]
+                while len(batch) < _WRITES_PER_TRANSACTION:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await self._store(batch)
+                except CacheError as error:
+                    # Its readers have their bytes: the pieces are fetched again when next read.
+                    for dropped in batch:
+                        self._dequeue(dropped)
+                    self.stats.failed(error_kind(error), str(error))
+                    log.error("%s; %d pieces were not cached", error, len(batch))
 
     async def read(
         self, blob: BlobRef, offset: int, size: int, priority: Priority = Priority.DEMAND
@@ -250,7 +318,9 @@ class PieceFetcher:
             return
         # Background prefetch only fills the cache; readahead also loads cached pieces to memory.
         if priority == Priority.BACKGROUND and (
-            (blob.digest, index) in self._in_flight or self.cache.has(blob.digest, index)
+            (blob.digest, index) in self._in_flight
+            or (blob.digest, index) in self._queued
+            or self.cache.has(blob.digest, index)
         ):
             return
         await self._piece(blob, index, priority)
@@ -309,6 +379,11 @@ class PieceFetcher:
         data = self._memory.get(key)
         if data is not None:
             return data
+        data = self._queued.get(key)  # fetched, on its way to the cache
+        if data is not None:
+            if priority != Priority.BACKGROUND:
+                self._remember(key, data)
+            return data
         waiting = self._in_flight.get(key)
         if waiting is not None:
             self._slots.promote(waiting.ticket, priority)
@@ -356,29 +431,67 @@ class PieceFetcher:
             with attributing(self._source_kind) as served_by:
                 started = time.monotonic()
                 data = await self.source.read_range(blob.digest, start, length)
-        if served_by[0] != REGISTRY:
-            self.stats.timed(served_by[0], time.monotonic() - started)
-            self.stats.fetched(served_by[0], len(data))
-        if len(data) != length:
-            raise IntegrityError(
-                f"{self.source.name}: blob {blob.digest} gave {len(data)} bytes for a piece of "
-                f"{length} at offset {start}; the registry's copy may be damaged"
-            )
-        # Handed to the hash before it is in the cache, so the hash never reads it back.
-        state = self._hash_state_for(blob, index, data)
-        put = await trio.to_thread.run_sync(self.cache.put, blob.digest, index, data, blob.size)
-        if not put.stored:
-            log.warning("cache full: piece %d of %s served without caching", index, blob.digest)
+            if served_by[0] != REGISTRY:
+                self.stats.timed(served_by[0], time.monotonic() - started)
+                self.stats.fetched(served_by[0], len(data))
+            if len(data) != length:
+                raise IntegrityError(
+                    f"{self.source.name}: blob {blob.digest} gave {len(data)} bytes for a piece "
+                    f"of {length} at offset {start}; the registry's copy may be damaged"
+                )
+            # Handed to the hash before it is in the cache, so the hash never reads it back.
+            state = self._hash_state_for(blob, index, data)
+            write = _QueuedWrite(blob.digest, index, data, blob.size, rejections)
+            # Queued holding the connection slot: a writer that falls behind holds fetching
+            # back, rather than fetched pieces piling up in tasks waiting for room.
+            queued = await self._queue(write)
+        if not queued:
+            await self._store([write])
         if state is not None:
             await self._advance_hash(blob, state)
         if self._rejections.get(blob.digest, 0) != rejections:
-            # Its blob failed while this piece was on its way: it was stored after the purge.
-            self.cache.drop_piece(blob.digest, index)
+            # Its blob failed while this piece was on its way (it is not stored).
             raise IntegrityError(
                 f"blob {blob.digest} from {self.source.name} does not match its digest; "
                 "dropped from the cache, the next read fetches it again"
             )
         return data
+
+    async def _queue(self, write: _QueuedWrite) -> bool:
+        """Hand the piece to the writer, waiting for room; False if there is none to store it."""
+        if self._writes is None:
+            return False
+        self._queued[(write.digest, write.index)] = write.data
+        try:
+            await self._writes.send(write)
+        except BaseException as error:
+            self._dequeue(write)
+            if isinstance(error, trio.ClosedResourceError | trio.BrokenResourceError):
+                return False  # ``writing`` ended while this waited for room
+            raise  # cancelled while waiting for room: not stored
+        return True
+
+    async def _store(self, writes: list[_QueuedWrite]) -> None:
+        """Store pieces in one transaction, except those of a blob that failed since."""
+        results = await trio.to_thread.run_sync(self.cache.put_many, writes, self._still_good)
+        for write, result in zip(writes, results, strict=True):
+            self._dequeue(write)
+            if not result.stored and self._still_good(write):
+                log.warning(
+                    "cache full: piece %d of %s served without caching", write.index, write.digest
+                )
+            if result.blob_complete and write.digest in self._verified:
+                # Its hash completed before its last piece was stored.
+                self.cache.mark_verified(write.digest, write.blob_size)
+
+    def _still_good(self, write: _QueuedWrite) -> bool:
+        # Asked by the writer's thread inside its transaction; ``_reject`` counts before it drops.
+        return self._rejections.get(write.digest, 0) == write.rejections
+
+    def _dequeue(self, write: _QueuedWrite) -> None:
+        key = (write.digest, write.index)
+        if self._queued.get(key) is write.data:  # not a later fetch of the same piece
+            del self._queued[key]
 
     def _hash_state_for(self, blob: BlobRef, index: int, data: BlobBytes) -> _BlobHash | None:
         """The hash a piece fresh from the source goes to (None: its blob is checked already)."""
@@ -418,6 +531,8 @@ class PieceFetcher:
             while self._hashes.get(blob.digest) is state and state.next_index < count:
                 data = state.ahead.pop(state.next_index, None)
                 if data is None:
+                    data = self._queued.get((blob.digest, state.next_index))
+                if data is None:
                     data = await self._cache_get(blob, state.next_index)
                 if data is None:
                     return  # not here yet (or evicted): hashed when it arrives
@@ -436,14 +551,17 @@ class PieceFetcher:
 
     def _reject(self, blob: BlobRef, actual: str) -> IntegrityError:
         """Drop a blob that hashed wrong; its pieces are served again only once it checks out."""
-        self.cache.drop_blob(blob.digest)
+        # Counted first: a write transaction that begins after the drop sees the count.
         self._rejections[blob.digest] = self._rejections.get(blob.digest, 0) + 1
+        self.cache.drop_blob(blob.digest)
         self._suspect.setdefault(blob.digest, trio.Lock())
         self._on_rejected(blob.digest)
         if self._unvouched is not None:
             self._unvouched.blob_checked(blob.digest, False)
         for key in [key for key in self._memory if key[0] == blob.digest]:
             del self._memory[key]
+        for key in [key for key in self._queued if key[0] == blob.digest]:
+            del self._queued[key]  # the writer skips them
         log.error(
             "blob %s from %s does not match its digest (got sha256:%s); its pieces were dropped",
             blob.digest,

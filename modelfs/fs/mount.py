@@ -204,34 +204,35 @@ async def serve(
                 stats=stats,
                 source_kind=_source_kind(origin, source),
             )
-            model = await load_model(source, selector, cache, fetcher, defer_compressed=True)
-            set_log_context(digest=model.digest)
-            log.info(
-                "%s pinned to %s: %d files, %d bytes",
-                options.reference,
-                model.digest,
-                len(model.tree.files()),
-                model.tree.total_size,
-            )
-
-            leased = [blob.digest for blob in model.blobs] + model.deferred
-            cache.lease(leased)
-            try:
-                snapshot = partial(_snapshot, model, fetcher, source)
-                await _run_session(
-                    options,
-                    model,
-                    fetcher,
-                    rejected_receive,
-                    on_ready,
-                    snapshot,
-                    partial(recorded_profile, origin, model.digest),
-                    recorder,
+            async with fetcher.writing():
+                model = await load_model(source, selector, cache, fetcher, defer_compressed=True)
+                set_log_context(digest=model.digest)
+                log.info(
+                    "%s pinned to %s: %d files, %d bytes",
+                    options.reference,
+                    model.digest,
+                    len(model.tree.files()),
+                    model.tree.total_size,
                 )
-            finally:
-                cache.release(leased)
-                if options.stats_socket is not None:
-                    options.stats_socket.unlink(missing_ok=True)
+
+                leased = [blob.digest for blob in model.blobs] + model.deferred
+                cache.lease(leased)
+                try:
+                    snapshot = partial(_snapshot, model, fetcher, source)
+                    await _run_session(
+                        options,
+                        model,
+                        fetcher,
+                        rejected_receive,
+                        on_ready,
+                        snapshot,
+                        partial(recorded_profile, origin, model.digest),
+                        recorder,
+                    )
+                finally:
+                    cache.release(leased)
+                    if options.stats_socket is not None:
+                        options.stats_socket.unlink(missing_ok=True)
     finally:
         cache.close()
 

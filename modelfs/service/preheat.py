@@ -137,7 +137,8 @@ async def preheat(
                 await fetcher.piece(blob, index)
                 on_piece(piece_span(index, blob.size, cache.piece_size)[1])
 
-        async with trio.open_nursery() as nursery:
+        # After the plan and the hints' own reads: what they read is in the cache, not queued.
+        async with fetcher.writing(), trio.open_nursery() as nursery:
             for _ in range(PARALLEL_PIECES):
                 nursery.start_soon(worker)
     return plan
