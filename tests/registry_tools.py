@@ -445,6 +445,7 @@ class Proxy:
         self.requests: list[ProxiedRequest] = []
         self.redirect_requests: list[ProxiedRequest] = []
         self.blob_bytes = 0
+        self.bytes_by_blob: dict[str, int] = {}  # digest -> body bytes sent
         self.connections = 0  # accepted by either listener
         self._lock = threading.Lock()
         self._tickets: dict[str, tuple[str, str | None]] = {}
@@ -475,6 +476,7 @@ class Proxy:
             self.requests.clear()
             self.redirect_requests.clear()
             self.blob_bytes = 0
+            self.bytes_by_blob.clear()
             self.connections = 0
             self._failures.clear()
             self._cuts_left = 0
@@ -631,7 +633,8 @@ class Proxy:
             handler.end_headers()
             if bodyless:
                 return
-            self._copy_body(response, handler, count=count, tamper=tamper)
+            blob = path.rsplit("/", 1)[-1] if count else None
+            self._copy_body(response, handler, counted_as=blob, tamper=tamper)
         except (BrokenPipeError, ConnectionResetError):
             handler.close_connection = True
         finally:
@@ -642,11 +645,11 @@ class Proxy:
         response: http.client.HTTPResponse,
         handler: _Handler,
         *,
-        count: bool,
+        counted_as: str | None,
         tamper: bool,
     ) -> None:
         limit = None
-        if count:
+        if counted_as is not None:
             with self._lock:
                 if self._cuts_left:
                     self._cuts_left -= 1
@@ -659,9 +662,12 @@ class Proxy:
                 handler.close_connection = True
                 return
             sent += len(chunk)
-            if count:
+            if counted_as is not None:
                 with self._lock:
                     self.blob_bytes += len(chunk)
+                    self.bytes_by_blob[counted_as] = self.bytes_by_blob.get(counted_as, 0) + len(
+                        chunk
+                    )
             if tamper:
                 # Same length, different bytes: only a digest check can notice.
                 chunk = bytes([chunk[0] ^ 0x01]) + chunk[1:]

@@ -260,7 +260,9 @@ def test_one_tensor_fetches_under_a_tenth(
             timeout=60,
         )
         assert np.array_equal(np.load(out), tensors["layer.117.weight"])
-        assert 0 < proxy.blob_bytes < len(weights) / 10, proxy.blob_bytes
+        # The weights' bytes only: the hinted small files may still be arriving from mount time.
+        fetched = proxy.bytes_by_blob.get(f"sha256:{hashlib.sha256(weights).hexdigest()}", 0)
+        assert 0 < fetched < len(weights) / 10, fetched
 
 
 def test_modes_mtimes_and_read_only(
