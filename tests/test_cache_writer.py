@@ -201,3 +201,36 @@ def test_cancelled_writing_leaves_the_cache_consistent(
     [state] = cache.blob_states()
     assert state.present == len(present)
     assert not state.verified
+
+
+def test_a_fetched_piece_is_stored_even_when_its_reader_is_cancelled(
+    proxy: Proxy, pushed: None, tmp_path: Path
+) -> None:
+    """An unmount cancels prefetch: pieces already fetched, waiting for room in the queue,
+    are stored all the same (the next mount would fetch them again otherwise)."""
+    cache = GatedCache(tmp_path / "cache")
+    blob = blob_of(LARGE)
+
+    async def open_gate_soon() -> None:
+        await trio.sleep(1.5)  # after the cancellation reached the readers
+        cache.gate.set()
+
+    async def body(fetcher: PieceFetcher) -> None:
+        try:
+            async with fetcher.writing(), trio.open_nursery() as outer:
+                proxy.reset()
+                outer.start_soon(open_gate_soon)
+                with trio.move_on_after(1):  # the session an unmount cancels
+                    async with trio.open_nursery() as readers:
+                        for index in range(16):
+                            readers.start_soon(fetcher.prefetch, blob, index, Priority.READAHEAD)
+        finally:
+            cache.gate.set()
+
+    run_fetcher(proxy.host, cache, body)
+    present = stored(cache, blob)
+    # More than the writer's batch and queue hold: readers waiting for room were cancelled.
+    assert len(present) > 8, sorted(present)
+    assert proxy.bytes_by_blob[blob.digest] == len(present) * PIECE  # every fetched piece kept
+    for index, data in present.items():
+        assert data == expected_piece(LARGE, index)

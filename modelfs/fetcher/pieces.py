@@ -463,12 +463,13 @@ class PieceFetcher:
             return False
         self._queued[(write.digest, write.index)] = write.data
         try:
-            await self._writes.send(write)
-        except BaseException as error:
+            # Shielded: a piece that arrived is kept even if its reader went away (an unmount
+            # cancels prefetch); the writer drains the queue, so the wait is short.
+            with trio.CancelScope(shield=True):
+                await self._writes.send(write)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
             self._dequeue(write)
-            if isinstance(error, trio.ClosedResourceError | trio.BrokenResourceError):
-                return False  # ``writing`` ended while this waited for room
-            raise  # cancelled while waiting for room: not stored
+            return False  # ``writing`` ended while this waited for room
         return True
 
     async def _store(self, writes: list[_QueuedWrite]) -> None:
