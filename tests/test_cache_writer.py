@@ -55,6 +55,10 @@ class GatedCache(PieceCache):
         assert self.gate.wait(timeout=30), "the test never opened the gate"
         return super().put_many(writes, keep)
 
+    async def open_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self.gate.set()
+
 
 def run_fetcher(
     host: str, cache: PieceCache, body: Callable[[PieceFetcher], Awaitable[None]]
@@ -172,10 +176,6 @@ def test_cancelled_writing_leaves_the_cache_consistent(
     cache = GatedCache(tmp_path / "cache")
     blob = blob_of(SMALL)
 
-    async def open_gate_soon() -> None:
-        await trio.sleep(0.2)  # after the cancellation reached the writer
-        cache.gate.set()
-
     async def body(fetcher: PieceFetcher) -> None:
         try:
             async with trio.open_nursery() as nursery:
@@ -183,7 +183,8 @@ def test_cancelled_writing_leaves_the_cache_consistent(
                     async with fetcher.writing():
                         for index in range(5):  # one being written, the others queued
                             await fetcher.piece(blob, index)
-                        nursery.start_soon(open_gate_soon)
+                        # Opened after the cancellation reached the writer.
+                        nursery.start_soon(cache.open_after, 0.2)
                         scope.cancel()
                         await trio.sleep_forever()
                 assert scope.cancelled_caught
@@ -211,15 +212,11 @@ def test_a_fetched_piece_is_stored_even_when_its_reader_is_cancelled(
     cache = GatedCache(tmp_path / "cache")
     blob = blob_of(LARGE)
 
-    async def open_gate_soon() -> None:
-        await trio.sleep(1.5)  # after the cancellation reached the readers
-        cache.gate.set()
-
     async def body(fetcher: PieceFetcher) -> None:
         try:
             async with fetcher.writing(), trio.open_nursery() as outer:
                 proxy.reset()
-                outer.start_soon(open_gate_soon)
+                outer.start_soon(cache.open_after, 1.5)  # after the readers' cancellation
                 with trio.move_on_after(1):  # the session an unmount cancels
                     async with trio.open_nursery() as readers:
                         for index in range(16):
