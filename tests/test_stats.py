@@ -40,7 +40,7 @@ def test_histogram_buckets_include_their_upper_bound() -> None:
 
 
 def test_snapshot_survives_json() -> None:
-    stats = MountStats(read_bytes=10, files=3, cache_evictions=2)
+    stats = MountStats(read_bytes=10, files=3)
     stats.fetched("registry", 7)
     stats.fetched("registry", 5)
     stats.timed("registry", 0.02)

@@ -133,8 +133,7 @@ class PieceCache:
         self._leases = self._env.open_db(b"leases")
         self._meta = self._env.open_db(b"meta")
         self._touched: dict[bytes, None] = {}
-        # Counted for this process's metrics.
-        self.evicted_pieces = 0
+        # Counted for this process's metrics (evictions are counted node-wide, in ``meta``).
         self.corrupt_pieces_found = 0
         self._check_format()
 
@@ -478,7 +477,6 @@ class PieceCache:
                     break
             for key in victims:
                 self._delete_piece(txn, key)
-            self.evicted_pieces += len(victims)
             if victims:
                 evicted = self._counter(txn, b"evicted") + len(victims)
                 txn.put(b"evicted", _U64.pack(evicted), db=self._meta)

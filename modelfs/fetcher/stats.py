@@ -113,7 +113,6 @@ class MountStats:
     last_error: str | None = None
     # Filled in when a snapshot is taken (the cache and the peer source keep their own).
     files: int = 0
-    cache_evictions: int = 0
     rejected_by_peer: dict[str, int] = field(default_factory=dict)
 
     def fetched(self, source: str, size: int) -> None:
@@ -141,7 +140,6 @@ class MountStats:
             "errors": self.errors,
             "last_error": self.last_error,
             "files": self.files,
-            "cache_evictions": self.cache_evictions,
             "rejected_by_peer": self.rejected_by_peer,
         }
 
@@ -163,7 +161,6 @@ class MountStats:
             errors={str(k): int(v) for k, v in data["errors"].items()},
             last_error=None if data["last_error"] is None else str(data["last_error"]),
             files=int(data["files"]),
-            cache_evictions=int(data["cache_evictions"]),
             rejected_by_peer={str(k): int(v) for k, v in data["rejected_by_peer"].items()},
         )
 

@@ -251,7 +251,6 @@ async def _snapshot(
         fetcher.stats,
         errors=dict(fetcher.stats.errors),
         files=len(model.tree.files()),
-        cache_evictions=fetcher.cache.evicted_pieces,
     )
     if fetcher.cache.corrupt_pieces_found:
         stats.errors[CORRUPT_CACHE_ENTRY] = fetcher.cache.corrupt_pieces_found

@@ -70,11 +70,6 @@ def _mount_families(
     errors = CounterMetricFamily(
         "modelfs_errors", "Failed fetches and rejected bytes, by kind.", labels=[*labels, "kind"]
     )
-    evictions = CounterMetricFamily(
-        "modelfs_cache_evictions",
-        "Pieces the mount process evicted from the cache.",
-        labels=labels,
-    )
     rejected = CounterMetricFamily(
         "modelfs_peer_rejected_pieces",
         "Pieces from a peer that failed their check.",
@@ -105,10 +100,9 @@ def _mount_families(
             fetches.add_metric([*names, kind], count)
         for kind, count in sorted(stats.errors.items()):
             errors.add_metric([*names, kind], count)
-        evictions.add_metric(names, stats.cache_evictions)
         for peer, count in sorted(stats.rejected_by_peer.items()):
             rejected.add_metric([*names, peer], count)
-    yield from (read, fetched, duration, fetches, errors, evictions, rejected, ratio)
+    yield from (read, fetched, duration, fetches, errors, rejected, ratio)
 
 
 class DaemonCollector(Collector):
