@@ -152,3 +152,14 @@ def test_meta_records(tmp_path: Path) -> None:
     assert cache.get_meta("missing") is None
     assert os.path.exists(tmp_path / "data.mdb")
     cache.close()
+
+
+def test_a_cache_of_an_older_format_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    # Format 1 kept the checksum inside each piece's value: read as format 2, every piece would
+    # fail its checksum, so the cache is refused whole, with the way out.
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.put(b"format", f"modelfs-cache-1/{PIECE}".encode())
+    env.close()
+    with pytest.raises(CacheError, match=r"another format.*another --cache-dir or remove"):
+        make(tmp_path)

@@ -40,9 +40,10 @@ def rewrite_piece(cache_dir: Path, digest: str, index: int, *, fix_checksum: boo
         key = f"{digest}/{index:010d}".encode()
         value = bytearray(txn.get(key))
         value[1000] ^= 0xFF
-        if fix_checksum:
-            value[:8] = xxhash.xxh3_64_intdigest(bytes(value[8:])).to_bytes(8, "little")
         txn.put(key, bytes(value))
+        if fix_checksum:
+            checksum = xxhash.xxh3_64_intdigest(bytes(value)).to_bytes(8, "little")
+            txn.put(key, checksum, db=env.open_db(b"checksums", txn=txn))
     env.close()
 
 

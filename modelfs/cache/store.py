@@ -1,7 +1,9 @@
 """The node's piece cache: one LMDB environment shared by every modelfs process on the node.
 
 Layout (named sub-databases):
-- ``pieces``: ``<digest>/<index>`` -> xxh3-64 (8 bytes, little endian) + the piece's bytes.
+- ``pieces``: ``<digest>/<index>`` -> the piece's bytes.
+- ``checksums``: ``<digest>/<index>`` -> the piece's xxh3-64 (8 bytes, little endian); apart from
+  the bytes, so that storing a piece hands LMDB the fetched buffer as it is, with no copy.
 - ``stamps``: ``<digest>/<index>`` -> the piece's last-use stamp (8 bytes, big endian).
 - ``lru``:    stamp + ``<digest>/<index>`` -> empty; iterated in order, oldest first, to evict.
 - ``blobs``:  ``<digest>`` -> size, pieces present, verified flag.
@@ -23,7 +25,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import lmdb
 import xxhash
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 _BLOB = struct.Struct(">QIB")  # size, pieces present, verified
 _U64 = struct.Struct(">Q")
 _CHECKSUM = struct.Struct("<Q")
-_FORMAT = b"modelfs-cache-1"
+_FORMAT = b"modelfs-cache-2"
 _TOUCH_FLUSH = 256  # pending stamp updates that force a write
 
 
@@ -57,7 +59,7 @@ class PieceWrite:
 
     digest: str
     index: int
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     blob_size: int
 
 
@@ -90,6 +92,11 @@ def _piece_key(digest: str, index: int) -> bytes:
 def _split_piece_key(key: bytes) -> tuple[str, int]:
     digest, _, index = key.decode().rpartition("/")
     return digest, int(index)
+
+
+def _stored_size(data: bytes | bytearray | memoryview) -> int:
+    """What a piece counts against the limit: its bytes and its checksum."""
+    return len(data) + _CHECKSUM.size
 
 
 def _pid_alive(pid: int) -> bool:
@@ -127,6 +134,7 @@ class PieceCache:
                 f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
             ) from error
         self._pieces = self._env.open_db(b"pieces")
+        self._checksums = self._env.open_db(b"checksums")
         self._stamps = self._env.open_db(b"stamps")
         self._lru = self._env.open_db(b"lru")
         self._blobs = self._env.open_db(b"blobs")
@@ -155,15 +163,35 @@ class PieceCache:
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def get(self, digest: str, index: int) -> bytes | None:
-        """The piece's bytes, or None when absent or when its checksum fails (it is dropped)."""
+    @overload
+    def get(self, digest: str, index: int) -> bytes | None: ...
+
+    @overload
+    def get(
+        self, digest: str, index: int, into: memoryview | bytearray
+    ) -> bytes | memoryview | bytearray | None: ...
+
+    def get(
+        self, digest: str, index: int, into: memoryview | bytearray | None = None
+    ) -> bytes | memoryview | bytearray | None:
+        """The piece's bytes, or None when absent or when its checksum fails (it is dropped).
+
+        They are copied out of the map into ``into`` when it is the piece's length, else into new
+        bytes; the checksum is checked on the copy, the bytes that are served.
+        """
         key = _piece_key(digest, index)
         with self._env.begin(db=self._pieces, buffers=True) as txn:
             value = txn.get(key)
+            checksum = txn.get(key, db=self._checksums)
             if value is None:
                 return None
-            data = bytes(value[_CHECKSUM.size :])
-            (expected,) = _CHECKSUM.unpack_from(value)
+            data: bytes | memoryview | bytearray
+            if into is not None and len(into) == len(value):
+                into[:] = value
+                data = into
+            else:
+                data = bytes(value)
+            expected = None if checksum is None else _CHECKSUM.unpack(checksum)[0]
         if xxhash.xxh3_64_intdigest(data) != expected:
             log.error(
                 "cache: piece %d of %s failed its checksum; dropped, fetching it again",
@@ -185,7 +213,9 @@ class PieceCache:
         with self._env.begin(db=self._stamps, buffers=True) as txn:
             return txn.get(_piece_key(digest, index)) is not None
 
-    def put(self, digest: str, index: int, data: bytes | bytearray, blob_size: int) -> PutResult:
+    def put(
+        self, digest: str, index: int, data: bytes | bytearray | memoryview, blob_size: int
+    ) -> PutResult:
         """Store a piece, evicting others to stay under the limit. Thread-safe (one writer)."""
         return self.put_many([PieceWrite(digest, index, data, blob_size)])[0]
 
@@ -352,8 +382,11 @@ class PieceCache:
         bad: list[bytes] = []
         with self._env.begin(db=self._pieces, buffers=True) as txn:
             for key, value in txn.cursor():
-                (expected,) = _CHECKSUM.unpack_from(value)
-                if xxhash.xxh3_64_intdigest(value[_CHECKSUM.size :]) != expected:
+                checksum = txn.get(key, db=self._checksums)
+                if (
+                    checksum is None
+                    or xxhash.xxh3_64_intdigest(value) != (_CHECKSUM.unpack(checksum)[0])
+                ):
                     bad.append(bytes(key))
         if bad:
             with self._env.begin(write=True, buffers=True) as txn:
@@ -366,7 +399,7 @@ class PieceCache:
         for index in range(piece_count(blob_size, self.piece_size)):
             with self._env.begin(db=self._pieces, buffers=True) as txn:
                 value = txn.get(_piece_key(digest, index))
-                yield None if value is None else bytes(value[_CHECKSUM.size :])
+                yield None if value is None else bytes(value)
 
     def flush(self) -> None:
         """Write the stamps of pieces read since the last write."""
@@ -378,8 +411,7 @@ class PieceCache:
 
     def _put(self, txn: lmdb.Transaction, write: PieceWrite) -> PutResult:
         key = _piece_key(write.digest, write.index)
-        value = _CHECKSUM.pack(xxhash.xxh3_64_intdigest(write.data)) + write.data
-        cost = len(value)
+        cost = _stored_size(write.data)
         if cost > self.max_size:
             return _NOT_STORED
         if txn.get(key, db=self._pieces) is not None:
@@ -389,7 +421,8 @@ class PieceCache:
             total -= self._evict(txn, total + cost - self.max_size, protect=write.digest)
             if total + cost > self.max_size:
                 return _NOT_STORED
-        txn.put(key, value, db=self._pieces)
+        txn.put(key, write.data, db=self._pieces)
+        txn.put(key, _CHECKSUM.pack(xxhash.xxh3_64_intdigest(write.data)), db=self._checksums)
         self._stamp(txn, key)
         txn.put(b"total", _U64.pack(total + cost), db=self._meta)
         size, present, verified = self._blob_state(txn, write.digest, write.blob_size)
@@ -433,8 +466,9 @@ class PieceCache:
         value = txn.get(key, db=self._pieces)
         if value is None:
             return 0
-        freed = len(value)
+        freed = _stored_size(value)
         txn.delete(key, db=self._pieces)
+        txn.delete(key, db=self._checksums)
         stamp = txn.get(key, db=self._stamps)
         if stamp is not None:
             txn.delete(bytes(stamp) + key, db=self._lru)
@@ -472,7 +506,8 @@ class PieceCache:
                 if _split_piece_key(key)[0] in spared:
                     continue
                 victims.append(key)
-                freed += len(txn.get(key, db=self._pieces) or b"")
+                value = txn.get(key, db=self._pieces)
+                freed += 0 if value is None else _stored_size(value)
                 if freed >= need:
                     break
             for key in victims:

@@ -3,7 +3,7 @@
 A piece is a few MiB that the registry answers with a plain ``206`` and a Content-Length. Through
 httpx every 1 MiB socket read becomes h11 events, chunk objects and a join, all on the one Python
 thread that serves the mount. Here the request is written by hand on a kept-alive trio stream and
-the body lands by ``recv_into`` in one preallocated buffer.
+the body lands by ``recv_into`` in one pooled buffer (``modelfs.fetcher.buffers``).
 
 Only the plain case is handled: anything else (a redirect, a 401, chunked or encoded bodies, a
 Content-Range other than the one asked for, a connection error) gives ``None`` and the caller
@@ -16,6 +16,8 @@ import ssl
 from dataclasses import dataclass
 
 import trio
+
+from modelfs.fetcher.buffers import PIECE_BUFFERS
 
 # Status line and headers larger than this are not a plain range answer.
 _HEAD_LIMIT = 64 * 1024
@@ -57,7 +59,7 @@ class _Redirected(_Unusual):
 class _Cut(Exception):
     """The body ended short; ``received`` holds what came."""
 
-    def __init__(self, received: bytearray) -> None:
+    def __init__(self, received: bytes) -> None:
         self.received = received
 
 
@@ -82,7 +84,7 @@ class RangeGetter:
 
     async def get(
         self, target: str, authorization: str | None, start: int, end: int
-    ) -> bytearray | None:
+    ) -> memoryview | bytearray | bytes | None:
         """Bytes ``start..end`` of the resource at ``target`` (a path); None: unusual.
 
         A body cut short gives the bytes that came (fewer than asked), for the caller to resume.
@@ -90,7 +92,7 @@ class RangeGetter:
         if self._closed or self.redirects:
             return None
         stream: trio.abc.Stream | None = None
-        body: bytearray | None = None
+        body: memoryview | bytearray | bytes | None = None
         reusable = False
         try:
             # A stalled registry is the general path's to report, with its own timeouts.
@@ -128,7 +130,7 @@ class RangeGetter:
         authorization: str | None,
         start: int,
         end: int,
-    ) -> bytearray:
+    ) -> memoryview | bytearray:
         lines = [
             f"GET {target} HTTP/1.1",
             f"Host: {self._origin.host_header}",
@@ -143,11 +145,11 @@ class RangeGetter:
         length = _plain_range_length(head, start, end)
         if len(rest) > length:
             raise _Unusual  # bytes past the body: not a one-request-at-a-time server
-        body = bytearray(length)
+        body = PIECE_BUFFERS.take(length)
         body[: len(rest)] = rest
         received = await _receive_into(stream, memoryview(body)[len(rest) :])
         if len(rest) + received < length:
-            raise _Cut(body[: len(rest) + received])
+            raise _Cut(bytes(body[: len(rest) + received]))
         return body
 
 

@@ -220,7 +220,7 @@ class RegistryClient:
 
     async def read_range_plainly(
         self, url: httpx.URL, scope: str | None, start: int, end: int
-    ) -> bytearray | None:
+    ) -> memoryview | bytearray | bytes | None:
         """Bytes ``start..end`` at ``url`` by the lean path; None: take the general one."""
         if self._range_getter is None or _origin(url) != _origin(self.base_url):
             return None
@@ -571,7 +571,7 @@ class RegistryRepository:
         if plain is not None and len(plain) == length:
             return plain
         # Cut short, or not a plain answer: the general path resumes from what came.
-        buffer = bytearray() if plain is None else plain
+        buffer = bytearray() if plain is None else bytearray(plain)
 
         async def attempt() -> None:
             # A retried attempt resumes where the previous one was cut off.

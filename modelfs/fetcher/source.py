@@ -11,9 +11,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-# A range as a source hands it over: a registry's lean path receives the body into a bytearray,
-# and it travels on as that (to the cache, the hash, the reader) rather than being copied.
-BlobBytes = bytes | bytearray
+# A range as a source hands it over: a registry's lean path receives the body into a pooled buffer
+# (a memoryview), and it travels on as that (to the cache, the hash, the reader), uncopied.
+BlobBytes = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)

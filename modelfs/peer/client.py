@@ -27,7 +27,7 @@ from modelfs.scheduler.ranking import FailureKind
 log = logging.getLogger(__name__)
 
 
-async def sha256_hex(data: bytes | bytearray) -> str:
+async def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     """Hash in a worker thread: 4 MiB takes ~10 ms, too long to hold the event loop."""
     return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
 
