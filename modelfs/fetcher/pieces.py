@@ -486,7 +486,7 @@ class PieceFetcher:
                 )
             if result.blob_complete and write.digest in self._verified:
                 # Its hash completed before its last piece was stored.
-                self.cache.mark_verified(write.digest, write.blob_size)
+                await self._mark_verified(write.digest, write.blob_size)
 
     def _still_good(self, write: _QueuedWrite) -> bool:
         # Asked by the writer's thread inside its transaction; ``_reject`` counts before it drops.
@@ -548,10 +548,14 @@ class PieceFetcher:
         actual = state.hasher.hexdigest()
         if actual != expected:
             raise self._reject(blob, actual)
-        self.cache.mark_verified(blob.digest, blob.size)
-        self._verified.add(blob.digest)
+        self._verified.add(blob.digest)  # first: no task starts hashing it again meanwhile
+        await self._mark_verified(blob.digest, blob.size)
         if self._unvouched is not None:
             self._unvouched.blob_checked(blob.digest, True)
+
+    async def _mark_verified(self, digest: str, size: int) -> None:
+        # A write transaction, synced to disk: not on the event loop, where every read waits.
+        await trio.to_thread.run_sync(self.cache.mark_verified, digest, size)
 
     def _reject(self, blob: BlobRef, actual: str) -> IntegrityError:
         """Drop a blob that hashed wrong; its pieces are served again only once it checks out."""
