@@ -18,6 +18,10 @@ class Sample:
     registry_bytes: int | None = None  # blob bytes the registry sent during the case
     peak_rss: int | None = None  # VmHWM of the mount process, bytes
     parts: dict[str, float] = field(default_factory=dict)  # a breakdown of ``seconds``
+    # CPU seconds (user + system): the mount process's from its start, the registry's during
+    # the case. Both share this machine's cores, so where the time goes is part of the result.
+    mount_cpu: float | None = None
+    registry_cpu: float | None = None
 
 
 Results = dict[str, list[Sample]]
@@ -78,9 +82,9 @@ def _format(value: float | None, spec: str, scale: float = 1.0) -> str:
 def render_table(results: Results) -> str:
     header = (
         "| case | median s | MB/s | x (a) curl | x (b) oras | x (e) FUSE | registry MB "
-        "| mount peak RSS MB | runs | breakdown (medians) |"
+        "| mount peak RSS MB | mount CPU s | registry CPU s | runs | breakdown (medians) |"
     )
-    lines = [header, "|" + " --- |" * 10]
+    lines = [header, "|" + " --- |" * 12]
     for row in ROWS:
         samples = results.get(row.key)
         if not samples:
@@ -101,6 +105,8 @@ def render_table(results: Results) -> str:
             ),
             _format(median(samples, lambda sample: sample.registry_bytes), ".1f", MB),
             _format(median(samples, lambda sample: sample.peak_rss), ".0f", MB),
+            _format(median(samples, lambda sample: sample.mount_cpu), ".1f"),
+            _format(median(samples, lambda sample: sample.registry_cpu), ".1f"),
             str(len(samples)),
             parts or "—",
         ]

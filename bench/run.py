@@ -9,8 +9,9 @@ with and without peers (``--only cluster`` runs just that one).
 Results also go to ``bench/results/<time>.md`` and ``.json`` (raw samples).
 
 Registry bytes come from the registry's own access log (no proxy in the data path to slow it);
-the peak RSS of a mount is its process's VmHWM, read before unmounting. Needs root (to drop the
-page cache and to raise the readahead of the reference FUSE mount).
+the peak RSS of a mount is its process's VmHWM, read before unmounting, and its CPU time too;
+the registry's CPU time is counted over each case (it shares the machine's cores). Needs root
+(to drop the page cache and to raise the readahead of the reference FUSE mount).
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ def read_all(paths: list[Path]) -> int:
             while count := file.readinto(buffer):
                 total += count
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(action: Callable[[], int]) -> tuple[float, int]:
@@ -202,6 +209,9 @@ class Mount:
             raise BenchError(f"no VmHWM in /proc/{self.pid}/status")
         return int(match.group(1)) * 1024
 
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
     def files(self, names: list[str]) -> list[Path]:
         return [self.path / name for name in names]
 
@@ -242,11 +252,19 @@ def mounted(pushed: PushedModel, mountpoint: Path, cache_dir: Path) -> Iterator[
 
 
 class Bench:
-    def __init__(self, work: Path, large: PushedModel, small: PushedModel, log: AccessLog) -> None:
+    def __init__(
+        self,
+        work: Path,
+        large: PushedModel,
+        small: PushedModel,
+        log: AccessLog,
+        registry_pid: int,
+    ) -> None:
         self.work = work
         self.large = large
         self.small = small
         self.access_log = log
+        self.registry_pid = registry_pid
         self.results: Results = {}
         self.read_ahead_kb: str | None = None  # modelfs's, copied to the reference FUSE mount
         self.profile_dir: Path | None = None  # set during the profile pass
@@ -280,13 +298,19 @@ class Bench:
         for output, url in zip(outputs, self.large.blob_urls.values(), strict=True):
             command += ["-o", output, url]
         cold_start()
-        mark = self.access_log.mark()
+        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
         started = time.monotonic()
         result = subprocess.run(command, capture_output=True, text=True)
         elapsed = time.monotonic() - started
         if result.returncode != 0:
             raise BenchError(f"curl failed: {result.stderr.strip()}")
-        return Sample(elapsed, self.large.size, self.access_log.blob_bytes_since(mark))
+        fetched = self.access_log.blob_bytes_since(mark)
+        return Sample(
+            elapsed, self.large.size, fetched, registry_cpu=self.registry_cpu() - registry_cpu
+        )
+
+    def registry_cpu(self) -> float:
+        return cpu_seconds(self.registry_pid)
 
     def curl(self) -> None:
         """The wire limit: nothing is written anywhere."""
@@ -301,7 +325,8 @@ class Bench:
         parts = {"download": download.seconds, "load": load["seconds"]}
         total = download.seconds + load["seconds"]
         self.record(
-            "download_load", Sample(total, download.payload, download.registry_bytes, parts=parts)
+            "download_load",
+            dataclasses.replace(download, seconds=total, parts=parts),
         )
 
     def disk_read(self, downloads: Path) -> None:
@@ -313,24 +338,29 @@ class Bench:
         target = self.work / "oras"
         shutil.rmtree(target, ignore_errors=True)
         cold_start()
-        mark = self.access_log.mark()
+        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
         pulled = run_task("oras-pull", self.large.reference, str(target))
         fetched = self.access_log.blob_bytes_since(mark)
-        self.record("oras", Sample(pulled["seconds"], int(pulled["bytes"]), fetched))
+        registry_cpu = self.registry_cpu() - registry_cpu
+        sample = Sample(pulled["seconds"], int(pulled["bytes"]), fetched, registry_cpu=registry_cpu)
+        self.record("oras", sample)
         shutil.rmtree(target)
 
     def first_tensor(self) -> None:
         cold_start()
-        mark = self.access_log.mark()
+        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
         with mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("ttft")) as mount:
             self.read_ahead_kb = bdi_read_ahead(mount.path).read_text().strip()
             loaded = run_task("first-tensor", str(mount.path))
-            rss = mount.peak_rss()
+            rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
         fetched = self.access_log.blob_bytes_since(mark)
         listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
         self.record("listing_large", listing)
-        tensor = int(loaded["bytes"])
-        self.record("first_tensor", Sample(loaded["seconds"], tensor, fetched, rss))
+        sample = Sample(loaded["seconds"], int(loaded["bytes"]), fetched, rss, mount_cpu=mount_cpu)
+        self.record(
+            "first_tensor",
+            dataclasses.replace(sample, registry_cpu=self.registry_cpu() - registry_cpu),
+        )
 
     @contextmanager
     def profiled(self, key: str) -> Iterator[Callable[[int], None]]:
@@ -356,16 +386,17 @@ class Bench:
 
     def _mounted_read(self, key: str, pushed: PushedModel, cache: Path) -> Mount:
         cold_start()
-        mark = self.access_log.mark()
+        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
         with (
             self.profiled(key) as attach,
             mounted(pushed, self.work / "mnt" / "modelfs", cache) as mount,
         ):
             attach(mount.pid)
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
-            rss = mount.peak_rss()
+            rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
         fetched = self.access_log.blob_bytes_since(mark)
-        self.record(key, Sample(elapsed, count, fetched, rss))
+        registry_cpu = self.registry_cpu() - registry_cpu
+        self.record(key, Sample(elapsed, count, fetched, rss, {}, mount_cpu, registry_cpu))
         if count != pushed.size:
             raise BenchError(f"{key}: read {count} bytes of a {pushed.size}-byte model")
         return mount
@@ -378,18 +409,20 @@ class Bench:
 
     def cold_load(self) -> None:
         cold_start()
-        mark = self.access_log.mark()
+        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
         with (
             self.profiled("cold_load") as attach,
             mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("load")) as mount,
         ):
             attach(mount.pid)
             load = run_task("load-all", str(mount.path))
-            rss = mount.peak_rss()
+            rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
         fetched = self.access_log.blob_bytes_since(mark)
+        registry_cpu = self.registry_cpu() - registry_cpu
         parts = {"mount": mount.listed_after, "load": load["seconds"]}
         total = mount.listed_after + load["seconds"]
-        self.record("cold_load", Sample(total, self.large.size, fetched, rss, parts))
+        sample = Sample(total, self.large.size, fetched, rss, parts, mount_cpu, registry_cpu)
+        self.record("cold_load", sample)
         shutil.rmtree(self.work / "cache" / "load")
 
     def small_model(self) -> None:
@@ -507,7 +540,7 @@ def main() -> None:
             log(
                 f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB"
             )
-            bench = Bench(work, large, small, access_log)
+            bench = Bench(work, large, small, access_log, registry.pid)
             for run in range(1, runs + 1):
                 log(f"bench: run {run} of {runs}")
                 bench.run_once()

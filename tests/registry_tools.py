@@ -322,6 +322,12 @@ class Registry:
         self.config_path.write_text(json.dumps(config, indent=2))
 
     @property
+    def pid(self) -> int:
+        """The running registry's process id (the benchmark reads its CPU time)."""
+        assert self._process is not None, "the registry was not started"
+        return self._process.pid
+
+    @property
     def credentials(self) -> Credentials | None:
         if self.username is None or self.password is None:
             return None
