@@ -19,7 +19,7 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 
 from modelfs.cache import PieceCache, PieceWrite, PutResult
 from modelfs.errors import IntegrityError
-from modelfs.fetcher.pieces import PieceFetcher, Priority
+from modelfs.fetcher.pieces import PieceFetcher, Priority, _BlobHash
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.fs.tree import BlobRef
 from modelfs.modelpack import layer_media_type
@@ -231,3 +231,48 @@ def test_a_fetched_piece_is_stored_even_when_its_reader_is_cancelled(
     assert proxy.bytes_by_blob[blob.digest] == len(present) * PIECE  # every fetched piece kept
     for index, data in present.items():
         assert data == expected_piece(LARGE, index)
+
+
+class GatedHash:
+    """sha256 whose updates wait until ``gate`` is set (at most 30 s), in the hash's thread."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self._gate = gate
+        self._inner = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        assert self._gate.wait(timeout=30), "the test never opened the gate"
+        self._inner.update(data)
+
+    def hexdigest(self) -> str:
+        return self._inner.hexdigest()
+
+
+def test_prefetched_pieces_do_not_wait_for_a_busy_hash(
+    registry: Registry, pushed: None, tmp_path: Path
+) -> None:
+    """While a read holds the blob's hash, readahead returns with its pieces (each waiting one
+    held its piece: they piled up in memory); the hash still gets to every piece after."""
+    cache = PieceCache(tmp_path / "cache", 64 << 20, piece_size=PIECE)
+    blob = blob_of(LARGE)
+    gate = threading.Event()
+
+    async def body(fetcher: PieceFetcher) -> None:
+        state = _BlobHash(hasher=GatedHash(gate))  # type: ignore[arg-type]
+        fetcher._hashes[blob.digest] = state
+        try:
+            async with fetcher.writing(), trio.open_nursery() as nursery:
+                nursery.start_soon(fetcher.read, blob, 0, 10)  # hashes piece 0, in the gate
+                while not state.lock.locked():
+                    await trio.sleep(0.01)
+                with trio.fail_after(10):
+                    for index in range(1, 10):
+                        await fetcher.prefetch(blob, index, Priority.READAHEAD)
+                assert state.next_index == 0  # nothing hashed yet: they did not wait
+                gate.set()
+            assert await fetcher.read(blob, 0, blob.size) == LARGE
+        finally:
+            gate.set()
+
+    run_fetcher(registry.host, cache, body)
+    assert cache.is_verified(blob.digest)
