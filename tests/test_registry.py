@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import ssl
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,7 @@ from modelfs.fetcher.auth import Credentials
 from modelfs.fetcher.registry import (
     RegistryClient,
     RegistryRepository,
+    SystemTrust,
     manifest_media_type,
     parse_content_range,
     registry_message,
@@ -365,6 +368,23 @@ def test_tls_trust_comes_from_the_system_store(
     assert tls_registry.tls_cert is not None
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.tls_cert))
     trio.run(ping, False)
+
+
+def test_system_trust_is_loaded_when_the_first_tls_connection_is_made(
+    tls_registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not before: loading it takes ~45 ms on the way to a mount's listing.
+    assert tls_registry.tls_cert is not None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.tls_cert))
+    context = SystemTrust(ssl.PROTOCOL_TLS_CLIENT)
+    assert context.cert_store_stats()["x509_ca"] == 0
+    host, port = tls_registry.host.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        assert tls.version() is not None  # the handshake verified the registry's certificate
+    assert context.cert_store_stats()["x509_ca"] == 1
 
 
 def test_ping(registry: Registry, auth_registry: Registry) -> None:
