@@ -14,7 +14,7 @@ from modelfs.fetcher.index import compute_index, find_index, publish_index
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.peer.auth import load_secret
 from modelfs.peer.http import parse_listen
-from modelfs.peer.source import ClusterOptions
+from modelfs.peer.options import ClusterOptions
 from modelfs.peer.tls import PeerTLS
 from modelfs.reference import parse_reference
 

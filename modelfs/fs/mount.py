@@ -12,8 +12,9 @@ import logging
 import math
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,7 @@ from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.fs.model import Model, load_model
 from modelfs.fs.tree import FileNode
 from modelfs.logs import set_log_context
-from modelfs.peer.source import ClusterOptions, PeerSource, with_peers
+from modelfs.peer.options import ClusterOptions
 from modelfs.reference import LayoutReference, Reference
 from modelfs.service.control import Handler, open_control_socket, serve_control
 
@@ -195,7 +196,7 @@ async def serve(
         rejected_send, rejected_receive = trio.open_memory_channel[str](math.inf)
         async with (
             open_source(options, stats) as origin,
-            with_peers(options.cluster, origin, selector, cache) as source,
+            _with_peers(options.cluster, origin, selector, cache) as source,
         ):
             fetcher = PieceFetcher(
                 source,
@@ -237,6 +238,17 @@ async def serve(
         cache.close()
 
 
+def _with_peers(
+    cluster: ClusterOptions | None, origin: BlobSource, selector: str, cache: PieceCache
+) -> AbstractAsyncContextManager[BlobSource]:
+    if cluster is None:
+        return nullcontext(origin)
+    # The peer and scheduler modules only for a mount in a cluster (~20 ms of start-up).
+    from modelfs.peer.source import with_peers
+
+    return with_peers(cluster, origin, selector, cache)
+
+
 def _source_kind(origin: BlobSource, source: BlobSource) -> str:
     if isinstance(origin, LayoutSource):
         return LAYOUT
@@ -254,7 +266,8 @@ async def _snapshot(
     )
     if fetcher.cache.corrupt_pieces_found:
         stats.errors[CORRUPT_CACHE_ENTRY] = fetcher.cache.corrupt_pieces_found
-    if isinstance(source, PeerSource):
+    peers = sys.modules.get("modelfs.peer.source")  # imported only for a mount in a cluster
+    if peers is not None and isinstance(source, peers.PeerSource):
         stats.rejected_by_peer = dict(source.stats.rejected_by_peer)
         if stats.rejected_by_peer:
             stats.errors[REJECTED_PEER_PIECE] = sum(stats.rejected_by_peer.values())

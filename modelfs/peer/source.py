@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ from modelfs.fetcher.index import PieceIndex, find_index
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import BlobBytes, BlobSource, FetchedManifest
 from modelfs.peer.client import PeerClient, PeerFailure, sha256_hex
+from modelfs.peer.options import ClusterOptions
 from modelfs.peer.server import PeerServer
-from modelfs.peer.tls import PeerTLS
 from modelfs.pieces import piece_count, piece_span
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
@@ -46,28 +45,6 @@ ANNOUNCE_TRIES = 200  # x ANNOUNCE_PERIOD: how long a piece may take to reach th
 ANNOUNCE_PERIOD = 0.01
 RETRY_PAUSE = 0.02
 ANNOUNCE_BATCH = 1000  # pieces per announcement (the scheduler takes up to 10 000)
-
-
-@dataclass(frozen=True)
-class ClusterOptions:
-    scheduler_url: str
-    secret: bytes
-    listen: tuple[str, int]  # where this node's peer server listens
-    zone: str = ""
-    rack: str = ""
-    wait_budget: float = 10.0  # longest a read waits on peers before it goes to the registry
-    peer_timeout: float = 5.0
-    without_index: bool = False  # peers for blobs the piece index does not cover
-    tls: PeerTLS | None = None  # mutual TLS between peers
-    max_connections: int = 64  # served at once by this node's peer server
-
-    @property
-    def advertised(self) -> str:
-        """The address other nodes reach this one at."""
-        host, port = self.listen
-        if host in ("0.0.0.0", "::", ""):
-            host = socket.getfqdn()
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass

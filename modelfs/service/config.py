@@ -18,7 +18,7 @@ from modelfs.cli.options import parse_size
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
-from modelfs.peer.source import ClusterOptions
+from modelfs.peer.options import ClusterOptions
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 from modelfs.service.peer_ports import PortRange, parse_port_range
