@@ -177,9 +177,6 @@ class _BlobHash:
     next_index: int = 0
     ahead: dict[int, BlobBytes] = field(default_factory=dict)  # arrived, not hashed yet
     lock: trio.Lock = field(default_factory=trio.Lock)
-    # Set by a piece that arrived while the hash was busy and did not wait for it: the task
-    # hashing looks again before it stops.
-    arrived: bool = False
 
 
 class PieceFetcher:
@@ -535,7 +532,8 @@ class PieceFetcher:
         if the hash is busy; the task hashing gets to their pieces.
         """
         if not wait and state.lock.locked():
-            state.arrived = True
+            # Its piece is in ``ahead`` (or, far ahead, in the cache when the hash gets there),
+            # where the task hashing looks before it stops.
             return
         algorithm, _, expected = blob.digest.partition(":")
         if algorithm != "sha256":
@@ -543,15 +541,14 @@ class PieceFetcher:
         count = piece_count(blob.size, self.cache.piece_size)
         async with state.lock:
             while self._hashes.get(blob.digest) is state and state.next_index < count:
-                state.arrived = False
                 data = state.ahead.pop(state.next_index, None)
                 if data is None:
                     data = self._queued.get((blob.digest, state.next_index))
                 if data is None:
                     data = await self._cache_get(blob, state.next_index)
                 if data is None:
-                    if state.arrived:
-                        continue  # it may have arrived while the cache was asked
+                    if state.next_index in state.ahead:
+                        continue  # it arrived while the cache was asked
                     return  # not here yet (or evicted): hashed when it arrives
                 await trio.to_thread.run_sync(state.hasher.update, data)
                 state.next_index += 1
