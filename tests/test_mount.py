@@ -712,8 +712,8 @@ def rss_file_kb() -> int:
 
 
 def test_cache_reads_leave_no_mapped_pages_behind(tmp_path: Path) -> None:
-    # Warm reads copy pieces out of LMDB's map; the mount lets go of those pages as it goes.
-    cache = PieceCache(tmp_path / "cache", 1 << 30)
+    # Warm reads copy pieces out of LMDB's map; the cache lets go of those pages as it goes.
+    cache = PieceCache(tmp_path / "cache", 1 << 30, release_mapped_every=1 << 40)
     digest = "sha256:" + "a" * 64
     for index in range(16):
         cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB)
@@ -724,4 +724,18 @@ def test_cache_reads_leave_no_mapped_pages_behind(tmp_path: Path) -> None:
     cache.release_mapped_pages()
     assert rss_file_kb() - before < 8 * 1024
     assert cache.get(digest, 5) is not None  # still readable
+    cache.close()
+
+
+def test_the_cache_lets_go_of_mapped_pages_by_itself(tmp_path: Path) -> None:
+    # Every 32 MiB read or stored, in whichever thread: the warm reads of a mount, and the pieces
+    # its peer server hands out, alike.
+    cache = PieceCache(tmp_path / "cache", 1 << 30)
+    digest = "sha256:" + "b" * 64
+    before = rss_file_kb()
+    for index in range(16):
+        cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB)
+    for index in range(16):
+        assert cache.get(digest, index) is not None
+    assert rss_file_kb() - before < 40 * 1024
     cache.close()

@@ -40,6 +40,11 @@ _U64 = struct.Struct(">Q")
 _CHECKSUM = struct.Struct("<Q")
 _FORMAT = b"modelfs-cache-2"
 _TOUCH_FLUSH = 256  # pending stamp updates that force a write
+# Reading pieces maps the map's pages into this process, and so does storing them (LMDB reads its
+# B-tree through the map, and each fault maps the neighbouring pages just written); every page
+# touched stays mapped. They are let go after this many bytes passed through, so the RSS stays
+# flat instead of growing with what was read and stored.
+RELEASE_MAPPED_EVERY = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -112,10 +117,19 @@ def _pid_alive(pid: int) -> bool:
 class PieceCache:
     """Pieces of blobs, checksummed, bounded in size, least recently used evicted first."""
 
-    def __init__(self, path: Path, max_size: int, piece_size: int = DEFAULT_PIECE_SIZE) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_size: int,
+        piece_size: int = DEFAULT_PIECE_SIZE,
+        release_mapped_every: int = RELEASE_MAPPED_EVERY,
+    ) -> None:
         self.path = path
         self.max_size = max_size
         self.piece_size = piece_size
+        self._release_mapped_every = release_mapped_every
+        self._through_map = 0  # bytes read or stored since the mapped pages were released
+        self._map_spans: list[tuple[int, int]] | None = None  # found on the first release
         try:
             path.mkdir(parents=True, exist_ok=True)
             # The map is a sparse file: room for the limit plus LMDB's free-page slack.
@@ -192,6 +206,7 @@ class PieceCache:
             else:
                 data = bytes(value)
             expected = None if checksum is None else _CHECKSUM.unpack(checksum)[0]
+        self._passed_through_map(len(data))
         if xxhash.xxh3_64_intdigest(data) != expected:
             log.error(
                 "cache: piece %d of %s failed its checksum; dropped, fetching it again",
@@ -230,9 +245,11 @@ class PieceCache:
         try:
             with self._env.begin(write=True, buffers=True) as txn:
                 self._write_touches(txn)
-                return [self._put(txn, write) if keep(write) else _NOT_STORED for write in writes]
+                results = [self._put(txn, w) if keep(w) else _NOT_STORED for w in writes]
         except lmdb.Error as error:
             raise CacheError(f"cannot write to the cache at {self.path}: {error}") from error
+        self._passed_through_map(sum(len(write.data) for write in writes))
+        return results
 
     def drop_piece(self, digest: str, index: int) -> None:
         with self._env.begin(write=True, buffers=True) as txn:
@@ -312,21 +329,30 @@ class PieceCache:
             txn.put(f"record/{key}".encode(), value)
 
     def release_mapped_pages(self) -> None:
-        """Unmap the pages of the cache this process has read; they stay in the page cache.
+        """Unmap the pages of the cache this process touched; they stay in the page cache.
 
-        Reads copy pieces out of LMDB's memory map, and every page touched stays mapped, so a
-        process serving warm reads would show the size of everything it read as its RSS.
+        Done by the cache itself every ``release_mapped_every`` bytes read or stored.
         """
-        data_file = os.fsencode(self.path.resolve() / "data.mdb")
-        with open("/proc/self/maps", "rb") as maps:
-            spans = [
-                [int(bound, 16) for bound in line.split(maxsplit=1)[0].split(b"-")]
-                for line in maps
-                if line.rstrip().endswith(data_file)
-            ]
+        if self._map_spans is None:
+            # The map is made once, when the environment opens: find it once.
+            data_file = os.fsencode(self.path.resolve() / "data.mdb")
+            with open("/proc/self/maps", "rb") as maps:
+                self._map_spans = [
+                    (int(start, 16), int(end, 16))
+                    for line in maps
+                    if line.rstrip().endswith(data_file)
+                    for start, end in [line.split(maxsplit=1)[0].split(b"-")]
+                ]
         libc = ctypes.CDLL(None, use_errno=True)
-        for start, end in spans:
+        for start, end in self._map_spans:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+    def _passed_through_map(self, size: int) -> None:
+        # Called from the threads reading and writing; a count lost to a race only delays it.
+        self._through_map += size
+        if self._through_map >= self._release_mapped_every:
+            self._through_map = 0
+            self.release_mapped_pages()
 
     def stats(self) -> CacheStats:
         with self._env.begin() as txn:

@@ -145,11 +145,6 @@ class _InFlight:
     error: ModelfsError | None = None
 
 
-# Reading pieces from the cache maps its pages into this process, and so does storing them (LMDB
-# reads its B-tree through the map, and each fault maps the neighbouring pages just written);
-# let them go this often, so the RSS stays flat instead of growing with what passed through.
-_RELEASE_MAPPED_EVERY = 32 << 20
-
 # Pieces up to this many ahead of a blob's hash are held for it; further ones are read back
 # from the cache when the hash gets to them (a random reader's pieces, mostly).
 _HASH_AHEAD = 16
@@ -219,7 +214,6 @@ class PieceFetcher:
         self._verified: set[str] = set()
         # Blobs that failed their digest check, each with the lock of its recheck.
         self._suspect: dict[str, trio.Lock] = {}
-        self._mapped_bytes = 0  # through the cache's map since its pages were released
         # While ``writing`` is active: where fetched pieces go to be stored, and those not
         # stored yet (found there as if in the cache).
         self._writes: trio.MemorySendChannel[_QueuedWrite] | None = None
@@ -479,7 +473,6 @@ class PieceFetcher:
     async def _store(self, writes: list[_QueuedWrite]) -> None:
         """Store pieces in one transaction, except those of a blob that failed since."""
         results = await trio.to_thread.run_sync(self.cache.put_many, writes, self._still_good)
-        self._count_mapped(sum(len(write.data) for write in writes))
         for write, result in zip(writes, results, strict=True):
             self._dequeue(write)
             if not result.stored and self._still_good(write):
@@ -594,16 +587,7 @@ class PieceFetcher:
     async def _cache_get(self, blob: BlobRef, index: int) -> BlobBytes | None:
         _, length = piece_span(index, blob.size, self.cache.piece_size)
         buffer = PIECE_BUFFERS.take(length)  # here: buffers are taken on the trio thread only
-        data = await trio.to_thread.run_sync(self.cache.get, blob.digest, index, buffer)
-        if data is not None:
-            self._count_mapped(len(data))
-        return data
-
-    def _count_mapped(self, size: int) -> None:
-        self._mapped_bytes += size
-        if self._mapped_bytes >= _RELEASE_MAPPED_EVERY:
-            self._mapped_bytes = 0
-            self.cache.release_mapped_pages()
+        return await trio.to_thread.run_sync(self.cache.get, blob.digest, index, buffer)
 
     def _remember(self, key: tuple[str, int], data: BlobBytes) -> None:
         """Hold a piece for its readers, oldest fetched dropped first.
