@@ -12,13 +12,12 @@ import logging
 import math
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -46,6 +45,9 @@ from modelfs.logs import set_log_context
 from modelfs.peer.options import ClusterOptions
 from modelfs.reference import LayoutReference, Reference
 from modelfs.service.control import Handler, open_control_socket, serve_control
+
+if TYPE_CHECKING:
+    from modelfs.peer.source import PeerStats
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ async def serve(
         rejected_send, rejected_receive = trio.open_memory_channel[str](math.inf)
         async with (
             open_source(options, stats) as origin,
-            _with_peers(options.cluster, origin, selector, cache) as source,
+            _with_peers(options.cluster, origin, selector, cache) as (source, peer_stats),
         ):
             fetcher = PieceFetcher(
                 source,
@@ -219,7 +221,7 @@ async def serve(
                 leased = [blob.digest for blob in model.blobs] + model.deferred
                 cache.lease(leased)
                 try:
-                    snapshot = partial(_snapshot, model, fetcher, source)
+                    snapshot = partial(_snapshot, model, fetcher, peer_stats)
                     await _run_session(
                         options,
                         model,
@@ -238,15 +240,19 @@ async def serve(
         cache.close()
 
 
-def _with_peers(
+@asynccontextmanager
+async def _with_peers(
     cluster: ClusterOptions | None, origin: BlobSource, selector: str, cache: PieceCache
-) -> AbstractAsyncContextManager[BlobSource]:
+) -> AsyncIterator[tuple[BlobSource, PeerStats | None]]:
+    """The source reads go to, and the peer source's counters when it is one."""
     if cluster is None:
-        return nullcontext(origin)
+        yield origin, None
+        return
     # The peer and scheduler modules only for a mount in a cluster (~20 ms of start-up).
-    from modelfs.peer.source import with_peers
+    from modelfs.peer.source import PeerSource, with_peers
 
-    return with_peers(cluster, origin, selector, cache)
+    async with with_peers(cluster, origin, selector, cache) as source:
+        yield source, source.stats if isinstance(source, PeerSource) else None
 
 
 def _source_kind(origin: BlobSource, source: BlobSource) -> str:
@@ -256,7 +262,7 @@ def _source_kind(origin: BlobSource, source: BlobSource) -> str:
 
 
 async def _snapshot(
-    model: Model, fetcher: PieceFetcher, source: BlobSource, request: dict[str, Any]
+    model: Model, fetcher: PieceFetcher, peer_stats: PeerStats | None, request: dict[str, Any]
 ) -> dict[str, Any]:
     """The mount's counters as the daemon asks for them (whatever the request says)."""
     stats = replace(
@@ -266,9 +272,8 @@ async def _snapshot(
     )
     if fetcher.cache.corrupt_pieces_found:
         stats.errors[CORRUPT_CACHE_ENTRY] = fetcher.cache.corrupt_pieces_found
-    peers = sys.modules.get("modelfs.peer.source")  # imported only for a mount in a cluster
-    if peers is not None and isinstance(source, peers.PeerSource):
-        stats.rejected_by_peer = dict(source.stats.rejected_by_peer)
+    if peer_stats is not None:
+        stats.rejected_by_peer = dict(peer_stats.rejected_by_peer)
         if stats.rejected_by_peer:
             stats.errors[REJECTED_PEER_PIECE] = sum(stats.rejected_by_peer.values())
     return {"digest": model.digest, **stats.as_json()}

@@ -276,10 +276,10 @@ class PeerSource:
 
 @asynccontextmanager
 async def with_peers(
-    cluster: ClusterOptions | None, origin: BlobSource, selector: str, cache: PieceCache
+    cluster: ClusterOptions, origin: BlobSource, selector: str, cache: PieceCache
 ) -> AsyncIterator[BlobSource]:
-    """``origin`` itself without a cluster (or for a layout); else a ``PeerSource`` over it."""
-    if cluster is None or not isinstance(origin, RegistryRepository):
+    """A ``PeerSource`` over ``origin``; ``origin`` itself for a layout (no peers to ask)."""
+    if not isinstance(origin, RegistryRepository):
         yield origin
         return
     node = NodeInfo(cluster.advertised, cluster.zone, cluster.rack)
