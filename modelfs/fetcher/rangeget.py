@@ -59,7 +59,7 @@ class _Redirected(_Unusual):
 class _Cut(Exception):
     """The body ended short; ``received`` holds what came."""
 
-    def __init__(self, received: bytes) -> None:
+    def __init__(self, received: bytearray) -> None:
         self.received = received
 
 
@@ -84,15 +84,16 @@ class RangeGetter:
 
     async def get(
         self, target: str, authorization: str | None, start: int, end: int
-    ) -> memoryview | bytearray | bytes | None:
+    ) -> memoryview | bytearray | None:
         """Bytes ``start..end`` of the resource at ``target`` (a path); None: unusual.
 
-        A body cut short gives the bytes that came (fewer than asked), for the caller to resume.
+        A body cut short gives the bytes that came (fewer than asked) as a ``bytearray``, for the
+        caller to resume by appending to it.
         """
         if self._closed or self.redirects:
             return None
         stream: trio.abc.Stream | None = None
-        body: memoryview | bytearray | bytes | None = None
+        body: memoryview | bytearray | None = None
         reusable = False
         try:
             # A stalled registry is the general path's to report, with its own timeouts.
@@ -149,7 +150,7 @@ class RangeGetter:
         body[: len(rest)] = rest
         received = await _receive_into(stream, memoryview(body)[len(rest) :])
         if len(rest) + received < length:
-            raise _Cut(bytes(body[: len(rest) + received]))
+            raise _Cut(bytearray(body[: len(rest) + received]))  # out of the pooled buffer
         return body
 
 

@@ -245,7 +245,7 @@ class RegistryClient:
 
     async def read_range_plainly(
         self, url: httpx.URL, scope: str | None, start: int, end: int
-    ) -> memoryview | bytearray | bytes | None:
+    ) -> memoryview | bytearray | None:
         """Bytes ``start..end`` at ``url`` by the lean path; None: take the general one."""
         if self._range_getter is None or _origin(url) != _origin(self.base_url):
             return None
@@ -596,7 +596,7 @@ class RegistryRepository:
         if plain is not None and len(plain) == length:
             return plain
         # Cut short, or not a plain answer: the general path resumes from what came.
-        buffer = bytearray() if plain is None else bytearray(plain)
+        buffer = plain if isinstance(plain, bytearray) else bytearray()
 
         async def attempt() -> None:
             # A retried attempt resumes where the previous one was cut off.
@@ -605,7 +605,7 @@ class RegistryRepository:
                     return
 
         await self._client.retrying(what, attempt)
-        return bytes(buffer)
+        return buffer  # as received: a piece is not copied on its way
 
     async def _read_range_into(
         self, buffer: bytearray, digest: str, offset: int, end: int, what: str
