@@ -15,7 +15,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from cluster_tools import nodes, publish, read_all, scheduler_process
 
@@ -29,10 +29,13 @@ class ClusterError(Exception):
     """The cluster case could not run, or read wrong bytes."""
 
 
-class ByteCounter(Protocol):
-    def mark(self) -> int: ...
+Mark = TypeVar("Mark")
 
-    def blob_bytes_since(self, mark: int) -> int: ...
+
+class ByteCounter(Protocol[Mark]):
+    def mark(self) -> Mark: ...
+
+    def blob_bytes_since(self, mark: Mark) -> int: ...
 
 
 class ClusterCase:
@@ -41,7 +44,7 @@ class ClusterCase:
     def __init__(
         self,
         registry_host: str,
-        counter: ByteCounter,
+        counter: ByteCounter[Any],
         work: Path,
         model_size: int,
         node_counts: tuple[int, ...] = NODE_COUNTS,

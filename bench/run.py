@@ -129,24 +129,35 @@ def bdi_read_ahead(mountpoint: Path) -> Path:
     return Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
 
 
-class AccessLog:
-    """Blob bytes the registry sent, from its access log (combined format, bytes written)."""
+@dataclass(frozen=True)
+class RegistryMark:
+    log_size: int
+    cpu_seconds: float
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
 
-    def mark(self) -> int:
-        return self.path.stat().st_size
+class RegistryMeter:
+    """What the registry did since a mark: blob bytes sent, from its access log (combined format,
+    bytes written), and CPU seconds used (it shares the machine's cores with the cases)."""
 
-    def blob_bytes_since(self, mark: int) -> int:
+    def __init__(self, log_path: Path, pid: int) -> None:
+        self.log_path = log_path
+        self.pid = pid
+
+    def mark(self) -> RegistryMark:
+        return RegistryMark(self.log_path.stat().st_size, cpu_seconds(self.pid))
+
+    def blob_bytes_since(self, mark: RegistryMark) -> int:
         # A line is written just after its response ends: wait for the log to settle.
         size = -1
-        while size != self.path.stat().st_size:
-            size = self.path.stat().st_size
+        while size != self.log_path.stat().st_size:
+            size = self.log_path.stat().st_size
             time.sleep(0.1)
-        with self.path.open("rb") as file:
-            file.seek(mark)
+        with self.log_path.open("rb") as file:
+            file.seek(mark.log_size)
             return sum(int(m.group(1)) for m in _BLOB_LOG_LINE.finditer(file.read()))
+
+    def cpu_since(self, mark: RegistryMark) -> float:
+        return cpu_seconds(self.pid) - mark.cpu_seconds
 
 
 def start_registry(root: Path) -> Registry:
@@ -257,14 +268,12 @@ class Bench:
         work: Path,
         large: PushedModel,
         small: PushedModel,
-        log: AccessLog,
-        registry_pid: int,
+        registry: RegistryMeter,
     ) -> None:
         self.work = work
         self.large = large
         self.small = small
-        self.access_log = log
-        self.registry_pid = registry_pid
+        self.registry = registry
         self.results: Results = {}
         self.read_ahead_kb: str | None = None  # modelfs's, copied to the reference FUSE mount
         self.profile_dir: Path | None = None  # set during the profile pass
@@ -298,19 +307,15 @@ class Bench:
         for output, url in zip(outputs, self.large.blob_urls.values(), strict=True):
             command += ["-o", output, url]
         cold_start()
-        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
+        mark = self.registry.mark()
         started = time.monotonic()
         result = subprocess.run(command, capture_output=True, text=True)
         elapsed = time.monotonic() - started
         if result.returncode != 0:
             raise BenchError(f"curl failed: {result.stderr.strip()}")
-        fetched = self.access_log.blob_bytes_since(mark)
-        return Sample(
-            elapsed, self.large.size, fetched, registry_cpu=self.registry_cpu() - registry_cpu
-        )
-
-    def registry_cpu(self) -> float:
-        return cpu_seconds(self.registry_pid)
+        fetched = self.registry.blob_bytes_since(mark)
+        registry_cpu = self.registry.cpu_since(mark)
+        return Sample(elapsed, self.large.size, fetched, registry_cpu=registry_cpu)
 
     def curl(self) -> None:
         """The wire limit: nothing is written anywhere."""
@@ -338,29 +343,27 @@ class Bench:
         target = self.work / "oras"
         shutil.rmtree(target, ignore_errors=True)
         cold_start()
-        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
+        mark = self.registry.mark()
         pulled = run_task("oras-pull", self.large.reference, str(target))
-        fetched = self.access_log.blob_bytes_since(mark)
-        registry_cpu = self.registry_cpu() - registry_cpu
+        fetched = self.registry.blob_bytes_since(mark)
+        registry_cpu = self.registry.cpu_since(mark)
         sample = Sample(pulled["seconds"], int(pulled["bytes"]), fetched, registry_cpu=registry_cpu)
         self.record("oras", sample)
         shutil.rmtree(target)
 
     def first_tensor(self) -> None:
         cold_start()
-        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
+        mark = self.registry.mark()
         with mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("ttft")) as mount:
             self.read_ahead_kb = bdi_read_ahead(mount.path).read_text().strip()
             loaded = run_task("first-tensor", str(mount.path))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
-        fetched = self.access_log.blob_bytes_since(mark)
+        fetched, registry_cpu = self.registry.blob_bytes_since(mark), self.registry.cpu_since(mark)
         listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
         self.record("listing_large", listing)
-        sample = Sample(loaded["seconds"], int(loaded["bytes"]), fetched, rss, mount_cpu=mount_cpu)
-        self.record(
-            "first_tensor",
-            dataclasses.replace(sample, registry_cpu=self.registry_cpu() - registry_cpu),
-        )
+        tensor = int(loaded["bytes"])
+        sample = Sample(loaded["seconds"], tensor, fetched, rss, {}, mount_cpu, registry_cpu)
+        self.record("first_tensor", sample)
 
     @contextmanager
     def profiled(self, key: str) -> Iterator[Callable[[int], None]]:
@@ -386,7 +389,7 @@ class Bench:
 
     def _mounted_read(self, key: str, pushed: PushedModel, cache: Path) -> Mount:
         cold_start()
-        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
+        mark = self.registry.mark()
         with (
             self.profiled(key) as attach,
             mounted(pushed, self.work / "mnt" / "modelfs", cache) as mount,
@@ -394,8 +397,8 @@ class Bench:
             attach(mount.pid)
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
-        fetched = self.access_log.blob_bytes_since(mark)
-        registry_cpu = self.registry_cpu() - registry_cpu
+        fetched = self.registry.blob_bytes_since(mark)
+        registry_cpu = self.registry.cpu_since(mark)
         self.record(key, Sample(elapsed, count, fetched, rss, {}, mount_cpu, registry_cpu))
         if count != pushed.size:
             raise BenchError(f"{key}: read {count} bytes of a {pushed.size}-byte model")
@@ -409,7 +412,7 @@ class Bench:
 
     def cold_load(self) -> None:
         cold_start()
-        mark, registry_cpu = self.access_log.mark(), self.registry_cpu()
+        mark = self.registry.mark()
         with (
             self.profiled("cold_load") as attach,
             mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("load")) as mount,
@@ -417,8 +420,8 @@ class Bench:
             attach(mount.pid)
             load = run_task("load-all", str(mount.path))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
-        fetched = self.access_log.blob_bytes_since(mark)
-        registry_cpu = self.registry_cpu() - registry_cpu
+        fetched = self.registry.blob_bytes_since(mark)
+        registry_cpu = self.registry.cpu_since(mark)
         parts = {"mount": mount.listed_after, "load": load["seconds"]}
         total = mount.listed_after + load["seconds"]
         sample = Sample(total, self.large.size, fetched, rss, parts, mount_cpu, registry_cpu)
@@ -524,7 +527,7 @@ def main() -> None:
     node_counts = tuple(int(count) for count in arguments.cluster_nodes.split(","))
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=arguments.work_dir))
     registry = start_registry(work / "registry")
-    access_log = AccessLog(registry.log_path)
+    meter = RegistryMeter(registry.log_path, registry.pid)
     bench: Bench | None = None
     try:
         sections: list[str] = []
@@ -540,7 +543,7 @@ def main() -> None:
             log(
                 f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB"
             )
-            bench = Bench(work, large, small, access_log, registry.pid)
+            bench = Bench(work, large, small, meter)
             for run in range(1, runs + 1):
                 log(f"bench: run {run} of {runs}")
                 bench.run_once()
@@ -555,7 +558,7 @@ def main() -> None:
                 render_verdicts(evaluate(bench.results, large.size)),
             ]
         log(f"bench: cluster case, a {cluster_size >> 20} MiB model, nodes {node_counts}")
-        cluster = ClusterCase(registry.host, access_log, work, cluster_size, node_counts)
+        cluster = ClusterCase(registry.host, meter, work, cluster_size, node_counts)
         cluster_results: Results = {}
 
         def record_cluster(key: str, sample: Sample) -> None:
