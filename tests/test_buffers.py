@@ -46,14 +46,67 @@ def test_beyond_its_capacity_or_its_size_the_pool_gives_plain_buffers() -> None:
     assert isinstance(pool.take(64), memoryview)  # one came back to the pool
 
 
+class Keeper:
+    """Keeps buffers it could do without, and gives them up when asked, if it may."""
+
+    def __init__(self, may_spare: bool) -> None:
+        self.kept: list[memoryview | bytearray] = []
+        self.may_spare = may_spare
+
+    def spare_buffer(self) -> bool:
+        if self.may_spare and self.kept:
+            self.kept.pop(0)
+            return True
+        return False
+
+
+def test_at_its_capacity_the_pool_asks_its_holders_to_spare_a_buffer() -> None:
+    pool = BufferPool(size=64, capacity=2)
+    keeper = Keeper(may_spare=True)
+    pool.add_holder(keeper)
+    keeper.kept = [pool.take(64), pool.take(64)]
+    keeper.kept[0][:1] = b"A"
+    keeper.kept[1][:1] = b"B"
+    again = pool.take(64)
+    assert isinstance(again, memoryview)  # a pooled buffer, not a third block of memory
+    assert len(keeper.kept) == 1 and bytes(keeper.kept[0][:1]) == b"B"
+    assert bytes(again[:1]) == b"A"  # the oldest, spared and handed out again
+
+
+def test_what_nothing_can_spare_is_not_handed_out_again() -> None:
+    pool = BufferPool(size=64, capacity=2)
+    keeper = Keeper(may_spare=False)
+    pool.add_holder(keeper)
+    keeper.kept = [pool.take(64), pool.take(64)]
+    assert isinstance(pool.take(64), bytearray)
+    assert len(keeper.kept) == 2
+    sparing = Keeper(may_spare=True)
+    pool.add_holder(sparing)
+    sparing.kept = [keeper.kept.pop()]  # also held by the one that may spare
+    keeper.kept.append(sparing.kept[0])
+    assert isinstance(pool.take(64), bytearray)  # spared, but still held: not reused
+    assert sparing.kept == []
+
+
+def test_holders_go_with_their_owner() -> None:
+    pool = BufferPool(size=64, capacity=1)
+    keeper = Keeper(may_spare=True)
+    pool.add_holder(keeper)
+    del keeper
+    assert isinstance(pool.take(64), memoryview)
+    assert isinstance(pool.take(64), memoryview)  # nothing refers to the first one any more
+
+
 class CountingPool(BufferPool):
-    """Counts the buffers it hands out from the pool (not the plain ones)."""
+    """Counts the buffers it hands out from the pool and the plain ones."""
 
     pooled = 0
+    plain = 0
 
     def take(self, length: int) -> memoryview | bytearray:
         buffer = super().take(length)
         self.pooled += isinstance(buffer, memoryview)
+        self.plain += isinstance(buffer, bytearray)
         return buffer
 
 
@@ -99,4 +152,39 @@ def test_readers_get_their_bytes_while_few_buffers_go_round(
         assert wrong == [], phase
         assert pool.pooled - taken > 3, phase  # the three buffers went round
         assert cache.missing(blob.digest, blob.size) == []
+    cache.close()
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_a_fetcher_spares_the_pieces_it_keeps_to_stay_in_the_pool(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """One reader, one connection, a pool of 3 buffers. Read forward, the fetcher would keep 12
+    pieces for readers; read backward, every piece waits for the ones before it to be hashed.
+    Either way it gives up the pieces the cache has before the pool hands out a plain buffer,
+    the reader's bytes are the blob's, and the blob still checks out whole."""
+    piece = 64 << 10
+    data = os.urandom(16 * piece)
+    raw = layer_media_type("weight", "raw")
+    push_artifact(registry.host, "tests/spare", order, [Layer(raw, data)])
+    blob = BlobRef("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    pool = CountingPool(size=piece, capacity=3)
+    monkeypatch.setattr(rangeget, "PIECE_BUFFERS", pool)
+    monkeypatch.setattr(pieces, "PIECE_BUFFERS", pool)
+    cache = PieceCache(tmp_path / "cache", 64 << 20, piece_size=piece)
+    indexes = list(range(16)) if order == "forward" else list(reversed(range(16)))
+
+    async def main() -> None:
+        async with RegistryClient(registry.host, plain_http=True) as client:
+            fetcher = pieces.PieceFetcher(
+                client.repository("tests/spare"), cache, connections=1, memory_pieces=12
+            )
+            for index in indexes:
+                got = await fetcher.read(blob, index * piece, piece)
+                assert bytes(got) == data[index * piece : (index + 1) * piece], index
+                del got
+
+    trio.run(main)
+    assert pool.plain == 0
+    assert cache.is_verified(blob.digest)
     cache.close()

@@ -44,7 +44,7 @@ _TOUCH_FLUSH = 256  # pending stamp updates that force a write
 # B-tree through the map, and each fault maps the neighbouring pages just written); every page
 # touched stays mapped. They are let go after this many bytes passed through, so the RSS stays
 # flat instead of growing with what was read and stored.
-RELEASE_MAPPED_EVERY = 32 << 20
+RELEASE_MAPPED_EVERY = 8 << 20
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,21 @@ refers to it: the pool hands out a ``memoryview`` of it, and
 that view and every slice of it hold a reference to the buffer (CPython counts them), so a
 buffer some reader, hash or cache write still holds is never handed out again. Only the trio
 thread takes buffers; any thread may let them go.
+
+The pool is the mount's memory bound. Before it grows past ``capacity`` it asks its holders
+(the piece fetchers) to let go of pieces they keep only to save work, oldest first: pieces held
+for readers that the cache can give again, pieces waiting for their blob's hash that are stored
+already. Only when nothing can be spared (every buffer is still being received, written or
+read) does it hand out a plain buffer, so what stays above the bound is what is in flight, and
+that is set by the connection and queue counts, not by the model's size.
 """
 
 from __future__ import annotations
 
 import mmap
 import sys
+import weakref
+from typing import Protocol
 
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 
@@ -27,6 +36,12 @@ def _references(buffers: list[mmap.mmap], index: int) -> int:
     return sys.getrefcount(buffers[index])
 
 
+class BufferHolder(Protocol):
+    def spare_buffer(self) -> bool:
+        """Let go of one buffer held only to save work; False when there is none."""
+        ...
+
+
 class BufferPool:
     """At most ``capacity`` reusable buffers of ``size`` bytes; beyond that, plain ones."""
 
@@ -34,25 +49,49 @@ class BufferPool:
         self.size = size
         self.capacity = capacity
         self._buffers: list[mmap.mmap] = []
+        # Weak: a mount's fetcher goes with its mount, and the pool is the process's.
+        self._holders: weakref.WeakSet[BufferHolder] = weakref.WeakSet()
         probe = [mmap.mmap(-1, 1)]
         self._unreferenced = _references(probe, 0)  # held by the pool's list alone
+
+    def add_holder(self, holder: BufferHolder) -> None:
+        """Ask ``holder`` to spare buffers before the pool goes past its capacity."""
+        self._holders.add(holder)
 
     def take(self, length: int) -> memoryview | bytearray:
         """A writable buffer of exactly ``length`` bytes, contents undefined."""
         if length > self.size:
             return bytearray(length)
-        for index in range(len(self._buffers)):
-            if _references(self._buffers, index) == self._unreferenced:
-                return memoryview(self._buffers[index])[:length]
+        free = self._free()
+        if free is None and len(self._buffers) >= self.capacity:
+            free = self._spared()
+        if free is not None:
+            return memoryview(self._buffers[free])[:length]
         if len(self._buffers) < self.capacity:
             # Private: a shared anonymous mapping would be tmpfs memory, counted apart.
             self._buffers.append(
                 mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             )
             return memoryview(self._buffers[-1])[:length]
-        return bytearray(length)  # every pooled buffer is in use: more readers than usual
+        return bytearray(length)  # every buffer is in flight: more readers than usual
+
+    def _free(self) -> int | None:
+        for index in range(len(self._buffers)):
+            if _references(self._buffers, index) == self._unreferenced:
+                return index
+        return None
+
+    def _spared(self) -> int | None:
+        """A buffer freed by asking the holders to spare theirs, one at a time."""
+        for holder in list(self._holders):
+            while holder.spare_buffer():
+                # A spared piece may be held elsewhere as well (a reader, the cache writer).
+                free = self._free()
+                if free is not None:
+                    return free
+        return None
 
 
-# Up to 8 fetches in flight, 12 pieces held in memory by the piece fetcher, and those readers,
-# the blob hash and the cache writer still hold.
-PIECE_BUFFERS = BufferPool(DEFAULT_PIECE_SIZE, 32)
+# Up to 8 fetches in flight and about as many pieces on their way to the cache; the pieces held
+# for readers and for the blob hash are spared past this.
+PIECE_BUFFERS = BufferPool(DEFAULT_PIECE_SIZE, 20)

@@ -218,6 +218,7 @@ class PieceFetcher:
         # stored yet (found there as if in the cache).
         self._writes: trio.MemorySendChannel[_QueuedWrite] | None = None
         self._queued: dict[tuple[str, int], BlobBytes] = {}
+        PIECE_BUFFERS.add_holder(self)
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[None]:
@@ -588,6 +589,28 @@ class PieceFetcher:
         _, length = piece_span(index, blob.size, self.cache.piece_size)
         buffer = PIECE_BUFFERS.take(length)  # here: buffers are taken on the trio thread only
         return await trio.to_thread.run_sync(self.cache.get, blob.digest, index, buffer)
+
+    def spare_buffer(self) -> bool:
+        """Let go of one piece kept only to save work, for the buffer pool at its bound.
+
+        The oldest piece held for readers goes first (the cache or its writer has it); then the
+        furthest piece waiting for its blob's hash that is stored already (the hash reads it back
+        from the cache when it gets there).
+        """
+        if self._memory:
+            del self._memory[next(iter(self._memory))]
+            return True
+        for digest, state in self._hashes.items():
+            # Not the next one: the hash may be asking the cache for it right now.
+            stored = [
+                index
+                for index in state.ahead
+                if index > state.next_index and (digest, index) not in self._queued
+            ]
+            if stored:
+                del state.ahead[max(stored)]
+                return True
+        return False
 
     def _remember(self, key: tuple[str, int], data: BlobBytes) -> None:
         """Hold a piece for its readers, oldest fetched dropped first.
