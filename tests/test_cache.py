@@ -1,14 +1,18 @@
 """The LMDB piece cache on real LMDB files: checksums, limits, LRU order, leases, sharing."""
 
+import itertools
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import lmdb
 import pytest
 
 from modelfs.cache import PieceCache
+from modelfs.cache.store import copy_releasing_gil
 from modelfs.errors import CacheError
 
 PIECE = 1024
@@ -163,3 +167,44 @@ def test_a_cache_of_an_older_format_is_refused_with_what_to_do(tmp_path: Path) -
     env.close()
     with pytest.raises(CacheError, match=r"another format.*another --cache-dir or remove"):
         make(tmp_path)
+
+
+def test_a_piece_copied_out_of_the_map_lands_in_the_buffer_given(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    data = os.urandom(PIECE)
+    cache.put("sha256:a", 0, data, PIECE)
+    into = memoryview(bytearray(PIECE + 10))[:PIECE]
+    got = cache.get("sha256:a", 0, into)
+    assert got is into and bytes(into) == data
+    cache.close()
+
+
+def test_the_copy_out_of_the_map_lets_the_event_loop_thread_run() -> None:
+    """A cache read copies in a worker thread; meanwhile the thread that started it keeps running.
+    Under the GIL (as a slice assignment copies) it would stop for the whole copy."""
+    size = 512 << 20
+    source = memoryview(bytes(size))
+    into = memoryview(bytearray(size))
+    into[:] = source  # touched: what is timed below is only the copy
+    copied: list[tuple[float, float]] = []
+
+    def copy() -> None:
+        started = time.perf_counter()
+        copy_releasing_gil(into, source)
+        copied.append((started, time.perf_counter()))
+
+    worker = threading.Thread(target=copy)
+    turns: list[float] = []
+    worker.start()
+    while worker.is_alive():
+        turns.append(time.perf_counter())
+    worker.join()
+    started, ended = copied[0]
+    inside = [started] + [turn for turn in turns if started < turn < ended] + [ended]
+    longest_wait = max(later - earlier for earlier, later in itertools.pairwise(inside))
+    assert longest_wait < (ended - started) / 2
+
+
+def test_a_copy_between_buffers_of_different_sizes_is_refused() -> None:
+    with pytest.raises(ValueError, match="copy of 10 bytes into 9"):
+        copy_releasing_gil(bytearray(9), b"0123456789")

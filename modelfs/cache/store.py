@@ -35,6 +35,54 @@ from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
 
 log = logging.getLogger(__name__)
 
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (stable ABI): where an object's bytes are."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_PyBUF_WRITABLE = 0x1
+
+
+def copy_releasing_gil(into: memoryview | bytearray, source: memoryview | bytes) -> None:
+    """``into[:] = source`` without holding the GIL while the bytes move.
+
+    Copying a piece out of LMDB's map faults its pages in from disk once the page cache let them
+    go; under the GIL (as a slice assignment copies) the event loop, and every FUSE reply, would
+    wait on that disk read. ``ctypes.memmove`` lets the GIL go for the call. Both buffers are held
+    (exported) for the copy, so neither can be resized or released under it.
+    """
+    target, origin = _PyBuffer(), _PyBuffer()
+    _get_buffer(into, ctypes.byref(target), _PyBUF_WRITABLE)
+    try:
+        _get_buffer(source, ctypes.byref(origin), 0)
+        try:
+            if origin.len != target.len:
+                raise ValueError(f"copy of {origin.len} bytes into {target.len}")
+            ctypes.memmove(target.buf, origin.buf, origin.len)
+        finally:
+            _release_buffer(ctypes.byref(origin))
+    finally:
+        _release_buffer(ctypes.byref(target))
+
+
 _BLOB = struct.Struct(">QIB")  # size, pieces present, verified
 _U64 = struct.Struct(">Q")
 _CHECKSUM = struct.Struct("<Q")
@@ -201,7 +249,7 @@ class PieceCache:
                 return None
             data: bytes | memoryview | bytearray
             if into is not None and len(into) == len(value):
-                into[:] = value
+                copy_releasing_gil(into, value)
                 data = into
             else:
                 data = bytes(value)
