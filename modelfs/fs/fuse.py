@@ -16,8 +16,9 @@ import stat
 from collections.abc import Callable
 from typing import Protocol
 
+import pyfuse3
+
 from modelfs.errors import ModelfsError
-from modelfs.fs.session import Attributes, FsStats, FuseError
 from modelfs.fs.tree import DirNode, FileNode, Tree
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,8 @@ class OpenFile(Protocol):
         ...
 
 
-class ReadOnlyTreeFS:
-    """Serves ``tree`` (``modelfs.fs.session.Operations``); each open gets its reader from
-    ``open_file(file)``.
+class ReadOnlyTreeFS(pyfuse3.Operations):
+    """Serves ``tree``; each open gets its reader from ``open_file(file)``.
 
     ``on_init`` runs when the kernel's INIT arrives; the INIT reply is sent right after it
     returns, so anything that must follow the reply (bdi readahead) waits for it.
@@ -50,6 +50,7 @@ class ReadOnlyTreeFS:
         open_file: Callable[[FileNode], OpenFile],
         on_init: Callable[[], None],
     ) -> None:
+        super().__init__()
         self.tree = tree
         self._open_file = open_file
         self._on_init = on_init
@@ -61,80 +62,121 @@ class ReadOnlyTreeFS:
     def init(self) -> None:
         self._on_init()
 
-    def getattr(self, inode: int) -> Attributes:
-        node = self._node(inode)
+    def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        try:
+            node = self.tree.node(inode)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.entry_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_uid = self._uid
+        attr.st_gid = self._gid
+        attr.st_blksize = 1 << 20
         if isinstance(node, FileNode):
-            mode, nlink, size = stat.S_IFREG | node.mode, 1, node.size
+            attr.st_mode = stat.S_IFREG | node.mode
+            attr.st_nlink = 1
+            attr.st_size = node.size
         else:
-            mode, size = stat.S_IFDIR | node.mode, 0
-            nlink = 2 + sum(
+            attr.st_mode = stat.S_IFDIR | node.mode
+            attr.st_nlink = 2 + sum(
                 isinstance(self.tree.node(child), DirNode) for _, child in node.children.items()
             )
-        return Attributes(
-            inode, mode, size, nlink, self._uid, self._gid, node.mtime_ns, CACHE_TIMEOUT
-        )
+            attr.st_size = 0
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
+        return attr
 
-    def lookup(self, parent: int, name: str) -> Attributes:
-        if name == ".":
-            return self.getattr(parent)
-        inode = self.tree.lookup(parent, name)
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(inode)
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._attributes(parent_inode)
+        inode = self.tree.lookup(parent_inode, os.fsdecode(name))
         if inode is None:
-            raise FuseError(errno.ENOENT)
-        return self.getattr(inode)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(inode)
 
-    def opendir(self, inode: int) -> None:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         if not isinstance(self._node(inode), DirNode):
-            raise FuseError(errno.ENOTDIR)
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(inode)
 
-    def readdir(self, inode: int, start: int) -> list[tuple[str, Attributes]]:
-        # ``start`` is the position in the sorted child list, so a listing can resume anywhere.
-        return [(name, self.getattr(child)) for name, child in self.tree.children(inode)[start:]]
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        # start_id is the position in the sorted child list, so a listing can resume anywhere.
+        children = self.tree.children(fh)
+        for position in range(start_id, len(children)):
+            name, inode = children[position]
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(name), self._attributes(inode), position + 1
+            ):
+                return
 
-    def open(self, inode: int, flags: int) -> int:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise FuseError(errno.EROFS)
+            raise pyfuse3.FUSEError(errno.EROFS)
         node = self._node(inode)
         if not isinstance(node, FileNode):
-            raise FuseError(errno.EISDIR)
+            raise pyfuse3.FUSEError(errno.EISDIR)
         handle = next(self._next_handle)
         self._handles[handle] = self._open_file(node)
-        return handle
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
 
-    def release(self, handle: int) -> None:
-        self._handles.pop(handle, None)
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._handles.pop(fh, None)
 
-    async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         try:
-            file = self._handles[handle]
+            file = self._handles[fh]
         except KeyError:
-            raise FuseError(errno.EBADF) from None
+            raise pyfuse3.FUSEError(errno.EBADF) from None
         node = file.node
-        if offset >= node.size:
+        if off >= node.size:
             return b""
-        size = min(size, node.size - offset)
+        size = min(size, node.size - off)
         try:
-            data = await file.read(offset, size)
+            data = await file.read(off, size)
         except ModelfsError as error:
-            log.error("read %s [%d, +%d): %s", node.path, offset, size, error)
-            raise FuseError(errno.EIO) from None
+            log.error("read %s [%d, +%d): %s", node.path, off, size, error)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            log.exception("read %s [%d, +%d) failed unexpectedly", node.path, offset, size)
-            raise FuseError(errno.EIO) from None
+            log.exception("read %s [%d, +%d) failed unexpectedly", node.path, off, size)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         if len(data) != size:  # never a short read before EOF
-            log.error("read %s [%d, +%d): got %d bytes", node.path, offset, size, len(data))
-            raise FuseError(errno.EIO)
-        return data
+            log.error("read %s [%d, +%d): got %d bytes", node.path, off, size, len(data))
+            raise pyfuse3.FUSEError(errno.EIO)
+        return data  # type: ignore[return-value]  # any contiguous buffer is accepted
 
-    def access(self, inode: int, mask: int) -> None:
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self._node(inode)
-        if mask & os.W_OK:
-            raise FuseError(errno.EACCES)
+        return not mode & os.W_OK
 
-    def statfs(self) -> FsStats:
-        return FsStats(blocks=(self.tree.total_size + 4095) // 4096, files=len(self.tree.files()))
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = (self.tree.total_size + 4095) // 4096
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.tree.files())
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._node(inode)
+        return []
 
     def _node(self, inode: int) -> FileNode | DirNode:
         try:
             return self.tree.node(inode)
         except KeyError:
-            raise FuseError(errno.ENOENT) from None
+            raise pyfuse3.FUSEError(errno.ENOENT) from None

@@ -1,6 +1,6 @@
 """Running one mount: load the model, start the FUSE session, serve until unmounted or signalled.
 
-One process serves one mount (one FUSE session, ``modelfs.fs.session``). The session ends when
+One process serves one mount (pyfuse3 runs one FUSE session per process). The session ends when
 the kernel unmounts it (``modelfs umount``, ``fusermount3 -u``) or on SIGTERM/SIGINT, which
 unmount it; either way the cache is flushed and the leases on its blobs released.
 """
@@ -19,9 +19,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyfuse3
 import trio
 
 from modelfs.cache import PieceCache
+from modelfs.errors import ModelfsError
 from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
@@ -38,7 +40,6 @@ from modelfs.fetcher.stats import (
 )
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.fs.model import Model, load_model
-from modelfs.fs.session import FuseSession
 from modelfs.fs.tree import FileNode
 from modelfs.logs import set_log_context
 from modelfs.peer.options import ClusterOptions
@@ -120,6 +121,18 @@ async def open_source(
             yield MeteredRepository(client, ref.repository, stats)
 
 
+def _fuse_options(options: MountOptions, model: Model) -> set[str]:
+    name = str(options.reference).replace(",", "_")
+    fuse_options = set(pyfuse3.default_options) | {
+        "ro",
+        f"fsname=modelfs:{name}",
+        "subtype=modelfs",
+    }
+    if options.allow_other:
+        fuse_options.add("allow_other")
+    return fuse_options
+
+
 def _fuse_device(mountpoint: Path) -> str | None:
     """The ``major:minor`` of the FUSE mount at ``mountpoint``, from /proc/self/mountinfo.
 
@@ -137,7 +150,7 @@ def _fuse_device(mountpoint: Path) -> str | None:
 
 
 def _raise_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
-    """Raise the mount's bdi readahead: the kernel reads ahead at most this much, in 1 MiB reads."""
+    """Raise the mount's bdi readahead (pyfuse3 cannot set max_read; this is the lever)."""
     device = _fuse_device(mountpoint)
     try:
         Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(read_ahead_kb))
@@ -285,20 +298,26 @@ async def _run_session(
 
     initialized = trio.Event()
     operations = ReadOnlyTreeFS(model.tree, open_file, initialized.set)
-    name = str(options.reference).replace(",", "_")  # a mount option's value
-    session = FuseSession.mount(
-        options.mountpoint, f"modelfs:{name}", "modelfs", allow_other=options.allow_other
-    )
+    try:
+        pyfuse3.init(operations, str(options.mountpoint), _fuse_options(options, model))
+    except RuntimeError as error:
+        raise ModelfsError(
+            f"cannot mount on {options.mountpoint}: {error} (is it an existing empty directory, "
+            "and is /dev/fuse available?)"
+        ) from None
+    unmounted_by_kernel = False
     try:
         async with trio.open_nursery() as nursery:
 
             async def serve_until_unmounted() -> None:
-                await session.serve(operations)
+                nonlocal unmounted_by_kernel
+                await pyfuse3.main()
+                unmounted_by_kernel = True
                 nursery.cancel_scope.cancel()
 
             async def raise_read_ahead_after_init() -> None:
-                # The kernel lowers the bdi readahead to what the INIT reply allows (its own
-                # default, 128 KiB), so a value written before the reply does not stick.
+                # The kernel lowers the bdi readahead to what the INIT reply allows (128 KiB
+                # from libfuse), so a value written before the reply does not stick.
                 await initialized.wait()
                 _raise_read_ahead(options.mountpoint, options.read_ahead_kb)
 
@@ -306,19 +325,17 @@ async def _run_session(
             nursery.start_soon(raise_read_ahead_after_init)
             nursery.start_soon(serve_until_unmounted)
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            nursery.start_soon(_purge_rejected, model, session, rejected)
+            nursery.start_soon(_purge_rejected, model, rejected)
             if options.stats_socket is not None:
                 listener = await open_control_socket(options.stats_socket)
                 nursery.start_soon(serve_control, listener, snapshot)
             on_ready(model)
     finally:
-        session.close()
+        pyfuse3.close(unmount=not unmounted_by_kernel)
         log.info("%s unmounted from %s", options.reference, options.mountpoint)
 
 
-async def _purge_rejected(
-    model: Model, session: FuseSession, rejected: trio.MemoryReceiveChannel[str]
-) -> None:
+async def _purge_rejected(model: Model, rejected: trio.MemoryReceiveChannel[str]) -> None:
     """Drop the kernel's page cache of files whose blob failed its digest check.
 
     Runs beside the request handlers, never inside one: the kernel waits on pages that an
@@ -327,7 +344,7 @@ async def _purge_rejected(
     async for digest in rejected:
         for file in model.tree.files():
             if file.located and file.blob.digest == digest:
-                await trio.to_thread.run_sync(session.invalidate, file.inode)
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, file.inode, False)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
