@@ -183,8 +183,8 @@ def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
             "warm read >= 0.8 x trivial FUSE (e)",
             vs_memfs,
             0.8,
-            f"{_format(vs_memfs, '.2f')} x; a cold local disk read, the bound once LMDB's pages "
-            f"are dropped, is {_format(disk_vs_memfs, '.2f')} x",
+            f"{_format(vs_memfs, '.2f')} x; a cold local disk read, where LMDB's pages come "
+            f"from once dropped, is {_format(disk_vs_memfs, '.2f')} x",
         ),
         _at_most(
             "registry bytes of a cold full read <= 1.02 x model size",
