@@ -18,6 +18,7 @@ next write transaction rather than making every read a write.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import os
@@ -59,6 +60,12 @@ _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_in
 _release_buffer = ctypes.pythonapi.PyBuffer_Release
 _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 _PyBUF_WRITABLE = 0x1
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Looked up once: the mapped pages are let go every few MiB read or stored.
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def copy_releasing_gil(into: memoryview | bytearray, source: memoryview | bytes) -> None:
@@ -391,9 +398,9 @@ class PieceCache:
                     if line.rstrip().endswith(data_file)
                     for start, end in [line.split(maxsplit=1)[0].split(b"-")]
                 ]
-        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = _libc().madvise
         for start, end in self._map_spans:
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
     def _passed_through_map(self, size: int) -> None:
         # Called from the threads reading and writing; a count lost to a race only delays it.
