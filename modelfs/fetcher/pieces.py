@@ -593,7 +593,8 @@ class PieceFetcher:
     def spare_buffer(self) -> bool:
         """Let go of one piece kept only to save work, for the buffer pool at its bound.
 
-        The oldest piece held for readers goes first (the cache or its writer has it); then the
+        The oldest piece held for readers goes first (the cache or its writer has it, unless the
+        cache was full: then its next read fetches it again); then the
         furthest piece waiting for its blob's hash that is stored already (the hash reads it back
         from the cache when it gets there).
         """
