@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import struct
+from dataclasses import replace
 
 import pytest
 import trio
@@ -22,7 +23,7 @@ from modelfs.fetcher.hints import (
     whole_model,
 )
 from modelfs.fetcher.pieces import ConnectionSlots, Priority, Ticket
-from modelfs.fetcher.prefetch import ReadPattern, WindowPolicy
+from modelfs.fetcher.prefetch import ReadPattern, WindowPolicy, piece_runs
 from modelfs.fs.tree import BlobRef, FileNode, FileSpec, Tree
 
 MIB = 1 << 20
@@ -105,6 +106,30 @@ def test_mmap_fault_bursts_open_no_window() -> None:
         burst = sequential(fault - 2 * MIB, fault + 2 * MIB)
         random.Random(fault).shuffle(burst)
         assert read_all(pattern, burst) == []
+
+
+def test_at_its_cap_the_window_is_topped_up_a_run_at_a_time() -> None:
+    pattern = ReadPattern(POLICY, 1 << 30)
+    spans = []
+    for offset, size in sequential(0, 200 * MIB):
+        span = pattern.on_read(offset, size)
+        if span is not None:
+            spans.append(span)
+            # Never less ahead of the reader than the window less one run.
+            assert span[1] - (offset + size) >= pattern.window - POLICY.top_up * PIECE
+    steady = [span for span in spans if span[0] >= 64 * MIB]
+    assert steady and all(end - start == POLICY.top_up * PIECE for start, end in steady)
+    one_at_a_time = ReadPattern(replace(POLICY, top_up=1), 1 << 30)
+    steady = [
+        span for span in read_all(one_at_a_time, sequential(0, 200 * MIB)) if span[0] >= 64 * MIB
+    ]
+    assert steady and all(end - start == PIECE for start, end in steady)
+
+
+def test_consecutive_pieces_of_a_file_are_grouped_into_runs() -> None:
+    a, b = tree_of({"a": 100, "b": 100}).files()
+    pieces = [(a, 0), (a, 1), (a, 2), (b, 3), (a, 3), (a, 5), (a, 6)]
+    assert piece_runs(pieces, 2) == [(a, [0, 1]), (a, [2]), (b, [3]), (a, [3]), (a, [5, 6])]
 
 
 def test_window_stops_at_end_of_file() -> None:

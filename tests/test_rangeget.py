@@ -18,6 +18,7 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from modelfs.fetcher.auth import Credentials
 from modelfs.fetcher.rangeget import Origin, RangeGetter
 from modelfs.fetcher.registry import RegistryClient
+from modelfs.fetcher.source import BlobBytes
 from modelfs.modelpack import layer_media_type
 
 T = TypeVar("T")
@@ -41,46 +42,89 @@ def with_getter(host: str, action: Callable[[RangeGetter], Awaitable[T]]) -> T:
     return trio.run(main)
 
 
+Run = tuple[list[bytes], bytes]  # the pieces delivered, and what came of the next one
+
+
+async def get_run(
+    getter: RangeGetter, start: int, lengths: list[int], authorization: str | None = None
+) -> Run:
+    delivered: list[bytes] = []
+
+    async def deliver(place: int, data: BlobBytes) -> None:
+        assert place == len(delivered)
+        delivered.append(bytes(data))
+
+    count, partial = await getter.get_run(TARGET, authorization, start, lengths, deliver)
+    assert count == len(delivered)
+    return delivered, bytes(partial)
+
+
 @pytest.fixture(scope="module")
 def pushed(registry: Registry) -> None:
     push_artifact(registry.host, REPOSITORY, "v1", [Layer(layer_media_type("weight", "raw"), BLOB)])
 
 
-def test_reads_exact_ranges_over_one_kept_connection(proxy: Proxy, pushed: None) -> None:
-    spans = [(0, 99), (500_000, 569_999), (len(BLOB) - 10, len(BLOB) - 1)]
+def test_runs_of_pieces_come_one_get_each_over_one_kept_connection(
+    proxy: Proxy, pushed: None
+) -> None:
+    runs = [(0, [100]), (500_000, [30_000, 1, 40_000]), (len(BLOB) - 10, [6, 4])]
 
-    async def read_all(getter: RangeGetter) -> list[bytearray | None]:
-        return [await getter.get(TARGET, None, start, end) for start, end in spans]
+    async def read_all(getter: RangeGetter) -> list[Run]:
+        return [await get_run(getter, start, lengths) for start, lengths in runs]
 
-    assert with_getter(proxy.host, read_all) == [BLOB[start : end + 1] for start, end in spans]
-    assert [r.range for r in proxy.blob_requests] == [f"bytes={s}-{e}" for s, e in spans]
+    expected = []
+    for start, lengths in runs:
+        offsets = [start + sum(lengths[:place]) for place in range(len(lengths))]
+        expected.append(([BLOB[o : o + n] for o, n in zip(offsets, lengths, strict=True)], b""))
+    assert with_getter(proxy.host, read_all) == expected
+    assert [r.range for r in proxy.blob_requests] == [
+        f"bytes={start}-{start + sum(lengths) - 1}" for start, lengths in runs
+    ]
     assert proxy.connections == 1
 
 
 def test_unusual_answers_are_given_back(proxy: Proxy, pushed: None) -> None:
-    async def past_end(getter: RangeGetter) -> bytearray | None:
-        return await getter.get(TARGET, None, len(BLOB) - 10, len(BLOB) + 99)
-
-    assert with_getter(proxy.host, past_end) is None  # a shorter span than asked
+    past_end = with_getter(proxy.host, lambda getter: get_run(getter, len(BLOB) - 10, [110]))
+    assert past_end == ([], b"")  # a shorter span than asked
     proxy.fail_next(1, status=503)
-    assert with_getter(proxy.host, lambda getter: getter.get(TARGET, None, 0, 9)) is None
+    assert with_getter(proxy.host, lambda getter: get_run(getter, 0, [10])) == ([], b"")
 
 
-def test_a_cut_body_gives_what_came(proxy: Proxy, pushed: None) -> None:
-    proxy.cut_blobs(after=1000)
-    received = with_getter(proxy.host, lambda getter: getter.get(TARGET, None, 10, 200_009))
-    assert received is not None
-    assert 0 < len(received) < 200_000
-    assert received == BLOB[10 : 10 + len(received)]
+def test_a_cut_body_gives_the_pieces_that_came_and_the_start_of_the_next(
+    proxy: Proxy, pushed: None
+) -> None:
+    proxy.cut_blobs(after=150_000)
+    pieces, partial = with_getter(
+        proxy.host, lambda getter: get_run(getter, 10, [100_000, 100_000, 100_000])
+    )
+    assert pieces == [BLOB[10:100_010]]
+    assert 0 < len(partial) < 100_000
+    assert partial == BLOB[100_010 : 100_010 + len(partial)]
+
+
+def test_a_failing_receiver_ends_the_run_and_its_connection(proxy: Proxy, pushed: None) -> None:
+    class Refused(Exception):
+        pass
+
+    async def refuse(place: int, data: BlobBytes) -> None:
+        raise Refused
+
+    async def refused_then_read(getter: RangeGetter) -> Run:
+        with pytest.raises(Refused):
+            await getter.get_run(TARGET, None, 0, [1000, 1000], refuse)
+        return await get_run(getter, 0, [10])
+
+    assert with_getter(proxy.host, refused_then_read) == ([BLOB[:10]], b"")
+    assert proxy.connections == 2  # the first was closed with its body half read
 
 
 def test_a_redirecting_registry_is_left_to_the_general_path(proxy: Proxy, pushed: None) -> None:
     proxy.redirect = True
 
-    async def twice(getter: RangeGetter) -> list[bytearray | None]:
-        return [await getter.get(TARGET, None, 0, 9), await getter.get(TARGET, None, 10, 19)]
+    async def twice(getter: RangeGetter) -> list[Run]:
+        return [await get_run(getter, 0, [10]), await get_run(getter, 10, [10])]
 
-    assert with_getter(proxy.host, twice) == [None, None]
+    assert with_getter(proxy.host, twice) == [([], b""), ([], b"")]
     assert len(proxy.blob_requests) == 1  # asked once: then it stands aside
     assert not proxy.redirect_requests  # and never follows it with the Authorization
 
@@ -95,13 +139,13 @@ def test_a_refused_login_is_given_back(auth_registry: Registry) -> None:
         credentials=creds,
     )
 
-    async def anonymous_then_basic(getter: RangeGetter) -> list[bytearray | None]:
+    async def anonymous_then_basic(getter: RangeGetter) -> list[Run]:
         return [
-            await getter.get(TARGET, None, 0, 9),
-            await getter.get(TARGET, creds.basic_header(), 0, 9),
+            await get_run(getter, 0, [10]),
+            await get_run(getter, 0, [10], creds.basic_header()),
         ]
 
-    assert with_getter(auth_registry.host, anonymous_then_basic) == [None, BLOB[:10]]
+    assert with_getter(auth_registry.host, anonymous_then_basic) == [([], b""), ([BLOB[:10]], b"")]
 
 
 def test_read_range_resumes_a_cut_of_the_lean_path(proxy: Proxy, pushed: None) -> None:
@@ -112,3 +156,25 @@ def test_read_range_resumes_a_cut_of_the_lean_path(proxy: Proxy, pushed: None) -
     proxy.cut_blobs(after=1000)
     assert trio.run(read, 200_000) == BLOB[10:200_010]
     assert [r.range for r in proxy.blob_requests] == ["bytes=10-200009", "bytes=1010-200009"]
+
+
+def test_read_pieces_goes_on_by_the_general_path_where_the_lean_one_was_cut(
+    proxy: Proxy, pushed: None
+) -> None:
+    async def read(lengths: list[int]) -> list[bytes]:
+        delivered: list[bytes] = []
+
+        async def deliver(place: int, data: BlobBytes) -> None:
+            delivered.append(bytes(data))
+
+        async with RegistryClient(proxy.host, plain_http=True) as client:
+            await client.repository(REPOSITORY).read_pieces(BLOB_DIGEST, 10, lengths, deliver)
+        return delivered
+
+    proxy.cut_blobs(after=150_000)
+    assert trio.run(read, [100_000] * 3) == [
+        BLOB[10 + o : 100_010 + o] for o in (0, 100_000, 200_000)
+    ]
+    ranges = [r.range for r in proxy.blob_requests]
+    # One GET for the run; the cut piece resumed from where it stopped; the last one alone.
+    assert ranges == ["bytes=10-300009", "bytes=150010-200009", "bytes=200010-300009"]

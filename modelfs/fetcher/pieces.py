@@ -9,6 +9,11 @@ the readahead of a sequential reader (``READAHEAD``), which goes before hints an
 prefetch (``BACKGROUND``). Lower priorities are capped below the total, so prefetch never holds
 every connection, and a demand read promotes a queued prefetch of the piece it waits for.
 
+Prefetch plans its work with ``prefetch_jobs``: consecutive pieces found nowhere are claimed at
+once and fetched in runs, one range request per run when the source can (``PieceRuns``: the
+registry), each piece handed on as it lands. A read of a claimed piece waits for it, as for any
+fetch under way.
+
 Each blob is hashed while its pieces arrive, in order (out-of-order pieces are caught up from
 memory or the cache). The piece that completes the hash completes the check: a blob is marked
 verified only once it hashed whole to its digest; a mismatch drops every piece of the blob and
@@ -33,17 +38,18 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import partial
 
 import trio
 
 from modelfs.cache import PieceCache, PieceWrite
 from modelfs.errors import CacheError, IntegrityError, ModelfsError
 from modelfs.fetcher.buffers import PIECE_BUFFERS
-from modelfs.fetcher.source import BlobBytes, BlobSource, UnvouchedPieces
+from modelfs.fetcher.source import BlobBytes, BlobSource, Deliver, PieceRuns, UnvouchedPieces
 from modelfs.fetcher.stats import (
     CACHE,
     ON_DEMAND,
@@ -145,6 +151,12 @@ class _InFlight:
     error: ModelfsError | None = None
 
 
+# Consecutive pieces a prefetch fetches in one request, at most: 16 MiB of 4 MiB pieces. A
+# registry spends CPU on every request (docker-registry here: ~4 CPU-s to serve 2 GiB as 4 MiB
+# ranges, ~2.6 as 16 MiB ones), and on this machine its CPU is the mount's.
+RUN_PIECES = 4
+
+
 # Pieces up to this many ahead of a blob's hash are held for it; further ones are read back
 # from the cache when the hash gets to them (a random reader's pieces, mostly).
 _HASH_AHEAD = 16
@@ -208,6 +220,7 @@ class PieceFetcher:
         # Told the digest of a blob that failed its check, so its readers' caches can be purged.
         self._on_rejected = on_rejected
         self._unvouched = source if isinstance(source, UnvouchedPieces) else None
+        self._runs = source if isinstance(source, PieceRuns) else None
         self._rejections: dict[str, int] = {}  # digest -> times it failed its check
         self._in_flight: dict[tuple[str, int], _InFlight] = {}
         self._hashes: dict[str, _BlobHash] = {}
@@ -390,71 +403,188 @@ class PieceFetcher:
             if waiting.data is None:  # the fetching task was cancelled: fetch it ourselves
                 return await self._piece(blob, index, priority)
             return waiting.data
-        flight = _InFlight(Ticket(priority))
-        self._in_flight[key] = flight
+        flight = self._in_flight[key] = _InFlight(Ticket(priority))
         try:
-            flight.data = await self._load(blob, index, flight.ticket)
-            return flight.data
+            data = await self._from_cache(blob, index)
+            if data is None:
+                await self._fetch(blob, index, [flight])
+            else:
+                if flight.ticket.priority != Priority.BACKGROUND:
+                    self._remember(key, data)
+                self._settle(key, flight, data)
         except ModelfsError as error:
-            flight.error = error
-            self.stats.failed(error_kind(error), str(error))
+            if not flight.done.is_set():  # else ``_fetch`` settled it and counted the failure
+                self.stats.failed(error_kind(error), str(error))
+                self._settle(key, flight, error=error)
             raise
         finally:
-            del self._in_flight[key]
-            flight.done.set()
+            self._settle(key, flight)  # cancelled: its waiters fetch it themselves
+        assert flight.data is not None  # ``_fetch`` returns only once every piece landed
+        return flight.data
 
-    async def _load(self, blob: BlobRef, index: int, ticket: Ticket) -> BlobBytes:
-        """The piece from the cache, else from the source; kept in memory unless background."""
-        data: BlobBytes | None = None
-        if self.cache.has(blob.digest, index):
-            started = time.monotonic()
-            data = await self._cache_get(blob, index)
-            if data is not None:
-                self.stats.timed(CACHE, time.monotonic() - started)
-        if data is not None:
-            self.stats.fetched(CACHE, len(data))
-            await self._verify_once(blob)
-        else:
-            data = await self._fetch(blob, index, ticket)
-        if ticket.priority != Priority.BACKGROUND:
-            self._remember((blob.digest, index), data)
+    def prefetch_jobs(
+        self, blob: BlobRef, indexes: Sequence[int], priority: Priority
+    ) -> list[Callable[[], Awaitable[None]]]:
+        """The work that prefetches ``indexes`` of ``blob``, for the caller to run in its tasks.
+
+        Consecutive pieces that are nowhere yet (not in memory, queued, in flight or cached) are
+        claimed now and fetched in runs of up to ``RUN_PIECES``, one request each when the source
+        can; any other piece is a job of its own (a cache load, or a piece whose fetch is under
+        way). A reader of a claimed piece waits for its run, and raises its priority.
+        """
+        if blob.digest in self._suspect:
+            return []
+        run_limit = RUN_PIECES if self._runs is not None else 1
+        runs: list[list[int]] = []
+        jobs: list[Callable[[], Awaitable[None]]] = []
+        for index in indexes:
+            key = (blob.digest, index)
+            if (
+                key in self._memory
+                or key in self._queued
+                or key in self._in_flight
+                or self.cache.has(blob.digest, index)
+            ):
+                jobs.append(partial(self.prefetch, blob, index, priority))
+            elif runs and runs[-1][-1] == index - 1 and len(runs[-1]) < run_limit:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        for run in runs:
+            ticket = Ticket(priority)  # one connection for the run: one ticket for its pieces
+            flights = [_InFlight(ticket) for _ in run]
+            for index, flight in zip(run, flights, strict=True):
+                self._in_flight[(blob.digest, index)] = flight
+            jobs.append(partial(self._fetch, blob, run[0], flights))
+        return jobs
+
+    async def _from_cache(self, blob: BlobRef, index: int) -> BlobBytes | None:
+        if not self.cache.has(blob.digest, index):
+            return None
+        started = time.monotonic()
+        data = await self._cache_get(blob, index)
+        if data is None:
+            return None  # evicted meanwhile, or a corrupt entry (dropped): fetched instead
+        self.stats.timed(CACHE, time.monotonic() - started)
+        self.stats.fetched(CACHE, len(data))
+        await self._verify_once(blob)
         return data
 
-    async def _fetch(self, blob: BlobRef, index: int, ticket: Ticket) -> BlobBytes:
-        start, length = piece_span(index, blob.size, self.cache.piece_size)
+    async def _fetch(self, blob: BlobRef, first: int, flights: list[_InFlight]) -> None:
+        """Fetch the consecutive pieces from ``first``, one per flight (claimed by the caller,
+        all with one ticket), and settle each flight as its piece lands.
+
+        A landed piece is queued for the cache and handed to its blob's hash before its readers
+        get it. On an error the pieces not landed yet fail with it; on cancellation their
+        readers fetch them themselves.
+        """
+        piece_size = self.cache.piece_size
+        start = first * piece_size
+        lengths = [
+            piece_span(first + place, blob.size, piece_size)[1] for place in range(len(flights))
+        ]
         rejections = self._rejections.get(blob.digest, 0)
-        async with self._slots.slot(ticket):
-            self.stats.fetch_started(ON_DEMAND if ticket.priority == Priority.DEMAND else PREFETCH)
-            with attributing(self._source_kind) as served_by:
-                started = time.monotonic()
-                data = await self.source.read_range(blob.digest, start, length)
-            if served_by[0] != REGISTRY:
-                self.stats.timed(served_by[0], time.monotonic() - started)
-                self.stats.fetched(served_by[0], len(data))
-            if len(data) != length:
+        ticket = flights[0].ticket
+
+        async def land(place: int, data: BlobBytes) -> None:
+            index = first + place
+            if len(data) != lengths[place]:
                 raise IntegrityError(
                     f"{self.source.name}: blob {blob.digest} gave {len(data)} bytes for a piece "
-                    f"of {length} at offset {start}; the registry's copy may be damaged"
+                    f"of {lengths[place]} at offset {index * piece_size}; the registry's copy may "
+                    "be damaged"
                 )
             # Handed to the hash before it is in the cache, so the hash never reads it back.
             state = self._hash_state_for(blob, index, data)
             write = _QueuedWrite(blob.digest, index, data, blob.size, rejections)
-            # Queued holding the connection slot: a writer that falls behind holds fetching
-            # back, rather than fetched pieces piling up in tasks waiting for room.
-            queued = await self._queue(write)
-        if not queued:
-            await self._store([write])
-        if state is not None:
-            # A prefetch hands its piece to the hash without queueing for it: waiting, each held
-            # its piece, and with sha256 behind on a busy machine 46 pieces (184 MiB) piled up.
-            await self._advance_hash(blob, state, wait=ticket.priority == Priority.DEMAND)
-        if self._rejections.get(blob.digest, 0) != rejections:
-            # Its blob failed while this piece was on its way (it is not stored).
-            raise IntegrityError(
-                f"blob {blob.digest} from {self.source.name} does not match its digest; "
-                "dropped from the cache, the next read fetches it again"
-            )
-        return data
+            # Queued holding the connection: a writer that falls behind holds fetching back,
+            # rather than fetched pieces piling up in tasks waiting for room.
+            if not await self._queue(write):
+                await self._store([write])
+            if state is not None:
+                # A prefetch hands its piece to the hash without queueing for it: waiting, each
+                # held its piece, and with sha256 behind on a busy machine 46 pieces (184 MiB)
+                # piled up.
+                await self._advance_hash(blob, state, wait=ticket.priority == Priority.DEMAND)
+            if self._rejections.get(blob.digest, 0) != rejections:
+                # Its blob failed while this piece was on its way (it is not stored).
+                raise IntegrityError(
+                    f"blob {blob.digest} from {self.source.name} does not match its digest; "
+                    "dropped from the cache, the next read fetches it again"
+                )
+            if ticket.priority != Priority.BACKGROUND:
+                self._remember((blob.digest, index), data)
+            self._settle((blob.digest, index), flights[place], data)
+
+        try:
+            async with self._slots.slot(ticket):
+                purpose = ON_DEMAND if ticket.priority == Priority.DEMAND else PREFETCH
+                for _ in flights:
+                    self.stats.fetch_started(purpose)
+                await self._read_pieces(blob.digest, start, lengths, land)
+            if not all(flight.done.is_set() for flight in flights):
+                raise IntegrityError(
+                    f"{self.source.name}: blob {blob.digest} gave fewer pieces than asked from "
+                    f"offset {start}; the registry's copy may be damaged"
+                )
+        except ModelfsError as error:
+            self.stats.failed(error_kind(error), str(error))
+            for place, flight in enumerate(flights):
+                self._settle((blob.digest, first + place), flight, error=error)
+            raise
+        finally:
+            for place, flight in enumerate(flights):
+                self._settle((blob.digest, first + place), flight)
+
+    async def _read_pieces(
+        self, digest: str, start: int, lengths: list[int], deliver: Deliver
+    ) -> None:
+        """The pieces from the source, in one request when it can, else one range at a time.
+
+        What a source other than the registry sent is counted here (the registry counts its own).
+        """
+        if self._runs is not None:
+            with attributing(self._source_kind) as served_by:
+                await self._runs.read_pieces(
+                    digest, start, lengths, self._counted(served_by, deliver)
+                )
+            return
+        for place, length in enumerate(lengths):
+            with attributing(self._source_kind) as served_by:
+                counted = self._counted(served_by, deliver)
+                data = await self.source.read_range(digest, start, length)
+            await counted(place, data)
+            start += length
+
+    def _counted(self, served_by: list[str], deliver: Deliver) -> Deliver:
+        """``deliver``, counting each piece for whoever served it, unless the registry did."""
+        started = time.monotonic()
+
+        async def counted(place: int, data: BlobBytes) -> None:
+            nonlocal started
+            if served_by[0] != REGISTRY:
+                self.stats.timed(served_by[0], time.monotonic() - started)
+                self.stats.fetched(served_by[0], len(data))
+            await deliver(place, data)
+            started = time.monotonic()
+
+        return counted
+
+    def _settle(
+        self,
+        key: tuple[str, int],
+        flight: _InFlight,
+        data: BlobBytes | None = None,
+        error: ModelfsError | None = None,
+    ) -> None:
+        """The fetch of ``key`` is over: its waiters get ``data`` or ``error``; neither (it was
+        cancelled), and they fetch it themselves. Only the first settling counts."""
+        if flight.done.is_set():
+            return
+        flight.data, flight.error = data, error
+        if self._in_flight.get(key) is flight:
+            del self._in_flight[key]
+        flight.done.set()
 
     async def _queue(self, write: _QueuedWrite) -> bool:
         """Hand the piece to the writer, waiting for room; False if there is none to store it."""

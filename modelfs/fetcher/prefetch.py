@@ -41,7 +41,7 @@ from modelfs.fetcher.hints import (
     startup_hints,
     whole_model,
 )
-from modelfs.fetcher.pieces import PieceFetcher, Priority
+from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
 from modelfs.fetcher.profile import Profile, tree_hints
 from modelfs.fs.tree import FileNode, Tree
 from modelfs.pieces import pieces_covering
@@ -72,6 +72,9 @@ class WindowPolicy:
     # burst of readahead around an mmap page fault, so the window opens only for longer runs.
     kernel_readahead: int
     max_window: int = DEFAULT_MAX_WINDOW
+    # Pieces asked for at once, once the window holds that many: a run the fetcher gets in one
+    # request, where one piece at a time would cost the registry a request each.
+    top_up: int = RUN_PIECES
 
 
 class ReadPattern:
@@ -105,17 +108,32 @@ class ReadPattern:
             # The reader got into a new piece: it keeps consuming, so look further ahead.
             self.window = min(2 * self.window, self.policy.max_window)
         start = max(self._requested, furthest)
-        # Whole pieces: the next span is asked for only once the reader needs a new piece.
+        # Whole pieces: the next span is asked for only once the reader needs a new piece, and
+        # only once a run's worth is due (or the file ends there).
         stop = min(-(-(furthest + self.window) // piece) * piece, self.file_size)
-        if stop <= start:
+        due = min(self.policy.top_up * piece, self.window)
+        if stop <= start or (stop - start < due and stop < self.file_size):
             return None
         self._requested = stop
         return start, stop
 
 
+def piece_runs(pieces: list[tuple[FileNode, int]], limit: int) -> list[tuple[FileNode, list[int]]]:
+    """``pieces`` in order, consecutive ones of one file together, at most ``limit`` a run."""
+    runs: list[tuple[FileNode, list[int]]] = []
+    for node, index in pieces:
+        last = runs[-1] if runs else None
+        if last and last[0] is node and last[1][-1] == index - 1 and len(last[1]) < limit:
+            last[1].append(index)
+        else:
+            runs.append((node, [index]))
+    return runs
+
+
 # -- I/O -----------------------------------------------------------------------------------------
 
 Reader = Callable[[FileNode, int, int], Awaitable[bytes | memoryview]]
+Job = Callable[[], Awaitable[None]]
 HintSink = Callable[[list[Hint]], Awaitable[None]]
 ProfileLookup = Callable[[], Awaitable[Profile | None]]
 
@@ -205,8 +223,9 @@ class Prefetcher:
         if self._nursery is None:
             raise RuntimeError("Prefetcher.start_readahead before Prefetcher.run started")
         piece_size = self.fetcher.cache.piece_size
-        for index in pieces_covering(node.offset + start, end - start, node.blob.size, piece_size):
-            self._nursery.start_soon(self._prefetch_piece, node, index, Priority.READAHEAD)
+        indexes = pieces_covering(node.offset + start, end - start, node.blob.size, piece_size)
+        for job in self.fetcher.prefetch_jobs(node.blob, indexes, Priority.READAHEAD):
+            self._nursery.start_soon(self._prefetch, node, job)
 
     async def _prefetch_model(self, tree: Tree) -> None:
         """Hints first (a recorded profile, else the built-in ones), then maybe the rest."""
@@ -242,22 +261,26 @@ class Prefetcher:
         )
 
     async def _fetch_in_order(self, hints: list[Hint]) -> None:
-        """Fetch the pieces of ``hints`` in order, a few at a time, at background priority."""
+        """Fetch the pieces of ``hints`` in order, a few runs at a time, at background priority."""
         running = trio.Semaphore(self._background_tasks)
 
-        async def fetch(node: FileNode, index: int) -> None:
+        async def fetch(node: FileNode, jobs: list[Job]) -> None:
             try:
-                await self._prefetch_piece(node, index, Priority.BACKGROUND)
+                for job in jobs:
+                    await self._prefetch(node, job)
             finally:
                 running.release()
 
+        pieces = hinted_pieces(hints, self.fetcher.cache.piece_size)
         async with trio.open_nursery() as nursery:
-            for node, index in hinted_pieces(hints, self.fetcher.cache.piece_size):
+            for node, run in piece_runs(pieces, RUN_PIECES):
                 await running.acquire()
-                nursery.start_soon(fetch, node, index)
+                # Claimed only now: a reader of a piece waits on its fetch once it is under way.
+                jobs = self.fetcher.prefetch_jobs(node.blob, run, Priority.BACKGROUND)
+                nursery.start_soon(fetch, node, jobs)
 
-    async def _prefetch_piece(self, node: FileNode, index: int, priority: Priority) -> None:
+    async def _prefetch(self, node: FileNode, job: Job) -> None:
         try:
-            await self.fetcher.prefetch(node.blob, index, priority)
+            await job()
         except ModelfsError as error:
-            log.info("prefetch of piece %d of %s failed: %s", index, node.path, error)
+            log.info("prefetch in %s failed: %s", node.path, error)

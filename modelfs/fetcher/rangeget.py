@@ -1,9 +1,10 @@
-"""A lean HTTP/1.1 range GET for piece fetches: the fast path under ``read_range``.
+"""A lean HTTP/1.1 range GET for piece fetches: the fast path under ``read_pieces``.
 
-A piece is a few MiB that the registry answers with a plain ``206`` and a Content-Length. Through
-httpx every 1 MiB socket read becomes h11 events, chunk objects and a join, all on the one Python
-thread that serves the mount. Here the request is written by hand on a kept-alive trio stream and
-the body lands by ``recv_into`` in one pooled buffer (``modelfs.fetcher.buffers``).
+A run of pieces (a few MiB each) is one range that the registry answers with a plain ``206`` and
+a Content-Length. Through httpx every 1 MiB socket read becomes h11 events, chunk objects and a
+join, all on the one Python thread that serves the mount. Here the request is written by hand on
+a kept-alive trio stream and each piece of the body lands by ``recv_into`` in its own pooled
+buffer (``modelfs.fetcher.buffers``), handed on as soon as it is whole.
 
 Only the plain case is handled: anything else (a redirect, a 401, chunked or encoded bodies, a
 Content-Range other than the one asked for, a connection error) gives ``None`` and the caller
@@ -13,11 +14,13 @@ takes the httpx path, which keeps auth refresh, redirects, retries and their mes
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
 
 from modelfs.fetcher.buffers import PIECE_BUFFERS
+from modelfs.fetcher.source import Deliver
 
 # Status line and headers larger than this are not a plain range answer.
 _HEAD_LIMIT = 64 * 1024
@@ -56,13 +59,6 @@ class _Redirected(_Unusual):
     """The registry sends blobs elsewhere (a CDN): it will for every piece."""
 
 
-class _Cut(Exception):
-    """The body ended short; ``received`` holds what came."""
-
-    def __init__(self, received: bytearray) -> None:
-        self.received = received
-
-
 class RangeGetter:
     """Kept-alive connections to one origin for range GETs; ``aclose`` closes them."""
 
@@ -82,38 +78,54 @@ class RangeGetter:
         for stream in idle:
             await trio.aclose_forcefully(stream)
 
-    async def get(
-        self, target: str, authorization: str | None, start: int, end: int
-    ) -> memoryview | bytearray | None:
-        """Bytes ``start..end`` of the resource at ``target`` (a path); None: unusual.
+    async def get_run(
+        self,
+        target: str,
+        authorization: str | None,
+        start: int,
+        lengths: Sequence[int],
+        deliver: Deliver,
+    ) -> tuple[int, bytearray]:
+        """Consecutive pieces of ``lengths`` bytes from ``start`` of the resource at ``target``
+        (a path), in one GET; each is awaited into ``deliver`` as it lands.
 
-        A body cut short gives the bytes that came (fewer than asked) as a ``bytearray``, for the
-        caller to resume by appending to it.
+        Returns how many pieces were delivered, and the bytes of the next one that came (for the
+        caller to resume from). Fewer than all: the rest is the general path's, which reports
+        what went wrong. An exception from ``deliver`` ends the run and propagates.
         """
         if self._closed or self.redirects:
-            return None
+            return 0, bytearray()
+        end = start + sum(lengths) - 1
         stream: trio.abc.Stream | None = None
-        body: memoryview | bytearray | None = None
         reusable = False
+        delivered = 0
         try:
-            # A stalled registry is the general path's to report, with its own timeouts.
-            with trio.fail_after(self._timeout):
-                stream = self._idle.pop() if self._idle else await self._connect()
-                body = await self._exchange(stream, target, authorization, start, end)
-                reusable = not self._closed
-        except _Cut as cut:
-            body = cut.received
-        except _Redirected:
-            self.redirects = True
-        except (_Unusual, OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
-            pass  # the general path asks again, and reports what is wrong
+            try:
+                # A stalled registry is the general path's to report, with its own timeouts.
+                with trio.fail_after(self._timeout):
+                    stream = self._idle.pop() if self._idle else await self._connect()
+                    body = await self._request(stream, target, authorization, start, end)
+            except _Redirected:
+                self.redirects = True
+                return 0, bytearray()
+            except (_Unusual, OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
+                return 0, bytearray()  # the general path asks again, and reports what is wrong
+            for length in lengths:
+                piece = PIECE_BUFFERS.take(length)
+                # Each piece has the whole timeout: ``deliver`` may wait (for the cache writer).
+                received = await body.receive_into(memoryview(piece), self._timeout)
+                if received < length:
+                    return delivered, bytearray(piece[:received])  # out of the pooled buffer
+                await deliver(delivered, piece)
+                delivered += 1
+            reusable = not self._closed and body.finished()
+            return delivered, bytearray()
         finally:
             if stream is not None:
                 if reusable:
                     self._idle.append(stream)
                 else:
                     await trio.aclose_forcefully(stream)
-        return body
 
     async def _connect(self) -> trio.abc.Stream:
         origin = self._origin
@@ -124,14 +136,15 @@ class RangeGetter:
             stream = tls
         return stream
 
-    async def _exchange(
+    async def _request(
         self,
         stream: trio.abc.Stream,
         target: str,
         authorization: str | None,
         start: int,
         end: int,
-    ) -> memoryview | bytearray:
+    ) -> _Body:
+        """Send the GET and read its head; the body that follows, if the answer is plain."""
         lines = [
             f"GET {target} HTTP/1.1",
             f"Host: {self._origin.host_header}",
@@ -146,12 +159,45 @@ class RangeGetter:
         length = _plain_range_length(head, start, end)
         if len(rest) > length:
             raise _Unusual  # bytes past the body: not a one-request-at-a-time server
-        body = PIECE_BUFFERS.take(length)
-        body[: len(rest)] = rest
-        received = await _receive_into(stream, memoryview(body)[len(rest) :])
-        if len(rest) + received < length:
-            raise _Cut(bytearray(body[: len(rest) + received]))  # out of the pooled buffer
-        return body
+        return _Body(stream, rest)
+
+
+class _Body:
+    """A response body read in order: first what came with the head, then the stream."""
+
+    def __init__(self, stream: trio.abc.Stream, early: bytes) -> None:
+        self._stream = stream
+        self._early = memoryview(early)
+        self._broken = False
+
+    def finished(self) -> bool:
+        """Whether the stream is still good for the next request."""
+        return not self._broken and not self._early
+
+    async def receive_into(self, view: memoryview, timeout: float) -> int:
+        """Fill ``view``, straight from the socket when it is plain TCP; the count received,
+        short if the stream ended, broke or stalled for ``timeout`` seconds."""
+        received = min(len(self._early), len(view))
+        view[:received] = self._early[:received]
+        self._early = self._early[received:]
+        stream = self._stream
+        try:
+            with trio.move_on_after(timeout):
+                while received < len(view):
+                    if isinstance(stream, trio.SocketStream):
+                        count = await stream.socket.recv_into(view[received:])
+                    else:
+                        chunk = await stream.receive_some(min(len(view) - received, _RECEIVE_SIZE))
+                        count = len(chunk)
+                        view[received : received + count] = chunk
+                    if not count:
+                        break
+                    received += count
+        except (OSError, trio.BrokenResourceError, ssl.SSLError):
+            pass  # as good as an early end: the caller resumes from what came
+        if received < len(view):
+            self._broken = True
+        return received
 
 
 async def _receive_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
@@ -194,27 +240,3 @@ def _plain_range_length(head: bytes, start: int, end: int) -> int:
     if int(length) != end - start + 1:
         raise _Unusual
     return int(length)
-
-
-async def _receive_into(stream: trio.abc.Stream, view: memoryview) -> int:
-    """Fill ``view`` from the stream, straight from the socket when it is plain TCP; the count
-    received, short if the stream ended or broke first."""
-    received = 0
-    try:
-        if isinstance(stream, trio.SocketStream):
-            sock = stream.socket
-            while received < len(view):
-                count = await sock.recv_into(view[received:])
-                if not count:
-                    break
-                received += count
-            return received
-        while received < len(view):
-            chunk = await stream.receive_some(min(len(view) - received, _RECEIVE_SIZE))
-            if not chunk:
-                break
-            view[received : received + len(chunk)] = chunk
-            received += len(chunk)
-    except (OSError, trio.BrokenResourceError, ssl.SSLError):
-        pass  # as good as an early end: the caller resumes from what came
-    return received

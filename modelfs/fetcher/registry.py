@@ -13,7 +13,14 @@ import logging
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from types import TracebackType
@@ -39,7 +46,7 @@ from modelfs.fetcher.auth import (
     token_from_response,
 )
 from modelfs.fetcher.rangeget import Origin, RangeGetter, parse_content_range
-from modelfs.fetcher.source import BlobBytes, FetchedManifest
+from modelfs.fetcher.source import BlobBytes, Deliver, FetchedManifest
 from modelfs.fetcher.stats import REGISTRY, MountStats, mark_served_by
 from modelfs.modelpack import (
     DOCKER_MANIFEST,
@@ -243,14 +250,21 @@ class RegistryClient:
 
         await self.retrying(what, attempt)
 
-    async def read_range_plainly(
-        self, url: httpx.URL, scope: str | None, start: int, end: int
-    ) -> memoryview | bytearray | None:
-        """Bytes ``start..end`` at ``url`` by the lean path; None: take the general one."""
+    async def read_run_plainly(
+        self,
+        url: httpx.URL,
+        scope: str | None,
+        start: int,
+        lengths: Sequence[int],
+        deliver: Deliver,
+    ) -> tuple[int, bytearray]:
+        """Consecutive pieces from ``start`` at ``url`` by the lean path, each into ``deliver``:
+        how many came, and what came of the next (the general path goes on from there)."""
         if self._range_getter is None or _origin(url) != _origin(self.base_url):
-            return None
+            return 0, bytearray()
         authorization = await self._authorization(scope)
-        return await self._range_getter.get(url.raw_path.decode("ascii"), authorization, start, end)
+        path = url.raw_path.decode("ascii")
+        return await self._range_getter.get_run(path, authorization, start, lengths, deliver)
 
     @property
     def _client(self) -> httpx.AsyncClient:
@@ -588,15 +602,37 @@ class RegistryRepository:
     async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
         if length <= 0:
             return b""
+        received: list[BlobBytes] = []
+
+        async def keep(place: int, data: BlobBytes) -> None:
+            received.append(data)
+
+        await self.read_pieces(digest, start, [length], keep)
+        return received[0]
+
+    async def read_pieces(
+        self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
+    ) -> None:
+        done, partial = await self._client.read_run_plainly(
+            self._url(f"blobs/{digest}"), self._pull, start, lengths, deliver
+        )
+        offset = start + sum(lengths[:done])
+        for place in range(done, len(lengths)):
+            # Cut short, or not a plain answer: the general path, one piece at a time, resuming
+            # from what came.
+            await deliver(
+                place, await self._read_range_generally(digest, offset, lengths[place], partial)
+            )
+            offset += lengths[place]
+            partial = bytearray()
+
+    async def _read_range_generally(
+        self, digest: str, start: int, length: int, buffer: bytearray
+    ) -> bytearray:
+        """Bytes ``start..`` of ``length`` by httpx, with retries; ``buffer`` holds the first
+        ones already (fewer only where the blob ends)."""
         end = start + length - 1
         what = f"bytes {start}-{end} of blob {digest} of {self.name}"
-        plain = await self._client.read_range_plainly(
-            self._url(f"blobs/{digest}"), self._pull, start, end
-        )
-        if plain is not None and len(plain) == length:
-            return plain
-        # Cut short, or not a plain answer: the general path resumes from what came.
-        buffer = plain if isinstance(plain, bytearray) else bytearray()
 
         async def attempt() -> None:
             # A retried attempt resumes where the previous one was cut off.
@@ -803,13 +839,20 @@ class MeteredRepository(RegistryRepository):
         self.stats.fetched(REGISTRY, len(data))
         return data
 
-    async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
+    async def read_pieces(
+        self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
+    ) -> None:
         mark_served_by(REGISTRY)
         started = time.monotonic()
-        data = await super().read_range(digest, start, length)
-        self.stats.timed(REGISTRY, time.monotonic() - started)
-        self.stats.fetched(REGISTRY, len(data))
-        return data
+
+        async def counted(place: int, data: BlobBytes) -> None:
+            nonlocal started
+            self.stats.timed(REGISTRY, time.monotonic() - started)
+            self.stats.fetched(REGISTRY, len(data))
+            await deliver(place, data)
+            started = time.monotonic()  # the time the next piece took to come
+
+        await super().read_pieces(digest, start, lengths, counted)
 
     @asynccontextmanager
     async def _stream(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:

@@ -6,7 +6,7 @@ The piece fetcher and the mount only ever talk to a ``BlobSource``; how the byte
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -14,6 +14,9 @@ from typing import Protocol, runtime_checkable
 # A range as a source hands it over: a registry's lean path receives the body into a pooled buffer
 # (a memoryview), and it travels on as that (to the cache, the hash, the reader), uncopied.
 BlobBytes = bytes | bytearray | memoryview
+
+# Told each piece of a run as it lands: its place in the run and its bytes.
+Deliver = Callable[[int, BlobBytes], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,19 @@ class BlobSource(Protocol):
 
     def stream_blob(self, digest: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """The whole blob as a stream of chunks (no digest check: the caller hashes)."""
+        ...
+
+
+@runtime_checkable
+class PieceRuns(Protocol):
+    """A source that fetches consecutive pieces in one request (a registry: one range GET for
+    several pieces costs it far less CPU than one GET each)."""
+
+    async def read_pieces(
+        self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
+    ) -> None:
+        """The consecutive pieces of ``lengths`` bytes from ``start``, each awaited into
+        ``deliver`` in order as it lands; exactly those lengths (the blob holds them)."""
         ...
 
 
