@@ -126,6 +126,63 @@ def test_at_its_cap_the_window_is_topped_up_a_run_at_a_time() -> None:
     assert steady and all(end - start == PIECE for start, end in steady)
 
 
+def test_a_far_read_between_two_reads_of_a_sweep_keeps_the_sweep_and_its_window() -> None:
+    # A loader copying tensors out of an mmap touches each tensor's end before sweeping it.
+    pattern = ReadPattern(POLICY, 1 << 30)
+    spans = read_all(pattern, sequential(0, 40 * MIB))
+    assert pattern.window == 32 * MIB
+    assert pattern.on_read(90 * MIB, MIB) is None  # the tail of the next tensor
+    assert pattern.window == 0  # a run of its own
+    spans += read_all(pattern, sequential(40 * MIB, 41 * MIB))
+    assert pattern.window == 32 * MIB  # the sweep goes on with its window
+    spans += read_all(pattern, sequential(41 * MIB, 60 * MIB))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert spans[-1][1] >= 60 * MIB + 32 * MIB - POLICY.top_up * PIECE
+
+
+def test_only_the_latest_runs_are_remembered() -> None:
+    pattern = ReadPattern(POLICY, 1 << 30)
+    read_all(pattern, sequential(0, 40 * MIB))
+    for far in range(1, ReadPattern.RUNS + 1):
+        assert pattern.on_read(far * 100 * MIB, MIB) is None
+    assert pattern.on_read(40 * MIB, MIB) is None  # forgotten: a new run
+    assert pattern.window == 0
+
+
+def backwards_faults(top: int, bottom: int) -> list[tuple[int, int]]:
+    """The reads of a copy out of an mmap that runs from ``top`` down to ``bottom``: each fault
+    reads the 2 MiB below the last one (1 MiB requests) and a page past it."""
+    reads = []
+    for fault in range(top, bottom, -(2 * MIB + 4096)):
+        reads += [(fault - 2 * MIB, MIB), (fault - MIB, MIB), (fault, 4096)]
+    return reads
+
+
+def test_a_reader_going_backwards_gets_the_window_behind_it() -> None:
+    pattern = ReadPattern(POLICY, 1 << 30)
+    spans = []
+    for offset, size in backwards_faults(500 * MIB, 300 * MIB):
+        span = pattern.on_read(offset, size)
+        if span is not None:
+            spans.append(span)
+            # Behind the reader, in whole pieces.
+            assert span[1] <= offset and span[0] % PIECE == 0 and span[1] - span[0] >= PIECE
+    assert pattern.window == 32 * MIB
+    # Each byte behind is asked for once, going down, never further than the window.
+    assert all(a[0] == b[1] for a, b in itertools.pairwise(spans))
+    assert spans[-1][0] >= 300 * MIB - 32 * MIB - 2 * PIECE
+    assert sum(end - start for start, end in spans) >= 150 * MIB
+    steady = [span for span in spans if span[1] <= 400 * MIB]
+    assert steady and all(end - start == POLICY.top_up * PIECE for start, end in steady)
+
+
+def test_a_backward_run_stops_at_the_start_of_the_file() -> None:
+    pattern = ReadPattern(POLICY, 1 << 30)
+    spans = read_all(pattern, backwards_faults(40 * MIB, 0))
+    assert spans[-1][0] == 0
+    assert all(start >= 0 for start, _ in spans)
+
+
 def test_consecutive_pieces_of_a_file_are_grouped_into_runs() -> None:
     a, b = tree_of({"a": 100, "b": 100}).files()
     pieces = [(a, 0), (a, 1), (a, 2), (b, 3), (a, 3), (a, 5), (a, 6)]

@@ -77,44 +77,93 @@ class WindowPolicy:
     top_up: int = RUN_PIECES
 
 
+@dataclass
+class _Run:
+    """One run of sequential reads: the bytes it read and the window prefetched around them."""
+
+    low: int  # the lowest byte read
+    high: int  # the end of the furthest read
+    ahead: int  # prefetch was asked for every byte of the window before this
+    behind: int  # and, for a run going backwards, every byte from this one on
+    window: int = 0  # bytes to have fetched ahead of the reader; 0 until the run is long
+
+
 class ReadPattern:
-    """The read pattern of one open file, and the bytes to fetch ahead of it."""
+    """The read pattern of one open file, and the bytes to fetch ahead of it (or behind it).
+
+    A few runs are followed at once, most recently read first: a loader copying a tensor out of
+    an mmap touches the tensor's end before it sweeps it from the start (memcpy reads the tail
+    first), and that one far read must not end the sweep's run and its window.
+    """
+
+    RUNS = 4
 
     def __init__(self, policy: WindowPolicy, file_size: int) -> None:
         self.policy = policy
         self.file_size = file_size
-        self.window = 0  # bytes to have fetched ahead of the reader; 0 until a run is long
-        self._run_start = 0  # where the current run of sequential reads began
-        self._furthest: int | None = None  # end of the furthest read of the run
-        self._requested = 0  # prefetch was asked for every byte before this offset
+        self._runs: list[_Run] = []
+
+    @property
+    def window(self) -> int:
+        """The window of the run read last."""
+        return self._runs[0].window if self._runs else 0
 
     def on_read(self, offset: int, size: int) -> tuple[int, int] | None:
         """Note a read; return the (start, end) of file bytes to prefetch now, if any."""
         end = min(offset + size, self.file_size)
-        previous = self._furthest
-        if previous is None or abs(offset - previous) > self.policy.kernel_readahead:
+        run = self._continued(offset, end)
+        if run is None:
             # The first read, or a random one: a new run starts here, without a window.
-            self.window = 0
-            self._run_start = offset
-            self._furthest = self._requested = end
+            self._runs.insert(0, _Run(low=offset, high=end, ahead=end, behind=offset))
+            del self._runs[self.RUNS :]
             return None
-        furthest = self._furthest = max(end, previous)
-        if furthest - self._run_start <= self.policy.kernel_readahead:
+        self._runs.remove(run)
+        self._runs.insert(0, run)
+        return self._extend(run, offset, end)
+
+    def _continued(self, offset: int, end: int) -> _Run | None:
+        """The run a read continues: one it is near the front of (kernel readahead arrives out
+        of order within its window), else one it is just below; the widest window first."""
+        readahead = self.policy.kernel_readahead
+        near = [run for run in self._runs if abs(offset - run.high) <= readahead]
+        near = near or [run for run in self._runs if abs(end - run.low) <= readahead]
+        return max(near, key=lambda run: run.window, default=None)
+
+    def _extend(self, run: _Run, offset: int, end: int) -> tuple[int, int] | None:
+        low, high = run.low, run.high
+        run.low, run.high = min(low, offset), max(high, end)
+        if run.high - run.low <= self.policy.kernel_readahead:
             return None  # no longer than what the kernel reads ahead by itself
         piece = self.policy.piece_size
-        if self.window == 0:
-            self.window = piece
-        elif (furthest - 1) // piece > (previous - 1) // piece:
+        forward = run.high > high
+        if not forward and run.low == low:
+            return None  # within what the run read already
+        if run.window == 0:
+            run.window = piece
+        elif (
+            (run.high - 1) // piece > (high - 1) // piece
+            if forward
+            else run.low // piece < low // piece
+        ):
             # The reader got into a new piece: it keeps consuming, so look further ahead.
-            self.window = min(2 * self.window, self.policy.max_window)
-        start = max(self._requested, furthest)
+            run.window = min(2 * run.window, self.policy.max_window)
         # Whole pieces: the next span is asked for only once the reader needs a new piece, and
         # only once a run's worth is due (or the file ends there).
-        stop = min(-(-(furthest + self.window) // piece) * piece, self.file_size)
-        due = min(self.policy.top_up * piece, self.window)
-        if stop <= start or (stop - start < due and stop < self.file_size):
+        due = min(self.policy.top_up * piece, run.window)
+        if forward:
+            start = max(run.ahead, run.high)
+            stop = min(-(-(run.high + run.window) // piece) * piece, self.file_size)
+            if stop <= start or (stop - start < due and stop < self.file_size):
+                return None
+            run.ahead = stop
+            return start, stop
+        # Backwards: a large copy out of an mmap may run from the end (safetensors' numpy
+        # loader here reads its largest tensor so), one kernel readahead burst below the last.
+        start = max((run.low - run.window) // piece * piece, 0)
+        stop = min(run.behind, run.low)
+        if stop <= start or (stop - start < due and start > 0):
             return None
-        self._requested = stop
+        run.behind = start
         return start, stop
 
 
