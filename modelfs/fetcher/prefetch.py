@@ -6,10 +6,13 @@ Two sources of foresight:
   bytes fetched ahead of it, starting at one piece and doubling each time it reaches a new piece,
   up to a cap (mountpoint-s3 and hf-mount do the same). Kernel readahead sends several reads at
   once and they arrive out of order, so a read within the kernel readahead window of the furthest
-  byte read still counts as sequential; anything further is a random read, which closes the
-  window and starts a new run. A run opens a window only once it is longer than the kernel
+  byte read still counts as sequential, and so does a read just below the run (a reader going
+  backwards gets its window behind it); anything else is a random read, which starts a new run
+  without a window. The last few runs are remembered, so a far read between two reads of a
+  sweep does not end it. A run opens a window only once it is longer than the kernel
   readahead window: shorter ones may be a single burst of readahead around an mmap page fault
-  (a loader reading one tensor), which the kernel already asked for in full.
+  (a loader reading one tensor), which the kernel already asked for in full. Once the window is
+  a few pieces wide it is topped up a run of pieces at a time (one range request each).
 - Per model, hints: the ranges a recorded load read, in its order, when the model has a read
   profile (``modelfs.fetcher.profile``); else the built-in ones (``modelfs.fetcher.hints``):
   config and tokenizer files, safetensors headers, shards in index order. With ``--prefetch all``
