@@ -162,3 +162,20 @@ def test_a_run_of_a_blob_that_fails_its_digest_fails_its_readers_and_keeps_nothi
         proxy.tamper = False
     assert cache.missing(BLOB.digest, BLOB.size) == list(range(10))
     assert cache.stats().size == 0
+
+
+def test_a_run_cancelled_before_it_began_lets_its_readers_fetch_for_themselves(
+    proxy: Proxy, pushed: None, tmp_path: Path
+) -> None:
+    cache = PieceCache(tmp_path / "cache", 64 << 20, piece_size=PIECE)
+
+    async def body(fetcher: PieceFetcher) -> None:
+        proxy.reset()
+        jobs = fetcher.prefetch_jobs(BLOB, range(4), Priority.READAHEAD)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await run_all(jobs)
+        assert bytes(await fetcher.piece(BLOB, 2)) == piece(2)
+
+    run_fetcher(proxy.host, cache, body)
+    assert [r.range for r in proxy.blob_requests] == [f"bytes={2 * PIECE}-{3 * PIECE - 1}"]

@@ -430,7 +430,8 @@ class PieceFetcher:
         Consecutive pieces that are nowhere yet (not in memory, queued, in flight or cached) are
         claimed now and fetched in runs of up to ``RUN_PIECES``, one request each when the source
         can; any other piece is a job of its own (a cache load, or a piece whose fetch is under
-        way). A reader of a claimed piece waits for its run, and raises its priority.
+        way). A reader of a claimed piece waits for its run, and raises its priority, so every
+        job must be started (a job cancelled before it began lets go of its claims).
         """
         if blob.digest in self._suspect:
             return []

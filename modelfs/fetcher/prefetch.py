@@ -318,8 +318,11 @@ class Prefetcher:
 
         async def fetch(node: FileNode, jobs: list[Job]) -> None:
             try:
-                for job in jobs:
-                    await self._prefetch(node, job)
+                # Each job a task of its own: one cancelled before it began still lets go of
+                # the pieces it claimed.
+                async with trio.open_nursery() as nursery:
+                    for job in jobs:
+                        nursery.start_soon(self._prefetch, node, job)
             finally:
                 running.release()
 
