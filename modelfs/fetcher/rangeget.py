@@ -7,8 +7,9 @@ a kept-alive trio stream and each piece of the body lands by ``recv_into`` in it
 buffer (``modelfs.fetcher.buffers``), handed on as soon as it is whole.
 
 Only the plain case is handled: anything else (a redirect, a 401, chunked or encoded bodies, a
-Content-Range other than the one asked for, a connection error) gives ``None`` and the caller
-takes the httpx path, which keeps auth refresh, redirects, retries and their messages.
+Content-Range other than the one asked for, a connection error, a body cut short) ends the run
+where it got to, and the caller takes the httpx path for the rest, which keeps auth refresh,
+redirects, retries and their messages.
 """
 
 from __future__ import annotations
