@@ -8,6 +8,11 @@ size; the benchmark compares others.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TypeVar
+
+K = TypeVar("K")
+
 DEFAULT_PIECE_SIZE = 4 * 1024 * 1024
 
 
@@ -29,3 +34,16 @@ def pieces_covering(offset: int, size: int, blob_size: int, piece_size: int) -> 
     if offset >= end:
         return range(0)
     return range(offset // piece_size, (end - 1) // piece_size + 1)
+
+
+def piece_runs(pieces: Iterable[tuple[K, int]], limit: int) -> list[tuple[K, list[int]]]:
+    """``pieces`` (of a file or blob ``K``) in order, consecutive ones of the same ``K``
+    together, at most ``limit`` a run: what one range request each can fetch."""
+    runs: list[tuple[K, list[int]]] = []
+    for key, index in pieces:
+        last = runs[-1] if runs else None
+        if last and last[0] == key and last[1][-1] == index - 1 and len(last[1]) < limit:
+            last[1].append(index)
+        else:
+            runs.append((key, [index]))
+    return runs

@@ -1,6 +1,6 @@
 import pytest
 
-from modelfs.pieces import piece_count, piece_span, pieces_covering
+from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
 
 
 def test_piece_count() -> None:
@@ -30,3 +30,14 @@ def test_piece_span_last_is_short() -> None:
 )
 def test_pieces_covering(offset: int, size: int, expected: range) -> None:
     assert pieces_covering(offset, size, 9, 4) == expected
+
+
+def test_consecutive_pieces_of_one_blob_are_grouped_into_runs() -> None:
+    pieces = [("a", 0), ("a", 1), ("a", 2), ("b", 3), ("a", 3), ("a", 5), ("a", 6)]
+    assert piece_runs(pieces, 2) == [
+        ("a", [0, 1]),
+        ("a", [2]),
+        ("b", [3]),
+        ("a", [3]),
+        ("a", [5, 6]),
+    ]

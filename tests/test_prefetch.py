@@ -23,7 +23,7 @@ from modelfs.fetcher.hints import (
     whole_model,
 )
 from modelfs.fetcher.pieces import ConnectionSlots, Priority, Ticket
-from modelfs.fetcher.prefetch import ReadPattern, WindowPolicy, piece_runs
+from modelfs.fetcher.prefetch import ReadPattern, WindowPolicy
 from modelfs.fs.tree import BlobRef, FileNode, FileSpec, Tree
 
 MIB = 1 << 20
@@ -181,12 +181,6 @@ def test_a_backward_run_stops_at_the_start_of_the_file() -> None:
     spans = read_all(pattern, backwards_faults(40 * MIB, 0))
     assert spans[-1][0] == 0
     assert all(start >= 0 for start, _ in spans)
-
-
-def test_consecutive_pieces_of_a_file_are_grouped_into_runs() -> None:
-    a, b = tree_of({"a": 100, "b": 100}).files()
-    pieces = [(a, 0), (a, 1), (a, 2), (b, 3), (a, 3), (a, 5), (a, 6)]
-    assert piece_runs(pieces, 2) == [(a, [0, 1]), (a, [2]), (b, [3]), (a, [3]), (a, [5, 6])]
 
 
 def test_window_stops_at_end_of_file() -> None:

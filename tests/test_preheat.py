@@ -100,6 +100,9 @@ def test_preheat_resumes_from_a_partial_cache(
     assert result.returncode == 0, result.stderr
     # Only the weights' pieces were missing: the tar and gzip layers came with the first mount.
     assert proxy.blob_bytes == len(files["model.safetensors"]), proxy.blob_requests
+    # Its three pieces, consecutive, came with one range GET.
+    size = len(files["model.safetensors"])
+    assert [r.range for r in proxy.blob_requests] == [f"bytes=0-{size - 1}"]
 
 
 def test_preheat_errors_are_one_line(registry: Registry, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from modelfs.fetcher.hints import (
 from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
 from modelfs.fetcher.profile import Profile, tree_hints
 from modelfs.fs.tree import FileNode, Tree
-from modelfs.pieces import pieces_covering
+from modelfs.pieces import piece_runs, pieces_covering
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +168,6 @@ class ReadPattern:
             return None
         run.behind = start
         return start, stop
-
-
-def piece_runs(pieces: list[tuple[FileNode, int]], limit: int) -> list[tuple[FileNode, list[int]]]:
-    """``pieces`` in order, consecutive ones of one file together, at most ``limit`` a run."""
-    runs: list[tuple[FileNode, list[int]]] = []
-    for node, index in pieces:
-        last = runs[-1] if runs else None
-        if last and last[0] is node and last[1][-1] == index - 1 and len(last[1]) < limit:
-            last[1].append(index)
-        else:
-            runs.append((node, [index]))
-    return runs
 
 
 # -- I/O -----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ whole), exactly as a mount would check it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -19,17 +19,19 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.fetcher.hints import Hint, hinted_pieces
-from modelfs.fetcher.pieces import PieceFetcher
+from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
 from modelfs.fetcher.prefetch import feed_hints
 from modelfs.fetcher.profile import recorded_profile
 from modelfs.fetcher.source import BlobSource
 from modelfs.fs.model import Model, load_model, resolve_manifest
 from modelfs.fs.mount import MountOptions, open_source
 from modelfs.fs.tree import BlobRef, FileNode
-from modelfs.pieces import piece_span
+from modelfs.pieces import piece_runs, piece_span
 from modelfs.reference import LayoutReference, Reference
 
-PARALLEL_PIECES = 8
+PARALLEL_RUNS = 8  # fetched at once, each on its own connection
+# A run of consecutive pieces of one blob, and the fetcher's jobs that bring it in.
+_Run = tuple[BlobRef, list[int], list[Callable[[], Awaitable[None]]]]
 
 
 @dataclass(frozen=True)
@@ -127,18 +129,24 @@ async def preheat(
         else:
             plan = plan_missing(cache, model.digest, model.blobs)
         on_plan(plan)
-        work_send, work_receive = trio.open_memory_channel[tuple[BlobRef, int]](len(plan.missing))
-        for item in plan.missing:
-            work_send.send_nowait(item)
+        # Consecutive missing pieces in runs, each fetched with one request. Claimed all at once:
+        # only the workers below read them, and each run's jobs are run to the end (or
+        # preheat ends).
+        runs = piece_runs(plan.missing, RUN_PIECES)
+        work_send, work_receive = trio.open_memory_channel[_Run](len(runs))
+        for blob, run in runs:
+            work_send.send_nowait((blob, run, fetcher.prefetch_jobs(blob, run, Priority.DEMAND)))
         work_send.close()
 
         async def worker() -> None:
-            async for blob, index in work_receive:
-                await fetcher.piece(blob, index)
-                on_piece(piece_span(index, blob.size, cache.piece_size)[1])
+            async for blob, run, jobs in work_receive:
+                for job in jobs:
+                    await job()
+                for index in run:
+                    on_piece(piece_span(index, blob.size, cache.piece_size)[1])
 
         # After the plan and the hints' own reads: what they read is in the cache, not queued.
         async with fetcher.writing(), trio.open_nursery() as nursery:
-            for _ in range(PARALLEL_PIECES):
+            for _ in range(PARALLEL_RUNS):
                 nursery.start_soon(worker)
     return plan
