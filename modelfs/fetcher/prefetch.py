@@ -95,8 +95,8 @@ class ReadPattern:
     """The read pattern of one open file, and the bytes to fetch ahead of it (or behind it).
 
     A few runs are followed at once, most recently read first: a loader copying a tensor out of
-    an mmap touches the tensor's end before it sweeps it from the start (memcpy reads the tail
-    first), and that one far read must not end the sweep's run and its window.
+    an mmap may touch the tensor's end before it sweeps it from the start (seen in the
+    benchmark's load), and that one far read must not end the sweep's run and its window.
     """
 
     RUNS = 4
