@@ -23,7 +23,7 @@ from modelfs.fetcher.hints import (
     whole_model,
 )
 from modelfs.fetcher.pieces import ConnectionSlots, Priority, Ticket
-from modelfs.fetcher.prefetch import ReadPattern, WindowPolicy
+from modelfs.fetcher.prefetch import HintPace, ReadPattern, WindowPolicy
 from modelfs.fs.tree import BlobRef, FileNode, FileSpec, Tree
 
 MIB = 1 << 20
@@ -147,6 +147,20 @@ def test_only_the_latest_runs_are_remembered() -> None:
         assert pattern.on_read(far * 100 * MIB, MIB) is None
     assert pattern.on_read(40 * MIB, MIB) is None  # forgotten: a new run
     assert pattern.window == 0
+
+
+def test_hinted_prefetch_is_free_until_a_reader_comes_then_keeps_its_lead() -> None:
+    pieces = [("a", index) for index in range(20)] + [("b", index) for index in range(20)]
+    pace = HintPace(pieces, lead=8)
+    assert pace.may_fetch(39)  # no reader yet: the loader is still starting up
+    assert pace.on_read("a", range(2, 4))
+    assert pace.may_fetch(3 + 8) and not pace.may_fetch(3 + 9)
+    assert not pace.on_read("a", range(0, 1))  # behind: no further
+    assert not pace.on_read("c", range(0, 50))  # not hinted
+    assert pace.on_read("b", range(0, 1))  # the next file, in load order
+    assert pace.may_fetch(20 + 8) and not pace.may_fetch(20 + 9)
+    pace.released = True  # the readers went quiet
+    assert pace.may_fetch(39)
 
 
 def backwards_faults(top: int, bottom: int) -> list[tuple[int, int]]:
