@@ -15,8 +15,9 @@ Two sources of foresight:
   a few pieces wide it is topped up a run of pieces at a time (one range request each).
 - Per model, hints: the ranges a recorded load read, in its order, when the model has a read
   profile (``modelfs.fetcher.profile``); else the built-in ones (``modelfs.fetcher.hints``):
-  config and tokenizer files, safetensors headers, shards in index order. With ``--prefetch all``
-  every byte of the model follows.
+  config and tokenizer files, safetensors headers, shards in index order. Hints go at full
+  speed while no reader has read one, then stay a few pieces ahead of the readers (``HintPace``).
+  With ``--prefetch all`` every byte of the model follows.
 
 ``ReadPattern`` is the pure policy; ``Prefetcher`` does the I/O. Its tasks run in the mount
 session's nursery, fetch at readahead or background priority (a read waiting on a piece always
