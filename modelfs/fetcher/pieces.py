@@ -186,6 +186,11 @@ class _BlobHash:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
+def _unless_registry(served_by: list[str]) -> str | None:
+    # The registry counts what it sends itself (``MeteredRepository``), whole blobs included.
+    return None if served_by[0] == REGISTRY else served_by[0]
+
+
 class PieceFetcher:
     """Reads byte ranges of blobs through the cache, fetching missing pieces from a source."""
 
@@ -546,30 +551,15 @@ class PieceFetcher:
         """
         if self._runs is not None:
             with attributing(self._source_kind) as served_by:
-                await self._runs.read_pieces(
-                    digest, start, lengths, self._counted(served_by, deliver)
-                )
+                counted = self.stats.counting(partial(_unless_registry, served_by), deliver)
+                await self._runs.read_pieces(digest, start, lengths, counted)
             return
         for place, length in enumerate(lengths):
             with attributing(self._source_kind) as served_by:
-                counted = self._counted(served_by, deliver)
+                counted = self.stats.counting(partial(_unless_registry, served_by), deliver)
                 data = await self.source.read_range(digest, start, length)
             await counted(place, data)
             start += length
-
-    def _counted(self, served_by: list[str], deliver: Deliver) -> Deliver:
-        """``deliver``, counting each piece for whoever served it, unless the registry did."""
-        started = time.monotonic()
-
-        async def counted(place: int, data: BlobBytes) -> None:
-            nonlocal started
-            if served_by[0] != REGISTRY:
-                self.stats.timed(served_by[0], time.monotonic() - started)
-                self.stats.fetched(served_by[0], len(data))
-            await deliver(place, data)
-            started = time.monotonic()
-
-        return counted
 
     def _settle(
         self,

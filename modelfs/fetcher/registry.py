@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import ssl
-import time
 import urllib.request
 from collections.abc import (
     AsyncGenerator,
@@ -843,15 +842,7 @@ class MeteredRepository(RegistryRepository):
         self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
     ) -> None:
         mark_served_by(REGISTRY)
-        started = time.monotonic()
-
-        async def counted(place: int, data: BlobBytes) -> None:
-            nonlocal started
-            self.stats.timed(REGISTRY, time.monotonic() - started)
-            self.stats.fetched(REGISTRY, len(data))
-            await deliver(place, data)
-            started = time.monotonic()  # the time the next piece took to come
-
+        counted = self.stats.counting(lambda: REGISTRY, deliver)
         await super().read_pieces(digest, start, lengths, counted)
 
     @asynccontextmanager

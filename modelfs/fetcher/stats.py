@@ -7,8 +7,9 @@ Prometheus and ``modelfs status``. Pure: no I/O here.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from modelfs.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
+from modelfs.fetcher.source import BlobBytes, Deliver
 
 # Seconds: a cached piece takes ~1 ms, a 4 MiB piece from a near registry a few ms to 100 ms,
 # one behind retries up to the request timeout (30 s by default).
@@ -120,6 +122,22 @@ class MountStats:
 
     def timed(self, source: str, seconds: float) -> None:
         self.fetch_seconds.setdefault(source, Histogram()).observe(seconds)
+
+    def counting(self, source: Callable[[], str | None], deliver: Deliver) -> Deliver:
+        """``deliver``, counting each piece's bytes and the time it took to come (since the
+        request, or the piece before) for ``source()``; None: someone else counts it."""
+        started = time.monotonic()
+
+        async def counted(place: int, data: BlobBytes) -> None:
+            nonlocal started
+            kind = source()
+            if kind is not None:
+                self.timed(kind, time.monotonic() - started)
+                self.fetched(kind, len(data))
+            await deliver(place, data)
+            started = time.monotonic()
+
+        return counted
 
     def fetch_started(self, purpose: str) -> None:
         self.fetches[purpose] = self.fetches.get(purpose, 0) + 1
