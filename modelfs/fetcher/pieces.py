@@ -151,6 +151,9 @@ class _InFlight:
     error: ModelfsError | None = None
 
 
+# A planned fetch (``PieceFetcher.prefetch_jobs``), for the caller to run in a task of its own.
+Job = Callable[[], Awaitable[None]]
+
 # Consecutive pieces a prefetch fetches in one request, at most: 16 MiB of 4 MiB pieces. A
 # registry spends CPU on every request (docker-registry here: ~4 CPU-s to serve 2 GiB as 4 MiB
 # ranges, ~2.6 as 16 MiB ones), and on this machine its CPU is the mount's.
@@ -427,9 +430,7 @@ class PieceFetcher:
         assert flight.data is not None  # ``_fetch`` returns only once every piece landed
         return flight.data
 
-    def prefetch_jobs(
-        self, blob: BlobRef, indexes: Sequence[int], priority: Priority
-    ) -> list[Callable[[], Awaitable[None]]]:
+    def prefetch_jobs(self, blob: BlobRef, indexes: Sequence[int], priority: Priority) -> list[Job]:
         """The work that prefetches ``indexes`` of ``blob``, for the caller to run in its tasks.
 
         Consecutive pieces that are nowhere yet (not in memory, queued, in flight or cached) are
@@ -442,7 +443,7 @@ class PieceFetcher:
             return []
         run_limit = RUN_PIECES if self._runs is not None else 1
         runs: list[list[int]] = []
-        jobs: list[Callable[[], Awaitable[None]]] = []
+        jobs: list[Job] = []
         for index in indexes:
             key = (blob.digest, index)
             if (

@@ -45,7 +45,7 @@ from modelfs.fetcher.hints import (
     startup_hints,
     whole_model,
 )
-from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
+from modelfs.fetcher.pieces import RUN_PIECES, Job, PieceFetcher, Priority
 from modelfs.fetcher.profile import Profile, tree_hints
 from modelfs.fs.tree import FileNode, Tree
 from modelfs.pieces import piece_runs, pieces_covering
@@ -208,7 +208,6 @@ class HintPace:
 # -- I/O -----------------------------------------------------------------------------------------
 
 Reader = Callable[[FileNode, int, int], Awaitable[bytes | memoryview]]
-Job = Callable[[], Awaitable[None]]
 HintSink = Callable[[list[Hint]], Awaitable[None]]
 ProfileLookup = Callable[[], Awaitable[Profile | None]]
 

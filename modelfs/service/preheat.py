@@ -9,7 +9,7 @@ whole), exactly as a mount would check it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -30,8 +30,6 @@ from modelfs.pieces import piece_runs, piece_span
 from modelfs.reference import LayoutReference, Reference
 
 PARALLEL_RUNS = 8  # fetched at once, each on its own connection
-# A run of consecutive pieces of one blob, and the fetcher's jobs that bring it in.
-_Run = tuple[BlobRef, list[int], list[Callable[[], Awaitable[None]]]]
 
 
 @dataclass(frozen=True)
@@ -129,18 +127,17 @@ async def preheat(
         else:
             plan = plan_missing(cache, model.digest, model.blobs)
         on_plan(plan)
-        # Consecutive missing pieces in runs, each fetched with one request. Claimed all at once:
-        # only the workers below read them, and each run's jobs are run to the end (or
-        # preheat ends).
+        # Consecutive missing pieces in runs, each fetched with one request.
         runs = piece_runs(plan.missing, RUN_PIECES)
-        work_send, work_receive = trio.open_memory_channel[_Run](len(runs))
-        for blob, run in runs:
-            work_send.send_nowait((blob, run, fetcher.prefetch_jobs(blob, run, Priority.DEMAND)))
+        work_send, work_receive = trio.open_memory_channel[tuple[BlobRef, list[int]]](len(runs))
+        for item in runs:
+            work_send.send_nowait(item)
         work_send.close()
 
         async def worker() -> None:
-            async for blob, run, jobs in work_receive:
-                for job in jobs:
+            async for blob, run in work_receive:
+                # Claimed and run at once; a failure ends preheat, and its claims with it.
+                for job in fetcher.prefetch_jobs(blob, run, Priority.DEMAND):
                     await job()
                 for index in run:
                     on_piece(piece_span(index, blob.size, cache.piece_size)[1])
