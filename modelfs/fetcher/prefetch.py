@@ -185,9 +185,8 @@ class HintPace:
     """
 
     def __init__(self, pieces: list[tuple[str, int]], lead: int) -> None:
-        self._place: dict[tuple[str, int], int] = {}
-        for place, piece in enumerate(pieces):
-            self._place.setdefault(piece, place)
+        # Each piece once (``hinted_pieces``), at its place in hint order.
+        self._place = {piece: place for place, piece in enumerate(pieces)}
         self.lead = lead
         self.read_up_to = -1  # the furthest place read, in hint order; -1: no reader yet
         self.released = False  # the readers went quiet: no more pacing
