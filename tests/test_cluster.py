@@ -360,3 +360,52 @@ def test_replicas_sharing_redis_survive_its_restart(
             time.sleep(0.5)
             redis.start()
             assert reader.communicate(timeout=120)[0].split()[0] == expected
+
+
+def model_gets(proxy: Proxy, data: bytes) -> int:
+    """Range GETs of the model's blob the registry answered."""
+    return sum(blob_digest(data) in request.path for request in proxy.blob_requests)
+
+
+def test_pieces_no_peer_holds_come_from_the_registry_in_runs(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    """The scheduler leaves consecutive pieces to a node: one range GET for several of them; a
+    piece a peer holds splits the run and comes from that peer."""
+    data = os.urandom(64 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry.host, "cluster/runs", data_path)
+    expected = hashlib.sha256(data).hexdigest()
+    pieces = len(data) // (4 * MIB)
+    peer_args = ("--cluster-secret-file", str(secret_file))
+    with scheduler_process(secret_file) as scheduler:
+        with nodes(
+            reference, proxy.host, tmp_path / "a", 1, "--scheduler", scheduler, *peer_args
+        ) as (a,):
+            proxy.reset()
+            (got,), _ = read_all([a / "model.bin"])
+            assert got == expected
+            assert model_bytes(proxy, data) == len(data)
+            # One GET per piece before runs through peers: 16.
+            assert model_gets(proxy, data) <= pieces // 2, proxy.blob_requests
+
+        # Node C holds one piece in the middle (read with no prefetch); node D reads it all.
+        node_args = ("--scheduler", scheduler, *peer_args)
+        with (
+            nodes(reference, proxy.host, tmp_path / "c", 1, *node_args, "--prefetch", "none") as (
+                c,
+            ),
+            nodes(reference, proxy.host, tmp_path / "d", 1, *node_args) as (d,),
+        ):
+            with (c / "model.bin").open("rb", buffering=0) as file:
+                file.seek(32 * MIB)
+                assert file.read(MIB) == data[32 * MIB : 33 * MIB]
+            held = model_bytes(proxy, data) - len(data)
+            assert 4 * MIB <= held < len(data) // 2
+            time.sleep(0.5)  # C announces what it stored
+            proxy.reset()
+            (got,), _ = read_all([d / "model.bin"])
+            assert got == expected
+            assert model_bytes(proxy, data) == len(data) - held  # C's pieces came from C
+            assert model_gets(proxy, data) <= pieces // 2, proxy.blob_requests

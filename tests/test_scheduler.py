@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from registry_tools import free_port
 
+from modelfs.peer.auth import sign
 from modelfs.peer.http import parse_listen
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import (
@@ -29,7 +31,7 @@ from modelfs.scheduler.ranking import (
     score,
 )
 from modelfs.scheduler.redis import RedisError, RedisKeyValue, encode_command, parse_redis_url
-from modelfs.scheduler.service import run_scheduler
+from modelfs.scheduler.service import LONG_POLL, run_scheduler
 from modelfs.scheduler.state import (
     LOAD_WINDOW,
     NODE_TTL,
@@ -262,6 +264,34 @@ def test_api_refuses_strangers_and_bad_requests() -> None:
                 assert await client.register() is True
                 assert await client.ask(BLOB, 0) == Decision(Action.SOURCE)
                 assert await client.announce([(BLOB, 0)]) is True
+
+    trio.run(main)
+
+
+def test_a_node_may_ask_without_waiting() -> None:
+    """Asked with ``wait`` false, the scheduler answers "wait" at once instead of holding the
+    request until the piece is announced (up to ``LONG_POLL``)."""
+
+    async def main() -> None:
+        async with scheduler(None) as url, node_client(url, A) as a, node_client(url, B) as b:
+            assert await a.register() and await b.register()
+            assert await a.ask(BLOB, 0) == Decision(Action.SOURCE)
+            started = trio.current_time()
+            assert (await b.ask(BLOB, 0, wait=False)).action is Action.WAIT  # type: ignore[union-attr]
+            assert trio.current_time() - started < LONG_POLL / 2
+            started = trio.current_time()
+            assert (await b.ask(BLOB, 0)).action is Action.WAIT  # type: ignore[union-attr]
+            assert trio.current_time() - started >= LONG_POLL
+            body = json.dumps({"address": B.address, "digest": BLOB, "index": 0, "wait": "no"})
+            signed = sign(SECRET, "POST", "/v1/ask", time.time(), body.encode())
+            async with httpx.AsyncClient() as http:
+                answer = await http.post(
+                    f"{url}/v1/ask", content=body, headers={"Authorization": signed}
+                )
+            assert (answer.status_code, answer.json()) == (
+                400,
+                {"error": "wait must be true or false"},
+            )
 
     trio.run(main)
 

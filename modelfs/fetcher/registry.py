@@ -45,7 +45,7 @@ from modelfs.fetcher.auth import (
     token_from_response,
 )
 from modelfs.fetcher.rangeget import Origin, RangeGetter, parse_content_range
-from modelfs.fetcher.source import BlobBytes, Deliver, FetchedManifest
+from modelfs.fetcher.source import BlobBytes, Deliver, FetchedManifest, read_as_run
 from modelfs.fetcher.stats import REGISTRY, MountStats, mark_served_by
 from modelfs.modelpack import (
     DOCKER_MANIFEST,
@@ -601,13 +601,7 @@ class RegistryRepository:
     async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
         if length <= 0:
             return b""
-        received: list[BlobBytes] = []
-
-        async def keep(place: int, data: BlobBytes) -> None:
-            received.append(data)
-
-        await self.read_pieces(digest, start, [length], keep)
-        return received[0]
+        return await read_as_run(self, digest, start, length)
 
     async def read_pieces(
         self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver

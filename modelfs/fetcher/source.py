@@ -66,6 +66,17 @@ class PieceRuns(Protocol):
         ...
 
 
+async def read_as_run(runs: PieceRuns, digest: str, start: int, length: int) -> BlobBytes:
+    """``read_range`` of a source that reads runs of pieces: a run of one."""
+    received: list[BlobBytes] = []
+
+    async def keep(_place: int, data: BlobBytes) -> None:
+        received.append(data)
+
+    await runs.read_pieces(digest, start, [length], keep)
+    return received[0]
+
+
 @runtime_checkable
 class UnvouchedPieces(Protocol):
     """A source that may hand out pieces nothing vouches for until their whole blob checks out

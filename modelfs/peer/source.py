@@ -2,11 +2,12 @@
 
 ``with_peers`` wraps the mount's registry repository: it runs this node's peer server, keeps
 the node registered with the scheduler, announces the pieces the node stores and reports peers
-that fail. For each whole piece the fetcher asks for, ``PeerSource.read_range`` asks the
-scheduler, tries the candidates it names, and falls back to the registry whenever anything
-fails or the wait budget runs out: no scheduler, no peers or a dead peer means the registry,
-never a hang. Every piece, from a peer or the registry, is checked against the piece index
-(which came from the registry).
+that fail. For each run of whole pieces the fetcher asks for, ``PeerSource.read_pieces`` asks
+the scheduler piece by piece, tries the candidates it names, and takes the pieces the scheduler
+leaves to this node from the registry together, one range request for consecutive ones. It falls
+back to the registry whenever anything fails or the wait budget runs out: no scheduler, no peers
+or a dead peer means the registry, never a hang. Every piece, from a peer or the registry, is
+checked against the piece index (which came from the registry).
 
 Without an index, peers are used only if the operator allows it (``--peers-without-index``).
 Nothing can check a single piece then, so the fetcher serves no byte of such a blob before the
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -30,13 +31,20 @@ from modelfs.cache.store import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.index import PieceIndex, find_index
 from modelfs.fetcher.registry import RegistryRepository
-from modelfs.fetcher.source import BlobBytes, BlobSource, FetchedManifest
+from modelfs.fetcher.source import (
+    BlobBytes,
+    BlobSource,
+    Deliver,
+    FetchedManifest,
+    read_as_run,
+)
+from modelfs.fetcher.stats import PEER, mark_served_by
 from modelfs.peer.client import PeerClient, PeerFailure, sha256_hex
 from modelfs.peer.options import ClusterOptions
 from modelfs.peer.server import PeerServer
 from modelfs.pieces import piece_count, piece_span
 from modelfs.scheduler.client import SchedulerClient
-from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
+from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
 
 log = logging.getLogger(__name__)
 
@@ -168,63 +176,181 @@ class PeerSource:
             )
 
     async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
+        return await read_as_run(self, digest, start, length)
+
+    async def read_pieces(
+        self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
+    ) -> None:
+        """Consecutive pieces, in order: each from a peer when the scheduler names one; those it
+        leaves to this node come from the registry together, in one request (one per piece
+        costs the registry several times the CPU)."""
         index = await self.piece_index()
-        piece, expected = self._whole_piece(index, digest, start, length)
-        if piece < 0 and await self.whole_before_serving(digest):
-            piece = self._unindexed_piece(digest, start, length)
-        if piece < 0:
+        first, expected = self._indexed_pieces(index, digest, start, lengths)
+        if first >= 0:
+            await self._indexed_run(digest, first, expected, start, lengths, deliver)
+        elif await self.whole_before_serving(digest):
+            for place, length in enumerate(lengths):
+                await deliver(place, await self._unindexed_piece(digest, start, length))
+                start += length
+        else:
+            await self.origin.read_pieces(digest, start, lengths, deliver)
+
+    async def _indexed_run(
+        self,
+        digest: str,
+        first: int,
+        expected: list[str],
+        start: int,
+        lengths: Sequence[int],
+        deliver: Deliver,
+    ) -> None:
+        place = 0
+        while place < len(lengths):
+            piece, offset = first + place, start + sum(lengths[:place])
+            decision = await self._scheduler.ask(digest, piece)
+            count = await self._source_run(digest, piece, len(lengths) - place, decision)
+            if count:
+                await self._registry_run(
+                    digest,
+                    piece,
+                    expected[place : place + count],
+                    offset,
+                    lengths[place : place + count],
+                    deliver,
+                    place,
+                )
+            else:
+                assert decision is not None  # peers, or wait: ``_source_run`` said so
+                data = await self._from_peers_or_registry(
+                    digest, piece, expected[place], offset, lengths[place], decision
+                )
+                await deliver(place, data)
+                count = 1
+            place += count
+
+    async def _registry_run(
+        self,
+        digest: str,
+        first: int,
+        expected: list[str],
+        start: int,
+        lengths: Sequence[int],
+        deliver: Deliver,
+        base: int,
+    ) -> None:
+        """Pieces ``first``... from the registry in one request, each checked against the index
+        and offered to peers before ``deliver`` gets it (at ``base`` plus its place)."""
+
+        async def checked(place: int, data: BlobBytes) -> None:
+            self.stats.registry_bytes += len(data)
+            if await sha256_hex(data) != expected[place]:
+                raise self._altered(digest, first + place)
+            self._offer(digest, first + place)
+            await deliver(base + place, data)
+
+        await self.origin.read_pieces(digest, start, lengths, checked)
+
+    async def _source_run(
+        self, digest: str, piece: int, most: int, decision: Decision | None
+    ) -> int:
+        """How many pieces from ``piece`` (at most ``most``) this node takes from the registry
+        in one request: none if the scheduler names peers or says wait, else the piece and
+        those after it that the scheduler also leaves to this node (all, if it is unreachable)."""
+        if decision is None:
+            return most
+        if decision.action is not Action.SOURCE:
+            return 0
+        count = 1
+        while count < most:
+            after = await self._scheduler.ask(digest, piece + count, wait=False)
+            if after is None or after.action is not Action.SOURCE:
+                break
+            count += 1
+        return count
+
+    async def _unindexed_piece(self, digest: str, start: int, length: int) -> BlobBytes:
+        """A range of a blob without an index, whose bytes are served only once it is whole
+        and checked: a whole cache piece may come from peers, anything else from the registry."""
+        piece_size = self._cache.piece_size
+        if digest in self._registry_only or start % piece_size or not 0 < length <= piece_size:
             return await self.origin.read_range(digest, start, length)
-        found = await self._from_peers(digest, piece, expected, length)
+        return await self._from_peers_or_registry(digest, start // piece_size, None, start, length)
+
+    async def _from_peers_or_registry(
+        self,
+        digest: str,
+        piece: int,
+        expected: str | None,
+        start: int,
+        length: int,
+        decision: Decision | None = None,
+    ) -> BlobBytes:
+        """One whole piece: from a peer the scheduler names, else (none within the wait budget)
+        from the registry. ``expected``: its sha256 from the index; None, unvouched."""
+        found = await self._from_peers(digest, piece, expected, length, decision)
         if found is None:
             data = await self.origin.read_range(digest, start, length)
             self.stats.registry_bytes += len(data)
             if expected is not None and await sha256_hex(data) != expected:
-                raise IntegrityError(
-                    f"piece {piece} of blob {digest} from {self.origin.name} does not match the "
-                    "piece index: the registry or a proxy altered it; retry"
-                )
+                raise self._altered(digest, piece)
+            self._offer(digest, piece)
+            return data
+        peer, data = found
+        mark_served_by(PEER)  # a registry request earlier in the same run marked it otherwise
+        self.stats.peer_bytes += len(data)
+        if expected is None:  # vouched for, and offered on, once its blob checks out
+            self._suppliers.setdefault(digest, {}).setdefault(peer, piece)
+            self._unannounced.setdefault(digest, set()).add(piece)
         else:
-            peer, data = found
-            self.stats.peer_bytes += len(data)
-            if expected is None:  # vouched for, and offered on, once its blob checks out
-                self._suppliers.setdefault(digest, {}).setdefault(peer, piece)
-                self._unannounced.setdefault(digest, set()).add(piece)
-                return data
-        self.server.vouch(digest, piece)
-        self._announce_send.send_nowait((digest, piece))
+            self._offer(digest, piece)
         return data
 
-    def _unindexed_piece(self, digest: str, start: int, length: int) -> int:
-        """The piece number when the range is one whole cache piece of a blob peers may send."""
-        piece_size = self._cache.piece_size
-        if digest in self._registry_only or start % piece_size or not 0 < length <= piece_size:
-            return -1
-        return start // piece_size
+    def _altered(self, digest: str, piece: int) -> IntegrityError:
+        return IntegrityError(
+            f"piece {piece} of blob {digest} from {self.origin.name} does not match the "
+            "piece index: the registry or a proxy altered it; retry"
+        )
+
+    def _offer(self, digest: str, piece: int) -> None:
+        """Serve the piece to peers, and tell the scheduler once it is stored."""
+        self.server.vouch(digest, piece)
+        self._announce_send.send_nowait((digest, piece))
 
     @staticmethod
-    def _whole_piece(
-        index: PieceIndex | None, digest: str, start: int, length: int
-    ) -> tuple[int, str | None]:
-        """(piece number, expected sha256) when the range is exactly one indexed piece."""
+    def _indexed_pieces(
+        index: PieceIndex | None, digest: str, start: int, lengths: Sequence[int]
+    ) -> tuple[int, list[str]]:
+        """(first piece number, expected sha256 of each) when the ranges are whole indexed
+        pieces; (-1, []) otherwise."""
         blob = None if index is None else index.blobs.get(digest)
         if index is None or blob is None or start % index.piece_size or start >= blob.size:
-            return -1, None
-        piece = start // index.piece_size
-        if piece_span(piece, blob.size, index.piece_size) != (start, length):
-            return -1, None
-        return piece, blob.pieces[piece]
+            return -1, []
+        first, offset = start // index.piece_size, start
+        for place, length in enumerate(lengths):
+            if piece_span(first + place, blob.size, index.piece_size) != (offset, length):
+                return -1, []
+            offset += length
+        return first, list(blob.pieces[first : first + len(lengths)])
 
     async def _from_peers(
-        self, digest: str, piece: int, expected: str | None, length: int
+        self,
+        digest: str,
+        piece: int,
+        expected: str | None,
+        length: int,
+        decision: Decision | None = None,
     ) -> tuple[str, bytes] | None:
-        """(peer, bytes) of the piece from the first candidate that sends it right, or None."""
+        """(peer, bytes) of the piece from the first candidate that sends it right, or None.
+        ``decision``: the scheduler's answer already asked for, else it is asked here."""
         with trio.move_on_after(self._options.wait_budget):
             while True:
-                decision = await self._scheduler.ask(digest, piece)
+                if decision is None:
+                    decision = await self._scheduler.ask(digest, piece)
                 if decision is None or decision.action is Action.SOURCE:
                     return None
                 if decision.action is Action.WAIT:
                     await trio.sleep(decision.retry_after)
+                    decision = None
                     continue
                 for peer in decision.peers:
                     data = await self._peers.fetch_piece(peer, digest, piece, expected)
@@ -237,6 +363,7 @@ class PeerSource:
                     reason = f"sent {len(data)} bytes for a piece of {length}"
                     failure = PeerFailure(peer, digest, piece, reason, FailureKind.CORRUPT)
                     self._peers.fail(failure)
+                decision = None
                 # Every candidate failed; let the reports reach the scheduler before asking again.
                 await trio.sleep(RETRY_PAUSE)
         log.info("piece %d of %s: no peer within %.1f s", piece, digest, self._options.wait_budget)

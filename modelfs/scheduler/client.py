@@ -95,8 +95,10 @@ class SchedulerClient:
         document = {"address": self.node.address, "pieces": [list(piece) for piece in pieces]}
         return await self._call("/v1/announce", document) is not None
 
-    async def ask(self, digest: str, index: int) -> Decision | None:
-        document = {"address": self.node.address, "digest": digest, "index": index}
+    async def ask(self, digest: str, index: int, wait: bool = True) -> Decision | None:
+        """Where to get the piece; ``wait``: while others fetch it from the registry, the
+        scheduler holds the answer (a moment) until one of them has it."""
+        document = {"address": self.node.address, "digest": digest, "index": index, "wait": wait}
         answer = await self._call("/v1/ask", document)
         if answer is None:
             return None

@@ -3,10 +3,12 @@
 - ``POST /v1/register`` ``{"address", "zone", "rack", "capacity"}``: a node is alive (repeat
   within ``NODE_TTL``).
 - ``POST /v1/announce`` ``{"address", "pieces": [[digest, index], ...]}``: pieces it holds.
-- ``POST /v1/ask`` ``{"address", "digest", "index"}`` -> ``{"action": "peers"|"source"|"wait",
-  "peers": [...], "retry_after": seconds}``. A node told to wait is held (long poll, up to
-  ``LONG_POLL``) until the piece is announced, so waiting costs no stream of requests; an
-  announcement made through another replica is seen within ``RECHECK``.
+- ``POST /v1/ask`` ``{"address", "digest", "index", "wait"}`` -> ``{"action":
+  "peers"|"source"|"wait", "peers": [...], "retry_after": seconds}``. A node told to wait is
+  held (long poll, up to ``LONG_POLL``) until the piece is announced, so waiting costs no stream
+  of requests; an announcement made through another replica is seen within ``RECHECK``. With
+  ``"wait": false`` (a node asking whether it may add the piece to a registry request it is
+  about to make) the answer comes at once.
 - ``POST /v1/report`` ``{"peer", "digest", "index", "kind": "corrupt"|"missing"|"failed"}``.
 - ``GET /metrics``: decisions for Prometheus (``SchedulerMetrics``), without a token.
 
@@ -119,7 +121,10 @@ class SchedulerService:
     async def _ask(self, body: dict[str, Any]) -> dict[str, Any]:
         digest, index = _piece(body.get("digest"), body.get("index"))
         address = _field(body, "address", str)
-        deadline = trio.current_time() + LONG_POLL
+        wait = body.get("wait", True)
+        if not isinstance(wait, bool):
+            raise BadRequest("wait must be true or false")
+        deadline = trio.current_time() + (LONG_POLL if wait else 0.0)
         while True:
             decision = await self.state.ask(address, digest, index)
             left = deadline - trio.current_time()
