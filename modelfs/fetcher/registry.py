@@ -599,8 +599,6 @@ class RegistryRepository:
         return data
 
     async def read_range(self, digest: str, start: int, length: int) -> BlobBytes:
-        if length <= 0:
-            return b""
         return await read_as_run(self, digest, start, length)
 
     async def read_pieces(
