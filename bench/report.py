@@ -22,6 +22,10 @@ class Sample:
     # the case. Both share this machine's cores, so where the time goes is part of the result.
     mount_cpu: float | None = None
     registry_cpu: float | None = None
+    # The mount's reads (FUSE requests) during the case, and those over 10 ms: they waited on
+    # a fetch (``MountStats.slow_reads``).
+    reads: int | None = None
+    slow_reads: int | None = None
 
 
 Results = dict[str, list[Sample]]
@@ -82,9 +86,10 @@ def _format(value: float | None, spec: str, scale: float = 1.0) -> str:
 def render_table(results: Results) -> str:
     header = (
         "| case | median s | MB/s | x (a) curl | x (b) oras | x (e) FUSE | registry MB "
-        "| mount peak RSS MB | mount CPU s | registry CPU s | runs | breakdown (medians) |"
+        "| mount peak RSS MB | mount CPU s | registry CPU s | reads over 10 ms | runs "
+        "| breakdown (medians) |"
     )
-    lines = [header, "|" + " --- |" * 12]
+    lines = [header, "|" + " --- |" * 13]
     for row in ROWS:
         samples = results.get(row.key)
         if not samples:
@@ -107,11 +112,18 @@ def render_table(results: Results) -> str:
             _format(median(samples, lambda sample: sample.peak_rss), ".0f", MB),
             _format(median(samples, lambda sample: sample.mount_cpu), ".1f"),
             _format(median(samples, lambda sample: sample.registry_cpu), ".1f"),
+            _waits(samples),
             str(len(samples)),
             parts or "—",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _waits(samples: list[Sample]) -> str:
+    """``74 of 2335``: the median run's reads over 10 ms, of its reads."""
+    slow, reads = median(samples, lambda s: s.slow_reads), median(samples, lambda s: s.reads)
+    return "—" if slow is None or reads is None else f"{slow:.0f} of {reads:.0f}"
 
 
 @dataclass(frozen=True)

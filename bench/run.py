@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from bench import model as models
 from bench.report import (
     MB,
@@ -50,12 +52,14 @@ from mounting import modelfs, mount_pid, unmount  # noqa: E402
 from registry_tools import Layer, Registry, push_artifact  # noqa: E402
 
 from bench.cluster import NODE_COUNTS, ClusterCase, ClusterError, render_cluster  # noqa: E402
+from modelfs.fetcher.stats import MountStats  # noqa: E402
 from modelfs.modelpack import (  # noqa: E402
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
     OCI_MANIFEST,
     layer_media_type,
 )
+from modelfs.service.control import ask  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 READ_SIZE = 1 << 20
@@ -212,6 +216,7 @@ class Mount:
     pid: int
     listed_after: float  # seconds from running ``modelfs mount`` to a full listing
     ready_in: float  # what the mount process reports: its own start to ready
+    stats_socket: Path  # where it answers for its counters
 
     def peak_rss(self) -> int:
         status = Path(f"/proc/{self.pid}/status").read_text()
@@ -222,6 +227,11 @@ class Mount:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
+
+    def reads(self) -> tuple[int, int]:
+        """(reads, reads over 10 ms) the mount served so far, from its own counters."""
+        stats = MountStats.from_json(trio.run(ask, self.stats_socket, {"command": "stats"}))
+        return stats.read_seconds.count, stats.slow_reads()
 
     def files(self, names: list[str]) -> list[Path]:
         return [self.path / name for name in names]
@@ -240,8 +250,16 @@ def mounted(pushed: PushedModel, mountpoint: Path, cache_dir: Path) -> Iterator[
     """``modelfs mount`` as a user runs it; unmounted, and its process gone, on exit."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    stats_socket = cache_dir.with_name(cache_dir.name + ".stats.sock")
     result = modelfs(
-        "mount", pushed.reference, str(mountpoint), "--cache-dir", str(cache_dir), "--plain-http"
+        "mount",
+        pushed.reference,
+        str(mountpoint),
+        "--cache-dir",
+        str(cache_dir),
+        "--plain-http",
+        "--stats-socket",
+        str(stats_socket),
     )
     if result.returncode != 0:
         raise BenchError(f"modelfs mount {pushed.reference} failed: {result.stderr.strip()}")
@@ -252,7 +270,8 @@ def mounted(pushed: PushedModel, mountpoint: Path, cache_dir: Path) -> Iterator[
         if sorted(listing) != sorted(pushed.names()):
             raise BenchError(f"{mountpoint} lists {sorted(listing)}, not the model's files")
         ready = _READY_IN.search(result.stderr)
-        yield Mount(mountpoint, pid, listed_after, float(ready.group(1)) if ready else 0.0)
+        ready_in = float(ready.group(1)) if ready else 0.0
+        yield Mount(mountpoint, pid, listed_after, ready_in, stats_socket)
     except (OSError, LookupError, BenchError) as error:
         logs = sorted((cache_dir / "logs").glob("*.log"))
         tail = logs[0].read_text(errors="replace").strip().splitlines()[-3:] if logs else []
@@ -357,11 +376,14 @@ class Bench:
             self.read_ahead_kb = bdi_read_ahead(mount.path).read_text().strip()
             loaded = run_task("first-tensor", str(mount.path))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
+            reads, slow = mount.reads()
         fetched, registry_cpu = self.registry.blob_bytes_since(mark), self.registry.cpu_since(mark)
         listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
         self.record("listing_large", listing)
         tensor = int(loaded["bytes"])
-        sample = Sample(loaded["seconds"], tensor, fetched, rss, {}, mount_cpu, registry_cpu)
+        sample = Sample(
+            loaded["seconds"], tensor, fetched, rss, {}, mount_cpu, registry_cpu, reads, slow
+        )
         self.record("first_tensor", sample)
 
     @contextmanager
@@ -396,9 +418,11 @@ class Bench:
             attach(mount.pid)
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
+            reads, slow = mount.reads()
         fetched = self.registry.blob_bytes_since(mark)
         registry_cpu = self.registry.cpu_since(mark)
-        self.record(key, Sample(elapsed, count, fetched, rss, {}, mount_cpu, registry_cpu))
+        sample = Sample(elapsed, count, fetched, rss, {}, mount_cpu, registry_cpu, reads, slow)
+        self.record(key, sample)
         if count != pushed.size:
             raise BenchError(f"{key}: read {count} bytes of a {pushed.size}-byte model")
         return mount
@@ -419,11 +443,14 @@ class Bench:
             attach(mount.pid)
             load = run_task("load-all", str(mount.path))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
+            reads, slow = mount.reads()
         fetched = self.registry.blob_bytes_since(mark)
         registry_cpu = self.registry.cpu_since(mark)
         parts = {"mount": mount.listed_after, "load": load["seconds"]}
         total = mount.listed_after + load["seconds"]
-        sample = Sample(total, self.large.size, fetched, rss, parts, mount_cpu, registry_cpu)
+        sample = Sample(
+            total, self.large.size, fetched, rss, parts, mount_cpu, registry_cpu, reads, slow
+        )
         self.record("cold_load", sample)
         shutil.rmtree(self.work / "cache" / "load")
 

@@ -36,8 +36,8 @@ def results(*, cold_read: float, rss_large: int, rss_small: int) -> Results:
         "listing_small": [Sample(0.3)],
         "first_tensor": [Sample(0.5, 0, 40 * MB, 80 * MB)],
         "cold_read": [
-            Sample(cold_read, size, size + MB, rss_large, mount_cpu=4.0, registry_cpu=2.0),
-            Sample(cold_read, size, size + MB, rss_large, mount_cpu=6.0, registry_cpu=3.0),
+            Sample(cold_read, size, size + MB, rss_large, {}, 4.0, 2.0, reads=2100, slow_reads=30),
+            Sample(cold_read, size, size + MB, rss_large, {}, 6.0, 3.0, reads=2200, slow_reads=50),
         ],
         "cold_read_small": [Sample(0.3, 200 * MB, 200 * MB, rss_small)],
         "warm_read": [Sample(1.5, size, 0, rss_large)],
@@ -74,8 +74,14 @@ def test_targets_missed_and_not_measured() -> None:
 def test_table_has_ratios_against_each_reference() -> None:
     table = render_table(results(cold_read=2.5, rss_large=150 * MB, rss_small=140 * MB))
     cold = next(line for line in table.splitlines() if "full sequential read, 1 MiB" in line)
-    # 800 MB/s: 0.80 x curl, 2.80 x oras, 0.50 x the FUSE ceiling; 2001 MB fetched; CPU medians
-    assert "| 2.50 | 800 | 0.80 | 2.80 | 0.50 | 2001.0 | 150 | 5.0 | 2.5 | 2 | — |" in cold
+    # 800 MB/s: 0.80 x curl, 2.80 x oras, 0.50 x the FUSE ceiling; 2001 MB fetched; CPU and
+    # slow-read medians
+    assert (
+        "| 2.50 | 800 | 0.80 | 2.80 | 0.50 | 2001.0 | 150 | 5.0 | 2.5 | 40 of 2150 | 2 | — |"
+        in cold
+    )
+    warm = next(line for line in table.splitlines() if line.startswith("| (d)"))
+    assert "| — | 1 | — |" in warm  # not counted: no figure
     assert "download 2.00 s, load 0.80 s" in table
 
 

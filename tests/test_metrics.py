@@ -20,7 +20,7 @@ from registry_tools import Proxy, Registry, free_port
 from test_preheat import push_model
 from test_service import Notifications, status
 
-from modelfs.cli.service import describe_fetched, describe_sources, short_digest
+from modelfs.cli.service import describe_fetched, describe_sources, describe_waits, short_digest
 
 
 def write_config(tmp_path: Path, proxy: Proxy, reference: str, mountpoints: list[Path]) -> Path:
@@ -118,6 +118,7 @@ def test_metrics_match_the_registry_traffic_and_reads(
             )
 
         assert delta("modelfs_read_bytes_total", first, after_first) == read
+        assert delta("modelfs_read_duration_seconds_count", first, after_first) > 0
         registry_bytes = delta("modelfs_fetched_bytes_total", first, after_first, source="registry")
         assert registry_bytes > 0
         assert registry_bytes == proxy.blob_bytes - proxy_before
@@ -139,6 +140,10 @@ def test_metrics_match_the_registry_traffic_and_reads(
         assert len(files["model.safetensors"]) <= from_cache <= total_bytes
         assert delta("modelfs_fetched_bytes_total", second, after_second, source="registry") == 0
         assert delta("modelfs_fetches_total", second, after_second, kind="on_demand") == 0
+        # Every read is timed: the first mount's waited on the registry, the second's did not.
+        waited = delta("modelfs_read_duration_seconds_sum", first, after_first)
+        assert delta("modelfs_read_duration_seconds_count", second, after_second) > 0
+        assert delta("modelfs_read_duration_seconds_sum", second, after_second) < waited
         assert proxy.blob_bytes == proxy_after_first
         # The cache held everything: the node-wide eviction counter is exported, at zero.
         evicted = [s.value for s in after_second if s.name == "modelfs_cache_evicted_pieces_total"]
@@ -178,14 +183,17 @@ def test_status_columns_errors_and_json_logs(
         assert result.returncode == 0, result.stderr
         header, row, *rest = result.stdout.splitlines()
         assert header.split() == [
-            "REFERENCE", "DIGEST", "MOUNTPOINT", "STATE", "FILES", "FETCHED", "SOURCES"
+            "REFERENCE", "DIGEST", "MOUNTPOINT", "STATE", "FILES", "FETCHED", "SOURCES", "READS",
+            "WAITED",
         ]  # fmt: skip
         assert row.split()[:5] == [
             mount["reference"], short_digest(mount["digest"]), str(mountpoint), "mounted",
             str(len(files)),
         ]  # fmt: skip
         assert describe_fetched(mount["present_bytes"], mount["total_bytes"]) in row
-        assert row.endswith(describe_sources(live["fetched_bytes"]))
+        assert describe_sources(live["fetched_bytes"]) in row
+        assert row.endswith(describe_waits(live))
+        assert live["read_seconds"]["counts"][-1] == 0  # no read took over 30 s
         assert any(line.startswith(f"{mountpoint}: last error: blob ") for line in rest)
         assert "hit ratio" in rest[-1] and "1 models" in rest[-1]
 

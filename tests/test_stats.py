@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from modelfs.cli.service import describe_fetched, describe_sources, table
+from modelfs.cli.service import describe_fetched, describe_sources, describe_waits, table
 from modelfs.errors import (
     AuthError,
     IntegrityError,
@@ -47,11 +47,30 @@ def test_snapshot_survives_json() -> None:
     stats.fetch_started("on_demand")
     stats.failed(DIGEST_MISMATCH, "blob x does not match its digest")
     stats.rejected_by_peer["10.0.0.2:7000"] = 1
+    stats.read_seconds.observe(0.03)
     copy = MountStats.from_json(json.loads(json.dumps(stats.as_json())))
     assert copy == stats
     assert copy.fetched_bytes == {"registry": 12}
+    assert copy.read_seconds.count == 1
     with pytest.raises(KeyError):
         MountStats.from_json({"read_bytes": 1})
+    # A mount process of an older modelfs reports no read times: none, not a failure.
+    older = stats.as_json()
+    del older["read_seconds"]
+    assert MountStats.from_json(older).read_seconds.count == 0
+    broken = stats.as_json()
+    broken["read_seconds"]["counts"] = [1]
+    with pytest.raises(ValueError, match="11 bounds with 1 counts"):
+        MountStats.from_json(broken)
+
+
+def test_slow_reads_are_those_over_ten_milliseconds() -> None:
+    stats = MountStats()
+    for seconds in (0.00004, 0.0004, 0.004, 0.01, 0.02, 0.4, 40.0):
+        stats.read_seconds.observe(seconds)
+    assert stats.slow_reads() == 3
+    assert describe_waits(stats.as_json()) == "3 of 7"
+    assert describe_waits({}) == "-"
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import trio
 from modelfs.cache import PieceCache
 from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import CacheError
+from modelfs.fetcher.stats import MountStats
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.cache_ops import cached_models, remove_model, verify
 from modelfs.service.config import (
@@ -221,7 +222,18 @@ def status(control_socket: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return
-    rows = [["REFERENCE", "DIGEST", "MOUNTPOINT", "STATE", "FILES", "FETCHED", "SOURCES"]]
+    rows = [
+        [
+            "REFERENCE",
+            "DIGEST",
+            "MOUNTPOINT",
+            "STATE",
+            "FILES",
+            "FETCHED",
+            "SOURCES",
+            "READS WAITED",
+        ]
+    ]
     errors = []
     for mount in reply["mounts"]:
         live = mount.get("live") or {}
@@ -234,6 +246,7 @@ def status(control_socket: Path, as_json: bool) -> None:
                 str(live.get("files", "-")),
                 describe_fetched(mount.get("present_bytes"), mount.get("total_bytes")),
                 describe_sources(live.get("fetched_bytes", {})),
+                describe_waits(live),
             ]
         )
         # The mount's own last failure is the newer news; else why its process last ended.
@@ -277,6 +290,15 @@ def describe_sources(fetched_bytes: dict[str, int]) -> str:
         return f"{percent}%" if percent else "<1%"  # a sliver still shows it was there
 
     return " ".join(f"{source} {share(size)}" for source, size in shares if size)
+
+
+def describe_waits(live: dict[str, Any]) -> str:
+    """``12 of 2335``: the reads slower than ``SLOW_READ`` (they waited on a fetch)."""
+    try:
+        stats = MountStats.from_json(live)
+    except (KeyError, TypeError, ValueError):
+        return "-"
+    return f"{stats.slow_reads()} of {stats.read_seconds.count}"
 
 
 def table(rows: list[list[str]]) -> list[str]:

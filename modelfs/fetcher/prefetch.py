@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -250,6 +251,7 @@ class OpenFile:
         self.pattern = ReadPattern(prefetcher.policy, node.size)
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
+        started = time.monotonic()
         await self.node.locate()  # a deferred file's first read fetches its layer
         if self._prefetcher.mode != PrefetchMode.NONE:
             ahead = self.pattern.on_read(offset, size)
@@ -259,6 +261,7 @@ class OpenFile:
         fetcher = self._prefetcher.fetcher
         data = await fetcher.read(self.node.blob, self.node.offset + offset, size)
         fetcher.stats.read_bytes += len(data)
+        fetcher.stats.read_seconds.observe(time.monotonic() - started)
         return data
 
 

@@ -45,6 +45,12 @@ LATENCY_BUCKETS = (
     30.0,
 )
 
+# Seconds a reader's read took: one served from memory takes tens of microseconds, one that
+# waited on a fetch milliseconds or more.
+READ_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+# A read slower than this waited on the network (or a disk), not on the mount's own work.
+SLOW_READ = 0.01
+
 # Where bytes come from (label values of ``modelfs_fetched_bytes_total``).
 REGISTRY, PEER, LAYOUT, CACHE = "registry", "peer", "layout", "cache"
 SOURCES = (REGISTRY, PEER, LAYOUT, CACHE)
@@ -108,6 +114,7 @@ class MountStats:
     """Everything one mount process counts since it started."""
 
     read_bytes: int = 0  # served to readers through FUSE
+    read_seconds: Histogram = field(default_factory=lambda: Histogram(READ_BUCKETS))
     fetched_bytes: dict[str, int] = field(default_factory=dict)  # by source
     fetch_seconds: dict[str, Histogram] = field(default_factory=dict)  # by source
     fetches: dict[str, int] = field(default_factory=dict)  # pieces from a source, by purpose
@@ -139,6 +146,16 @@ class MountStats:
 
         return counted
 
+    def slow_reads(self) -> int:
+        """Reads that took longer than ``SLOW_READ``: they waited on a fetch."""
+        return sum(
+            count
+            for bound, count in zip(
+                (*self.read_seconds.bounds, float("inf")), self.read_seconds.counts, strict=True
+            )
+            if bound > SLOW_READ
+        )
+
     def fetch_started(self, purpose: str) -> None:
         self.fetches[purpose] = self.fetches.get(purpose, 0) + 1
 
@@ -149,10 +166,10 @@ class MountStats:
     def as_json(self) -> dict[str, Any]:
         return {
             "read_bytes": self.read_bytes,
+            "read_seconds": _histogram_json(self.read_seconds),
             "fetched_bytes": self.fetched_bytes,
             "fetch_seconds": {
-                source: {"bounds": list(h.bounds), "counts": h.counts, "sum": h.total}
-                for source, h in self.fetch_seconds.items()
+                source: _histogram_json(h) for source, h in self.fetch_seconds.items()
             },
             "fetches": self.fetches,
             "errors": self.errors,
@@ -166,14 +183,15 @@ class MountStats:
         """Raises KeyError, TypeError or ValueError on a snapshot of another shape."""
         return cls(
             read_bytes=int(data["read_bytes"]),
+            # A mount process started by an older modelfs (kept across a reload) has none.
+            read_seconds=(
+                _histogram_from_json(data["read_seconds"])
+                if "read_seconds" in data
+                else Histogram(READ_BUCKETS)
+            ),
             fetched_bytes={str(k): int(v) for k, v in data["fetched_bytes"].items()},
             fetch_seconds={
-                str(source): Histogram(
-                    tuple(float(b) for b in h["bounds"]),
-                    [int(c) for c in h["counts"]],
-                    float(h["sum"]),
-                )
-                for source, h in data["fetch_seconds"].items()
+                str(source): _histogram_from_json(h) for source, h in data["fetch_seconds"].items()
             },
             fetches={str(k): int(v) for k, v in data["fetches"].items()},
             errors={str(k): int(v) for k, v in data["errors"].items()},
@@ -181,6 +199,18 @@ class MountStats:
             files=int(data["files"]),
             rejected_by_peer={str(k): int(v) for k, v in data["rejected_by_peer"].items()},
         )
+
+
+def _histogram_json(histogram: Histogram) -> dict[str, Any]:
+    return {"bounds": list(histogram.bounds), "counts": histogram.counts, "sum": histogram.total}
+
+
+def _histogram_from_json(data: dict[str, Any]) -> Histogram:
+    bounds = tuple(float(bound) for bound in data["bounds"])
+    counts = [int(count) for count in data["counts"]]
+    if len(counts) != len(bounds) + 1:
+        raise ValueError(f"a histogram of {len(bounds)} bounds with {len(counts)} counts")
+    return Histogram(bounds, counts, float(data["sum"]))
 
 
 # Which source served the fetch running in this task. A fetch through peers may fall back to

@@ -62,6 +62,12 @@ def _mount_families(
         "Time to load one piece (a range, for the registry), by source.",
         labels=[*labels, "source"],
     )
+    read_duration = HistogramMetricFamily(
+        "modelfs_read_duration_seconds",
+        "Time a reader's read of the mount took; one slower than a few milliseconds waited on "
+        "a fetch.",
+        labels=labels,
+    )
     fetches = CounterMetricFamily(
         "modelfs_fetches",
         "Pieces fetched from a source, on demand (a read waited) or prefetched.",
@@ -88,6 +94,11 @@ def _mount_families(
         if stats is None:
             continue
         read.add_metric(names, stats.read_bytes)
+        read_duration.add_metric(
+            names,
+            [(_le(bound), count) for bound, count in stats.read_seconds.cumulative()],
+            stats.read_seconds.total,
+        )
         for source in sorted(stats.fetched_bytes):
             fetched.add_metric([*names, source], stats.fetched_bytes[source])
         for source, histogram in sorted(stats.fetch_seconds.items()):
@@ -102,7 +113,7 @@ def _mount_families(
             errors.add_metric([*names, kind], count)
         for peer, count in sorted(stats.rejected_by_peer.items()):
             rejected.add_metric([*names, peer], count)
-    yield from (read, fetched, duration, fetches, errors, rejected, ratio)
+    yield from (read, read_duration, fetched, duration, fetches, errors, rejected, ratio)
 
 
 class DaemonCollector(Collector):
