@@ -17,7 +17,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from mounting import mounted
-from registry_tools import Layer, free_port, push_artifact
+from registry_tools import Layer, free_port, free_ports, push_artifact
 
 from modelfs.cli import cli
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
@@ -93,7 +93,7 @@ def nodes(
                     root / f"node{n}",
                     root / f"cache{n}",
                     *args,
-                    *(("--peer-listen", f"127.0.0.1:{free_port()}") if args else ()),
+                    *(("--peer-listen", f"127.0.0.1:{free_ports(1)}") if args else ()),
                 )
             )
             for n in range(count)

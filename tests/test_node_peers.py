@@ -15,7 +15,7 @@ import httpx
 from cluster_tools import MIB, publish, read_all, scheduler_process
 from mounting import modelfs, unmount
 from prometheus_client.parser import text_string_to_metric_families
-from registry_tools import Proxy, Registry, free_port
+from registry_tools import Proxy, Registry, free_port, free_ports
 from test_service import Notifications, running_daemon, status, stop_daemon
 
 SECRET = b"node-peers-test-secret-0123456789abcdef"
@@ -25,7 +25,7 @@ def node_config(root: Path, proxy: Proxy, reference: str, scheduler: str, secret
     """A node's config.toml: its own cache, control socket and peer port range."""
     root.mkdir()
     (root / "model").mkdir()
-    port = free_port()
+    port = free_ports(4)  # the next free port of the range is asserted below
     config = root / "config.toml"
     config.write_text(
         f'control_socket = "{root / "run" / "control.sock"}"\n'
