@@ -3,6 +3,7 @@ one scheduler, the real registry behind a counting proxy."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -409,3 +410,29 @@ def test_pieces_no_peer_holds_come_from_the_registry_in_runs(
             assert got == expected
             assert model_bytes(proxy, data) == len(data) - held  # C's pieces came from C
             assert model_gets(proxy, data) <= pieces // 2, proxy.blob_requests
+
+
+def test_a_run_the_registry_altered_fails_its_reads_and_nothing_wrong_is_served(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    """Pieces of a registry run are each checked against the piece index: altered bytes fail
+    the read with EIO, reach no reader and no peer, and the mount goes on once they are right."""
+    data = os.urandom(32 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry.host, "cluster/altered", data_path)
+    with scheduler_process(secret_file) as scheduler:
+        args = ("--scheduler", scheduler, "--cluster-secret-file", str(secret_file))
+        with nodes(reference, proxy.host, tmp_path / "n", 1, *args, "--prefetch", "none") as (mnt,):
+            with (mnt / "model.bin").open("rb", buffering=0) as file:
+                assert file.read(MIB) == data[:MIB]  # the index is in by now
+                proxy.tamper = True
+                file.seek(16 * MIB)
+                with pytest.raises(OSError) as failed:
+                    file.read(MIB)
+                assert failed.value.errno == errno.EIO
+                proxy.tamper = False
+                file.seek(16 * MIB)
+                assert file.read(MIB) == data[16 * MIB : 17 * MIB]
+            (got,), _ = read_all([mnt / "model.bin"])
+            assert got == hashlib.sha256(data).hexdigest()
