@@ -48,6 +48,7 @@ ROWS = [
     Row("warm_read", "(d) modelfs warm: full read from LMDB, page cache dropped"),
     Row("memfs_read", "(e) trivial pyfuse3 memory FS: full read (FUSE ceiling)"),
     Row("disk_read", "(e) local disk, page cache dropped: full read"),
+    Row("cache_fill", "(e) page-cache fill: the model's size written to a new file, no fsync"),
     Row("cold_load", "(f) modelfs cold: mount + safetensors load of every tensor"),
     Row("download_load", "(f) curl download + safetensors load from local disk"),
 ]

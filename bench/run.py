@@ -312,6 +312,7 @@ class Bench:
         self.curl()
         self.download_then_load(downloads)
         self.disk_read(downloads)
+        self.cache_fill()
         self.oras()
         self.first_tensor()
         self.cold_and_warm_read()
@@ -356,6 +357,25 @@ class Bench:
         cold_start()
         elapsed, count = timed(lambda: read_all([downloads / n for n in self.large.names()]))
         self.record("disk_read", Sample(elapsed, count))
+
+    def cache_fill(self) -> None:
+        """Write the model's size into a new file, page cache only (no fsync): what one of the
+        page-cache fills of a cold read costs on this machine at this hour (a cold read fills
+        two, LMDB's file and the FUSE file; download-then-load one)."""
+        target = self.work / "fill"
+        chunk = os.urandom(16 << 20)
+        cold_start()
+
+        def fill() -> int:
+            written = 0
+            with target.open("wb", buffering=0) as file:
+                while written < self.large.size:
+                    written += file.write(chunk[: self.large.size - written])
+            return written
+
+        elapsed, count = timed(fill)
+        target.unlink()
+        self.record("cache_fill", Sample(elapsed, count))
 
     def oras(self) -> None:
         target = self.work / "oras"
