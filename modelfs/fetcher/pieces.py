@@ -60,7 +60,7 @@ from modelfs.fetcher.stats import (
     error_kind,
 )
 from modelfs.fs.tree import BlobRef
-from modelfs.pieces import piece_count, piece_span, pieces_covering
+from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
 
 log = logging.getLogger(__name__)
 
@@ -441,9 +441,8 @@ class PieceFetcher:
         """
         if blob.digest in self._suspect:
             return []
-        run_limit = RUN_PIECES if self._runs is not None else 1
-        runs: list[list[int]] = []
         jobs: list[Job] = []
+        missing: list[tuple[str, int]] = []
         for index in indexes:
             key = (blob.digest, index)
             if (
@@ -453,11 +452,9 @@ class PieceFetcher:
                 or self.cache.has(blob.digest, index)
             ):
                 jobs.append(partial(self.prefetch, blob, index, priority))
-            elif runs and runs[-1][-1] == index - 1 and len(runs[-1]) < run_limit:
-                runs[-1].append(index)
             else:
-                runs.append([index])
-        for run in runs:
+                missing.append(key)
+        for _, run in piece_runs(missing, RUN_PIECES if self._runs is not None else 1):
             ticket = Ticket(priority)  # one connection for the run: one ticket for its pieces
             flights = [_InFlight(ticket) for _ in run]
             for index, flight in zip(run, flights, strict=True):
