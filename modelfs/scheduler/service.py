@@ -45,7 +45,10 @@ class BadRequest(Exception):
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     value = body.get(name, default)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false")
+    elif not isinstance(value, kind) or isinstance(value, bool):  # JSON true is no number
         raise BadRequest(f"{name} must be a {kind.__name__}")
     return value
 
@@ -121,9 +124,7 @@ class SchedulerService:
     async def _ask(self, body: dict[str, Any]) -> dict[str, Any]:
         digest, index = _piece(body.get("digest"), body.get("index"))
         address = _field(body, "address", str)
-        wait = body.get("wait", True)
-        if not isinstance(wait, bool):
-            raise BadRequest("wait must be true or false")
+        wait = _field(body, "wait", bool, True)
         deadline = trio.current_time() + (LONG_POLL if wait else 0.0)
         while True:
             decision = await self.state.ask(address, digest, index)
