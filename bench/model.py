@@ -56,6 +56,8 @@ class Shape:
 LARGE = Shape(hidden=2048, intermediate=5632, vocab=32000, layers=22, kv_dim=256, shards=5)
 # A ~200 MB model (GPT-2 small sized), for mount time and memory against model size.
 SMALL = Shape(hidden=768, intermediate=2048, vocab=32000, layers=8, kv_dim=96, shards=2)
+# Three times TinyLlama's layers: 6.1 GB, for peak RSS against model size (--only memory).
+LARGER = Shape(hidden=2048, intermediate=5632, vocab=32000, layers=66, kv_dim=256, shards=15)
 # --quick: ~64 MiB and ~16 MB.
 QUICK_LARGE = Shape(hidden=512, intermediate=1408, vocab=12000, layers=8, kv_dim=64, shards=3)
 QUICK_SMALL = Shape(hidden=256, intermediate=704, vocab=8000, layers=4, kv_dim=32, shards=2)

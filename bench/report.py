@@ -292,3 +292,27 @@ def summarize_profile(raw: str, rate: int, seconds: float, top: int = 8) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def render_growth(results: Results, models: list[tuple[str, int]]) -> str:
+    """Peak RSS of cold full reads against model size: ``models`` are (results key, bytes),
+    smallest first; each row's ratio is against the first model's median peak (pure)."""
+    lines = [
+        "| model MB | cold read MB/s | mount peak RSS MB, median | lowest-highest | "
+        "x the smallest model's |",
+        "|" + " --- |" * 5,
+    ]
+    smallest = median(results.get(models[0][0], []), lambda sample: sample.peak_rss)
+    for key, size in models:
+        samples = results.get(key, [])
+        peaks = [sample.peak_rss for sample in samples if sample.peak_rss is not None]
+        peak = median(samples, lambda sample: sample.peak_rss)
+        cells = [
+            f"{size / MB:.0f}",
+            _format(throughput(results, key), ".0f", MB),
+            _format(peak, ".0f", MB),
+            f"{min(peaks) / MB:.0f}-{max(peaks) / MB:.0f}" if peaks else "—",
+            _format(peak / smallest if peak is not None and smallest else None, ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

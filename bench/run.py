@@ -5,7 +5,8 @@ generates a Llama-shaped model (sharded safetensors, index, config, tokenizer; 2
 200 MB one), pushes it once, then runs every case N times, dropping the page cache before each,
 and prints a markdown table of medians with ratios plus the verdict on each target of issue 4.
 Then the cluster case (``bench/cluster.py``): 2, 4 and 8 nodes reading one model together,
-with and without peers (``--only cluster`` runs just that one).
+with and without peers (``--only cluster`` runs just that one). ``--only memory`` instead
+reads a 200 MB, a 2.2 GB and a 6.1 GB model cold, for the mount's peak RSS against model size.
 Results also go to ``bench/results/<time>.md`` and ``.json`` (raw samples).
 
 Registry bytes come from the registry's own access log (no proxy in the data path to slow it);
@@ -40,6 +41,7 @@ from bench.report import (
     Results,
     Sample,
     evaluate,
+    render_growth,
     render_table,
     render_verdicts,
     summarize_profile,
@@ -530,6 +532,42 @@ class Bench:
         }
 
 
+def memory_case(
+    registry: Registry, meter: RegistryMeter, work: Path, shapes: list[models.Shape], runs: int
+) -> tuple[Results, list[tuple[str, int]]]:
+    """Cold full reads of each model in turn, ``runs`` times, for the mount's peak RSS against
+    model size; the results and (results key, model bytes), smallest model first."""
+    pushed: list[PushedModel] = []
+    for number, shape in enumerate(shapes):
+        files = models.generate(shape, work / f"model-memory-{number}")
+        pushed.append(push_model(registry, f"memory{number}", files))
+    log("bench: models of " + ", ".join(f"{model.size / MB:.0f}" for model in pushed) + " MB")
+    bench = Bench(work, pushed[-1], pushed[0], meter)
+    for run in range(1, runs + 1):
+        log(f"bench: memory run {run} of {runs}")
+        for model in pushed:
+            bench._mounted_read(memory_key(model), model, bench.fresh_cache("memory"))
+    return bench.results, [(memory_key(model), model.size) for model in pushed]
+
+
+def memory_key(model: PushedModel) -> str:
+    return f"memory_{model.size / MB:.0f}MB"
+
+
+def cluster_case(cluster: ClusterCase, runs: int) -> Results:
+    log(f"bench: cluster case, a {cluster.model_size >> 20} MiB model, nodes {cluster.node_counts}")
+    results: Results = {}
+
+    def record(key: str, sample: Sample) -> None:
+        results.setdefault(key, []).append(sample)
+        log(f"  {key}: {sample.seconds:.2f} s, registry {sample.registry_bytes} bytes")
+
+    for run in range(1, runs + 1):
+        log(f"bench: cluster run {run} of {runs}")
+        cluster.run_once(cold_start, record)
+    return results
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -546,7 +584,10 @@ def parse_arguments() -> argparse.Namespace:
         "--work-dir", type=Path, default=Path("/var/tmp"), help="where the scratch directory goes"
     )
     parser.add_argument(
-        "--only", choices=["cluster"], help="run only this case (cluster: N nodes with peers)"
+        "--only",
+        choices=["cluster", "memory"],
+        help="run only this case (cluster: N nodes with peers; memory: cold reads of three "
+        "model sizes, peak RSS against size)",
     )
     parser.add_argument(
         "--cluster-size",
@@ -605,23 +646,31 @@ def main() -> None:
                 render_table(bench.results),
                 render_verdicts(evaluate(bench.results, large.size)),
             ]
-        log(f"bench: cluster case, a {cluster_size >> 20} MiB model, nodes {node_counts}")
-        cluster = ClusterCase(registry.host, meter, work, cluster_size, node_counts)
-        cluster_results: Results = {}
-
-        def record_cluster(key: str, sample: Sample) -> None:
-            cluster_results.setdefault(key, []).append(sample)
-            log(f"  {key}: {sample.seconds:.2f} s, registry {sample.registry_bytes} bytes")
-
-        for run in range(1, runs + 1):
-            log(f"bench: cluster run {run} of {runs}")
-            cluster.run_once(cold_start, record_cluster)
-        sections += [
-            f"cluster: N nodes reading one {cluster_size >> 20} MiB model together (separate "
-            f"mount processes, each its own cache and peer port, one scheduler); medians of "
-            f"{runs} run(s); {os.cpu_count()} CPUs",
-            render_cluster(cluster_results, cluster_size),
-        ]
+        extra_results: Results = {}  # the memory and cluster cases' samples, for the raw file
+        if arguments.only == "memory":
+            shapes = (
+                [models.QUICK_SMALL, models.QUICK_LARGE, models.SMALL]
+                if arguments.quick
+                else [models.SMALL, models.LARGE, models.LARGER]
+            )
+            memory_results, sized = memory_case(registry, meter, work, shapes, runs)
+            extra_results.update(memory_results)
+            sections += [
+                f"memory: cold full reads of three model sizes in turn; medians of {runs} "
+                f"run(s); {os.cpu_count()} CPUs",
+                render_growth(memory_results, sized),
+            ]
+        if arguments.only in (None, "cluster"):
+            cluster_results = cluster_case(
+                ClusterCase(registry.host, meter, work, cluster_size, node_counts), runs
+            )
+            extra_results.update(cluster_results)
+            sections += [
+                f"cluster: N nodes reading one {cluster_size >> 20} MiB model together (separate "
+                f"mount processes, each its own cache and peer port, one scheduler); medians of "
+                f"{runs} run(s); {os.cpu_count()} CPUs",
+                render_cluster(cluster_results, cluster_size),
+            ]
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if arguments.profile and bench is not None:
             log("bench: profile pass")
@@ -631,7 +680,7 @@ def main() -> None:
         print(report)
         RESULTS_DIR.mkdir(exist_ok=True)
         (RESULTS_DIR / f"{stamp}.md").write_text(report + "\n")
-        all_results = {**(bench.results if bench is not None else {}), **cluster_results}
+        all_results = {**(bench.results if bench is not None else {}), **extra_results}
         raw = {
             key: [dataclasses.asdict(s) for s in samples] for key, samples in all_results.items()
         }

@@ -12,8 +12,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cluster import render_cluster
-from bench.model import LARGE, SMALL, split_into_shards
-from bench.report import MB, Results, Sample, evaluate, render_table, summarize_profile
+from bench.model import LARGE, LARGER, SMALL, split_into_shards
+from bench.report import (
+    MB,
+    Results,
+    Sample,
+    evaluate,
+    render_growth,
+    render_table,
+    summarize_profile,
+)
 
 GB = 1000 * MB
 
@@ -21,6 +29,7 @@ GB = 1000 * MB
 def test_the_models_have_the_sizes_the_issue_asks_for() -> None:
     assert LARGE.weight_bytes() >= 2 << 30
     assert 150 * MB < SMALL.weight_bytes() < 250 * MB
+    assert LARGER.weight_bytes() >= 2.5 * LARGE.weight_bytes()  # memory against model size
     tensors = LARGE.tensors()
     shards = split_into_shards(tensors, LARGE.shards)
     assert len(shards) == LARGE.shards
@@ -122,3 +131,21 @@ def test_the_cluster_table_gives_ratios_per_node_count() -> None:
     )
     # registry x model without / with peers, seconds without / with, with/without, with/one
     assert table.splitlines()[2] == "| 4 | 4.00 | 1.10 | 7.00 | 3.00 | 0.43 | 1.50 |"
+
+
+def test_the_memory_table_gives_peaks_against_the_smallest_model() -> None:
+    small, large = 200 * MB, 6 * GB
+    table = render_growth(
+        {
+            "small": [Sample(1.0, small, small, 100 * MB), Sample(1.0, small, small, 120 * MB)],
+            "large": [
+                Sample(20.0, large, large, 130 * MB),
+                Sample(30.0, large, large, 170 * MB),
+                Sample(24.0, large, large, 150 * MB),
+            ],
+        },
+        [("small", small), ("large", large)],
+    )
+    rows = table.splitlines()[2:]
+    # size, MB/s of the median time, median peak, lowest-highest, x the smallest's median peak
+    assert rows == ["| 200 | 200 | 110 | 100-120 | 1.00 |", "| 6000 | 250 | 150 | 130-170 | 1.36 |"]
