@@ -430,7 +430,8 @@ class Bench:
             for spy in spies:
                 spy.wait(timeout=60)
 
-    def _mounted_read(self, key: str, pushed: PushedModel, cache: Path) -> Mount:
+    def mounted_read(self, key: str, pushed: PushedModel, cache: Path) -> Mount:
+        """A full read of ``pushed`` through a fresh mount on ``cache``, after a cold start."""
         cold_start()
         mark = self.registry.mark()
         with (
@@ -451,8 +452,8 @@ class Bench:
 
     def cold_and_warm_read(self) -> None:
         cache = self.fresh_cache("read")
-        self._mounted_read("cold_read", self.large, cache)
-        self._mounted_read("warm_read", self.large, cache)
+        self.mounted_read("cold_read", self.large, cache)
+        self.mounted_read("warm_read", self.large, cache)
         shutil.rmtree(cache)
 
     def cold_load(self) -> None:
@@ -478,7 +479,7 @@ class Bench:
 
     def small_model(self) -> None:
         cache = self.fresh_cache("small")
-        mount = self._mounted_read("cold_read_small", self.small, cache)
+        mount = self.mounted_read("cold_read_small", self.small, cache)
         listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
         self.record("listing_small", listing)
         shutil.rmtree(cache)
@@ -546,7 +547,7 @@ def memory_case(
     for run in range(1, runs + 1):
         log(f"bench: memory run {run} of {runs}")
         for model in pushed:
-            bench._mounted_read(memory_key(model), model, bench.fresh_cache("memory"))
+            bench.mounted_read(memory_key(model), model, bench.fresh_cache("memory"))
     return bench.results, [(memory_key(model), model.size) for model in pushed]
 
 
