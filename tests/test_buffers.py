@@ -41,6 +41,9 @@ def test_beyond_its_capacity_or_its_size_the_pool_gives_plain_buffers() -> None:
     assert isinstance(extra, bytearray) and len(extra) == 64
     large = pool.take(65)
     assert isinstance(large, bytearray) and len(large) == 65
+    # Counted for the metrics: buffers mapped, and those handed out past the capacity (a piece
+    # larger than the pool's buffers is not one).
+    assert (pool.mapped, pool.plain_buffers) == (2, 1)
     assert all(isinstance(b, memoryview) and len(b) == 64 and not b.readonly for b in held)
     held.pop()
     assert isinstance(pool.take(64), memoryview)  # one came back to the pool

@@ -21,6 +21,7 @@ from test_preheat import push_model
 from test_service import Notifications, status
 
 from modelfs.cli.service import describe_fetched, describe_sources, describe_waits, short_digest
+from modelfs.fetcher.buffers import PIECE_BUFFERS
 
 
 def write_config(tmp_path: Path, proxy: Proxy, reference: str, mountpoints: list[Path]) -> Path:
@@ -127,6 +128,9 @@ def test_metrics_match_the_registry_traffic_and_reads(
         assert fetches >= 1 and timed >= fetches  # every piece fetch is a timed range read
         assert value(after_first, "modelfs_mount_fetched_ratio", first) == 1.0
         assert value(after_first, "modelfs_mount_fetched_ratio", second) == 1.0
+        # The pieces landed in pooled buffers, none past the pool's bound.
+        assert 1 <= value(after_first, "modelfs_piece_buffers", first) <= PIECE_BUFFERS.capacity
+        assert value(after_first, "modelfs_plain_piece_buffers_total", first) == 0
 
         # The same files through the second mount (another process): all from the cache.
         proxy_after_first = proxy.blob_bytes

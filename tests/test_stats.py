@@ -40,7 +40,7 @@ def test_histogram_buckets_include_their_upper_bound() -> None:
 
 
 def test_snapshot_survives_json() -> None:
-    stats = MountStats(read_bytes=10, files=3)
+    stats = MountStats(read_bytes=10, files=3, piece_buffers=17, plain_piece_buffers=2)
     stats.fetched("registry", 7)
     stats.fetched("registry", 5)
     stats.timed("registry", 0.02)
@@ -58,6 +58,8 @@ def test_snapshot_survives_json() -> None:
     older = stats.as_json()
     del older["read_seconds"]
     assert MountStats.from_json(older).read_seconds.count == 0
+    del older["piece_buffers"], older["plain_piece_buffers"]
+    assert MountStats.from_json(older).piece_buffers == 0
     broken = stats.as_json()
     broken["read_seconds"]["counts"] = [1]
     with pytest.raises(ValueError, match="11 bounds with 1 counts"):

@@ -49,6 +49,8 @@ class BufferPool:
         self.size = size
         self.capacity = capacity
         self._buffers: list[mmap.mmap] = []
+        # Handed out past the bound because every pooled buffer was in flight (metrics).
+        self.plain_buffers = 0
         # Weak: a mount's fetcher goes with its mount, and the pool is the process's.
         self._holders: weakref.WeakSet[BufferHolder] = weakref.WeakSet()
         probe = [mmap.mmap(-1, 1)]
@@ -73,7 +75,13 @@ class BufferPool:
                 mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             )
             return memoryview(self._buffers[-1])[:length]
+        self.plain_buffers += 1
         return bytearray(length)  # every buffer is in flight: more readers than usual
+
+    @property
+    def mapped(self) -> int:
+        """Pooled buffers mapped so far: the share of the memory bound in use at its peak."""
+        return len(self._buffers)
 
     def _free(self) -> int | None:
         for index in range(len(self._buffers)):

@@ -123,6 +123,10 @@ class MountStats:
     # Filled in when a snapshot is taken (the cache and the peer source keep their own).
     files: int = 0
     rejected_by_peer: dict[str, int] = field(default_factory=dict)
+    # The process's piece buffer pool (``modelfs.fetcher.buffers``): buffers mapped, and plain
+    # buffers handed out past its capacity.
+    piece_buffers: int = 0
+    plain_piece_buffers: int = 0
 
     def fetched(self, source: str, size: int) -> None:
         self.fetched_bytes[source] = self.fetched_bytes.get(source, 0) + size
@@ -170,6 +174,8 @@ class MountStats:
             "last_error": self.last_error,
             "files": self.files,
             "rejected_by_peer": self.rejected_by_peer,
+            "piece_buffers": self.piece_buffers,
+            "plain_piece_buffers": self.plain_piece_buffers,
         }
 
     @classmethod
@@ -192,6 +198,9 @@ class MountStats:
             last_error=None if data["last_error"] is None else str(data["last_error"]),
             files=int(data["files"]),
             rejected_by_peer={str(k): int(v) for k, v in data["rejected_by_peer"].items()},
+            # Older mount processes do not report their buffer pool.
+            piece_buffers=int(data.get("piece_buffers", 0)),
+            plain_piece_buffers=int(data.get("plain_piece_buffers", 0)),
         )
 
 

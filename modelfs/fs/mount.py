@@ -24,6 +24,7 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
+from modelfs.fetcher.buffers import PIECE_BUFFERS
 from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
@@ -270,6 +271,8 @@ async def _snapshot(
         fetcher.stats,
         errors=dict(fetcher.stats.errors),
         files=len(model.tree.files()),
+        piece_buffers=PIECE_BUFFERS.mapped,
+        plain_piece_buffers=PIECE_BUFFERS.plain_buffers,
     )
     if fetcher.cache.corrupt_pieces_found:
         stats.errors[CORRUPT_CACHE_ENTRY] = fetcher.cache.corrupt_pieces_found

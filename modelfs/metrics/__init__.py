@@ -81,6 +81,17 @@ def _mount_families(
         "Pieces from a peer that failed their check.",
         labels=[*labels, "peer"],
     )
+    buffers = GaugeMetricFamily(
+        "modelfs_piece_buffers",
+        "Pooled piece buffers the mount process has mapped: its memory bound in use at its "
+        "peak (the pool's capacity is 20 of 4 MiB).",
+        labels=labels,
+    )
+    plain_buffers = CounterMetricFamily(
+        "modelfs_plain_piece_buffers",
+        "Piece buffers handed out past the pool's capacity, every pooled one being in flight.",
+        labels=labels,
+    )
     ratio = GaugeMetricFamily(
         "modelfs_mount_fetched_ratio",
         "Share of the mounted model's bytes present in the cache.",
@@ -113,7 +124,20 @@ def _mount_families(
             errors.add_metric([*names, kind], count)
         for peer, count in sorted(stats.rejected_by_peer.items()):
             rejected.add_metric([*names, peer], count)
-    yield from (read, read_duration, fetched, duration, fetches, errors, rejected, ratio)
+        buffers.add_metric(names, stats.piece_buffers)
+        plain_buffers.add_metric(names, stats.plain_piece_buffers)
+    yield from (
+        read,
+        read_duration,
+        fetched,
+        duration,
+        fetches,
+        errors,
+        rejected,
+        buffers,
+        plain_buffers,
+        ratio,
+    )
 
 
 class DaemonCollector(Collector):
