@@ -83,8 +83,8 @@ def _mount_families(
     )
     buffers = GaugeMetricFamily(
         "modelfs_piece_buffers",
-        "Pooled piece buffers the mount process has mapped: its memory bound in use at its "
-        "peak (the pool's capacity is 20 of 4 MiB).",
+        "Pooled piece buffers the mount process has mapped, at most the pool's capacity: how "
+        "much of its memory bound its busiest moment used.",
         labels=labels,
     )
     plain_buffers = CounterMetricFamily(
