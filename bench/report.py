@@ -26,6 +26,8 @@ class Sample:
     # a fetch (``MountStats.slow_reads``).
     reads: int | None = None
     slow_reads: int | None = None
+    # Piece buffers the mount's pool mapped (``modelfs_piece_buffers``): its memory bound in use.
+    piece_buffers: int | None = None
 
 
 Results = dict[str, list[Sample]]
@@ -299,8 +301,8 @@ def render_growth(results: Results, models: list[tuple[str, int]]) -> str:
     smallest first; each row's ratio is against the first model's median peak (pure)."""
     lines = [
         "| model MB | cold read MB/s | mount peak RSS MB, median | lowest-highest | "
-        "x the smallest model's |",
-        "|" + " --- |" * 5,
+        "x the smallest model's | pool buffers mapped |",
+        "|" + " --- |" * 6,
     ]
     smallest = median(results.get(models[0][0], []), lambda sample: sample.peak_rss)
     for key, size in models:
@@ -313,6 +315,7 @@ def render_growth(results: Results, models: list[tuple[str, int]]) -> str:
             _format(peak, ".0f", MB),
             f"{min(peaks) / MB:.0f}-{max(peaks) / MB:.0f}" if peaks else "—",
             _format(peak / smallest if peak is not None and smallest else None, ".2f"),
+            ", ".join(str(s.piece_buffers) for s in samples if s.piece_buffers is not None) or "—",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -230,10 +230,11 @@ class Mount:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
 
-    def reads(self) -> tuple[int, int]:
-        """(reads, reads over 10 ms) the mount served so far, from its own counters."""
+    def counters(self) -> tuple[int, int, int]:
+        """From the mount's own counters so far: its reads, those over 10 ms, and the piece
+        buffers its pool mapped."""
         stats = MountStats.from_json(trio.run(ask, self.stats_socket, {"command": "stats"}))
-        return stats.read_seconds.count, stats.slow_reads()
+        return stats.read_seconds.count, stats.slow_reads(), stats.piece_buffers
 
     def files(self, names: list[str]) -> list[Path]:
         return [self.path / name for name in names]
@@ -398,13 +399,13 @@ class Bench:
             self.read_ahead_kb = bdi_read_ahead(mount.path).read_text().strip()
             loaded = run_task("first-tensor", str(mount.path))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
-            reads, slow = mount.reads()
+            counted = mount.counters()
         fetched, registry_cpu = self.registry.blob_bytes_since(mark), self.registry.cpu_since(mark)
         listing = Sample(mount.listed_after, parts={"mount process ready": mount.ready_in})
         self.record("listing_large", listing)
         tensor = int(loaded["bytes"])
         sample = Sample(
-            loaded["seconds"], tensor, fetched, rss, {}, mount_cpu, registry_cpu, reads, slow
+            loaded["seconds"], tensor, fetched, rss, {}, mount_cpu, registry_cpu, *counted
         )
         self.record("first_tensor", sample)
 
@@ -441,10 +442,10 @@ class Bench:
             attach(mount.pid)
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
-            reads, slow = mount.reads()
+            counted = mount.counters()
         fetched = self.registry.blob_bytes_since(mark)
         registry_cpu = self.registry.cpu_since(mark)
-        sample = Sample(elapsed, count, fetched, rss, {}, mount_cpu, registry_cpu, reads, slow)
+        sample = Sample(elapsed, count, fetched, rss, {}, mount_cpu, registry_cpu, *counted)
         self.record(key, sample)
         if count != pushed.size:
             raise BenchError(f"{key}: read {count} bytes of a {pushed.size}-byte model")
@@ -466,13 +467,13 @@ class Bench:
             attach(mount.pid)
             load = run_task("load-all", str(mount.path))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
-            reads, slow = mount.reads()
+            counted = mount.counters()
         fetched = self.registry.blob_bytes_since(mark)
         registry_cpu = self.registry.cpu_since(mark)
         parts = {"mount": mount.listed_after, "load": load["seconds"]}
         total = mount.listed_after + load["seconds"]
         sample = Sample(
-            total, self.large.size, fetched, rss, parts, mount_cpu, registry_cpu, reads, slow
+            total, self.large.size, fetched, rss, parts, mount_cpu, registry_cpu, *counted
         )
         self.record("cold_load", sample)
         shutil.rmtree(self.work / "cache" / "load")
