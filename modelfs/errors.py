@@ -38,5 +38,9 @@ class IntegrityError(ModelfsError):
     """Bytes that do not match their digest: never served."""
 
 
+class PieceAlteredError(IntegrityError):
+    """A piece's bytes do not match the piece index."""
+
+
 class CacheError(ModelfsError):
     """The local cache cannot be opened or written."""

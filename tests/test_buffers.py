@@ -142,7 +142,7 @@ def test_readers_get_their_bytes_while_few_buffers_go_round(
     async def main() -> None:
         async with RegistryClient(registry.host, plain_http=True) as client:
             fetcher = pieces.PieceFetcher(
-                client.repository("tests/buffers"), cache, memory_pieces=2
+                client.repository("tests/buffers"), cache, memory_pieces=2, serve_unverified=True
             )
             async with fetcher.writing(), trio.open_nursery() as nursery:
                 todo = list(spans)
@@ -180,7 +180,11 @@ def test_a_fetcher_spares_the_pieces_it_keeps_to_stay_in_the_pool(
     async def main() -> None:
         async with RegistryClient(registry.host, plain_http=True) as client:
             fetcher = pieces.PieceFetcher(
-                client.repository("tests/spare"), cache, connections=1, memory_pieces=12
+                client.repository("tests/spare"),
+                cache,
+                connections=1,
+                memory_pieces=12,
+                serve_unverified=True,
             )
             for index in indexes:
                 got = await fetcher.read(blob, index * piece, piece)

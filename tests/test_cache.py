@@ -1,5 +1,6 @@
 """The LMDB piece cache on real LMDB files: checksums, limits, LRU order, leases, sharing."""
 
+import hashlib
 import itertools
 import os
 import subprocess
@@ -26,12 +27,12 @@ def make(path: Path, limit: int = 100 * PIECE) -> PieceCache:
 def test_put_get_and_blob_completion(tmp_path: Path) -> None:
     cache = make(tmp_path)
     size = 2 * PIECE + 10
-    assert cache.get(A, 0) is None
+    assert cache.get(A, 0, unvouched=True) is None
     assert cache.put(A, 0, b"x" * PIECE, size).blob_complete is False
     assert cache.put(A, 2, b"z" * 10, size).blob_complete is False
     assert cache.missing(A, size) == [1]
     assert cache.put(A, 1, b"y" * PIECE, size).blob_complete is True
-    assert cache.get(A, 1) == b"y" * PIECE
+    assert cache.get(A, 1, unvouched=True) == b"y" * PIECE
     assert cache.stats().pieces == 3
     cache.mark_verified(A, size)
     assert cache.is_verified(A)
@@ -45,11 +46,12 @@ def test_persists_across_reopen_and_is_shared_between_processes(tmp_path: Path) 
     script = (
         "import sys; from pathlib import Path; from modelfs.cache import PieceCache; "
         f"c = PieceCache(Path(sys.argv[1]), {100 * PIECE}, piece_size={PIECE}); "
-        f"assert c.get('{A}', 0) == b'persist'; c.put('{B}', 0, b'other', 5); c.close()"
+        f"assert c.get('{A}', 0, unvouched=True) == b'persist'; "
+        f"c.put('{B}', 0, b'other', 5); c.close()"
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
     cache = make(tmp_path)
-    assert cache.get(B, 0) == b"other"
+    assert cache.get(B, 0, unvouched=True) == b"other"
     cache.close()
 
 
@@ -67,7 +69,7 @@ def test_corrupted_value_is_dropped_not_served(tmp_path: Path) -> None:
         txn.put(key, bytes(damaged))
     env.close()
     cache = make(tmp_path)
-    assert cache.get(A, 0) is None
+    assert cache.get(A, 0, unvouched=True) is None
     assert not cache.has(A, 0)
     assert cache.stats().size == 0
     cache.close()
@@ -78,7 +80,7 @@ def test_limit_is_never_exceeded_and_oldest_goes_first(tmp_path: Path) -> None:
     cache = make(tmp_path, limit)
     for index in range(10):
         cache.put(A, index, bytes(PIECE), 100 * PIECE)
-    cache.get(A, 0)  # piece 0 is now the most recently used
+    cache.get(A, 0, unvouched=True)  # piece 0 is now the most recently used
     for index in range(5):
         cache.put(B, index, bytes(PIECE), 100 * PIECE)
         assert cache.stats().size <= limit
@@ -137,7 +139,7 @@ def test_drop_blob_removes_every_piece(tmp_path: Path) -> None:
     cache.put(B, 0, b"keep", 4)
     cache.drop_blob(A)
     assert cache.missing(A, 3 * PIECE) == [0, 1, 2]
-    assert cache.get(B, 0) == b"keep"
+    assert cache.get(B, 0, unvouched=True) == b"keep"
     assert cache.stats().size == 4 + 8
     cache.close()
 
@@ -158,6 +160,55 @@ def test_meta_records(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_a_piece_nothing_vouched_for_is_served_to_no_reader(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    size = PIECE + 5
+    cache.put(A, 0, b"a" * PIECE, size)
+    cache.put(A, 1, b"b" * 5, size)
+    assert cache.has(A, 0)
+    assert cache.get(A, 0) is None  # stored before its blob was checked: readers do not see it
+    assert cache.get(A, 0, unvouched=True) == b"a" * PIECE  # the hash reads it back
+    cache.mark_verified(A, size)
+    assert cache.get(A, 0) == b"a" * PIECE
+    assert cache.get(A, 1) == b"b" * 5
+    # An eviction of one piece un-verifies the blob but leaves its other pieces vouched for.
+    cache.drop_piece(A, 1)
+    assert not cache.is_verified(A)
+    assert cache.get(A, 0) == b"a" * PIECE
+    cache.close()
+
+
+def test_a_piece_is_vouched_for_by_the_piece_index_once(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    cache.put(A, 0, b"good", 4)
+    cache.put(B, 0, b"evil", 4)
+    good = hashlib.sha256(b"good").hexdigest()
+    assert cache.get_checked(B, 0, good, None) is None  # bytes that do not match stay unserved
+    assert cache.get(B, 0) is None
+    assert cache.get_checked(A, 0, good, None) == b"good"
+    assert cache.get(A, 0) == b"good"  # marked: the next reader does not hash it again
+    assert cache.put(B, 1, b"x", 2, vouched=True).stored
+    assert cache.get(B, 1) == b"x"
+    cache.close()
+
+
+def test_a_damaged_record_is_a_miss_never_a_wrong_record(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    cache.put_meta("tar-index/x", b'[{"data_offset": 512}]')
+    cache.close()
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True, db=meta) as txn:
+        damaged = bytearray(txn.get(b"record/tar-index/x"))
+        damaged[-3] ^= 0x01  # 512 -> 502: one bit
+        txn.put(b"record/tar-index/x", bytes(damaged))
+    env.close()
+    cache = make(tmp_path)
+    assert cache.get_meta("tar-index/x") is None
+    assert cache.meta_keys("tar-index/") == []  # dropped, made again by its next user
+    cache.close()
+
+
 def test_a_cache_of_an_older_format_is_refused_with_what_to_do(tmp_path: Path) -> None:
     # Format 1 kept the checksum inside each piece's value: read as format 2, every piece would
     # fail its checksum, so the cache is refused whole, with the way out.
@@ -174,7 +225,7 @@ def test_a_piece_copied_out_of_the_map_lands_in_the_buffer_given(tmp_path: Path)
     data = os.urandom(PIECE)
     cache.put("sha256:a", 0, data, PIECE)
     into = memoryview(bytearray(PIECE + 10))[:PIECE]
-    got = cache.get("sha256:a", 0, into)
+    got = cache.get("sha256:a", 0, into, unvouched=True)
     assert got is into and bytes(into) == data
     cache.close()
 

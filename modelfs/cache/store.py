@@ -2,13 +2,21 @@
 
 Layout (named sub-databases):
 - ``pieces``: ``<digest>/<index>`` -> the piece's bytes.
-- ``checksums``: ``<digest>/<index>`` -> the piece's xxh3-64 (8 bytes, little endian); apart from
-  the bytes, so that storing a piece hands LMDB the fetched buffer as it is, with no copy.
+- ``checksums``: ``<digest>/<index>`` -> the piece's xxh3-64 (8 bytes, little endian) and whether
+  something vouched for its bytes (1 byte; see below); apart from the bytes, so that storing a
+  piece hands LMDB the fetched buffer as it is, with no copy.
 - ``stamps``: ``<digest>/<index>`` -> the piece's last-use stamp (8 bytes, big endian).
 - ``lru``:    stamp + ``<digest>/<index>`` -> empty; iterated in order, oldest first, to evict.
 - ``blobs``:  ``<digest>`` -> size, pieces present, verified flag.
 - ``leases``: ``<digest>/<pid>`` -> empty: blobs a live process is reading are evicted last.
-- ``meta``:   small records (the stamp clock, total bytes, manifests, configs, tar indexes).
+- ``meta``:   small records (the stamp clock, total bytes, manifests, configs, tar indexes), each
+  stored with its xxh3-64, so a flipped bit is a cache miss, never a wrong record.
+
+A piece is *vouched* once something other than its own checksum proved its bytes: the piece index
+(a sha256 per piece, from the registry side) or its whole blob hashing to the blob's digest. The
+checksum only proves the bytes are the ones stored. ``get`` serves vouched pieces only, so a piece
+stored before its blob was checked (a write-behind, a crash, another process with other flags)
+is invisible to every reader on the node until it is vouched for.
 
 LMDB serialises writers across processes, so the size accounting in ``meta`` is exact and the
 limit holds for the whole node. Reads touch pieces in memory; the new stamps are written with the
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import mmap
 import os
@@ -93,6 +102,9 @@ def copy_releasing_gil(into: memoryview | bytearray, source: memoryview | bytes)
 _BLOB = struct.Struct(">QIB")  # size, pieces present, verified
 _U64 = struct.Struct(">Q")
 _CHECKSUM = struct.Struct("<Q")
+# Checksum records: the xxh3-64, then the vouched flag (records of 8 bytes predate the flag).
+_CHECKSUM_RECORD = struct.Struct("<QB")
+_VOUCHED = 1
 _FORMAT = b"modelfs-cache-2"
 _TOUCH_FLUSH = 256  # pending stamp updates that force a write
 # Reading pieces maps the map's pages into this process, and so does storing them (LMDB reads its
@@ -121,6 +133,7 @@ class PieceWrite:
     index: int
     data: bytes | bytearray | memoryview
     blob_size: int
+    vouched: bool = False  # the piece index checked it
 
 
 W = TypeVar("W", bound=PieceWrite)
@@ -157,6 +170,22 @@ def _split_piece_key(key: bytes) -> tuple[str, int]:
 def _stored_size(data: bytes | bytearray | memoryview) -> int:
     """What a piece counts against the limit: its bytes and its checksum."""
     return len(data) + _CHECKSUM.size
+
+
+def _checksum_record(checksum: int, vouched: bool) -> bytes:
+    return _CHECKSUM_RECORD.pack(checksum, _VOUCHED if vouched else 0)
+
+
+def _read_checksum_record(record: bytes | memoryview | None) -> tuple[int | None, bool]:
+    """(checksum, vouched) of a stored record; (None, False) for none or a damaged one."""
+    if record is None:
+        return None, False
+    if len(record) == _CHECKSUM.size:
+        return _CHECKSUM.unpack(record)[0], False
+    if len(record) == _CHECKSUM_RECORD.size:
+        checksum, flag = _CHECKSUM_RECORD.unpack(record)
+        return checksum, flag == _VOUCHED
+    return None, False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -233,17 +262,30 @@ class PieceCache:
     # -- pieces ---------------------------------------------------------------------------
 
     @overload
-    def get(self, digest: str, index: int) -> bytes | None: ...
+    def get(
+        self, digest: str, index: int, into: None = None, *, unvouched: bool = False
+    ) -> bytes | None: ...
 
     @overload
     def get(
-        self, digest: str, index: int, into: memoryview | bytearray
+        self,
+        digest: str,
+        index: int,
+        into: memoryview | bytearray | None,
+        *,
+        unvouched: bool = False,
     ) -> bytes | memoryview | bytearray | None: ...
 
     def get(
-        self, digest: str, index: int, into: memoryview | bytearray | None = None
+        self,
+        digest: str,
+        index: int,
+        into: memoryview | bytearray | None = None,
+        *,
+        unvouched: bool = False,
     ) -> bytes | memoryview | bytearray | None:
-        """The piece's bytes, or None when absent or when its checksum fails (it is dropped).
+        """The piece's bytes if vouched for (with ``unvouched``, also if not: to hash them), or
+        None when absent, not vouched for, or when its checksum fails (it is dropped).
 
         They are copied out of the map into ``into`` when it is the piece's length, else into new
         bytes; the checksum is checked on the copy, the bytes that are served.
@@ -251,8 +293,8 @@ class PieceCache:
         key = _piece_key(digest, index)
         with self._env.begin(db=self._pieces, buffers=True) as txn:
             value = txn.get(key)
-            checksum = txn.get(key, db=self._checksums)
-            if value is None:
+            expected, vouched = _read_checksum_record(txn.get(key, db=self._checksums))
+            if value is None or not (vouched or unvouched):
                 return None
             data: bytes | memoryview | bytearray
             if into is not None and len(into) == len(value):
@@ -260,7 +302,6 @@ class PieceCache:
                 data = into
             else:
                 data = bytes(value)
-            expected = None if checksum is None else _CHECKSUM.unpack(checksum)[0]
         self._passed_through_map(len(data))
         if xxhash.xxh3_64_intdigest(data) != expected:
             log.error(
@@ -276,6 +317,26 @@ class PieceCache:
             self.flush()
         return data
 
+    def get_checked(
+        self, digest: str, index: int, expected_sha256: str, into: memoryview | bytearray | None
+    ) -> bytes | memoryview | bytearray | None:
+        """The piece if vouched for, or if its sha256 is ``expected_sha256`` (the piece index's):
+        then it is marked vouched, so the next reader does not hash it again."""
+        data = self.get(digest, index, into)
+        if data is not None or not self.has(digest, index):
+            return data
+        data = self.get(digest, index, into, unvouched=True)
+        if data is None or hashlib.sha256(data).hexdigest() != expected_sha256:
+            return None
+        self.vouch(digest, index)
+        return data
+
+    def vouch(self, digest: str, index: int) -> None:
+        """Mark a stored piece vouched for (the piece index checked its bytes)."""
+        key = _piece_key(digest, index)
+        with self._env.begin(write=True, db=self._checksums) as txn:
+            self._set_vouched(txn, key)
+
     def has(self, digest: str, index: int) -> bool:
         # Asks the stamps (every piece has one) so the piece's own pages are not touched: the
         # first page of a 4 MiB value is a disk read once the page cache let it go, and this is
@@ -284,10 +345,17 @@ class PieceCache:
             return txn.get(_piece_key(digest, index)) is not None
 
     def put(
-        self, digest: str, index: int, data: bytes | bytearray | memoryview, blob_size: int
+        self,
+        digest: str,
+        index: int,
+        data: bytes | bytearray | memoryview,
+        blob_size: int,
+        *,
+        vouched: bool = False,
     ) -> PutResult:
-        """Store a piece, evicting others to stay under the limit. Thread-safe (one writer)."""
-        return self.put_many([PieceWrite(digest, index, data, blob_size)])[0]
+        """Store a piece, evicting others to stay under the limit. Thread-safe (one writer).
+        ``vouched``: the piece index checked it."""
+        return self.put_many([PieceWrite(digest, index, data, blob_size, vouched)])[0]
 
     def put_many(
         self, writes: Sequence[W], keep: Callable[[W], bool] = lambda write: True
@@ -325,11 +393,6 @@ class PieceCache:
                 self._delete_piece(txn, key)
             txn.delete(digest.encode(), db=self._blobs)
 
-    def iter_blob(self, digest: str, blob_size: int, start: int = 0) -> Iterator[bytes | None]:
-        """The blob's pieces in order from ``start`` (None for a missing or corrupt one)."""
-        for index in range(start, piece_count(blob_size, self.piece_size)):
-            yield self.get(digest, index)
-
     def missing(self, digest: str, blob_size: int) -> list[int]:
         with self._env.begin(db=self._stamps, buffers=True) as txn:  # as in ``has``
             return [
@@ -353,10 +416,13 @@ class PieceCache:
         )
 
     def mark_verified(self, digest: str, blob_size: int) -> None:
+        """The blob hashed whole to its digest: it, and every piece of it, is vouched for."""
         with self._env.begin(write=True, buffers=True) as txn:
             size, present, _ = self._blob_state(txn, digest, blob_size)
             if present == piece_count(blob_size, self.piece_size):
                 txn.put(digest.encode(), _BLOB.pack(size, present, 1), db=self._blobs)
+                for index in range(present):
+                    self._set_vouched(txn, _piece_key(digest, index))
 
     # -- leases: blobs in use by a live process are evicted last ---------------------------
 
@@ -375,13 +441,26 @@ class PieceCache:
     # -- small records ---------------------------------------------------------------------
 
     def get_meta(self, key: str) -> bytes | None:
+        """The record, or None when absent or when it fails its checksum (then it is dropped:
+        every record can be fetched or derived again)."""
         with self._env.begin(db=self._meta) as txn:
-            value = txn.get(f"record/{key}".encode())
-        return None if value is None else bytes(value)
+            stored = txn.get(f"record/{key}".encode())
+        if stored is None:
+            return None
+        record = bytes(stored)
+        value = record[_CHECKSUM.size :]
+        if len(record) < _CHECKSUM.size or (
+            _CHECKSUM.unpack_from(record)[0] != xxhash.xxh3_64_intdigest(value)
+        ):
+            log.error("cache: the record %s failed its checksum; dropped, made again", key)
+            self.delete_meta(key)
+            return None
+        return value
 
     def put_meta(self, key: str, value: bytes) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
-            txn.put(f"record/{key}".encode(), value)
+            checksum = _CHECKSUM.pack(xxhash.xxh3_64_intdigest(value))
+            txn.put(f"record/{key}".encode(), checksum + value)
 
     def release_mapped_pages(self) -> None:
         """Unmap the pages of the cache this process touched; they stay in the page cache.
@@ -463,11 +542,8 @@ class PieceCache:
         bad: list[bytes] = []
         with self._env.begin(db=self._pieces, buffers=True) as txn:
             for key, value in txn.cursor():
-                checksum = txn.get(key, db=self._checksums)
-                if (
-                    checksum is None
-                    or xxhash.xxh3_64_intdigest(value) != (_CHECKSUM.unpack(checksum)[0])
-                ):
+                checksum, _ = _read_checksum_record(txn.get(key, db=self._checksums))
+                if checksum is None or xxhash.xxh3_64_intdigest(value) != checksum:
                     bad.append(bytes(key))
         if bad:
             with self._env.begin(write=True, buffers=True) as txn:
@@ -496,6 +572,8 @@ class PieceCache:
         if cost > self.max_size:
             return _NOT_STORED
         if txn.get(key, db=self._pieces) is not None:
+            if write.vouched:
+                self._set_vouched(txn, key)
             return PutResult(stored=True, blob_complete=False)
         total = self._total(txn)
         if total + cost > self.max_size:
@@ -503,7 +581,8 @@ class PieceCache:
             if total + cost > self.max_size:
                 return _NOT_STORED
         txn.put(key, write.data, db=self._pieces)
-        txn.put(key, _CHECKSUM.pack(xxhash.xxh3_64_intdigest(write.data)), db=self._checksums)
+        checksum = xxhash.xxh3_64_intdigest(write.data)
+        txn.put(key, _checksum_record(checksum, write.vouched), db=self._checksums)
         self._stamp(txn, key)
         txn.put(b"total", _U64.pack(total + cost), db=self._meta)
         size, present, verified = self._blob_state(txn, write.digest, write.blob_size)
@@ -511,6 +590,11 @@ class PieceCache:
         txn.put(write.digest.encode(), _BLOB.pack(size, present, verified), db=self._blobs)
         complete = present == piece_count(write.blob_size, self.piece_size)
         return PutResult(stored=True, blob_complete=complete and not verified)
+
+    def _set_vouched(self, txn: lmdb.Transaction, key: bytes) -> None:
+        checksum, vouched = _read_checksum_record(txn.get(key, db=self._checksums))
+        if checksum is not None and not vouched:
+            txn.put(key, _checksum_record(checksum, True), db=self._checksums)
 
     def _total(self, txn: lmdb.Transaction) -> int:
         return self._counter(txn, b"total")

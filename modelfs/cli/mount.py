@@ -91,6 +91,14 @@ def mount_options(command: F) -> F:
                 "tokenizer and safetensors headers, first; all: then the whole model.",
             ),
             click.option(
+                "--serve-unverified",
+                is_flag=True,
+                help="Serve the pieces of a file that has no piece index before the whole file "
+                "matched its digest (faster first bytes; a reader may get bytes that then fail "
+                "the check, and its next read gets EIO). Default: a file without a piece index "
+                "is fetched and checked whole before any byte of it is served.",
+            ),
+            click.option(
                 "--allow-other/--no-allow-other",
                 default=None,
                 help="Let other users read the mount (default: yes when run as root).",
@@ -113,6 +121,7 @@ def mount_settings(
     retries: int,
     read_ahead_kb: int,
     prefetch: str,
+    serve_unverified: bool,
     allow_other: bool | None,
 ) -> MountOptions:
     """What ``mount_options`` gave, as the options of a mount of ``reference``."""
@@ -127,6 +136,7 @@ def mount_settings(
         retries=retries,
         read_ahead_kb=read_ahead_kb,
         prefetch=PrefetchMode(prefetch),
+        serve_unverified=serve_unverified,
     )
     if allow_other is not None:
         options.allow_other = allow_other

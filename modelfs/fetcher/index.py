@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 
-from modelfs.errors import IntegrityError, ManifestError
+import trio
+
+from modelfs.cache import PieceCache
+from modelfs.errors import IntegrityError, ManifestError, ModelfsError
 from modelfs.fetcher.referrers import find_referrer, manifest_layers, publish_referrer
 from modelfs.fetcher.registry import RegistryRepository
-from modelfs.fetcher.source import FetchedManifest
+from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
+
+log = logging.getLogger(__name__)
 
 PIECE_INDEX_ARTIFACT_TYPE = "application/vnd.modelfs.piece-index.v1+json"
 PIECE_INDEX_MEDIA_TYPE = "application/vnd.modelfs.piece-index.v1+json"
 # 140 GB of 4 MiB pieces is ~35 000 hashes, ~2.5 MB of JSON: room to spare, never unbounded.
 MAX_INDEX_SIZE = 64 * 1024 * 1024
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+# How long the first read may wait for the index lookup before the model counts as without one.
+INDEX_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,13 @@ def parse_index(data: bytes, manifest: FetchedManifest) -> PieceIndex:
 # --- I/O edges ----------------------------------------------------------------------------
 
 
+async def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """Hash in a worker thread: 4 MiB takes ~10 ms, too long to hold the event loop."""
+    return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+
+
 async def compute_index(
-    repository: RegistryRepository,
+    repository: BlobSource,
     manifest: FetchedManifest,
     piece_size: int = DEFAULT_PIECE_SIZE,
 ) -> PieceIndex:
@@ -183,3 +196,51 @@ async def find_index(
         MAX_INDEX_SIZE,
     )
     return None if data is None else parse_index(data, manifest)
+
+
+class IndexLookup:
+    """A model's piece index, looked up once when first asked (``PieceIndexLookup``).
+
+    Bounded in time: a registry that does not answer within ``INDEX_TIMEOUT`` leaves the model
+    without an index for this mount (its blobs are then checked whole before they are served).
+    An index found is kept in the cache under the manifest's digest, so a remount by digest
+    needs no network for it.
+    """
+
+    def __init__(self, source: BlobSource, selector: str, cache: PieceCache) -> None:
+        self._source = source
+        self._selector = selector
+        self._cache = cache
+        self._lock = trio.Lock()
+        self._resolved = False
+        self.index: PieceIndex | None = None
+
+    async def piece_index(self) -> PieceIndex | None:
+        async with self._lock:
+            if not self._resolved:
+                self._resolved = True
+                with trio.move_on_after(INDEX_TIMEOUT):
+                    try:
+                        self.index = await self._look_up()
+                    except ModelfsError as error:
+                        log.warning("piece index of %s: %s", self._source.name, error)
+                if self.index is None:
+                    log.info(
+                        "%s has no piece index: each blob is checked whole before it is served "
+                        "(publish one with `modelfs index`)",
+                        self._source.name,
+                    )
+        return self.index
+
+    async def _look_up(self) -> PieceIndex | None:
+        manifest = await self._source.get_manifest(self._selector)
+        key = f"piece-index/{manifest.digest}"
+        cached = self._cache.get_meta(key)
+        if cached is not None:
+            return parse_index(cached, manifest)
+        if not isinstance(self._source, RegistryRepository):
+            return None  # an OCI layout holds no referrers
+        index = await find_index(self._source, manifest)
+        if index is not None:
+            self._cache.put_meta(key, encode_index(index))
+        return index

@@ -47,9 +47,18 @@ from functools import partial
 import trio
 
 from modelfs.cache import PieceCache, PieceWrite
-from modelfs.errors import CacheError, IntegrityError, ModelfsError
+from modelfs.errors import CacheError, IntegrityError, ModelfsError, PieceAlteredError
 from modelfs.fetcher.buffers import PIECE_BUFFERS
-from modelfs.fetcher.source import BlobBytes, BlobSource, Deliver, PieceRuns, UnvouchedPieces
+from modelfs.fetcher.index import sha256_hex
+from modelfs.fetcher.source import (
+    BlobBytes,
+    BlobSource,
+    Deliver,
+    IndexCheckedPieces,
+    PieceIndexLookup,
+    PieceRuns,
+    UnvouchedPieces,
+)
 from modelfs.fetcher.stats import (
     CACHE,
     ON_DEMAND,
@@ -160,6 +169,9 @@ Job = Callable[[], Awaitable[None]]
 RUN_PIECES = 4
 
 
+# Tries of a read whose piece was altered in transit, or whose blob must be checked again.
+_TRIES = 2
+
 # Pieces up to this many ahead of a blob's hash are held for it; further ones are read back
 # from the cache when the hash gets to them (a random reader's pieces, mostly).
 _HASH_AHEAD = 16
@@ -176,7 +188,7 @@ class _QueuedWrite(PieceWrite):
     """A fetched piece on its way to the cache, with its blob's rejections when it was fetched:
     if its blob failed its check since, the piece is not stored."""
 
-    rejections: int
+    rejections: int = 0
 
 
 @dataclass
@@ -209,9 +221,17 @@ class PieceFetcher:
         on_rejected: Callable[[str], None] = lambda digest: None,
         stats: MountStats | None = None,
         source_kind: str = REGISTRY,
+        index: PieceIndexLookup | None = None,
+        serve_unverified: bool = False,
     ) -> None:
+        """``index``: where the model's piece index is found (a source that checks indexed
+        pieces itself is its own); ``serve_unverified``: serve the pieces of a blob without an
+        index before the blob is checked whole (a reader may get bytes the check then fails)."""
         self.source = source
         self.cache = cache
+        self._source_checks_index = isinstance(source, IndexCheckedPieces)
+        self._index = source if isinstance(source, IndexCheckedPieces) else index
+        self._serve_unverified = serve_unverified
         # Bytes a registry sends are counted by the metered repository itself (pieces and
         # whole blobs alike); the fetcher counts the other sources, and cache loads.
         self.stats = MountStats() if stats is None else stats
@@ -315,17 +335,54 @@ class PieceFetcher:
     async def piece(
         self, blob: BlobRef, index: int, priority: Priority = Priority.DEMAND
     ) -> BlobBytes:
-        """One whole piece, from memory, the cache, a fetch under way, or the source."""
-        if blob.digest in self._suspect or await self._whole_before_serving(blob):
-            await self._whole_first(blob)
-        return await self._piece(blob, index, priority)
+        """One whole piece whose bytes something vouched for, from memory, the cache, a fetch
+        under way, or the source: checked against the piece index as it landed, or its whole
+        blob checked first (``_whole_first``). A piece altered in transit is fetched again once.
+        """
+        for attempt in range(_TRIES):
+            if await self._whole_before_serving(blob):
+                await self._whole_first(blob)
+            try:
+                data = await self._piece(blob, index, priority)
+            except PieceAlteredError:
+                if attempt == _TRIES - 1:
+                    raise
+                continue
+            if blob.digest in self._verified or await self._checked_by_piece(blob):
+                return data
+            # A piece of a checked blob was evicted and fetched again: the blob is checked again.
+        raise IntegrityError(
+            f"blob {blob.digest} could not be checked whole (is --cache-size smaller than the "
+            "file?); it must be before it is served, so it is not"
+        )
+
+    async def _checked_by_piece(self, blob: BlobRef) -> bool:
+        """Whether the blob's pieces are served one by one: each checked against the piece
+        index, or (``serve_unverified``) unchecked until the blob is whole."""
+        return self._serve_unverified or await self._indexed(blob) is not None
+
+    async def _indexed(self, blob: BlobRef) -> tuple[str, ...] | None:
+        """The piece index's sha256 of each piece of the blob; None if it has none for it."""
+        index = None if self._index is None else await self._index.piece_index()
+        if index is None or index.piece_size != self.cache.piece_size:
+            return None
+        pieces = index.blobs.get(blob.digest)
+        return None if pieces is None or pieces.size != blob.size else pieces.pieces
 
     async def _whole_before_serving(self, blob: BlobRef) -> bool:
-        if self._unvouched is None or blob.digest in self._verified:
+        """Whether the blob must be fetched whole and checked before a byte of it is served: it
+        failed its check before, or nothing vouches for its pieces one by one."""
+        if blob.digest in self._suspect:
+            return True
+        if blob.digest in self._verified:
             return False
-        if not await self._unvouched.whole_before_serving(blob.digest):
+        unvouched = self._unvouched is not None and (
+            await self._unvouched.whole_before_serving(blob.digest)
+        )
+        if not unvouched and await self._checked_by_piece(blob):
             return False
         if self.cache.is_verified(blob.digest):
+            self._verified.add(blob.digest)
             return False
         self._suspect.setdefault(blob.digest, trio.Lock())
         return True
@@ -354,7 +411,7 @@ class PieceFetcher:
             unvouched = self._unvouched is not None and (
                 await self._unvouched.whole_before_serving(blob.digest)
             )
-            for _ in range(3 if unvouched else 1):
+            for _ in range(3 if unvouched else 2):  # a second try for a blob altered in transit
                 good = await self._fetch_whole(blob)
                 if blob.digest in self._verified or self.cache.is_verified(blob.digest):
                     del self._suspect[blob.digest]
@@ -463,15 +520,22 @@ class PieceFetcher:
         return jobs
 
     async def _from_cache(self, blob: BlobRef, index: int) -> BlobBytes | None:
+        """The cached piece if something vouched for it (or ``serve_unverified``): a piece
+        stored unvouched is checked against the piece index here, else fetched again."""
         if not self.cache.has(blob.digest, index):
             return None
         started = time.monotonic()
-        data = await self._cache_get(blob, index)
+        indexed = await self._indexed(blob)
+        if indexed is not None:
+            data = await self._cache_get(blob, index, expected_sha256=indexed[index])
+        else:
+            data = await self._cache_get(blob, index, unvouched=self._serve_unverified)
         if data is None:
-            return None  # evicted meanwhile, or a corrupt entry (dropped): fetched instead
+            return None  # evicted meanwhile, unvouched, or a corrupt entry: fetched instead
         self.stats.timed(CACHE, time.monotonic() - started)
         self.stats.fetched(CACHE, len(data))
-        await self._verify_once(blob)
+        if indexed is None:
+            await self._verify_once(blob)
         return data
 
     async def _fetch(self, blob: BlobRef, first: int, flights: list[_InFlight]) -> None:
@@ -498,9 +562,12 @@ class PieceFetcher:
                     f"of {lengths[place]} at offset {index * piece_size}; the registry's copy may "
                     "be damaged"
                 )
+            vouched = await self._check_landed(blob, index, data)
             # Handed to the hash before it is in the cache, so the hash never reads it back.
-            state = self._hash_state_for(blob, index, data)
-            write = _QueuedWrite(blob.digest, index, data, blob.size, rejections)
+            state = None if vouched else self._hash_state_for(blob, index, data)
+            write = _QueuedWrite(
+                blob.digest, index, data, blob.size, vouched=vouched, rejections=rejections
+            )
             # Queued holding the connection: a writer that falls behind holds fetching back,
             # rather than fetched pieces piling up in tasks waiting for room.
             if not await self._queue(write):
@@ -612,6 +679,27 @@ class PieceFetcher:
         if self._queued.get(key) is write.data:  # not a later fetch of the same piece
             del self._queued[key]
 
+    async def _check_landed(self, blob: BlobRef, index: int, data: BlobBytes) -> bool:
+        """Check a piece fresh from the source against the piece index: True if it matched
+        (or the source checked it so), False if the blob has no index (its hash checks it)."""
+        indexed = await self._indexed(blob)
+        if indexed is None:
+            return False
+        if self._source_checks_index:
+            return True
+        if await sha256_hex(data) != indexed[index]:
+            log.error(
+                "piece %d of blob %s from %s does not match the piece index; fetching it again",
+                index,
+                blob.digest,
+                self.source.name,
+            )
+            raise PieceAlteredError(
+                f"piece {index} of blob {blob.digest} from {self.source.name} does not match the "
+                "piece index twice: the registry's copy or a proxy on the way alters it"
+            )
+        return True
+
     def _hash_state_for(self, blob: BlobRef, index: int, data: BlobBytes) -> _BlobHash | None:
         """The hash a piece fresh from the source goes to (None: its blob is checked already)."""
         if blob.digest in self._verified:
@@ -658,7 +746,7 @@ class PieceFetcher:
                 if data is None:
                     data = self._queued.get((blob.digest, state.next_index))
                 if data is None:
-                    data = await self._cache_get(blob, state.next_index)
+                    data = await self._cache_get(blob, state.next_index, unvouched=True)
                 if data is None:
                     if state.next_index in state.ahead:
                         continue  # it arrived while the cache was asked
@@ -704,10 +792,24 @@ class PieceFetcher:
             "dropped from the cache, the next read fetches it again"
         )
 
-    async def _cache_get(self, blob: BlobRef, index: int) -> BlobBytes | None:
+    async def _cache_get(
+        self,
+        blob: BlobRef,
+        index: int,
+        *,
+        unvouched: bool = False,
+        expected_sha256: str | None = None,
+    ) -> BlobBytes | None:
+        """The cached piece as ``PieceCache.get`` gives it, or ``get_checked`` with the piece
+        index's ``expected_sha256``."""
         _, length = piece_span(index, blob.size, self.cache.piece_size)
         buffer = PIECE_BUFFERS.take(length)  # here: buffers are taken on the trio thread only
-        return await trio.to_thread.run_sync(self.cache.get, blob.digest, index, buffer)
+        if expected_sha256 is not None:
+            return await trio.to_thread.run_sync(
+                self.cache.get_checked, blob.digest, index, expected_sha256, buffer
+            )
+        get = partial(self.cache.get, unvouched=unvouched)
+        return await trio.to_thread.run_sync(get, blob.digest, index, buffer)
 
     def spare_buffer(self) -> bool:
         """Let go of one piece kept only to save work, for the buffer pool at its bound.

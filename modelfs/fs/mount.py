@@ -25,6 +25,7 @@ import trio
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.buffers import PIECE_BUFFERS
+from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
@@ -95,6 +96,7 @@ class MountOptions:
     retries: int = 3
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
     prefetch: PrefetchMode = PrefetchMode.HINTS
+    serve_unverified: bool = False  # serve pieces of blobs without an index before their check
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
     cluster: ClusterOptions | None = None  # share pieces with peers (per the scheduler)
     stats_socket: Path | None = None  # where the daemon asks for this mount's counters
@@ -208,6 +210,8 @@ async def serve(
                 on_rejected=rejected_send.send_nowait,
                 stats=stats,
                 source_kind=_source_kind(origin, source),
+                index=IndexLookup(origin, selector, cache),
+                serve_unverified=options.serve_unverified,
             )
             async with fetcher.writing():
                 model = await load_model(source, selector, cache, fetcher, defer_compressed=True)

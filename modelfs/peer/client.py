@@ -9,7 +9,6 @@ connection limit) gives None without a report: it is not at fault.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 import time
@@ -20,16 +19,12 @@ from types import TracebackType
 import httpx
 import trio
 
+from modelfs.fetcher.index import sha256_hex
 from modelfs.peer.auth import sign
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.scheduler.ranking import FailureKind
 
 log = logging.getLogger(__name__)
-
-
-async def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """Hash in a worker thread: 4 MiB takes ~10 ms, too long to hold the event loop."""
-    return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
 
 
 @dataclass(frozen=True)

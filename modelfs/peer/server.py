@@ -3,13 +3,14 @@
 One route, ``GET /pieces/<digest>/<index>``, answered only to requests carrying a valid cluster
 token (``AuthenticatedServer``). A piece is served only if this node can vouch for it: its blob
 was verified whole, the piece matches the piece index, or (a model without an index) this
-process took it from the registry itself. There is no listing and no file path: a stranger
-learns nothing, a member learns only whether this node holds a piece it named.
+process took it from the registry itself. The cache keeps whether a piece was vouched for, so a
+piece hashed against the index once is not hashed again for the next peer. There is no listing
+and no file path: a stranger learns nothing, a member learns only whether this node holds a
+piece it named.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import ssl
 import time
@@ -40,27 +41,22 @@ class PeerServer(AuthenticatedServer):
         super().__init__(self.answer, secret, clock, tls=tls, max_connections=max_connections)
         self.cache = cache
         self._expected = expected
-        # Pieces already hashed against the index: several peers usually want the same one.
-        self._vouched: set[tuple[str, int]] = set()
+        # Pieces of blobs without an index that this process took from the registry.
+        self._from_registry: set[tuple[str, int]] = set()
 
     def vouch(self, digest: str, index: int) -> None:
-        """This process checked the piece against the index, or took it from the registry."""
-        self._vouched.add((digest, index))
+        """This process took the piece from the registry (a model without an index: its peers
+        check the whole blob before serving a byte of it)."""
+        self._from_registry.add((digest, index))
 
-    def piece(self, digest: str, index: int) -> bytes | None:
-        """The piece, if held and vouched for (blob verified whole, or piece matches the index)."""
-        data = self.cache.get(digest, index)
-        if data is None:
-            return None
-        if self.cache.is_verified(digest):
-            return data
-        if (digest, index) in self._vouched:
-            return data
+    def piece(self, digest: str, index: int) -> bytes | bytearray | memoryview | None:
+        """The piece, if held and vouched for (blob verified whole, or piece matches the
+        index), or taken from the registry by this process."""
         wanted = self._expected(digest, index)
-        if wanted is not None and hashlib.sha256(data).hexdigest() == wanted:
-            self._vouched.add((digest, index))
-            return data
-        return None
+        if wanted is not None:
+            return self.cache.get_checked(digest, index, wanted, None)
+        from_registry = (digest, index) in self._from_registry
+        return self.cache.get(digest, index, unvouched=from_registry)
 
     async def answer(self, request: Request) -> Response:
         match = PIECE_PATH.match(request.path)
@@ -68,4 +64,4 @@ class PeerServer(AuthenticatedServer):
             return Response(404)
         # LMDB read and sha256 of 4 MiB: off the event loop.
         data = await trio.to_thread.run_sync(self.piece, match[1], int(match[2]))
-        return Response(200, data) if data is not None else Response(404)
+        return Response(200, bytes(data)) if data is not None else Response(404)

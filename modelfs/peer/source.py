@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import trio
 
 from modelfs.cache.store import PieceCache
-from modelfs.errors import IntegrityError, ModelfsError
-from modelfs.fetcher.index import PieceIndex, find_index
+from modelfs.errors import IntegrityError
+from modelfs.fetcher.index import IndexLookup, PieceIndex, sha256_hex
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import (
     BlobBytes,
@@ -39,7 +39,7 @@ from modelfs.fetcher.source import (
     read_as_run,
 )
 from modelfs.fetcher.stats import PEER, mark_served_by
-from modelfs.peer.client import PeerClient, PeerFailure, sha256_hex
+from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.options import ClusterOptions
 from modelfs.peer.server import PeerServer
 from modelfs.pieces import piece_count, piece_span
@@ -48,7 +48,6 @@ from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
 
 log = logging.getLogger(__name__)
 
-INDEX_TIMEOUT = 15.0
 ANNOUNCE_TRIES = 200  # x ANNOUNCE_PERIOD: how long a piece may take to reach the cache
 ANNOUNCE_PERIOD = 0.01
 RETRY_PAUSE = 0.02
@@ -79,15 +78,13 @@ class PeerSource:
     ) -> None:
         self.origin = origin
         self.stats = PeerStats()
-        self._selector = selector
         self._cache = cache
         self._scheduler = scheduler
         self._peers = peers
         self._options = options
         self._failures = failures
-        self._index: PieceIndex | None = None
-        self._index_lock = trio.Lock()
-        self._index_resolved = False
+        self._lookup = IndexLookup(origin, selector, cache)
+        self._held_announced = False
         # Blobs without an index: who supplied pieces (peer -> a piece it sent), the pieces
         # from peers not offered on yet, and blobs that failed (registry only from then on).
         self._suppliers: dict[str, dict[str, int]] = {}
@@ -118,28 +115,16 @@ class PeerSource:
         return self.origin.stream_blob(digest)
 
     def expected(self, digest: str, index: int) -> str | None:
-        return None if self._index is None else self._index.expected(digest, index)
+        found = self._lookup.index
+        return None if found is None else found.expected(digest, index)
 
     async def piece_index(self) -> PieceIndex | None:
         """The model's piece index, looked up once (bounded in time; None if there is none)."""
-        async with self._index_lock:
-            if not self._index_resolved:
-                self._index_resolved = True
-                with trio.move_on_after(INDEX_TIMEOUT):
-                    try:
-                        manifest = await self.origin.get_manifest(self._selector)
-                        self._index = await find_index(self.origin, manifest)
-                    except ModelfsError as error:
-                        log.warning("piece index of %s: %s", self.origin.name, error)
-                if self._index is None:
-                    log.warning(
-                        "%s has no piece index: pieces come from the registry only "
-                        "(publish one with `modelfs index`)",
-                        self.origin.name,
-                    )
-                else:
-                    self._announce_held(self._index)
-        return self._index
+        index = await self._lookup.piece_index()
+        if index is not None and not self._held_announced:
+            self._held_announced = True
+            self._announce_held(index)
+        return index
 
     def _announce_held(self, index: PieceIndex) -> None:
         """Pieces left in the cache by earlier mounts are offered to peers too."""
