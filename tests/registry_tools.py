@@ -31,8 +31,11 @@ from types import TracebackType
 import trio
 
 from modelfs.fetcher.auth import Credentials
+from modelfs.fetcher.index import BlobPieces, PieceHasher, PieceIndex, publish_index
 from modelfs.fetcher.registry import RegistryClient
+from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import MODEL_ARTIFACT_TYPE, MODEL_CONFIG, OCI_MANIFEST
+from modelfs.pieces import DEFAULT_PIECE_SIZE
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 HTPASSWD_BINARY = "/usr/bin/htpasswd"
@@ -475,6 +478,8 @@ class Proxy:
         self._failures: list[int] = []
         self._cut_after = 0
         self._cuts_left = 0
+        self._flip_at = 0
+        self._flips_left = 0
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
         main = self._serve(_Handler)
@@ -503,6 +508,7 @@ class Proxy:
             self.connections = 0
             self._failures.clear()
             self._cuts_left = 0
+            self._flips_left = 0
 
     def connected(self) -> None:
         with self._lock:
@@ -517,6 +523,12 @@ class Proxy:
         """Drop the connection after ``after`` body bytes of the next ``times`` blob answers."""
         with self._lock:
             self._cut_after, self._cuts_left = after, times
+
+    def flip_blobs(self, at: int, times: int = 1) -> None:
+        """Flip one bit of byte ``at`` of the body of the next ``times`` blob answers (an
+        attacker on the path, or a transient fault): same length, other bytes."""
+        with self._lock:
+            self._flip_at, self._flips_left = at, times
 
     def close(self) -> None:
         for server in self._servers:
@@ -671,14 +683,20 @@ class Proxy:
         counted_as: str | None,
         tamper: bool,
     ) -> None:
-        limit = None
+        limit = flip = None
         if counted_as is not None:
             with self._lock:
                 if self._cuts_left:
                     self._cuts_left -= 1
                     limit = self._cut_after
+                if self._flips_left:
+                    self._flips_left -= 1
+                    flip = self._flip_at
         sent = 0
         while chunk := response.read1(_CHUNK):
+            if flip is not None and sent <= flip < sent + len(chunk):
+                at = flip - sent
+                chunk = chunk[:at] + bytes([chunk[at] ^ 0x01]) + chunk[at + 1 :]
             if limit is not None and sent + len(chunk) > limit:
                 # A broken connection: the announced Content-Length is never reached.
                 handler.wfile.write(chunk[: limit - sent])
@@ -731,6 +749,13 @@ async def _chunks(source: bytes | Path) -> AsyncIterator[bytes]:
                 yield chunk
 
 
+async def _piece_hashes(source: bytes | Path) -> BlobPieces:
+    hasher = PieceHasher(DEFAULT_PIECE_SIZE)
+    async for chunk in _chunks(source):
+        hasher.update(chunk)
+    return hasher.finish()
+
+
 def push_artifact(
     host: str,
     repository: str,
@@ -742,8 +767,11 @@ def push_artifact(
     artifact_type: str | None = MODEL_ARTIFACT_TYPE,
     annotations: dict[str, str] | None = None,
     credentials: Credentials | None = None,
+    piece_index: bool = True,
 ) -> str:
-    """Push an OCI manifest with these layers over plain HTTP; returns the manifest digest."""
+    """Push an OCI manifest with these layers over plain HTTP; returns the manifest digest.
+
+    With ``piece_index`` its piece index is published too, as ``modelfs push`` does."""
     config_blob = _describe(config)
     blobs = [_describe(layer.data) for layer in layers]
     manifest: dict[str, object] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST}
@@ -772,7 +800,12 @@ def push_artifact(
             repo = client.repository(repository)
             for blob in [config_blob, *blobs]:
                 await repo.push_blob(blob.digest, blob.size, _chunks(blob.source))
-            return await repo.push_manifest(tag, OCI_MANIFEST, body)
+            digest = await repo.push_manifest(tag, OCI_MANIFEST, body)
+            if piece_index:
+                pieces = {blob.digest: await _piece_hashes(blob.source) for blob in blobs}
+                index = PieceIndex(digest, DEFAULT_PIECE_SIZE, pieces)
+                await publish_index(repo, FetchedManifest(digest, OCI_MANIFEST, body), index)
+            return digest
 
     return trio.run(push)
 

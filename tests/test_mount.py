@@ -716,7 +716,7 @@ def test_cache_reads_leave_no_mapped_pages_behind(tmp_path: Path) -> None:
     cache = PieceCache(tmp_path / "cache", 1 << 30, release_mapped_every=1 << 40)
     digest = "sha256:" + "a" * 64
     for index in range(16):
-        cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB)
+        cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB, vouched=True)
     before = rss_file_kb()
     for index in range(16):
         assert cache.get(digest, index) is not None
@@ -734,7 +734,7 @@ def test_the_cache_lets_go_of_mapped_pages_by_itself(tmp_path: Path) -> None:
     digest = "sha256:" + "b" * 64
     before = rss_file_kb()
     for index in range(16):
-        cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB)
+        cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB, vouched=True)
     for index in range(16):
         assert cache.get(digest, index) is not None
     assert rss_file_kb() - before < 40 * 1024

@@ -137,7 +137,8 @@ def cache_gc(cache_dir: Path, cache_size: str, target: str) -> None:
 @cache.command("verify")
 @cache_options
 def cache_verify(cache_dir: Path, cache_size: str) -> None:
-    """Check every piece's checksum and every verified blob's digest; drop what fails.
+    """Check every piece's checksum, every whole blob's digest, and the pieces of partial
+    blobs against the piece index; drop what fails.
 
     Exits 1 when something was corrupt (it is fetched again when next read).
     """

@@ -18,6 +18,7 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError
+from modelfs.fetcher.manifests import resolve_manifest
 from modelfs.fetcher.referrers import find_referrer, manifest_layers, publish_referrer
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import BlobSource, FetchedManifest
@@ -32,6 +33,10 @@ MAX_INDEX_SIZE = 64 * 1024 * 1024
 _HEX = re.compile(r"^[0-9a-f]{64}\Z")
 # How long the first read may wait for the index lookup before the model counts as without one.
 INDEX_TIMEOUT = 15.0
+# The cache's record of a model's index: ``piece-index/<manifest digest>``, the index as
+# published, or NO_INDEX when the model had none when it was looked up.
+INDEX_RECORD = "piece-index/"
+NO_INDEX = b"none"
 
 
 @dataclass(frozen=True)
@@ -233,14 +238,18 @@ class IndexLookup:
         return self.index
 
     async def _look_up(self) -> PieceIndex | None:
-        manifest = await self._source.get_manifest(self._selector)
-        key = f"piece-index/{manifest.digest}"
+        manifest = await resolve_manifest(self._source, self._selector, self._cache)
+        key = INDEX_RECORD + manifest.digest
         cached = self._cache.get_meta(key)
-        if cached is not None:
+        # An index found before stands (it describes the manifest, which cannot change). That
+        # there was none stands for a mount by digest; by tag the registry is asked again (one
+        # may have been published since).
+        if cached is not None and cached != NO_INDEX:
             return parse_index(cached, manifest)
+        if cached is not None and self._selector.startswith("sha256:"):
+            return None
         if not isinstance(self._source, RegistryRepository):
             return None  # an OCI layout holds no referrers
         index = await find_index(self._source, manifest)
-        if index is not None:
-            self._cache.put_meta(key, encode_index(index))
+        self._cache.put_meta(key, NO_INDEX if index is None else encode_index(index))
         return index

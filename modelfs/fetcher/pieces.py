@@ -356,6 +356,11 @@ class PieceFetcher:
             "file?); it must be before it is served, so it is not"
         )
 
+    async def look_up_index(self) -> None:
+        """Look up the model's piece index now (once), rather than on the first read."""
+        if self._index is not None:
+            await self._index.piece_index()
+
     async def _checked_by_piece(self, blob: BlobRef) -> bool:
         """Whether the blob's pieces are served one by one: each checked against the piece
         index, or (``serve_unverified``) unchecked until the blob is whole."""
@@ -529,7 +534,12 @@ class PieceFetcher:
         if indexed is not None:
             data = await self._cache_get(blob, index, expected_sha256=indexed[index])
         else:
-            data = await self._cache_get(blob, index, unvouched=self._serve_unverified)
+            data = await self._cache_get(blob, index)
+            if data is None and self.cache.has(blob.digest, index):
+                # Stored before its blob was checked (by any process): the blob is checked
+                # (again) before ``piece`` serves it; it is not fetched again.
+                data = await self._cache_get(blob, index, unvouched=True)
+                self._verified.discard(blob.digest)
         if data is None:
             return None  # evicted meanwhile, unvouched, or a corrupt entry: fetched instead
         self.stats.timed(CACHE, time.monotonic() - started)

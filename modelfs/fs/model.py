@@ -26,8 +26,9 @@ import zstandard
 
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ManifestError
+from modelfs.fetcher.manifests import resolve_config, resolve_manifest
 from modelfs.fetcher.pieces import PieceFetcher
-from modelfs.fetcher.source import BlobSource, FetchedManifest
+from modelfs.fetcher.source import BlobSource
 from modelfs.fs.tar import TarMember, read_members
 from modelfs.fs.tree import (
     BlobRef,
@@ -60,18 +61,6 @@ class Model:
     tree: Tree
     blobs: list[BlobRef]  # every blob the tree reads from (for cache leases)
     deferred: list[str]  # blobs deferred layers will be read from once fetched (for leases)
-
-
-async def resolve_manifest(source: BlobSource, selector: str, cache: PieceCache) -> FetchedManifest:
-    """A manifest by tag (always asked: tags move) or by digest (the cache's copy if it has it)."""
-    if selector.startswith("sha256:"):
-        cached = cache.get_meta(f"manifest/{selector}")
-        if cached is not None:
-            media_type, _, data = cached.partition(b"\n")
-            return FetchedManifest(selector, media_type.decode(), data)
-    fetched = await source.get_manifest(selector)
-    cache.put_meta(f"manifest/{fetched.digest}", fetched.media_type.encode() + b"\n" + fetched.data)
-    return fetched
 
 
 class DeferredLayer:
@@ -162,13 +151,7 @@ async def _config(source: BlobSource, manifest: dict[str, Any], cache: PieceCach
     descriptor = manifest.get("config")
     if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
         raise ManifestError(f"{source.name}: manifest has no config descriptor")
-    digest = descriptor["digest"]
-    cached = cache.get_meta(f"config/{digest}")
-    if cached is not None:
-        return cached
-    config = await source.get_blob(digest, MAX_CONFIG_SIZE)
-    cache.put_meta(f"config/{digest}", config)
-    return config
+    return await resolve_config(source, descriptor["digest"], cache, MAX_CONFIG_SIZE)
 
 
 async def _tar_blob(plan: LayerPlan, source: BlobSource, cache: PieceCache) -> BlobRef:

@@ -215,6 +215,7 @@ async def serve(
             )
             async with fetcher.writing():
                 model = await load_model(source, selector, cache, fetcher, defer_compressed=True)
+                await fetcher.look_up_index()  # a few small requests; no read waits for them
                 set_log_context(digest=model.digest)
                 log.info(
                     "%s pinned to %s: %d files, %d bytes",

@@ -12,8 +12,12 @@ import json
 from dataclasses import dataclass
 
 from modelfs.cache import PieceCache
+from modelfs.cache.store import BlobState
 from modelfs.errors import CacheError, ModelfsError
+from modelfs.fetcher.index import INDEX_RECORD, NO_INDEX, BlobPieces, parse_index
+from modelfs.fetcher.source import FetchedManifest
 from modelfs.fs.tree import BlobRef, plan_layers
+from modelfs.pieces import piece_count
 from modelfs.service.preheat import plan_missing
 
 _DERIVED = "+decompressed"
@@ -104,25 +108,68 @@ def remove_model(cache: PieceCache, digest: str) -> list[str]:
     return dropped
 
 
+def _indexed_blobs(cache: PieceCache) -> dict[str, BlobPieces]:
+    """Every blob a piece index kept in the cache describes (with its model's manifest)."""
+    blobs: dict[str, BlobPieces] = {}
+    for key in cache.meta_keys(INDEX_RECORD):
+        digest = key.removeprefix(INDEX_RECORD)
+        record, manifest = cache.get_meta(key), cache.get_meta(f"manifest/{digest}")
+        if record is None or manifest is None or record == NO_INDEX:
+            continue
+        media_type, _, data = manifest.partition(b"\n")
+        try:
+            index = parse_index(record, FetchedManifest(digest, media_type.decode(), data))
+        except ModelfsError:
+            continue  # an index that no longer fits its manifest vouches for nothing
+        blobs.update(index.blobs)
+    return blobs
+
+
+def _blob_matches(cache: PieceCache, state: BlobState) -> bool:
+    hasher = hashlib.sha256()
+    for data in cache.stored_pieces(state.digest, state.size):
+        if data is None:
+            return False
+        hasher.update(data)
+    return f"sha256:{hasher.hexdigest()}" == state.digest
+
+
+def _check_pieces(cache: PieceCache, state: BlobState, pieces: BlobPieces) -> list[int]:
+    """Check a partial blob's pieces against the piece index: those that match are vouched
+    for, those that do not are dropped (and returned)."""
+    bad = []
+    for index, data in enumerate(cache.stored_pieces(state.digest, state.size)):
+        if data is None:
+            continue
+        if hashlib.sha256(data).hexdigest() == pieces.pieces[index]:
+            cache.vouch(state.digest, index)
+        else:
+            cache.drop_piece(state.digest, index)
+            bad.append(index)
+    return bad
+
+
 def verify(cache: PieceCache) -> VerifyReport:
-    """Check every piece's checksum, then every verified blob against its sha256 digest;
-    whatever fails is dropped so it is fetched again."""
+    """Check every piece's checksum, then every whole blob against its sha256 digest and the
+    pieces of partial blobs against the piece index, where the cache holds one; whatever fails
+    is dropped so it is fetched again, and what passes is vouched for."""
     pieces_checked = cache.stats().pieces
     corrupt_pieces = cache.drop_corrupt_pieces()
+    indexed = _indexed_blobs(cache)
     checked, corrupt_blobs = 0, []
     for state in cache.blob_states():
         # A decompressed stream has no digest of its own; its pieces' checksums cover it.
-        if not state.verified or _DERIVED in state.digest:
+        if _DERIVED in state.digest:
             continue
         checked += 1
-        hasher = hashlib.sha256()
-        for data in cache.stored_pieces(state.digest, state.size):
-            if data is None:
-                break
-            hasher.update(data)
-        else:
-            if f"sha256:{hasher.hexdigest()}" == state.digest:
+        if state.present == piece_count(state.size, cache.piece_size):
+            if _blob_matches(cache, state):
+                cache.mark_verified(state.digest, state.size)
                 continue
-        corrupt_blobs.append(state.digest)
-        cache.drop_blob(state.digest)
+            corrupt_blobs.append(state.digest)
+            cache.drop_blob(state.digest)
+            continue
+        pieces = indexed.get(state.digest)
+        if pieces is not None and pieces.size == state.size:
+            corrupt_pieces += [(state.digest, i) for i in _check_pieces(cache, state, pieces)]
     return VerifyReport(pieces_checked, corrupt_pieces, checked, corrupt_blobs)

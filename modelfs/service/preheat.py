@@ -19,11 +19,12 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.fetcher.hints import Hint, hinted_pieces
+from modelfs.fetcher.manifests import resolve_manifest
 from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
 from modelfs.fetcher.prefetch import feed_hints
 from modelfs.fetcher.profile import recorded_profile
 from modelfs.fetcher.source import BlobSource
-from modelfs.fs.model import Model, load_model, resolve_manifest
+from modelfs.fs.model import Model, load_model
 from modelfs.fs.mount import MountOptions, open_source
 from modelfs.fs.tree import BlobRef, FileNode
 from modelfs.pieces import piece_runs, piece_span

@@ -1,0 +1,186 @@
+"""No wrong byte, ever: bytes altered between the registry and the node never reach a reader.
+
+A real registry, a proxy that flips one bit of a blob answer (an attacker on the path, or a
+transient fault), real FUSE mounts and a real LMDB cache. Every case reads the whole file, as
+``cat`` does, and compares every byte; and the cache a bad answer passed through serves right
+bytes to the next mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import lmdb
+import pytest
+import xxhash
+from mounting import modelfs, mounted
+from registry_tools import Layer, Proxy, Registry, push_artifact
+
+from modelfs.cache import PieceCache
+from modelfs.modelpack import layer_media_type
+
+MIB = 1 << 20
+DATA = os.urandom(12 * MIB)  # three pieces
+LAYER_DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+def push(registry: Registry, *, piece_index: bool) -> str:
+    repository = f"test/integrity-{uuid.uuid4().hex[:8]}"
+    layer = Layer(
+        layer_media_type("weight", "raw"),
+        DATA,
+        {"org.cncf.model.filepath": "w.bin"},
+    )
+    push_artifact(registry.host, repository, "v1", [layer], piece_index=piece_index)
+    return f"{repository}:v1"
+
+
+def read_all(path: Path) -> bytes:
+    with path.open("rb", buffering=0) as file:
+        chunks = []
+        while chunk := file.read(1 * MIB):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("piece_index", [True, False], ids=["piece-index", "no-index"])
+@pytest.mark.parametrize("prefetch", ["hints", "none"])
+def test_a_bit_flipped_in_transit_never_reaches_a_reader(
+    registry: Registry, proxy: Proxy, tmp_path: Path, piece_index: bool, prefetch: str
+) -> None:
+    reference = f"{proxy.host}/{push(registry, piece_index=piece_index)}"
+    mnt = tmp_path / "mnt"
+    with mounted(reference, mnt, tmp_path / "cache", "--prefetch", prefetch):
+        proxy.flip_blobs(at=50)  # byte 50 of the first blob answer: piece 0
+        assert read_all(mnt / "w.bin") == DATA  # checked, fetched again, served right
+    assert proxy.blob_bytes > len(DATA)  # the altered answer was fetched again
+
+
+@pytest.mark.parametrize("piece_index", [True, False], ids=["piece-index", "no-index"])
+def test_bytes_altered_on_every_try_fail_the_read_and_are_never_cached(
+    registry: Registry, proxy: Proxy, tmp_path: Path, piece_index: bool
+) -> None:
+    reference = f"{proxy.host}/{push(registry, piece_index=piece_index)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        proxy.flip_blobs(at=50, times=1000)
+        with pytest.raises(OSError) as raised:
+            read_all(mnt / "w.bin")
+        assert raised.value.errno == errno.EIO
+        proxy.flip_blobs(at=50, times=0)
+        assert read_all(mnt / "w.bin") == DATA  # the mount stays usable
+    cache = PieceCache(cache_dir, 1 << 30)
+    try:
+        assert cache.get(LAYER_DIGEST, 0) == DATA[: 4 * MIB]
+    finally:
+        cache.close()
+
+
+def test_pieces_served_unverified_do_not_poison_the_cache_for_the_next_mount(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    # The worst case: a mount that opted into serving unverified pieces reads 64 KiB while the
+    # path alters bytes. Its reader may get them (that is what the flag says); the pieces it
+    # stored are vouched for by nothing, so no other reader on the node ever gets them.
+    reference = f"{proxy.host}/{push(registry, piece_index=False)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none", "--serve-unverified"):
+        proxy.flip_blobs(at=50, times=1000)
+        with (mnt / "w.bin").open("rb", buffering=0) as file:
+            assert file.read(64 << 10) != DATA[: 64 << 10]  # the opt-in's documented risk
+    proxy.flip_blobs(at=50, times=0)
+    cache = PieceCache(cache_dir, 1 << 30)
+    try:
+        assert cache.has(LAYER_DIGEST, 0) and cache.get(LAYER_DIGEST, 0) is None
+    finally:
+        cache.close()
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert read_all(mnt / "w.bin") == DATA
+    result = modelfs("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def poison_cached_piece(cache_dir: Path, digest: str, index: int) -> None:
+    """What a bug or an attacker with the cache file could leave: other bytes, with their own
+    checksum and the vouched flag set, so only a digest check can tell."""
+    env = lmdb.open(str(cache_dir), max_dbs=8, map_size=1 << 34)
+    with env.begin(write=True) as txn:
+        pieces, checksums = env.open_db(b"pieces", txn=txn), env.open_db(b"checksums", txn=txn)
+        key = f"{digest}/{index:010d}".encode()
+        value = bytearray(txn.get(key, db=pieces))
+        value[50] ^= 0x01
+        txn.put(key, bytes(value), db=pieces)
+        record = xxhash.xxh3_64_intdigest(bytes(value)).to_bytes(8, "little") + b"\x01"
+        txn.put(key, record, db=checksums)
+    env.close()
+
+
+def test_cache_verify_checks_blobs_against_their_digests(
+    registry: Registry, tmp_path: Path
+) -> None:
+    reference = f"{registry.host}/{push(registry, piece_index=True)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert read_all(mnt / "w.bin") == DATA
+    poison_cached_piece(cache_dir, LAYER_DIGEST, 0)
+    result = modelfs("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 1
+    assert f"blob {LAYER_DIGEST} does not match its digest: dropped" in result.stdout
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert read_all(mnt / "w.bin") == DATA
+
+
+def test_cache_verify_checks_the_pieces_of_a_partial_blob_against_the_piece_index(
+    registry: Registry, tmp_path: Path
+) -> None:
+    reference = f"{registry.host}/{push(registry, piece_index=True)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with (
+        mounted(reference, mnt, cache_dir, "--prefetch", "none"),
+        (mnt / "w.bin").open("rb", buffering=0) as file,
+    ):
+        assert file.read(64 << 10) == DATA[: 64 << 10]
+    poison_cached_piece(cache_dir, LAYER_DIGEST, 0)
+    result = modelfs("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 1
+    assert f"corrupt piece 0 of {LAYER_DIGEST}: dropped" in result.stdout
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert read_all(mnt / "w.bin") == DATA
+
+
+def flip_record(cache_dir: Path, key: str, at: int) -> None:
+    env = lmdb.open(str(cache_dir), max_dbs=8, map_size=1 << 34)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        value = bytearray(txn.get(f"record/{key}".encode(), db=meta))
+        value[at] ^= 0x01
+        txn.put(f"record/{key}".encode(), bytes(value), db=meta)
+    env.close()
+
+
+def test_a_flipped_bit_in_a_cached_manifest_is_a_miss_not_a_renamed_file(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    name = push(registry, piece_index=True)
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(f"{proxy.host}/{name}", mnt, cache_dir):
+        assert read_all(mnt / "w.bin") == DATA
+    cache = PieceCache(cache_dir, 1 << 30)
+    try:
+        [key] = cache.meta_keys("manifest/")
+        record = cache.get_meta(key)
+    finally:
+        cache.close()
+    assert record is not None
+    # 8 bytes of checksum, then the media type line: flip a letter of the file's name.
+    flip_record(cache_dir, key, 8 + record.index(b"w.bin"))
+    pinned = f"{proxy.host}/{name.split(':')[0]}@{key.removeprefix('manifest/')}"
+    proxy.reset()
+    with mounted(pinned, mnt, cache_dir, "--prefetch", "none"):
+        assert sorted(path.name for path in mnt.iterdir()) == ["w.bin"]
+        assert read_all(mnt / "w.bin") == DATA
+    assert any("/manifests/" in request.path for request in proxy.requests)  # fetched again
