@@ -478,8 +478,10 @@ class Proxy:
         self._failures: list[int] = []
         self._cut_after = 0
         self._cuts_left = 0
-        self._flip_at = 0
-        self._flips_left = 0
+        self._patch_at = 0
+        self._patch = b""
+        self._patches_left = 0
+        self._patch_digest: str | None = None
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
         main = self._serve(_Handler)
@@ -508,7 +510,7 @@ class Proxy:
             self.connections = 0
             self._failures.clear()
             self._cuts_left = 0
-            self._flips_left = 0
+            self._patches_left = 0
 
     def connected(self) -> None:
         with self._lock:
@@ -524,11 +526,14 @@ class Proxy:
         with self._lock:
             self._cut_after, self._cuts_left = after, times
 
-    def flip_blobs(self, at: int, times: int = 1) -> None:
-        """Flip one bit of byte ``at`` of the body of the next ``times`` blob answers (an
-        attacker on the path, or a transient fault): same length, other bytes."""
+    def patch_blobs(
+        self, at: int, data: bytes, times: int = 1, digest: str | None = None
+    ) -> None:
+        """Write ``data`` over the body of the next ``times`` blob answers (of blob ``digest``
+        only, if given) from byte ``at``: an attacker on the path, or a transient fault."""
         with self._lock:
-            self._flip_at, self._flips_left = at, times
+            self._patch_at, self._patch, self._patches_left = at, data, times
+            self._patch_digest = digest
 
     def close(self) -> None:
         for server in self._servers:
@@ -683,20 +688,21 @@ class Proxy:
         counted_as: str | None,
         tamper: bool,
     ) -> None:
-        limit = flip = None
+        limit = None
+        patch = b""
         if counted_as is not None:
             with self._lock:
                 if self._cuts_left:
                     self._cuts_left -= 1
                     limit = self._cut_after
-                if self._flips_left:
-                    self._flips_left -= 1
-                    flip = self._flip_at
+                if self._patches_left and self._patch_digest in (None, counted_as):
+                    self._patches_left -= 1
+                    patch = self._patch
+                patch_at = self._patch_at
         sent = 0
         while chunk := response.read1(_CHUNK):
-            if flip is not None and sent <= flip < sent + len(chunk):
-                at = flip - sent
-                chunk = chunk[:at] + bytes([chunk[at] ^ 0x01]) + chunk[at + 1 :]
+            if patch:
+                chunk = _patched(chunk, sent, patch, patch_at)
             if limit is not None and sent + len(chunk) > limit:
                 # A broken connection: the announced Content-Length is never reached.
                 handler.wfile.write(chunk[: limit - sent])
@@ -713,6 +719,18 @@ class Proxy:
                 # Same length, different bytes: only a digest check can notice.
                 chunk = bytes([chunk[0] ^ 0x01]) + chunk[1:]
             handler.wfile.write(chunk)
+
+
+def _patched(chunk: bytes, chunk_at: int, patch: bytes, patch_at: int) -> bytes:
+    """``chunk`` (at ``chunk_at`` in its body) with the part of ``patch`` that falls in it."""
+    start, end = max(patch_at, chunk_at), min(patch_at + len(patch), chunk_at + len(chunk))
+    if start >= end:
+        return chunk
+    return (
+        chunk[: start - chunk_at]
+        + patch[start - patch_at : end - patch_at]
+        + chunk[end - chunk_at :]
+    )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from modelfs.modelpack import layer_media_type
 MIB = 1 << 20
 DATA = os.urandom(12 * MIB)  # three pieces
 LAYER_DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+FLIPPED_50 = bytes([DATA[50] ^ 0x01])  # one bit of byte 50, flipped
 
 
 def push(registry: Registry, *, piece_index: bool) -> str:
@@ -55,7 +58,7 @@ def test_a_bit_flipped_in_transit_never_reaches_a_reader(
     reference = f"{proxy.host}/{push(registry, piece_index=piece_index)}"
     mnt = tmp_path / "mnt"
     with mounted(reference, mnt, tmp_path / "cache", "--prefetch", prefetch):
-        proxy.flip_blobs(at=50)  # byte 50 of the first blob answer: piece 0
+        proxy.patch_blobs(50, FLIPPED_50)  # byte 50 of the first blob answer: piece 0
         assert read_all(mnt / "w.bin") == DATA  # checked, fetched again, served right
     assert proxy.blob_bytes > len(DATA)  # the altered answer was fetched again
 
@@ -67,11 +70,11 @@ def test_bytes_altered_on_every_try_fail_the_read_and_are_never_cached(
     reference = f"{proxy.host}/{push(registry, piece_index=piece_index)}"
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
-        proxy.flip_blobs(at=50, times=1000)
+        proxy.patch_blobs(50, FLIPPED_50, times=1000)
         with pytest.raises(OSError) as raised:
             read_all(mnt / "w.bin")
         assert raised.value.errno == errno.EIO
-        proxy.flip_blobs(at=50, times=0)
+        proxy.patch_blobs(50, FLIPPED_50, times=0)
         assert read_all(mnt / "w.bin") == DATA  # the mount stays usable
     cache = PieceCache(cache_dir, 1 << 30)
     try:
@@ -89,10 +92,10 @@ def test_pieces_served_unverified_do_not_poison_the_cache_for_the_next_mount(
     reference = f"{proxy.host}/{push(registry, piece_index=False)}"
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(reference, mnt, cache_dir, "--prefetch", "none", "--serve-unverified"):
-        proxy.flip_blobs(at=50, times=1000)
+        proxy.patch_blobs(50, FLIPPED_50, times=1000)
         with (mnt / "w.bin").open("rb", buffering=0) as file:
             assert file.read(64 << 10) != DATA[: 64 << 10]  # the opt-in's documented risk
-    proxy.flip_blobs(at=50, times=0)
+    proxy.patch_blobs(50, FLIPPED_50, times=0)
     cache = PieceCache(cache_dir, 1 << 30)
     try:
         assert cache.has(LAYER_DIGEST, 0) and cache.get(LAYER_DIGEST, 0) is None
@@ -184,3 +187,74 @@ def test_a_flipped_bit_in_a_cached_manifest_is_a_miss_not_a_renamed_file(
         assert sorted(path.name for path in mnt.iterdir()) == ["w.bin"]
         assert read_all(mnt / "w.bin") == DATA
     assert any("/manifests/" in request.path for request in proxy.requests)  # fetched again
+
+
+LONG_NAME = "weights/" + "w" * 120 + ".bin"  # past ustar's 100 bytes: a pax path record
+TAR_FILES = {LONG_NAME: os.urandom(5 * MIB), "config.json": b'{"hidden_size": 8}'}
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def push_tar(registry: Registry, tar: bytes, *, piece_index: bool) -> str:
+    repository = f"test/integrity-tar-{uuid.uuid4().hex[:8]}"
+    layer = Layer(layer_media_type("weight", "tar"), tar)
+    push_artifact(registry.host, repository, "v1", [layer], piece_index=piece_index)
+    return f"{repository}:v1"
+
+
+def tree_of(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): read_all(path) for path in root.rglob("*") if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("piece_index", [True, False], ids=["piece-index", "no-index"])
+def test_a_tar_path_altered_in_transit_fails_reads_and_is_never_kept(
+    registry: Registry, proxy: Proxy, tmp_path: Path, piece_index: bool
+) -> None:
+    tar = tar_of(TAR_FILES)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    reference = f"{proxy.host}/{push_tar(registry, tar, piece_index=piece_index)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    # One bit of the pax path record: weights/... reads as veights/... (b"w" ^ 1 == b"v").
+    proxy.patch_blobs(tar.index(b"weights/"), b"v", digest=digest)
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        veights = mnt / ("v" + LONG_NAME[1:])
+        assert veights.exists()  # listed from headers nothing vouched for yet: provisional
+        for path in (veights, mnt / "config.json"):
+            with pytest.raises(OSError) as raised:
+                read_all(path)
+            assert raised.value.errno == errno.EIO
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert tree_of(mnt) == TAR_FILES  # the altered list was never kept
+
+
+def test_a_tar_size_that_swallows_the_next_member_fails_reads_of_the_layer(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    files = {"a.bin": os.urandom(1 * MIB), "b.bin": os.urandom(3000)}
+    tar = tar_of(files)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        first = archive.getmember("a.bin")
+    # The header of a.bin, its size grown over b.bin's header and data, checksum recomputed.
+    first.size += 512 + 3072
+    header = first.tobuf(format=tarfile.USTAR_FORMAT)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    reference = f"{proxy.host}/{push_tar(registry, tar, piece_index=True)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    proxy.patch_blobs(0, header, digest=digest)
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert sorted(path.name for path in mnt.iterdir()) == ["a.bin"]  # b.bin hidden
+        with pytest.raises(OSError) as raised:
+            read_all(mnt / "a.bin")
+        assert raised.value.errno == errno.EIO
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert tree_of(mnt) == files

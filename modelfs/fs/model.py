@@ -17,8 +17,9 @@ import json
 import logging
 import tempfile
 import zlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import IO, Any
 
 import trio
@@ -29,7 +30,7 @@ from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.manifests import resolve_config, resolve_manifest
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.source import BlobSource
-from modelfs.fs.tar import TarMember, read_members
+from modelfs.fs.tar import HeaderWindow, TarMember, read_members
 from modelfs.fs.tree import (
     BlobRef,
     DirSpec,
@@ -89,7 +90,10 @@ class DeferredLayer:
         async with self._lock:
             if self.location is None:
                 blob = await _tar_blob(self._plan, self._source, self._cache)
-                members = await _members(self._plan, blob, self._source, self._cache, self._fetcher)
+                # A decompressed stream: checked whole, so its list is vouched for.
+                members, _ = await _members(
+                    self._plan, blob, self._source, self._cache, self._fetcher
+                )
                 self.location = (blob, deferred_member(self._plan, members, blob).offset)
             return self.location
 
@@ -138,8 +142,14 @@ async def load_model(
             deferred.append(layer.blob_digest)
         else:
             blob = await _tar_blob(plan, source, cache)
-            members = await _members(plan, blob, source, cache, fetcher)
+            members, vouched = await _members(plan, blob, source, cache, fetcher)
             layer_files, layer_dirs = tar_layer_entries(plan, members, blob)
+            if not vouched:
+                unchecked = CheckedTarLayer(plan, blob, members, cache, fetcher)
+                layer_files = [
+                    replace(file, blob=TarMemberData(unchecked, file.offset))
+                    for file in layer_files
+                ]
             files += layer_files
             dirs += layer_dirs
             blobs.append(blob)
@@ -221,23 +231,97 @@ def _store_pieces(cache: PieceCache, digest: str, spool: IO[bytes], size: int) -
 
 async def _members(
     plan: LayerPlan, blob: BlobRef, source: BlobSource, cache: PieceCache, fetcher: PieceFetcher
-) -> list[TarMember]:
+) -> tuple[list[TarMember], bool]:
+    """The layer's members, and whether something vouched for the bytes they were read from.
+
+    A list in the cache was (it is stored only then). A decompressed stream's was: it was
+    checked whole. An uncompressed layer's header blocks come straight from the source, a few
+    KiB and not the pieces around them, so the mount is ready at once; that list is provisional
+    until ``CheckedTarLayer`` lists the layer again from vouched bytes.
+    """
     key = f"tar-index/{blob.digest}"
     cached = cache.get_meta(key)
     if cached is not None:
-        return [TarMember(**fields) for fields in json.loads(cached)]
+        return [TarMember(**fields) for fields in json.loads(cached)], True
     if blob.digest == plan.digest:
-        # Header blocks straight from the source: a few KiB, not the pieces around them.
+
         async def read(offset: int, length: int) -> bytes:
             return bytes(await source.read_range(blob.digest, offset, length))
-    else:
 
-        async def read(offset: int, length: int) -> bytes:
-            return bytes(await fetcher.read(blob, offset, length))
+        return await _list_members(plan, blob, read), False
+    members = await _list_members(plan, blob, partial(_read_vouched, fetcher, blob))
+    _keep_members(cache, blob, members)
+    return members, True
 
+
+async def _read_vouched(fetcher: PieceFetcher, blob: BlobRef, offset: int, length: int) -> bytes:
+    return bytes(await fetcher.read(blob, offset, length))
+
+
+async def _list_members(
+    plan: LayerPlan, blob: BlobRef, read: Callable[[int, int], Awaitable[bytes]]
+) -> list[TarMember]:
     try:
-        members = await read_members(read, blob.size)
+        return await read_members(HeaderWindow(read, blob.size), blob.size)
     except ManifestError as error:
         raise ManifestError(f"{plan.label}: {error}") from None
-    cache.put_meta(key, json.dumps([asdict(member) for member in members]).encode())
-    return members
+
+
+def _keep_members(cache: PieceCache, blob: BlobRef, members: list[TarMember]) -> None:
+    cache.put_meta(f"tar-index/{blob.digest}", json.dumps([asdict(m) for m in members]).encode())
+
+
+class CheckedTarLayer:
+    """An uncompressed tar layer listed from header blocks nothing vouched for yet.
+
+    Its files are located (``TarMemberData``) only once the layer was listed again from
+    vouched bytes, through the fetcher (pieces checked against the piece index, or the whole
+    blob against its digest), and the two lists are the same: a header altered in transit (a
+    renamed member, a size that swallows the next one) fails every read of the layer instead
+    of serving a wrong file. The checked list is kept in the cache, so a remount trusts it.
+    """
+
+    def __init__(
+        self,
+        plan: LayerPlan,
+        blob: BlobRef,
+        members: list[TarMember],
+        cache: PieceCache,
+        fetcher: PieceFetcher,
+    ) -> None:
+        self._plan = plan
+        self.blob = blob
+        self._members = members
+        self._cache = cache
+        self._fetcher = fetcher
+        self._lock = trio.Lock()
+        self.checked = False
+
+    async def check(self) -> None:
+        async with self._lock:
+            if self.checked:
+                return
+            read = partial(_read_vouched, self._fetcher, self.blob)
+            if await _list_members(self._plan, self.blob, read) != self._members:
+                raise IntegrityError(
+                    f"{self._plan.label}: its tar headers as first read do not match its "
+                    "checked bytes (altered on the way); remount to read them again"
+                )
+            _keep_members(self._cache, self.blob, self._members)
+            self.checked = True
+
+
+class TarMemberData:
+    """Where a file of a ``CheckedTarLayer`` is, known once its layer checked out."""
+
+    def __init__(self, layer: CheckedTarLayer, offset: int) -> None:
+        self._layer = layer
+        self._offset = offset
+
+    @property
+    def location(self) -> tuple[BlobRef, int] | None:
+        return (self._layer.blob, self._offset) if self._layer.checked else None
+
+    async def locate(self) -> tuple[BlobRef, int]:
+        await self._layer.check()
+        return self._layer.blob, self._offset

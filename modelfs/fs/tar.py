@@ -22,6 +22,9 @@ FIRST_READ = 3 * BLOCK
 # Bounds on what a hostile archive can make us fetch before a member appears.
 MAX_EXTENSION_SIZE = 1 << 20
 MAX_HEADER_CHAIN = 8 << 20
+# The most ``HeaderWindow`` reads at once: an archive of many small members is listed in a few
+# requests of this size rather than one request per member.
+MAX_WINDOW = 4 << 20
 
 REGULAR_TYPES = frozenset({"0", "\0", "7"})
 DIRECTORY_TYPE = "5"
@@ -236,6 +239,29 @@ def parse_member(buf: bytes | memoryview, offset: int) -> TarMember | NeedBytes 
             pax.get("linkpath", long_link if long_link is not None else header.linkname)
         ),
     )
+
+
+class HeaderWindow:
+    """A reader of header blocks for ``read_members`` that reads ahead, in a window that doubles
+    while headers come close together (many small members: a few large reads, not one per
+    member) and shrinks back after a far jump (a large member's data is skipped, not read)."""
+
+    def __init__(self, read: Callable[[int, int], Awaitable[bytes]], blob_size: int) -> None:
+        self._read = read
+        self._blob_size = blob_size
+        self._start = 0
+        self._held = b""
+        self._window = FIRST_READ
+
+    async def __call__(self, start: int, length: int) -> bytes:
+        held_end = self._start + len(self._held)
+        if self._start <= start and start + length <= held_end:
+            return self._held[start - self._start : start + length - self._start]
+        near = held_end <= start < held_end + self._window
+        self._window = min(2 * self._window, MAX_WINDOW) if near else FIRST_READ
+        size = min(max(length, self._window), self._blob_size - start)
+        self._held, self._start = await self._read(start, size), start
+        return self._held[:length]
 
 
 async def read_members(
