@@ -12,6 +12,7 @@ import trio
 from registry_tools import Proxy, Registry, free_port
 from test_build import build, make_model_dir, run
 
+from modelfs.fetcher.index import PieceIndex, find_index
 from modelfs.fetcher.layout import OciLayout
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.modelpack import ANNOTATION_FILEPATH, OCI_MANIFEST
@@ -72,12 +73,13 @@ def test_second_push_uploads_no_blobs(registry: Registry, tmp_path: Path) -> Non
     with Proxy(registry) as proxy:
         reference = f"{proxy.host}/push/again:v1"
         digest = build(model, store, ref=reference)
-        assert run("push", reference, "--plain-http", "--store", store).exit_code == 0
+        push = ("push", reference, "--plain-http", "--store", store, "--no-index")
+        assert run(*push).exit_code == 0
         uploads = [r for r in proxy.requests if r.method in ("POST", "PUT", "PATCH")]
         # A POST and a PUT per blob (the config and 5 layers), then the manifest's PUT.
         assert len(uploads) == 2 * 6 + 1
         proxy.reset()
-        again = run("push", reference, "--plain-http", "--store", store)
+        again = run(*push)
         assert again.exit_code == 0 and again.stdout.split()[1] == digest
         methods = sorted(r.method for r in proxy.requests)
         assert methods == ["HEAD"] * 6 + ["PUT"]  # blobs present: only the manifest is sent
@@ -112,3 +114,33 @@ def test_pushed_digest_is_the_built_digest(registry: Registry, tmp_path: Path, f
     result = run("push", reference, "--plain-http", "--store", tmp_path / "store")
     assert result.exit_code == 0, result.output
     assert _raw_manifest(registry.host, "push/variants", reference.rsplit(":", 1)[1])[0] == digest
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-index",)], ids=["default", "no-index"])
+def test_push_publishes_the_piece_index_unless_told(
+    registry: Registry, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    model = make_model_dir(tmp_path)
+    store = tmp_path / "store"
+    reference = f"{registry.host}/push/indexed-{len(flags)}:v1"
+    build(model, store, ref=reference)
+    result = run("push", reference, "--plain-http", "--store", store, *flags)
+    assert result.exit_code == 0, result.output
+
+    async def index_of() -> PieceIndex | None:
+        async with RegistryClient(registry.host, plain_http=True) as client:
+            repository = client.repository(f"push/indexed-{len(flags)}")
+            return await find_index(repository, await repository.get_manifest("v1"))
+
+    found = trio.run(index_of)
+    again = run("push", reference, "--plain-http", "--store", store, *flags)
+    assert again.exit_code == 0 and trio.run(index_of) == found  # published once
+    if flags:
+        assert found is None
+        return
+    assert found is not None
+    layout = OciLayout.open(store)
+    for digest, pieces in found.blobs.items():
+        data = layout.blob_path(digest).read_bytes()
+        assert pieces.size == len(data)
+        assert pieces.pieces[0] == hashlib.sha256(data[: found.piece_size]).hexdigest()

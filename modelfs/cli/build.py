@@ -22,8 +22,10 @@ import trio
 
 from modelfs.builder.build import DEFAULT_CREATED, generate_for_directory, plan_build, write_build
 from modelfs.errors import BadReferenceError, ManifestError, NotFoundError
-from modelfs.fetcher.layout import CHUNK_SIZE, MAX_MANIFEST_SIZE, OciLayout
+from modelfs.fetcher.index import compute_index, find_index, publish_index
+from modelfs.fetcher.layout import CHUNK_SIZE, MAX_MANIFEST_SIZE, LayoutSource, OciLayout
 from modelfs.fetcher.registry import RegistryClient
+from modelfs.fetcher.source import FetchedManifest
 from modelfs.reference import Reference, parse_layout_reference, parse_reference
 
 if TYPE_CHECKING:
@@ -154,13 +156,25 @@ def build(
 @click.argument("reference")
 @click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to the registry.")
 @click.option("--insecure", is_flag=True, help="Accept any TLS certificate.")
+@click.option(
+    "--no-index",
+    is_flag=True,
+    help="Do not publish the piece index (then a mount checks each file whole before serving "
+    "a byte of it, and peers are not used for it).",
+)
 @_store_option
-def push(reference: str, plain_http: bool, insecure: bool, store: Path | None) -> None:
-    """Push the build named REFERENCE from the store to its registry."""
+def push(
+    reference: str, plain_http: bool, insecure: bool, no_index: bool, store: Path | None
+) -> None:
+    """Push the build named REFERENCE from the store to its registry, with its piece index.
+
+    The piece index (the sha256 of every 4 MiB piece, a referrer of the manifest) is what lets
+    a mount serve each piece as soon as it arrives, checked, and take pieces from peers.
+    """
     parsed = _registry_reference(reference)
     layout = _open_store(store)
     descriptor = _resolve(layout, store_name(parsed))
-    digest = trio.run(_push, layout, descriptor, parsed, plain_http, insecure)
+    digest = trio.run(_push, layout, descriptor, parsed, plain_http, insecure, not no_index)
     click.echo(f"{store_name(parsed)} {digest}")
 
 
@@ -170,6 +184,7 @@ async def _push(
     reference: Reference,
     plain_http: bool,
     insecure: bool,
+    with_index: bool,
 ) -> str:
     manifest_digest = str(descriptor.get("digest"))
     data = layout.read_small_blob(manifest_digest, MAX_MANIFEST_SIZE)
@@ -187,8 +202,17 @@ async def _push(
                 bar.update(done - bar.pos)
         media_type = str(descriptor.get("mediaType") or json.loads(data).get("mediaType"))
         pushed = await repository.push_manifest(reference.tag or "latest", media_type, data)
-    if pushed != manifest_digest:
-        raise ManifestError(f"the registry stored the manifest as {pushed}, not {manifest_digest}")
+        if pushed != manifest_digest:
+            raise ManifestError(
+                f"the registry stored the manifest as {pushed}, not {manifest_digest}"
+            )
+        manifest = FetchedManifest(pushed, media_type, data)
+        if with_index and await find_index(repository, manifest) is None:
+            layers = sum(size for _, size in blobs[1:])  # the config (first) is not indexed
+            source = LayoutSource(layout.root)
+            with _progress(layers, "Indexing pieces") as bar:
+                index = await compute_index(source, manifest, progress=bar.update)
+            await publish_index(repository, manifest, index)
     return pushed
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -154,8 +155,10 @@ async def compute_index(
     repository: BlobSource,
     manifest: FetchedManifest,
     piece_size: int = DEFAULT_PIECE_SIZE,
+    progress: Callable[[int], None] = lambda done: None,
 ) -> PieceIndex:
-    """Stream every layer once, hashing pieces and checking the blob's own digest."""
+    """Stream every layer once, hashing pieces and checking the blob's own digest;
+    ``progress`` is told the bytes of each chunk hashed."""
     blobs: dict[str, BlobPieces] = {}
     for layer in manifest_layers(manifest):
         if layer.digest in blobs:
@@ -166,6 +169,7 @@ async def compute_index(
             async for chunk in chunks:
                 hasher.update(chunk)
                 whole.update(chunk)
+                progress(len(chunk))
         blob = hasher.finish()
         if "sha256:" + whole.hexdigest() != layer.digest or blob.size != layer.size:
             raise IntegrityError(
