@@ -107,6 +107,22 @@ def test_pieces_served_unverified_do_not_poison_the_cache_for_the_next_mount(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("prefetch", ["hints", "none"])
+def test_serve_unverified_fails_the_open_file_that_was_given_altered_bytes(
+    registry: Registry, proxy: Proxy, tmp_path: Path, prefetch: str
+) -> None:
+    reference = f"{proxy.host}/{push(registry, piece_index=False)}"
+    mnt = tmp_path / "mnt"
+    flags = ("--prefetch", prefetch, "--serve-unverified")
+    with mounted(reference, mnt, tmp_path / "cache", *flags):
+        proxy.patch_blobs(50, FLIPPED_50)
+        # Like cat: one open file read to its end. It never ends with exit 0 and a wrong byte.
+        with pytest.raises(OSError) as raised:
+            read_all(mnt / "w.bin")
+        assert raised.value.errno == errno.EIO
+        assert read_all(mnt / "w.bin") == DATA  # opened again: the checked bytes
+
+
 def poison_cached_piece(cache_dir: Path, digest: str, index: int) -> None:
     """What a bug or an attacker with the cache file could leave: other bytes, with their own
     checksum and the vouched flag set, so only a digest check can tell."""

@@ -356,6 +356,23 @@ class PieceFetcher:
             "file?); it must be before it is served, so it is not"
         )
 
+    @property
+    def serve_unverified(self) -> bool:
+        return self._serve_unverified
+
+    def rejections(self, digest: str) -> int:
+        """How often the blob failed its check in this process."""
+        return self._rejections.get(digest, 0)
+
+    async def check_whole(self, blob: BlobRef) -> None:
+        """Have a blob without a piece index checked whole now, fetching what is missing (a
+        ``serve_unverified`` reader at the end of its file); raises if it fails twice."""
+        if blob.digest in self._verified or await self._indexed(blob) is not None:
+            return
+        if not self.cache.is_verified(blob.digest):
+            self._suspect.setdefault(blob.digest, trio.Lock())
+            await self._whole_first(blob)
+
     async def look_up_index(self) -> None:
         """Look up the model's piece index now (once), rather than on the first read."""
         if self._index is not None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import trio
 
-from modelfs.errors import ModelfsError
+from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.hints import (
     SAFETENSORS_PREFIX,
     Hint,
@@ -249,20 +249,40 @@ class OpenFile:
         self._prefetcher = prefetcher
         self.node = node
         self.pattern = ReadPattern(prefetcher.policy, node.size)
+        self._rejections: int | None = None  # of its blob, when this handle's first read began
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         started = time.monotonic()
         await self.node.locate()  # a deferred file's first read fetches its layer
+        fetcher = self._prefetcher.fetcher
+        if self._rejections is None:
+            self._rejections = fetcher.rejections(self.node.blob.digest)
+        self._check_given()
         if self._prefetcher.mode != PrefetchMode.NONE:
             ahead = self.pattern.on_read(offset, size)
             if ahead is not None:
                 self._prefetcher.start_readahead(self.node, *ahead)
         self._prefetcher.note_read(self.node, offset, size)
-        fetcher = self._prefetcher.fetcher
         data = await fetcher.read(self.node.blob, self.node.offset + offset, size)
+        if fetcher.serve_unverified and offset + len(data) >= self.node.size:
+            # The read that ends the file returns only once the blob checked out.
+            await fetcher.check_whole(self.node.blob)
+            self._check_given()
         fetcher.stats.read_bytes += len(data)
         fetcher.stats.read_seconds.observe(time.monotonic() - started)
         return data
+
+
+    def _check_given(self) -> None:
+        """With --serve-unverified: fail once the blob failed its check after this handle's
+        first read began, since bytes it was given may be among those that failed."""
+        fetcher = self._prefetcher.fetcher
+        digest = self.node.blob.digest
+        if fetcher.serve_unverified and fetcher.rejections(digest) != self._rejections:
+            raise IntegrityError(
+                f"{self.node.path}: its blob {digest} failed its check after this open file "
+                "was given some of its bytes (--serve-unverified); open it again"
+            )
 
 
 class Prefetcher:
