@@ -15,11 +15,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from click.testing import CliRunner
 from mounting import mounted
 from registry_tools import Layer, free_port, free_ports, push_artifact
 
-from modelfs.cli import cli
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 
 MIB = 1 << 20
@@ -37,12 +35,7 @@ print(digest.hexdigest(), time.monotonic() - started)
 def publish(registry_host: str, repository: str, path: Path, index: bool = True) -> str:
     """Push a one-file model and (unless told not to) its piece index; returns the reference."""
     layer = Layer(layer_media_type("weight", "raw"), path, {ANNOTATION_FILEPATH: "model.bin"})
-    push_artifact(registry_host, repository, "v1", [layer])
-    if index:
-        reference = f"{registry_host}/{repository}:v1"
-        result = CliRunner().invoke(cli, ["index", reference, "--plain-http"])
-        if result.exit_code != 0:
-            raise RuntimeError(f"modelfs index {reference} failed: {result.output.strip()}")
+    push_artifact(registry_host, repository, "v1", [layer], piece_index=index)
     return f"{repository}:v1"
 
 

@@ -180,7 +180,7 @@ def test_status_columns_errors_and_json_logs(
         (mount,) = status(control)["mounts"]  # type: ignore[misc]
         live = mount["live"]
         assert live["errors"]["digest_mismatch"] >= 1
-        assert "does not match its digest" in live["last_error"]
+        assert "does not match the piece index" in live["last_error"]
         assert live["files"] == len(files)
 
         result = modelfs("status", "--control-socket", str(control))
@@ -198,14 +198,14 @@ def test_status_columns_errors_and_json_logs(
         assert describe_sources(live["fetched_bytes"]) in row
         assert row.endswith(describe_waits(live))
         assert live["read_seconds"]["counts"][-1] == 0  # no read took over 30 s
-        assert any(line.startswith(f"{mountpoint}: last error: blob ") for line in rest)
+        assert any(line.startswith(f"{mountpoint}: last error: piece 0 of blob ") for line in rest)
         assert "hit ratio" in rest[-1] and "1 models" in rest[-1]
 
     # Every line the daemon and its mount process wrote is one JSON object; the mount's carry
     # its reference and pinned digest.
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     mount_lines = [line for line in lines if line["pid"] == mount["pid"]]
-    assert any("does not match its digest" in line["message"] for line in mount_lines)
+    assert any("does not match the piece index" in line["message"] for line in mount_lines)
     for line in mount_lines:
         assert line["reference"] == mount["reference"]
         assert line["digest"] == mount["digest"]

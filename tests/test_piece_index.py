@@ -121,7 +121,9 @@ def test_referrers_tag_index_keeps_other_referrers() -> None:
 
 def test_index_command_publishes_a_findable_referrer(registry: Registry) -> None:
     layers = [Layer(RAW, BIG), Layer(RAW, SMALL)]
-    manifest_digest = push_artifact(registry.host, "index/model", "v1", layers)
+    manifest_digest = push_artifact(
+        registry.host, "index/model", "v1", layers, piece_index=False
+    )
     reference = f"{registry.host}/index/model:v1"
 
     first = run("index", reference, "--plain-http")
@@ -158,7 +160,7 @@ def test_index_command_publishes_a_findable_referrer(registry: Registry) -> None
 
 
 def test_unindexed_model_has_no_index(registry: Registry) -> None:
-    push_artifact(registry.host, "index/plain", "v1", [Layer(RAW, SMALL)])
+    push_artifact(registry.host, "index/plain", "v1", [Layer(RAW, SMALL)], piece_index=False)
 
     async def lookup(repo: RegistryRepository) -> PieceIndex | None:
         return await find_index(repo, await repo.get_manifest("v1"))
@@ -167,7 +169,9 @@ def test_unindexed_model_has_no_index(registry: Registry) -> None:
 
 
 def test_altered_blob_is_never_indexed(proxy: Proxy) -> None:
-    push_artifact(proxy.upstream.host, "index/tampered", "v1", [Layer(RAW, BIG)])
+    push_artifact(
+        proxy.upstream.host, "index/tampered", "v1", [Layer(RAW, BIG)], piece_index=False
+    )
     proxy.tamper = True
 
     async def index(repo: RegistryRepository) -> PieceIndex:

@@ -19,6 +19,7 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.fetcher.hints import Hint, hinted_pieces
+from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.manifests import resolve_manifest
 from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
 from modelfs.fetcher.prefetch import feed_hints
@@ -119,7 +120,7 @@ async def preheat(
 ) -> PreheatPlan:
     """Fetch what the cache lacks of ``reference``; ``on_piece`` gets each piece's size."""
     async with _open_source(reference, settings) as source:
-        fetcher = PieceFetcher(source, cache)
+        fetcher = PieceFetcher(source, cache, index=IndexLookup(source, reference.selector, cache))
         model = await load_model(source, reference.selector, cache, fetcher)
         if hints_only:
             hints = await _hinted(model, source, fetcher)
@@ -147,4 +148,9 @@ async def preheat(
         async with fetcher.writing(), trio.open_nursery() as nursery:
             for _ in range(PARALLEL_RUNS):
                 nursery.start_soon(worker)
+        if not hints_only:
+            # A tar layer listed from headers nothing vouched for is checked now, from the
+            # cache, so the mount that follows finds its list there.
+            for node in model.tree.files():
+                await node.locate()
     return plan
