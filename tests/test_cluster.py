@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 from cluster_tools import MIB, READER, nodes, publish, read_all, scheduler_process
-from mounting import mount_pid
-from registry_tools import Proxy, Registry, free_port
+from mounting import mount_pid, mounted
+from registry_tools import Proxy, Registry, free_port, free_ports
 from test_peer import make_ca, make_node_cert
 from test_scheduler import Redis, redis_fixture  # noqa: F401  (the fixture)
 
@@ -226,6 +226,37 @@ def test_without_an_index_a_lying_peer_is_caught_by_the_whole_blob_check(
             assert model_bytes(proxy, data) == len(data)
             decision = ask_as_stranger(scheduler, digest, 0)
             assert decision is not None and liar not in decision.peers  # reported, avoided
+
+
+def test_pieces_from_peers_nothing_vouched_for_reach_no_other_mount_of_the_cache(
+    registry: Registry, proxy: Proxy, tmp_path: Path, secret_file: Path
+) -> None:
+    # A node's two mounts share one cache: one allows peers without an index (and gets the
+    # liar's pieces), the other does not. Stored unvouched, the liar's pieces are never served
+    # to the other mount, whichever reads first.
+    data = os.urandom(25 * MIB)
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(data)
+    reference = publish(registry.host, "cluster/mixed", data_path, index=False)
+    LyingPeer.served = 0
+    cache_dir = tmp_path / "cache"
+    with (
+        scheduler_process(secret_file) as scheduler,
+        lying_peer(scheduler, tmp_path / "liar-cache", data, blob_digest(data)),
+        mounted(
+            f"{proxy.host}/{reference}",
+            tmp_path / "with-peers",
+            cache_dir,
+            *("--scheduler", scheduler, "--cluster-secret-file", str(secret_file)),
+            "--peers-without-index",
+            "--peer-listen",
+            f"127.0.0.1:{free_ports(1)}",
+        ) as with_peers,
+        mounted(f"{proxy.host}/{reference}", tmp_path / "plain", cache_dir) as plain,
+    ):
+        hashes, _ = read_all([with_peers / "model.bin", plain / "model.bin"])
+    assert LyingPeer.served > 0
+    assert hashes == [hashlib.sha256(data).hexdigest()] * 2
 
 
 def test_without_an_index_honest_peers_still_spare_the_registry(
