@@ -32,6 +32,12 @@ KINDS = ("weight.config", "weight", "doc", "code", "dataset")
 
 Format = Literal["raw", "tar", "tar+gzip", "tar+zstd"]
 
+# modctl's limits on what one artifact may hold (``modelfs build`` keeps them too). A mount
+# refuses bigger numbers: beyond them a size is a corrupt or hostile manifest, and sizes the
+# kernel gets (st_size, statfs blocks) are signed 64-bit, summed in places.
+MAX_FILE_SIZE = 128 * 1024**3
+MAX_TOTAL_SIZE = 8 * 1024**4
+
 
 @dataclass(frozen=True)
 class LayerType:

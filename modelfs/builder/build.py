@@ -45,6 +45,8 @@ from modelfs.modelpack import (
     ANNOTATION_METADATA,
     ANNOTATION_MODELFILE,
     ANNOTATION_UNTESTED,
+    MAX_FILE_SIZE,
+    MAX_TOTAL_SIZE,
     MODEL_ARTIFACT_TYPE,
     MODEL_CONFIG,
     OCI_MANIFEST,
@@ -64,9 +66,9 @@ Progress = Callable[[int], None]
 class Limits:
     """modctl's limits on what one artifact may hold."""
 
-    file_size: int = 128 * 1024**3
+    file_size: int = MAX_FILE_SIZE
     files: int = 2048
-    total_size: int = 8 * 1024**4
+    total_size: int = MAX_TOTAL_SIZE
 
 
 @dataclass(frozen=True)

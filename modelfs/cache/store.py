@@ -231,6 +231,16 @@ class PieceCache:
             raise CacheError(
                 f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
             ) from error
+        # A data file cut short (a full disk, a bad copy) is mapped all the same, and the first
+        # page read past its end kills the process with SIGBUS: refuse it while only the meta
+        # pages were read.
+        needed = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        if (path / "data.mdb").stat().st_size < needed:
+            self._env.close()
+            raise CacheError(
+                f"the cache at {path} is truncated (data.mdb is shorter than its {needed} bytes); "
+                "remove it or use another --cache-dir"
+            )
         self._pieces = self._env.open_db(b"pieces")
         self._checksums = self._env.open_db(b"checksums")
         self._stamps = self._env.open_db(b"stamps")

@@ -9,6 +9,7 @@ the mount is supervised like the config's.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -30,11 +31,15 @@ from modelfs.fs.model import Model
 from modelfs.fs.mount import (
     DEFAULT_READ_AHEAD_KB,
     MountOptions,
+    check_mountpoint,
+    is_mount_point,
     serve,
 )
 from modelfs.fs.recording import profile_model
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers
+
+log = logging.getLogger(__name__)
 
 # The options that mean something to a mount the daemon makes; its own settings (cache...) do
 # the rest.
@@ -174,8 +179,7 @@ def mount(
     mounts it, with its cache settings, and keeps it up until `modelfs umount`.
     """
     ref = parse_any_reference(reference)
-    if not mountpoint.is_dir():
-        raise ModelfsError(f"mountpoint {mountpoint} is not a directory; create it first")
+    check_mountpoint(mountpoint)
     if not (foreground or no_daemon) and trio.run(daemon_answers, control_socket):
         _mount_by_daemon(context, control_socket)
         return
@@ -221,12 +225,16 @@ def _mount_in_foreground(options: MountOptions, ready_fd: int | None) -> None:
     # The daemon starts its mounts with these blocked (they are its own); ours stop the mount.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
+    ready = False
+
     def on_ready(model: Model) -> None:
+        nonlocal ready
         message = (
             f"mounted {options.reference} ({model.digest}) on {options.mountpoint}: "
             f"{len(model.tree.files())} files, {model.tree.total_size} bytes, "
             f"ready in {time.monotonic() - started:.2f}s"
         )
+        ready = True
         if ready_fd is None:
             click.echo(message, err=True)
         else:
@@ -236,9 +244,18 @@ def _mount_in_foreground(options: MountOptions, ready_fd: int | None) -> None:
     try:
         trio.run(serve, options, on_ready)
     except ModelfsError as error:
-        if ready_fd is not None:
+        if ready_fd is not None and not ready:
             os.write(ready_fd, str(error).encode())
         raise
+    except Exception as error:
+        # A bug, not a failure modelfs knows: its traceback goes to the log (a background
+        # mount's only output), and the process exits non-zero.
+        log.critical("mount of %s on %s failed unexpectedly", options.reference,
+                     options.mountpoint, exc_info=True)  # fmt: skip
+        raise ModelfsError(
+            f"the mount of {options.reference} on {options.mountpoint} failed unexpectedly "
+            f"({type(error).__name__}: {error}); please report it with the log above"
+        ) from None
 
 
 def _mount_in_background(options: MountOptions) -> NoReturn:
@@ -262,12 +279,12 @@ def _mount_in_background(options: MountOptions) -> NoReturn:
             os.dup2(log_file.fileno(), 1)
             os.dup2(log_file.fileno(), 2)
             os.close(null)
-            code = 0
+            code = 1  # whatever ends the mount but its unmounting is a failure
             try:
                 _mount_in_foreground(options, write_end)
+                code = 0
             except ModelfsError as error:
                 click.echo(f"modelfs: error: {error}", err=True)
-                code = 1
             finally:
                 sys.stderr.flush()
                 os._exit(code)
@@ -305,6 +322,10 @@ def umount(mountpoint: Path, control_socket: Path, no_daemon: bool) -> None:
     if result.returncode != 0:
         if "not connected" in result.stderr or "Transport endpoint" in result.stderr:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+            return
+        if not is_mount_point(Path(os.path.abspath(mountpoint))):
+            # Already gone (a mount process that failed unmounts itself): nothing left to do.
+            click.echo(f"modelfs: {mountpoint} is not mounted", err=True)
             return
         raise ModelfsError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
 

@@ -16,20 +16,25 @@ import hashlib
 import json
 import logging
 import tempfile
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import IO, Any
 
 import trio
-import zstandard
 
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.manifests import resolve_config, resolve_manifest
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.source import BlobSource
+from modelfs.fs.inflate import (
+    FORMAT_ERRORS,
+    ChunkReader,
+    InflateLimitError,
+    inflate,
+    inflate_limit,
+)
 from modelfs.fs.tar import HeaderWindow, TarMember, read_members
 from modelfs.fs.tree import (
     BlobRef,
@@ -188,34 +193,49 @@ def _cached_tar_blob(plan: LayerPlan, cache: PieceCache) -> BlobRef | None:
     return None
 
 
-def _decompressor(plan: LayerPlan) -> Callable[[bytes], bytes]:
-    if plan.format == "tar+gzip":
-        return zlib.decompressobj(wbits=31).decompress
-    return zstandard.ZstdDecompressor().decompressobj().decompress
-
-
 async def _decompress_into_cache(
     plan: LayerPlan, derived: str, source: BlobSource, cache: PieceCache
 ) -> BlobRef:
-    """Fetch a compressed layer whole, check its digest, and store its tar stream as pieces."""
+    """Fetch a compressed layer whole, check its digest, and store its tar stream as pieces.
+
+    It inflates in a worker thread, a bounded step at a time, into a spool that never passes
+    the layer's limit (``inflate_limit``): a bomb fails here, with the limit it passed.
+    """
+    limit = inflate_limit(plan, cache.max_size)
     log.info("fetching compressed layer %s (%d bytes) whole", plan.digest, plan.size)
     hasher = hashlib.sha256()
-    decompress = _decompressor(plan)
+    received = 0
     with tempfile.TemporaryFile() as spool:
-        try:
-            async with source.stream_blob(plan.digest) as chunks:
-                async for chunk in chunks:
-                    hasher.update(chunk)
-                    spool.write(decompress(chunk))
-        except (zlib.error, zstandard.ZstdError) as error:
-            raise ManifestError(
-                f"layer {plan.index} ({plan.digest}) is not valid {plan.format}: {error}"
-            ) from None
+        async with source.stream_blob(plan.digest) as chunks:
+            iterator = aiter(chunks)
+
+            async def next_chunk() -> bytes:
+                nonlocal received
+                chunk = await anext(iterator, b"")
+                received += len(chunk)
+                if received > plan.size:
+                    raise IntegrityError(
+                        f"{plan.label} from {source.name} is longer than its {plan.size} bytes"
+                    )
+                hasher.update(chunk)
+                return chunk
+
+            reader = ChunkReader(partial(trio.from_thread.run, next_chunk))
+            try:
+                size = await trio.to_thread.run_sync(
+                    inflate, plan.format, reader, spool.write, limit.size
+                )
+            except InflateLimitError:
+                raise ManifestError(
+                    f"{plan.label} decompresses to more than {limit.size} bytes, the limit of "
+                    f"{limit.reason}; refusing it"
+                ) from None
+            except FORMAT_ERRORS as error:
+                raise ManifestError(f"{plan.label} is not valid {plan.format}: {error}") from None
         if f"sha256:{hasher.hexdigest()}" != plan.digest:
             raise IntegrityError(
                 f"layer {plan.index} from {source.name} does not match its digest {plan.digest}"
             )
-        size = spool.tell()
         spool.seek(0)
         await trio.to_thread.run_sync(_store_pieces, cache, derived, spool, size)
     cache.put_meta(f"decompressed-size/{plan.digest}", str(size).encode())

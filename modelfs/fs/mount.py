@@ -8,6 +8,7 @@ unmount it; either way the cache is flushed and the leases on its blobs released
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import math
 import os
@@ -125,6 +126,22 @@ async def open_source(
             yield MeteredRepository(client, ref.repository, stats)
 
 
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse a mountpoint that is not a directory, or a dead mount (its FUSE process is gone):
+    mounting over one would stack on it or fail with a traceback."""
+    try:
+        is_dir = mountpoint.is_dir()
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            raise ModelfsError(f"mountpoint {mountpoint}: {error.strerror}") from None
+        raise ModelfsError(
+            f"mountpoint {mountpoint} is a dead mount (its process is gone); "
+            f"run `modelfs umount {mountpoint}` first"
+        ) from None
+    if not is_dir:
+        raise ModelfsError(f"mountpoint {mountpoint} is not a directory; create it first")
+
+
 def _fuse_options(options: MountOptions, model: Model) -> set[str]:
     name = str(options.reference).replace(",", "_")
     fuse_options = set(pyfuse3.default_options) | {
@@ -135,6 +152,19 @@ def _fuse_options(options: MountOptions, model: Model) -> set[str]:
     if options.allow_other:
         fuse_options.add("allow_other")
     return fuse_options
+
+
+def _mountinfo_path(path: Path) -> str:
+    """``path`` as /proc/self/mountinfo writes it (octal escapes for blanks and backslashes)."""
+    return "".join(f"\\{ord(char):03o}" if char in " \t\n\\" else char for char in str(path))
+
+
+def is_mount_point(mountpoint: Path) -> bool:
+    """Whether anything is mounted on ``mountpoint`` (absolute), dead mounts included; read from
+    /proc/self/mountinfo, since stat-ing a dead mount fails."""
+    target = _mountinfo_path(mountpoint)
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == target for line in mounts)
 
 
 def _fuse_device(mountpoint: Path) -> str | None:

@@ -35,7 +35,10 @@ _DATALESS_TYPES = frozenset({"1", "2", "3", "4", "5", "6"})
 _PAX_TYPE, _PAX_GLOBAL_TYPE, _GNU_LONGNAME_TYPE, _GNU_LONGLINK_TYPE = "x", "g", "L", "K"
 _EXTENSION_TYPES = frozenset({_PAX_TYPE, _PAX_GLOBAL_TYPE, _GNU_LONGNAME_TYPE, _GNU_LONGLINK_TYPE})
 _USTAR_MAGIC = b"ustar\0"
-_PAX_TIME = re.compile(r"(-?)(\d+)(?:\.(\d*))?")
+# Digits a pax number may have: more is no size or time (and Python refuses to parse past 4300).
+_PAX_DIGITS = 40
+_PAX_INT = re.compile(rf"[0-9]{{1,{_PAX_DIGITS}}}")
+_PAX_TIME = re.compile(rf"(-?)([0-9]{{1,{_PAX_DIGITS}}})(?:\.([0-9]*))?")
 
 
 @dataclass(frozen=True)
@@ -151,15 +154,15 @@ def _pax_records(data: bytes, at: int) -> dict[str, str]:
 
 
 def _pax_int(text: str, what: str, at: int) -> int:
-    if not text.isdigit():
-        raise _corrupt(at, f"pax {what} {text!r} is not a non-negative integer")
+    if _PAX_INT.fullmatch(text) is None:
+        raise _corrupt(at, f"pax {what} {text[:60]!r} is not a non-negative integer")
     return int(text)
 
 
 def _pax_time_ns(text: str, at: int) -> int:
     match = _PAX_TIME.fullmatch(text)
     if match is None:
-        raise _corrupt(at, f"pax mtime {text!r} is not a decimal number")
+        raise _corrupt(at, f"pax mtime {text[:60]!r} is not a decimal number")
     sign, whole, fraction = match.groups()
     ns = int(whole) * 1_000_000_000 + int((fraction or "")[:9].ljust(9, "0"))
     return -ns if sign else ns

@@ -22,6 +22,8 @@ from modelfs.modelpack import (
     DOCKER_MANIFEST_LIST,
     LEGACY_ANNOTATION_FILEPATH,
     LEGACY_ANNOTATION_METADATA,
+    MAX_FILE_SIZE,
+    MAX_TOTAL_SIZE,
     OCI_INDEX,
     Format,
     classify_layer,
@@ -35,6 +37,12 @@ DIR_MODE = 0o555
 _ALLOWED_MODE_BITS = 0o555
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
+# A layer holds at most the whole model (a tar's headers add little to that).
+MAX_LAYER_SIZE = MAX_TOTAL_SIZE
+# What a file time may be: the kernel keeps nanoseconds since the epoch in a signed 64-bit
+# number (1677-2262); a time outside is shown as the nearest end rather than crash the mount.
+MIN_MTIME_NS = -(1 << 63)
+MAX_MTIME_NS = (1 << 63) - 1
 
 # modctl writes Go's tar.TypeReg ('0', 48); the spec's text says 0. Either is a regular file.
 _REGULAR_TYPEFLAGS = (0, ord("0"))
@@ -169,6 +177,33 @@ def parse_rfc3339_ns(text: str) -> int:
     return seconds * 1_000_000_000 + int((fraction or "")[:9].ljust(9, "0"))
 
 
+def _too_big(what: str, size: int, limit: int) -> str:
+    return (
+        f"{what} {size} is more than the {limit} bytes modctl allows; the artifact is corrupt "
+        "or not a model (split the file and rebuild it)"
+    )
+
+
+def clamp_mtime_ns(mtime_ns: int) -> int:
+    """``mtime_ns`` within what the kernel can show."""
+    return min(max(mtime_ns, MIN_MTIME_NS), MAX_MTIME_NS)
+
+
+def check_sizes(files: Iterable[FileSpec]) -> int:
+    """The files' total size, once each file and the total are within modctl's limits."""
+    total = 0
+    for spec in files:
+        if spec.size > MAX_FILE_SIZE:
+            raise ManifestError(f"file {spec.path!r}: {_too_big('size', spec.size, MAX_FILE_SIZE)}")
+        total += spec.size
+    if total > MAX_TOTAL_SIZE:
+        raise ManifestError(
+            f"the model's files add up to {total} bytes, more than the {MAX_TOTAL_SIZE} bytes "
+            "modctl allows; the artifact is corrupt or not a model (split it into models)"
+        )
+    return total
+
+
 def _layer_error(index: int, digest: object, problem: str) -> ManifestError:
     return ManifestError(f"manifest layer {index} ({digest}): {problem}")
 
@@ -216,6 +251,8 @@ def _plan_layer(index: int, layer: object, model_manifest: bool) -> LayerPlan:
     size = layer.get("size")
     if type(size) is not int or size < 0:
         raise _layer_error(index, digest, f"size {size!r} is missing or not a non-negative integer")
+    if size > MAX_LAYER_SIZE:
+        raise _layer_error(index, digest, _too_big("size", size, MAX_LAYER_SIZE))
     media_type = layer.get("mediaType")
     if not isinstance(media_type, str) or not media_type:
         raise _layer_error(index, digest, "mediaType is missing")
@@ -238,6 +275,8 @@ def _plan_layer(index: int, layer: object, model_manifest: bool) -> LayerPlan:
     mode, mtime_ns, meta_size, typeflag = (
         _metadata(index, digest, metadata) if metadata else (None,) * 4
     )
+    if meta_size is not None and meta_size > MAX_FILE_SIZE:
+        raise _layer_error(index, digest, _too_big("file metadata size", meta_size, MAX_FILE_SIZE))
     if fmt == "raw":
         if path is None:
             raise _layer_error(
@@ -417,6 +456,7 @@ class Tree:
             file_specs[parts] = spec
         if not file_specs:
             raise ManifestError("the manifest holds no files: there is no model to mount")
+        self.total_size = check_sizes(file_specs.values())
         # Later directory entries win, as when a tar is extracted.
         dir_specs = {check_path(spec.path): spec for spec in dirs}
         dir_parts = set(dir_specs)
@@ -429,7 +469,7 @@ class Tree:
             )
 
         self.root = ROOT_INODE
-        root = DirNode(ROOT_INODE, "", DIR_MODE, default_mtime_ns)
+        root = DirNode(ROOT_INODE, "", DIR_MODE, clamp_mtime_ns(default_mtime_ns))
         self._nodes: dict[int, FileNode | DirNode] = {ROOT_INODE: root}
         dirs_by_parts: dict[tuple[str, ...], DirNode] = {(): root}
         for inode, parts in enumerate(sorted(dir_parts | file_specs.keys()), start=ROOT_INODE + 1):
@@ -438,19 +478,18 @@ class Tree:
             if parts in file_specs:
                 spec = file_specs[parts]
                 node = FileNode(
-                    inode, path, spec.size, spec.mode & _ALLOWED_MODE_BITS, spec.mtime_ns,
-                    spec.blob, spec.offset,
+                    inode, path, spec.size, spec.mode & _ALLOWED_MODE_BITS,
+                    clamp_mtime_ns(spec.mtime_ns), spec.blob, spec.offset,
                 )  # fmt: skip
             else:
                 dir_spec = dir_specs.get(parts)
                 mode = DIR_MODE if dir_spec is None else dir_spec.mode & _ALLOWED_MODE_BITS
                 mtime_ns = default_mtime_ns if dir_spec is None else dir_spec.mtime_ns
-                node = dirs_by_parts[parts] = DirNode(inode, path, mode, mtime_ns)
+                node = dirs_by_parts[parts] = DirNode(inode, path, mode, clamp_mtime_ns(mtime_ns))
             # Sorted order visits a parent before its children, and siblings in name order.
             dirs_by_parts[parts[:-1]].children[parts[-1]] = inode
             self._nodes[inode] = node
         self._files = [node for node in self._nodes.values() if isinstance(node, FileNode)]
-        self.total_size = sum(node.size for node in self._files)
 
     def node(self, inode: int) -> FileNode | DirNode:
         """The node with this inode; KeyError if there is none."""

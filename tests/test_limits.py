@@ -1,0 +1,149 @@
+"""The limits a mount keeps against hostile artifacts (issue 26, points 5-7): pure logic."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import tarfile
+from functools import partial
+
+import pytest
+import zstandard
+
+from modelfs.errors import ManifestError
+from modelfs.fs.inflate import (
+    MAX_RATIO,
+    STEP,
+    TAR_OVERHEAD,
+    ChunkReader,
+    InflateLimitError,
+    inflate,
+    inflate_limit,
+)
+from modelfs.fs.tar import parse_member
+from modelfs.fs.tree import (
+    MAX_MTIME_NS,
+    MIN_MTIME_NS,
+    BlobRef,
+    FileSpec,
+    LayerPlan,
+    Tree,
+    check_sizes,
+    clamp_mtime_ns,
+    plan_layers,
+)
+from modelfs.logs import TextFormatter, escape_controls
+from modelfs.modelpack import MAX_FILE_SIZE, MAX_TOTAL_SIZE
+
+DIGEST = "sha256:" + "a" * 64
+
+
+def manifest(size: object) -> dict[str, object]:
+    return {
+        "layers": [
+            {
+                "mediaType": "application/vnd.cncf.model.weight.v1.raw",
+                "digest": DIGEST,
+                "size": size,
+                "annotations": {"org.cncf.model.filepath": "w.bin"},
+            }
+        ]
+    }
+
+
+def spec(path: str, size: int, mtime_ns: int = 0) -> FileSpec:
+    return FileSpec(path, size, 0o444, mtime_ns, BlobRef(DIGEST, size), 0)
+
+
+@pytest.mark.parametrize("size", [1 << 63, (1 << 64) + 5, MAX_TOTAL_SIZE + 1])
+def test_a_layer_past_the_limit_is_refused(size: int) -> None:
+    with pytest.raises(ManifestError, match=rf"layer 0 .*size {size} is more than"):
+        plan_layers(manifest(size))
+
+
+def test_a_file_or_a_total_past_the_limit_is_refused() -> None:
+    assert check_sizes([spec("a", MAX_FILE_SIZE), spec("b", 1)]) == MAX_FILE_SIZE + 1
+    with pytest.raises(ManifestError, match=r"file 'a': size"):
+        check_sizes([spec("a", MAX_FILE_SIZE + 1)])
+    many = [spec(f"f{n}", MAX_FILE_SIZE) for n in range(MAX_TOTAL_SIZE // MAX_FILE_SIZE + 1)]
+    with pytest.raises(ManifestError, match="add up to"):
+        Tree(many)
+
+
+def test_mtimes_are_clamped_to_what_the_kernel_shows() -> None:
+    assert clamp_mtime_ns(10**39) == MAX_MTIME_NS
+    assert clamp_mtime_ns(-(10**39)) == MIN_MTIME_NS
+    assert clamp_mtime_ns(-5) == -5
+    tree = Tree([spec("far", 1, 10**39)], default_mtime_ns=-(10**40))
+    assert [file.mtime_ns for file in tree.files()] == [MAX_MTIME_NS]
+    assert tree.node(tree.root).mtime_ns == MIN_MTIME_NS
+
+
+def pax_header(records: dict[str, str]) -> bytes:
+    info = tarfile.TarInfo("m")
+    info.pax_headers = records
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+@pytest.mark.parametrize("records", [{"size": "9" * 5000}, {"mtime": "9" * 5000}, {"size": "²"}])
+def test_pax_numbers_of_too_many_digits_are_corrupt(records: dict[str, str]) -> None:
+    with pytest.raises(ManifestError, match="pax"):
+        parse_member(pax_header(records) + bytes(1024), 0)
+
+
+def plan(size: int, meta_size: int | None = None) -> LayerPlan:
+    return LayerPlan(0, DIGEST, size, "m", "tar+zstd", None, None, None, meta_size)
+
+
+def test_the_inflate_limit_is_the_smallest_that_applies() -> None:
+    assert inflate_limit(plan(1000), 1 << 30).size == 1000 * MAX_RATIO
+    assert inflate_limit(plan(1 << 30), 64 << 20).reason.startswith("the cache size")
+    declared = inflate_limit(plan(1 << 20, meta_size=5), 1 << 40)
+    assert declared.size == 5 + TAR_OVERHEAD and "annotations declare" in declared.reason
+
+
+def bomb(compression: str, size: int) -> bytes:
+    zeros = bytes(STEP)
+    out = io.BytesIO()
+    if compression == "gzip":
+        with gzip.GzipFile(fileobj=out, mode="wb") as writer:
+            for _ in range(size // STEP):
+                writer.write(zeros)
+    else:
+        with zstandard.ZstdCompressor().stream_writer(out, closefd=False) as writer:
+            for _ in range(size // STEP):
+                writer.write(zeros)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_inflate_stops_a_step_past_the_limit(compression: str) -> None:
+    compressed = bomb(compression, 256 << 20)
+    chunks = iter([compressed])  # one network chunk that inflates to 256 MiB
+    written: list[int] = []
+    with pytest.raises(InflateLimitError) as passed:
+        inflate(
+            f"tar+{compression}",
+            ChunkReader(lambda: next(chunks, b"")),
+            lambda step: written.append(len(step)),
+            4 * STEP,
+        )
+    assert passed.value.size <= 5 * STEP and sum(written) <= 4 * STEP
+    assert max(written) <= STEP
+
+
+def test_inflate_reads_across_members_and_frames() -> None:
+    gz = gzip.compress(b"one ") + gzip.compress(b"two")
+    zst = zstandard.ZstdCompressor().compress(b"one ") + zstandard.ZstdCompressor().compress(b"two")
+    for fmt, data in (("tar+gzip", gz), ("tar+zstd", zst)):
+        chunks = iter([data[:3], data[3:]])
+        out = io.BytesIO()
+        assert inflate(fmt, ChunkReader(partial(next, chunks, b"")), out.write, 100) == 7
+        assert out.getvalue() == b"one two"
+
+
+def test_control_characters_never_start_a_log_line() -> None:
+    assert escape_controls("a\nb\x1b[0m\x85\tc é") == "a\\nb\\x1b[0m\\x85\\tc é"
+    record = logging.LogRecord("x", logging.ERROR, "f", 1, "read %s", ("evil\nforged",), None)
+    assert TextFormatter("modelfs: %(message)s").format(record) == "modelfs: read evil\\nforged"
