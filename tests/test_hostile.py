@@ -8,6 +8,7 @@ disk (``oci:PATH``), read by the same mount.
 from __future__ import annotations
 
 import errno
+import gzip
 import io
 import json
 import os
@@ -20,13 +21,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from mounting import is_mounted, modelfs, mount_pid, mounted, unmount
+import zstandard
+from mounting import MODELFS, is_mounted, modelfs, mount_pid, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
 from modelfs.fetcher.layout import OciLayout
 from modelfs.fs.tree import MAX_MTIME_NS
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
+    ANNOTATION_METADATA,
     MAX_FILE_SIZE,
     MAX_TOTAL_SIZE,
     MODEL_ARTIFACT_TYPE,
@@ -255,3 +258,104 @@ def test_control_characters_in_names_do_not_forge_log_lines(
     log = next((cache_dir / "logs").iterdir()).read_text()
     assert "evil\\nmodelfs: FORGED line\\x1b[31m.bin" in log, log
     assert not any(line.startswith("modelfs: FORGED") for line in log.splitlines())
+
+
+# -- point 6: decompression bombs --------------------------------------------------------------
+
+BOMB_MEMBER = "zeros.bin"
+RSS_BOUND = 300 << 20
+
+
+def compressed_bomb(compression: str, size: int) -> bytes:
+    """A tar of one member of ``size`` zero bytes, compressed as it is made (never whole)."""
+    info = tarfile.TarInfo(BOMB_MEMBER)
+    info.size = size
+    out = io.BytesIO()
+    writer: io.BufferedIOBase = (
+        gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9)
+        if compression == "gzip"
+        else zstandard.ZstdCompressor().stream_writer(out, closefd=False)
+    )
+    with writer:
+        writer.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        zeros = bytes(4 << 20)
+        for _ in range(size // len(zeros)):
+            writer.write(zeros)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bombs(registry: Registry) -> dict[str, str]:
+    """References to bombs: {gzip,zstd} x {plain (inflated at mount), declared (on first read,
+    its annotations declaring 1 MiB)}. 1 GiB of zeros as gzip, 4 GiB as zstd."""
+    references = {}
+    for compression, size in (("gzip", 1 << 30), ("zstd", 4 << 30)):
+        data = compressed_bomb(compression, size)
+        media_type = layer_media_type("weight", f"tar+{compression}")
+        metadata = {"name": BOMB_MEMBER, "mode": 0o644, "size": 1 << 20, "typeflag": ord("0")}
+        for kind, described in (
+            ("plain", {}),
+            ("declared", {ANNOTATION_FILEPATH: BOMB_MEMBER,
+                          ANNOTATION_METADATA: json.dumps(metadata)}),
+        ):  # fmt: skip
+            repository = f"test/bomb-{uuid.uuid4().hex[:8]}"
+            push_artifact(registry.host, repository, TAG, [Layer(media_type, data, described)])
+            references[f"{compression}-{kind}"] = f"{registry.host}/{repository}:{TAG}"
+    return references
+
+
+@pytest.mark.parametrize(
+    ("compression", "extra", "limit"),
+    [
+        ("gzip", ["--cache-size", "64M"], "the limit of the cache size"),
+        ("zstd", ["--cache-size", "64M"], "the limit of the cache size"),
+        ("zstd", [], "times its compressed size: a decompression bomb"),
+    ],
+)
+def test_a_bomb_inflated_at_mount_fails_the_mount_in_bounded_memory(
+    bombs: dict[str, str], tmp_path: Path, compression: str, extra: list[str], limit: str
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    argv = [*MODELFS, "mount", "--foreground", bombs[f"{compression}-plain"], str(mnt),
+            "--cache-dir", str(tmp_path / "cache"), "--plain-http", *extra]  # fmt: skip
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        elapsed = time.monotonic() - started
+        stderr = process.stderr.read() if process.stderr else ""
+    finally:
+        process.kill()
+        unmount(mnt)
+    assert process.returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "layer 0" in lines[0] and limit in lines[0], stderr
+    peak = usage.ru_maxrss << 10
+    print(f"{compression} {extra}: failed in {elapsed:.1f} s, peak RSS {peak >> 20} MiB")
+    assert peak < RSS_BOUND
+    assert elapsed < 30
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_bomb_read_on_first_use_fails_the_read_in_bounded_memory(
+    bombs: dict[str, str], tmp_path: Path, compression: str
+) -> None:
+    cache_dir = tmp_path / "cache"
+    with mounted(bombs[f"{compression}-declared"], tmp_path / "mnt", cache_dir) as mnt:
+        assert (mnt / BOMB_MEMBER).stat().st_size == 1 << 20  # as declared
+        started = time.monotonic()
+        with pytest.raises(OSError) as failed:
+            (mnt / BOMB_MEMBER).read_bytes()
+        elapsed = time.monotonic() - started
+        assert failed.value.errno == errno.EIO
+        status = Path(f"/proc/{mount_pid(mnt)}/status").read_text()
+        peak = int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]
+        )
+    print(f"{compression}: read failed in {elapsed:.1f} s, mount peak RSS {peak >> 10} MiB")
+    assert peak << 10 < RSS_BOUND
+    assert elapsed < 30
+    log = next((cache_dir / "logs").iterdir()).read_text()
+    assert "bytes its annotations declare, plus tar headers" in log, log
