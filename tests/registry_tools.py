@@ -468,6 +468,8 @@ class Proxy:
         self.tamper = False
         self.tamper_manifests = False
         self.redirect = False
+        self.trickle = 0.0  # when set, blob bodies go out one byte per 1/trickle seconds
+        self._closing = threading.Event()
         self.requests: list[ProxiedRequest] = []
         self.redirect_requests: list[ProxiedRequest] = []
         self.blob_bytes = 0
@@ -526,9 +528,7 @@ class Proxy:
         with self._lock:
             self._cut_after, self._cuts_left = after, times
 
-    def patch_blobs(
-        self, at: int, data: bytes, times: int = 1, digest: str | None = None
-    ) -> None:
+    def patch_blobs(self, at: int, data: bytes, times: int = 1, digest: str | None = None) -> None:
         """Write ``data`` over the body of the next ``times`` blob answers (of blob ``digest``
         only, if given) from byte ``at``: an attacker on the path, or a transient fault."""
         with self._lock:
@@ -536,6 +536,7 @@ class Proxy:
             self._patch_digest = digest
 
     def close(self) -> None:
+        self._closing.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -718,7 +719,19 @@ class Proxy:
             if tamper:
                 # Same length, different bytes: only a digest check can notice.
                 chunk = bytes([chunk[0] ^ 0x01]) + chunk[1:]
+            if counted_as is not None and self.trickle:
+                self._trickle(chunk, handler)
+                return
             handler.wfile.write(chunk)
+
+    def _trickle(self, chunk: bytes, handler: _Handler) -> None:
+        """A registry that answers at once, then sends the body a byte at a time, for ever."""
+        handler.close_connection = True
+        for byte in chunk:
+            if self._closing.wait(1 / self.trickle):
+                return
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
 
 
 def _patched(chunk: bytes, chunk_at: int, patch: bytes, patch_at: int) -> bytes:

@@ -359,3 +359,39 @@ def test_a_bomb_read_on_first_use_fails_the_read_in_bounded_memory(
     assert elapsed < 30
     log = next((cache_dir / "logs").iterdir()).read_text()
     assert "bytes its annotations declare, plus tar headers" in log, log
+
+
+# -- point 7: one bound on a read --------------------------------------------------------------
+
+READ_TIMEOUT = 3.0
+
+
+def timed_read(path: Path) -> tuple[int, float]:
+    """``dd`` of the first 4 KiB: its exit status and how long it took."""
+    started = time.monotonic()
+    result = subprocess.run(
+        ["dd", f"if={path}", "of=/dev/null", "bs=4k", "count=1"], capture_output=True, timeout=300
+    )
+    return result.returncode, time.monotonic() - started
+
+
+def test_a_read_from_a_trickling_registry_fails_within_the_read_timeout(
+    small_model: str, proxy: Proxy, tmp_path: Path
+) -> None:
+    reference = small_model.replace(proxy.upstream.host, proxy.host)
+    cache_dir = tmp_path / "cache"
+    options = ("--prefetch", "none", "--read-timeout", str(READ_TIMEOUT))
+    with mounted(reference, tmp_path / "mnt", cache_dir, *options) as mnt:
+        proxy.trickle = 1.0  # one byte a second: never a stall, never done
+        # The kernel retries a failed read (a page at a time): one bound for all of it.
+        for _ in range(2):
+            status, elapsed = timed_read(mnt / "w.bin")
+            print(f"a 4 KiB read failed after {elapsed:.1f} s")
+            assert status != 0
+            assert READ_TIMEOUT <= elapsed < READ_TIMEOUT + 2
+            time.sleep(5)  # past the memory of the late range: the registry is asked again
+        proxy.trickle = 0
+        status, elapsed = timed_read(mnt / "w.bin")
+        assert status == 0 and elapsed < READ_TIMEOUT
+    log = next((cache_dir / "logs").iterdir()).read_text()
+    assert f"within {READ_TIMEOUT:g} s (--read-timeout, retries included)" in log, log

@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from modelfs.errors import ManifestError
+from modelfs.fetcher.registry import LateRanges
 from modelfs.fs.inflate import (
     MAX_RATIO,
     STEP,
@@ -147,3 +148,13 @@ def test_control_characters_never_start_a_log_line() -> None:
     assert escape_controls("a\nb\x1b[0m\x85\tc é") == "a\\nb\\x1b[0m\\x85\\tc é"
     record = logging.LogRecord("x", logging.ERROR, "f", 1, "read %s", ("evil\nforged",), None)
     assert TextFormatter("modelfs: %(message)s").format(record) == "modelfs: read evil\\nforged"
+
+
+def test_a_late_range_is_remembered_for_a_while_and_only_where_it_overlaps() -> None:
+    late = LateRanges(memory=5)
+    late.note("sha256:a", 100, 200, now=10)
+    assert late.is_late("sha256:a", 150, 160, now=14)
+    assert late.is_late("sha256:a", 0, 101, now=14)
+    assert not late.is_late("sha256:a", 200, 300, now=14)  # past its end
+    assert not late.is_late("sha256:b", 150, 160, now=14)  # another blob
+    assert not late.is_late("sha256:a", 150, 160, now=15)  # forgotten: asked again

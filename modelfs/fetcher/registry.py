@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import ssl
 import urllib.request
 from collections.abc import (
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MANIFEST_LIMIT = 4 * 1024 * 1024
+# The most a piece may take to arrive (a 4 MiB piece: at least ~70 KB/s), retries included.
+DEFAULT_READ_TIMEOUT = 60.0
 _ERROR_BODY_LIMIT = 64 * 1024
 _TOKEN_BODY_LIMIT = 1024 * 1024
 _MAX_REDIRECTS = 5
@@ -83,6 +86,27 @@ class _TransientError(Exception):
 
 def _backoff(attempt: int) -> float:
     return float(min(0.2 * 2 ** (attempt - 1), 2.0))
+
+
+# How long a range the registry failed to deliver in time is not asked for again: the kernel
+# retries a failed read at once, a page at a time, and each would wait the whole deadline.
+LATE_MEMORY = 5.0
+
+
+class LateRanges:
+    """Ranges of blobs the registry did not deliver within the read deadline, for a while."""
+
+    def __init__(self, memory: float = LATE_MEMORY) -> None:
+        self._memory = memory
+        self._late: dict[str, tuple[float, int, int]] = {}  # digest -> (when, start, end)
+
+    def note(self, digest: str, start: int, end: int, now: float) -> None:
+        self._late[digest] = (now, start, end)
+
+    def is_late(self, digest: str, start: int, end: int, now: float) -> bool:
+        """Whether [start, end) overlaps a range of ``digest`` found late in the last while."""
+        when, late_start, late_end = self._late.get(digest, (-math.inf, 0, 0))
+        return now - when < self._memory and start < late_end and late_start < end
 
 
 def sha256_digest(data: bytes) -> str:
@@ -182,11 +206,14 @@ class RegistryClient:
         credentials: Credentials | None = None,
         timeout: float = 30.0,
         retries: int = 3,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
     ) -> None:
         self.host = host
         self.base_url = httpx.URL(f"{'http' if plain_http else 'https'}://{host}")
         self.timeout = timeout
         self.retries = retries
+        self.read_timeout = read_timeout
+        self.late = LateRanges()
         self._insecure = insecure
         self._credentials = credentials
         self._credentials_loaded = credentials is not None
@@ -602,6 +629,38 @@ class RegistryRepository:
         return await read_as_run(self, digest, start, length)
 
     async def read_pieces(
+        self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
+    ) -> None:
+        """Each piece has ``read_timeout`` seconds to arrive, from the request or from the piece
+        before it, whatever path and retries it takes: a read fails within that bound."""
+        client = self._client
+        end = start + sum(lengths)
+        if client.late.is_late(digest, start, end, trio.current_time()):
+            raise self._late_error(digest, start, end, "a moment ago")
+        landed = 0
+
+        async def deliver_in_time(place: int, data: BlobBytes) -> None:
+            nonlocal landed
+            scope.deadline = math.inf  # waiting for the cache writer is not the registry's time
+            await deliver(place, data)
+            landed = place + 1
+            scope.deadline = trio.current_time() + client.read_timeout
+
+        with trio.CancelScope(deadline=trio.current_time() + client.read_timeout) as scope:
+            await self._read_pieces(digest, start, lengths, deliver_in_time)
+        if scope.cancelled_caught and landed < len(lengths):
+            first = start + sum(lengths[:landed])
+            client.late.note(digest, first, end, trio.current_time())
+            raise self._late_error(digest, first, first + lengths[landed], "")
+
+    def _late_error(self, digest: str, start: int, end: int, when: str) -> RegistryUnavailableError:
+        return RegistryUnavailableError(
+            f"registry {self._client.host} did not deliver bytes {start}-{end - 1} of blob "
+            f"{digest} within {self._client.read_timeout:g} s{' ' if when else ''}{when} "
+            "(--read-timeout, retries included): check the registry and the network"
+        )
+
+    async def _read_pieces(
         self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
     ) -> None:
         done, partial = await self._client.read_run_plainly(

@@ -31,7 +31,7 @@ from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
 from modelfs.fetcher.profile import ReadRecorder, recorded_profile
-from modelfs.fetcher.registry import MeteredRepository, RegistryClient
+from modelfs.fetcher.registry import DEFAULT_READ_TIMEOUT, MeteredRepository, RegistryClient
 from modelfs.fetcher.source import BlobSource
 from modelfs.fetcher.stats import (
     CORRUPT_CACHE_ENTRY,
@@ -95,6 +95,7 @@ class MountOptions:
     insecure: bool = False
     timeout: float = 30.0
     retries: int = 3
+    read_timeout: float = DEFAULT_READ_TIMEOUT
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
     prefetch: PrefetchMode = PrefetchMode.HINTS
     serve_unverified: bool = False  # serve pieces of blobs without an index before their check
@@ -119,6 +120,7 @@ async def open_source(
         insecure=options.insecure,
         timeout=options.timeout,
         retries=options.retries,
+        read_timeout=options.read_timeout,
     ) as client:
         if stats is None:
             yield client.repository(ref.repository)
