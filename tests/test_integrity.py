@@ -274,3 +274,21 @@ def test_a_tar_size_that_swallows_the_next_member_fails_reads_of_the_layer(
         assert raised.value.errno == errno.EIO
     with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
         assert tree_of(mnt) == files
+
+
+def test_a_tar_of_many_members_is_listed_in_a_few_requests(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    files = {f"shard{n // 1000}/part{n}.txt": b"%d\n" % n for n in range(20_000)}
+    tar = tar_of(files)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    reference = f"{proxy.host}/{push_tar(registry, tar, piece_index=True)}"
+    mnt = tmp_path / "mnt"
+    proxy.reset()
+    with mounted(reference, mnt, tmp_path / "cache", "--prefetch", "none"):
+        header_reads = [r for r in proxy.blob_requests if r.path.endswith(digest)]
+        # A window that doubles while headers come close together: ~20 MB in a dozen reads,
+        # not one request per member.
+        assert 0 < len(header_reads) <= 20, len(header_reads)
+        assert read_all(mnt / "shard19" / "part19999.txt") == b"19999\n"
+        assert len(list((mnt / "shard7").iterdir())) == 1000

@@ -10,7 +10,14 @@ import pytest
 import trio
 
 from modelfs.errors import ManifestError
-from modelfs.fs.tar import FIRST_READ, NeedBytes, TarMember, parse_member, read_members
+from modelfs.fs.tar import (
+    FIRST_READ,
+    HeaderWindow,
+    NeedBytes,
+    TarMember,
+    parse_member,
+    read_members,
+)
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 LONG_NAME = "deep/" + "d" * 120 + "/" + "f" * 80 + ".safetensors"  # needs prefix, L or pax path
@@ -222,3 +229,29 @@ def test_reads_only_header_ranges() -> None:
     assert len(reads) == 4  # three headers and the end-of-archive block
     assert all(length <= FIRST_READ for _, length in reads)
     assert sum(length for _, length in reads) <= 4 * FIRST_READ
+
+
+def reads_through_a_window(blob: bytes) -> tuple[list[TarMember], list[tuple[int, int]]]:
+    """The members, and the (offset, length) of each read the window made of the blob."""
+    reads: list[tuple[int, int]] = []
+
+    async def read(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return blob[offset : offset + length]
+
+    window = HeaderWindow(read, len(blob))
+    return trio.run(read_members, window, len(blob)), reads
+
+
+def test_a_window_lists_many_small_members_in_a_few_reads() -> None:
+    blob = make_tar([(f"d/f{n}.txt", b"%d" % n) for n in range(20_000)], tarfile.PAX_FORMAT)
+    members, reads = reads_through_a_window(blob)
+    assert members == members_of(blob)
+    assert len(reads) <= 20  # ~20 MB: the window grows to 4 MiB
+
+
+def test_a_window_skips_the_data_of_a_large_member() -> None:
+    big = bytes(64 << 20)
+    members, reads = reads_through_a_window(make_tar([("w.bin", big), ("c.json", b"{}")], 0))
+    assert [m.name for m in members] == ["w.bin", "c.json"]
+    assert sum(length for _, length in reads) <= 4 * FIRST_READ  # headers only

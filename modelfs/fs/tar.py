@@ -260,7 +260,8 @@ class HeaderWindow:
         held_end = self._start + len(self._held)
         if self._start <= start and start + length <= held_end:
             return self._held[start - self._start : start + length - self._start]
-        near = held_end <= start < held_end + self._window
+        # Forward, and less than a window past what is held (a header straddling its end too).
+        near = bool(self._held) and self._start <= start < held_end + self._window
         self._window = min(2 * self._window, MAX_WINDOW) if near else FIRST_READ
         size = min(max(length, self._window), self._blob_size - start)
         self._held, self._start = await self._read(start, size), start
