@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -47,8 +48,61 @@ COMMANDS = {
 }
 
 
+@dataclass(frozen=True)
+class Section:
+    """One part of the tour ``modelfs --help`` gives: its commands, a line each, and an example."""
+
+    title: str
+    commands: tuple[tuple[str, str], ...]  # (command name, what it is for)
+    example: str
+
+
+# The tour: every command of COMMANDS in exactly one section, in the order a newcomer meets them.
+SECTIONS = (
+    Section(
+        "Mount a model",
+        (
+            ("mount", "Mount a model: the directory lists at once, bytes come when read."),
+            ("umount", "Unmount it (through the daemon when the daemon keeps it)."),
+            ("profile", "Record what a command reads; mounts then fetch that first."),
+            ("login", "Check and save credentials for a registry (Basic or token)."),
+            ("logout", "Forget a registry's saved credentials."),
+        ),
+        "modelfs mount registry.example.com/models/qwen:v1 /models",
+    ),
+    Section(
+        "Build and publish a model",
+        (
+            ("modelfile", "Write a Modelfile for a model directory, as modctl does."),
+            ("build", "Pack a directory as a ModelPack artifact."),
+            ("push", "Push a build to its registry, with its piece index."),
+            ("index", "Publish the piece index of a model another tool pushed."),
+            ("ls", "List the builds in the local store."),
+            ("tag", "Give a build in the store a second name."),
+        ),
+        "modelfs build -t registry.example.com/models/qwen:v1 ./qwen",
+    ),
+    Section(
+        "Run a node",
+        (
+            ("daemon", "The node service: configured mounts, control socket, metrics."),
+            ("status", "The node's mounts, where their bytes came from, the cache."),
+            ("preheat", "Fetch models into the node's cache without mounting them."),
+            ("cache", "List, verify, shrink or clear the node's piece cache."),
+        ),
+        "modelfs preheat registry.example.com/models/qwen:v1",
+    ),
+    Section(
+        "Run a cluster (mounts join it with --scheduler)",
+        (("scheduler", "Tell nodes which peer holds a piece; ration registry trips."),),
+        "modelfs scheduler --cluster-secret-file /etc/modelfs/cluster-secret",
+    ),
+)
+
+
 class _Group(click.Group):
-    """Commands imported when used (``COMMANDS``); a ModelfsError printed as one line, exit 1."""
+    """Commands imported when used (``COMMANDS``), listed as the tour ``SECTIONS`` gives;
+    a ModelfsError printed as one line, exit 1."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -61,6 +115,22 @@ class _Group(click.Group):
         command: click.Command = getattr(importlib.import_module(module), attribute)
         return command
 
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Usage, what modelfs is, the tour of the commands, then the options."""
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self.format_commands(ctx, formatter)
+        click.Command.format_options(self, ctx, formatter)
+        self.format_epilog(ctx, formatter)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The commands by section, one line each, and one example per section (no imports)."""
+        width = max(len(name) for section in SECTIONS for name, _ in section.commands)
+        for section in SECTIONS:
+            with formatter.section(section.title):
+                formatter.write_dl([(name.ljust(width), text) for name, text in section.commands])
+                formatter.write(f"{'':>{formatter.current_indent}}e.g. {section.example}\n")
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -72,7 +142,11 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group)
+@click.group(
+    cls=_Group,
+    epilog="Each command's --help says more, with an example. "
+    "The docs/ folder of the repository has a page per concern.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option(
     "--log-format",
@@ -84,7 +158,8 @@ class _Group(click.Group):
     "(the processes started by the daemon inherit it).",
 )
 def cli(verbose: int, log_format: str) -> None:
-    """Mount ModelPack OCI artifacts as lazily loaded, read-only directories."""
+    """Mount AI models kept in OCI registries (ModelPack artifacts) as read-only directories
+    that list at once and fetch only the bytes a reader touches."""
     level = logging.WARNING - 10 * verbose
     configure_logging(max(level, logging.DEBUG), log_format)
 

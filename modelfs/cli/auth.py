@@ -53,7 +53,12 @@ def login(
     plain_http: bool,
     insecure: bool,
 ) -> None:
-    """Check credentials for registry HOST and save them in docker's config.json."""
+    """Check credentials for registry HOST and save them in docker's config.json.
+
+    \b
+    Example:
+      modelfs login registry.example.com -u alice --password-stdin < token.txt
+    """
     host = _host_argument(host)
     if password is not None and password_stdin:
         raise click.UsageError("--password and --password-stdin are mutually exclusive")
@@ -81,7 +86,12 @@ def login(
 @click.command()
 @click.argument("host")
 def logout(host: str) -> None:
-    """Forget the saved credentials for registry HOST."""
+    """Forget the saved credentials for registry HOST.
+
+    \b
+    Example:
+      modelfs logout registry.example.com
+    """
     host = _host_argument(host)
     if remove_credentials(host):
         click.echo(f"Removed login credentials for {host}")

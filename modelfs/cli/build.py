@@ -73,10 +73,15 @@ _store_option = click.option(
 
 @click.group("modelfile")
 def modelfile_group() -> None:
-    """Write Modelfiles."""
+    """Write Modelfiles.
+
+    \b
+    Example:
+      modelfs modelfile generate ./qwen
+    """
 
 
-@modelfile_group.command("generate")
+@modelfile_group.command("generate", short_help="Write a Modelfile for DIRECTORY, as modctl does.")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "-o",
@@ -86,7 +91,12 @@ def modelfile_group() -> None:
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def generate(directory: Path, output: Path | None, force: bool) -> None:
-    """Write a Modelfile listing the files of DIRECTORY by kind (as modctl does)."""
+    """Write a Modelfile listing the files of DIRECTORY by kind (as modctl does).
+
+    \b
+    Example:
+      modelfs modelfile generate ./qwen -o ./qwen/Modelfile
+    """
     text = generate_for_directory(directory)
     if output is None:
         click.echo(text, nl=False)
@@ -128,7 +138,12 @@ def build(
     created: datetime,
     store: Path | None,
 ) -> None:
-    """Pack DIRECTORY as a ModelPack artifact, as its Modelfile says."""
+    """Pack DIRECTORY as a ModelPack artifact, as its Modelfile says.
+
+    \b
+    Example:
+      modelfs build -t registry.example.com/models/qwen:v1 ./qwen
+    """
     if target.startswith("oci:"):
         layout_reference = parse_layout_reference(target)
         if layout_reference.digest or store is not None:
@@ -170,6 +185,10 @@ def push(
 
     The piece index (the sha256 of every 4 MiB piece, a referrer of the manifest) is what lets
     a mount serve each piece as soon as it arrives, checked, and take pieces from peers.
+
+    \b
+    Example:
+      modelfs push registry.example.com/models/qwen:v1
     """
     parsed = _registry_reference(reference)
     layout = _open_store(store)
@@ -242,7 +261,13 @@ async def _read_blob(
 @click.argument("target")
 @_store_option
 def tag(source: str, target: str, store: Path | None) -> None:
-    """Give the build SOURCE in the store a second name, TARGET."""
+    """Give the build SOURCE in the store a second name, TARGET.
+
+    \b
+    Example:
+      modelfs tag registry.example.com/models/qwen:v1 \\
+          registry.example.com/models/qwen:stable
+    """
     layout = _open_store(store)
     descriptor = _resolve(layout, store_name(_registry_reference(source)))
     with layout.lock():
@@ -252,7 +277,12 @@ def tag(source: str, target: str, store: Path | None) -> None:
 @click.command("ls")
 @_store_option
 def list_store(store: Path | None) -> None:
-    """List the builds in the store: name and manifest digest."""
+    """List the builds in the store: name and manifest digest.
+
+    \b
+    Example:
+      modelfs ls
+    """
     for name, descriptor in _open_store(store).tags():
         click.echo(f"{name} {descriptor.get('digest')}")
 

@@ -30,6 +30,10 @@ def index(reference: str, plain_http: bool, insecure: bool, force: bool) -> None
     """Publish the piece index of REFERENCE (sha256 of each piece) as a referrer of its manifest.
 
     Peers' pieces are checked against it, so a node can take bytes from a peer without trusting it.
+
+    \b
+    Example:
+      modelfs index registry.example.com/models/qwen:v1
     """
     parsed = parse_reference(reference)
 
@@ -182,7 +186,13 @@ def cluster_settings(
 def scheduler(
     listen: tuple[str, int], cluster_secret_file: Path | None, redis_url: str | None
 ) -> None:
-    """Tell nodes which peers hold a piece, and ration trips to the registry."""
+    """Tell nodes which peers hold a piece, and ration trips to the registry.
+
+    \b
+    Example:
+      modelfs scheduler --listen 0.0.0.0:7480 \\
+          --cluster-secret-file /etc/modelfs/cluster-secret
+    """
     # Here, not at the top: the scheduler's server, Redis client and Prometheus metrics would
     # slow down ``modelfs mount``, which imports this module for the cluster options.
     from modelfs.scheduler.service import run_scheduler

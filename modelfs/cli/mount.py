@@ -177,6 +177,10 @@ def mount(
     The directory lists as soon as the manifest is read; file bytes are fetched when read.
     With the modelfs daemon running (and neither --foreground nor --no-daemon), the daemon
     mounts it, with its cache settings, and keeps it up until `modelfs umount`.
+
+    \b
+    Example:
+      modelfs mount registry.example.com/models/qwen:v1 /models
     """
     ref = parse_any_reference(reference)
     check_mountpoint(mountpoint)
@@ -313,6 +317,10 @@ def umount(mountpoint: Path, control_socket: Path, no_daemon: bool) -> None:
     """Unmount a modelfs MOUNTPOINT (a dead mount's stale endpoint included).
 
     A mount the modelfs daemon keeps up is unmounted by the daemon, which then stops keeping it.
+
+    \b
+    Example:
+      modelfs umount /models
     """
     if not no_daemon and trio.run(daemon_answers, control_socket):
         request = {"command": "umount", "path": str(mountpoint.resolve())}
@@ -341,6 +349,10 @@ def profile(reference: str, command: tuple[str, ...], **settings: Any) -> None:
     $MODELFS_MOUNT and in place of {} in its arguments; the ranges the command reads, in order,
     are published as a referrer of the model's manifest (nothing is if the command fails). Mounts
     then fetch them first (--prefetch hints or all), as does preheat --hints-only.
+
+    \b
+    Example:
+      modelfs profile registry.example.com/models/qwen:v1 -- python load.py {}
     """
     options = mount_settings(parse_any_reference(reference), Path(), **settings)
     published = trio.run(profile_model, options, list(command))

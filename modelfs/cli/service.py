@@ -56,6 +56,10 @@ def preheat(
     """Fetch every piece of each model REFERENCE into the node's cache, without mounting.
 
     Resumable: pieces already cached are skipped, so running it again finishes the job.
+
+    \b
+    Example:
+      modelfs preheat --hints-only registry.example.com/models/qwen:v1
     """
     refs = [parse_any_reference(text) for text in references]
     settings = SourceSettings(plain_http=plain_http, insecure=insecure)
@@ -88,7 +92,12 @@ def _preheat_one(
 
 @click.group()
 def cache() -> None:
-    """Inspect and manage the node's piece cache."""
+    """Inspect and manage the node's piece cache.
+
+    \b
+    Example:
+      modelfs cache gc --size 50G
+    """
 
 
 def _open_cache(cache_dir: Path, cache_size: str) -> PieceCache:
@@ -97,10 +106,15 @@ def _open_cache(cache_dir: Path, cache_size: str) -> PieceCache:
     return PieceCache(cache_dir, parse_size(cache_size))
 
 
-@cache.command("ls")
+@cache.command("ls", short_help="List cached models and how much of each is present.")
 @cache_options
 def cache_ls(cache_dir: Path, cache_size: str) -> None:
-    """List cached models with how much of each is present."""
+    """List cached models with how much of each is present.
+
+    \b
+    Example:
+      modelfs cache ls
+    """
     store = _open_cache(cache_dir, cache_size)
     try:
         models = cached_models(store)
@@ -120,11 +134,16 @@ def cache_ls(cache_dir: Path, cache_size: str) -> None:
     )
 
 
-@cache.command("gc")
+@cache.command("gc", short_help="Evict least recently used pieces down to --size.")
 @cache_options
 @click.option("--size", "target", required=True, help="Evict until at most this much is held.")
 def cache_gc(cache_dir: Path, cache_size: str, target: str) -> None:
-    """Evict least recently used pieces (pieces of mounted models last) down to --size."""
+    """Evict least recently used pieces (pieces of mounted models last) down to --size.
+
+    \b
+    Example:
+      modelfs cache gc --size 50G
+    """
     store = _open_cache(cache_dir, cache_size)
     try:
         freed = store.evict_to(parse_size(target))
@@ -134,13 +153,17 @@ def cache_gc(cache_dir: Path, cache_size: str, target: str) -> None:
     click.echo(f"evicted {_mib(freed)}; the cache holds {_mib(size)}")
 
 
-@cache.command("verify")
+@cache.command("verify", short_help="Check pieces and blobs; drop what fails.")
 @cache_options
 def cache_verify(cache_dir: Path, cache_size: str) -> None:
     """Check every piece's checksum, every whole blob's digest, and the pieces of partial
     blobs against the piece index; drop what fails.
 
     Exits 1 when something was corrupt (it is fetched again when next read).
+
+    \b
+    Example:
+      modelfs cache verify
     """
     store = _open_cache(cache_dir, cache_size)
     try:
@@ -159,7 +182,7 @@ def cache_verify(cache_dir: Path, cache_size: str) -> None:
         sys.exit(1)
 
 
-@cache.command("rm")
+@cache.command("rm", short_help="Remove a model and the blobs only it uses.")
 @click.argument("reference")
 @cache_options
 @source_options
@@ -169,6 +192,10 @@ def cache_rm(
     """Remove a model (REFERENCE, or its bare manifest digest) and the blobs only it uses.
 
     A reference by tag is resolved at the registry; by digest, no network is needed.
+
+    \b
+    Example:
+      modelfs cache rm registry.example.com/models/qwen:v1
     """
     store = _open_cache(cache_dir, cache_size)
     try:
@@ -197,6 +224,10 @@ def daemon(config_path: Path, metrics_addr: str | None) -> None:
     """Run the node service: the config's mounts, the control socket, metrics.
 
     SIGHUP (systemctl reload) re-reads the config and re-executes, keeping the mounts up.
+
+    \b
+    Example:
+      modelfs daemon --metrics-addr 127.0.0.1:9464
     """
     block_daemon_signals()
     handover = take_handover()
@@ -218,7 +249,12 @@ def daemon(config_path: Path, metrics_addr: str | None) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's answer as JSON.")
 def status(control_socket: Path, as_json: bool) -> None:
-    """Show the daemon's mounts and the node's cache."""
+    """Show the daemon's mounts and the node's cache.
+
+    \b
+    Example:
+      modelfs status --json
+    """
     reply = trio.run(ask, control_socket, {"command": "status"})
     if as_json:
         click.echo(json.dumps(reply, indent=2))
