@@ -292,3 +292,28 @@ def test_a_tar_of_many_members_is_listed_in_a_few_requests(
         assert 0 < len(header_reads) <= 20, len(header_reads)
         assert read_all(mnt / "shard19" / "part19999.txt") == b"19999\n"
         assert len(list((mnt / "shard7").iterdir())) == 1000
+
+
+def test_a_flipped_bit_in_a_cached_member_list_is_a_miss_not_a_shifted_file(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    files = {"a.bin": os.urandom(3000), "b.bin": os.urandom(5000)}
+    tar = tar_of(files)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    reference = f"{proxy.host}/{push_tar(registry, tar, piece_index=True)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert tree_of(mnt) == files  # the list was checked, and kept
+    cache = PieceCache(cache_dir, 1 << 30)
+    try:
+        record = cache.get_meta(f"tar-index/{digest}")
+    finally:
+        cache.close()
+    assert record is not None
+    # One bit of b.bin's data_offset (8 bytes of checksum come first): 4096 -> 4097.
+    at = record.index(b'"data_offset": 4096') + len(b'"data_offset": 4096') - 1
+    flip_record(cache_dir, f"tar-index/{digest}", 8 + at)
+    proxy.reset()
+    with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
+        assert tree_of(mnt) == files
+    assert any(request.path.endswith(digest) for request in proxy.blob_requests)  # read again
