@@ -19,7 +19,7 @@ from registry_tools import free_port
 
 from modelfs.peer.auth import sign
 from modelfs.peer.http import parse_listen
-from modelfs.scheduler.client import SchedulerClient
+from modelfs.scheduler.client import BACKOFF_FIRST, SchedulerClient
 from modelfs.scheduler.ranking import (
     MAX_CANDIDATES,
     Action,
@@ -33,7 +33,10 @@ from modelfs.scheduler.ranking import (
 from modelfs.scheduler.redis import RedisError, RedisKeyValue, encode_command, parse_redis_url
 from modelfs.scheduler.service import LONG_POLL, run_scheduler
 from modelfs.scheduler.state import (
+    FIRST_LEASE,
+    FIRST_PENALTY,
     LOAD_WINDOW,
+    MAX_PENALTY,
     NODE_TTL,
     SOURCE_LEASE,
     KeyValue,
@@ -199,13 +202,13 @@ def test_state_rations_the_registry_and_spreads_load(
             # Another piece is rationed on its own.
             assert (await state.ask(D.address, BLOB, 1)).action is Action.SOURCE
             # Bad peers: corrupt is avoided, a peer that lost the piece is no longer offered.
-            await state.report(A.address, BLOB, 0, FailureKind.CORRUPT)
-            await state.report(B.address, BLOB, 0, FailureKind.MISSING)
+            await state.report(D.address, A.address, BLOB, 0, FailureKind.CORRUPT)
+            await state.report(D.address, B.address, BLOB, 0, FailureKind.MISSING)
             assert (await state.ask(D.address, BLOB, 0)).peers == (C.address,)
-            await state.report(C.address, BLOB, 0, FailureKind.FAILED)
+            await state.report(D.address, C.address, BLOB, 0, FailureKind.FAILED)
             assert (await state.ask(D.address, BLOB, 0)).action is Action.SOURCE
-            # Unregistered peers are never offered, whatever they announced.
-            await state.announce("127.0.0.1:7999", [(OTHER, 0)])
+            # Unregistered peers are never offered, whatever they announced (nor stored).
+            assert await state.announce("127.0.0.1:7999", [(OTHER, 0)]) == 0
             assert (await state.ask(D.address, OTHER, 0)).action is Action.SOURCE
 
     trio.run(main)
@@ -224,9 +227,9 @@ def test_everything_expires() -> None:
         assert (await state.ask(B.address, BLOB, 0)).action is Action.SOURCE
         await state.register(A)
         await state.announce(A.address, [(BLOB, 1)])
-        await state.report(A.address, BLOB, 1, FailureKind.FAILED)
+        await state.report(B.address, A.address, BLOB, 1, FailureKind.FAILED)
         assert (await state.ask(B.address, BLOB, 1)).action is Action.SOURCE
-        now[0] += 31  # the penalty of a failure is short
+        now[0] += FIRST_PENALTY[FailureKind.FAILED] + 1  # the penalty of a failure is short
         await state.register(A)
         assert (await state.ask(B.address, BLOB, 1)).peers == (A.address,)
         now[0] += LOAD_WINDOW + NODE_TTL  # A stopped registering
@@ -333,6 +336,7 @@ def test_redis_restart_and_dead_scheduler_never_hang(redis: Redis) -> None:
             assert await client.ask(BLOB, 0) is None  # 503: the node goes to the registry
             assert trio.current_time() - started < 3
             redis.start()
+            await trio.sleep(BACKOFF_FIRST)  # the 503 made the node skip the scheduler a while
             assert await client.register()
             assert await client.ask(BLOB, 0) == Decision(Action.SOURCE)
         dead = f"http://127.0.0.1:{free_port()}"
@@ -451,3 +455,224 @@ def test_metrics_count_the_decisions() -> None:
         assert value("backend_errors_total") == 0
 
     trio.run(main)
+
+
+# --- issue 24: addresses, registry slots, reports, announcements, a hung scheduler ----------
+
+
+def test_node_addresses_are_parsed_strictly() -> None:
+    good = ["10.0.0.1:7481", "[::1]:7481", "[2001:db8::7]:80", "node-1.example.com:1", "h:65535"]
+    bad = [
+        "::::1",
+        "127.0.0.1:1\n",  # "$" matched before the newline
+        "[::1]:1\n",
+        "[::::1]:1",
+        "[fe80::1%eth0]:1",
+        "a:0",
+        "a:65536",
+        "300.1.1.1:5",
+        "1.2.3:4",
+        "-a:1",
+        "a..b:1",
+        "h:1:2",
+        "h:+1",
+        "\uff11\uff12\uff17.0.0.1:1",  # full-width digits
+    ]
+    for address in good:
+        assert NodeInfo(address).problem() is None, address
+    for address in bad:
+        assert "is not host:port" in (NodeInfo(address).problem() or ""), address
+
+    async def main() -> None:
+        async with scheduler(None) as url:
+            for address in ("::::1", "127.0.0.1:1\n"):
+                async with node_client(url, NodeInfo(address)) as client:
+                    assert await client.register() is False
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_one_asker_holds_few_registry_slots_briefly(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A member asking for every piece and announcing nothing made honest nodes wait ~10 s a
+    piece: now it holds ``max_claims`` slots at most, each for ``FIRST_LEASE`` only."""
+    url = request.getfixturevalue("redis").url if kind == "redis" else None
+
+    async def main() -> None:
+        async with store_of(kind, url) as store:
+            state = SchedulerState(store, max_claims=4)
+            for node in (A, B, C):
+                await state.register(node)
+            for index in range(10):
+                assert (await state.ask(A.address, BLOB, index)).action is Action.SOURCE
+            answers = [(await state.ask(B.address, BLOB, index)).action for index in range(6)]
+            assert answers == [Action.WAIT] * 4 + [Action.SOURCE] * 2
+            # An address nobody registered holds no slot at all.
+            assert (await state.ask("10.9.9.9:1", OTHER, 0)).action is Action.SOURCE
+            assert (await state.ask(B.address, OTHER, 0)).action is Action.SOURCE
+            # A node that delivers (announces) keeps its slots the full lease.
+            assert await state.announce(B.address, [(BLOB, 4)]) == 1
+            assert (await state.ask(B.address, BLOB, 20)).action is Action.SOURCE
+            await trio.sleep(FIRST_LEASE + 0.2)
+            assert (await state.ask(C.address, BLOB, 0)).action is Action.SOURCE
+            assert (await state.ask(C.address, BLOB, 20)).action is Action.WAIT
+            assert FIRST_LEASE * 4 <= SOURCE_LEASE
+
+    trio.run(main)
+
+
+T, H1, H1_OTHER_PORT, H2, H3 = (
+    NodeInfo(address)
+    for address in (
+        "10.0.0.9:7481",
+        "10.0.0.1:7481",
+        "10.0.0.1:7482",
+        "10.0.0.2:7481",
+        "10.0.0.3:1",
+    )
+)
+
+
+async def corrupt_block_left(store: KeyValue, peer: str) -> float:
+    """Seconds left of ``peer``'s block for corrupt bytes, as the backend keeps it."""
+    key = f"modelfs:blocked:corrupt:{peer}"
+    if isinstance(store, RedisKeyValue):
+        left = await store.command("PTTL", key)
+        assert isinstance(left, int)
+        return max(left, 0) / 1000
+    assert isinstance(store, MemoryKeyValue)
+    found = store._values.get(key)
+    return 0.0 if found is None else found[1] - time.monotonic()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_reports_are_weighed(kind: str, request: pytest.FixtureRequest) -> None:
+    """One forged ``corrupt`` report blocked an honest node for 24 h: now one reporter costs it
+    a minute, repeating the report or using another port of the same host adds nothing, and each
+    further distinct host multiplies the penalty."""
+    url = request.getfixturevalue("redis").url if kind == "redis" else None
+    first = FIRST_PENALTY[FailureKind.CORRUPT]
+
+    async def main() -> None:
+        async with store_of(kind, url) as store:
+            state = SchedulerState(store)
+            for node in (T, H1, H1_OTHER_PORT, H2, H3):
+                await state.register(node)
+            await state.announce(T.address, [(BLOB, 0)])
+            assert (await state.ask(H2.address, BLOB, 0)).peers == (T.address,)
+            await state.report(H1.address, T.address, BLOB, 0, FailureKind.CORRUPT)
+            assert (await state.ask(H2.address, BLOB, 0)).action is Action.SOURCE
+            assert first - 5 < await corrupt_block_left(store, T.address) <= first
+            await trio.sleep(0.5)
+            for reporter in (H1.address, H1_OTHER_PORT.address, "10.0.0.50:1", T.address):
+                await state.report(reporter, T.address, BLOB, 0, FailureKind.CORRUPT)
+            assert await corrupt_block_left(store, T.address) <= first - 0.4  # not extended
+            await state.report(H2.address, T.address, BLOB, 0, FailureKind.CORRUPT)
+            assert await corrupt_block_left(store, T.address) > 9 * first
+            await state.report(H3.address, T.address, BLOB, 0, FailureKind.CORRUPT)
+            assert await corrupt_block_left(store, T.address) > 90 * first
+            # A later "failed" report does not shorten a block for corrupt bytes.
+            await state.report(H2.address, T.address, BLOB, 0, FailureKind.FAILED)
+            assert await corrupt_block_left(store, T.address) > 90 * first
+
+    trio.run(main)
+
+
+def test_one_report_blocks_briefly() -> None:
+    now = [1000.0]
+    state = SchedulerState(MemoryKeyValue(lambda: now[0]))
+
+    async def main() -> None:
+        for node in (T, H1, H2):
+            await state.register(node)
+        await state.announce(T.address, [(BLOB, 0)])
+        await state.report(H1.address, T.address, BLOB, 0, FailureKind.CORRUPT)
+        assert (await state.ask(H2.address, BLOB, 0)).action is Action.SOURCE
+        now[0] += FIRST_PENALTY[FailureKind.CORRUPT] + 1
+        for node in (T, H1, H2):
+            await state.register(node)
+        assert (await state.ask(H2.address, BLOB, 0)).peers == (T.address,)
+        assert MAX_PENALTY[FailureKind.CORRUPT] == 24 * 3600.0  # only for many reporters
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_announcements_are_capped(kind: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("redis").url if kind == "redis" else None
+
+    async def main() -> None:
+        async with store_of(kind, url) as store:
+            state = SchedulerState(store, max_held=100)
+            for node in (A, B):
+                await state.register(node)
+            assert await state.announce(A.address, [(BLOB, i) for i in range(150)]) == 100
+            assert await state.announce(A.address, [(BLOB, i) for i in range(150)]) == 0
+            assert (await state.ask(B.address, BLOB, 99)).peers == (A.address,)
+            assert (await state.ask(B.address, BLOB, 120)).action is Action.SOURCE
+            # An address nobody registered stores nothing.
+            assert await state.announce("10.9.9.9:1", [(OTHER, 0)]) == 0
+            assert await store.members(f"modelfs:holders:{OTHER}/0") == set()
+
+    trio.run(main)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError(pid)
+
+
+def test_half_a_million_announced_pieces_stay_small(tmp_path: Path) -> None:
+    """500,000 announced pieces grew the scheduler by 276 MiB for 24 h; the per-node cap
+    (``MAX_HELD``) bounds what one node can make it keep."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    port = free_port()
+    command = [sys.executable, "-m", "modelfs", "scheduler", "--listen", f"127.0.0.1:{port}"]
+    process = subprocess.Popen([*command, "--cluster-secret-file", str(secret)])
+    try:
+
+        async def main() -> int:
+            async with node_client(f"http://127.0.0.1:{port}", A) as client:
+                while not await client.register():
+                    await trio.sleep(0.05)
+                before = rss_kib(process.pid)
+                for batch in range(50):
+                    pieces = [(BLOB, batch * 10_000 + n) for n in range(10_000)]
+                    assert await client.announce(pieces)
+                return rss_kib(process.pid) - before
+
+        grown = trio.run(main)
+    finally:
+        process.terminate()
+        process.wait(10)
+    print(f"\nscheduler RSS after 500,000 announced pieces: +{grown / 1024:.1f} MiB")
+    assert grown < 80 * 1024
+
+
+def test_a_hung_scheduler_is_skipped_for_a_growing_while() -> None:
+    """A hung scheduler (or Redis) made each piece pay the full timeout."""
+
+    async def elapsed(client: SchedulerClient, index: int) -> float:
+        started = trio.current_time()
+        assert await client.ask(BLOB, index) is None
+        return trio.current_time() - started
+
+    async def main(url: str) -> None:
+        async with SchedulerClient(url, SECRET, A, timeout=0.5) as client:
+            assert await elapsed(client, 0) >= 0.5
+            assert sum([await elapsed(client, index) for index in range(1, 101)]) < 0.2
+            await trio.sleep(BACKOFF_FIRST)
+            assert await elapsed(client, 101) >= 0.5  # asked again: still hung
+            assert await elapsed(client, 102) < 0.1
+            await trio.sleep(BACKOFF_FIRST)  # the interval doubled
+            assert await elapsed(client, 103) < 0.1
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # connections wait in the backlog: accepted by nobody, never answered
+        trio.run(main, f"http://127.0.0.1:{hung.getsockname()[1]}")

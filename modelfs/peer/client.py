@@ -3,8 +3,9 @@
 The bytes are checked against the piece index's sha256 (which came from the registry), so a
 lying peer costs one wasted transfer and a report, never a corrupt byte. Without an index (no
 expected sha256) the caller checks the whole blob instead. Every failure (bad bytes, refusal,
-timeout, dead peer) gives None and a report; the caller falls back. A busy peer (503: at its
-connection limit) gives None without a report: it is not at fault.
+timeout, dead peer, an address httpx refuses) gives None and a report; the caller falls back.
+A busy peer (503: at its connection limit) gives None, and a report only once it has answered
+503 ``BUSY_REPORT`` times in a row: a peer that is always busy is as useless as a dead one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from modelfs.scheduler.ranking import FailureKind
 
 log = logging.getLogger(__name__)
 
+BUSY_REPORT = 3  # 503s in a row from one peer that make it a failed peer
+CONNECT_TIMEOUT = 1.0  # a peer on the same network connects in milliseconds
+
 
 @dataclass(frozen=True)
 class PeerFailure:
@@ -44,7 +48,7 @@ class PeerClient:
         secret: bytes,
         *,
         report: Callable[[PeerFailure], None],
-        timeout: float = 5.0,
+        timeout: float = 2.0,  # one attempt, whole piece included: well below the wait budget
         max_piece_size: int = DEFAULT_PIECE_SIZE,
         clock: Callable[[], float] = time.time,
         tls: ssl.SSLContext | None = None,
@@ -57,10 +61,12 @@ class PeerClient:
         self._max_piece_size = max_piece_size
         self._clock = clock
         self._http: httpx.AsyncClient | None = None
+        self._busy: dict[str, int] = {}  # peer -> 503s in a row
 
     async def __aenter__(self) -> PeerClient:
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout), verify=self._tls if self._tls else True
+            timeout=httpx.Timeout(self.timeout, connect=min(CONNECT_TIMEOUT, self.timeout)),
+            verify=self._tls if self._tls else True,
         )
         return self
 
@@ -93,16 +99,22 @@ class PeerClient:
                 async with self._http.stream(
                     "GET", f"{self._scheme}://{peer}{path}", headers=headers
                 ) as response:
-                    if response.status_code == 503:
+                    status = response.status_code
+                    if status != 503:
+                        self._busy.pop(peer, None)
+                    elif not self._busy_too_often(peer):
                         log.info("peer %s is busy; piece %d of %s elsewhere", peer, index, digest)
                         return None
-                    if response.status_code != 200:
-                        reason = f"answered HTTP {response.status_code}"
-                        if response.status_code == 404:
-                            kind = FailureKind.MISSING
-                    else:
+                    if status == 200:
                         data = await self._read(response)
-            except httpx.HTTPError as error:
+                    else:
+                        reason = f"answered HTTP {status}"
+                        if status == 503:
+                            reason += f" (busy) {BUSY_REPORT} times in a row"
+                        elif status == 404:
+                            kind = FailureKind.MISSING
+            # InvalidURL and StreamError are no HTTPError; OSError: a socket error httpx let by.
+            except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, OSError) as error:
                 reason = f"{type(error).__name__}: {error}".rstrip(": ")
         if data is not None and (
             expected_sha256 is None or await sha256_hex(data) == expected_sha256
@@ -112,6 +124,12 @@ class PeerClient:
             reason, kind = "sent bytes that do not match the piece index", FailureKind.CORRUPT
         self.fail(PeerFailure(peer, digest, index, reason, kind))
         return None
+
+    def _busy_too_often(self, peer: str) -> bool:
+        """Count a 503; True (and the count starts again) at the ``BUSY_REPORT``th in a row."""
+        count = self._busy.get(peer, 0) + 1
+        self._busy[peer] = count % BUSY_REPORT
+        return count >= BUSY_REPORT
 
     def fail(self, failure: PeerFailure) -> None:
         """Log and report a peer that failed (here, or in a check the caller made)."""

@@ -22,7 +22,7 @@ class ClusterOptions:
     zone: str = ""
     rack: str = ""
     wait_budget: float = 10.0  # longest a read waits on peers before it goes to the registry
-    peer_timeout: float = 5.0
+    peer_timeout: float = 2.0  # one attempt at one peer: a slow peer costs a read this at most
     without_index: bool = False  # peers for blobs the piece index does not cover
     tls: PeerTLS | None = None  # mutual TLS between peers
     max_connections: int = 64  # served at once by this node's peer server

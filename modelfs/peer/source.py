@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 ANNOUNCE_TRIES = 200  # x ANNOUNCE_PERIOD: how long a piece may take to reach the cache
 ANNOUNCE_PERIOD = 0.01
-RETRY_PAUSE = 0.02
+AVOID_SECONDS = 10.0  # a peer that failed this node is not asked again by it for this long
+AVOID_LIAR_SECONDS = 3600.0  # ... or this, once it sent bytes that failed a check
 ANNOUNCE_BATCH = 1000  # pieces per announcement (the scheduler takes up to 10 000)
 
 
@@ -90,6 +91,7 @@ class PeerSource:
         self._suppliers: dict[str, dict[str, int]] = {}
         self._unannounced: dict[str, set[int]] = {}
         self._registry_only: set[str] = set()
+        self._avoided: dict[str, float] = {}  # peer -> trio time until which it is skipped
         self.server = PeerServer(
             cache,
             options.secret,
@@ -333,25 +335,40 @@ class PeerSource:
                     decision = await self._scheduler.ask(digest, piece)
                 if decision is None or decision.action is Action.SOURCE:
                     return None
-                if decision.action is Action.WAIT:
-                    await trio.sleep(decision.retry_after)
-                    decision = None
-                    continue
-                for peer in decision.peers:
-                    data = await self._peers.fetch_piece(peer, digest, piece, expected)
-                    if data is None:
-                        continue
-                    if digest in self._registry_only:
-                        return None  # its blob failed while this piece travelled
-                    if len(data) == length:
-                        return peer, data
-                    reason = f"sent {len(data)} bytes for a piece of {length}"
-                    failure = PeerFailure(peer, digest, piece, reason, FailureKind.CORRUPT)
-                    self._peers.fail(failure)
+                if decision.action is Action.PEERS:
+                    # Each candidate once; none sent it: the registry at once, not a retry loop.
+                    return await self._from_candidates(
+                        decision.peers, digest, piece, expected, length
+                    )
+                await trio.sleep(decision.retry_after)
                 decision = None
-                # Every candidate failed; let the reports reach the scheduler before asking again.
-                await trio.sleep(RETRY_PAUSE)
         log.info("piece %d of %s: no peer within %.1f s", piece, digest, self._options.wait_budget)
+        return None
+
+    async def _from_candidates(
+        self,
+        candidates: tuple[str, ...],
+        digest: str,
+        piece: int,
+        expected: str | None,
+        length: int,
+    ) -> tuple[str, bytes] | None:
+        """(peer, bytes) from the first candidate this node has not seen fail lately that sends
+        the piece right; a peer that fails (busy, slow, wrong) is skipped for ``AVOID_SECONDS``."""
+        now = trio.current_time()
+        for peer in [peer for peer in candidates if self._avoided.get(peer, 0.0) <= now]:
+            data = await self._peers.fetch_piece(peer, digest, piece, expected)
+            if data is not None and len(data) != length:
+                reason = f"sent {len(data)} bytes for a piece of {length}"
+                self._peers.fail(PeerFailure(peer, digest, piece, reason, FailureKind.CORRUPT))
+                data = None
+            if data is None:
+                self._avoided[peer] = trio.current_time() + AVOID_SECONDS
+                continue
+            self._avoided.pop(peer, None)
+            if digest in self._registry_only:
+                return None  # its blob failed while this piece travelled
+            return peer, data
         return None
 
     async def announce_stored(self) -> None:
@@ -383,6 +400,8 @@ class PeerSource:
             if failure.kind is FailureKind.CORRUPT:
                 rejected = self.stats.rejected_by_peer
                 rejected[failure.peer] = rejected.get(failure.peer, 0) + 1
+                # This node saw it lie: whatever the scheduler weighs, it asks it no more.
+                self._avoided[failure.peer] = trio.current_time() + AVOID_LIAR_SECONDS
             await self._scheduler.report(failure.peer, failure.digest, failure.index, failure.kind)
 
 

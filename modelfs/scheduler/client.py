@@ -1,7 +1,9 @@
 """A node's side of the scheduler: every call is bounded and none ever raises on failure.
 
 No scheduler, a slow one or one that errs simply means "go to the registry": ``ask`` returns
-None, and registrations, announcements and reports are best-effort.
+None, and registrations, announcements and reports are best-effort. A scheduler that did not
+answer (or answered 503: its Redis is down) is skipped for a while, ``BACKOFF_FIRST`` doubling
+up to ``BACKOFF_MAX``, so a hung one costs a few timeouts, not one per piece.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
 
 log = logging.getLogger(__name__)
 
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+
 
 class SchedulerClient:
     def __init__(
@@ -38,6 +43,8 @@ class SchedulerClient:
         self._secret = secret
         self._clock = clock
         self._http: httpx.AsyncClient | None = None
+        self._backoff = 0.0
+        self._skip_until = float("-inf")  # trio time before which the scheduler is not asked
 
     async def __aenter__(self) -> SchedulerClient:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
@@ -56,24 +63,39 @@ class SchedulerClient:
     async def _call(self, path: str, document: dict[str, Any]) -> dict[str, Any] | None:
         if self._http is None:
             raise RuntimeError("SchedulerClient used outside `async with`")
+        if trio.current_time() < self._skip_until:
+            return None
         body = json.dumps(document).encode()
         headers = {
             "Authorization": sign(self._secret, "POST", path, self._clock(), body),
             "Content-Type": "application/json",
         }
         problem = f"no answer within {self.timeout:.1f} s"
+        unavailable = True
         with trio.move_on_after(self.timeout):
             try:
                 response = await self._http.post(self.url + path, content=body, headers=headers)
+                unavailable = response.status_code == 503
                 if response.status_code == 200:
                     answer = response.json()
                     if isinstance(answer, dict):
+                        self._backoff = 0.0
                         return answer
                 problem = f"HTTP {response.status_code} {response.text[:200]}"
-            except (httpx.HTTPError, ValueError) as error:
+            except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, ValueError) as error:
                 problem = f"{type(error).__name__}: {error}"
+        if unavailable:
+            problem += self._back_off()
         log.info("scheduler %s, %s: %s", self.url, path, problem)
         return None
+
+    def _back_off(self) -> str:
+        """Skip the scheduler for the next interval; calls that failed together count once."""
+        now = trio.current_time()
+        if now >= self._skip_until:
+            self._backoff = min(max(2 * self._backoff, BACKOFF_FIRST), BACKOFF_MAX)
+            self._skip_until = now + self._backoff
+        return f"; not asked again for {self._skip_until - now:.1f} s"
 
     async def register(self) -> bool:
         node = self.node
@@ -113,5 +135,11 @@ class SchedulerClient:
             return None
 
     async def report(self, peer: str, digest: str, index: int, kind: FailureKind) -> bool:
-        document = {"peer": peer, "digest": digest, "index": index, "kind": kind.value}
+        document = {
+            "address": self.node.address,
+            "peer": peer,
+            "digest": digest,
+            "index": index,
+            "kind": kind.value,
+        }
         return await self._call("/v1/report", document) is not None

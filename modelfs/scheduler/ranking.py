@@ -7,6 +7,7 @@ so two replicas reading the same state give the same answer.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -15,8 +16,13 @@ ZONE_WEIGHT = 0.25
 RACK_WEIGHT = 0.15
 MAX_CANDIDATES = 3
 WAIT_SECONDS = 0.02  # how long a rationed node waits before asking again
-_ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
-_LABEL = re.compile(r"^[A-Za-z0-9._\-]{0,63}$")
+# fullmatch with \Z semantics and ASCII only: "$" would let a trailing newline through, and a
+# loose character class let "::::1" pass, which httpx then refuses on every reader of the node.
+_HOST_PORT = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>[0-9]{1,5})", re.ASCII
+)
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?", re.ASCII)
+_LABEL = re.compile(r"[A-Za-z0-9._\-]{0,63}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -30,13 +36,35 @@ class NodeInfo:
 
     def problem(self) -> str | None:
         """Why this registration is unacceptable, or None."""
-        if not _ADDRESS.match(self.address):
-            return f"address {self.address!r} is not host:port"
-        if not (_LABEL.match(self.zone) and _LABEL.match(self.rack)):
+        if not valid_address(self.address):
+            return f"address {self.address!r} is not host:port (an IP address or a hostname)"
+        if not (_LABEL.fullmatch(self.zone) and _LABEL.fullmatch(self.rack)):
             return "zone and rack labels are at most 63 of [A-Za-z0-9._-]"
         if not 1 <= self.capacity <= 10_000:
             return f"capacity {self.capacity} is not between 1 and 10000"
         return None
+
+
+def valid_address(address: str) -> bool:
+    """``host:port`` with an IPv4 address or a hostname, or ``[IPv6]:port``; port 1-65535."""
+    found = _HOST_PORT.fullmatch(address)
+    if found is None or not 1 <= int(found["port"]) <= 65535:
+        return False
+    if found["v6"] is not None:
+        return _is_ip(found["v6"], ipaddress.IPv6Address)
+    host: str = found["host"]
+    if host.replace(".", "").isdigit():  # all digits and dots: only an IPv4 address will do
+        return _is_ip(host, ipaddress.IPv4Address)
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_HOSTNAME_LABEL.fullmatch(label) for label in labels)
+
+
+def _is_ip(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 class Action(enum.Enum):

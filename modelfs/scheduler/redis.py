@@ -163,9 +163,10 @@ class RedisKeyValue:
     async def delete(self, key: str) -> None:
         await self.command("DEL", key)
 
-    async def add_member(self, key: str, member: str, ttl: float) -> None:
-        await self.command("SADD", key, member)
+    async def add_member(self, key: str, member: str, ttl: float) -> bool:
+        added = await self.command("SADD", key, member)
         await self.command("PEXPIRE", key, str(int(ttl * 1000)))
+        return added == 1
 
     async def members(self, key: str) -> set[str]:
         reply = await self.command("SMEMBERS", key)
@@ -175,8 +176,8 @@ class RedisKeyValue:
     async def remove_member(self, key: str, member: str) -> None:
         await self.command("SREM", key, member)
 
-    async def increment(self, key: str, ttl: float) -> int:
-        count = await self.command("INCR", key)
+    async def increment(self, key: str, ttl: float, amount: int = 1) -> int:
+        count = await self.command("INCRBY", key, str(amount))
         await self.command("PEXPIRE", key, str(int(ttl * 1000)))
         assert isinstance(count, int)
         return count

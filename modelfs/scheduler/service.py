@@ -9,7 +9,8 @@
   of requests; an announcement made through another replica is seen within ``RECHECK``. With
   ``"wait": false`` (a node asking whether it may add the piece to a registry request it is
   about to make) the answer comes at once.
-- ``POST /v1/report`` ``{"peer", "digest", "index", "kind": "corrupt"|"missing"|"failed"}``.
+- ``POST /v1/report`` ``{"address", "peer", "digest", "index", "kind":
+  "corrupt"|"missing"|"failed"}``: ``address`` is the reporter (a registered node).
 - ``GET /metrics``: decisions for Prometheus (``SchedulerMetrics``), without a token.
 
 A state backend that fails (Redis down) gives 503, and nodes then go to the registry.
@@ -114,8 +115,8 @@ class SchedulerService:
             if not isinstance(entry, list) or len(entry) != 2:
                 raise BadRequest("pieces must be [digest, index] pairs")
             parsed.append(_piece(entry[0], entry[1]))
-        await self.state.announce(_field(body, "address", str), parsed)
-        self.metrics.announced.inc(len(parsed))
+        taken = await self.state.announce(_field(body, "address", str), parsed)
+        self.metrics.announced.inc(taken)
         for piece in parsed:
             if (event := self._announced.pop(piece, None)) is not None:
                 event.set()
@@ -146,7 +147,8 @@ class SchedulerService:
             kind = FailureKind(body.get("kind"))
         except ValueError:
             raise BadRequest("kind must be corrupt, missing or failed") from None
-        await self.state.report(_field(body, "peer", str), digest, index, kind)
+        reporter = _field(body, "address", str, "")
+        await self.state.report(reporter, _field(body, "peer", str), digest, index, kind)
         self.metrics.reports.labels(kind.value).inc()
         return {}
 
