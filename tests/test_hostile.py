@@ -24,6 +24,7 @@ import pytest
 import zstandard
 from mounting import MODELFS, is_mounted, modelfs, mount_pid, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, push_artifact
+from test_compressed_layers import one_file
 
 from modelfs.fetcher.layout import OciLayout
 from modelfs.fs.tree import MAX_MTIME_NS
@@ -375,10 +376,19 @@ def timed_read(path: Path) -> tuple[int, float]:
     return result.returncode, time.monotonic() - started
 
 
+@pytest.fixture
+def gzip_model(registry: Registry) -> str:
+    """One file in a gzip layer its annotations describe: fetched whole on its first read."""
+    repository = f"test/hostile-{uuid.uuid4().hex[:8]}"
+    push_artifact(registry.host, repository, TAG, [one_file("w.bin", b"w" * 5000, "gzip")])
+    return f"{registry.host}/{repository}:{TAG}"
+
+
+@pytest.mark.parametrize("model", ["small_model", "gzip_model"])
 def test_a_read_from_a_trickling_registry_fails_within_the_read_timeout(
-    small_model: str, proxy: Proxy, tmp_path: Path
+    model: str, proxy: Proxy, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    reference = small_model.replace(proxy.upstream.host, proxy.host)
+    reference = request.getfixturevalue(model).replace(proxy.upstream.host, proxy.host)
     cache_dir = tmp_path / "cache"
     options = ("--prefetch", "none", "--read-timeout", str(READ_TIMEOUT))
     with mounted(reference, tmp_path / "mnt", cache_dir, *options) as mnt:
@@ -386,7 +396,7 @@ def test_a_read_from_a_trickling_registry_fails_within_the_read_timeout(
         # The kernel retries a failed read (a page at a time): one bound for all of it.
         for _ in range(2):
             status, elapsed = timed_read(mnt / "w.bin")
-            print(f"a 4 KiB read failed after {elapsed:.1f} s")
+            print(f"{model}: a 4 KiB read failed after {elapsed:.1f} s")
             assert status != 0
             assert READ_TIMEOUT <= elapsed < READ_TIMEOUT + 2
             time.sleep(5)  # past the memory of the late range: the registry is asked again

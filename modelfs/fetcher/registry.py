@@ -55,6 +55,7 @@ from modelfs.modelpack import (
     OCI_INDEX,
     OCI_MANIFEST,
 )
+from modelfs.pieces import DEFAULT_PIECE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ T = TypeVar("T")
 MANIFEST_LIMIT = 4 * 1024 * 1024
 # The most a piece may take to arrive (a 4 MiB piece: at least ~70 KB/s), retries included.
 DEFAULT_READ_TIMEOUT = 60.0
+MAX_BLOB_OFFSET = 1 << 63
 _ERROR_BODY_LIMIT = 64 * 1024
 _TOKEN_BODY_LIMIT = 1024 * 1024
 _MAX_REDIRECTS = 5
@@ -654,10 +656,11 @@ class RegistryRepository:
             raise self._late_error(digest, first, first + lengths[landed], "")
 
     def _late_error(self, digest: str, start: int, end: int, when: str) -> RegistryUnavailableError:
+        what = f"bytes {start}-{end - 1} of {digest}" if end < MAX_BLOB_OFFSET else f"blob {digest}"
         return RegistryUnavailableError(
-            f"registry {self._client.host} did not deliver bytes {start}-{end - 1} of blob "
-            f"{digest} within {self._client.read_timeout:g} s{' ' if when else ''}{when} "
-            "(--read-timeout, retries included): check the registry and the network"
+            f"registry {self._client.host} did not deliver {what} within "
+            f"{self._client.read_timeout:g} s{' ' if when else ''}{when} (--read-timeout, "
+            "retries included): check the registry and the network"
         )
 
     async def _read_pieces(
@@ -750,17 +753,47 @@ class RegistryRepository:
             await chunks.aclose()
 
     async def _blob_chunks(self, digest: str) -> AsyncGenerator[bytes, None]:
-        """The blob's bytes; a broken connection resumes with a Range request at the offset."""
+        """The blob's bytes; a broken connection resumes with a Range request at the offset.
+
+        Each piece's worth of bytes has ``read_timeout`` seconds of waiting on the registry (the
+        time the consumer takes is not counted), as a piece read has: a read waiting for the
+        whole blob (a compressed layer) fails within that bound of the registry's last progress.
+        """
         what = f"blob {digest} of {self.name}"
+        client = self._client
+        if client.late.is_late(digest, 0, MAX_BLOB_OFFSET, trio.current_time()):
+            raise self._late_error(digest, 0, MAX_BLOB_OFFSET, "a moment ago")
         offset = 0
         breaks = 0
+        waited = 0.0  # on the registry, for the piece's worth of bytes under way
+
+        def late() -> RegistryUnavailableError:
+            piece = offset - offset % DEFAULT_PIECE_SIZE
+            client.late.note(digest, piece, piece + DEFAULT_PIECE_SIZE, trio.current_time())
+            return self._late_error(digest, piece, piece + DEFAULT_PIECE_SIZE, "")
+
         while True:
-            response = await self._client.retrying(what, partial(self._open_blob, digest, offset))
+            asked = trio.current_time()
+            with trio.move_on_after(client.read_timeout - waited) as scope:
+                response = await client.retrying(what, partial(self._open_blob, digest, offset))
+            if scope.cancelled_caught:
+                raise late()
+            waited += trio.current_time() - asked
             try:
-                async for chunk in response.aiter_bytes():
+                chunks = aiter(response.aiter_bytes())
+                while True:
+                    asked = trio.current_time()
+                    with trio.move_on_after(client.read_timeout - waited) as scope:
+                        chunk = await anext(chunks, b"")
+                    if scope.cancelled_caught:
+                        raise late()
+                    if not chunk:
+                        return
+                    waited += trio.current_time() - asked
+                    if offset // DEFAULT_PIECE_SIZE != (offset + len(chunk)) // DEFAULT_PIECE_SIZE:
+                        waited = 0.0
                     offset += len(chunk)
                     yield chunk
-                return
             except httpx.TransportError as error:
                 breaks += 1
                 if breaks > self._client.retries:
