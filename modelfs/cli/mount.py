@@ -27,6 +27,7 @@ from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_set
 from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
+from modelfs.fetcher.registry import DEFAULT_READ_TIMEOUT
 from modelfs.fs.model import Model
 from modelfs.fs.mount import (
     DEFAULT_READ_AHEAD_KB,
@@ -81,6 +82,13 @@ def mount_options(command: F) -> F:
                 help="Retries of a failed registry request before a read gets EIO.",
             ),
             click.option(
+                "--read-timeout",
+                default=DEFAULT_READ_TIMEOUT,
+                show_default=True,
+                help="Seconds a piece (4 MiB) may take to come from the registry, retries "
+                "included; a read waiting for it then gets EIO.",
+            ),
+            click.option(
                 "--read-ahead-kb",
                 default=DEFAULT_READ_AHEAD_KB,
                 show_default=True,
@@ -124,6 +132,7 @@ def mount_settings(
     insecure: bool,
     timeout: float,
     retries: int,
+    read_timeout: float,
     read_ahead_kb: int,
     prefetch: str,
     serve_unverified: bool,
@@ -139,6 +148,7 @@ def mount_settings(
         insecure=insecure,
         timeout=timeout,
         retries=retries,
+        read_timeout=read_timeout,
         read_ahead_kb=read_ahead_kb,
         prefetch=PrefetchMode(prefetch),
         serve_unverified=serve_unverified,
