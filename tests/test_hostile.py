@@ -180,6 +180,27 @@ def test_an_unexpected_error_is_logged_and_exits_non_zero(
         unmount(mnt)
 
 
+_BROKEN_BEFORE_READY = _BROKEN_STATFS.replace(
+    "async def statfs(self, ctx):", "def statfs(self, *args):"
+).replace("ReadOnlyTreeFS.statfs = statfs", "ReadOnlyTreeFS.__init__ = statfs")
+
+
+def test_an_unexpected_error_before_ready_is_reported_and_logged(
+    small_model: str, tmp_path: Path
+) -> None:
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    argv = [sys.executable, "-c", _BROKEN_BEFORE_READY, "mount", small_model, str(mnt),
+            "--cache-dir", str(cache_dir), "--plain-http"]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert not is_mounted(mnt)
+    [line] = result.stderr.strip().splitlines()
+    assert "failed unexpectedly (OverflowError: injected into statfs)" in line, line
+    log = next((cache_dir / "logs").iterdir()).read_text()
+    assert "Traceback" in log and "injected into statfs" in log, log
+
+
 def wait_gone(pid: int, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -256,14 +257,21 @@ def _mount_in_foreground(options: MountOptions, ready_fd: int | None) -> None:
             os.close(ready_fd)
 
     try:
-        trio.run(serve, options, on_ready)
+        _serve(options, on_ready)
     except ModelfsError as error:
         if ready_fd is not None and not ready:
             os.write(ready_fd, str(error).encode())
         raise
+
+
+def _serve(options: MountOptions, on_ready: Callable[[Model], None]) -> None:
+    """Serve the mount; a bug (an error modelfs does not know) is logged with its traceback (a
+    background mount's log is its only output) and raised as a ModelfsError: exit status 1."""
+    try:
+        trio.run(serve, options, on_ready)
+    except ModelfsError:
+        raise
     except Exception as error:
-        # A bug, not a failure modelfs knows: its traceback goes to the log (a background
-        # mount's only output), and the process exits non-zero.
         log.critical("mount of %s on %s failed unexpectedly", options.reference,
                      options.mountpoint, exc_info=True)  # fmt: skip
         raise ModelfsError(
