@@ -7,6 +7,7 @@ import io
 import logging
 import tarfile
 from functools import partial
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -22,6 +23,7 @@ from modelfs.fs.inflate import (
     inflate,
     inflate_limit,
 )
+from modelfs.fs.mount import mountinfo_path
 from modelfs.fs.tar import parse_member
 from modelfs.fs.tree import (
     MAX_MTIME_NS,
@@ -158,3 +160,7 @@ def test_a_late_range_is_remembered_for_a_while_and_only_where_it_overlaps() -> 
     assert not late.is_late("sha256:a", 200, 300, now=14)  # past its end
     assert not late.is_late("sha256:b", 150, 160, now=14)  # another blob
     assert not late.is_late("sha256:a", 150, 160, now=15)  # forgotten: asked again
+
+
+def testmountinfo_paths_are_escaped_as_the_kernel_writes_them() -> None:
+    assert mountinfo_path(Path("/mnt/a b\\c\td")) == "/mnt/a\\040b\\134c\\011d"

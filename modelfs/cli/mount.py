@@ -349,7 +349,7 @@ def umount(mountpoint: Path, control_socket: Path, no_daemon: bool) -> None:
         if "not connected" in result.stderr or "Transport endpoint" in result.stderr:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
             return
-        if not is_mount_point(Path(os.path.abspath(mountpoint))):
+        if not is_mount_point(Path(os.path.realpath(mountpoint))):
             # Already gone (a mount process that failed unmounts itself): nothing left to do.
             click.echo(f"modelfs: {mountpoint} is not mounted", err=True)
             return

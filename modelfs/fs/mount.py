@@ -156,7 +156,7 @@ def _fuse_options(options: MountOptions, model: Model) -> set[str]:
     return fuse_options
 
 
-def _mountinfo_path(path: Path) -> str:
+def mountinfo_path(path: Path) -> str:
     """``path`` as /proc/self/mountinfo writes it (octal escapes for blanks and backslashes)."""
     return "".join(f"\\{ord(char):03o}" if char in " \t\n\\" else char for char in str(path))
 
@@ -164,7 +164,7 @@ def _mountinfo_path(path: Path) -> str:
 def is_mount_point(mountpoint: Path) -> bool:
     """Whether anything is mounted on ``mountpoint`` (absolute), dead mounts included; read from
     /proc/self/mountinfo, since stat-ing a dead mount fails."""
-    target = _mountinfo_path(mountpoint)
+    target = mountinfo_path(mountpoint)
     with open("/proc/self/mountinfo") as mounts:
         return any(line.split()[4] == target for line in mounts)
 
