@@ -10,6 +10,7 @@ rules). The checkers are tested on text that breaks each rule, so they can fail.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -90,16 +91,20 @@ def code_lines(text: str) -> Iterator[str]:
     joins a line to the next), and inline code spans."""
     in_fence = False
     pending = ""
+    paragraph = ""  # a span may run over a line break
     previous_blank = True
     in_indented = False
-    for line in text.splitlines():
-        if line.lstrip().startswith(("```", "~~~")):
-            in_fence = not in_fence
-            continue
-        indented = line.startswith("    ") and (previous_blank or in_indented)
+    for line in [*text.splitlines(), ""]:
+        fence = line.lstrip().startswith(("```", "~~~"))
+        indented = line.startswith("    ") and (previous_blank or in_indented) and not in_fence
         in_indented = indented
         previous_blank = not line.strip()
-        if in_fence or indented:
+        if fence or in_fence or indented or previous_blank:
+            yield from re.findall(r"`([^`]+)`", paragraph)
+            paragraph = ""
+        if fence:
+            in_fence = not in_fence
+        elif in_fence or indented:
             pending += line.strip()
             if pending.endswith("\\"):
                 pending = pending[:-1] + " "
@@ -107,7 +112,7 @@ def code_lines(text: str) -> Iterator[str]:
             yield pending
             pending = ""
         else:
-            yield from re.findall(r"`([^`]+)`", line)
+            paragraph += " " + line
 
 
 def prose(text: str) -> str:
@@ -236,6 +241,7 @@ def test_readme_names_the_test_command_and_stays_short() -> None:
             "modelfs mount has no option --peer-port",
         ),
         ("`modelfs cache sweep`", "unknown command: modelfs cache sweep"),
+        ("A span over a line: `modelfs\ncache sweep`.", "unknown command: modelfs cache sweep"),
         ("`modelfs --log-format json daemon --made-up`", "modelfs daemon has no option --made-up"),
         ("Mount with --made-up-option.", "unknown option --made-up-option"),
     ],
@@ -277,11 +283,16 @@ def test_help_tours_every_command_once() -> None:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "COLUMNS": "80"},  # as wide as a terminal, whatever runs the test
     )
     for section in SECTIONS:
         assert f"{section.title}:" in result.stdout
         assert f"e.g. {section.example}" in result.stdout
         assert command_problems(f"`{section.example}`") == []
+    tour = result.stdout[
+        result.stdout.index(f"{SECTIONS[0].title}:") : result.stdout.index("Options:")
+    ]
+    assert tour.strip() in (ROOT / "README.md").read_text(), "the README's tour is not --help's"
 
 
 @pytest.mark.parametrize(
