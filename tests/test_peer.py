@@ -48,7 +48,7 @@ class LyingPeer(PeerServer):
 
 
 def test_tokens() -> None:
-    token = sign(SECRET, "GET", "/pieces/x/0", NOW)
+    token = sign(SECRET, "GET", "/pieces/x/0", NOW)["Authorization"]
     assert check(SECRET, token, "GET", "/pieces/x/0", NOW + 5) is Verdict.ACCEPTED
     assert check(SECRET, None, "GET", "/pieces/x/0", NOW) is Verdict.MISSING
     refused = [
@@ -59,7 +59,14 @@ def test_tokens() -> None:
         check(SECRET, token, "GET", "/pieces/x/0", NOW - MAX_SKEW - 1),
         check(SECRET, token.replace("Modelfs-HMAC", "Bearer"), "GET", "/pieces/x/0", NOW),
         check(SECRET, "Modelfs-HMAC garbage", "GET", "/pieces/x/0", NOW),
-        check(SECRET, sign(SECRET, "POST", "/v1/ask", NOW, b"{}"), "POST", "/v1/ask", NOW, b"[]"),
+        check(
+            SECRET,
+            sign(SECRET, "POST", "/v1/ask", NOW, b"{}")["Authorization"],
+            "POST",
+            "/v1/ask",
+            NOW,
+            hashlib.sha256(b"[]").hexdigest(),
+        ),
     ]
     assert refused == [Verdict.REFUSED] * len(refused)
 
@@ -92,10 +99,9 @@ async def peer(server: PeerServer) -> AsyncIterator[str]:
         nursery.cancel_scope.cancel()
 
 
-async def raw_get(address: str, path: str, authorization: str | None) -> httpx.Response:
-    headers = {"Authorization": authorization} if authorization else {}
+async def raw_get(address: str, path: str, signed: dict[str, str] | None) -> httpx.Response:
     async with httpx.AsyncClient() as client:
-        return await client.get(f"http://{address}{path}", headers=headers)
+        return await client.get(f"http://{address}{path}", headers=signed or {})
 
 
 def test_server_serves_only_members_and_only_vouched_pieces(cache: PieceCache) -> None:
@@ -300,7 +306,7 @@ def test_mutual_tls_serves_only_clients_the_cluster_ca_signed(
         context = ssl.create_default_context(cafile=cluster_ca[0])
         if client_cert is not None:
             context.load_cert_chain(client_cert.cert, client_cert.key)
-        headers = {"Authorization": sign(SECRET, "GET", path, time.time())}
+        headers = sign(SECRET, "GET", path, time.time())
         async with httpx.AsyncClient(verify=context, timeout=5) as client:
             try:
                 return await client.get(f"https://{address}{path}", headers=headers)

@@ -288,9 +288,7 @@ def test_a_node_may_ask_without_waiting() -> None:
             body = json.dumps({"address": B.address, "digest": BLOB, "index": 0, "wait": "no"})
             signed = sign(SECRET, "POST", "/v1/ask", time.time(), body.encode())
             async with httpx.AsyncClient() as http:
-                answer = await http.post(
-                    f"{url}/v1/ask", content=body, headers={"Authorization": signed}
-                )
+                answer = await http.post(f"{url}/v1/ask", content=body, headers=signed)
             assert (answer.status_code, answer.json()) == (
                 400,
                 {"error": "wait must be true or false"},

@@ -90,7 +90,7 @@ class PeerClient:
         if self._http is None:
             raise RuntimeError("PeerClient used outside `async with`")
         path = f"/pieces/{digest}/{index}"
-        headers = {"Authorization": sign(self._secret, "GET", path, self._clock())}
+        headers = sign(self._secret, "GET", path, self._clock())
         reason = f"no answer within {self.timeout:.1f} s"
         kind = FailureKind.FAILED
         data: bytes | None = None

@@ -21,7 +21,7 @@ import trio
 from modelfs.cache.store import PieceCache
 from modelfs.peer.http import DEFAULT_MAX_CONNECTIONS, AuthenticatedServer, Request, Response
 
-PIECE_PATH = re.compile(r"^/pieces/(sha256:[0-9a-f]{64})/(\d{1,9})$")
+PIECE_PATH = re.compile(r"^/pieces/(sha256:[0-9a-f]{64})/([0-9]{1,9})$")
 
 # The hex sha256 the piece index gives for (blob digest, piece index); None if not indexed.
 ExpectedPiece = Callable[[str, int], str | None]

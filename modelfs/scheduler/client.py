@@ -67,7 +67,7 @@ class SchedulerClient:
             return None
         body = json.dumps(document).encode()
         headers = {
-            "Authorization": sign(self._secret, "POST", path, self._clock(), body),
+            **sign(self._secret, "POST", path, self._clock(), body),
             "Content-Type": "application/json",
         }
         problem = f"no answer within {self.timeout:.1f} s"

@@ -31,6 +31,7 @@ from modelfs.scheduler.metrics import SchedulerMetrics
 from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
 from modelfs.scheduler.redis import RedisError, RedisKeyValue
 from modelfs.scheduler.state import KeyValue, MemoryKeyValue, SchedulerState
+from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,13 @@ class SchedulerService:
         if request.method != "POST" or route is None:
             return Response(404)
         try:
-            body = json.loads(request.body)
+            body = loads_json(request.body)
+        except ValueError as error:  # also nesting and numbers past any bound
+            return _json(400, {"error": f"the body is not JSON we take: {error}"})
+        try:
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             answer = await route(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _json(400, {"error": "the body is not JSON"})
         except BadRequest as error:
             return _json(400, {"error": str(error)})
         except RedisError as error:
