@@ -118,6 +118,8 @@ def parse_layout_reference(text: str) -> LayoutReference:
     """Parse ``oci:PATH[:TAG][@DIGEST]``; the tag is whatever follows the last colon."""
     if not text.startswith("oci:") or len(text) == len("oci:"):
         raise BadReferenceError(f"invalid layout reference {text!r}: expected oci:PATH[:TAG]")
+    if "\0" in text:  # no path holds one: the OS refuses it, Python raises ValueError
+        raise BadReferenceError(f"invalid layout reference {text!r}: it holds a NUL byte")
     rest, digest = text[len("oci:") :], None
     if "@" in rest:
         rest, digest = rest.rsplit("@", 1)

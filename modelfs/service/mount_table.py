@@ -47,8 +47,10 @@ def parse_mount_request(request: dict[str, Any]) -> tuple[MountSpec, RegistrySet
     reference, path = request.get("reference"), request.get("path")
     if not isinstance(reference, str) or not isinstance(path, str) or not os.path.isabs(path):
         raise MountRequestError("a mount request needs a reference and an absolute path")
+    if "\0" in path:  # the OS refuses it, and Python raises ValueError
+        raise MountRequestError(f"the mountpoint {path!r} holds a NUL byte: send a real path")
     prefetch = request.get("prefetch", PrefetchMode.HINTS.value)
-    if prefetch not in {mode.value for mode in PrefetchMode}:
+    if not isinstance(prefetch, str) or prefetch not in {mode.value for mode in PrefetchMode}:
         raise MountRequestError(f"prefetch {prefetch!r} is not one of none, hints, all")
     spec = MountSpec(parse_any_reference(reference), Path(path), PrefetchMode(prefetch))
     settings = RegistrySettings(
