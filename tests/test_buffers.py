@@ -11,11 +11,11 @@ import pytest
 import trio
 from registry_tools import Layer, Registry, push_artifact
 
+from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
 from modelfs.fetcher import pieces, rangeget
 from modelfs.fetcher.buffers import BufferPool
 from modelfs.fetcher.registry import RegistryClient
-from modelfs.fs.tree import BlobRef
 from modelfs.modelpack import layer_media_type
 
 

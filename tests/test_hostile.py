@@ -26,8 +26,8 @@ from mounting import MODELFS, is_mounted, modelfs, mount_pid, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_compressed_layers import one_file
 
+from modelfs.artifact.tree import MAX_MTIME_NS
 from modelfs.fetcher.layout import OciLayout
-from modelfs.fs.tree import MAX_MTIME_NS
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,

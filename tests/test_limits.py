@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from modelfs.errors import ManifestError
-from modelfs.fetcher.registry import LateRanges
-from modelfs.fs.inflate import (
+from modelfs.artifact.inflate import (
     MAX_RATIO,
     STEP,
     TAR_OVERHEAD,
@@ -23,9 +21,8 @@ from modelfs.fs.inflate import (
     inflate,
     inflate_limit,
 )
-from modelfs.fs.mount import mountinfo_path
-from modelfs.fs.tar import parse_member
-from modelfs.fs.tree import (
+from modelfs.artifact.tar import parse_member
+from modelfs.artifact.tree import (
     MAX_MTIME_NS,
     MIN_MTIME_NS,
     BlobRef,
@@ -36,6 +33,9 @@ from modelfs.fs.tree import (
     clamp_mtime_ns,
     plan_layers,
 )
+from modelfs.errors import ManifestError
+from modelfs.fetcher.registry import LateRanges
+from modelfs.fs.mount import mountinfo_path
 from modelfs.logs import TextFormatter, escape_controls
 from modelfs.modelpack import MAX_FILE_SIZE, MAX_TOTAL_SIZE
 

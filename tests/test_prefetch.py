@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from modelfs.artifact.tree import BlobRef, FileNode, FileSpec, Tree
 from modelfs.fetcher.hints import (
     Hint,
     header_hint,
@@ -24,7 +25,6 @@ from modelfs.fetcher.hints import (
 )
 from modelfs.fetcher.pieces import ConnectionSlots, Priority, Ticket
 from modelfs.fetcher.prefetch import HintPace, ReadPattern, WindowPolicy
-from modelfs.fs.tree import BlobRef, FileNode, FileSpec, Tree
 
 MIB = 1 << 20
 PIECE = 4 * MIB

@@ -29,6 +29,7 @@ from mounting import MODELFS, modelfs, mounted
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from safetensors.numpy import save
 
+from modelfs.artifact.tree import BlobRef, FileNode, FileSpec, Tree
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.hints import Hint, hinted_pieces
 from modelfs.fetcher.index import PieceIndex, find_index
@@ -44,7 +45,6 @@ from modelfs.fetcher.profile import (
 )
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.fs.recording import command_for
-from modelfs.fs.tree import BlobRef, FileNode, FileSpec, Tree
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 from modelfs.pieces import DEFAULT_PIECE_SIZE, pieces_covering
 

@@ -9,8 +9,7 @@ from typing import Literal
 import pytest
 import trio
 
-from modelfs.errors import ManifestError
-from modelfs.fs.tar import (
+from modelfs.artifact.tar import (
     FIRST_READ,
     HeaderWindow,
     NeedBytes,
@@ -18,6 +17,7 @@ from modelfs.fs.tar import (
     parse_member,
     read_members,
 )
+from modelfs.errors import ManifestError
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 LONG_NAME = "deep/" + "d" * 120 + "/" + "f" * 80 + ".safetensors"  # needs prefix, L or pax path

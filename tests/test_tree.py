@@ -10,9 +10,8 @@ import tarfile
 import pytest
 import trio
 
-from modelfs.errors import ManifestError
-from modelfs.fs.tar import TarMember, read_members
-from modelfs.fs.tree import (
+from modelfs.artifact.tar import TarMember, read_members
+from modelfs.artifact.tree import (
     ROOT_INODE,
     BlobRef,
     DataNotLocatedError,
@@ -31,6 +30,7 @@ from modelfs.fs.tree import (
     raw_layer_file,
     tar_layer_entries,
 )
+from modelfs.errors import ManifestError
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
-from modelfs.fs.tree import FileNode, Tree
+from modelfs.artifact.tree import FileNode, Tree
 from modelfs.pieces import pieces_covering
 
 SAFETENSORS_PREFIX = 8

@@ -46,6 +46,7 @@ from functools import partial
 
 import trio
 
+from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache, PieceWrite
 from modelfs.errors import CacheError, IntegrityError, ModelfsError, PieceAlteredError
 from modelfs.fetcher.buffers import PIECE_BUFFERS
@@ -68,7 +69,6 @@ from modelfs.fetcher.stats import (
     attributing,
     error_kind,
 )
-from modelfs.fs.tree import BlobRef
 from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import trio
 
+from modelfs.artifact.tree import FileNode, Tree
 from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.hints import (
     SAFETENSORS_PREFIX,
@@ -48,7 +49,6 @@ from modelfs.fetcher.hints import (
 )
 from modelfs.fetcher.pieces import RUN_PIECES, Job, PieceFetcher, Priority
 from modelfs.fetcher.profile import Profile, tree_hints
-from modelfs.fs.tree import FileNode, Tree
 from modelfs.pieces import piece_runs, pieces_covering
 
 log = logging.getLogger(__name__)

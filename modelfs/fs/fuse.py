@@ -18,8 +18,8 @@ from typing import Protocol
 
 import pyfuse3
 
+from modelfs.artifact.tree import DirNode, FileNode, Tree
 from modelfs.errors import ModelfsError
-from modelfs.fs.tree import DirNode, FileNode, Tree
 
 log = logging.getLogger(__name__)
 

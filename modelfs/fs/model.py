@@ -23,20 +23,15 @@ from typing import IO, Any
 
 import trio
 
-from modelfs.cache import PieceCache
-from modelfs.errors import IntegrityError, ManifestError
-from modelfs.fetcher.manifests import resolve_config, resolve_manifest
-from modelfs.fetcher.pieces import PieceFetcher
-from modelfs.fetcher.source import BlobSource
-from modelfs.fs.inflate import (
+from modelfs.artifact.inflate import (
     FORMAT_ERRORS,
     ChunkReader,
     InflateLimitError,
     inflate,
     inflate_limit,
 )
-from modelfs.fs.tar import HeaderWindow, TarMember, read_members
-from modelfs.fs.tree import (
+from modelfs.artifact.tar import HeaderWindow, TarMember, read_members
+from modelfs.artifact.tree import (
     BlobRef,
     DirSpec,
     FileSpec,
@@ -49,6 +44,11 @@ from modelfs.fs.tree import (
     raw_layer_file,
     tar_layer_entries,
 )
+from modelfs.cache import PieceCache
+from modelfs.errors import IntegrityError, ManifestError
+from modelfs.fetcher.manifests import resolve_config, resolve_manifest
+from modelfs.fetcher.pieces import PieceFetcher
+from modelfs.fetcher.source import BlobSource
 from modelfs.pieces import piece_count
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from modelfs.fetcher.stats import (
 )
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.fs.model import Model, load_model
-from modelfs.fs.tree import FileNode
+from modelfs.artifact.tree import FileNode
 from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
 from modelfs.peer.options import ClusterOptions

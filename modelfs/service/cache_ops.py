@@ -11,12 +11,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from modelfs.artifact.tree import BlobRef, plan_layers
 from modelfs.cache import PieceCache
 from modelfs.cache.store import BlobState
 from modelfs.errors import CacheError, ModelfsError
 from modelfs.fetcher.index import INDEX_RECORD, NO_INDEX, BlobPieces, parse_index
 from modelfs.fetcher.source import FetchedManifest
-from modelfs.fs.tree import BlobRef, plan_layers
 from modelfs.pieces import piece_count
 from modelfs.service.preheat import plan_missing
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from modelfs.artifact.tree import BlobRef, FileNode
 from modelfs.cache import PieceCache
 from modelfs.fetcher.hints import Hint, hinted_pieces
 from modelfs.fetcher.index import IndexLookup
@@ -27,7 +28,6 @@ from modelfs.fetcher.profile import recorded_profile
 from modelfs.fetcher.source import BlobSource
 from modelfs.fs.model import Model, load_model
 from modelfs.fs.mount import MountOptions, open_source
-from modelfs.fs.tree import BlobRef, FileNode
 from modelfs.pieces import piece_runs, piece_span
 from modelfs.reference import LayoutReference, Reference
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Protocol
 
+from modelfs.artifact.tar import HARDLINK_TYPE, TarMember
 from modelfs.errors import ManifestError
-from modelfs.fs.tar import HARDLINK_TYPE, TarMember
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import zstandard
 
-from modelfs.fs.tar import MAX_HEADER_CHAIN
-from modelfs.fs.tree import MAX_LAYER_SIZE, LayerPlan
+from modelfs.artifact.tar import MAX_HEADER_CHAIN
+from modelfs.artifact.tree import MAX_LAYER_SIZE, LayerPlan
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
