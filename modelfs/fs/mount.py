@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
+from modelfs.artifact.tree import FileNode
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.buffers import PIECE_BUFFERS
@@ -43,7 +44,6 @@ from modelfs.fetcher.stats import (
 )
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.fs.model import Model, load_model
-from modelfs.artifact.tree import FileNode
 from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
 from modelfs.peer.options import ClusterOptions
