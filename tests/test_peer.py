@@ -17,11 +17,11 @@ import pytest
 import trio
 
 from modelfs.cache.store import PieceCache
-from modelfs.cli.cluster import cluster_settings
 from modelfs.errors import AuthError, ModelfsError
 from modelfs.peer import http as peer_http
 from modelfs.peer.auth import MAX_SKEW, Verdict, check, load_secret, sign
 from modelfs.peer.client import PeerClient, PeerFailure
+from modelfs.peer.options import load_cluster_options
 from modelfs.peer.server import PeerServer
 from modelfs.peer.tls import PeerTLS, TLSConfigError
 from modelfs.scheduler.ranking import FailureKind
@@ -388,8 +388,8 @@ def test_cluster_settings_take_all_three_tls_files_or_none(tmp_path: Path) -> No
     node = make_node_cert(tmp_path, "node", make_ca(tmp_path, "cluster"))
     common = ("http://scheduler:7480", secret, ("127.0.0.1", 7481), "", "")
     with pytest.raises(ModelfsError, match=r"needs all of --peer-tls-cert, --peer-tls-key and"):
-        cluster_settings(*common, peer_tls_cert=node.cert, peer_tls_key=node.key)
-    options = cluster_settings(
+        load_cluster_options(*common, peer_tls_cert=node.cert, peer_tls_key=node.key)
+    options = load_cluster_options(
         *common,
         peers_without_index=True,
         peer_max_connections=8,
@@ -399,5 +399,5 @@ def test_cluster_settings_take_all_three_tls_files_or_none(tmp_path: Path) -> No
     )
     assert options is not None and options.tls == node
     assert options.without_index and options.max_connections == 8
-    plain = cluster_settings(*common)
+    plain = load_cluster_options(*common)
     assert plain is not None and plain.tls is None and not plain.without_index

@@ -15,7 +15,6 @@ from modelfs.fetcher.registry import RegistryClient
 from modelfs.peer.auth import load_secret
 from modelfs.peer.http import parse_listen
 from modelfs.peer.options import ClusterOptions
-from modelfs.peer.tls import PeerTLS
 from modelfs.reference import parse_reference
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,7 +77,7 @@ def _tls_file(name: str, help: str) -> Callable[[F], F]:
     )
 
 
-# The parameters ``cluster_options`` adds to a command: what ``cluster_settings`` takes.
+# The parameters ``cluster_options`` adds to a command: what ``load_cluster_options`` takes.
 CLUSTER_PARAMETERS = (
     "scheduler",
     "cluster_secret_file",
@@ -127,45 +126,6 @@ def cluster_options(command: F) -> F:
     ):
         command = option(command)
     return command
-
-
-def cluster_settings(
-    scheduler: str | None,
-    cluster_secret_file: Path | None,
-    peer_listen: tuple[str, int] | None,
-    zone: str,
-    rack: str,
-    peers_without_index: bool = False,
-    peer_max_connections: int = ClusterOptions.max_connections,
-    peer_tls_cert: Path | None = None,
-    peer_tls_key: Path | None = None,
-    peer_tls_ca: Path | None = None,
-) -> ClusterOptions | None:
-    """What ``cluster_options`` gave: None when peers are not in use."""
-    if scheduler is None and cluster_secret_file is None and peer_listen is None:
-        return None
-    if scheduler is None or cluster_secret_file is None or peer_listen is None:
-        raise ModelfsError("peers need all of --scheduler, --cluster-secret-file and --peer-listen")
-    tls_files = (peer_tls_cert, peer_tls_key, peer_tls_ca)
-    tls = None
-    if peer_tls_cert is not None and peer_tls_key is not None and peer_tls_ca is not None:
-        tls = PeerTLS(peer_tls_cert, peer_tls_key, peer_tls_ca)
-        tls.client_context()  # a bad file is reported now, not at the first peer
-    elif any(path is not None for path in tls_files):
-        raise ModelfsError(
-            "mutual TLS between peers needs all of --peer-tls-cert, --peer-tls-key and "
-            "--peer-tls-ca"
-        )
-    return ClusterOptions(
-        scheduler,
-        load_secret(cluster_secret_file),
-        peer_listen,
-        zone,
-        rack,
-        without_index=peers_without_index,
-        tls=tls,
-        max_connections=peer_max_connections,
-    )
 
 
 @click.command("scheduler")

@@ -24,7 +24,7 @@ import trio
 from click.core import ParameterSource
 
 from modelfs.cli import F
-from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_settings
+from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options
 from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
@@ -38,6 +38,7 @@ from modelfs.fs.mount import (
     serve,
 )
 from modelfs.fs.recording import profile_model
+from modelfs.peer.options import load_cluster_options
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers
 
@@ -200,7 +201,7 @@ def mount(
         return
     cluster = {name: settings.pop(name) for name in CLUSTER_PARAMETERS}
     options = mount_settings(ref, mountpoint, **settings)
-    options.cluster = cluster_settings(**cluster)
+    options.cluster = load_cluster_options(**cluster)
     options.stats_socket = stats_socket
     if foreground:
         _mount_in_foreground(options, ready_fd)

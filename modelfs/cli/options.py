@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
 
+from modelfs import sizes
 from modelfs.cli import F
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
-
 
 def parse_size(text: str) -> int:
-    """``100G``, ``512MiB``, ``1.5t`` or plain bytes; binary units."""
-    match = _SIZE.match(text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size (examples: 100G, 512M, 1073741824)")
-    number, unit = match.groups()
-    factor = 1024 ** ("kmgtp".index(unit.lower()) + 1) if unit else 1
-    return int(float(number) * factor)
+    """A size given on the command line (``modelfs.sizes``): a bad one is a usage error."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def cache_options(command: F) -> F:

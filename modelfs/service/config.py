@@ -11,17 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
-from modelfs.cli.cluster import cluster_settings
-from modelfs.cli.options import parse_size
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
-from modelfs.peer.options import ClusterOptions
+from modelfs.peer.options import ClusterOptions, load_cluster_options
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 from modelfs.service.peer_ports import PortRange, parse_port_range
+from modelfs.sizes import parse_size
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
 
@@ -120,8 +117,8 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
     size_text = _typed(cache, "size", str, f"{origin} [cache]")
     try:
         size = DEFAULT_CACHE_SIZE if size_text is None else parse_size(size_text)
-    except click.BadParameter as error:
-        raise ConfigError(f"{origin} [cache]: {error.message}") from None
+    except ValueError as error:
+        raise ConfigError(f"{origin} [cache]: {error}") from None
     registries = {}
     for host, settings in _table(data.get("registries", {}), f"{origin} [registries]").items():
         where = f'{origin} [registries."{host}"]'
@@ -233,7 +230,7 @@ def check_cluster_files(cluster: ClusterSettings, where: str) -> None:
     """The secret and TLS files load, as each mount process will load them: a mistake is
     reported when the daemon starts (or reloads), not by every mount failing."""
     try:
-        cluster_settings(
+        load_cluster_options(
             cluster.scheduler,
             cluster.secret_file,
             (cluster.peer_listen, cluster.peer_ports.first),
