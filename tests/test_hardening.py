@@ -151,6 +151,27 @@ def test_a_malformed_token_timestamp_is_refused_and_both_servers_serve_on(
     cluster.serves()
 
 
+def test_any_bytes_and_any_hangup_end_one_connection_only(cluster: Cluster) -> None:
+    body, other = b'{"address": "10.0.0.9:1"}', b'{"address": "10.0.0.8:1"}'
+    signed = sign(SECRET, "POST", "/v1/register", time.time(), body)
+    swapped = "".join(f"{key}: {value}\r\n" for key, value in signed.items()).encode()
+    for address in (cluster.peer, cluster.scheduler):
+        for request, status in (
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n" % (b"9" * 5000), 400),
+            (b"\x00\xff" * 1000 + b"\r\n\r\n", 400),
+            # A valid token for one body, sent with another: the body is not the one signed.
+            (b"POST /v1/register HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s"
+             % (len(other), swapped, other), 400),
+        ):  # fmt: skip
+            answer = exchange(address, request)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), (address, request[:60], answer)
+        for hangup in (b"GET /pieces/x/0 HTTP/1.1\r\nHost", b"GET / HTTP/1.1\r\n\r\n"):
+            host, port = address.rsplit(":", 1)
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(hangup)  # and gone before any answer
+    cluster.serves()
+
+
 # --- point 2: signed scheduler calls with bodies json.loads chokes on ---------------------------
 
 

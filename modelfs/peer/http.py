@@ -196,10 +196,7 @@ class AuthenticatedServer:
 
 async def _next_event(connection: h11.Connection, stream: trio.abc.Stream) -> object:
     while True:
-        try:
-            event = connection.next_event()
-        except ValueError as error:  # h11 parses a Content-Length of 5000 digits with int()
-            raise h11.RemoteProtocolError(str(error), 400) from None
+        event = connection.next_event()
         if event is not h11.NEED_DATA:
             return event
         connection.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
