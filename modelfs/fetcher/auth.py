@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfs.errors import AuthError
+from modelfs.untrusted import loads_json
 
 # Docker Hub keeps its credentials under this historical key, whatever name the user types.
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
@@ -285,8 +286,8 @@ def parse_challenge(header: str) -> Challenge:
 def token_from_response(body: bytes) -> str | None:
     """The bearer token of a token endpoint's JSON answer (``token`` or ``access_token``)."""
     try:
-        answer = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        answer = loads_json(body)
+    except ValueError:
         return None
     if not isinstance(answer, dict):
         return None

@@ -13,7 +13,6 @@ each shard's 8-byte header prefix, in; an ordered list of (file, offset, length)
 
 from __future__ import annotations
 
-import json
 import posixpath
 import struct
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from fnmatch import fnmatch
 
 from modelfs.artifact.tree import FileNode, Tree
 from modelfs.pieces import pieces_covering
+from modelfs.untrusted import loads_json
 
 SAFETENSORS_PREFIX = 8
 # safetensors itself refuses headers over 100 MB; a larger "length" means this is no header.
@@ -101,7 +101,7 @@ def shards(tree: Tree, indexes: Mapping[str, bytes]) -> list[FileNode]:
 def _indexed_files(index: bytes) -> set[str]:
     """The shard names of an index's ``weight_map``; none if it is not such an index."""
     try:
-        weight_map = json.loads(index).get("weight_map")
+        weight_map = loads_json(index).get("weight_map")
     except (ValueError, AttributeError):
         return set()
     if not isinstance(weight_map, dict):

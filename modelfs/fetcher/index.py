@@ -24,6 +24,7 @@ from modelfs.fetcher.referrers import find_referrer, manifest_layers, publish_re
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
+from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,14 @@ def parse_index(data: bytes, manifest: FetchedManifest) -> PieceIndex:
     """The index, checked to be well formed and to describe exactly ``manifest``'s layers."""
     where = f"the piece index of {manifest.digest}"
     try:
-        document = json.loads(data)
+        document = loads_json(data)
         piece_size = int(document["pieceSize"])
         blobs = {
             str(digest): BlobPieces(int(entry["size"]), tuple(str(p) for p in entry["pieces"]))
             for digest, entry in document["blobs"].items()
         }
         subject = str(document["manifest"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise ManifestError(
             f"{where} is malformed ({error}): rebuild it with `modelfs index`"
         ) from None

@@ -28,6 +28,7 @@ import trio
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
 from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
+from modelfs.untrusted import loads_json
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_VERSION = "1.0.0"
@@ -168,7 +169,7 @@ class OciLayout:
         except FileNotFoundError:
             raise NotFoundError(f"{path} is missing: {self.root} is not an OCI layout") from None
         try:
-            index = json.loads(data)
+            index = loads_json(data)
         except ValueError:
             index = None
         if len(data) > MAX_MANIFEST_SIZE or not isinstance(index, dict):
@@ -312,7 +313,7 @@ class LayoutSource:
 def _declared_media_type(data: bytes) -> str:
     """A manifest's own mediaType field (for lookups by digest, which carry no descriptor)."""
     try:
-        document = json.loads(data)
+        document = loads_json(data)
     except ValueError:
         raise ManifestError("the manifest is not valid JSON") from None
     media_type = document.get("mediaType") if isinstance(document, dict) else None

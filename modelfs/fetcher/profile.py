@@ -26,6 +26,7 @@ from modelfs.fetcher.referrers import find_referrer, publish_referrer
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.pieces import piece_span, pieces_covering
+from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,14 @@ def parse_profile(data: bytes, manifest: str) -> Profile:
     """The profile, checked to be well formed and recorded against ``manifest``."""
     where = f"the read profile of {manifest}"
     try:
-        document = json.loads(data)
+        document = loads_json(data)
         subject = str(document["manifest"])
         piece_size = int(document["pieceSize"])
         ranges = tuple(
             ProfiledRange(str(path), int(offset), int(length))
             for path, offset, length in document["ranges"]
         )
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise ManifestError(
             f"{where} is malformed ({error}): record it again with `modelfs profile`"
         ) from None

@@ -22,6 +22,7 @@ import trio
 
 from modelfs.fetcher.buffers import PIECE_BUFFERS
 from modelfs.fetcher.source import Deliver
+from modelfs.untrusted import decimal
 
 # Status line and headers larger than this are not a plain range answer.
 _HEAD_LIMIT = 64 * 1024
@@ -44,12 +45,11 @@ def parse_content_range(header: str | None) -> tuple[int, int, int | None] | Non
         return None
     span, _, total = header[len("bytes ") :].partition("/")
     first, _, last = span.partition("-")
-    try:
-        start, end = int(first), int(last)
-        size = None if total.strip() == "*" else int(total)
-    except ValueError:
+    start, end, total = decimal(first.strip()), decimal(last.strip()), total.strip()
+    size = None if total == "*" else decimal(total)
+    if start is None or end is None or (size is None and total != "*") or start > end:
         return None
-    return (start, end, size) if 0 <= start <= end else None
+    return start, end, size
 
 
 class _Unusual(Exception):
@@ -235,9 +235,7 @@ def _plain_range_length(head: bytes, start: int, end: int) -> int:
     if headers.get("connection", "").lower() == "close":
         raise _Unusual  # the general path reads such answers; here connections are reused
     span = parse_content_range(headers.get("content-range"))
-    length = headers.get("content-length", "")
-    if span is None or span[:2] != (start, end) or not length.isdigit():
+    length = decimal(headers.get("content-length", ""))
+    if span is None or span[:2] != (start, end) or length != end - start + 1:
         raise _Unusual
-    if int(length) != end - start + 1:
-        raise _Unusual
-    return int(length)
+    return length

@@ -19,6 +19,7 @@ from modelfs.errors import ManifestError, NotFoundError
 from modelfs.fetcher.registry import RegistryRepository, sha256_digest
 from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import OCI_EMPTY_JSON, OCI_INDEX, OCI_MANIFEST
+from modelfs.untrusted import loads_json
 
 _EMPTY_CONFIG = b"{}"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -40,12 +41,12 @@ class Descriptor:
 def manifest_layers(manifest: FetchedManifest) -> list[Descriptor]:
     """The layer descriptors of an OCI image manifest."""
     try:
-        document = json.loads(manifest.data)
+        document = loads_json(manifest.data)
         layers = [
             Descriptor(str(layer["mediaType"]), str(layer["digest"]), int(layer["size"]))
             for layer in document["layers"]
         ]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise ManifestError(
             f"manifest {manifest.digest} has no readable layer list ({error}): "
             "an OCI image manifest is needed"
@@ -80,8 +81,8 @@ def referrers_tag(digest: str) -> str:
 def index_referrers(data: bytes) -> list[dict[str, Any]]:
     """The ``manifests`` of an OCI index of referrers (the API's answer or the tag's content)."""
     try:
-        manifests = json.loads(data).get("manifests") or []
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        manifests = loads_json(data).get("manifests") or []
+    except (ValueError, AttributeError):
         raise ManifestError("a referrers list is not an OCI index: remove the broken tag") from None
     return [entry for entry in manifests if isinstance(entry, dict)]
 

@@ -50,6 +50,7 @@ from modelfs.fetcher.manifests import resolve_config, resolve_manifest
 from modelfs.fetcher.pieces import PieceFetcher
 from modelfs.fetcher.source import BlobSource
 from modelfs.pieces import piece_count
+from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ async def load_model(
     that describe their one file are fetched on its first read rather than now."""
     fetched = await resolve_manifest(source, selector, cache)
     try:
-        manifest = json.loads(fetched.data)
+        manifest = loads_json(fetched.data)
     except ValueError as error:
         raise ManifestError(
             f"{source.name}@{fetched.digest}: manifest is not JSON ({error})"
