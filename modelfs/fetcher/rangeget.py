@@ -45,7 +45,7 @@ def parse_content_range(header: str | None) -> tuple[int, int, int | None] | Non
         return None
     span, _, total = header[len("bytes ") :].partition("/")
     first, _, last = span.partition("-")
-    start, end, total = decimal(first.strip()), decimal(last.strip()), total.strip()
+    start, end = decimal(first), decimal(last)
     size = None if total == "*" else decimal(total)
     if start is None or end is None or (size is None and total != "*") or start > end:
         return None
