@@ -33,8 +33,8 @@ from test_service import (
 )
 
 from modelfs.jsonsocket import MAX_CONNECTIONS, REQUEST_TIMEOUT
-from modelfs.peer.auth import sign
-from modelfs.peer.http import MAX_BODY
+from modelfs.transport.server import MAX_BODY
+from modelfs.transport.tokens import sign
 
 SECRET = b"hardening-test-secret-0123456789abcdef"
 DIGEST = "sha256:" + "ab" * 32

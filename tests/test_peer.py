@@ -18,13 +18,13 @@ import trio
 
 from modelfs.cache.store import PieceCache
 from modelfs.errors import AuthError, ModelfsError
-from modelfs.peer import http as peer_http
-from modelfs.peer.auth import MAX_SKEW, Verdict, check, load_secret, sign
 from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.options import load_cluster_options
 from modelfs.peer.server import PeerServer
 from modelfs.peer.tls import PeerTLS, TLSConfigError
 from modelfs.scheduler.ranking import FailureKind
+from modelfs.transport import server as peer_http
+from modelfs.transport.tokens import MAX_SKEW, Verdict, check, load_secret, sign
 
 PIECE = 64 * 1024
 SECRET = b"cluster-secret-0123456789abcdef"

@@ -17,8 +17,6 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from registry_tools import free_port
 
-from modelfs.peer.auth import sign
-from modelfs.peer.http import parse_listen
 from modelfs.scheduler.client import BACKOFF_FIRST, SchedulerClient
 from modelfs.scheduler.ranking import (
     MAX_CANDIDATES,
@@ -43,6 +41,8 @@ from modelfs.scheduler.state import (
     MemoryKeyValue,
     SchedulerState,
 )
+from modelfs.transport.server import parse_listen
+from modelfs.transport.tokens import sign
 
 SECRET = b"scheduler-secret-0123456789abcdef"
 BLOB = "sha256:" + "ab" * 32

@@ -12,10 +12,10 @@ import trio
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
 from modelfs.fetcher.registry import RegistryClient
-from modelfs.peer.auth import load_secret
-from modelfs.peer.http import parse_listen
 from modelfs.peer.options import ClusterOptions
 from modelfs.reference import parse_reference
+from modelfs.transport.server import parse_listen
+from modelfs.transport.tokens import load_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
 

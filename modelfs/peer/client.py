@@ -21,9 +21,9 @@ import httpx
 import trio
 
 from modelfs.fetcher.index import sha256_hex
-from modelfs.peer.auth import sign
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.scheduler.ranking import FailureKind
+from modelfs.transport.tokens import sign
 
 log = logging.getLogger(__name__)
 

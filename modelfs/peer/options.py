@@ -54,8 +54,8 @@ def load_cluster_options(
     """Cluster settings as the command line or the node's config give them, checked and with
     their files loaded: None when peers are not in use."""
     # Here, not at the top: a mount outside a cluster does not import the peer modules.
-    from modelfs.peer.auth import load_secret
     from modelfs.peer.tls import PeerTLS
+    from modelfs.transport.tokens import load_secret
 
     if scheduler is None and cluster_secret_file is None and peer_listen is None:
         return None

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import trio
 
 from modelfs.cache.store import PieceCache
-from modelfs.peer.http import DEFAULT_MAX_CONNECTIONS, AuthenticatedServer, Request, Response
+from modelfs.transport.server import DEFAULT_MAX_CONNECTIONS, AuthenticatedServer, Request, Response
 
 PIECE_PATH = re.compile(r"^/pieces/(sha256:[0-9a-f]{64})/([0-9]{1,9})$")
 

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import trio
 
-from modelfs.peer.auth import sign
 from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
+from modelfs.transport.tokens import sign
 
 log = logging.getLogger(__name__)
 

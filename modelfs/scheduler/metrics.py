@@ -11,9 +11,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from modelfs.peer.http import Request, Response
 from modelfs.scheduler.ranking import Action, Decision, FailureKind
 from modelfs.scheduler.state import NODE_TTL
+from modelfs.transport.server import Request, Response
 
 
 class SchedulerMetrics:

@@ -26,11 +26,11 @@ from typing import Any
 
 import trio
 
-from modelfs.peer.http import AuthenticatedServer, Request, Response
 from modelfs.scheduler.metrics import SchedulerMetrics
 from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
 from modelfs.scheduler.redis import RedisError, RedisKeyValue
 from modelfs.scheduler.state import KeyValue, MemoryKeyValue, SchedulerState
+from modelfs.transport.server import AuthenticatedServer, Request, Response
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)

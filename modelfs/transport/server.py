@@ -1,8 +1,9 @@
 """A small HTTP/1.1 server on trio and h11 where every request must carry a cluster token.
 
-The peer server and the scheduler both use it. The token is checked from the request's headers
-alone (``peer.auth``), before a byte of its body is read: requests without a token get 401, with
-a bad one 403, both with an empty body, before any handler runs (``public`` GET paths excepted:
+The peer server and the scheduler both use it. The token is checked from the request's
+headers alone (``transport.tokens``), before a byte of its body is read: requests without a token
+get 401, with a bad one 403, both with an empty body, before any handler runs (``public`` GET
+paths excepted:
 the scheduler's ``/metrics``, which Prometheus scrapes without a token). A declared body larger
 than ``MAX_BODY`` gets 413 from the headers too. Only then is the body read, bounded, and a body
 whose sha256 is not the signed one gets 400. So a client without the secret makes the server hold
@@ -35,7 +36,7 @@ import h11
 import trio
 
 from modelfs.errors import ModelfsError
-from modelfs.peer.auth import DIGEST_HEADER, EMPTY_BODY, SCHEME, Verdict, check
+from modelfs.transport.tokens import DIGEST_HEADER, EMPTY_BODY, SCHEME, Verdict, check
 from modelfs.untrusted import decimal
 
 log = logging.getLogger(__name__)
