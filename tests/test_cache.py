@@ -192,6 +192,28 @@ def test_a_piece_is_vouched_for_by_the_piece_index_once(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_pieces_stored_before_the_vouched_flag_count_as_vouched_if_their_blob_was_verified(
+    tmp_path: Path,
+) -> None:
+    cache = make(tmp_path)
+    for digest, verified in ((A, True), (B, False)):
+        cache.put(digest, 0, b"old", 3)
+        if verified:
+            cache.mark_verified(digest, 3)
+    cache.close()
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    checksums = env.open_db(b"checksums")
+    with env.begin(write=True, db=checksums) as txn:
+        for digest in (A, B):  # as an older modelfs stored them: the checksum alone
+            key = f"{digest}/{0:010d}".encode()
+            txn.put(key, bytes(txn.get(key))[:8])
+    env.close()
+    cache = make(tmp_path)
+    assert cache.get(A, 0) == b"old"
+    assert cache.get(B, 0) is None
+    cache.close()
+
+
 def test_a_damaged_record_is_a_miss_never_a_wrong_record(tmp_path: Path) -> None:
     cache = make(tmp_path)
     cache.put_meta("tar-index/x", b'[{"data_offset": 512}]')

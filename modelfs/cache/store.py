@@ -303,7 +303,11 @@ class PieceCache:
         key = _piece_key(digest, index)
         with self._env.begin(db=self._pieces, buffers=True) as txn:
             value = txn.get(key)
-            expected, vouched = _read_checksum_record(txn.get(key, db=self._checksums))
+            record = txn.get(key, db=self._checksums)
+            expected, vouched = _read_checksum_record(record)
+            if record is not None and len(record) == _CHECKSUM.size:
+                # Stored before pieces kept a flag: vouched for if its blob was verified whole.
+                vouched = self._blob_verified(txn, digest)
             if value is None or not (vouched or unvouched):
                 return None
             data: bytes | memoryview | bytearray
@@ -414,9 +418,8 @@ class PieceCache:
     # -- blob state -----------------------------------------------------------------------
 
     def is_verified(self, digest: str) -> bool:
-        with self._env.begin(db=self._blobs) as txn:
-            value = txn.get(digest.encode())
-        return value is not None and _BLOB.unpack(value)[2] == 1
+        with self._env.begin() as txn:
+            return self._blob_verified(txn, digest)
 
     def is_complete(self, digest: str, blob_size: int) -> bool:
         with self._env.begin(db=self._blobs) as txn:
@@ -600,6 +603,10 @@ class PieceCache:
         txn.put(write.digest.encode(), _BLOB.pack(size, present, verified), db=self._blobs)
         complete = present == piece_count(write.blob_size, self.piece_size)
         return PutResult(stored=True, blob_complete=complete and not verified)
+
+    def _blob_verified(self, txn: lmdb.Transaction, digest: str) -> bool:
+        value = txn.get(digest.encode(), db=self._blobs)
+        return value is not None and _BLOB.unpack(value)[2] == 1
 
     def _set_vouched(self, txn: lmdb.Transaction, key: bytes) -> None:
         checksum, vouched = _read_checksum_record(txn.get(key, db=self._checksums))
