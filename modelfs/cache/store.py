@@ -198,6 +198,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _make_private(*paths: Path) -> None:
+    """Models are often private: the cache is its owner's alone (0700, files 0600), also when
+    an older modelfs made it world-readable. Another user's cache is left as it is."""
+    for path in paths:
+        if path.exists() and path.stat().st_uid == os.geteuid():
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 class PieceCache:
     """Pieces of blobs, checksummed, bounded in size, least recently used evicted first."""
 
@@ -215,7 +223,8 @@ class PieceCache:
         self._through_map = 0  # bytes read or stored since the mapped pages were released
         self._map_spans: list[tuple[int, int]] | None = None  # found on the first release
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(path)
             # The map is a sparse file: room for the limit plus LMDB's free-page slack.
             self._env = lmdb.open(
                 str(path),
@@ -226,7 +235,9 @@ class PieceCache:
                 # Without it every 4 KiB page faults alone (warm reads after the page cache
                 # was dropped: 47 MB/s instead of 320 here).
                 readahead=True,
+                mode=0o600,
             )
+            _make_private(path / "data.mdb", path / "lock.mdb")
         except (OSError, lmdb.Error) as error:
             raise CacheError(
                 f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"

@@ -164,6 +164,11 @@ def mount_settings(
 @click.argument("reference")
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted.")
+@click.option(
+    "--allow-non-empty",
+    is_flag=True,
+    help="Mount on a directory that holds files (hidden while mounted), as FUSE's nonempty.",
+)
 @mount_options
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option(
@@ -178,6 +183,7 @@ def mount(
     reference: str,
     mountpoint: Path,
     foreground: bool,
+    allow_non_empty: bool,
     ready_fd: int | None,
     stats_socket: Path | None,
     control_socket: Path,
@@ -195,7 +201,7 @@ def mount(
       modelfs mount registry.example.com/models/qwen:v1 /models
     """
     ref = parse_any_reference(reference)
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, allow_non_empty)
     if not (foreground or no_daemon) and trio.run(daemon_answers, control_socket):
         _mount_by_daemon(context, control_socket)
         return

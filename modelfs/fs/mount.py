@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import os
+import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -128,9 +129,24 @@ async def open_source(
             yield MeteredRepository(client, ref.repository, stats)
 
 
-def check_mountpoint(mountpoint: Path) -> None:
-    """Refuse a mountpoint that is not a directory, or a dead mount (its FUSE process is gone):
-    mounting over one would stack on it or fail with a traceback."""
+# The system's own directories: a mount on one hides what the system runs on. The trees are
+# refused whole; the others only themselves (/var/lib/models is a fine mountpoint).
+_SYSTEM_DIRS = frozenset(
+    Path(path)
+    for path in (
+        "/", "/bin", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt",
+        "/root", "/run", "/sbin", "/srv", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local",
+        "/usr/sbin", "/usr/share", "/var", "/var/lib", "/var/log", "/var/tmp",
+    )
+)  # fmt: skip
+_SYSTEM_TREES = tuple(Path(path) for path in ("/boot", "/dev", "/etc", "/proc", "/sys"))
+
+
+def check_mountpoint(mountpoint: Path, allow_non_empty: bool = False) -> None:
+    """Refuse a mountpoint that is not a directory, a dead mount (its FUSE process is gone), a
+    system directory, one reached through a symlink, one that holds other mounts (the parent of
+    the daemon's), or, unless ``allow_non_empty`` (FUSE's ``nonempty``), one with files: a
+    mount there would stack on a mount, fail with a traceback, or hide what is there."""
     try:
         is_dir = mountpoint.is_dir()
     except OSError as error:
@@ -142,6 +158,46 @@ def check_mountpoint(mountpoint: Path) -> None:
         ) from None
     if not is_dir:
         raise ModelfsError(f"mountpoint {mountpoint} is not a directory; create it first")
+    resolved = Path(os.path.realpath(mountpoint))
+    if resolved != Path(os.path.abspath(mountpoint)):
+        raise ModelfsError(
+            f"mountpoint {mountpoint} leads to {resolved} through a symlink; "
+            f"give {resolved} itself if that is the place"
+        )
+    if resolved in _SYSTEM_DIRS or any(resolved.is_relative_to(tree) for tree in _SYSTEM_TREES):
+        raise ModelfsError(
+            f"mountpoint {resolved} is a system directory; mount on a directory of its own, "
+            "such as /models"
+        )
+    points = _mount_points()
+    if inner := [point for point in points if point.parent.is_relative_to(resolved)]:
+        raise ModelfsError(
+            f"mountpoint {resolved} holds other mounts ({inner[0]}); a mount on it would hide "
+            "them: choose a directory of its own"
+        )
+    # A mount point's entries are its mount's (whoever mounts there says what of it).
+    if not allow_non_empty and resolved not in points and _has_entries(resolved):
+        raise ModelfsError(
+            f"mountpoint {resolved} is not empty; a mount would hide its files: choose an "
+            "empty directory, or pass --allow-non-empty"
+        )
+
+
+def _mount_points() -> list[Path]:
+    """From /proc/self/mountinfo, whose paths escape spaces and the like as octal."""
+    with open("/proc/self/mountinfo") as mounts:
+        return [
+            Path(re.sub(r"\\([0-7]{3})", lambda code: chr(int(code[1], 8)), line.split()[4]))
+            for line in mounts
+        ]
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError as error:
+        raise ModelfsError(f"mountpoint {directory}: {error.strerror}") from None
 
 
 def _fuse_options(options: MountOptions, model: Model) -> set[str]:

@@ -42,6 +42,7 @@ from modelfs.service.reload import (
     HandedOver,
     Handover,
     control_listener,
+    encode_handover,
     monotonic_usec,
     next_signal,
     reexec,
@@ -49,13 +50,19 @@ from modelfs.service.reload import (
     to_carry,
     to_stop,
 )
-from modelfs.service.restart import restart_pending, save_handover, take_saved_handover
+from modelfs.service.restart import (
+    record_file,
+    restart_pending,
+    save_handover,
+    take_saved_handover,
+)
 from modelfs.service.supervisor import MountState, stats_socket
 
 log = logging.getLogger(__name__)
 
 # How long a scrape or ``modelfs status`` waits on a mount process for its counters.
 STATS_TIMEOUT = 2.0
+RECORD_INTERVAL = 0.2  # how often the list of mounts is written down, when it changed
 
 
 class Daemon:
@@ -172,6 +179,8 @@ class Daemon:
                     )
                 await self._serve()
         finally:
+            # Stopped (and its mounts with it): nothing is left for a next daemon to adopt.
+            record_file(self.config.control_socket).unlink(missing_ok=True)
             self.config.control_socket.unlink(missing_ok=True)
             self.cache.close()
 
@@ -181,6 +190,7 @@ class Daemon:
             self.table = table = MountTable(nursery, self.config)
             nursery.start_soon(self._on_signals, nursery.cancel_scope, listener)
             nursery.start_soon(serve_control, listener, self.handle)
+            nursery.start_soon(self.keep_record)
             handed = self.handover.mounts if self.handover is not None else []
             # Those up first: their processes hold their peer ports, the others may get new ones.
             handed = sorted(handed, key=lambda mount: mount.state.state != "mounted")
@@ -205,6 +215,20 @@ class Daemon:
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(_keep_alive, interval)
+
+    async def keep_record(self) -> None:
+        """Keep the mounts written down as a restart hands them over, for a next daemon should
+        this one be killed (``modelfs.service.restart.record_file``)."""
+        written = ""
+        while True:
+            assert self.table is not None
+            carried = to_carry(list(self.table.entries.values()), self.config)
+            mounts = [HandedOver(entry.spec, entry.settings, entry.state) for entry in carried]
+            record = Handover(self.config.control_socket, None, mounts)
+            if (text := encode_handover(record)) != written:
+                save_handover(record, record_file(self.config.control_socket))
+                written = text
+            await trio.sleep(RECORD_INTERVAL)
 
     async def _on_signals(self, scope: trio.CancelScope, listener: trio.SocketListener) -> None:
         """SIGTERM or SIGINT: unmount everything and stop (or, in a restart, leave the mounts

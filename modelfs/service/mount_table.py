@@ -13,6 +13,7 @@ import trio
 
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
+from modelfs.fs.mount import check_mountpoint
 from modelfs.reference import LayoutReference, parse_any_reference
 from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
 from modelfs.service.peer_ports import choose_port
@@ -131,8 +132,7 @@ class MountTable:
             )
         if is_mounted(path):
             raise MountRequestError(f"{path} is already a mount point; umount it first")
-        if not path.is_dir():
-            raise MountRequestError(f"mountpoint {path} is not a directory; create it first")
+        check_mountpoint(spec.path)  # as `modelfs mount` does: a raw client gets no more
         entry = self.start(
             spec, MountState(str(spec.reference), str(path), origin="control"), settings
         )

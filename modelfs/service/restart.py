@@ -10,6 +10,11 @@ to a file beside the control socket and exits without stopping anything; with
 ``KillMode=process`` systemd leaves the mount processes running, and the next daemon adopts
 them. Readers go on as in a reload. Any other SIGTERM, or no answer from systemd, unmounts
 everything as before.
+
+A daemon killed outright (SIGKILL, the OOM killer) hands nothing over, so the daemon keeps the
+same list written down all along (``record_file``); the next daemon adopts the mount processes
+still running, those of mounts asked for over the control socket too, and starts the others
+again, instead of leaving them orphaned (or, for the config's, mounting over them).
 """
 
 from __future__ import annotations
@@ -66,8 +71,14 @@ def handover_file(control_socket: Path) -> Path:
     return control_socket.parent / "handover.json"
 
 
-def save_handover(handover: Handover) -> None:
-    path = handover_file(handover.control_socket)
+def record_file(control_socket: Path) -> Path:
+    """The mounts as the running daemon keeps them written down (``Daemon.keep_record``): what
+    it would hand over, left behind when it is killed without a chance to (SIGKILL, OOM)."""
+    return control_socket.parent / "mounts.json"
+
+
+def save_handover(handover: Handover, path: Path | None = None) -> None:
+    path = path or handover_file(handover.control_socket)
     partial = path.with_suffix(".partial")
     partial.write_text(encode_handover(handover))
     os.chmod(partial, 0o600)
@@ -75,8 +86,14 @@ def save_handover(handover: Handover) -> None:
 
 
 def take_saved_handover(control_socket: Path) -> Handover | None:
-    """What the daemon before a restart left, once: the file is gone after this."""
-    path = handover_file(control_socket)
+    """What the daemon before this one left, once (the files are gone after this): the
+    handover of a restart, else the record of a daemon that was killed, whose mount processes
+    may still serve (adopted, not left orphaned or mounted over)."""
+    record = _take(record_file(control_socket))
+    return _take(handover_file(control_socket)) or record
+
+
+def _take(path: Path) -> Handover | None:
     try:
         text = path.read_text()
     except FileNotFoundError:
