@@ -13,7 +13,7 @@ from registry_tools import Layer, Registry, push_artifact
 
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
-from modelfs.fetcher import pieces, rangeget
+from modelfs.fetcher import piece_fetcher, rangeget
 from modelfs.fetcher.buffers import BufferPool
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.modelpack import layer_media_type
@@ -126,12 +126,12 @@ def test_readers_get_their_bytes_while_few_buffers_go_round(
     blob = BlobRef("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
     pool = CountingPool(size=piece, capacity=3)
     monkeypatch.setattr(rangeget, "PIECE_BUFFERS", pool)
-    monkeypatch.setattr(pieces, "PIECE_BUFFERS", pool)
+    monkeypatch.setattr(piece_fetcher, "PIECE_BUFFERS", pool)
     cache = PieceCache(tmp_path / "cache", 64 << 20, piece_size=piece)
     spans = [(random.randrange(len(data)), random.randrange(1, 3 * piece)) for _ in range(200)]
     wrong: list[tuple[int, int]] = []
 
-    async def read_spans(fetcher: pieces.PieceFetcher, todo: list[tuple[int, int]]) -> None:
+    async def read_spans(fetcher: piece_fetcher.PieceFetcher, todo: list[tuple[int, int]]) -> None:
         while todo:
             offset, size = todo.pop()
             got = await fetcher.read(blob, offset, size)
@@ -141,7 +141,7 @@ def test_readers_get_their_bytes_while_few_buffers_go_round(
 
     async def main() -> None:
         async with RegistryClient(registry.host, plain_http=True) as client:
-            fetcher = pieces.PieceFetcher(
+            fetcher = piece_fetcher.PieceFetcher(
                 client.repository("tests/buffers"), cache, memory_pieces=2, serve_unverified=True
             )
             async with fetcher.writing(), trio.open_nursery() as nursery:
@@ -173,13 +173,13 @@ def test_a_fetcher_spares_the_pieces_it_keeps_to_stay_in_the_pool(
     blob = BlobRef("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
     pool = CountingPool(size=piece, capacity=3)
     monkeypatch.setattr(rangeget, "PIECE_BUFFERS", pool)
-    monkeypatch.setattr(pieces, "PIECE_BUFFERS", pool)
+    monkeypatch.setattr(piece_fetcher, "PIECE_BUFFERS", pool)
     cache = PieceCache(tmp_path / "cache", 64 << 20, piece_size=piece)
     indexes = list(range(16)) if order == "forward" else list(reversed(range(16)))
 
     async def main() -> None:
         async with RegistryClient(registry.host, plain_http=True) as client:
-            fetcher = pieces.PieceFetcher(
+            fetcher = piece_fetcher.PieceFetcher(
                 client.repository("tests/spare"),
                 cache,
                 connections=1,

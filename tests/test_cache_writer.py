@@ -20,8 +20,9 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache, PieceWrite, PutResult
 from modelfs.errors import IntegrityError
-from modelfs.fetcher.pieces import PieceFetcher, Priority, _BlobHash
+from modelfs.fetcher.piece_fetcher import PieceFetcher, _BlobHash
 from modelfs.fetcher.registry import RegistryClient
+from modelfs.fetcher.slots import Priority
 from modelfs.modelpack import layer_media_type
 from modelfs.pieces import piece_count, piece_span
 

@@ -18,8 +18,9 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError
-from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
+from modelfs.fetcher.piece_fetcher import RUN_PIECES, PieceFetcher
 from modelfs.fetcher.registry import RegistryClient
+from modelfs.fetcher.slots import Priority
 from modelfs.modelpack import layer_media_type
 
 PIECE = 64 << 10

@@ -23,8 +23,8 @@ from modelfs.fetcher.hints import (
     startup_hints,
     whole_model,
 )
-from modelfs.fetcher.pieces import ConnectionSlots, Priority, Ticket
 from modelfs.fetcher.prefetch import HintPace, ReadPattern, WindowPolicy
+from modelfs.fetcher.slots import ConnectionSlots, Priority, Ticket
 
 MIB = 1 << 20
 PIECE = 4 * MIB

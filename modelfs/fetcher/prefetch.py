@@ -21,7 +21,7 @@ Two sources of foresight:
 
 ``ReadPattern`` is the pure policy; ``Prefetcher`` does the I/O. Its tasks run in the mount
 session's nursery, fetch at readahead or background priority (a read waiting on a piece always
-goes first, see ``modelfs.fetcher.pieces``), and a failed prefetch is only logged: the read
+goes first, see ``modelfs.fetcher.piece_fetcher``), and a failed prefetch is only logged: the read
 that needs the bytes fetches them again and reports the error.
 """
 
@@ -47,8 +47,9 @@ from modelfs.fetcher.hints import (
     startup_hints,
     whole_model,
 )
-from modelfs.fetcher.pieces import RUN_PIECES, Job, PieceFetcher, Priority
+from modelfs.fetcher.piece_fetcher import RUN_PIECES, Job, PieceFetcher
 from modelfs.fetcher.profile import Profile, tree_hints
+from modelfs.fetcher.slots import Priority
 from modelfs.pieces import piece_runs, pieces_covering
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ from modelfs.artifact.tree import (
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.manifests import resolve_config, resolve_manifest
-from modelfs.fetcher.pieces import PieceFetcher
+from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.fetcher.source import BlobSource
 from modelfs.pieces import piece_count
 from modelfs.untrusted import loads_json

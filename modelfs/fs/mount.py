@@ -30,7 +30,7 @@ from modelfs.errors import ModelfsError
 from modelfs.fetcher.buffers import PIECE_BUFFERS
 from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.layout import LayoutSource
-from modelfs.fetcher.pieces import PieceFetcher
+from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
 from modelfs.fetcher.profile import ReadRecorder, recorded_profile
 from modelfs.fetcher.registry import DEFAULT_READ_TIMEOUT, MeteredRepository, RegistryClient

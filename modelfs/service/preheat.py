@@ -22,9 +22,10 @@ from modelfs.cache import PieceCache
 from modelfs.fetcher.hints import Hint, hinted_pieces
 from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.manifests import resolve_manifest
-from modelfs.fetcher.pieces import RUN_PIECES, PieceFetcher, Priority
+from modelfs.fetcher.piece_fetcher import RUN_PIECES, PieceFetcher
 from modelfs.fetcher.prefetch import feed_hints
 from modelfs.fetcher.profile import recorded_profile
+from modelfs.fetcher.slots import Priority
 from modelfs.fetcher.source import BlobSource
 from modelfs.fs.model import Model, load_model
 from modelfs.fs.mount import MountOptions, open_source

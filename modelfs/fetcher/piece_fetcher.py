@@ -37,20 +37,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from enum import IntEnum
 from functools import partial
 
 import trio
 
 from modelfs.artifact.tree import BlobRef
-from modelfs.cache import PieceCache, PieceWrite
-from modelfs.errors import CacheError, IntegrityError, ModelfsError, PieceAlteredError
+from modelfs.cache import PieceCache
+from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError
 from modelfs.fetcher.buffers import PIECE_BUFFERS
 from modelfs.fetcher.index import sha256_hex
+from modelfs.fetcher.recent import RecentPieces
+from modelfs.fetcher.slots import ConnectionSlots, Priority, Ticket
 from modelfs.fetcher.source import (
     BlobBytes,
     BlobSource,
@@ -69,85 +69,10 @@ from modelfs.fetcher.stats import (
     attributing,
     error_kind,
 )
+from modelfs.fetcher.writer import CacheWriter, QueuedWrite
 from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
 
 log = logging.getLogger(__name__)
-
-
-class Priority(IntEnum):
-    BACKGROUND = 0  # hints and whole-model prefetch
-    READAHEAD = 1  # the window ahead of a sequential reader
-    DEMAND = 2  # a read is waiting on it
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One fetch's claim on a connection slot; its priority may rise while it waits."""
-
-    priority: Priority
-    granted: trio.Event = field(default_factory=trio.Event)
-
-
-class ConnectionSlots:
-    """At most ``total`` fetches at once; a freed slot goes to the highest-priority waiter.
-
-    ``caps[p]`` bounds the slots held by priority ``p`` and those below it together, so with
-    readahead capped below the total, a demand read finds a slot free even while prefetch
-    runs flat out.
-    """
-
-    def __init__(self, total: int, caps: dict[Priority, int]) -> None:
-        self._caps = {priority: min(caps.get(priority, total), total) for priority in Priority}
-        self._caps[Priority.DEMAND] = total  # all priorities together
-        self._held: dict[Priority, int] = dict.fromkeys(Priority, 0)
-        self._waiting: deque[Ticket] = deque()
-
-    def _allowed(self, priority: Priority) -> bool:
-        # One more slot at ``priority`` counts against its cap and every cap above it.
-        return all(
-            sum(held for p, held in self._held.items() if p <= level) < self._caps[level]
-            for level in Priority
-            if level >= priority
-        )
-
-    def _grant(self) -> None:
-        # Highest priority first, then first come first served.
-        for ticket in sorted(self._waiting, key=lambda t: -t.priority):
-            if self._allowed(ticket.priority):
-                self._waiting.remove(ticket)
-                self._held[ticket.priority] += 1
-                ticket.granted.set()
-
-    @asynccontextmanager
-    async def slot(self, ticket: Ticket) -> AsyncIterator[None]:
-        waiting_above = any(t.priority >= ticket.priority for t in self._waiting)
-        if not waiting_above and self._allowed(ticket.priority):
-            self._held[ticket.priority] += 1
-        else:
-            self._waiting.append(ticket)
-            try:
-                await ticket.granted.wait()
-            except BaseException:
-                if ticket.granted.is_set():  # granted and cancelled in the same breath
-                    self._release(ticket.priority)
-                else:
-                    self._waiting.remove(ticket)
-                raise
-        held_as = ticket.priority
-        try:
-            yield
-        finally:
-            self._release(held_as)
-
-    def promote(self, ticket: Ticket, priority: Priority) -> None:
-        """Raise a waiting fetch's priority (a read now waits on it)."""
-        if priority > ticket.priority and not ticket.granted.is_set():
-            ticket.priority = priority
-            self._grant()
-
-    def _release(self, priority: Priority) -> None:
-        self._held[priority] -= 1
-        self._grant()
 
 
 @dataclass
@@ -175,20 +100,6 @@ _TRIES = 2
 # Pieces up to this many ahead of a blob's hash are held for it; further ones are read back
 # from the cache when the hash gets to them (a random reader's pieces, mostly).
 _HASH_AHEAD = 16
-
-
-# Pieces fetched and waiting for the cache writer (``PieceFetcher.writing``) before a fetch waits
-# for room; and the most it stores per LMDB write transaction (one commit for all).
-_QUEUED_WRITES = 4
-_WRITES_PER_TRANSACTION = 4
-
-
-@dataclass(frozen=True)
-class _QueuedWrite(PieceWrite):
-    """A fetched piece on its way to the cache, with its blob's rejections when it was fetched:
-    if its blob failed its check since, the piece is not stored."""
-
-    rejections: int = 0
 
 
 @dataclass
@@ -243,8 +154,7 @@ class PieceFetcher:
                 Priority.BACKGROUND: background_connections,
             },
         )
-        self._memory: dict[tuple[str, int], BlobBytes] = {}  # in the order fetched
-        self._memory_pieces = memory_pieces
+        self._recent = RecentPieces(memory_pieces)
         # Told the digest of a blob that failed its check, so its readers' caches can be purged.
         self._on_rejected = on_rejected
         self._unvouched = source if isinstance(source, UnvouchedPieces) else None
@@ -255,55 +165,13 @@ class PieceFetcher:
         self._verified: set[str] = set()
         # Blobs that failed their digest check, each with the lock of its recheck.
         self._suspect: dict[str, trio.Lock] = {}
-        # While ``writing`` is active: where fetched pieces go to be stored, and those not
-        # stored yet (found there as if in the cache).
-        self._writes: trio.MemorySendChannel[_QueuedWrite] | None = None
-        self._queued: dict[tuple[str, int], BlobBytes] = {}
+        self._writer = CacheWriter(cache, self.stats, self._still_good, self._stored_whole)
         PIECE_BUFFERS.add_holder(self)
 
-    @asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        """Store fetched pieces in a writer task, so no reader waits for an LMDB write.
-
-        Pieces queue for the writer (a fetch waits for room, so they never pile up), which
-        stores up to ``_WRITES_PER_TRANSACTION`` at a time. On leaving, the queued pieces are
-        stored; on cancellation they are dropped. Without it, each fetch stores its piece.
-        """
-        send, receive = trio.open_memory_channel[_QueuedWrite](_QUEUED_WRITES)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_queued, receive)
-                self._writes = send
-                try:
-                    yield
-                finally:
-                    self._writes = None
-                    send.close()  # the writer stores what is queued, then ends
-        except BaseExceptionGroup as group:
-            # A mount's one-line error must not arrive wrapped in a group.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
-        finally:
-            self._queued.clear()  # stored, or dropped by a cancellation
-
-    async def _write_queued(self, receive: trio.MemoryReceiveChannel[_QueuedWrite]) -> None:
-        async with receive:
-            async for write in receive:
-                batch = [write]
-                while len(batch) < _WRITES_PER_TRANSACTION:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                try:
-                    await self._store(batch)
-                except CacheError as error:
-                    # Its readers have their bytes: the pieces are fetched again when next read.
-                    for dropped in batch:
-                        self._dequeue(dropped)
-                    self.stats.failed(error_kind(error), str(error))
-                    log.error("%s; %d pieces were not cached", error, len(batch))
+    def writing(self) -> AbstractAsyncContextManager[None]:
+        """Store fetched pieces in a writer task, so no reader waits for an LMDB write
+        (``CacheWriter``); without it, each fetch stores its piece."""
+        return self._writer.running()
 
     async def read(
         self, blob: BlobRef, offset: int, size: int, priority: Priority = Priority.DEMAND
@@ -411,12 +279,12 @@ class PieceFetcher:
 
     async def prefetch(self, blob: BlobRef, index: int, priority: Priority) -> None:
         """Have the piece in the cache; readahead also keeps it in memory for its reader."""
-        if blob.digest in self._suspect or (blob.digest, index) in self._memory:
+        if blob.digest in self._suspect or (blob.digest, index) in self._recent:
             return
         # Background prefetch only fills the cache; readahead also loads cached pieces to memory.
         if priority == Priority.BACKGROUND and (
             (blob.digest, index) in self._in_flight
-            or (blob.digest, index) in self._queued
+            or self._writer.queued((blob.digest, index)) is not None
             or self.cache.has(blob.digest, index)
         ):
             return
@@ -473,13 +341,13 @@ class PieceFetcher:
 
     async def _piece(self, blob: BlobRef, index: int, priority: Priority) -> BlobBytes:
         key = (blob.digest, index)
-        data = self._memory.get(key)
+        data = self._recent.get(key)
         if data is not None:
             return data
-        data = self._queued.get(key)  # fetched, on its way to the cache
+        data = self._writer.queued(key)  # fetched, on its way to the cache
         if data is not None:
             if priority != Priority.BACKGROUND:
-                self._remember(key, data)
+                self._recent.remember(key, data)
             return data
         waiting = self._in_flight.get(key)
         if waiting is not None:
@@ -497,7 +365,7 @@ class PieceFetcher:
                 await self._fetch(blob, index, [flight])
             else:
                 if flight.ticket.priority != Priority.BACKGROUND:
-                    self._remember(key, data)
+                    self._recent.remember(key, data)
                 self._settle(key, flight, data)
         except ModelfsError as error:
             if not flight.done.is_set():  # else ``_fetch`` settled it and counted the failure
@@ -525,8 +393,8 @@ class PieceFetcher:
         for index in indexes:
             key = (blob.digest, index)
             if (
-                key in self._memory
-                or key in self._queued
+                key in self._recent
+                or self._writer.queued(key) is not None
                 or key in self._in_flight
                 or self.cache.has(blob.digest, index)
             ):
@@ -592,13 +460,12 @@ class PieceFetcher:
             vouched = await self._check_landed(blob, index, data)
             # Handed to the hash before it is in the cache, so the hash never reads it back.
             state = None if vouched else self._hash_state_for(blob, index, data)
-            write = _QueuedWrite(
+            write = QueuedWrite(
                 blob.digest, index, data, blob.size, vouched=vouched, rejections=rejections
             )
             # Queued holding the connection: a writer that falls behind holds fetching back,
             # rather than fetched pieces piling up in tasks waiting for room.
-            if not await self._queue(write):
-                await self._store([write])
+            await self._writer.put(write)
             if state is not None:
                 # A prefetch hands its piece to the hash without queueing for it: waiting, each
                 # held its piece, and with sha256 behind on a busy machine 46 pieces (184 MiB)
@@ -611,7 +478,7 @@ class PieceFetcher:
                     "dropped from the cache, the next read fetches it again"
                 )
             if ticket.priority != Priority.BACKGROUND:
-                self._remember((blob.digest, index), data)
+                self._recent.remember((blob.digest, index), data)
             self._settle((blob.digest, index), flights[place], data)
 
         try:
@@ -669,42 +536,13 @@ class PieceFetcher:
             del self._in_flight[key]
         flight.done.set()
 
-    async def _queue(self, write: _QueuedWrite) -> bool:
-        """Hand the piece to the writer, waiting for room; False if there is none to store it."""
-        if self._writes is None:
-            return False
-        self._queued[(write.digest, write.index)] = write.data
-        try:
-            # Shielded: a piece that arrived is kept even if its reader went away (an unmount
-            # cancels prefetch); the writer drains the queue, so the wait is short.
-            with trio.CancelScope(shield=True):
-                await self._writes.send(write)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self._dequeue(write)
-            return False  # ``writing`` ended while this waited for room
-        return True
-
-    async def _store(self, writes: list[_QueuedWrite]) -> None:
-        """Store pieces in one transaction, except those of a blob that failed since."""
-        results = await trio.to_thread.run_sync(self.cache.put_many, writes, self._still_good)
-        for write, result in zip(writes, results, strict=True):
-            self._dequeue(write)
-            if not result.stored and self._still_good(write):
-                log.warning(
-                    "cache full: piece %d of %s served without caching", write.index, write.digest
-                )
-            if result.blob_complete and write.digest in self._verified:
-                # Its hash completed before its last piece was stored.
-                await self._mark_verified(write.digest, write.blob_size)
-
-    def _still_good(self, write: _QueuedWrite) -> bool:
+    def _still_good(self, write: QueuedWrite) -> bool:
         # Asked by the writer's thread inside its transaction; ``_reject`` counts before it drops.
         return self._rejections.get(write.digest, 0) == write.rejections
 
-    def _dequeue(self, write: _QueuedWrite) -> None:
-        key = (write.digest, write.index)
-        if self._queued.get(key) is write.data:  # not a later fetch of the same piece
-            del self._queued[key]
+    async def _stored_whole(self, digest: str, size: int) -> None:
+        if digest in self._verified:  # its hash completed before its last piece was stored
+            await self._mark_verified(digest, size)
 
     async def _check_landed(self, blob: BlobRef, index: int, data: BlobBytes) -> bool:
         """Check a piece fresh from the source against the piece index: True if it matched
@@ -771,7 +609,7 @@ class PieceFetcher:
             while self._hashes.get(blob.digest) is state and state.next_index < count:
                 data = state.ahead.pop(state.next_index, None)
                 if data is None:
-                    data = self._queued.get((blob.digest, state.next_index))
+                    data = self._writer.queued((blob.digest, state.next_index))
                 if data is None:
                     data = await self._cache_get(blob, state.next_index, unvouched=True)
                 if data is None:
@@ -804,10 +642,8 @@ class PieceFetcher:
         self._on_rejected(blob.digest)
         if self._unvouched is not None:
             self._unvouched.blob_checked(blob.digest, False)
-        for key in [key for key in self._memory if key[0] == blob.digest]:
-            del self._memory[key]
-        for key in [key for key in self._queued if key[0] == blob.digest]:
-            del self._queued[key]  # the writer skips them
+        self._recent.drop_blob(blob.digest)
+        self._writer.drop_blob(blob.digest)  # the writer skips them
         log.error(
             "blob %s from %s does not match its digest (got sha256:%s); its pieces were dropped",
             blob.digest,
@@ -846,28 +682,16 @@ class PieceFetcher:
         furthest piece waiting for its blob's hash that is stored already (the hash reads it back
         from the cache when it gets there).
         """
-        if self._memory:
-            del self._memory[next(iter(self._memory))]
+        if self._recent.drop_oldest():
             return True
         for digest, state in self._hashes.items():
             # Not the next one: the hash may be asking the cache for it right now.
             stored = [
                 index
                 for index in state.ahead
-                if index > state.next_index and (digest, index) not in self._queued
+                if index > state.next_index and self._writer.queued((digest, index)) is None
             ]
             if stored:
                 del state.ahead[max(stored)]
                 return True
         return False
-
-    def _remember(self, key: tuple[str, int], data: BlobBytes) -> None:
-        """Hold a piece for its readers, oldest fetched dropped first.
-
-        First in, first out rather than least recently used: a sequential reader has finished
-        with the older pieces (the kernel's page cache keeps what it read), while the pieces
-        prefetched ahead of it are the newest and not read yet.
-        """
-        self._memory[key] = data
-        while len(self._memory) > self._memory_pieces:
-            del self._memory[next(iter(self._memory))]
