@@ -243,12 +243,13 @@ async def feed_hints(
     return len(hints) + len(headers)
 
 
-class OpenFile:
+class FileReader:
     """One open file handle: reads go through the fetcher, the window ahead is prefetched."""
 
     def __init__(self, prefetcher: Prefetcher, node: FileNode) -> None:
         self._prefetcher = prefetcher
         self.node = node
+        self.keep_cache = not prefetcher.fetcher.serve_unverified
         self.pattern = ReadPattern(prefetcher.policy, node.size)
         self._rejections: int | None = None  # of its blob, when this handle's first read began
 
@@ -316,8 +317,8 @@ class Prefetcher:
             await self._prefetch_model(tree)
             await trio.sleep_forever()
 
-    def open(self, node: FileNode) -> OpenFile:
-        return OpenFile(self, node)
+    def open(self, node: FileNode) -> FileReader:
+        return FileReader(self, node)
 
     def note_read(self, node: FileNode, offset: int, size: int) -> None:
         """A reader read these bytes: hinted prefetch paced on the readers may go further."""

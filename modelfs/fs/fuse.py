@@ -31,6 +31,9 @@ class OpenFile(Protocol):
     """What an open file handle reads through (one per open, so it can follow the reader)."""
 
     node: FileNode
+    # Whether the kernel may keep the file's pages across opens: not while bytes it was given
+    # may still fail their check (--serve-unverified), so that opening it again drops them.
+    keep_cache: bool
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         """``size`` bytes from ``offset``; any contiguous buffer."""
@@ -126,7 +129,8 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         handle = next(self._next_handle)
         self._handles[handle] = self._open_file(node)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
+        keep_cache = self._handles[handle].keep_cache
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=keep_cache)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self._handles.pop(fh, None)

@@ -259,6 +259,7 @@ class RecordingFile:
 
     def __init__(self, inner: OpenFile, recorder: ReadRecorder) -> None:
         self.node = inner.node
+        self.keep_cache = inner.keep_cache
         self._inner = inner
         self._recorder = recorder
 
