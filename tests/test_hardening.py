@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cluster_tools import MIB, publish
-from mounting import mount_pid, mounted
+from mounting import modelfs, mount_pid, mounted
 from registry_tools import Proxy, Registry, free_port, free_ports
 from test_service import (
     Notifications,
@@ -32,9 +32,13 @@ from test_service import (
     wait_until,
 )
 
+from modelfs.fetcher.layout import OciLayout
+from modelfs.fetcher.rangeget import parse_content_range
 from modelfs.jsonsocket import MAX_CONNECTIONS, REQUEST_TIMEOUT
-from modelfs.transport.server import MAX_BODY
-from modelfs.transport.tokens import sign
+from modelfs.modelpack import OCI_MANIFEST
+from modelfs.transport.server import MAX_BODY, parse_listen
+from modelfs.transport.tokens import Verdict, check, sign
+from modelfs.untrusted import decimal, loads_json
 
 SECRET = b"hardening-test-secret-0123456789abcdef"
 DIGEST = "sha256:" + "ab" * 32
@@ -191,6 +195,31 @@ def test_the_scheduler_answers_400_to_bodies_json_chokes_on(cluster: Cluster) ->
     cluster.serves()
 
 
+# --- JSON from a registry or a layout is parsed bounded too ------------------------------------
+
+
+@pytest.mark.parametrize("nested", ["index", "manifest"])
+def test_json_nested_past_the_recursion_limit_is_refused_in_one_line(
+    tmp_path: Path, nested: str
+) -> None:
+    layout = OciLayout.create(tmp_path / "layout")
+    deep = b"[" * 100_000
+    if nested == "index":
+        (tmp_path / "layout" / "index.json").write_bytes(deep)
+    else:
+        stored = layout.write_blob_bytes(deep)
+        descriptor = {"mediaType": OCI_MANIFEST, "digest": stored.digest, "size": stored.size}
+        layout.set_tag("v1", descriptor)
+    (tmp_path / "mnt").mkdir()
+    result = modelfs(
+        "mount", f"oci:{tmp_path / 'layout'}:v1", str(tmp_path / "mnt"),
+        "--cache-dir", str(tmp_path / "cache"), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "not" in line and "RecursionError" not in line, line
+
+
 # --- point 9: nothing buffered before the token is checked --------------------------------------
 
 
@@ -333,3 +362,30 @@ def test_a_mount_stats_socket_survives_any_client(
         # The daemon still gets the mount's counters from that socket.
         assert after["live"]["read_bytes"] >= len(files["model.safetensors"])
         stop_daemon(daemon)
+
+
+# --- the parsers themselves: any text gives a number, None or a refusal, never an exception -----
+
+
+NOT_NUMBERS = ["\xb2", "9" * 21, "9" * 5000, "+1", " 1", "1_0", "\u0661", "", "-1", "0x1", "1.0"]
+
+
+@pytest.mark.parametrize("text", NOT_NUMBERS)
+def test_a_number_is_ascii_digits_and_bounded(text: str) -> None:
+    assert decimal(text) is None
+    assert parse_content_range(f"bytes {text}-{text}/{text}") is None
+    assert check(SECRET, f"Modelfs-HMAC {text}:00", "GET", "/", time.time()) is Verdict.REFUSED
+    with pytest.raises(ValueError):
+        parse_listen(f"127.0.0.1:{text}")
+
+
+@pytest.mark.parametrize("text", ["9" * 21, "9" * 5000, "NaN", "Infinity", "-Infinity", "1e999"])
+def test_json_numbers_are_bounded(text: str) -> None:
+    with pytest.raises(ValueError):
+        loads_json(f'{{"index": {text}}}')
+
+
+def test_bounded_numbers_still_read_what_clients_send() -> None:
+    assert decimal("18446744073709551615") == 2**64 - 1
+    assert parse_content_range("bytes 0-9/10") == (0, 9, 10)
+    assert loads_json('{"index": -12, "retry_after": 0.5}') == {"index": -12, "retry_after": 0.5}
