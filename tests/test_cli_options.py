@@ -53,7 +53,10 @@ def test_mount_imports_no_other_command() -> None:
     unwanted = {
         "modelfs.cli.auth",
         "modelfs.cli.build",
-        "modelfs.cli.service",
+        "modelfs.cli.cache",
+        "modelfs.cli.daemon",
+        "modelfs.cli.preheat",
+        "modelfs.cli.status",
         "modelfs.service.daemon",
         "modelfs.scheduler.service",
         "prometheus_client",

@@ -20,7 +20,7 @@ from registry_tools import Proxy, Registry, free_port
 from test_preheat import push_model
 from test_service import Notifications, status
 
-from modelfs.cli.service import describe_fetched, describe_sources, describe_waits, short_digest
+from modelfs.cli.status import describe_fetched, describe_sources, describe_waits, short_digest
 from modelfs.fetcher.buffers import PIECE_BUFFERS
 
 

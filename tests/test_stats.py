@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from modelfs.cli.service import describe_fetched, describe_sources, describe_waits, table
+from modelfs.cli.status import describe_fetched, describe_sources, describe_waits, table
 from modelfs.errors import (
     AuthError,
     IntegrityError,

@@ -30,19 +30,19 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 # Command name -> "module:attribute" of the click command.
 COMMANDS = {
     "build": "modelfs.cli.build:build",
-    "cache": "modelfs.cli.service:cache",
-    "daemon": "modelfs.cli.service:daemon",
+    "cache": "modelfs.cli.cache:cache",
+    "daemon": "modelfs.cli.daemon:daemon",
     "index": "modelfs.cli.cluster:index",
     "login": "modelfs.cli.auth:login",
     "logout": "modelfs.cli.auth:logout",
     "ls": "modelfs.cli.build:list_store",
     "modelfile": "modelfs.cli.build:modelfile_group",
     "mount": "modelfs.cli.mount:mount",
-    "preheat": "modelfs.cli.service:preheat",
+    "preheat": "modelfs.cli.preheat:preheat",
     "profile": "modelfs.cli.mount:profile",
     "push": "modelfs.cli.build:push",
     "scheduler": "modelfs.cli.cluster:scheduler",
-    "status": "modelfs.cli.service:status",
+    "status": "modelfs.cli.status:status",
     "tag": "modelfs.cli.build:tag",
     "umount": "modelfs.cli.mount:umount",
 }

@@ -42,3 +42,8 @@ def source_options(command: F) -> F:
     return click.option(
         "--insecure", is_flag=True, help="Accept a registry certificate that fails checks."
     )(command)
+
+
+def mib(size: int) -> str:
+    """Bytes as commands print them."""
+    return f"{size / (1 << 20):.1f} MiB"
