@@ -1,9 +1,11 @@
-"""The errors modelfs reports to users.
+"""The errors modelfs reports to users, and the errno a reader of the mount gets for each.
 
 Every error is one line that names the thing at fault and says what to do. The CLI prints
-``modelfs: error: <message>`` and exits non-zero; the filesystem turns errors into EIO for the
-reader and logs the message.
+``modelfs: error: <message>`` and exits non-zero; the filesystem fails the one read that met it
+with the errno ``errno_of`` gives and logs the message.
 """
+
+import errno
 
 
 class ModelfsError(Exception):
@@ -44,3 +46,31 @@ class PieceAlteredError(IntegrityError):
 
 class CacheError(ModelfsError):
     """The local cache cannot be opened or written."""
+
+
+class InternalError(ModelfsError):
+    """A state modelfs should never reach (a bug): logged with its traceback."""
+
+
+# The errno of a read that failed: the nearest of the error's classes named here decides. The
+# rest failed to get or check the bytes, which a reader knows as EIO: a registry that is down
+# (as an NFS server that is), an altered piece, a corrupt archive, a broken cache.
+_ERRNOS: dict[type[BaseException], int] = {
+    ModelfsError: errno.EIO,
+    # Refused by the registry: the reader may not have these bytes, nothing is broken.
+    AuthError: errno.EACCES,
+    # The blob went from the registry (or layout) after the mount pinned it: as NFS says of a
+    # file deleted on the server under an open handle.
+    NotFoundError: errno.ESTALE,
+}
+
+
+def errno_of(error: BaseException) -> int:
+    """The errno a reader gets when ``error`` failed its read (EIO for anything unforeseen).
+
+    A group (pieces fetched at once that failed together) gives the errno its errors agree on.
+    """
+    if isinstance(error, BaseExceptionGroup):
+        errnos = {errno_of(inner) for inner in error.exceptions}
+        return errnos.pop() if len(errnos) == 1 else errno.EIO
+    return next((_ERRNOS[cls] for cls in type(error).__mro__ if cls in _ERRNOS), errno.EIO)

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("artifact", "transport", "jsonsocket"),
     ("cache",),
     ("fetcher",),
-    ("builder", "metrics"),
+    ("builder", "metrics", "testing"),
     ("scheduler",),
     ("peer",),
     ("fs",),

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Protocol
 
 from modelfs.artifact.tar import HARDLINK_TYPE, TarMember
-from modelfs.errors import ManifestError
+from modelfs.errors import InternalError, ManifestError
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,
@@ -96,7 +96,7 @@ class DeferredData(Protocol):
         """Find the bytes (once; concurrent callers wait for the same search)."""
 
 
-class DataNotLocatedError(RuntimeError):
+class DataNotLocatedError(InternalError):
     """A deferred file's blob was asked for before its first read located it (a bug)."""
 
 

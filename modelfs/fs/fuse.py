@@ -2,8 +2,12 @@
 
 The tree never changes under a mount (the manifest is pinned by digest), so the kernel may keep
 entries, attributes and page cache for as long as it likes: long timeouts and ``keep_cache``.
-Any failure to get bytes is EIO for that read only, logged with the file it concerns; the
-filesystem itself stays up.
+A failure to get bytes fails that read only, with the errno ``errors.errno_of`` gives (EIO
+unless the registry refused or lost the blob), logged with the file it concerns; the filesystem
+itself stays up. An inode the tree does not have is ESTALE: the kernel holds it from elsewhere.
+
+Nothing here needs the kernel but ``readdir``'s reply: the operations can be driven directly
+(``tests/test_fs_unit.py``), with the listing itself in ``entries``.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import pyfuse3
 
 from modelfs.artifact.tree import DirNode, FileNode, Tree
-from modelfs.errors import ModelfsError
+from modelfs.errors import InternalError, ModelfsError, errno_of
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +70,7 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
         self._on_init()
 
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
-        try:
-            node = self.tree.node(inode)
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        node = self._node(inode)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.entry_timeout = CACHE_TIMEOUT
@@ -97,6 +98,8 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if not isinstance(self._node(parent_inode), DirNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
             return self._attributes(parent_inode)
         inode = self.tree.lookup(parent_inode, os.fsdecode(name))
@@ -112,14 +115,20 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
-        # start_id is the position in the sorted child list, so a listing can resume anywhere.
+        for name, attr, next_id in self.entries(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, attr, next_id):
+                return  # the kernel's buffer is full: it asks again from ``next_id``
+
+    def entries(
+        self, fh: pyfuse3.FileHandleT, start_id: int
+    ) -> Iterator[tuple[bytes, pyfuse3.EntryAttributes, int]]:
+        """(name, attributes, id to resume after it) of a directory's entries from ``start_id``,
+        made as the reply takes them: the id is the position in the sorted child list, so a
+        listing can resume anywhere."""
         children = self.tree.children(fh)
         for position in range(start_id, len(children)):
             name, inode = children[position]
-            if not pyfuse3.readdir_reply(
-                token, os.fsencode(name), self._attributes(inode), position + 1
-            ):
-                return
+            yield os.fsencode(name), self._attributes(inode), position + 1
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
@@ -146,12 +155,9 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
         size = min(size, node.size - off)
         try:
             data = await file.read(off, size)
-        except ModelfsError as error:
-            log.error("read %s [%d, +%d): %s", node.path, off, size, error)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("read %s [%d, +%d) failed unexpectedly", node.path, off, size)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as error:
+            _log_failed_read(node, off, size, error)
+            raise pyfuse3.FUSEError(errno_of(error)) from None
         if len(data) != size:  # never a short read before EOF
             log.error("read %s [%d, +%d): got %d bytes", node.path, off, size, len(data))
             raise pyfuse3.FUSEError(errno.EIO)
@@ -183,4 +189,22 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
         try:
             return self.tree.node(inode)
         except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            # The kernel only names inodes it was given: one from another tree (a stale handle).
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+
+def _log_failed_read(node: FileNode, offset: int, size: int, error: Exception) -> None:
+    """The message of each error modelfs reports, on one line; a bug's traceback."""
+    failures = _failures(error)
+    if all(isinstance(f, ModelfsError) and not isinstance(f, InternalError) for f in failures):
+        messages = "; ".join(dict.fromkeys(map(str, failures)))
+        log.error("read %s [%d, +%d): %s", node.path, offset, size, messages)
+    else:
+        log.error("read %s [%d, +%d) failed unexpectedly", node.path, offset, size, exc_info=error)
+
+
+def _failures(error: BaseException) -> list[BaseException]:
+    """The errors a read failed with: one, or those of pieces fetched at once that failed."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _failures(inner)]
+    return [error]

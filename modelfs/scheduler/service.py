@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from modelfs.errors import ModelfsError
 from modelfs.scheduler.metrics import SchedulerMetrics
 from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
 from modelfs.scheduler.redis import RedisError, RedisKeyValue
@@ -41,8 +42,8 @@ LONG_POLL = 0.5
 RECHECK = 0.05
 
 
-class BadRequest(Exception):
-    pass
+class BadRequest(ModelfsError):
+    """A request body the scheduler refuses: answered 400 with the message."""
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
