@@ -176,6 +176,21 @@ def test_any_bytes_and_any_hangup_end_one_connection_only(cluster: Cluster) -> N
     cluster.serves()
 
 
+def test_a_refusal_keeps_a_bodyless_connection_and_closes_one_with_a_body_unread(
+    cluster: Cluster,
+) -> None:
+    host, port = cluster.peer.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /pieces/x/0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        path = f"/pieces/{DIGEST}/0"
+        signed = "".join(f"{k}: {v}\r\n" for k, v in sign(SECRET, "GET", path, time.time()).items())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{signed}\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")  # the same connection serves on
+    answer = exchange(cluster.peer, b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"\r\nconnection: close\r\n" in answer.lower()
+
+
 # --- point 2: signed scheduler calls with bodies json.loads chokes on ---------------------------
 
 

@@ -119,7 +119,7 @@ class AuthenticatedServer:
         try:
             await self._handle_connection(tcp)
         except Exception as error:  # any client, any bytes: it ends this connection only
-            log.warning("a connection ended by %s: %s", type(error).__name__, error)
+            log.warning("a connection ended by %s: %.200r", type(error).__name__, str(error))
             await trio.aclose_forcefully(tcp)
 
     async def _handle_connection(self, tcp: trio.SocketStream) -> None:
@@ -168,10 +168,12 @@ class AuthenticatedServer:
             if body is None:
                 return False
             response = await self._answer(head, body)
-        await _respond(connection, stream, response)
-        if connection.their_state is h11.SEND_BODY:  # refused from its headers
+        elif not isinstance(connection.next_event(), h11.EndOfMessage):
+            # Refused with a body unread: the connection cannot carry another request.
+            await _respond(connection, stream, response, close=True)
             await _linger(stream)
             return False
+        await _respond(connection, stream, response)
         return connection.our_state is h11.DONE and connection.their_state is h11.DONE
 
     def _refusal(self, head: _Head) -> Response | None:
@@ -235,8 +237,12 @@ async def _read_body(connection: h11.Connection, stream: trio.abc.Stream) -> byt
     return bytes(body)
 
 
-async def _respond(connection: h11.Connection, stream: trio.abc.Stream, response: Response) -> None:
+async def _respond(
+    connection: h11.Connection, stream: trio.abc.Stream, response: Response, close: bool = False
+) -> None:
     headers = [("Content-Length", str(len(response.body)))]
+    if close:
+        headers.append(("Connection", "close"))
     if response.body:
         headers.append(("Content-Type", response.content_type))
     if response.status == 401:
@@ -266,7 +272,7 @@ async def _refuse_busy(stream: trio.abc.Stream) -> None:
     with trio.move_on_after(BUSY_TIMEOUT):
         try:
             if await _next_head(connection, stream) is not None:
-                await _respond(connection, stream, Response(503))
+                await _respond(connection, stream, Response(503), close=True)
                 await _linger(stream)
         except (h11.ProtocolError, trio.BrokenResourceError):
             log.debug("a refused client went away, or sent no valid request")
