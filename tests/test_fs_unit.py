@@ -3,7 +3,7 @@
 The tree comes from the real model loader, file bytes through a real ``PieceFetcher`` and LMDB
 ``PieceCache`` from an in-memory source (``modelfs.testing``): no registry, no kernel, no root,
 milliseconds a test. The kernel's part, answering the requests, is what the real-mount tests
-check (``tests/test_mount.py``).
+check (``tests/test_mount.py``, ``tests/test_fs_errno_mount.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, WindowPolicy
 from modelfs.fetcher.source import BlobBytes, PieceRuns
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
-from modelfs.fs.model import load_model
+from modelfs.mount.model import load_model
 from modelfs.scheduler.service import BadRequest
 from modelfs.testing import MemoryRunSource, MemorySource, digest_of, model_source
 
