@@ -70,7 +70,7 @@ async def serve_control(
             # `modelfs status` interrupted, or the daemon's 2 s wait for a mount's counters over
             log.debug("a client went away before its answer")
         except Exception as error:  # any client, any bytes: it ends this connection only
-            log.warning("a control request ended by %s: %s", type(error).__name__, error)
+            log.warning("a control request ended by %s: %.200r", type(error).__name__, str(error))
 
     await trio.serve_listeners(connected, [listener])
 
@@ -115,7 +115,7 @@ async def _reply(request: bytes, handle: Handler) -> dict[str, Any]:
     except ModelfsError as error:
         return {"error": str(error)}
     except Exception as error:  # a flaw one request meets must not end the process
-        log.warning("a control request failed by %s: %s", type(error).__name__, error)
+        log.warning("a control request failed by %s: %.200r", type(error).__name__, str(error))
         return {"error": f"the request failed ({type(error).__name__}: {error}); see the log"}
     return {"error": USAGE} if reply is None else reply
 

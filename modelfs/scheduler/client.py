@@ -20,6 +20,7 @@ import trio
 
 from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
 from modelfs.transport.tokens import sign
+from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class SchedulerClient:
                 response = await self._http.post(self.url + path, content=body, headers=headers)
                 unavailable = response.status_code == 503
                 if response.status_code == 200:
-                    answer = response.json()
+                    answer = loads_json(response.content)  # bounded: nesting, numbers
                     if isinstance(answer, dict):
                         self._backoff = 0.0
                         return answer
