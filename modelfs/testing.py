@@ -52,27 +52,15 @@ class MemorySource:
         *,
         name: str = "memory",
     ) -> None:
-        self._name = name
+        self.name = name
         self.blobs = {digest_of(data): data for data in blobs}
         self.manifests: dict[str, FetchedManifest] = {}
         for tag, data in (manifests or {}).items():
-            self.add_manifest(data, tag)
+            media_type = json.loads(data).get("mediaType", OCI_MANIFEST)
+            fetched = FetchedManifest(digest_of(data), media_type, data)
+            self.manifests[tag] = self.manifests[fetched.digest] = fetched
         self.failures: dict[str, ModelfsError] = {}
         self.reads: list[tuple[str, int, int]] = []
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def add_manifest(self, data: bytes, tag: str | None = None) -> str:
-        """Hold a manifest under its digest, and ``tag``; returns the digest."""
-        document = json.loads(data)
-        media_type = document.get("mediaType", OCI_MANIFEST)
-        fetched = FetchedManifest(digest_of(data), media_type, data)
-        self.manifests[fetched.digest] = fetched
-        if tag is not None:
-            self.manifests[tag] = fetched
-        return fetched.digest
 
     async def get_manifest(self, selector: str) -> FetchedManifest:
         await trio.lowlevel.checkpoint()

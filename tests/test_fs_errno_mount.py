@@ -27,7 +27,11 @@ def errno_of_call(call: Callable[[], object]) -> int:
 def test_a_reader_gets_enoent_estale_and_eio_for_what_went_wrong(tmp_path: Path) -> None:
     kept, gone, altered = (os.urandom(1 << 20) for _ in range(3))
     store = tmp_path / "store"
-    files = [("kept.bin", kept, None), ("gone.bin", gone, None), ("altered.bin", altered, None)]
+    files: list[tuple[str, bytes, int | None]] = [
+        ("kept.bin", kept, None),
+        ("gone.bin", gone, None),
+        ("altered.bin", altered, None),
+    ]
     reference = layout_model(store, files)
     layout = OciLayout.open(store)
     with mounted(reference, tmp_path / "mnt", tmp_path / "cache") as mnt:

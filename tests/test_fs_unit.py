@@ -91,13 +91,13 @@ async def inode_of(fs: ReadOnlyTreeFS, path: str) -> int:
 async def read_file(fs: ReadOnlyTreeFS, path: str, chunk: int = 128 << 10) -> bytes:
     """The file's bytes as the kernel asks for them: open, reads of ``chunk`` to EOF, release."""
     info = await fs.open(await inode_of(fs, path), os.O_RDONLY, CTX)
-    parts = []
+    data = bytearray()
     try:
-        while part := await fs.read(info.fh, sum(map(len, parts)), chunk):
-            parts.append(bytes(part))
+        while part := await fs.read(info.fh, len(data), chunk):
+            data += part
     finally:
         await fs.release(info.fh)
-    return b"".join(parts)
+    return bytes(data)
 
 
 async def fuse_errno(request: Awaitable[object]) -> int:
