@@ -22,8 +22,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fetcher",),
     ("builder", "metrics", "testing"),
     ("scheduler",),
-    ("peer",),
-    ("fs",),
+    ("peer", "fs"),
+    ("mount",),
     ("service",),
     ("cli", "demo"),
     ("__main__",),
@@ -79,7 +79,7 @@ def test_imports_only_run_downhill() -> None:
 @pytest.mark.parametrize(
     ("source", "found"),
     [
-        ("from modelfs.fs.mount import serve\n", "cache/bad.py: imports fs (not below it)"),
+        ("from modelfs.mount.session import serve\n", "cache/bad.py: imports mount (not below it)"),
         ("import modelfs.artifact.tree\n", None),
         ("from modelfs.builder import build\n", "metrics/bad.py: imports builder (not below it)"),
     ],

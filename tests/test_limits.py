@@ -35,9 +35,9 @@ from modelfs.artifact.tree import (
 )
 from modelfs.errors import ManifestError
 from modelfs.fetcher.registry import LateRanges
-from modelfs.fs.mount import mountinfo_path
 from modelfs.logs import TextFormatter, escape_controls
 from modelfs.modelpack import MAX_FILE_SIZE, MAX_TOTAL_SIZE
+from modelfs.mount.session import mountinfo_path
 
 DIGEST = "sha256:" + "a" * 64
 

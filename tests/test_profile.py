@@ -44,8 +44,8 @@ from modelfs.fetcher.profile import (
     profile_hints,
 )
 from modelfs.fetcher.registry import RegistryClient
-from modelfs.fs.recording import command_for
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
+from modelfs.mount.profiling import command_for
 from modelfs.pieces import DEFAULT_PIECE_SIZE, pieces_covering
 
 MIB = 1 << 20

@@ -29,15 +29,15 @@ from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.fetcher.registry import DEFAULT_READ_TIMEOUT
-from modelfs.fs.model import Model
-from modelfs.fs.mount import (
+from modelfs.mount.model import Model
+from modelfs.mount.profiling import profile_model
+from modelfs.mount.session import (
     DEFAULT_READ_AHEAD_KB,
     MountOptions,
     check_mountpoint,
     is_mount_point,
     serve,
 )
-from modelfs.fs.recording import profile_model
 from modelfs.peer.options import load_cluster_options
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers

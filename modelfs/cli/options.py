@@ -8,7 +8,7 @@ import click
 
 from modelfs import sizes
 from modelfs.cli import F
-from modelfs.fs.mount import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
+from modelfs.mount.session import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 
 
 def parse_size(text: str) -> int:

@@ -13,7 +13,7 @@ import trio
 
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.prefetch import PrefetchMode
-from modelfs.fs.mount import check_mountpoint
+from modelfs.mount.session import check_mountpoint
 from modelfs.reference import LayoutReference, parse_any_reference
 from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
 from modelfs.service.peer_ports import choose_port

@@ -27,8 +27,8 @@ from modelfs.fetcher.prefetch import feed_hints
 from modelfs.fetcher.profile import recorded_profile
 from modelfs.fetcher.slots import Priority
 from modelfs.fetcher.source import BlobSource
-from modelfs.fs.model import Model, load_model
-from modelfs.fs.mount import MountOptions, open_source
+from modelfs.mount.model import Model, load_model
+from modelfs.mount.session import MountOptions, open_source
 from modelfs.pieces import piece_runs, piece_span
 from modelfs.reference import LayoutReference, Reference
 

@@ -19,8 +19,8 @@ import trio
 from modelfs.errors import ModelfsError, RegistryError
 from modelfs.fetcher.profile import Profile, ReadRecorder, publish_profile
 from modelfs.fetcher.registry import RegistryRepository
-from modelfs.fs.model import Model
-from modelfs.fs.mount import MountOptions, open_source, serve
+from modelfs.mount.model import Model
+from modelfs.mount.session import MountOptions, open_source, serve
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.reference import LayoutReference
 

@@ -44,9 +44,9 @@ from modelfs.fetcher.stats import (
     MountStats,
 )
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
-from modelfs.fs.model import Model, load_model
 from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
+from modelfs.mount.model import Model, load_model
 from modelfs.peer.options import ClusterOptions
 from modelfs.reference import LayoutReference, Reference
 
