@@ -74,7 +74,7 @@ class _Head:
     path: str
     authorization: str | None
     digest: str  # the body's sha256 the client declares (and signs)
-    too_large: bool  # declares a body over MAX_BODY (a chunked one is bounded while read)
+    length: int | None  # the body's declared length, capped at MAX_BODY + 1; None: chunked
 
 
 class _BodyTooLarge(Exception):
@@ -178,10 +178,10 @@ class AuthenticatedServer:
 
     def _refusal(self, head: _Head) -> Response | None:
         """The answer a request gets from its headers alone; None: read its body."""
-        if head.too_large:
+        if head.length is not None and head.length > MAX_BODY:
             return Response(413)
         if head.path in self._public and head.method == "GET":
-            return None
+            return None if head.length == 0 else Response(400)  # unsigned: no body to read
         verdict = check(
             self._secret, head.authorization, head.method, head.path, self._clock(), head.digest
         )
@@ -216,15 +216,24 @@ async def _next_head(connection: h11.Connection, stream: trio.abc.Stream) -> _He
     request = await _next_event(connection, stream)
     if not isinstance(request, h11.Request):
         return None
-    length = _header(request, b"content-length")  # h11 checked: digits only
-    declared = None if length is None else decimal(length)
     return _Head(
         request.method.decode("latin-1"),
         request.target.decode("latin-1").split("?", 1)[0],
         _header(request, b"authorization"),
         _header(request, DIGEST_HEADER.lower().encode()) or EMPTY_BODY,
-        length is not None and (declared is None or declared > MAX_BODY),
+        _declared_length(request),
     )
+
+
+def _declared_length(request: h11.Request) -> int | None:
+    """The body length the headers declare, capped at ``MAX_BODY + 1``; None: chunked."""
+    if _header(request, b"transfer-encoding") is not None:
+        return None
+    text = _header(request, b"content-length")  # h11 checked: digits only
+    if text is None:
+        return 0
+    length = decimal(text)
+    return MAX_BODY + 1 if length is None else min(length, MAX_BODY + 1)
 
 
 async def _read_body(connection: h11.Connection, stream: trio.abc.Stream) -> bytes:
