@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ from test_service import (
     wait_until,
 )
 
+from modelfs.artifact.tar import parse_member
+from modelfs.errors import ManifestError
 from modelfs.fetcher.layout import OciLayout
 from modelfs.fetcher.rangeget import parse_content_range
 from modelfs.jsonsocket import MAX_CONNECTIONS, REQUEST_TIMEOUT
@@ -413,3 +416,14 @@ def test_bounded_numbers_still_read_what_clients_send() -> None:
     assert decimal("18446744073709551615") == 2**64 - 1
     assert parse_content_range("bytes 0-9/10") == (0, 9, 10)
     assert loads_json('{"index": -12, "retry_after": 0.5}') == {"index": -12, "retry_after": 0.5}
+
+
+def test_a_pax_record_length_of_5000_digits_is_a_corrupt_layer() -> None:
+    records = b"9" * 5000 + b" path=x\n"
+    pax = tarfile.TarInfo("PaxHeaders/x")
+    pax.type, pax.size = tarfile.XHDTYPE, len(records)
+    member = tarfile.TarInfo("x")
+    padding = b"\0" * (-len(records) % tarfile.BLOCKSIZE)
+    archive = pax.tobuf(tarfile.USTAR_FORMAT) + records + padding + member.tobuf()
+    with pytest.raises(ManifestError, match="malformed pax record"):
+        parse_member(archive, 0)

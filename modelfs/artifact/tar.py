@@ -139,7 +139,7 @@ def _pax_records(data: bytes, at: int) -> dict[str, str]:
     while pos < len(data) and data[pos] != 0:
         space = data.find(b" ", pos)
         length_text = data[pos:space] if space > pos else b""
-        if not length_text.isdigit():
+        if not length_text.isdigit() or len(length_text) > _PAX_DIGITS:  # int() fails past 4300
             raise _corrupt(at, f"malformed pax record at byte {pos}")
         end = pos + int(length_text)
         key, equals, value = data[space + 1 : end - 1].partition(b"=")
