@@ -34,11 +34,13 @@ from test_service import (
 )
 
 from modelfs.artifact.tar import parse_member
-from modelfs.errors import ManifestError
+from modelfs.errors import ManifestError, ModelfsError
 from modelfs.fetcher.layout import OciLayout
 from modelfs.fetcher.rangeget import parse_content_range
 from modelfs.jsonsocket import MAX_CONNECTIONS, REQUEST_TIMEOUT
+from modelfs.metrics import parse_address
 from modelfs.modelpack import OCI_MANIFEST
+from modelfs.service.peer_ports import parse_port_range
 from modelfs.transport.server import MAX_BODY, parse_listen
 from modelfs.transport.tokens import Verdict, check, sign
 from modelfs.untrusted import decimal, loads_json
@@ -404,6 +406,11 @@ def test_a_number_is_ascii_digits_and_bounded(text: str) -> None:
     assert check(SECRET, f"Modelfs-HMAC {text}:00", "GET", "/", time.time()) is Verdict.REFUSED
     with pytest.raises(ValueError):
         parse_listen(f"127.0.0.1:{text}")
+    with pytest.raises(ModelfsError):
+        parse_address(f"127.0.0.1:{text}")
+    if text == text.strip():  # a port range may have blanks around its ports
+        with pytest.raises(ValueError):
+            parse_port_range(f"{text}-7490")
 
 
 @pytest.mark.parametrize("text", ["9" * 21, "9" * 5000, "NaN", "Infinity", "-Infinity", "1e999"])

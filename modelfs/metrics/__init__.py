@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from modelfs.cache import CacheStats
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.stats import CACHE, MountStats
+from modelfs.untrusted import decimal
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,11 @@ class DaemonCollector(Collector):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not port.isdigit():
+    host, _, port_text = text.rpartition(":")
+    port = decimal(port_text, 5)
+    if port is None or port > 65535:
         raise ModelfsError(f"--metrics-addr {text!r} is not HOST:PORT (example: 127.0.0.1:9464)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "0.0.0.0", port
 
 
 @contextmanager

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from modelfs.untrusted import decimal
+
 
 @dataclass(frozen=True)
 class PortRange:
@@ -35,10 +37,10 @@ def parse_port_range(value: object) -> PortRange:
     if isinstance(value, int):
         first, last = value, 65535
     elif isinstance(value, str) and value.count("-") == 1:
-        low, high = (part.strip() for part in value.split("-"))
-        if not low.isdigit() or not high.isdigit():
+        low, high = (decimal(part.strip(), 5) for part in value.split("-"))
+        if low is None or high is None:
             raise ValueError(f'{value!r} is not a port or a range LOW-HIGH (e.g. "7481-7496")')
-        first, last = int(low), int(high)
+        first, last = low, high
     else:
         raise ValueError(f'{value!r} is not a port or a range LOW-HIGH (e.g. "7481-7496")')
     if not 1 <= first <= last <= 65535:
