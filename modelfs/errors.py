@@ -66,11 +66,5 @@ _ERRNOS: dict[type[BaseException], int] = {
 
 
 def errno_of(error: BaseException) -> int:
-    """The errno a reader gets when ``error`` failed its read (EIO for anything unforeseen).
-
-    A group (pieces fetched at once that failed together) gives the errno its errors agree on.
-    """
-    if isinstance(error, BaseExceptionGroup):
-        errnos = {errno_of(inner) for inner in error.exceptions}
-        return errnos.pop() if len(errnos) == 1 else errno.EIO
+    """The errno a reader gets when ``error`` failed its read (EIO for anything unforeseen)."""
     return next((_ERRNOS[cls] for cls in type(error).__mro__ if cls in _ERRNOS), errno.EIO)

@@ -186,13 +186,21 @@ class PieceFetcher:
             start = offset - indexes[0] * piece_size
             return memoryview(data)[start : start + size]
         parts: list[BlobBytes] = [b""] * len(indexes)
+        failed: list[ModelfsError] = []
 
-        async def fetch_into(slot: int, index: int) -> None:
-            parts[slot] = await self.piece(blob, index, priority)
+        async def fetch_into(slot: int, index: int, cancel_scope: trio.CancelScope) -> None:
+            try:
+                parts[slot] = await self.piece(blob, index, priority)
+            except ModelfsError as error:
+                # The read fails with one error, not a group of them: the first; the rest stop.
+                failed.append(error)
+                cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for slot, index in enumerate(indexes):
-                nursery.start_soon(fetch_into, slot, index)
+                nursery.start_soon(fetch_into, slot, index, nursery.cancel_scope)
+        if failed:
+            raise failed[0]
         # One copy, of just the bytes asked for.
         end = offset + size
         return b"".join(
@@ -321,6 +329,7 @@ class PieceFetcher:
     async def _fetch_whole(self, blob: BlobRef) -> bool:
         """Fetch the blob's missing pieces and check it; False if it failed its check."""
         rejected = False
+        failed: list[ModelfsError] = []
 
         async def fetch(index: int) -> None:
             nonlocal rejected
@@ -328,10 +337,14 @@ class PieceFetcher:
                 await self._piece(blob, index, Priority.DEMAND)
             except IntegrityError:
                 rejected = True  # the others finish: none lands after the next try started
+            except ModelfsError as error:
+                failed.append(error)  # raised alone once the others finished, not as a group
 
         async with trio.open_nursery() as nursery:
             for index in self.cache.missing(blob.digest, blob.size):
                 nursery.start_soon(fetch, index)
+        if failed:
+            raise failed[0]
         if not rejected:
             try:
                 await self._verify_once(blob)  # complete in the cache, never checked

@@ -194,17 +194,8 @@ class ReadOnlyTreeFS(pyfuse3.Operations):
 
 
 def _log_failed_read(node: FileNode, offset: int, size: int, error: Exception) -> None:
-    """The message of each error modelfs reports, on one line; a bug's traceback."""
-    failures = _failures(error)
-    if all(isinstance(f, ModelfsError) and not isinstance(f, InternalError) for f in failures):
-        messages = "; ".join(dict.fromkeys(map(str, failures)))
-        log.error("read %s [%d, +%d): %s", node.path, offset, size, messages)
+    """The error modelfs reports, on one line; a bug's traceback."""
+    if isinstance(error, ModelfsError) and not isinstance(error, InternalError):
+        log.error("read %s [%d, +%d): %s", node.path, offset, size, error)
     else:
         log.error("read %s [%d, +%d) failed unexpectedly", node.path, offset, size, exc_info=error)
-
-
-def _failures(error: BaseException) -> list[BaseException]:
-    """The errors a read failed with: one, or those of pieces fetched at once that failed."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _failures(inner)]
-    return [error]
