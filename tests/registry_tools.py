@@ -30,7 +30,7 @@ from types import TracebackType
 
 import trio
 
-from modelfs.fetcher.auth import Credentials
+from modelfs.fetcher.credentials import Credentials
 from modelfs.fetcher.index import BlobPieces, PieceHasher, PieceIndex, publish_index
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.fetcher.source import FetchedManifest

@@ -14,7 +14,7 @@ from registry_tools import Registry
 
 from modelfs.cli import cli
 from modelfs.errors import AuthError
-from modelfs.fetcher.auth import (
+from modelfs.fetcher.credentials import (
     DOCKER_HUB_KEY,
     Challenge,
     Credentials,

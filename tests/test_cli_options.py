@@ -51,7 +51,7 @@ def test_mount_imports_no_other_command() -> None:
     loaded = set(result.stdout.split())
     assert "modelfs.cli.mount" in loaded
     unwanted = {
-        "modelfs.cli.auth",
+        "modelfs.cli.login",
         "modelfs.cli.build",
         "modelfs.cli.cache",
         "modelfs.cli.daemon",

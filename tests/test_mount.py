@@ -34,7 +34,7 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from safetensors.numpy import save
 
 from modelfs.cache import PieceCache
-from modelfs.fetcher.auth import Credentials
+from modelfs.fetcher.credentials import Credentials
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,

@@ -15,7 +15,7 @@ import trio
 from conftest import AUTH_PASSWORD, AUTH_USERNAME
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
-from modelfs.fetcher.auth import Credentials
+from modelfs.fetcher.credentials import Credentials
 from modelfs.fetcher.rangeget import Origin, RangeGetter
 from modelfs.fetcher.registry import RegistryClient
 from modelfs.fetcher.source import BlobBytes

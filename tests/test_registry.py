@@ -24,7 +24,7 @@ from modelfs.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from modelfs.fetcher.auth import Credentials
+from modelfs.fetcher.credentials import Credentials
 from modelfs.fetcher.registry import (
     RegistryClient,
     RegistryRepository,

@@ -38,7 +38,7 @@ from modelfs.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from modelfs.fetcher.auth import (
+from modelfs.fetcher.credentials import (
     Challenge,
     Credentials,
     load_credentials,

@@ -8,7 +8,7 @@ import click
 import trio
 
 from modelfs.errors import BadReferenceError
-from modelfs.fetcher.auth import (
+from modelfs.fetcher.credentials import (
     Credentials,
     docker_config_path,
     normalize_host,
