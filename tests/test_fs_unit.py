@@ -33,10 +33,10 @@ from modelfs.errors import (
 )
 from modelfs.fetcher.layout import LayoutError
 from modelfs.fetcher.piece_fetcher import PieceFetcher
-from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, WindowPolicy
 from modelfs.fetcher.source import BlobBytes, PieceRuns
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.mount.model import load_model
+from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, WindowPolicy
 from modelfs.scheduler.service import BadRequest
 from modelfs.testing import MemoryRunSource, MemorySource, digest_of, model_source
 

@@ -20,11 +20,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("artifact", "transport", "jsonsocket"),
     ("cache",),
     ("fetcher",),
+    ("prefetch",),
     ("builder", "metrics", "testing"),
     ("scheduler",),
     ("peer", "fs"),
     ("mount",),
     ("service",),
+    ("snapshot",),
     ("cli",),
     ("__main__",),
 )

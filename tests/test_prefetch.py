@@ -13,7 +13,8 @@ import trio
 import trio.testing
 
 from modelfs.artifact.tree import BlobRef, FileNode, FileSpec, Tree
-from modelfs.fetcher.hints import (
+from modelfs.fetcher.slots import ConnectionSlots, Priority, Ticket
+from modelfs.prefetch.hints import (
     Hint,
     header_hint,
     hinted_pieces,
@@ -23,8 +24,7 @@ from modelfs.fetcher.hints import (
     startup_hints,
     whole_model,
 )
-from modelfs.fetcher.prefetch import HintPace, ReadPattern, WindowPolicy
-from modelfs.fetcher.slots import ConnectionSlots, Priority, Ticket
+from modelfs.prefetch.prefetcher import HintPace, ReadPattern, WindowPolicy
 
 MIB = 1 << 20
 PIECE = 4 * MIB

@@ -31,10 +31,14 @@ from safetensors.numpy import save
 
 from modelfs.artifact.tree import BlobRef, FileNode, FileSpec, Tree
 from modelfs.errors import IntegrityError, ManifestError
-from modelfs.fetcher.hints import Hint, hinted_pieces
 from modelfs.fetcher.index import PieceIndex, find_index
-from modelfs.fetcher.prefetch import feed_hints
-from modelfs.fetcher.profile import (
+from modelfs.fetcher.registry import RegistryClient
+from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
+from modelfs.mount.profiling import command_for
+from modelfs.pieces import DEFAULT_PIECE_SIZE, pieces_covering
+from modelfs.prefetch.hints import Hint, hinted_pieces
+from modelfs.prefetch.prefetcher import feed_hints
+from modelfs.prefetch.profile import (
     Profile,
     ProfiledRange,
     ReadRecorder,
@@ -43,10 +47,6 @@ from modelfs.fetcher.profile import (
     parse_profile,
     profile_hints,
 )
-from modelfs.fetcher.registry import RegistryClient
-from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
-from modelfs.mount.profiling import command_for
-from modelfs.pieces import DEFAULT_PIECE_SIZE, pieces_covering
 
 MIB = 1 << 20
 PIECE = DEFAULT_PIECE_SIZE

@@ -31,8 +31,6 @@ from modelfs.fetcher.buffers import PIECE_BUFFERS
 from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.piece_fetcher import PieceFetcher
-from modelfs.fetcher.prefetch import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
-from modelfs.fetcher.profile import ReadRecorder, recorded_profile
 from modelfs.fetcher.registry import DEFAULT_READ_TIMEOUT, MeteredRepository, RegistryClient
 from modelfs.fetcher.source import BlobSource
 from modelfs.fetcher.stats import (
@@ -48,6 +46,8 @@ from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
 from modelfs.mount.model import Model, load_model
 from modelfs.peer.options import ClusterOptions
+from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
+from modelfs.prefetch.profile import ReadRecorder, recorded_profile
 from modelfs.reference import LayoutReference, Reference
 
 if TYPE_CHECKING:

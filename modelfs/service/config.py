@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from modelfs.errors import ModelfsError
-from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.mount.session import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.peer.options import ClusterOptions, load_cluster_options
+from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 from modelfs.service.peer_ports import PortRange, parse_port_range

@@ -12,8 +12,8 @@ from typing import Any
 import trio
 
 from modelfs.errors import ModelfsError
-from modelfs.fetcher.prefetch import PrefetchMode
 from modelfs.mount.session import check_mountpoint
+from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, parse_any_reference
 from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
 from modelfs.service.peer_ports import choose_port

@@ -19,17 +19,17 @@ import trio
 
 from modelfs.artifact.tree import BlobRef, FileNode
 from modelfs.cache import PieceCache
-from modelfs.fetcher.hints import Hint, hinted_pieces
 from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.manifests import resolve_manifest
 from modelfs.fetcher.piece_fetcher import RUN_PIECES, PieceFetcher
-from modelfs.fetcher.prefetch import feed_hints
-from modelfs.fetcher.profile import recorded_profile
 from modelfs.fetcher.slots import Priority
 from modelfs.fetcher.source import BlobSource
 from modelfs.mount.model import Model, load_model
 from modelfs.mount.session import MountOptions, open_source
 from modelfs.pieces import piece_runs, piece_span
+from modelfs.prefetch.hints import Hint, hinted_pieces
+from modelfs.prefetch.prefetcher import feed_hints
+from modelfs.prefetch.profile import recorded_profile
 from modelfs.reference import LayoutReference, Reference
 
 PARALLEL_RUNS = 8  # fetched at once, each on its own connection

@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from modelfs.fetcher.prefetch import PrefetchMode
+from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import parse_any_reference
 from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
 from modelfs.service.control import open_control_socket

@@ -21,11 +21,11 @@ import trio
 
 from modelfs.artifact.tree import FileNode, Tree
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError
-from modelfs.fetcher.hints import Hint
 from modelfs.fetcher.referrers import find_referrer, publish_referrer
 from modelfs.fetcher.registry import RegistryRepository
 from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.pieces import piece_span, pieces_covering
+from modelfs.prefetch.hints import Hint
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ Two sources of foresight:
   (a loader reading one tensor), which the kernel already asked for in full. Once the window is
   a few pieces wide it is topped up a run of pieces at a time (one range request each).
 - Per model, hints: the ranges a recorded load read, in its order, when the model has a read
-  profile (``modelfs.fetcher.profile``); else the built-in ones (``modelfs.fetcher.hints``):
+  profile (``modelfs.prefetch.profile``); else the built-in ones (``modelfs.prefetch.hints``):
   config and tokenizer files, safetensors headers, shards in index order. Hints go at full
   speed while no reader has read one, then stay a few pieces ahead of the readers (``HintPace``).
   With ``--prefetch all`` every byte of the model follows.
@@ -37,7 +37,10 @@ import trio
 
 from modelfs.artifact.tree import FileNode, Tree
 from modelfs.errors import IntegrityError, ModelfsError
-from modelfs.fetcher.hints import (
+from modelfs.fetcher.piece_fetcher import RUN_PIECES, Job, PieceFetcher
+from modelfs.fetcher.slots import Priority
+from modelfs.pieces import piece_runs, pieces_covering
+from modelfs.prefetch.hints import (
     SAFETENSORS_PREFIX,
     Hint,
     header_hint,
@@ -47,10 +50,7 @@ from modelfs.fetcher.hints import (
     startup_hints,
     whole_model,
 )
-from modelfs.fetcher.piece_fetcher import RUN_PIECES, Job, PieceFetcher
-from modelfs.fetcher.profile import Profile, tree_hints
-from modelfs.fetcher.slots import Priority
-from modelfs.pieces import piece_runs, pieces_covering
+from modelfs.prefetch.profile import Profile, tree_hints
 
 log = logging.getLogger(__name__)
 
