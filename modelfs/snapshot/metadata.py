@@ -1,0 +1,197 @@
+"""The snapshots' state machine, kept in SQLite under the snapshotter's root.
+
+Each operation runs in one transaction, so a crash leaves the store as before or after it, never
+half-way. A snapshot has a number, fixed at Prepare or View, that names its directory; Commit
+renames an active snapshot (key) to a committed one (name) and keeps the number, so the layer
+containerd just unpacked stays where it is. The errors carry the gRPC status containerd expects
+(``errdefs``: NotFound, AlreadyExists, FailedPrecondition, InvalidArgument).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from modelfs.errors import ModelfsError
+from modelfs.snapshot.mounts import Kind
+
+
+class Code(Enum):
+    NOT_FOUND = "not found"
+    ALREADY_EXISTS = "already exists"
+    FAILED_PRECONDITION = "failed precondition"
+    INVALID_ARGUMENT = "invalid argument"
+
+
+class SnapshotError(ModelfsError):
+    """A request the state machine refuses, with the status containerd maps it to."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    name: str
+    kind: Kind
+    parent: str  # "" for none
+    labels: Mapping[str, str]
+    created_ns: int
+    updated_ns: int
+    size: int = 0  # committed snapshots: bytes on disk, counted at Commit
+    inodes: int = 0
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    inodes INTEGER NOT NULL DEFAULT 0
+)
+"""
+_COLUMNS = "id, name, kind, parent, labels, created_ns, updated_ns, size, inodes"
+
+
+def _row(row: tuple[int, str, str, str, str, int, int, int, int]) -> Snapshot:
+    id_, name, kind, parent, labels, created, updated, size, inodes = row
+    labels_ = json.loads(labels)
+    return Snapshot(id_, name, Kind(kind), parent, labels_, created, updated, size, inodes)
+
+
+class Metadata:
+    """The snapshots of one root; not thread-safe (the server calls it from its event loop)."""
+
+    def __init__(self, path: Path) -> None:
+        # isolation_level=None: transactions are the explicit BEGIN IMMEDIATE of transaction().
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic change: rolled back if the block raises (its file work included, by the
+        caller: see the server's Prepare)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def find(self, name: str) -> Snapshot | None:
+        query = f"SELECT {_COLUMNS} FROM snapshots WHERE name = ?"
+        row = self._db.execute(query, (name,)).fetchone()
+        return None if row is None else _row(row)
+
+    def get(self, name: str) -> Snapshot:
+        snapshot = self.find(name)
+        if snapshot is None:
+            raise SnapshotError(Code.NOT_FOUND, f"snapshot {name!r} does not exist")
+        return snapshot
+
+    def all(self) -> list[Snapshot]:
+        return [_row(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM snapshots")]
+
+    def parents(self, snapshot: Snapshot) -> list[Snapshot]:
+        """The committed snapshots under this one, nearest first."""
+        chain = []
+        while snapshot.parent:
+            snapshot = self.get(snapshot.parent)
+            chain.append(snapshot)
+        return chain
+
+    def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
+        """A new active snapshot or view named ``key`` over the committed ``parent``."""
+        if not key:
+            raise SnapshotError(Code.INVALID_ARGUMENT, "a snapshot needs a key")
+        if self.find(key) is not None:
+            raise SnapshotError(Code.ALREADY_EXISTS, f"snapshot {key!r} already exists")
+        if parent and self.get(parent).kind is not Kind.COMMITTED:
+            raise SnapshotError(
+                Code.FAILED_PRECONDITION, f"parent {parent!r} is not a committed snapshot"
+            )
+        now = time.time_ns()
+        self._db.execute(
+            "INSERT INTO snapshots (name, kind, parent, labels, created_ns, updated_ns)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (key, kind.value, parent, json.dumps(dict(labels)), now, now),
+        )
+        return self.get(key)
+
+    def commit(
+        self, key: str, name: str, labels: Mapping[str, str], size: int, inodes: int
+    ) -> Snapshot:
+        """The active snapshot ``key`` becomes the committed ``name``, with its usage."""
+        active = self.get(key)
+        if active.kind is not Kind.ACTIVE:
+            raise SnapshotError(Code.FAILED_PRECONDITION, f"snapshot {key!r} is not active")
+        if not name:
+            raise SnapshotError(Code.INVALID_ARGUMENT, "a committed snapshot needs a name")
+        if self.find(name) is not None:
+            raise SnapshotError(Code.ALREADY_EXISTS, f"snapshot {name!r} already exists")
+        self._db.execute(
+            "UPDATE snapshots SET name = ?, kind = ?, labels = ?, updated_ns = ?, size = ?,"
+            " inodes = ? WHERE id = ?",
+            (name, Kind.COMMITTED.value, json.dumps(dict(labels)), time.time_ns(), size, inodes,
+             active.id),
+        )  # fmt: skip
+        return self.get(name)
+
+    def remove(self, key: str) -> Snapshot:
+        """Forget ``key``, which no snapshot may have as its parent."""
+        snapshot = self.get(key)
+        child = self._db.execute("SELECT name FROM snapshots WHERE parent = ?", (key,)).fetchone()
+        if child is not None:
+            raise SnapshotError(
+                Code.FAILED_PRECONDITION, f"snapshot {key!r} has a child {child[0]!r}"
+            )
+        self._db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot.id,))
+        return snapshot
+
+    def update_labels(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Snapshot:
+        """Set labels as an Update with field-mask ``paths`` asks; only labels are mutable."""
+        snapshot = self.get(name)
+        merged = update_labels(snapshot.labels, labels, paths)
+        self._db.execute(
+            "UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?",
+            (json.dumps(merged), time.time_ns(), snapshot.id),
+        )
+        return self.get(name)
+
+
+def update_labels(
+    current: Mapping[str, str], given: Mapping[str, str], paths: Sequence[str]
+) -> dict[str, str]:
+    """The labels after an Update: no paths or ``labels`` replace them all; ``labels.KEY`` sets
+    (or, absent from ``given``, deletes) one; any other path is immutable or unknown."""
+    if not paths or "labels" in paths:
+        return dict(given)
+    merged = dict(current)
+    for path in paths:
+        key = path.removeprefix("labels.")
+        if key == path or not key:
+            raise SnapshotError(Code.INVALID_ARGUMENT, f"cannot update field {path!r}")
+        if key in given:
+            merged[key] = given[key]
+        else:
+            merged.pop(key, None)
+    return merged

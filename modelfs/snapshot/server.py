@@ -1,0 +1,227 @@
+"""The snapshotter's gRPC service: containerd's snapshots API over the metadata and directories.
+
+It runs on grpcio's asyncio server in a process of its own. modelfs is trio elsewhere, but
+grpcio has no trio server, and its thread-pool server would bring threads to a state machine
+that is simplest run from one thread: here every metadata change runs on the event loop, one at
+a time, and only the slow file work (walking a layer for its usage, deleting a layer) goes to
+worker threads, after the change it belongs to has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+
+from modelfs.snapshot.api import mount_pb, pb, services
+from modelfs.snapshot.disk import Layout, disk_usage
+from modelfs.snapshot.filters import FilterError, matcher
+from modelfs.snapshot.metadata import Code, Metadata, Snapshot, SnapshotError
+from modelfs.snapshot.mounts import Kind, Mount, mounts_for
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+}
+_KINDS = {Kind.VIEW: pb.VIEW, Kind.ACTIVE: pb.ACTIVE, Kind.COMMITTED: pb.COMMITTED}
+_LIST_BATCH = 100  # infos per List message, well under gRPC's 4 MiB message limit
+
+
+class Snapshotter:
+    """The operations of containerd's Snapshotter interface on one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.layout = Layout(root)
+        self.layout.create_root()
+        self.metadata = Metadata(self.layout.database)
+
+    def close(self) -> None:
+        self.metadata.close()
+
+    def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        """Prepare (active) or View: the record and its directories, both or neither."""
+        with self.metadata.transaction():
+            snapshot = self.metadata.create(kind, key, parent, labels)
+            self.layout.make(snapshot.id)
+        return self.mounts(key)
+
+    def mounts(self, key: str) -> list[Mount]:
+        snapshot = self.metadata.get(key)
+        if snapshot.kind is Kind.COMMITTED:
+            raise SnapshotError(Code.FAILED_PRECONDITION, f"snapshot {key!r} is committed")
+        parents = [self.layout.fs(parent.id) for parent in self.metadata.parents(snapshot)]
+        return mounts_for(
+            snapshot.kind, self.layout.fs(snapshot.id), self.layout.work(snapshot.id), parents
+        )
+
+    async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Snapshot:
+        active = self.metadata.get(key)
+        size, inodes = await asyncio.to_thread(disk_usage, self.layout.fs(active.id))
+        with self.metadata.transaction():
+            return self.metadata.commit(key, name, labels, size, inodes)
+
+    async def remove(self, key: str) -> None:
+        with self.metadata.transaction():
+            snapshot = self.metadata.remove(key)
+        await asyncio.to_thread(self.layout.delete, snapshot.id)
+
+    async def usage(self, key: str) -> tuple[int, int]:
+        snapshot = self.metadata.get(key)
+        if snapshot.kind is Kind.COMMITTED:
+            return snapshot.size, snapshot.inodes
+        return await asyncio.to_thread(disk_usage, self.layout.fs(snapshot.id))
+
+    async def cleanup(self) -> None:
+        known = {snapshot.id for snapshot in self.metadata.all()}
+        for path in self.layout.orphans(known):
+            log.info("cleanup: removing %s", path)
+            await asyncio.to_thread(self.layout.delete, int(path.name))
+
+    def list(self, filters: list[str]) -> list[Snapshot]:
+        matches = matcher(filters)
+        return [s for s in self.metadata.all() if matches(partial(_field, s))]
+
+
+def _field(snapshot: Snapshot, path: tuple[str, ...]) -> str | None:
+    """A snapshot's field as containerd's filters name it (its snapshot adaptor)."""
+    if path == ("name",):
+        return snapshot.name
+    if path == ("parent",):
+        return snapshot.parent or None
+    if path == ("kind",):
+        return snapshot.kind.value
+    if len(path) > 1 and path[0] == "labels":
+        return snapshot.labels.get(".".join(path[1:]))
+    return None
+
+
+def _info(snapshot: Snapshot) -> Any:
+    info = pb.Info(
+        name=snapshot.name,
+        parent=snapshot.parent,
+        kind=_KINDS[snapshot.kind],
+        labels=dict(snapshot.labels),
+    )
+    info.created_at.FromNanoseconds(snapshot.created_ns)
+    info.updated_at.FromNanoseconds(snapshot.updated_ns)
+    return info
+
+
+def _mounts(mounts: list[Mount]) -> list[Any]:
+    return [mount_pb.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
+
+
+class Service(services.SnapshotsServicer):  # type: ignore[misc]
+    """The gRPC methods: requests to the Snapshotter, its refusals to gRPC statuses.
+
+    A refusal ends that call alone; any other error too (logged with its traceback, status
+    UNKNOWN), and the server serves on."""
+
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self.snapshotter = snapshotter
+
+    async def _call(self, context: grpc.aio.ServicerContext, what: str, run: Any) -> Any:
+        try:
+            result = run()
+            return await result if asyncio.iscoroutine(result) else result
+        except SnapshotError as error:
+            log.info("%s: %s", what, error)
+            await context.abort(_STATUS[error.code], str(error))
+        except FilterError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    async def Prepare(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        run = self.snapshotter.create
+        args = (Kind.ACTIVE, request.key, request.parent, dict(request.labels))
+        mounts = await self._call(context, f"prepare {request.key}", lambda: run(*args))
+        return pb.PrepareSnapshotResponse(mounts=_mounts(mounts))
+
+    async def View(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        run = self.snapshotter.create
+        args = (Kind.VIEW, request.key, request.parent, dict(request.labels))
+        mounts = await self._call(context, f"view {request.key}", lambda: run(*args))
+        return pb.ViewSnapshotResponse(mounts=_mounts(mounts))
+
+    async def Mounts(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        get = self.snapshotter.mounts
+        mounts = await self._call(context, f"mounts {request.key}", lambda: get(request.key))
+        return pb.MountsResponse(mounts=_mounts(mounts))
+
+    async def Commit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        labels = dict(request.labels)
+        commit = self.snapshotter.commit
+        run = lambda: commit(request.name, request.key, labels)  # noqa: E731
+        await self._call(context, f"commit {request.key} as {request.name}", run)
+        return Empty()
+
+    async def Remove(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        remove = self.snapshotter.remove
+        await self._call(context, f"remove {request.key}", lambda: remove(request.key))
+        return Empty()
+
+    async def Stat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        get = self.snapshotter.metadata.get
+        snapshot = await self._call(context, f"stat {request.key}", lambda: get(request.key))
+        return pb.StatSnapshotResponse(info=_info(snapshot))
+
+    async def Update(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = self.snapshotter.metadata
+        info = request.info
+        paths = list(request.update_mask.paths)
+
+        def update() -> Snapshot:
+            with metadata.transaction():
+                return metadata.update_labels(info.name, dict(info.labels), paths)
+
+        snapshot = await self._call(context, f"update {info.name}", update)
+        return pb.UpdateSnapshotResponse(info=_info(snapshot))
+
+    async def List(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        filters = list(request.filters)
+        found = await self._call(context, "list", lambda: self.snapshotter.list(filters))
+        for start in range(0, len(found), _LIST_BATCH):
+            batch = found[start : start + _LIST_BATCH]
+            yield pb.ListSnapshotsResponse(info=[_info(snapshot) for snapshot in batch])
+
+    async def Usage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        usage = self.snapshotter.usage
+        size, inodes = await self._call(context, f"usage {request.key}", lambda: usage(request.key))
+        return pb.UsageResponse(size=size, inodes=inodes)
+
+    async def Cleanup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._call(context, "cleanup", self.snapshotter.cleanup)
+        return Empty()
+
+
+async def serve(root: Path, address: Path, ready: Any = None) -> None:
+    """Serve the snapshots API for ``root`` on the unix socket ``address`` until SIGTERM or
+    SIGINT; ``ready()`` is called once the socket listens."""
+    snapshotter = Snapshotter(root)
+    server = grpc.aio.server()
+    services.add_SnapshotsServicer_to_server(Service(snapshotter), server)
+    address.parent.mkdir(parents=True, exist_ok=True)
+    address.unlink(missing_ok=True)  # a socket left by a snapshotter that died
+    server.add_insecure_port(f"unix://{address}")
+    await server.start()
+    address.chmod(0o600)
+    log.info("snapshotter serving %s on %s", root, address)
+    if ready is not None:
+        ready()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(grace=5)
+    snapshotter.close()

@@ -1,0 +1,137 @@
+"""The snapshotter's pure parts: containerd's filter syntax, the mounts of a snapshot, the
+snapshots' state machine (over a real SQLite file) and a layer's disk usage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelfs.snapshot.disk import disk_usage
+from modelfs.snapshot.filters import FilterError, Selector, matcher, parse
+from modelfs.snapshot.metadata import Code, Metadata, SnapshotError, update_labels
+from modelfs.snapshot.mounts import Kind, Mount, mounts_for
+
+SNAPSHOT = {
+    ("name",): "sha256:abc",
+    ("parent",): "sha256:def",
+    ("kind",): "committed",
+    ("labels", "containerd.io/snapshot.ref"): "sha256:abc",
+}
+
+
+def _fields(path: tuple[str, ...]) -> str | None:
+    return SNAPSHOT.get(path)
+
+
+def test_the_unpackers_filter_parses() -> None:
+    text = 'labels."containerd.io/snapshot.ref"==sha256:abc,parent==sha256:def'
+    assert parse(text) == (
+        Selector(("labels", "containerd.io/snapshot.ref"), "==", "sha256:abc"),
+        Selector(("parent",), "==", "sha256:def"),
+    )
+    assert matcher([text])(_fields)
+
+
+@pytest.mark.parametrize(
+    ("filters", "matches"),
+    [
+        ([], True),
+        (["name==sha256:abc"], True),
+        (["name==other"], False),
+        (["name==other", "kind==committed"], True),  # any filter string
+        (["kind==committed,name==other"], False),  # every selector of one
+        (["name!=other"], True),
+        (['name~="^sha256:a"'], True),
+        (["name~=^x"], False),
+        (['labels."containerd.io/snapshot.ref"'], True),  # present
+        (["labels.absent"], False),
+        (['name=="sha256:abc"'], True),
+        (["unknown==x"], False),
+    ],
+)
+def test_filters_match_as_containerds_do(filters: list[str], matches: bool) -> None:
+    assert matcher(filters)(_fields) is matches
+
+
+@pytest.mark.parametrize("text", ['name=="open', "name==a b", "name==a,", "==a", "name~=("])
+def test_a_bad_filter_is_refused(text: str) -> None:
+    with pytest.raises(FilterError):
+        parse(text)
+
+
+FS, WORK = Path("/s/9/fs"), Path("/s/9/work")
+
+
+def test_mounts_are_those_of_containerds_overlay_snapshotter() -> None:
+    one, two = Path("/s/2/fs"), Path("/s/1/fs")
+    assert mounts_for(Kind.ACTIVE, FS, WORK, []) == [Mount("bind", str(FS), ("rw", "rbind"))]
+    assert mounts_for(Kind.VIEW, FS, WORK, []) == [Mount("bind", str(FS), ("ro", "rbind"))]
+    assert mounts_for(Kind.VIEW, FS, WORK, [one]) == [Mount("bind", str(one), ("ro", "rbind"))]
+    assert mounts_for(Kind.VIEW, FS, WORK, [one, two]) == [
+        Mount("overlay", "overlay", ("lowerdir=/s/2/fs:/s/1/fs",))
+    ]
+    assert mounts_for(Kind.ACTIVE, FS, WORK, [one, two]) == [
+        Mount(
+            "overlay",
+            "overlay",
+            ("workdir=/s/9/work", "upperdir=/s/9/fs", "lowerdir=/s/2/fs:/s/1/fs"),
+        )
+    ]
+    with pytest.raises(ValueError):
+        mounts_for(Kind.COMMITTED, FS, WORK, [])
+
+
+def _refused(code: Code, call: object, *args: object) -> None:
+    with pytest.raises(SnapshotError) as error:
+        call(*args)  # type: ignore[operator]
+    assert error.value.code is code
+
+
+def test_the_state_machine(tmp_path: Path) -> None:
+    metadata = Metadata(tmp_path / "metadata.db")
+    with metadata.transaction():
+        base = metadata.create(Kind.ACTIVE, "extract-1", "", {"a": "1"})
+    _refused(Code.ALREADY_EXISTS, metadata.create, Kind.VIEW, "extract-1", "", {})
+    _refused(Code.FAILED_PRECONDITION, metadata.create, Kind.ACTIVE, "k", "extract-1", {})
+    _refused(Code.NOT_FOUND, metadata.create, Kind.ACTIVE, "k", "nope", {})
+    _refused(Code.INVALID_ARGUMENT, metadata.create, Kind.ACTIVE, "", "", {})
+    layer = metadata.commit("extract-1", "layer-1", {"b": "2"}, 4096, 3)
+    assert (layer.id, layer.kind, dict(layer.labels)) == (base.id, Kind.COMMITTED, {"b": "2"})
+    assert metadata.find("extract-1") is None
+    _refused(Code.FAILED_PRECONDITION, metadata.commit, "layer-1", "again", {}, 0, 0)
+    view = metadata.create(Kind.VIEW, "view", "layer-1", {})
+    _refused(Code.FAILED_PRECONDITION, metadata.commit, "view", "again", {}, 0, 0)
+    assert [parent.name for parent in metadata.parents(view)] == ["layer-1"]
+    _refused(Code.FAILED_PRECONDITION, metadata.remove, "layer-1")
+    metadata.remove("view")
+    metadata.close()
+    # On disk: a new store over the same file sees the same snapshots.
+    again = Metadata(tmp_path / "metadata.db")
+    assert [(s.name, s.size, s.inodes) for s in again.all()] == [("layer-1", 4096, 3)]
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    metadata = Metadata(tmp_path / "metadata.db")
+    with pytest.raises(OSError), metadata.transaction():
+        metadata.create(Kind.ACTIVE, "key", "", {})
+        raise OSError("the directories could not be made")
+    assert metadata.all() == []
+
+
+def test_update_labels_follows_the_field_mask() -> None:
+    current = {"a": "1", "b": "2"}
+    assert update_labels(current, {"c": "3"}, []) == {"c": "3"}
+    assert update_labels(current, {"c": "3"}, ["labels"]) == {"c": "3"}
+    assert update_labels(current, {"a": "9"}, ["labels.a", "labels.b"]) == {"a": "9"}
+    with pytest.raises(SnapshotError):
+        update_labels(current, {}, ["name"])
+
+
+def test_disk_usage_counts_each_inode_once(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "file").write_bytes(b"x" * 10000)
+    (tmp_path / "d" / "link").hardlink_to(tmp_path / "d" / "file")
+    size, inodes = disk_usage(tmp_path)
+    assert inodes == 3  # the root, d, the file (its hard link counted once)
+    assert 10000 <= size <= 10000 + 3 * 8192 + 3 * 4096
