@@ -54,7 +54,6 @@ from mounting import modelfs, mount_pid, unmount  # noqa: E402
 from registry_tools import Layer, Registry, push_artifact  # noqa: E402
 
 from bench.cluster import NODE_COUNTS, ClusterCase, ClusterError, render_cluster  # noqa: E402
-from modelfs.fetcher.stats import MountStats  # noqa: E402
 from modelfs.modelpack import (  # noqa: E402
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
@@ -62,6 +61,7 @@ from modelfs.modelpack import (  # noqa: E402
     layer_media_type,
 )
 from modelfs.service.control import ask  # noqa: E402
+from modelfs.sources.stats import MountStats  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 READ_SIZE = 1 << 20

@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 import trio
 
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
-from modelfs.fetcher.source import BlobBytes, Deliver, FetchedManifest
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     MODEL_ARTIFACT_TYPE,
@@ -28,6 +27,7 @@ from modelfs.modelpack import (
     OCI_MANIFEST,
     layer_media_type,
 )
+from modelfs.sources.interface import BlobBytes, Deliver, FetchedManifest
 
 STREAM_CHUNK = 1 << 20
 

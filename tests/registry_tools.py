@@ -30,12 +30,12 @@ from types import TracebackType
 
 import trio
 
-from modelfs.fetcher.credentials import Credentials
 from modelfs.fetcher.index import BlobPieces, PieceHasher, PieceIndex, publish_index
-from modelfs.fetcher.registry import RegistryClient
-from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import MODEL_ARTIFACT_TYPE, MODEL_CONFIG, OCI_MANIFEST
 from modelfs.pieces import DEFAULT_PIECE_SIZE
+from modelfs.sources.credentials import Credentials
+from modelfs.sources.interface import FetchedManifest
+from modelfs.sources.registry import RegistryClient
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 HTPASSWD_BINARY = "/usr/bin/htpasswd"

@@ -14,7 +14,7 @@ from registry_tools import Registry
 
 from modelfs.cli import cli
 from modelfs.errors import AuthError
-from modelfs.fetcher.credentials import (
+from modelfs.sources.credentials import (
     DOCKER_HUB_KEY,
     Challenge,
     Credentials,
@@ -26,7 +26,7 @@ from modelfs.fetcher.credentials import (
     save_credentials,
     token_from_response,
 )
-from modelfs.fetcher.registry import RegistryClient
+from modelfs.sources.registry import RegistryClient
 
 # A docker-credential helper (a script on PATH): its secrets live in a JSON file next to it.
 HELPER_SCRIPT = """#!/usr/bin/env python3

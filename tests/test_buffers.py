@@ -13,10 +13,11 @@ from registry_tools import Layer, Registry, push_artifact
 
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
-from modelfs.fetcher import piece_fetcher, rangeget
-from modelfs.fetcher.buffers import BufferPool
-from modelfs.fetcher.registry import RegistryClient
+from modelfs.fetcher import piece_fetcher
 from modelfs.modelpack import layer_media_type
+from modelfs.sources import rangeget
+from modelfs.sources.buffers import BufferPool
+from modelfs.sources.registry import RegistryClient
 
 
 def test_a_buffer_is_reused_once_every_view_of_it_is_gone() -> None:

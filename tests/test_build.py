@@ -22,7 +22,6 @@ from modelfs.builder.config import validate_model_config
 from modelfs.builder.modelfile import ModelfileError
 from modelfs.cli import cli
 from modelfs.errors import IntegrityError, ManifestError, NotFoundError
-from modelfs.fetcher.layout import LayoutSource, OciLayout
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,
@@ -33,6 +32,7 @@ from modelfs.modelpack import (
     OCI_INDEX,
     OCI_MANIFEST,
 )
+from modelfs.sources.layout import LayoutSource, OciLayout
 
 REF = "localhost:5000/models/bert:v1"
 MODELFILE = """\

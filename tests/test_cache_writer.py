@@ -21,10 +21,10 @@ from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache, PieceWrite, PutResult
 from modelfs.errors import IntegrityError
 from modelfs.fetcher.piece_fetcher import PieceFetcher, _BlobHash
-from modelfs.fetcher.registry import RegistryClient
 from modelfs.fetcher.slots import Priority
 from modelfs.modelpack import layer_media_type
 from modelfs.pieces import piece_count, piece_span
+from modelfs.sources.registry import RegistryClient
 
 PIECE = 64 << 10
 REPOSITORY = "tests/writer"

@@ -14,7 +14,7 @@ import pytest
 from mounting import mounted
 from test_hostile import layout_model
 
-from modelfs.fetcher.layout import OciLayout
+from modelfs.sources.layout import OciLayout
 
 
 def errno_of_call(call: Callable[[], object]) -> int:

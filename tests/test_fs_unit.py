@@ -31,13 +31,13 @@ from modelfs.errors import (
     RegistryUnavailableError,
     errno_of,
 )
-from modelfs.fetcher.layout import LayoutError
 from modelfs.fetcher.piece_fetcher import PieceFetcher
-from modelfs.fetcher.source import BlobBytes, PieceRuns
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.mount.model import load_model
 from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, WindowPolicy
 from modelfs.scheduler.service import BadRequest
+from modelfs.sources.interface import BlobBytes, PieceRuns
+from modelfs.sources.layout import LayoutError
 from modelfs.testing import MemoryRunSource, MemorySource, digest_of, model_source
 
 PIECE = 64 << 10

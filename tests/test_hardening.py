@@ -35,12 +35,12 @@ from test_service import (
 
 from modelfs.artifact.tar import parse_member
 from modelfs.errors import ManifestError, ModelfsError
-from modelfs.fetcher.layout import OciLayout
-from modelfs.fetcher.rangeget import parse_content_range
 from modelfs.jsonsocket import MAX_CONNECTIONS, REQUEST_TIMEOUT
 from modelfs.metrics import parse_address
 from modelfs.modelpack import OCI_MANIFEST
 from modelfs.service.peer_ports import parse_port_range
+from modelfs.sources.layout import OciLayout
+from modelfs.sources.rangeget import parse_content_range
 from modelfs.transport.server import MAX_BODY, parse_listen
 from modelfs.transport.tokens import Verdict, check, sign
 from modelfs.untrusted import decimal, loads_json

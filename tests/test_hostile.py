@@ -27,7 +27,6 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_compressed_layers import one_file
 
 from modelfs.artifact.tree import MAX_MTIME_NS
-from modelfs.fetcher.layout import OciLayout
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,
@@ -38,6 +37,7 @@ from modelfs.modelpack import (
     OCI_MANIFEST,
     layer_media_type,
 )
+from modelfs.sources.layout import OciLayout
 
 TAG = "v1"
 

@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("untrusted", "pieces", "modelpack", "reference", "logs", "sizes"),
     ("artifact", "transport", "jsonsocket"),
+    ("sources",),
     ("cache",),
     ("fetcher",),
     ("prefetch",),

@@ -34,10 +34,10 @@ from modelfs.artifact.tree import (
     plan_layers,
 )
 from modelfs.errors import ManifestError
-from modelfs.fetcher.registry import LateRanges
 from modelfs.logs import TextFormatter, escape_controls
 from modelfs.modelpack import MAX_FILE_SIZE, MAX_TOTAL_SIZE
 from modelfs.mount.session import mountinfo_path
+from modelfs.sources.registry import LateRanges
 
 DIGEST = "sha256:" + "a" * 64
 

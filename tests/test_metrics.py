@@ -21,7 +21,7 @@ from test_preheat import push_model
 from test_service import Notifications, status
 
 from modelfs.cli.status import describe_fetched, describe_sources, describe_waits, short_digest
-from modelfs.fetcher.buffers import PIECE_BUFFERS
+from modelfs.sources.buffers import PIECE_BUFFERS
 
 
 def write_config(tmp_path: Path, proxy: Proxy, reference: str, mountpoints: list[Path]) -> Path:

@@ -34,7 +34,6 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from safetensors.numpy import save
 
 from modelfs.cache import PieceCache
-from modelfs.fetcher.credentials import Credentials
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,
@@ -42,6 +41,7 @@ from modelfs.modelpack import (
     LEGACY_ANNOTATION_FILEPATH,
     layer_media_type,
 )
+from modelfs.sources.credentials import Credentials
 
 MIB = 1 << 20
 

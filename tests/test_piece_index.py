@@ -25,11 +25,11 @@ from modelfs.fetcher.index import (
     find_index,
     parse_index,
 )
-from modelfs.fetcher.referrers import Descriptor, referrers_tag, with_referrer
-from modelfs.fetcher.registry import RegistryClient, RegistryRepository
-from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
 from modelfs.pieces import DEFAULT_PIECE_SIZE
+from modelfs.sources.interface import FetchedManifest
+from modelfs.sources.referrers import Descriptor, referrers_tag, with_referrer
+from modelfs.sources.registry import RegistryClient, RegistryRepository
 
 RAW = "application/vnd.cncf.model.weight.v1.raw"
 PIECE = DEFAULT_PIECE_SIZE

@@ -19,9 +19,9 @@ from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError
 from modelfs.fetcher.piece_fetcher import RUN_PIECES, PieceFetcher
-from modelfs.fetcher.registry import RegistryClient
 from modelfs.fetcher.slots import Priority
 from modelfs.modelpack import layer_media_type
+from modelfs.sources.registry import RegistryClient
 
 PIECE = 64 << 10
 REPOSITORY = "tests/runs"

@@ -32,7 +32,6 @@ from safetensors.numpy import save
 from modelfs.artifact.tree import BlobRef, FileNode, FileSpec, Tree
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.index import PieceIndex, find_index
-from modelfs.fetcher.registry import RegistryClient
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 from modelfs.mount.profiling import command_for
 from modelfs.pieces import DEFAULT_PIECE_SIZE, pieces_covering
@@ -47,6 +46,7 @@ from modelfs.prefetch.profile import (
     parse_profile,
     profile_hints,
 )
+from modelfs.sources.registry import RegistryClient
 
 MIB = 1 << 20
 PIECE = DEFAULT_PIECE_SIZE

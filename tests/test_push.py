@@ -13,9 +13,9 @@ from registry_tools import Proxy, Registry, free_port
 from test_build import build, make_model_dir, run
 
 from modelfs.fetcher.index import PieceIndex, find_index
-from modelfs.fetcher.layout import OciLayout
-from modelfs.fetcher.registry import RegistryClient
 from modelfs.modelpack import ANNOTATION_FILEPATH, OCI_MANIFEST
+from modelfs.sources.layout import OciLayout
+from modelfs.sources.registry import RegistryClient
 
 
 def _raw_manifest(host: str, repository: str, tag: str) -> tuple[str, bytes, str]:

@@ -1,4 +1,4 @@
-"""The lean range GET (modelfs.fetcher.rangeget) against a real registry and the faulting proxy.
+"""The lean range GET (modelfs.sources.rangeget) against a real registry and the faulting proxy.
 
 It serves plain ``206`` answers itself and gives everything else back (None) to the general
 path; the behaviour seen through ``read_range`` is covered in test_registry and test_auth.
@@ -15,11 +15,11 @@ import trio
 from conftest import AUTH_PASSWORD, AUTH_USERNAME
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
-from modelfs.fetcher.credentials import Credentials
-from modelfs.fetcher.rangeget import Origin, RangeGetter
-from modelfs.fetcher.registry import RegistryClient
-from modelfs.fetcher.source import BlobBytes
 from modelfs.modelpack import layer_media_type
+from modelfs.sources.credentials import Credentials
+from modelfs.sources.interface import BlobBytes
+from modelfs.sources.rangeget import Origin, RangeGetter
+from modelfs.sources.registry import RegistryClient
 
 T = TypeVar("T")
 BLOB = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes, every offset distinguishable

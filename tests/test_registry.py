@@ -24,8 +24,9 @@ from modelfs.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from modelfs.fetcher.credentials import Credentials
-from modelfs.fetcher.registry import (
+from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST, layer_media_type
+from modelfs.sources.credentials import Credentials
+from modelfs.sources.registry import (
     RegistryClient,
     RegistryRepository,
     SystemTrust,
@@ -33,7 +34,6 @@ from modelfs.fetcher.registry import (
     parse_content_range,
     registry_message,
 )
-from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST, layer_media_type
 
 T = TypeVar("T")
 RAW = layer_media_type("weight", "raw")

@@ -16,7 +16,9 @@ from modelfs.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from modelfs.fetcher.stats import (
+from modelfs.logs import ContextFilter, JsonFormatter, set_log_context
+from modelfs.metrics import hit_ratio
+from modelfs.sources.stats import (
     DIGEST_MISMATCH,
     SOURCE_UNREACHABLE,
     Histogram,
@@ -25,8 +27,6 @@ from modelfs.fetcher.stats import (
     error_kind,
     mark_served_by,
 )
-from modelfs.logs import ContextFilter, JsonFormatter, set_log_context
-from modelfs.metrics import hit_ratio
 
 
 def test_histogram_buckets_include_their_upper_bound() -> None:

@@ -39,7 +39,6 @@ from modelfs.builder.modelfile import (
     model_name,
     parse_modelfile,
 )
-from modelfs.fetcher.layout import OciLayout
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,
@@ -53,6 +52,7 @@ from modelfs.modelpack import (
     Format,
     layer_media_type,
 )
+from modelfs.sources.layout import OciLayout
 
 # The creation time written when none is given: fixed, so that builds are reproducible.
 DEFAULT_CREATED = datetime(1970, 1, 1, tzinfo=UTC)

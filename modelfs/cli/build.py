@@ -23,10 +23,10 @@ import trio
 from modelfs.builder.build import DEFAULT_CREATED, generate_for_directory, plan_build, write_build
 from modelfs.errors import BadReferenceError, ManifestError, NotFoundError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
-from modelfs.fetcher.layout import CHUNK_SIZE, MAX_MANIFEST_SIZE, LayoutSource, OciLayout
-from modelfs.fetcher.registry import RegistryClient
-from modelfs.fetcher.source import FetchedManifest
 from modelfs.reference import Reference, parse_layout_reference, parse_reference
+from modelfs.sources.interface import FetchedManifest
+from modelfs.sources.layout import CHUNK_SIZE, MAX_MANIFEST_SIZE, LayoutSource, OciLayout
+from modelfs.sources.registry import RegistryClient
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar

@@ -11,9 +11,9 @@ import trio
 
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
-from modelfs.fetcher.registry import RegistryClient
 from modelfs.peer.options import ClusterOptions
 from modelfs.reference import parse_reference
+from modelfs.sources.registry import RegistryClient
 from modelfs.transport.server import parse_listen
 from modelfs.transport.tokens import load_secret
 

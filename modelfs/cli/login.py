@@ -8,15 +8,15 @@ import click
 import trio
 
 from modelfs.errors import BadReferenceError
-from modelfs.fetcher.credentials import (
+from modelfs.reference import DOCKER_HUB, DOCKER_HUB_API
+from modelfs.sources.credentials import (
     Credentials,
     docker_config_path,
     normalize_host,
     remove_credentials,
     save_credentials,
 )
-from modelfs.fetcher.registry import RegistryClient
-from modelfs.reference import DOCKER_HUB, DOCKER_HUB_API
+from modelfs.sources.registry import RegistryClient
 
 
 def _api_host(host: str) -> str:

@@ -27,7 +27,6 @@ from modelfs.cli import F
 from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options
 from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import ModelfsError
-from modelfs.fetcher.registry import DEFAULT_READ_TIMEOUT
 from modelfs.mount.model import Model
 from modelfs.mount.profiling import profile_model
 from modelfs.mount.session import (
@@ -41,6 +40,7 @@ from modelfs.peer.options import load_cluster_options
 from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers
+from modelfs.sources.registry import DEFAULT_READ_TIMEOUT
 
 log = logging.getLogger(__name__)
 

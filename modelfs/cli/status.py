@@ -10,11 +10,11 @@ import click
 import trio
 
 from modelfs.cli.options import mib
-from modelfs.fetcher.stats import MountStats
 from modelfs.service.config import (
     DEFAULT_CONTROL_SOCKET,
 )
 from modelfs.service.control import ask
+from modelfs.sources.stats import MountStats
 
 
 @click.command()

@@ -3,7 +3,7 @@
 A peer's bytes are checked against this index, never against anything the peer says: the index
 comes from the registry, bound to the model manifest by its ``subject``, so it is exactly as
 trustworthy as the manifest itself. It is published and found as a referrer
-(``modelfs.fetcher.referrers``).
+(``modelfs.sources.referrers``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import trio
 
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError
 from modelfs.fetcher.manifests import resolve_manifest
-from modelfs.fetcher.referrers import find_referrer, manifest_layers, publish_referrer
-from modelfs.fetcher.registry import RegistryRepository
-from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
+from modelfs.sources.interface import BlobSource, FetchedManifest
+from modelfs.sources.referrers import find_referrer, manifest_layers, publish_referrer
+from modelfs.sources.registry import RegistryRepository
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
@@ -258,3 +259,17 @@ class IndexLookup:
         index = await find_index(self._source, manifest)
         self._cache.put_meta(key, NO_INDEX if index is None else encode_index(index))
         return index
+
+
+class PieceIndexLookup(Protocol):
+    """Where a model's piece index is found: looked up once, bounded in time."""
+
+    async def piece_index(self) -> PieceIndex | None:
+        """The index, or None when the model has none (or it could not be had in time)."""
+        ...
+
+
+@runtime_checkable
+class IndexCheckedPieces(PieceIndexLookup, Protocol):
+    """A source that checks every whole piece of an indexed blob against the piece index
+    before it delivers it (the peer source: it must, to know a peer lied), and is the lookup."""

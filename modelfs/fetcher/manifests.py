@@ -11,7 +11,7 @@ import hashlib
 import logging
 
 from modelfs.cache import PieceCache
-from modelfs.fetcher.source import BlobSource, FetchedManifest
+from modelfs.sources.interface import BlobSource, FetchedManifest
 
 log = logging.getLogger(__name__)
 

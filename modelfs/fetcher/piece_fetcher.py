@@ -47,20 +47,20 @@ import trio
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError
-from modelfs.fetcher.buffers import PIECE_BUFFERS
-from modelfs.fetcher.index import sha256_hex
+from modelfs.fetcher.index import IndexCheckedPieces, PieceIndexLookup, sha256_hex
 from modelfs.fetcher.recent import RecentPieces
 from modelfs.fetcher.slots import ConnectionSlots, Priority, Ticket
-from modelfs.fetcher.source import (
+from modelfs.fetcher.writer import CacheWriter, QueuedWrite
+from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
+from modelfs.sources.buffers import PIECE_BUFFERS
+from modelfs.sources.interface import (
     BlobBytes,
     BlobSource,
     Deliver,
-    IndexCheckedPieces,
-    PieceIndexLookup,
     PieceRuns,
     UnvouchedPieces,
 )
-from modelfs.fetcher.stats import (
+from modelfs.sources.stats import (
     CACHE,
     ON_DEMAND,
     PREFETCH,
@@ -69,8 +69,6 @@ from modelfs.fetcher.stats import (
     attributing,
     error_kind,
 )
-from modelfs.fetcher.writer import CacheWriter, QueuedWrite
-from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ it are the newest and not read yet.
 
 from __future__ import annotations
 
-from modelfs.fetcher.source import BlobBytes
+from modelfs.sources.interface import BlobBytes
 
 PieceKey = tuple[str, int]  # (blob digest, piece index)
 

@@ -19,8 +19,8 @@ import trio
 
 from modelfs.cache import PieceCache, PieceWrite
 from modelfs.errors import CacheError
-from modelfs.fetcher.source import BlobBytes
-from modelfs.fetcher.stats import MountStats, error_kind
+from modelfs.sources.interface import BlobBytes
+from modelfs.sources.stats import MountStats, error_kind
 
 log = logging.getLogger(__name__)
 

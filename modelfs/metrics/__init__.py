@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from modelfs.cache import CacheStats
 from modelfs.errors import ModelfsError
-from modelfs.fetcher.stats import CACHE, MountStats
+from modelfs.sources.stats import CACHE, MountStats
 from modelfs.untrusted import decimal
 
 

@@ -48,8 +48,8 @@ from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.manifests import resolve_config, resolve_manifest
 from modelfs.fetcher.piece_fetcher import PieceFetcher
-from modelfs.fetcher.source import BlobSource
 from modelfs.pieces import piece_count
+from modelfs.sources.interface import BlobSource
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from pathlib import Path
 import trio
 
 from modelfs.errors import ModelfsError, RegistryError
-from modelfs.fetcher.registry import RegistryRepository
 from modelfs.mount.model import Model
 from modelfs.mount.session import MountOptions, open_source, serve
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.prefetch.profile import Profile, ReadRecorder, publish_profile
 from modelfs.reference import LayoutReference
+from modelfs.sources.registry import RegistryRepository
 
 log = logging.getLogger(__name__)
 

@@ -27,20 +27,8 @@ import trio
 from modelfs.artifact.tree import FileNode
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
-from modelfs.fetcher.buffers import PIECE_BUFFERS
 from modelfs.fetcher.index import IndexLookup
-from modelfs.fetcher.layout import LayoutSource
 from modelfs.fetcher.piece_fetcher import PieceFetcher
-from modelfs.fetcher.registry import DEFAULT_READ_TIMEOUT, MeteredRepository, RegistryClient
-from modelfs.fetcher.source import BlobSource
-from modelfs.fetcher.stats import (
-    CORRUPT_CACHE_ENTRY,
-    LAYOUT,
-    PEER,
-    REGISTRY,
-    REJECTED_PEER_PIECE,
-    MountStats,
-)
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
@@ -49,6 +37,18 @@ from modelfs.peer.options import ClusterOptions
 from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
 from modelfs.prefetch.profile import ReadRecorder, recorded_profile
 from modelfs.reference import LayoutReference, Reference
+from modelfs.sources.buffers import PIECE_BUFFERS
+from modelfs.sources.interface import BlobSource
+from modelfs.sources.layout import LayoutSource
+from modelfs.sources.registry import DEFAULT_READ_TIMEOUT, MeteredRepository, RegistryClient
+from modelfs.sources.stats import (
+    CORRUPT_CACHE_ENTRY,
+    LAYOUT,
+    PEER,
+    REGISTRY,
+    REJECTED_PEER_PIECE,
+    MountStats,
+)
 
 if TYPE_CHECKING:
     from modelfs.peer.source import PeerStats

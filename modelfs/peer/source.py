@@ -30,21 +30,21 @@ import trio
 from modelfs.cache.store import PieceCache
 from modelfs.errors import IntegrityError
 from modelfs.fetcher.index import IndexLookup, PieceIndex, sha256_hex
-from modelfs.fetcher.registry import RegistryRepository
-from modelfs.fetcher.source import (
-    BlobBytes,
-    BlobSource,
-    Deliver,
-    FetchedManifest,
-    read_as_run,
-)
-from modelfs.fetcher.stats import PEER, mark_served_by
 from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.options import ClusterOptions
 from modelfs.peer.server import PeerServer
 from modelfs.pieces import piece_count, piece_span
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
+from modelfs.sources.interface import (
+    BlobBytes,
+    BlobSource,
+    Deliver,
+    FetchedManifest,
+    read_as_run,
+)
+from modelfs.sources.registry import RegistryRepository
+from modelfs.sources.stats import PEER, mark_served_by
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ pieces of one file merge into one range. The profile names files by path, so it 
 a tree, never trusted for bytes: ranges for paths not in the tree or beyond a file's end are
 ignored, and every byte fetched is still checked against its blob digest as always.
 
-It is published as an OCI referrer of the model manifest (``modelfs.fetcher.referrers``).
+It is published as an OCI referrer of the model manifest (``modelfs.sources.referrers``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import trio
 
 from modelfs.artifact.tree import FileNode, Tree
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError
-from modelfs.fetcher.referrers import find_referrer, publish_referrer
-from modelfs.fetcher.registry import RegistryRepository
-from modelfs.fetcher.source import BlobSource, FetchedManifest
 from modelfs.pieces import piece_span, pieces_covering
 from modelfs.prefetch.hints import Hint
+from modelfs.sources.interface import BlobSource, FetchedManifest
+from modelfs.sources.referrers import find_referrer, publish_referrer
+from modelfs.sources.registry import RegistryRepository
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from modelfs.cache import PieceCache
 from modelfs.cache.store import BlobState
 from modelfs.errors import CacheError, ModelfsError
 from modelfs.fetcher.index import INDEX_RECORD, NO_INDEX, BlobPieces, parse_index
-from modelfs.fetcher.source import FetchedManifest
 from modelfs.pieces import piece_count
 from modelfs.service.preheat import plan_missing
+from modelfs.sources.interface import FetchedManifest
 
 _DERIVED = "+decompressed"
 

@@ -25,7 +25,6 @@ import trio
 
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
-from modelfs.fetcher.stats import MountStats
 from modelfs.metrics import (
     DaemonCollector,
     DaemonSample,
@@ -57,6 +56,7 @@ from modelfs.service.restart import (
     take_saved_handover,
 )
 from modelfs.service.supervisor import MountState, stats_socket
+from modelfs.sources.stats import MountStats
 
 log = logging.getLogger(__name__)
 

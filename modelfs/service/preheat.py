@@ -23,7 +23,6 @@ from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.manifests import resolve_manifest
 from modelfs.fetcher.piece_fetcher import RUN_PIECES, PieceFetcher
 from modelfs.fetcher.slots import Priority
-from modelfs.fetcher.source import BlobSource
 from modelfs.mount.model import Model, load_model
 from modelfs.mount.session import MountOptions, open_source
 from modelfs.pieces import piece_runs, piece_span
@@ -31,6 +30,7 @@ from modelfs.prefetch.hints import Hint, hinted_pieces
 from modelfs.prefetch.prefetcher import feed_hints
 from modelfs.prefetch.profile import recorded_profile
 from modelfs.reference import LayoutReference, Reference
+from modelfs.sources.interface import BlobSource
 
 PARALLEL_RUNS = 8  # fetched at once, each on its own connection
 

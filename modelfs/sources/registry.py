@@ -38,16 +38,6 @@ from modelfs.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from modelfs.fetcher.credentials import (
-    Challenge,
-    Credentials,
-    load_credentials,
-    parse_challenge,
-    token_from_response,
-)
-from modelfs.fetcher.rangeget import Origin, RangeGetter, parse_content_range
-from modelfs.fetcher.source import BlobBytes, Deliver, FetchedManifest, read_as_run
-from modelfs.fetcher.stats import REGISTRY, MountStats, mark_served_by
 from modelfs.modelpack import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -56,6 +46,16 @@ from modelfs.modelpack import (
     OCI_MANIFEST,
 )
 from modelfs.pieces import DEFAULT_PIECE_SIZE
+from modelfs.sources.credentials import (
+    Challenge,
+    Credentials,
+    load_credentials,
+    parse_challenge,
+    token_from_response,
+)
+from modelfs.sources.interface import BlobBytes, Deliver, FetchedManifest, read_as_run
+from modelfs.sources.rangeget import Origin, RangeGetter, parse_content_range
+from modelfs.sources.stats import REGISTRY, MountStats, mark_served_by
 
 log = logging.getLogger(__name__)
 
@@ -563,7 +563,7 @@ class RegistryClient:
 
 
 class RegistryRepository:
-    """One repository of a registry; implements ``modelfs.fetcher.source.BlobSource``."""
+    """One repository of a registry; implements ``modelfs.sources.interface.BlobSource``."""
 
     def __init__(self, client: RegistryClient, repository: str) -> None:
         self._client = client

@@ -4,7 +4,7 @@ A run of pieces (a few MiB each) is one range that the registry answers with a p
 a Content-Length. Through httpx every 1 MiB socket read becomes h11 events, chunk objects and a
 join, all on the one Python thread that serves the mount. Here the request is written by hand on
 a kept-alive trio stream and each piece of the body lands by ``recv_into`` in its own pooled
-buffer (``modelfs.fetcher.buffers``), handed on as soon as it is whole.
+buffer (``modelfs.sources.buffers``), handed on as soon as it is whole.
 
 Only the plain case is handled: anything else (a redirect, a 401, chunked or encoded bodies, a
 Content-Range other than the one asked for, a connection error, a body cut short) ends the run
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import trio
 
-from modelfs.fetcher.buffers import PIECE_BUFFERS
-from modelfs.fetcher.source import Deliver
+from modelfs.sources.buffers import PIECE_BUFFERS
+from modelfs.sources.interface import Deliver
 from modelfs.untrusted import decimal
 
 # Status line and headers larger than this are not a plain range answer.

@@ -24,7 +24,7 @@ from modelfs.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from modelfs.fetcher.source import BlobBytes, Deliver
+from modelfs.sources.interface import BlobBytes, Deliver
 
 # Seconds: a cached piece takes ~1 ms, a 4 MiB piece from a near registry a few ms to 100 ms,
 # one behind retries up to the request timeout (30 s by default).
@@ -123,7 +123,7 @@ class MountStats:
     # Filled in when a snapshot is taken (the cache and the peer source keep their own).
     files: int = 0
     rejected_by_peer: dict[str, int] = field(default_factory=dict)
-    # The process's piece buffer pool (``modelfs.fetcher.buffers``): buffers mapped, and plain
+    # The process's piece buffer pool (``modelfs.sources.buffers``): buffers mapped, and plain
     # buffers handed out past its capacity.
     piece_buffers: int = 0
     plain_piece_buffers: int = 0

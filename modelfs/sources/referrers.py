@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfs.errors import ManifestError, NotFoundError
-from modelfs.fetcher.registry import RegistryRepository, sha256_digest
-from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import OCI_EMPTY_JSON, OCI_INDEX, OCI_MANIFEST
+from modelfs.sources.interface import FetchedManifest
+from modelfs.sources.registry import RegistryRepository, sha256_digest
 from modelfs.untrusted import loads_json
 
 _EMPTY_CONFIG = b"{}"

@@ -9,10 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from modelfs.fetcher.index import PieceIndex
+from typing import Protocol, runtime_checkable
 
 # A range as a source hands it over: a registry's lean path receives the body into a pooled buffer
 # (a memoryview), and it travels on as that (to the cache, the hash, the reader), uncopied.
@@ -95,16 +92,3 @@ class UnvouchedPieces(Protocol):
         """The blob hashed whole to its digest (``good``), or not (its pieces were dropped)."""
         ...
 
-
-class PieceIndexLookup(Protocol):
-    """Where a model's piece index is found: looked up once, bounded in time."""
-
-    async def piece_index(self) -> PieceIndex | None:
-        """The index, or None when the model has none (or it could not be had in time)."""
-        ...
-
-
-@runtime_checkable
-class IndexCheckedPieces(PieceIndexLookup, Protocol):
-    """A source that checks every whole piece of an indexed blob against the piece index
-    before it delivers it (the peer source: it must, to know a peer lied), and is the lookup."""

@@ -26,8 +26,8 @@ from typing import Any
 import trio
 
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
-from modelfs.fetcher.source import FetchedManifest
 from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
+from modelfs.sources.interface import FetchedManifest
 from modelfs.untrusted import loads_json
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
