@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 from registry_tools import Layer, Registry, push_artifact
@@ -33,6 +34,19 @@ def test_a_buffer_is_reused_once_every_view_of_it_is_gone() -> None:
     third = pool.take(10)
     assert bytes(third) == b"A" * 10  # the same memory, not zeroed: it was reused
     assert bytes(second) == b"B" * 10
+
+
+def test_a_buffer_exported_to_other_code_is_not_handed_out_again() -> None:
+    # What the pool's reference count rests on: C code that keeps a view's memory (numpy, a
+    # hash in a thread, an LMDB put) holds the view, so the buffer counts as in use meanwhile.
+    pool = BufferPool(size=64, capacity=1)
+    view = pool.take(8)
+    view[:] = b"12345678"
+    array = np.frombuffer(view, dtype=np.uint8)
+    del view
+    assert isinstance(pool.take(8), bytearray)  # the only buffer is still in use
+    del array
+    assert isinstance(pool.take(8), memoryview)
 
 
 def test_beyond_its_capacity_or_its_size_the_pool_gives_plain_buffers() -> None:
