@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 
-SERVICE = "containerd.services.snapshots.v1.Snapshots"
 _PROTO = "modelfs/snapshot/proto/snapshots.proto"
 
 

@@ -1,0 +1,181 @@
+"""Real containerd for the tests: a containerd of the test's own (root, state, socket, config)
+with the modelfs snapshotter registered as a proxy plugin, the snapshotter process, and a small
+runnable image made from Debian's busybox-static."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from registry_tools import Layer, push_artifact
+
+BUSYBOX = Path("/bin/busybox")
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+NAMESPACE = "modelfs-test"
+MODELFS = str(Path(sys.executable).parent / "modelfs")
+
+
+def containerd_missing() -> str | None:
+    """Why containerd cannot run here, or None."""
+    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup installs containerd and runc)"
+    if os.geteuid() != 0:
+        return "containerd needs root"
+    if not BUSYBOX.exists():
+        return "busybox-static is not installed"
+    return None
+
+
+def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{path} never appeared:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Snapshotter:
+    """``modelfs snapshotter`` on its own root and socket; stop and start it again at will."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "root"
+        self.address = root / "snapshotter.sock"
+        self.log = root / "snapshotter.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [MODELFS, "-v", "snapshotter", "--root", str(self.root)]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*command, "--address", str(self.address)], stdout=log, stderr=log
+            )
+        self.address.unlink(missing_ok=True)
+        _wait_for(self.address, self.process, self.log, 20)
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.process = None
+
+
+class Containerd:
+    """A containerd with its own root, state, sockets and a config registering ``snapshotter``
+    as the proxy plugin ``modelfs``. ``ctr(...)`` runs ctr against it in the test namespace."""
+
+    def __init__(self, root: Path, snapshotter: Snapshotter) -> None:
+        self.root = root
+        self.address = root / "containerd.sock"
+        self.log = root / "containerd.log"
+        self.config = root / "config.toml"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config.write_text(
+            f"""version = 2
+root = "{root}/root"
+state = "{root}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{self.address}"
+[ttrpc]
+  address = "{self.address}.ttrpc"
+[debug]
+  address = "{root}/debug.sock"
+[proxy_plugins.modelfs]
+  type = "snapshot"
+  address = "{snapshotter.address}"
+"""
+        )
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                ["containerd", "--config", str(self.config)], stdout=log, stderr=log
+            )
+        _wait_for(self.address, self.process, self.log, 30)
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.process = None
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        """ctr's output; a failure raises with its stderr unless ``check`` is False."""
+        command = ["ctr", "-a", str(self.address), "-n", NAMESPACE, *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed: {result.stderr}")
+        return result.stdout + (result.stderr if not check else "")
+
+
+def _tar(files: dict[str, bytes | Path], symlinks: dict[str, str]) -> bytes:
+    """A layer tar with these files (mode 0755) and symlinks, and their directories."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        directories = sorted({str(Path(name).parent) for name in [*files, *symlinks]} - {"."})
+        for directory in directories:
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for name, content in files.items():
+            data = content.read_bytes() if isinstance(content, Path) else content
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in symlinks.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return out.getvalue()
+
+
+def push_busybox_image(host: str, repository: str, tag: str, hello: bytes) -> str:
+    """A two-layer runnable image: /bin/busybox (gzip), then /etc/hello and /bin/sh (plain tar),
+    so running it needs both layers stacked. Returns its reference."""
+    tars = [
+        _tar({"bin/busybox": BUSYBOX}, {}),
+        _tar({"etc/hello": hello}, {"bin/sh": "busybox"}),
+    ]
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": ["/bin/busybox"], "Cmd": ["sh"]},
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest() for tar in tars],
+        },
+    }
+    layers = [
+        Layer(OCI_LAYER_GZIP, gzip.compress(tars[0], compresslevel=1)),
+        Layer(OCI_LAYER, tars[1]),
+    ]
+    push_artifact(
+        host,
+        repository,
+        tag,
+        layers,
+        config=json.dumps(config).encode(),
+        config_media_type=OCI_CONFIG,
+        artifact_type=None,
+        piece_index=False,
+    )
+    return f"{host}/{repository}:{tag}"
