@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import trio
 from cluster_tools import MIB, nodes, publish, read_all, scheduler_process
-from registry_tools import Registry
+from mounting import mounted
+from registry_tools import Registry, free_ports
+from test_cluster import SECRET, LyingPeer, lying_peer
 
 from modelfs.peer.client import BUSY_REPORT, PeerClient, PeerFailure
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import FailureKind, NodeInfo
 
-SECRET = b"peer-faults-test-secret-0123456789abcdef"
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -210,3 +211,33 @@ def test_a_hung_scheduler_costs_a_read_one_timeout(
     print(f"\n32 MiB through a node whose scheduler hangs: {elapsed:.2f} s")
     assert got == hashlib.sha256(data).hexdigest()
     assert elapsed < 5.0
+
+
+def test_the_log_names_the_peers_of_a_blob_that_failed_its_check(
+    registry: Registry, tmp_path: Path, secret_file: Path
+) -> None:
+    """Point 10: with --peers-without-index, a blob made of a liar's pieces failed its check
+    and the log blamed the registry."""
+    data = os.urandom(16 * MIB)
+    path = tmp_path / "model.bin"
+    path.write_bytes(data)
+    reference = publish(registry.host, "faults/unindexed", path, index=False)
+    cache = tmp_path / "cache"
+    with (
+        scheduler_process(secret_file) as scheduler,
+        lying_peer(scheduler, tmp_path / "liar-cache", data, digest_of(data)) as liar,
+        mounted(
+            f"{registry.host}/{reference}",
+            tmp_path / "mnt",
+            cache,
+            *("--scheduler", scheduler, "--cluster-secret-file", str(secret_file)),
+            "--peers-without-index",
+            "--peer-listen",
+            f"127.0.0.1:{free_ports(1)}",
+        ) as mnt,
+    ):
+        (got,), _ = read_all([mnt / "model.bin"])
+    assert got == hashlib.sha256(data).hexdigest() and LyingPeer.served > 0
+    (log,) = (cache / "logs").iterdir()
+    failed = [line for line in log.read_text().splitlines() if "failed its check" in line]
+    assert failed and all(f"from peers {liar}" in line for line in failed), failed

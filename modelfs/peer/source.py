@@ -151,6 +151,14 @@ class PeerSource:
                 self._announce_send.send_nowait((digest, piece))
             return
         self._registry_only.add(digest)
+        if suppliers:  # the fetcher's own line names the source this wraps: the registry
+            log.error(
+                "blob %s failed its check with pieces from peers %s (and %s): the peers are "
+                "reported, and the blob comes from the registry only from now on",
+                digest,
+                ", ".join(sorted(suppliers)),
+                self.origin.name,
+            )
         for peer, piece in suppliers.items():
             self._peers.fail(
                 PeerFailure(
