@@ -17,7 +17,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from registry_tools import free_port
 
-from modelfs.scheduler.client import BACKOFF_FIRST, SchedulerClient
+from modelfs.scheduler.client import BACKOFF_FIRST, SchedulerClient, bounded_wait
 from modelfs.scheduler.ranking import (
     MAX_CANDIDATES,
     Action,
@@ -674,3 +674,11 @@ def test_a_hung_scheduler_is_skipped_for_a_growing_while() -> None:
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)  # connections wait in the backlog: accepted by nobody, never answered
         trio.run(main, f"http://127.0.0.1:{hung.getsockname()[1]}")
+
+
+@pytest.mark.parametrize(
+    ("asked", "waited"),
+    [(0.02, 0.02), (1e300, 1.0), (float("inf"), 1.0), (float("nan"), 0.0), (-5.0, 0.0)],
+)
+def test_a_wait_the_scheduler_asks_for_is_bounded(asked: float, waited: float) -> None:
+    assert bounded_wait(asked) == waited

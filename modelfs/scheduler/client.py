@@ -24,6 +24,8 @@ from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_AFTER = 1.0  # the scheduler asks for 0.02 s; more is never needed
+
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 
@@ -129,7 +131,7 @@ class SchedulerClient:
             return Decision(
                 Action(answer["action"]),
                 tuple(str(peer) for peer in answer.get("peers", [])),
-                float(answer.get("retry_after", 0.0)),
+                bounded_wait(float(answer.get("retry_after", 0.0))),
             )
         except (KeyError, ValueError, TypeError):
             log.info("scheduler %s sent an unreadable decision %r", self.url, answer)
@@ -144,3 +146,11 @@ class SchedulerClient:
             "kind": kind.value,
         }
         return await self._call("/v1/report", document) is not None
+
+
+def bounded_wait(seconds: float) -> float:
+    """A scheduler's ``retry_after``, within what a node will wait between two asks: a scheduler
+    (or anyone answering in its place) cannot park a reader with 1e300 or NaN."""
+    if not 0.0 <= seconds <= MAX_RETRY_AFTER:  # NaN compares false too
+        return MAX_RETRY_AFTER if seconds > MAX_RETRY_AFTER else 0.0
+    return seconds
