@@ -241,3 +241,6 @@ def test_the_log_names_the_peers_of_a_blob_that_failed_its_check(
     (log,) = (cache / "logs").iterdir()
     failed = [line for line in log.read_text().splitlines() if "failed its check" in line]
     assert failed and all(f"from peers {liar}" in line for line in failed), failed
+    # The fetcher's own line names peers as a possible supplier, not the registry alone.
+    mismatches = [line for line in log.read_text().splitlines() if "its digest (got" in line]
+    assert mismatches and all("from peers or " in line for line in mismatches), mismatches

@@ -63,6 +63,7 @@ from modelfs.sources.interface import (
 from modelfs.sources.stats import (
     CACHE,
     ON_DEMAND,
+    PEER,
     PREFETCH,
     REGISTRY,
     MountStats,
@@ -145,6 +146,8 @@ class PieceFetcher:
         # whole blobs alike); the fetcher counts the other sources, and cache loads.
         self.stats = MountStats() if stats is None else stats
         self._source_kind = source_kind  # what ``source`` is, unless the registry served
+        # Where a blob's bytes came from, as messages name it: in a cluster, peers too.
+        self._supplier = f"peers or {source.name}" if source_kind == PEER else source.name
         self._slots = ConnectionSlots(
             connections,
             {
@@ -316,7 +319,7 @@ class PieceFetcher:
                     break
             if not good:
                 raise IntegrityError(
-                    f"blob {blob.digest} from {self.source.name} does not match its digest; "
+                    f"blob {blob.digest} from {self._supplier} does not match its digest; "
                     "dropped from the cache, the next read fetches it again"
                 )
             raise IntegrityError(
@@ -485,7 +488,7 @@ class PieceFetcher:
             if self._rejections.get(blob.digest, 0) != rejections:
                 # Its blob failed while this piece was on its way (it is not stored).
                 raise IntegrityError(
-                    f"blob {blob.digest} from {self.source.name} does not match its digest; "
+                    f"blob {blob.digest} from {self._supplier} does not match its digest; "
                     "dropped from the cache, the next read fetches it again"
                 )
             if ticket.priority != Priority.BACKGROUND:
@@ -658,11 +661,11 @@ class PieceFetcher:
         log.error(
             "blob %s from %s does not match its digest (got sha256:%s); its pieces were dropped",
             blob.digest,
-            self.source.name,
+            self._supplier,
             actual,
         )
         return IntegrityError(
-            f"blob {blob.digest} from {self.source.name} does not match its digest; "
+            f"blob {blob.digest} from {self._supplier} does not match its digest; "
             "dropped from the cache, the next read fetches it again"
         )
 
