@@ -19,6 +19,9 @@ from pathlib import Path
 
 from registry_tools import Layer, push_artifact
 
+from modelfs.reference import Reference
+from modelfs.snapshot.models import marker_descriptor, marker_layer
+
 BUSYBOX = Path("/bin/busybox")
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -60,14 +63,15 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
 class Snapshotter:
     """``modelfs snapshotter`` on its own root and socket; stop and start it again at will."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *options: str) -> None:
         self.root = root / "root"
         self.address = root / "snapshotter.sock"
         self.log = root / "snapshotter.log"
+        self.options = options
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        command = [MODELFS, "-v", "snapshotter", "--root", str(self.root)]
+        command = [MODELFS, "-v", "snapshotter", "--root", str(self.root), *self.options]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--address", str(self.address)], stdout=log, stderr=log
@@ -78,6 +82,15 @@ class Snapshotter:
     def stop(self) -> None:
         _stop(self.process)
         self.process = None
+
+    def model_mounts(self) -> list[Path]:
+        models = self.root / "models"
+        return [path for path in models.iterdir() if path.is_mount()] if models.exists() else []
+
+    def unmount_models(self) -> None:
+        """The model mounts outlive the snapshotter (by design): the tests end them."""
+        for path in self.model_mounts():
+            subprocess.run([MODELFS, "umount", str(path)], check=False, timeout=30)
 
 
 class Containerd:
@@ -148,13 +161,10 @@ def _tar(files: dict[str, bytes | Path], symlinks: dict[str, str]) -> bytes:
     return out.getvalue()
 
 
-def push_busybox_image(host: str, repository: str, tag: str, hello: bytes) -> str:
-    """A two-layer runnable image: /bin/busybox (gzip), then /etc/hello and /bin/sh (plain tar),
-    so running it needs both layers stacked. Returns its reference."""
-    tars = [
-        _tar({"bin/busybox": BUSYBOX}, {}),
-        _tar({"etc/hello": hello}, {"bin/sh": "busybox"}),
-    ]
+def _push_image(
+    host: str, repository: str, tag: str, tars: list[bytes], layers: list[Layer]
+) -> str:
+    """Push a runnable image of these layers (``tars``: each one's uncompressed tar)."""
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -164,10 +174,6 @@ def push_busybox_image(host: str, repository: str, tag: str, hello: bytes) -> st
             "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest() for tar in tars],
         },
     }
-    layers = [
-        Layer(OCI_LAYER_GZIP, gzip.compress(tars[0], compresslevel=1)),
-        Layer(OCI_LAYER, tars[1]),
-    ]
     push_artifact(
         host,
         repository,
@@ -179,3 +185,29 @@ def push_busybox_image(host: str, repository: str, tag: str, hello: bytes) -> st
         piece_index=False,
     )
     return f"{host}/{repository}:{tag}"
+
+
+def _busybox_layer() -> tuple[bytes, Layer]:
+    tar = _tar({"bin/busybox": BUSYBOX}, {"bin/sh": "busybox"})
+    return tar, Layer(OCI_LAYER_GZIP, gzip.compress(tar, compresslevel=1))
+
+
+def push_busybox_image(host: str, repository: str, tag: str, hello: bytes) -> str:
+    """A two-layer runnable image: /bin/busybox and /bin/sh (gzip), then /etc/hello (plain
+    tar), so reading /etc/hello with busybox needs both layers stacked. Returns its reference."""
+    busybox, busybox_layer = _busybox_layer()
+    hello_tar = _tar({"etc/hello": hello}, {})
+    layers = [busybox_layer, Layer(OCI_LAYER, hello_tar)]
+    return _push_image(host, repository, tag, [busybox, hello_tar], layers)
+
+
+def push_model_image(host: str, repository: str, tag: str, model: Reference) -> str:
+    """A model image: busybox under the marker layer naming ``model`` (so a container can read
+    the model's files with busybox). Returns its reference."""
+    busybox, busybox_layer = _busybox_layer()
+    marker = marker_layer(model)
+    descriptor = marker_descriptor(model, marker)
+    annotations = descriptor["annotations"]
+    assert isinstance(annotations, dict)
+    layers = [busybox_layer, Layer(OCI_LAYER, marker, annotations)]
+    return _push_image(host, repository, tag, [busybox, marker], layers)

@@ -1,15 +1,28 @@
 """The snapshotter's pure parts: containerd's filter syntax, the mounts of a snapshot, the
-snapshots' state machine (over a real SQLite file) and a layer's disk usage."""
+snapshots' state machine (over a real SQLite file), a layer's disk usage, the labels and marker
+that name a model."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from modelfs.snapshot.disk import disk_usage
+from modelfs.snapshot.disk import disk_usage, marker_in
 from modelfs.snapshot.filters import FilterError, Selector, matcher, parse
 from modelfs.snapshot.metadata import Code, Metadata, SnapshotError, update_labels
+from modelfs.snapshot.models import (
+    MARKER,
+    MODEL_LABEL,
+    SNAPSHOT_REF_LABEL,
+    marker_descriptor,
+    marker_layer,
+    model_reference,
+    parse_marker,
+    remote_layer,
+)
 from modelfs.snapshot.mounts import Kind, Mount, mounts_for
 
 SNAPSHOT = {
@@ -135,3 +148,41 @@ def test_disk_usage_counts_each_inode_once(tmp_path: Path) -> None:
     size, inodes = disk_usage(tmp_path)
     assert inodes == 3  # the root, d, the file (its hard link counted once)
     assert 10000 <= size <= 10000 + 3 * 8192 + 3 * 4096
+
+
+MODEL = "registry.example.com/models/qwen@sha256:" + "a" * 64
+
+
+def test_the_unpackers_labels_name_a_model_layer() -> None:
+    labels = {SNAPSHOT_REF_LABEL: "sha256:" + "c" * 64, MODEL_LABEL: MODEL, "other": "x"}
+    remote = remote_layer(labels)
+    assert remote is not None
+    assert (remote.chain_id, str(remote.model)) == ("sha256:" + "c" * 64, MODEL)
+    assert remote_layer({SNAPSHOT_REF_LABEL: "sha256:" + "c" * 64}) is None  # an ordinary layer
+    assert remote_layer({MODEL_LABEL: MODEL}) is None  # ctr pull: no chain id, Commit decides
+    for bad in ("registry.example.com/models/qwen:v1", "not a reference"):
+        with pytest.raises(SnapshotError) as error:
+            remote_layer({**labels, MODEL_LABEL: bad})
+        assert error.value.code is Code.INVALID_ARGUMENT
+
+
+def test_the_marker_layer_names_its_model(tmp_path: Path) -> None:
+    layer = marker_layer(model_reference(MODEL))
+    assert layer == marker_layer(model_reference(MODEL))  # one digest per model
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        [member] = tar.getmembers()
+        extracted = tar.extractfile(member)
+        assert member.name == MARKER and extracted is not None
+        data = extracted.read()
+    assert str(parse_marker(data)) == MODEL
+    assert marker_descriptor(model_reference(MODEL), layer)["annotations"] == {MODEL_LABEL: MODEL}
+    (tmp_path / MARKER).write_bytes(data)
+    assert marker_in(tmp_path) == data
+    (tmp_path / "more").write_bytes(b"")
+    assert marker_in(tmp_path) is None  # a layer with more than the marker is ordinary
+
+
+@pytest.mark.parametrize("data", [b"{", b"[]", b'{"model": 1}', b'{"model": "x:v1"}'])
+def test_a_bad_marker_is_refused(data: bytes) -> None:
+    with pytest.raises(SnapshotError):
+        parse_marker(data)

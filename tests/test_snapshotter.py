@@ -93,7 +93,7 @@ def test_an_image_pulls_and_runs_with_its_layers_stacked(
     containerd: Containerd, snapshotter: Snapshotter, image: str
 ) -> None:
     assert _run(containerd, image, "/bin/busybox", "echo", "hi") == "hi\n"
-    # /etc/hello and /bin/sh come from the second layer, busybox from the first.
+    # /etc/hello comes from the second layer, busybox and /bin/sh from the first.
     assert _run(containerd, image, "/bin/sh", "-c", "cat /etc/hello").encode() == HELLO
     # The two layers are committed snapshots of the modelfs snapshotter, stored under its root.
     assert len(_committed(containerd)) == 2

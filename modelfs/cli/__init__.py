@@ -90,7 +90,7 @@ SECTIONS = (
             ("status", "The node's mounts, where their bytes came from, the cache."),
             ("preheat", "Fetch models into the node's cache without mounting them."),
             ("cache", "List, verify, shrink or clear the node's piece cache."),
-            ("snapshotter", "containerd's proxy snapshotter: image layers on overlayfs."),
+            ("snapshotter", "containerd's proxy snapshotter: images; models mounted lazily."),
         ),
         "modelfs preheat registry.example.com/models/qwen:v1",
     ),

@@ -27,8 +27,33 @@ DEFAULT_ADDRESS = Path("/run/modelfs-snapshotter/snapshotter.sock")
     show_default=True,
     help="The unix socket containerd's proxy_plugins entry names.",
 )
-def snapshotter(root: Path, address: Path) -> None:
-    """Serve containerd's snapshots API: image layers stacked with overlayfs.
+@click.option(
+    "--plain-http-registry",
+    "plain_http",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Mount models from this registry over HTTP, not HTTPS (repeatable).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The piece cache of the models it mounts without the daemon (default: modelfs "
+    "mount's). With the daemon running, the daemon mounts them with its own settings.",
+)
+@click.option(
+    "--prefetch",
+    type=click.Choice(["none", "hints", "all"]),
+    help="The prefetch of the models it mounts (default: modelfs mount's, hints).",
+)
+def snapshotter(
+    root: Path,
+    address: Path,
+    plain_http: tuple[str, ...],
+    cache_dir: Path | None,
+    prefetch: str | None,
+) -> None:
+    """Serve containerd's snapshots API: image layers stacked with overlayfs, models mounted
+    lazily in place of their model image's marker layer (docs/kubernetes.md).
 
     Register it in containerd's config as the proxy plugin "modelfs" (docs/containerd.md),
     then pull with it: ctr images pull --snapshotter modelfs IMAGE.
@@ -39,6 +64,10 @@ def snapshotter(root: Path, address: Path) -> None:
     """
     # Imported here: grpcio and the compiled API cost ~0.3 s that other commands need not pay.
     from modelfs.service.notify import notify
+    from modelfs.snapshot.lazy import ModelMounts
     from modelfs.snapshot.server import serve
 
-    asyncio.run(serve(root, address, ready=lambda: notify("READY=1")))
+    models = ModelMounts(
+        root / "models", plain_http=frozenset(plain_http), cache_dir=cache_dir, prefetch=prefetch
+    )
+    asyncio.run(serve(root, address, models, ready=lambda: notify("READY=1")))

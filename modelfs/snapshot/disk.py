@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from modelfs.snapshot.models import MARKER, MARKER_MAX
+
 SNAPSHOTS = "snapshots"
 
 
@@ -48,6 +50,18 @@ class Layout:
             for path in self.snapshots.iterdir()
             if not (path.name.isdigit() and int(path.name) in known)
         ]
+
+
+def marker_in(upper: Path) -> bytes | None:
+    """The marker file of a layer that holds it alone (a model image's marker layer), else
+    None: a layer with anything more is an ordinary layer."""
+    names = os.listdir(upper)
+    if names != [MARKER]:
+        return None
+    path = upper / MARKER
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > MARKER_MAX:
+        return None
+    return path.read_bytes()
 
 
 def disk_usage(path: Path) -> tuple[int, int]:

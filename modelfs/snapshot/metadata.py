@@ -48,6 +48,7 @@ class Snapshot:
     updated_ns: int
     size: int = 0  # committed snapshots: bytes on disk, counted at Commit
     inodes: int = 0
+    model: str = ""  # a model snapshot: the model mounted in its place (host/repo@digest)
 
 
 _SCHEMA = """
@@ -60,16 +61,17 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created_ns INTEGER NOT NULL,
     updated_ns INTEGER NOT NULL,
     size INTEGER NOT NULL DEFAULT 0,
-    inodes INTEGER NOT NULL DEFAULT 0
+    inodes INTEGER NOT NULL DEFAULT 0,
+    model TEXT NOT NULL DEFAULT ''
 )
 """
-_COLUMNS = "id, name, kind, parent, labels, created_ns, updated_ns, size, inodes"
+_COLUMNS = "id, name, kind, parent, labels, created_ns, updated_ns, size, inodes, model"
 
 
-def _row(row: tuple[int, str, str, str, str, int, int, int, int]) -> Snapshot:
-    id_, name, kind, parent, labels, created, updated, size, inodes = row
+def _row(row: tuple[int, str, str, str, str, int, int, int, int, str]) -> Snapshot:
+    id_, name, kind, parent, labels, created, updated, size, inodes, model = row
     labels_ = json.loads(labels)
-    return Snapshot(id_, name, Kind(kind), parent, labels_, created, updated, size, inodes)
+    return Snapshot(id_, name, Kind(kind), parent, labels_, created, updated, size, inodes, model)
 
 
 class Metadata:
@@ -119,8 +121,11 @@ class Metadata:
             chain.append(snapshot)
         return chain
 
-    def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
-        """A new active snapshot or view named ``key`` over the committed ``parent``."""
+    def create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], model: str = ""
+    ) -> Snapshot:
+        """A new snapshot named ``key`` over the committed ``parent``: active, a view, or
+        committed at once for a model (the snapshotter's answer to a remote layer)."""
         if not key:
             raise SnapshotError(Code.INVALID_ARGUMENT, "a snapshot needs a key")
         if self.find(key) is not None:
@@ -131,16 +136,23 @@ class Metadata:
             )
         now = time.time_ns()
         self._db.execute(
-            "INSERT INTO snapshots (name, kind, parent, labels, created_ns, updated_ns)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, kind.value, parent, json.dumps(dict(labels)), now, now),
+            "INSERT INTO snapshots (name, kind, parent, labels, created_ns, updated_ns, model)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, kind.value, parent, json.dumps(dict(labels)), now, now, model),
         )
         return self.get(key)
 
     def commit(
-        self, key: str, name: str, labels: Mapping[str, str], size: int, inodes: int
+        self,
+        key: str,
+        name: str,
+        labels: Mapping[str, str],
+        size: int,
+        inodes: int,
+        model: str = "",
     ) -> Snapshot:
-        """The active snapshot ``key`` becomes the committed ``name``, with its usage."""
+        """The active snapshot ``key`` becomes the committed ``name``, with its usage (and the
+        model that stands in for it, if its layer was a model's marker)."""
         active = self.get(key)
         if active.kind is not Kind.ACTIVE:
             raise SnapshotError(Code.FAILED_PRECONDITION, f"snapshot {key!r} is not active")
@@ -150,9 +162,9 @@ class Metadata:
             raise SnapshotError(Code.ALREADY_EXISTS, f"snapshot {name!r} already exists")
         self._db.execute(
             "UPDATE snapshots SET name = ?, kind = ?, labels = ?, updated_ns = ?, size = ?,"
-            " inodes = ? WHERE id = ?",
+            " inodes = ?, model = ? WHERE id = ?",
             (name, Kind.COMMITTED.value, json.dumps(dict(labels)), time.time_ns(), size, inodes,
-             active.id),
+             model, active.id),
         )  # fmt: skip
         return self.get(name)
 
@@ -166,6 +178,12 @@ class Metadata:
             )
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot.id,))
         return snapshot
+
+    def model_users(self, digest: str) -> int:
+        """How many snapshots stand for the model of this manifest digest (under any name)."""
+        query = "SELECT COUNT(*) FROM snapshots WHERE model LIKE ?"  # a digest has no % or _
+        count: int = self._db.execute(query, ("%@" + digest,)).fetchone()[0]
+        return count
 
     def update_labels(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Snapshot:
         """Set labels as an Update with field-mask ``paths`` asks; only labels are mutable."""

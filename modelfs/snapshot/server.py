@@ -21,9 +21,11 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from modelfs.snapshot.api import mount_pb, pb, services
-from modelfs.snapshot.disk import Layout, disk_usage
+from modelfs.snapshot.disk import Layout, disk_usage, marker_in
 from modelfs.snapshot.filters import FilterError, matcher
+from modelfs.snapshot.lazy import ModelMounts
 from modelfs.snapshot.metadata import Code, Metadata, Snapshot, SnapshotError
+from modelfs.snapshot.models import model_reference, parse_marker, remote_layer
 from modelfs.snapshot.mounts import Kind, Mount, mounts_for
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,11 @@ _LIST_BATCH = 100  # infos per List message, well under gRPC's 4 MiB message lim
 class Snapshotter:
     """The operations of containerd's Snapshotter interface on one root."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, models: ModelMounts) -> None:
         self.layout = Layout(root)
         self.layout.create_root()
         self.metadata = Metadata(self.layout.database)
+        self.models = models
 
     def close(self) -> None:
         self.metadata.close()
@@ -56,25 +59,72 @@ class Snapshotter:
             self.layout.make(snapshot.id)
         return self.mounts(key)
 
+    async def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        """An active snapshot, unless the unpacker asks for a model's marker layer: then the
+        model is mounted and committed under the layer's chain id, and the answer is
+        AlreadyExists, so containerd fetches and applies nothing."""
+        remote = remote_layer(labels)
+        if remote is None:
+            return self.create(Kind.ACTIVE, key, parent, labels)
+        if self.metadata.find(remote.chain_id) is None:
+            await self.models.ensure(remote.model)
+            try:
+                with self.metadata.transaction():
+                    committed = self.metadata.create(
+                        Kind.COMMITTED, remote.chain_id, parent, labels, str(remote.model)
+                    )
+                    self.layout.make(committed.id)
+            except BaseException:
+                await self._release(str(remote.model))
+                raise
+        raise SnapshotError(
+            Code.ALREADY_EXISTS, f"{remote.chain_id} is the model {remote.model}, mounted lazily"
+        )
+
+    def layer(self, snapshot: Snapshot) -> Path:
+        """What a committed snapshot shows as a lower dir: its files, or its model's mount."""
+        if snapshot.model:
+            return self.models.path(model_reference(snapshot.model))
+        return self.layout.fs(snapshot.id)
+
     def mounts(self, key: str) -> list[Mount]:
         snapshot = self.metadata.get(key)
         if snapshot.kind is Kind.COMMITTED:
             raise SnapshotError(Code.FAILED_PRECONDITION, f"snapshot {key!r} is committed")
-        parents = [self.layout.fs(parent.id) for parent in self.metadata.parents(snapshot)]
+        parents = [self.layer(parent) for parent in self.metadata.parents(snapshot)]
         return mounts_for(
             snapshot.kind, self.layout.fs(snapshot.id), self.layout.work(snapshot.id), parents
         )
 
     async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Snapshot:
+        """Commit a layer; a layer holding a model's marker alone is committed as the model."""
         active = self.metadata.get(key)
-        size, inodes = await asyncio.to_thread(disk_usage, self.layout.fs(active.id))
-        with self.metadata.transaction():
-            return self.metadata.commit(key, name, labels, size, inodes)
+        upper = self.layout.fs(active.id)
+        marker = await asyncio.to_thread(marker_in, upper)
+        model = "" if marker is None else str(parse_marker(marker))
+        if model:
+            await self.models.ensure(model_reference(model))
+        size, inodes = await asyncio.to_thread(disk_usage, upper)
+        try:
+            with self.metadata.transaction():
+                return self.metadata.commit(key, name, labels, size, inodes, model)
+        except BaseException:
+            await self._release(model)
+            raise
 
     async def remove(self, key: str) -> None:
         with self.metadata.transaction():
             snapshot = self.metadata.remove(key)
         await asyncio.to_thread(self.layout.delete, snapshot.id)
+        await self._release(snapshot.model)
+
+    async def _release(self, model: str) -> None:
+        """Unmount a model no snapshot stands for any more."""
+        if model:
+            reference = model_reference(model)
+            assert reference.digest is not None
+            if self.metadata.model_users(reference.digest) == 0:
+                await self.models.release(reference)
 
     async def usage(self, key: str) -> tuple[int, int]:
         snapshot = self.metadata.get(key)
@@ -142,8 +192,8 @@ class Service(services.SnapshotsServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     async def Prepare(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        run = self.snapshotter.create
-        args = (Kind.ACTIVE, request.key, request.parent, dict(request.labels))
+        run = self.snapshotter.prepare
+        args = (request.key, request.parent, dict(request.labels))
         mounts = await self._call(context, f"prepare {request.key}", lambda: run(*args))
         return pb.PrepareSnapshotResponse(mounts=_mounts(mounts))
 
@@ -204,10 +254,10 @@ class Service(services.SnapshotsServicer):  # type: ignore[misc]
         return Empty()
 
 
-async def serve(root: Path, address: Path, ready: Any = None) -> None:
+async def serve(root: Path, address: Path, models: ModelMounts, ready: Any = None) -> None:
     """Serve the snapshots API for ``root`` on the unix socket ``address`` until SIGTERM or
-    SIGINT; ``ready()`` is called once the socket listens."""
-    snapshotter = Snapshotter(root)
+    SIGINT, models mounted by ``models``; ``ready()`` is called once the socket listens."""
+    snapshotter = Snapshotter(root, models)
     server = grpc.aio.server()
     services.add_SnapshotsServicer_to_server(Service(snapshotter), server)
     address.parent.mkdir(parents=True, exist_ok=True)

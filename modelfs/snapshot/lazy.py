@@ -1,0 +1,107 @@
+"""The lazily mounted models behind model snapshots: one ``modelfs mount`` per model digest,
+shared by every snapshot of that model, unmounted when the last of them goes.
+
+A mount is made by running ``modelfs mount`` (``python -m modelfs``): with the node daemon up,
+the daemon makes and keeps it (its cache, its status and metrics); without it, a mount process
+of its own, detached. Either way the mount lives outside the snapshotter, so restarting the
+snapshotter leaves running containers' reads alone, and a crash in a mount cannot take the
+snapshotter down. The command returns once the directory lists, or fails with one line saying
+why, which containerd gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from modelfs.reference import Reference
+from modelfs.snapshot.metadata import Code, SnapshotError
+
+log = logging.getLogger(__name__)
+
+MOUNT_TIMEOUT = 300.0  # seconds for a mount to list: a manifest, a config, tar headers
+
+
+class ModelMounts:
+    """Mounts under ``directory``, one per model digest."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        plain_http: frozenset[str],
+        cache_dir: Path | None,
+        prefetch: str | None,
+    ) -> None:
+        self.directory = directory
+        self.plain_http = plain_http
+        self.cache_dir = cache_dir
+        self.prefetch = prefetch
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def path(self, model: Reference) -> Path:
+        assert model.digest is not None  # models.model_reference pins them
+        return self.directory / model.digest.removeprefix("sha256:")
+
+    async def ensure(self, model: Reference) -> Path:
+        """The model's mount, made if it is not up (after a restart it still is)."""
+        path = self.path(model)
+        async with self._locks[path.name]:
+            if os.path.ismount(path):
+                return path
+            path.mkdir(parents=True, exist_ok=True)
+            arguments = ["mount", str(model), str(path)]
+            if model.registry in self.plain_http:
+                arguments.append("--plain-http")
+            if self.cache_dir is not None:
+                arguments += ["--cache-dir", str(self.cache_dir)]
+            if self.prefetch is not None:
+                arguments += ["--prefetch", self.prefetch]
+            failure = await _modelfs(arguments)
+            if failure is not None:
+                path.rmdir()
+                raise SnapshotError(
+                    Code.FAILED_PRECONDITION, f"cannot mount model {model}: {failure}"
+                )
+            log.info("mounted model %s on %s", model, path)
+            return path
+
+    async def release(self, model: Reference) -> None:
+        """Unmount the model (its last snapshot went); a failure is logged, not raised: the
+        snapshot is gone whatever happens to its mount."""
+        path = self.path(model)
+        async with self._locks[path.name]:
+            if os.path.ismount(path):
+                failure = await _modelfs(["umount", str(path)])
+                if failure is not None:
+                    log.warning("could not unmount model %s from %s: %s", model, path, failure)
+                    return
+            path.rmdir()
+            log.info("unmounted model %s from %s", model, path)
+
+
+async def _modelfs(arguments: list[str]) -> str | None:
+    """Run ``modelfs ARGUMENTS``: None if it succeeded, else its last line of error."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "modelfs",
+        *arguments,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, error = await asyncio.wait_for(process.communicate(), MOUNT_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return f"modelfs {arguments[0]} took more than {MOUNT_TIMEOUT:.0f} s"
+    if process.returncode == 0:
+        return None
+    lines = error.decode(errors="replace").strip().splitlines()
+    return lines[-1].removeprefix("modelfs: error: ") if lines else f"exit {process.returncode}"

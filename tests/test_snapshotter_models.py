@@ -1,0 +1,296 @@
+"""ModelPack models through the modelfs snapshotter under a real containerd: a model image (an
+ordinary image whose top layer is a marker naming the model) pulls without the model's bytes,
+the model is mounted lazily in the marker's place, containers read it exactly; the unpacker's
+path (Prepare with the remote-snapshot labels, answered AlreadyExists) as containerd drives it;
+one mount per model, gone with its last snapshot; bad models get a clear error and leave
+nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from containerd_tools import (
+    NAMESPACE,
+    Containerd,
+    Snapshotter,
+    containerd_missing,
+    push_model_image,
+)
+from registry_tools import Layer, Proxy, Registry, push_artifact
+from safetensors.numpy import load, save
+
+from modelfs.modelpack import ANNOTATION_FILEPATH
+from modelfs.reference import Reference, parse_reference
+from modelfs.snapshot.api import pb, services
+from modelfs.snapshot.models import MODEL_LABEL, SNAPSHOT_REF_LABEL
+
+MISSING = containerd_missing()
+pytestmark = pytest.mark.skipif(
+    MISSING is not None, reason=f"CONTAINERD CANNOT RUN HERE, its tests are skipped: {MISSING}"
+)
+SNAPSHOTS = ("snapshots", "--snapshotter", "modelfs")
+RAW = "application/vnd.cncf.model.weight.v1.raw"
+CONFIG_RAW = "application/vnd.cncf.model.weight.config.v1.raw"
+TAR = "application/vnd.cncf.model.weight.v1.tar"
+TENSORS = 100
+TENSOR_ELEMENTS = 2 * 2**20 // 4  # 2 MiB of float32 each: a 200 MiB safetensors file
+
+
+def _tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(18)
+    return {
+        f"layer.{index}": rng.random(TENSOR_ELEMENTS, dtype=np.float32) for index in range(TENSORS)
+    }
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    return {
+        "config.json": json.dumps({"model_type": "test", "hidden_size": 8}).encode(),
+        "model.safetensors": save(_tensors()),
+    }
+
+
+@pytest.fixture(scope="module")
+def model(registry: Registry, model_files: dict[str, bytes]) -> Reference:
+    """The model, raw layers (modctl's default), pushed with its piece index."""
+    layers = [
+        Layer(CONFIG_RAW, model_files["config.json"], {ANNOTATION_FILEPATH: "config.json"}),
+        Layer(RAW, model_files["model.safetensors"], {ANNOTATION_FILEPATH: "model.safetensors"}),
+    ]
+    repository = f"models/raw-{uuid.uuid4().hex[:8]}"
+    digest = push_artifact(registry.host, repository, "v1", layers)
+    return parse_reference(f"{registry.host}/{repository}@{digest}")
+
+
+@pytest.fixture(scope="module")
+def module_proxy(registry: Registry) -> Iterator[Proxy]:
+    with Proxy(registry) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def snapshotter(
+    tmp_path_factory: pytest.TempPathFactory, module_proxy: Proxy
+) -> Iterator[Snapshotter]:
+    root = tmp_path_factory.mktemp("model-snapshotter")
+    # No prefetch: what a pull and a read fetch is what they asked for (as test_real_model).
+    options = (
+        *("--plain-http-registry", module_proxy.host, "--cache-dir", str(root / "cache")),
+        *("--prefetch", "none"),
+    )
+    server = Snapshotter(root, *options)
+    server.start()
+    yield server
+    server.stop()
+    server.unmount_models()
+
+
+@pytest.fixture(scope="module")
+def containerd(
+    tmp_path_factory: pytest.TempPathFactory, snapshotter: Snapshotter
+) -> Iterator[Containerd]:
+    server = Containerd(tmp_path_factory.mktemp("model-containerd"), snapshotter)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _through(proxy: Proxy, model: Reference) -> Reference:
+    """The model named through the counting proxy."""
+    return Reference(proxy.host, model.repository, None, model.digest)
+
+
+def _weights_fetched(proxy: Proxy, data: bytes) -> int:
+    return proxy.bytes_by_blob.get("sha256:" + hashlib.sha256(data).hexdigest(), 0)
+
+
+def _client(snapshotter: Snapshotter) -> Any:
+    return services.SnapshotsStub(grpc.insecure_channel(f"unix://{snapshotter.address}"))
+
+
+def test_a_model_image_pulls_without_the_model_and_runs_reading_it_exactly(
+    containerd: Containerd,
+    snapshotter: Snapshotter,
+    registry: Registry,
+    module_proxy: Proxy,
+    model: Reference,
+    model_files: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    module_proxy.reset()
+    image = push_model_image(
+        registry.host, f"images/m-{uuid.uuid4().hex[:8]}", "v1", _through(module_proxy, model)
+    )
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "modelfs", image)
+    # The pull mounted the model: its manifest, config and piece index, none of its weights.
+    assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0
+    assert module_proxy.blob_bytes < 64 << 10, module_proxy.blob_bytes
+    [mount] = snapshotter.model_mounts()
+    assert sorted(path.name for path in mount.iterdir()) == ["config.json", "model.safetensors"]
+
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    run = ("run", "--snapshotter", "modelfs", "--rm", image, name)
+    printed = containerd.ctr(*run, "/bin/busybox", "cat", "/config.json")
+    assert printed.encode() == model_files["config.json"]
+    # One tensor read through the container's overlay fetches a small part of the file.
+    header = int.from_bytes(model_files["model.safetensors"][:8], "little")
+    offsets = json.loads(model_files["model.safetensors"][8 : 8 + header])["layer.50"]
+    start, end = (8 + header + offset for offset in offsets["data_offsets"])
+    dd = "dd if=/model.safetensors bs=1M iflag=skip_bytes,count_bytes"
+    read = f"{dd} skip={start} count={end - start} 2>/dev/null | md5sum"
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    printed = containerd.ctr(
+        "run", "--snapshotter", "modelfs", "--rm", image, name, "/bin/sh", "-c", read
+    )
+    expected = hashlib.md5(model_files["model.safetensors"][start:end]).hexdigest()
+    assert printed.split()[0] == expected
+    fetched = _weights_fetched(module_proxy, model_files["model.safetensors"])
+    size = len(model_files["model.safetensors"])
+    print(f"one tensor of {size >> 20} MiB through a container: {fetched / size:.1%} fetched")
+    assert 0 < fetched < size // 10
+    # Containers share the one mount of the model.
+    assert snapshotter.model_mounts() == [mount]
+
+
+@pytest.fixture
+def lone(tmp_path: Path, module_proxy: Proxy) -> Iterator[Snapshotter]:
+    """A snapshotter no containerd uses (whose garbage collection would remove the snapshots
+    made here by hand), called as containerd's unpacker calls it."""
+    (tmp_path / "lone").mkdir()
+    options = ("--plain-http-registry", module_proxy.host, "--cache-dir", str(tmp_path / "cache"))
+    server = Snapshotter(tmp_path / "lone", *options, "--prefetch", "none")
+    server.start()
+    yield server
+    server.stop()
+    server.unmount_models()
+
+
+def _remote_prepare(client: Any, chain_id: str, model: Reference) -> grpc.StatusCode:
+    """The unpacker's Prepare of a model image's marker layer: its status code."""
+    labels = {SNAPSHOT_REF_LABEL: chain_id, MODEL_LABEL: str(model)}
+    request = pb.PrepareSnapshotRequest(key=f"{NAMESPACE}/1/extract-1 {chain_id}", labels=labels)
+    try:
+        client.Prepare(request)
+    except grpc.RpcError as error:
+        code: grpc.StatusCode = error.code()
+        return code
+    return grpc.StatusCode.OK
+
+
+def _names(client: Any, *filters: str) -> list[str]:
+    replies = client.List(pb.ListSnapshotsRequest(filters=list(filters)))
+    return [info.name for reply in replies for info in reply.info]
+
+
+@pytest.mark.parametrize("packing", ["raw", "tar"])
+def test_the_unpackers_path_mounts_the_model_and_answers_already_exists(
+    lone: Snapshotter,
+    registry: Registry,
+    module_proxy: Proxy,
+    model: Reference,
+    model_files: dict[str, bytes],
+    packing: str,
+) -> None:
+    if packing == "tar":  # modctl's older packing: each file a one-member tar
+        model = _push_tar_model(registry, model_files)
+    client = _client(lone)
+    module_proxy.reset()
+    through = _through(module_proxy, model)
+    assert _remote_prepare(client, "sha256:" + "1" * 64, through) == grpc.StatusCode.ALREADY_EXISTS
+    # What containerd then does: find the committed layer by its label and parent, Stat it.
+    found = _names(client, f'labels."{SNAPSHOT_REF_LABEL}"==sha256:{"1" * 64}')
+    assert found == ["sha256:" + "1" * 64]
+    info = client.Stat(pb.StatSnapshotRequest(key=found[0])).info
+    assert (info.kind, info.parent) == (pb.COMMITTED, "")
+    assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0
+
+    # A view of it is a read-only bind of the model's mount: the same tree modelfs mount shows.
+    view = client.View(pb.ViewSnapshotRequest(key="view", parent=found[0])).mounts
+    assert [(m.type, list(m.options)) for m in view] == [("bind", ["ro", "rbind"])]
+    source = Path(view[0].source)
+    assert sorted(p.name for p in source.iterdir()) == ["config.json", "model.safetensors"]
+    assert (source / "config.json").read_bytes() == model_files["config.json"]
+    tensors = load((source / "model.safetensors").read_bytes())
+    assert all(np.array_equal(tensors[k], v) for k, v in _tensors().items())
+
+    # A second layer of the same model (another image) shares the mount.
+    assert _remote_prepare(client, "sha256:" + "2" * 64, through) == grpc.StatusCode.ALREADY_EXISTS
+    assert lone.model_mounts() == [source]
+    for key in ("view", "sha256:" + "1" * 64):
+        client.Remove(pb.RemoveSnapshotRequest(key=key))
+    assert lone.model_mounts() == [source]
+    client.Remove(pb.RemoveSnapshotRequest(key="sha256:" + "2" * 64))
+    assert lone.model_mounts() == []  # the last snapshot of the model took its mount along
+    assert not source.exists()
+
+
+def _push_tar_model(registry: Registry, files: dict[str, bytes]) -> Reference:
+    layers = []
+    for path, data in files.items():
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            member = tarfile.TarInfo(path)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        layers.append(Layer(TAR, out.getvalue(), {ANNOTATION_FILEPATH: path}))
+    repository = f"models/tar-{uuid.uuid4().hex[:8]}"
+    digest = push_artifact(registry.host, repository, "v1", layers)
+    return parse_reference(f"{registry.host}/{repository}@{digest}")
+
+
+def test_a_bad_model_gets_a_clear_error_and_leaves_nothing(
+    lone: Snapshotter, module_proxy: Proxy, model: Reference
+) -> None:
+    client = _client(lone)
+    unknown = Reference(module_proxy.host, "models/none", None, "sha256:" + "0" * 64)
+    labels = {SNAPSHOT_REF_LABEL: "sha256:" + "3" * 64, MODEL_LABEL: str(unknown)}
+    with pytest.raises(grpc.RpcError) as error:
+        client.Prepare(pb.PrepareSnapshotRequest(key="extract-3", labels=labels))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"cannot mount model {unknown}" in error.value.details()
+    unpinned = {**labels, MODEL_LABEL: f"{module_proxy.host}/{model.repository}:v1"}
+    with pytest.raises(grpc.RpcError) as error:
+        client.Prepare(pb.PrepareSnapshotRequest(key="extract-3", labels=unpinned))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not pinned by digest" in error.value.details()
+    assert _names(client) == []
+    assert not list((lone.root / "models").glob("*"))
+    assert not list((lone.root / "snapshots").glob("*"))
+    # It serves on: an ordinary layer, then the good model.
+    client.Prepare(pb.PrepareSnapshotRequest(key="ordinary"))
+    through = _through(module_proxy, model)
+    assert _remote_prepare(client, "sha256:" + "4" * 64, through) == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_model_mount_outlives_a_snapshotter_restart(
+    lone: Snapshotter, module_proxy: Proxy, model: Reference, model_files: dict[str, bytes]
+) -> None:
+    client = _client(lone)
+    chain_id = "sha256:" + "5" * 64
+    assert _remote_prepare(client, chain_id, _through(module_proxy, model)) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    [mount] = lone.model_mounts()
+    with (mount / "model.safetensors").open("rb") as reader:
+        head = reader.read(1 << 20)
+        lone.stop()
+        # A reader of the mount (a running container) goes on reading while it is down.
+        reader.seek(100 << 20)
+        assert reader.read(1 << 20) == model_files["model.safetensors"][100 << 20 : 101 << 20]
+        lone.start()
+    assert head == model_files["model.safetensors"][: 1 << 20]
+    client = _client(lone)
+    assert _names(client) == [chain_id] and lone.model_mounts() == [mount]
+    client.Remove(pb.RemoveSnapshotRequest(key=chain_id))
+    assert lone.model_mounts() == []
