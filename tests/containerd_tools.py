@@ -15,11 +15,17 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import grpc
 from registry_tools import Layer, push_artifact
 
 from modelfs.reference import Reference
+from modelfs.snapshot.api import services
 from modelfs.snapshot.models import marker_descriptor, marker_layer
 
 BUSYBOX = Path("/bin/busybox")
@@ -138,6 +144,31 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed: {result.stderr}")
         return result.stdout + (result.stderr if not check else "")
+
+
+@contextmanager
+def leased_snapshots(containerd: Containerd) -> Iterator[Any]:
+    """Calls to containerd's own snapshots service, for the modelfs snapshotter, under a lease.
+
+    ctr has no lease option, and a snapshot no lease, image or container holds goes at
+    containerd's next garbage collection (which a container removed elsewhere starts at any
+    time): the snapshots a test makes by hand are made under a lease (gRPC metadata, as
+    containerd's Go client sends it); ctr reads and removes them."""
+    lease = f"lease-{uuid.uuid4().hex[:8]}"
+    containerd.ctr("leases", "create", "--id", lease, "--expires", "1h")
+    channel = grpc.insecure_channel(f"unix://{containerd.address}")
+    metadata = (("containerd-namespace", NAMESPACE), ("containerd-lease", lease))
+
+    class Leased:
+        def __getattr__(self, method: str) -> Any:
+            call = getattr(services.SnapshotsStub(channel), method)
+            return lambda request: call(request, metadata=metadata)
+
+    try:
+        yield Leased()
+    finally:
+        containerd.ctr("leases", "rm", lease)
+        channel.close()
 
 
 def _tar(files: dict[str, bytes | Path], symlinks: dict[str, str]) -> bytes:

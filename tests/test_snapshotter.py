@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 import pytest
 from containerd_tools import (
-    NAMESPACE,
     Containerd,
     Snapshotter,
     containerd_missing,
+    leased_snapshots,
     push_busybox_image,
 )
 from registry_tools import Registry
@@ -123,25 +123,8 @@ def _umount(target: Path) -> None:
 
 @pytest.fixture
 def leased(containerd: Containerd) -> Iterator[Any]:
-    """Calls to containerd's own snapshots service for the modelfs snapshotter, under a lease.
-
-    ctr has no lease option, and a snapshot no lease, image or container holds goes at
-    containerd's next garbage collection (which a container removed elsewhere starts at any
-    time): the snapshots a test makes by hand are made under a lease (gRPC metadata, as
-    containerd's Go client sends it), then read and removed with ctr."""
-    lease = f"lease-{uuid.uuid4().hex[:8]}"
-    containerd.ctr("leases", "create", "--id", lease, "--expires", "1h")
-    channel = grpc.insecure_channel(f"unix://{containerd.address}")
-    metadata = (("containerd-namespace", NAMESPACE), ("containerd-lease", lease))
-
-    class Leased:
-        def __getattr__(self, method: str) -> Any:
-            call = getattr(services.SnapshotsStub(channel), method)
-            return lambda request: call(request, metadata=metadata)
-
-    yield Leased()
-    containerd.ctr("leases", "rm", lease)
-    channel.close()
+    with leased_snapshots(containerd) as client:
+        yield client
 
 
 def test_prepare_commit_view_stat_usage_walk_remove(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -20,10 +21,13 @@ import grpc
 import numpy as np
 import pytest
 from containerd_tools import (
+    MODELFS,
     NAMESPACE,
     Containerd,
     Snapshotter,
     containerd_missing,
+    leased_snapshots,
+    push_busybox_image,
     push_model_image,
 )
 from registry_tools import Layer, Proxy, Registry, push_artifact
@@ -32,7 +36,7 @@ from safetensors.numpy import load, save
 from modelfs.modelpack import ANNOTATION_FILEPATH
 from modelfs.reference import Reference, parse_reference
 from modelfs.snapshot.api import pb, services
-from modelfs.snapshot.models import MODEL_LABEL, SNAPSHOT_REF_LABEL
+from modelfs.snapshot.models import MODEL_LABEL, SNAPSHOT_REF_LABEL, marker_layer
 
 MISSING = containerd_missing()
 pytestmark = pytest.mark.skipif(
@@ -294,3 +298,51 @@ def test_a_model_mount_outlives_a_snapshotter_restart(
     assert _names(client) == [chain_id] and lone.model_mounts() == [mount]
     client.Remove(pb.RemoveSnapshotRequest(key=chain_id))
     assert lone.model_mounts() == []
+
+
+def test_modelfs_model_image_makes_an_image_that_is_the_model(
+    containerd: Containerd,
+    snapshotter: Snapshotter,
+    registry: Registry,
+    module_proxy: Proxy,
+    model: Reference,
+    model_files: dict[str, bytes],
+) -> None:
+    """What an image volume gets: the image of ``modelfs model-image`` is the model's tree."""
+    repository = f"images/only-{uuid.uuid4().hex[:8]}"
+    source = Reference(module_proxy.host, model.repository, "v1", None)
+    published = subprocess.run(
+        [MODELFS, "model-image", "--plain-http", str(source), f"{registry.host}/{repository}:v1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert published.startswith(f"{registry.host}/{repository}:v1@sha256:")
+    module_proxy.reset()
+    image = f"{registry.host}/{repository}:v1"
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "modelfs", image)
+    assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0
+    # A one-layer image: its layer's chain id is the marker layer's digest.
+    assert model.digest is not None
+    layer = "sha256:" + hashlib.sha256(marker_layer(source.pinned(model.digest))).hexdigest()
+    assert layer in containerd.ctr(*SNAPSHOTS, "ls")
+    with leased_snapshots(containerd) as client:
+        key = f"volume-{uuid.uuid4().hex[:8]}"
+        mounts = client.View(pb.ViewSnapshotRequest(snapshotter="modelfs", key=key, parent=layer))
+        [mount] = mounts.mounts
+        assert (mount.type, list(mount.options)) == ("bind", ["ro", "rbind"])
+        tree = Path(mount.source)
+        assert sorted(path.name for path in tree.iterdir()) == sorted(model_files)
+        assert all((tree / name).read_bytes() == data for name, data in model_files.items())
+        containerd.ctr(*SNAPSHOTS, "rm", key)
+
+
+def test_model_image_refuses_what_is_not_a_model(registry: Registry, tmp_path: Path) -> None:
+    repository = f"images/busybox-{uuid.uuid4().hex[:8]}"
+    image = push_busybox_image(registry.host, repository, "v1", b"hi\n")
+    target = f"{registry.host}/{repository}:v1-image"
+    result = subprocess.run(
+        [MODELFS, "model-image", "--plain-http", image, target], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "is not a ModelPack model" in result.stderr

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from modelfs.errors import BadReferenceError
+from modelfs.modelpack import MODEL_CONFIG
 from modelfs.reference import Reference, parse_reference
 from modelfs.snapshot.metadata import Code, SnapshotError
 from modelfs.untrusted import loads_json
@@ -99,3 +100,83 @@ def marker_descriptor(model: Reference, layer: bytes) -> dict[str, object]:
         "size": len(layer),
         "annotations": {MODEL_LABEL: str(model)},
     }
+
+
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+# The platforms a model image lists: containerd pulls only an image that names the node's
+# platform, and a model is the same bytes on every one.
+PLATFORMS = (("linux", "amd64"), ("linux", "arm64"), ("linux", "ppc64le"), ("linux", "s390x"))
+
+
+@dataclass(frozen=True)
+class ModelImage:
+    """What a model image is in a registry: blobs, one manifest per platform, the index."""
+
+    blobs: dict[str, bytes]  # digest -> the marker layer and the configs
+    manifests: dict[str, bytes]  # digest -> manifest
+    index: bytes
+
+
+def _descriptor(media_type: str, data: bytes) -> dict[str, object]:
+    return {
+        "mediaType": media_type,
+        "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
+
+
+def _json(document: object) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def model_image(model: Reference, manifest_media_type: str, index_media_type: str) -> ModelImage:
+    """The model image of ``model``: an index of one single-layer image per platform, the layer
+    being the model's marker (the same bytes for the same model, so the image is too)."""
+    layer = marker_layer(model)
+    layer_descriptor = marker_descriptor(model, layer)
+    blobs = {str(layer_descriptor["digest"]): layer}
+    manifests: dict[str, bytes] = {}
+    entries = []
+    for os_name, architecture in PLATFORMS:
+        config = _json(
+            {
+                "architecture": architecture,
+                "os": os_name,
+                "config": {},
+                "rootfs": {"type": "layers", "diff_ids": [layer_descriptor["digest"]]},
+            }
+        )
+        config_descriptor = _descriptor(OCI_CONFIG, config)
+        blobs[str(config_descriptor["digest"])] = config
+        manifest = _json(
+            {
+                "schemaVersion": 2,
+                "mediaType": manifest_media_type,
+                "config": config_descriptor,
+                "layers": [layer_descriptor],
+                "annotations": {MODEL_LABEL: str(model)},
+            }
+        )
+        descriptor = _descriptor(manifest_media_type, manifest)
+        manifests[str(descriptor["digest"])] = manifest
+        entries.append({**descriptor, "platform": {"os": os_name, "architecture": architecture}})
+    index = _json({"schemaVersion": 2, "mediaType": index_media_type, "manifests": entries})
+    return ModelImage(blobs, manifests, index)
+
+
+def check_model_manifest(reference: Reference, data: bytes) -> None:
+    """Refuse to make an image of anything but a ModelPack model's manifest."""
+    try:
+        manifest = loads_json(data)
+    except ValueError as error:
+        raise SnapshotError(Code.INVALID_ARGUMENT, f"{reference}: bad manifest: {error}") from None
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    media_type = config.get("mediaType") if isinstance(config, dict) else None
+    if media_type not in MODEL_CONFIGS:
+        raise SnapshotError(
+            Code.INVALID_ARGUMENT,
+            f"{reference} is not a ModelPack model (its config is {media_type!r})",
+        )
+
+
+MODEL_CONFIGS = (MODEL_CONFIG, "application/vnd.cnai.model.config.v1+json")
