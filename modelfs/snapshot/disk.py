@@ -36,8 +36,12 @@ class Layout:
         """Fresh ``fs`` and ``work`` directories. A directory already there is the leftover of a
         Prepare whose transaction rolled back (SQLite may hand its number out again): garbage."""
         shutil.rmtree(self.snapshots / str(snapshot_id), ignore_errors=True)
-        self.fs(snapshot_id).mkdir(0o755, parents=True)
-        self.work(snapshot_id).mkdir(0o711)
+        self.fs(snapshot_id).mkdir(parents=True)
+        self.work(snapshot_id).mkdir()
+        # A layer's top is a container's "/" (or part of it), which every user of the container
+        # must traverse, whatever the umask (the unit's is 0077).
+        self.fs(snapshot_id).chmod(0o755)
+        self.work(snapshot_id).chmod(0o700)
 
     def delete(self, snapshot_id: int) -> None:
         shutil.rmtree(self.snapshots / str(snapshot_id), ignore_errors=True)
