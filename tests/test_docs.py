@@ -30,9 +30,12 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 OTHER_PROGRAMS_OPTIONS = {
     "--path",  # systemd-escape --path
     "--now",  # systemctl enable --now
+    "--snapshotter",  # ctr images pull --snapshotter modelfs
+    "--rm",  # ctr run --rm
 }
 # A code line that starts with one of these runs another program: its options are its own.
 OTHER_PROGRAMS = ("scripts/bench", "systemd-escape", "systemctl", "python", "openssl", "pip")
+OTHER_PROGRAMS += ("ctr",)
 SEPARATORS = {"|", "||", "&&", ";", "#", "--", "<", ">"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 

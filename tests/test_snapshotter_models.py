@@ -12,6 +12,7 @@ import io
 import json
 import subprocess
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,7 +137,9 @@ def test_a_model_image_pulls_without_the_model_and_runs_reading_it_exactly(
     image = push_model_image(
         registry.host, f"images/m-{uuid.uuid4().hex[:8]}", "v1", _through(module_proxy, model)
     )
+    started = time.monotonic()
     containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "modelfs", image)
+    print(f"\nctr images pull of the model image: {time.monotonic() - started:.2f} s")
     # The pull mounted the model: its manifest, config and piece index, none of its weights.
     assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0
     assert module_proxy.blob_bytes < 64 << 10, module_proxy.blob_bytes
@@ -154,9 +157,11 @@ def test_a_model_image_pulls_without_the_model_and_runs_reading_it_exactly(
     dd = "dd if=/model.safetensors bs=1M iflag=skip_bytes,count_bytes"
     read = f"{dd} skip={start} count={end - start} 2>/dev/null | md5sum"
     name = f"c-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
     printed = containerd.ctr(
         "run", "--snapshotter", "modelfs", "--rm", image, name, "/bin/sh", "-c", read
     )
+    print(f"ctr run reading one tensor (2 MiB, cold): {time.monotonic() - started:.2f} s")
     expected = hashlib.md5(model_files["model.safetensors"][start:end]).hexdigest()
     assert printed.split()[0] == expected
     fetched = _weights_fetched(module_proxy, model_files["model.safetensors"])
