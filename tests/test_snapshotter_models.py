@@ -351,3 +351,72 @@ def test_model_image_refuses_what_is_not_a_model(registry: Registry, tmp_path: P
     )
     assert result.returncode == 1
     assert "is not a ModelPack model" in result.stderr
+
+
+CRI = grpc.protos_and_services("cri_proto/runtime.proto")
+
+
+@pytest.fixture(scope="module")
+def cri(
+    tmp_path_factory: pytest.TempPathFactory, module_proxy: Proxy
+) -> Iterator[tuple[Snapshotter, Containerd]]:
+    """A snapshotter and a containerd whose CRI plugin pulls with it, as a Kubernetes node's
+    (their own pair: a containerd removes the backend snapshots its metadata does not know)."""
+    root = tmp_path_factory.mktemp("cri")
+    options = ("--plain-http-registry", module_proxy.host, "--cache-dir", str(root / "cache"))
+    snapshotter = Snapshotter(root, *options, "--prefetch", "none")
+    snapshotter.start()
+    (root / "containerd").mkdir()
+    containerd = Containerd(root / "containerd", snapshotter, cri_plain_http=module_proxy.host)
+    containerd.start()
+    yield snapshotter, containerd
+    containerd.stop()
+    snapshotter.stop()
+    snapshotter.unmount_models()
+
+
+def test_cri_pulls_a_model_image_as_kubelet_does_without_fetching_its_layer(
+    cri: tuple[Snapshotter, Containerd],
+    registry: Registry,
+    module_proxy: Proxy,
+    model: Reference,
+    model_files: dict[str, bytes],
+) -> None:
+    repository = f"images/cri-{uuid.uuid4().hex[:8]}"
+    source = Reference(module_proxy.host, model.repository, None, model.digest)
+    subprocess.run(
+        [MODELFS, "model-image", "--plain-http", str(source), f"{registry.host}/{repository}:v1"],
+        check=True,
+        capture_output=True,
+    )
+    module_proxy.reset()
+    protos, services_ = CRI
+    snapshotter, containerd = cri
+    images = services_.ImageServiceStub(grpc.insecure_channel(f"unix://{containerd.address}"))
+    started = time.monotonic()
+    request = protos.PullImageRequest(
+        image=protos.ImageSpec(image=f"{module_proxy.host}/{repository}:v1")
+    )
+    reply = images.PullImage(request, timeout=120)
+    print(f"\nCRI PullImage of the model image: {time.monotonic() - started:.2f} s")
+    assert reply.image_ref.startswith("sha256:")
+
+    # The unpacker's Prepare carried the model label: the snapshotter answered AlreadyExists,
+    # and containerd fetched neither the marker layer nor, of course, the model.
+    assert model.digest is not None
+    marker = marker_layer(source)
+    marker_digest = "sha256:" + hashlib.sha256(marker).hexdigest()
+    fetched = [r.path for r in module_proxy.requests if r.method == "GET" and "/blobs/" in r.path]
+    assert not [path for path in fetched if path.endswith(marker_digest)], fetched
+    assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0
+    [info] = [
+        info
+        for reply in _client(snapshotter).List(pb.ListSnapshotsRequest())
+        for info in reply.info
+        if info.name == marker_digest  # one layer: its chain id is its diff id
+    ]
+    assert info.kind == pb.COMMITTED
+    assert info.labels[MODEL_LABEL] == str(source)
+    assert "containerd.io/snapshot/cri.layer-digest" in info.labels  # CRI's own labels too
+    [mount] = snapshotter.model_mounts()
+    assert (mount / "config.json").read_bytes() == model_files["config.json"]

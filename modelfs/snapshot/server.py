@@ -144,11 +144,13 @@ class Snapshotter:
 
 
 def _field(snapshot: Snapshot, path: tuple[str, ...]) -> str | None:
-    """A snapshot's field as containerd's filters name it (its snapshot adaptor)."""
+    """A snapshot's field as containerd's filters name it (its snapshot adaptor): name, parent
+    and kind are always present, so ``parent==""`` finds a bottom layer, as the unpacker's
+    filter for a remote layer of an image's first layer asks."""
     if path == ("name",):
         return snapshot.name
     if path == ("parent",):
-        return snapshot.parent or None
+        return snapshot.parent
     if path == ("kind",):
         return snapshot.kind.value
     if len(path) > 1 and path[0] == "labels":
