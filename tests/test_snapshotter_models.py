@@ -7,9 +7,12 @@ nothing behind."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
 import tarfile
 import time
@@ -31,6 +34,7 @@ from containerd_tools import (
     push_busybox_image,
     push_model_image,
 )
+from mounting import mount_pid
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from safetensors.numpy import load, save
 
@@ -420,3 +424,83 @@ def test_cri_pulls_a_model_image_as_kubelet_does_without_fetching_its_layer(
     assert "containerd.io/snapshot/cri.layer-digest" in info.labels  # CRI's own labels too
     [mount] = snapshotter.model_mounts()
     assert (mount / "config.json").read_bytes() == model_files["config.json"]
+
+
+def test_a_model_mount_that_died_comes_back_when_a_snapshot_needs_it(
+    lone: Snapshotter, module_proxy: Proxy, model: Reference, model_files: dict[str, bytes]
+) -> None:
+    """After a reboot, or a killed mount process, the next View or Prepare over a model layer
+    mounts the model again (the snapshot itself is in the snapshotter's metadata)."""
+    client = _client(lone)
+    chain_id = "sha256:" + "6" * 64
+    assert _remote_prepare(client, chain_id, _through(module_proxy, model)) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    [mount] = lone.model_mounts()
+    os.kill(mount_pid(mount), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.listdir(mount)  # asks the mount (a stat may come from the kernel's cache)
+        except OSError as error:
+            assert error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+            break
+        assert time.monotonic() < deadline, "the mount never died"
+        time.sleep(0.05)
+    view = client.View(pb.ViewSnapshotRequest(key="after-death", parent=chain_id)).mounts
+    assert Path(view[0].source, "config.json").read_bytes() == model_files["config.json"]
+    assert lone.model_mounts() == [mount]
+    for key in ("after-death", chain_id):
+        client.Remove(pb.RemoveSnapshotRequest(key=key))
+    assert lone.model_mounts() == []
+
+
+def _push_model(registry: Registry, files: dict[str, bytes], paths: dict[str, str]) -> Reference:
+    layers = [Layer(RAW, data, {ANNOTATION_FILEPATH: paths[name]}) for name, data in files.items()]
+    repository = f"models/bad-{uuid.uuid4().hex[:8]}"
+    digest = push_artifact(
+        registry.host, repository, "v1", layers, credentials=registry.credentials
+    )
+    return parse_reference(f"{registry.host}/{repository}@{digest}")
+
+
+@pytest.mark.parametrize("fault", ["hostile path", "registry down", "wrong credentials"])
+def test_a_model_that_cannot_be_mounted_fails_the_prepare_and_leaves_nothing(
+    tmp_path: Path,
+    fresh_registry: Registry,
+    auth_registry: Registry,
+    fault: str,
+) -> None:
+    files = {"config.json": b"{}"}
+    if fault == "hostile path":
+        registry = fresh_registry
+        model = _push_model(registry, files, {"config.json": "../../etc/cron.d/evil"})
+    elif fault == "registry down":
+        registry = fresh_registry
+        model = _push_model(registry, files, {"config.json": "config.json"})
+        registry.stop()
+    else:  # no credentials for this registry in the snapshotter's docker config
+        registry = auth_registry
+        model = _push_model(registry, files, {"config.json": "config.json"})
+    (tmp_path / "s").mkdir()
+    snapshotter = Snapshotter(tmp_path / "s", "--plain-http-registry", registry.host)
+    snapshotter.start()
+    try:
+        client = _client(snapshotter)
+        with pytest.raises(grpc.RpcError) as error:
+            _remote_prepare_raising(client, "sha256:" + "7" * 64, model)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"cannot mount model {model}: " in error.value.details()
+        print(f"{fault}: {error.value.details()}")
+        assert _names(client) == []
+        assert not list((snapshotter.root / "models").glob("*"))
+        assert not list((snapshotter.root / "snapshots").glob("*"))
+        client.Prepare(pb.PrepareSnapshotRequest(key="it-serves-on"))
+    finally:
+        snapshotter.stop()
+        snapshotter.unmount_models()
+
+
+def _remote_prepare_raising(client: Any, chain_id: str, model: Reference) -> None:
+    labels = {SNAPSHOT_REF_LABEL: chain_id, MODEL_LABEL: str(model)}
+    client.Prepare(pb.PrepareSnapshotRequest(key=f"extract {chain_id}", labels=labels))

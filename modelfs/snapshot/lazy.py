@@ -12,6 +12,7 @@ why, which containerd gets.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sys
@@ -51,6 +52,9 @@ class ModelMounts:
         """The model's mount, made if it is not up (after a restart it still is)."""
         path = self.path(model)
         async with self._locks[path.name]:
+            if _dead(path):  # its process was killed: detach what is left, mount again
+                log.warning("model %s: the mount on %s had died; mounting it again", model, path)
+                await _modelfs(["umount", str(path)])
             if os.path.ismount(path):
                 return path
             path.mkdir(parents=True, exist_ok=True)
@@ -82,6 +86,17 @@ class ModelMounts:
                     return
             path.rmdir()
             log.info("unmounted model %s from %s", model, path)
+
+
+def _dead(path: Path) -> bool:
+    """A FUSE mount whose process is gone (the kernel answers ENOTCONN, or ECONNABORTED once
+    the connection was aborted). Opening it asks the mount: a stat could be answered from the
+    kernel's attribute cache (kept a day)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as error:
+        return error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
 
 
 async def _modelfs(arguments: list[str]) -> str | None:

@@ -52,12 +52,14 @@ class Snapshotter:
     def close(self) -> None:
         self.metadata.close()
 
-    def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+    async def create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
+    ) -> list[Mount]:
         """Prepare (active) or View: the record and its directories, both or neither."""
         with self.metadata.transaction():
             snapshot = self.metadata.create(kind, key, parent, labels)
             self.layout.make(snapshot.id)
-        return self.mounts(key)
+        return await self.mounts(key)
 
     async def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         """An active snapshot, unless the unpacker asks for a model's marker layer: then the
@@ -65,7 +67,7 @@ class Snapshotter:
         AlreadyExists, so containerd fetches and applies nothing."""
         remote = remote_layer(labels)
         if remote is None:
-            return self.create(Kind.ACTIVE, key, parent, labels)
+            return await self.create(Kind.ACTIVE, key, parent, labels)
         if self.metadata.find(remote.chain_id) is None:
             await self.models.ensure(remote.model)
             try:
@@ -81,17 +83,18 @@ class Snapshotter:
             Code.ALREADY_EXISTS, f"{remote.chain_id} is the model {remote.model}, mounted lazily"
         )
 
-    def layer(self, snapshot: Snapshot) -> Path:
-        """What a committed snapshot shows as a lower dir: its files, or its model's mount."""
+    async def layer(self, snapshot: Snapshot) -> Path:
+        """What a committed snapshot shows as a lower dir: its files, or its model's mount,
+        mounted again if it went (the node rebooted, its mount process was killed)."""
         if snapshot.model:
-            return self.models.path(model_reference(snapshot.model))
+            return await self.models.ensure(model_reference(snapshot.model))
         return self.layout.fs(snapshot.id)
 
-    def mounts(self, key: str) -> list[Mount]:
+    async def mounts(self, key: str) -> list[Mount]:
         snapshot = self.metadata.get(key)
         if snapshot.kind is Kind.COMMITTED:
             raise SnapshotError(Code.FAILED_PRECONDITION, f"snapshot {key!r} is committed")
-        parents = [self.layer(parent) for parent in self.metadata.parents(snapshot)]
+        parents = [await self.layer(parent) for parent in self.metadata.parents(snapshot)]
         return mounts_for(
             snapshot.kind, self.layout.fs(snapshot.id), self.layout.work(snapshot.id), parents
         )
