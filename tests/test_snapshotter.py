@@ -259,3 +259,11 @@ def test_snapshots_survive_a_snapshotter_restart(
     print(f"containerd reached the restarted snapshotter after {time.monotonic() - started:.2f} s")
     assert _ls(containerd) == before
     assert _run(containerd, image, "/bin/sh", "-c", "cat /etc/hello").encode() == HELLO
+
+
+def test_snapshots_survive_a_containerd_restart(containerd: Containerd, image: str) -> None:
+    before = _ls(containerd)
+    containerd.stop()
+    containerd.start()
+    assert _ls(containerd) == before
+    assert _run(containerd, image, "/bin/sh", "-c", "cat /etc/hello").encode() == HELLO
