@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tarfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ from containerd_tools import (
     push_model_image,
 )
 from mounting import mount_pid
-from registry_tools import Layer, Proxy, Registry, push_artifact
+from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
 from safetensors.numpy import load, save
 
 from modelfs.modelpack import ANNOTATION_FILEPATH
@@ -504,3 +505,38 @@ def test_a_model_that_cannot_be_mounted_fails_the_prepare_and_leaves_nothing(
 def _remote_prepare_raising(client: Any, chain_id: str, model: Reference) -> None:
     labels = {SNAPSHOT_REF_LABEL: chain_id, MODEL_LABEL: str(model)}
     client.Prepare(pb.PrepareSnapshotRequest(key=f"extract {chain_id}", labels=labels))
+
+
+def test_metrics_count_calls_snapshots_and_models(
+    tmp_path: Path, module_proxy: Proxy, model: Reference
+) -> None:
+    port = free_port()
+    (tmp_path / "m").mkdir()
+    options = ("--plain-http-registry", module_proxy.host, "--metrics-addr", f"127.0.0.1:{port}")
+    snapshotter = Snapshotter(tmp_path / "m", *options, "--prefetch", "none")
+    snapshotter.start()
+    try:
+        client = _client(snapshotter)
+        client.Prepare(pb.PrepareSnapshotRequest(key="active"))
+        with pytest.raises(grpc.RpcError):
+            client.Stat(pb.StatSnapshotRequest(key="absent"))
+        chain_id = "sha256:" + "8" * 64
+        assert _remote_prepare(client, chain_id, _through(module_proxy, model)) == (
+            grpc.StatusCode.ALREADY_EXISTS
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        for line in (
+            'modelfs_snapshotter_requests_total{code="OK",method="Prepare"} 1.0',
+            'modelfs_snapshotter_requests_total{code="ALREADY_EXISTS",method="Prepare"} 1.0',
+            'modelfs_snapshotter_requests_total{code="NOT_FOUND",method="Stat"} 1.0',
+            'modelfs_snapshotter_snapshots{kind="active"} 1.0',
+            'modelfs_snapshotter_snapshots{kind="committed"} 1.0',
+            "modelfs_snapshotter_models 1.0",
+            'modelfs_snapshotter_model_layers_total{path="unpacker"} 1.0',
+        ):
+            assert line in text.splitlines(), text
+        client.Remove(pb.RemoveSnapshotRequest(key=chain_id))
+    finally:
+        snapshotter.stop()
+        snapshotter.unmount_models()

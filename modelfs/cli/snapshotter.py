@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import click
@@ -45,12 +46,14 @@ DEFAULT_ADDRESS = Path("/run/modelfs-snapshotter/snapshotter.sock")
     type=click.Choice(["none", "hints", "all"]),
     help="The prefetch of the models it mounts (default: modelfs mount's, hints).",
 )
+@click.option("--metrics-addr", help="Serve Prometheus metrics on HOST:PORT (default: off).")
 def snapshotter(
     root: Path,
     address: Path,
     plain_http: tuple[str, ...],
     cache_dir: Path | None,
     prefetch: str | None,
+    metrics_addr: str | None,
 ) -> None:
     """Serve containerd's snapshots API: image layers stacked with overlayfs, models mounted
     lazily in place of their model image's marker layer (docs/kubernetes.md).
@@ -63,11 +66,17 @@ def snapshotter(
       modelfs snapshotter --address /run/modelfs-snapshotter/snapshotter.sock
     """
     # Imported here: grpcio and the compiled API cost ~0.3 s that other commands need not pay.
+    from modelfs.metrics import serving_metrics
     from modelfs.service.notify import notify
     from modelfs.snapshot.lazy import ModelMounts
     from modelfs.snapshot.server import serve
+    from modelfs.snapshot.stats import SnapshotterCollector, SnapshotterStats
 
     models = ModelMounts(
         root / "models", plain_http=frozenset(plain_http), cache_dir=cache_dir, prefetch=prefetch
     )
-    asyncio.run(serve(root, address, models, ready=lambda: notify("READY=1")))
+    stats = SnapshotterStats()
+    with contextlib.ExitStack() as stack:
+        if metrics_addr is not None:
+            stack.enter_context(serving_metrics(metrics_addr, SnapshotterCollector(stats)))
+        asyncio.run(serve(root, address, models, stats, ready=lambda: notify("READY=1")))

@@ -185,6 +185,14 @@ class Metadata:
         count: int = self._db.execute(query, ("%@" + digest,)).fetchone()[0]
         return count
 
+    def census(self) -> tuple[dict[str, int], int]:
+        """Snapshots by kind, and how many models stand for some."""
+        query = "SELECT kind, COUNT(*) FROM snapshots GROUP BY kind"
+        kinds = {kind: count for kind, count in self._db.execute(query)}
+        query = "SELECT COUNT(DISTINCT substr(model, -71)) FROM snapshots WHERE model != ''"
+        models: int = self._db.execute(query).fetchone()[0]  # by digest: "sha256:" + 64 hex
+        return kinds, models
+
     def update_labels(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Snapshot:
         """Set labels as an Update with field-mask ``paths`` asks; only labels are mutable."""
         snapshot = self.get(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from modelfs.snapshot.lazy import ModelMounts
 from modelfs.snapshot.metadata import Code, Metadata, Snapshot, SnapshotError
 from modelfs.snapshot.models import model_reference, parse_marker, remote_layer
 from modelfs.snapshot.mounts import Kind, Mount, mounts_for
+from modelfs.snapshot.stats import COMMIT, UNPACKER, SnapshotterStats
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,12 @@ _LIST_BATCH = 100  # infos per List message, well under gRPC's 4 MiB message lim
 class Snapshotter:
     """The operations of containerd's Snapshotter interface on one root."""
 
-    def __init__(self, root: Path, models: ModelMounts) -> None:
+    def __init__(self, root: Path, models: ModelMounts, stats: SnapshotterStats) -> None:
         self.layout = Layout(root)
         self.layout.create_root()
         self.metadata = Metadata(self.layout.database)
         self.models = models
+        self.stats = stats
 
     def close(self) -> None:
         self.metadata.close()
@@ -79,6 +82,7 @@ class Snapshotter:
             except BaseException:
                 await self._release(str(remote.model))
                 raise
+            self.stats.model_layer(UNPACKER)
         raise SnapshotError(
             Code.ALREADY_EXISTS, f"{remote.chain_id} is the model {remote.model}, mounted lazily"
         )
@@ -110,10 +114,13 @@ class Snapshotter:
         size, inodes = await asyncio.to_thread(disk_usage, upper)
         try:
             with self.metadata.transaction():
-                return self.metadata.commit(key, name, labels, size, inodes, model)
+                committed = self.metadata.commit(key, name, labels, size, inodes, model)
         except BaseException:
             await self._release(model)
             raise
+        if model:
+            self.stats.model_layer(COMMIT)
+        return committed
 
     async def remove(self, key: str) -> None:
         with self.metadata.transaction():
@@ -187,47 +194,62 @@ class Service(services.SnapshotsServicer):  # type: ignore[misc]
         self.snapshotter = snapshotter
 
     async def _call(self, context: grpc.aio.ServicerContext, what: str, run: Any) -> Any:
+        """``run()`` (awaited if a coroutine) for the call ``what`` names (its method first),
+        counted in the stats before containerd has the answer (a scrape after it sees it)."""
+        method, started = what.split()[0], time.monotonic()
         try:
             result = run()
-            return await result if asyncio.iscoroutine(result) else result
+            result = await result if asyncio.iscoroutine(result) else result
         except SnapshotError as error:
             log.info("%s: %s", what, error)
+            self._count(method, _STATUS[error.code], started)
             await context.abort(_STATUS[error.code], str(error))
         except FilterError as error:
+            self._count(method, grpc.StatusCode.INVALID_ARGUMENT, started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except BaseException:
+            self._count(method, grpc.StatusCode.UNKNOWN, started)
+            raise
+        self._count(method, grpc.StatusCode.OK, started)
+        return result
+
+    def _count(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        stats = self.snapshotter.stats
+        stats.answered(method, code.name, time.monotonic() - started)
+        stats.holding(*self.snapshotter.metadata.census())
 
     async def Prepare(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         run = self.snapshotter.prepare
         args = (request.key, request.parent, dict(request.labels))
-        mounts = await self._call(context, f"prepare {request.key}", lambda: run(*args))
+        mounts = await self._call(context, f"Prepare {request.key}", lambda: run(*args))
         return pb.PrepareSnapshotResponse(mounts=_mounts(mounts))
 
     async def View(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         run = self.snapshotter.create
         args = (Kind.VIEW, request.key, request.parent, dict(request.labels))
-        mounts = await self._call(context, f"view {request.key}", lambda: run(*args))
+        mounts = await self._call(context, f"View {request.key}", lambda: run(*args))
         return pb.ViewSnapshotResponse(mounts=_mounts(mounts))
 
     async def Mounts(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         get = self.snapshotter.mounts
-        mounts = await self._call(context, f"mounts {request.key}", lambda: get(request.key))
+        mounts = await self._call(context, f"Mounts {request.key}", lambda: get(request.key))
         return pb.MountsResponse(mounts=_mounts(mounts))
 
     async def Commit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         labels = dict(request.labels)
         commit = self.snapshotter.commit
         run = lambda: commit(request.name, request.key, labels)  # noqa: E731
-        await self._call(context, f"commit {request.key} as {request.name}", run)
+        await self._call(context, f"Commit {request.key} as {request.name}", run)
         return Empty()
 
     async def Remove(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         remove = self.snapshotter.remove
-        await self._call(context, f"remove {request.key}", lambda: remove(request.key))
+        await self._call(context, f"Remove {request.key}", lambda: remove(request.key))
         return Empty()
 
     async def Stat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         get = self.snapshotter.metadata.get
-        snapshot = await self._call(context, f"stat {request.key}", lambda: get(request.key))
+        snapshot = await self._call(context, f"Stat {request.key}", lambda: get(request.key))
         return pb.StatSnapshotResponse(info=_info(snapshot))
 
     async def Update(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -239,30 +261,38 @@ class Service(services.SnapshotsServicer):  # type: ignore[misc]
             with metadata.transaction():
                 return metadata.update_labels(info.name, dict(info.labels), paths)
 
-        snapshot = await self._call(context, f"update {info.name}", update)
+        snapshot = await self._call(context, f"Update {info.name}", update)
         return pb.UpdateSnapshotResponse(info=_info(snapshot))
 
     async def List(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         filters = list(request.filters)
-        found = await self._call(context, "list", lambda: self.snapshotter.list(filters))
+        found = await self._call(context, "List", lambda: self.snapshotter.list(filters))
         for start in range(0, len(found), _LIST_BATCH):
             batch = found[start : start + _LIST_BATCH]
             yield pb.ListSnapshotsResponse(info=[_info(snapshot) for snapshot in batch])
 
     async def Usage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         usage = self.snapshotter.usage
-        size, inodes = await self._call(context, f"usage {request.key}", lambda: usage(request.key))
+        size, inodes = await self._call(context, f"Usage {request.key}", lambda: usage(request.key))
         return pb.UsageResponse(size=size, inodes=inodes)
 
     async def Cleanup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._call(context, "cleanup", self.snapshotter.cleanup)
+        await self._call(context, "Cleanup", self.snapshotter.cleanup)
         return Empty()
 
 
-async def serve(root: Path, address: Path, models: ModelMounts, ready: Any = None) -> None:
+async def serve(
+    root: Path,
+    address: Path,
+    models: ModelMounts,
+    stats: SnapshotterStats,
+    ready: Any = None,
+) -> None:
     """Serve the snapshots API for ``root`` on the unix socket ``address`` until SIGTERM or
-    SIGINT, models mounted by ``models``; ``ready()`` is called once the socket listens."""
-    snapshotter = Snapshotter(root, models)
+    SIGINT, models mounted by ``models``, counted in ``stats``; ``ready()`` is called once the
+    socket listens."""
+    snapshotter = Snapshotter(root, models, stats)
+    stats.holding(*snapshotter.metadata.census())
     server = grpc.aio.server()
     services.add_SnapshotsServicer_to_server(Service(snapshotter), server)
     address.parent.mkdir(parents=True, exist_ok=True)
