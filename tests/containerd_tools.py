@@ -48,10 +48,10 @@ def containerd_missing() -> str | None:
     return None
 
 
-def _cri(root: Path, plain_http: str | None) -> str:
+def _cri(root: Path, hosts: Path | None) -> str:
     """The CRI plugin's config: off, or pulling with the modelfs snapshotter, passing snapshot
-    annotations, from ``plain_http`` (a registry host) over HTTP, as kubelet's runtime would."""
-    if plain_http is None:
+    annotations, with registry hosts from ``hosts`` (``HOST/hosts.toml`` files), as a node's."""
+    if hosts is None:
         return 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
     return f"""[plugins."io.containerd.grpc.v1.cri"]
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -60,8 +60,9 @@ def _cri(root: Path, plain_http: str | None) -> str:
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{root}/cni-bin"
     conf_dir = "{root}/cni-conf"
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{plain_http}"]
-    endpoint = ["http://{plain_http}"]"""
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{hosts}"
+"""
 
 
 def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
@@ -119,9 +120,7 @@ class Containerd:
     """A containerd with its own root, state, sockets and a config registering ``snapshotter``
     as the proxy plugin ``modelfs``. ``ctr(...)`` runs ctr against it in the test namespace."""
 
-    def __init__(
-        self, root: Path, snapshotter: Snapshotter, cri_plain_http: str | None = None
-    ) -> None:
+    def __init__(self, root: Path, snapshotter: Snapshotter, cri_hosts: Path | None = None) -> None:
         self.root = root
         self.address = root / "containerd.sock"
         self.log = root / "containerd.log"
@@ -131,7 +130,7 @@ class Containerd:
             f"""version = 2
 root = "{root}/root"
 state = "{root}/state"
-{_cri(root, cri_plain_http)}
+{_cri(root, cri_hosts)}
 [grpc]
   address = "{self.address}"
 [ttrpc]

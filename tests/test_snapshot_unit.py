@@ -13,6 +13,7 @@ import pytest
 from modelfs.snapshot.disk import disk_usage, marker_in
 from modelfs.snapshot.filters import FilterError, Selector, matcher, parse
 from modelfs.snapshot.metadata import Code, Metadata, SnapshotError, update_labels
+from modelfs.snapshot.mirror import Route, route
 from modelfs.snapshot.models import (
     MARKER,
     MODEL_LABEL,
@@ -186,3 +187,21 @@ def test_the_marker_layer_names_its_model(tmp_path: Path) -> None:
 def test_a_bad_marker_is_refused(data: bytes) -> None:
     with pytest.raises(SnapshotError):
         parse_marker(data)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v2/", Route("base")),
+        ("/v2/models/qwen/manifests/v1", Route("manifests", "models/qwen", "v1")),
+        (f"/v2/m/manifests/sha256:{'a' * 64}", Route("manifests", "m", f"sha256:{'a' * 64}")),
+        (f"/v2/m/blobs/sha256:{'b' * 64}", Route("blobs", "m", f"sha256:{'b' * 64}")),
+        ("/v2/m/blobs/v1", None),  # blobs only by digest
+        ("/v2/../etc/manifests/v1", None),
+        ("/v2/Models/manifests/v1", None),  # repository names are lowercase
+        ("/v2/m/tags/list", None),
+        ("/metrics", None),
+    ],
+)
+def test_the_mirror_routes_only_what_it_serves(path: str, expected: Route | None) -> None:
+    assert route(path) == expected

@@ -90,14 +90,19 @@ def module_proxy(registry: Registry) -> Iterator[Proxy]:
 
 
 @pytest.fixture(scope="module")
+def mirror_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
 def snapshotter(
-    tmp_path_factory: pytest.TempPathFactory, module_proxy: Proxy
+    tmp_path_factory: pytest.TempPathFactory, module_proxy: Proxy, mirror_port: int
 ) -> Iterator[Snapshotter]:
     root = tmp_path_factory.mktemp("model-snapshotter")
     # No prefetch: what a pull and a read fetch is what they asked for (as test_real_model).
     options = (
         *("--plain-http-registry", module_proxy.host, "--cache-dir", str(root / "cache")),
-        *("--prefetch", "none"),
+        *("--prefetch", "none", "--mirror-addr", f"127.0.0.1:{mirror_port}"),
     )
     server = Snapshotter(root, *options)
     server.start()
@@ -361,18 +366,33 @@ def test_model_image_refuses_what_is_not_a_model(registry: Registry, tmp_path: P
 CRI = grpc.protos_and_services("cri_proto/runtime.proto")
 
 
+def _hosts_toml(directory: Path, registry: str, mirror_port: int) -> Path:
+    """containerd's hosts directory: ``registry`` over HTTP, the snapshotter's mirror first."""
+    (directory / registry).mkdir(parents=True)
+    (directory / registry / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n'
+        f'[host."http://127.0.0.1:{mirror_port}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    return directory
+
+
 @pytest.fixture(scope="module")
 def cri(
     tmp_path_factory: pytest.TempPathFactory, module_proxy: Proxy
 ) -> Iterator[tuple[Snapshotter, Containerd]]:
-    """A snapshotter and a containerd whose CRI plugin pulls with it, as a Kubernetes node's
-    (their own pair: a containerd removes the backend snapshots its metadata does not know)."""
+    """A snapshotter and a containerd whose CRI plugin pulls with it, as a Kubernetes node's,
+    through the snapshotter's mirror (their own pair: a containerd removes the backend snapshots
+    its metadata does not know)."""
     root = tmp_path_factory.mktemp("cri")
+    port = free_port()
     options = ("--plain-http-registry", module_proxy.host, "--cache-dir", str(root / "cache"))
-    snapshotter = Snapshotter(root, *options, "--prefetch", "none")
+    options += ("--prefetch", "none", "--mirror-addr", f"127.0.0.1:{port}")
+    snapshotter = Snapshotter(root, *options)
     snapshotter.start()
     (root / "containerd").mkdir()
-    containerd = Containerd(root / "containerd", snapshotter, cri_plain_http=module_proxy.host)
+    hosts = _hosts_toml(root / "certs.d", module_proxy.host, port)
+    containerd = Containerd(root / "containerd", snapshotter, cri_hosts=hosts)
     containerd.start()
     yield snapshotter, containerd
     containerd.stop()
@@ -540,3 +560,60 @@ def test_metrics_count_calls_snapshots_and_models(
     finally:
         snapshotter.stop()
         snapshotter.unmount_models()
+
+
+def test_the_mirror_lets_containerd_pull_a_model_by_its_own_reference(
+    containerd: Containerd,
+    snapshotter: Snapshotter,
+    registry: Registry,
+    module_proxy: Proxy,
+    mirror_port: int,
+    model: Reference,
+    model_files: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    """With hosts.toml naming the snapshotter's mirror first, the model's own tag pulls as its
+    model image (the registry untouched), and an ordinary image still pulls from the registry."""
+    _hosts_toml(tmp_path / "certs.d", module_proxy.host, mirror_port)
+    pull = ("images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), "--snapshotter", "modelfs")
+    own = Reference(module_proxy.host, model.repository, "v1", None)
+    module_proxy.reset()
+    containerd.ctr(*pull, str(own))
+    assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0
+    assert model.digest is not None
+    layer = "sha256:" + hashlib.sha256(marker_layer(own.pinned(model.digest))).hexdigest()
+    with leased_snapshots(containerd) as client:
+        key = f"own-{uuid.uuid4().hex[:8]}"
+        mounts = client.View(pb.ViewSnapshotRequest(snapshotter="modelfs", key=key, parent=layer))
+        tree = Path(mounts.mounts[0].source)
+        assert all((tree / name).read_bytes() == data for name, data in model_files.items())
+        containerd.ctr(*SNAPSHOTS, "rm", key)
+
+    # Not a model: the mirror answers 404 and containerd goes to the registry.
+    image = push_busybox_image(registry.host, f"images/plain-{uuid.uuid4().hex[:8]}", "v1", b"")
+    containerd.ctr(*pull, image.replace(registry.host, module_proxy.host))
+
+
+def test_cri_pulls_a_model_by_its_own_reference_through_the_mirror(
+    cri: tuple[Snapshotter, Containerd],
+    module_proxy: Proxy,
+    model: Reference,
+    model_files: dict[str, bytes],
+) -> None:
+    """What a pod's image volume naming ``registry/models/qwen:v1`` asks of containerd."""
+    snapshotter, containerd = cri
+    protos, services_ = CRI
+    images = services_.ImageServiceStub(grpc.insecure_channel(f"unix://{containerd.address}"))
+    own = Reference(module_proxy.host, model.repository, "v1", None)
+    module_proxy.reset()
+    started = time.monotonic()
+    reply = images.PullImage(protos.PullImageRequest(image=protos.ImageSpec(image=str(own))))
+    print(f"\nCRI PullImage of the model's own reference: {time.monotonic() - started:.2f} s")
+    assert reply.image_ref.startswith("sha256:")
+    assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0
+    assert model.digest is not None
+    layer = "sha256:" + hashlib.sha256(marker_layer(own.pinned(model.digest))).hexdigest()
+    names = [i.name for r in _client(snapshotter).List(pb.ListSnapshotsRequest()) for i in r.info]
+    assert layer in names
+    mounts = {path.name for path in snapshotter.model_mounts()}
+    assert model.digest.removeprefix("sha256:") in mounts

@@ -47,6 +47,11 @@ DEFAULT_ADDRESS = Path("/run/modelfs-snapshotter/snapshotter.sock")
     help="The prefetch of the models it mounts (default: modelfs mount's, hints).",
 )
 @click.option("--metrics-addr", help="Serve Prometheus metrics on HOST:PORT (default: off).")
+@click.option(
+    "--mirror-addr",
+    help="Serve, on HOST:PORT, the registry mirror that answers a model's own reference with "
+    "its model image, for containerd's hosts.toml (docs/kubernetes.md; default: off).",
+)
 def snapshotter(
     root: Path,
     address: Path,
@@ -54,6 +59,7 @@ def snapshotter(
     cache_dir: Path | None,
     prefetch: str | None,
     metrics_addr: str | None,
+    mirror_addr: str | None,
 ) -> None:
     """Serve containerd's snapshots API: image layers stacked with overlayfs, models mounted
     lazily in place of their model image's marker layer (docs/kubernetes.md).
@@ -69,6 +75,7 @@ def snapshotter(
     from modelfs.metrics import serving_metrics
     from modelfs.service.notify import notify
     from modelfs.snapshot.lazy import ModelMounts
+    from modelfs.snapshot.mirror import ModelImages, serving_mirror
     from modelfs.snapshot.server import serve
     from modelfs.snapshot.stats import SnapshotterCollector, SnapshotterStats
 
@@ -79,4 +86,7 @@ def snapshotter(
     with contextlib.ExitStack() as stack:
         if metrics_addr is not None:
             stack.enter_context(serving_metrics(metrics_addr, SnapshotterCollector(stats)))
+        if mirror_addr is not None:
+            images = ModelImages(frozenset(plain_http))
+            stack.enter_context(serving_mirror(mirror_addr, images))
         asyncio.run(serve(root, address, models, stats, ready=lambda: notify("READY=1")))

@@ -164,14 +164,20 @@ def model_image(model: Reference, manifest_media_type: str, index_media_type: st
     return ModelImage(blobs, manifests, index)
 
 
-def check_model_manifest(reference: Reference, data: bytes) -> None:
-    """Refuse to make an image of anything but a ModelPack model's manifest."""
+def model_config_type(data: bytes) -> str | None:
+    """The config media type of a manifest, if it is one (None for an index or anything else)."""
     try:
         manifest = loads_json(data)
-    except ValueError as error:
-        raise SnapshotError(Code.INVALID_ARGUMENT, f"{reference}: bad manifest: {error}") from None
+    except ValueError:
+        return None
     config = manifest.get("config") if isinstance(manifest, dict) else None
     media_type = config.get("mediaType") if isinstance(config, dict) else None
+    return media_type if isinstance(media_type, str) else None
+
+
+def check_model_manifest(reference: Reference, data: bytes) -> None:
+    """Refuse to make an image of anything but a ModelPack model's manifest."""
+    media_type = model_config_type(data)
     if media_type not in MODEL_CONFIGS:
         raise SnapshotError(
             Code.INVALID_ARGUMENT,
