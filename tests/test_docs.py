@@ -32,6 +32,7 @@ OTHER_PROGRAMS_OPTIONS = {
     "--now",  # systemctl enable --now
     "--snapshotter",  # ctr images pull --snapshotter modelfs
     "--rm",  # ctr run --rm
+    "--hosts-dir",  # ctr images pull --hosts-dir
 }
 # A code line that starts with one of these runs another program: its options are its own.
 OTHER_PROGRAMS = ("scripts/bench", "systemd-escape", "systemctl", "python", "openssl", "pip")
