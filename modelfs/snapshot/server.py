@@ -58,11 +58,13 @@ class Snapshotter:
     async def create(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
     ) -> list[Mount]:
-        """Prepare (active) or View: the record and its directories, both or neither."""
+        """Prepare (active) or View: the record and its directories, both or neither, made
+        once its lower dirs are there (a model mount that cannot be made fails it first)."""
+        lower = await self.lower_dirs(parent)
         with self.metadata.transaction():
             snapshot = self.metadata.create(kind, key, parent, labels)
             self.layout.make(snapshot.id)
-        return await self.mounts(key)
+        return mounts_for(kind, self.layout.fs(snapshot.id), self.layout.work(snapshot.id), lower)
 
     async def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         """An active snapshot, unless the unpacker asks for a model's marker layer: then the
@@ -94,14 +96,20 @@ class Snapshotter:
             return await self.models.ensure(model_reference(snapshot.model))
         return self.layout.fs(snapshot.id)
 
+    async def lower_dirs(self, parent: str) -> list[Path]:
+        """The lower dirs of a snapshot over ``parent``, nearest first."""
+        if not parent:
+            return []
+        top = self.metadata.get(parent)
+        return [await self.layer(snapshot) for snapshot in [top, *self.metadata.parents(top)]]
+
     async def mounts(self, key: str) -> list[Mount]:
         snapshot = self.metadata.get(key)
         if snapshot.kind is Kind.COMMITTED:
             raise SnapshotError(Code.FAILED_PRECONDITION, f"snapshot {key!r} is committed")
-        parents = [await self.layer(parent) for parent in self.metadata.parents(snapshot)]
-        return mounts_for(
-            snapshot.kind, self.layout.fs(snapshot.id), self.layout.work(snapshot.id), parents
-        )
+        lower = await self.lower_dirs(snapshot.parent)
+        fs, work = self.layout.fs(snapshot.id), self.layout.work(snapshot.id)
+        return mounts_for(snapshot.kind, fs, work, lower)
 
     async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Snapshot:
         """Commit a layer; a layer holding a model's marker alone is committed as the model."""
