@@ -54,6 +54,7 @@ from mounting import modelfs, mount_pid, unmount  # noqa: E402
 from registry_tools import Layer, Registry, push_artifact  # noqa: E402
 
 from bench.cluster import NODE_COUNTS, ClusterCase, ClusterError, render_cluster  # noqa: E402
+from bench.containerd import ContainerdCase, render_containerd  # noqa: E402
 from modelfs.modelpack import (  # noqa: E402
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
@@ -557,6 +558,21 @@ def memory_key(model: PushedModel) -> str:
     return f"memory_{model.size / MB:.0f}MB"
 
 
+def containerd_case(registry: Registry, work: Path, pushed: PushedModel, runs: int) -> Results:
+    log(f"bench: containerd case, a {pushed.size / MB:.0f} MB model")
+    results: Results = {}
+    case = ContainerdCase(work, registry, pushed.reference, pushed.files)
+    try:
+        for run in range(1, runs + 1):
+            log(f"bench: containerd run {run} of {runs}")
+            case.run_once(
+                cold_start, lambda key, sample: results.setdefault(key, []).append(sample)
+            )
+    finally:
+        case.close()
+    return results
+
+
 def cluster_case(cluster: ClusterCase, runs: int) -> Results:
     log(f"bench: cluster case, a {cluster.model_size >> 20} MiB model, nodes {cluster.node_counts}")
     results: Results = {}
@@ -588,9 +604,10 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["cluster", "memory"],
+        choices=["cluster", "memory", "containerd"],
         help="run only this case (cluster: N nodes with peers; memory: cold reads of three "
-        "model sizes, peak RSS against size)",
+        "model sizes, peak RSS against size; containerd: pull to first tensor and whole model "
+        "in a container, overlayfs against the modelfs snapshotter)",
     )
     parser.add_argument(
         "--cluster-size",
@@ -674,6 +691,12 @@ def main() -> None:
                 f"{runs} run(s); {os.cpu_count()} CPUs",
                 render_cluster(cluster_results, cluster_size),
             ]
+        if arguments.only in (None, "containerd"):
+            files = models.generate(large_shape, work / "model-containerd")
+            pushed = push_model(registry, "containerd", files)
+            containerd_results = containerd_case(registry, work, pushed, runs)
+            extra_results.update(containerd_results)
+            sections.append(render_containerd(containerd_results, pushed.size))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if arguments.profile and bench is not None:
             log("bench: profile pass")

@@ -209,18 +209,26 @@ def _tar(files: dict[str, bytes | Path], symlinks: dict[str, str]) -> bytes:
     return out.getvalue()
 
 
+def _diff_id(tar: bytes | Path) -> str:
+    digest = hashlib.sha256()
+    if isinstance(tar, bytes):
+        digest.update(tar)
+    else:
+        with tar.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
 def _push_image(
-    host: str, repository: str, tag: str, tars: list[bytes], layers: list[Layer]
+    host: str, repository: str, tag: str, tars: list[bytes | Path], layers: list[Layer]
 ) -> str:
     """Push a runnable image of these layers (``tars``: each one's uncompressed tar)."""
     config = {
         "architecture": "amd64",
         "os": "linux",
         "config": {"Entrypoint": ["/bin/busybox"], "Cmd": ["sh"]},
-        "rootfs": {
-            "type": "layers",
-            "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest() for tar in tars],
-        },
+        "rootfs": {"type": "layers", "diff_ids": [_diff_id(tar) for tar in tars]},
     }
     push_artifact(
         host,
@@ -259,3 +267,14 @@ def push_model_image(host: str, repository: str, tag: str, model: Reference) -> 
     assert isinstance(annotations, dict)
     layers = [busybox_layer, Layer(OCI_LAYER, marker, annotations)]
     return _push_image(host, repository, tag, [busybox, marker], layers)
+
+
+def push_wrapped_model(host: str, repository: str, tag: str, files: list[Path], tar: Path) -> str:
+    """The model wrapped as an ordinary image, as containerd's own snapshotter must get it:
+    busybox, then one uncompressed layer (written to ``tar``) with the files under /model."""
+    busybox, busybox_layer = _busybox_layer()
+    with tarfile.open(tar, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path in files:
+            archive.add(path, arcname=f"model/{path.name}")
+    layers = [busybox_layer, Layer(OCI_LAYER, tar)]
+    return _push_image(host, repository, tag, [busybox, tar], layers)
