@@ -617,3 +617,46 @@ def test_cri_pulls_a_model_by_its_own_reference_through_the_mirror(
     assert layer in names
     mounts = {path.name for path in snapshotter.model_mounts()}
     assert model.digest.removeprefix("sha256:") in mounts
+
+
+def test_with_the_node_daemon_the_daemon_makes_and_keeps_the_model_mounts(
+    tmp_path: Path, module_proxy: Proxy, model: Reference, model_files: dict[str, bytes]
+) -> None:
+    """As on a node with modelfsd.service: the model mount is the daemon's (its cache, its
+    ``modelfs status``), and goes when the model's last snapshot does."""
+    control = tmp_path / "run" / "control.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'control_socket = "{control}"\n'
+        f'[cache]\ndir = "{tmp_path / "cache"}"\nsize = "1G"\n'
+        f'[registries."{module_proxy.host}"]\nplain_http = true\n'
+    )
+    daemon = subprocess.Popen([MODELFS, "daemon", "--config", str(config)])
+    (tmp_path / "s").mkdir()
+    options = ("--plain-http-registry", module_proxy.host, "--control-socket", str(control))
+    snapshotter = Snapshotter(tmp_path / "s", *options, "--prefetch", "none")
+    try:
+        deadline = time.monotonic() + 30
+        while not control.exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "no daemon"
+            time.sleep(0.05)
+        snapshotter.start()
+        client = _client(snapshotter)
+        chain_id = "sha256:" + "9" * 64
+        assert _remote_prepare(client, chain_id, _through(module_proxy, model)) == (
+            grpc.StatusCode.ALREADY_EXISTS
+        )
+        [mount] = snapshotter.model_mounts()
+        assert (mount / "config.json").read_bytes() == model_files["config.json"]
+        status = ("status", "--json", "--control-socket", str(control))
+        listed = json.loads(subprocess.run([MODELFS, *status], capture_output=True).stdout)
+        assert [m["mountpoint"] for m in listed["mounts"]] == [str(mount)]
+        client.Remove(pb.RemoveSnapshotRequest(key=chain_id))
+        assert snapshotter.model_mounts() == []
+        listed = json.loads(subprocess.run([MODELFS, *status], capture_output=True).stdout)
+        assert listed["mounts"] == []
+    finally:
+        snapshotter.stop()
+        snapshotter.unmount_models()
+        daemon.terminate()
+        daemon.wait(timeout=60)

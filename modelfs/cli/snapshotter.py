@@ -46,6 +46,12 @@ DEFAULT_ADDRESS = Path("/run/modelfs-snapshotter/snapshotter.sock")
     type=click.Choice(["none", "hints", "all"]),
     help="The prefetch of the models it mounts (default: modelfs mount's, hints).",
 )
+@click.option(
+    "--control-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where the modelfs daemon that makes the model mounts listens (default: modelfs "
+    "mount's); without a daemon there, each model gets a mount process of its own.",
+)
 @click.option("--metrics-addr", help="Serve Prometheus metrics on HOST:PORT (default: off).")
 @click.option(
     "--mirror-addr",
@@ -58,6 +64,7 @@ def snapshotter(
     plain_http: tuple[str, ...],
     cache_dir: Path | None,
     prefetch: str | None,
+    control_socket: Path | None,
     metrics_addr: str | None,
     mirror_addr: str | None,
 ) -> None:
@@ -80,7 +87,11 @@ def snapshotter(
     from modelfs.snapshot.stats import SnapshotterCollector, SnapshotterStats
 
     models = ModelMounts(
-        root / "models", plain_http=frozenset(plain_http), cache_dir=cache_dir, prefetch=prefetch
+        root / "models",
+        plain_http=frozenset(plain_http),
+        cache_dir=cache_dir,
+        prefetch=prefetch,
+        control_socket=control_socket,
     )
     stats = SnapshotterStats()
     with contextlib.ExitStack() as stack:

@@ -37,11 +37,14 @@ class ModelMounts:
         plain_http: frozenset[str],
         cache_dir: Path | None,
         prefetch: str | None,
+        control_socket: Path | None = None,
     ) -> None:
         self.directory = directory
         self.plain_http = plain_http
         self.cache_dir = cache_dir
         self.prefetch = prefetch
+        # Where `modelfs mount` and `umount` look for the daemon (None: their default).
+        self.daemon = [] if control_socket is None else ["--control-socket", str(control_socket)]
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def path(self, model: Reference) -> Path:
@@ -54,11 +57,11 @@ class ModelMounts:
         async with self._locks[path.name]:
             if _dead(path):  # its process was killed: detach what is left, mount again
                 log.warning("model %s: the mount on %s had died; mounting it again", model, path)
-                await _modelfs(["umount", str(path)])
+                await _modelfs(["umount", str(path), *self.daemon])
             if os.path.ismount(path):
                 return path
             path.mkdir(parents=True, exist_ok=True)
-            arguments = ["mount", str(model), str(path)]
+            arguments = ["mount", str(model), str(path), *self.daemon]
             if model.registry in self.plain_http:
                 arguments.append("--plain-http")
             if self.cache_dir is not None:
@@ -80,7 +83,7 @@ class ModelMounts:
         path = self.path(model)
         async with self._locks[path.name]:
             if os.path.ismount(path):
-                failure = await _modelfs(["umount", str(path)])
+                failure = await _modelfs(["umount", str(path), *self.daemon])
                 if failure is not None:
                     log.warning("could not unmount model %s from %s: %s", model, path, failure)
                     return
