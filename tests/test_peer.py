@@ -19,7 +19,7 @@ import trio
 from modelfs.cache.store import PieceCache
 from modelfs.errors import AuthError, ModelfsError
 from modelfs.peer.client import PeerClient, PeerFailure
-from modelfs.peer.options import load_cluster_options
+from modelfs.peer.options import ClusterSettings
 from modelfs.peer.server import PeerServer
 from modelfs.peer.tls import PeerTLS, TLSConfigError
 from modelfs.scheduler.ranking import FailureKind
@@ -387,17 +387,17 @@ def test_cluster_settings_take_all_three_tls_files_or_none(tmp_path: Path) -> No
     secret.write_bytes(SECRET)
     node = make_node_cert(tmp_path, "node", make_ca(tmp_path, "cluster"))
     common = ("http://scheduler:7480", secret, ("127.0.0.1", 7481), "", "")
-    with pytest.raises(ModelfsError, match=r"needs all of --peer-tls-cert, --peer-tls-key and"):
-        load_cluster_options(*common, peer_tls_cert=node.cert, peer_tls_key=node.key)
-    options = load_cluster_options(
+    with pytest.raises(ModelfsError, match=r"needs all three"):
+        ClusterSettings(*common, tls_cert=node.cert, tls_key=node.key)
+    options = ClusterSettings(
         *common,
         peers_without_index=True,
-        peer_max_connections=8,
-        peer_tls_cert=node.cert,
-        peer_tls_key=node.key,
-        peer_tls_ca=node.ca,
-    )
-    assert options is not None and options.tls == node
+        max_connections=8,
+        tls_cert=node.cert,
+        tls_key=node.key,
+        tls_ca=node.ca,
+    ).load()
+    assert options.tls == node and options.secret == SECRET
     assert options.without_index and options.max_connections == 8
-    plain = load_cluster_options(*common)
-    assert plain is not None and plain.tls is None and not plain.without_index
+    plain = ClusterSettings(*common).load()
+    assert plain.tls is None and not plain.without_index

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
+from modelfs.mount.session import MountOptions
+from modelfs.peer.options import ClusterSettings
 from modelfs.service.config import ConfigError, parse_config
 from modelfs.service.peer_ports import PortRange, choose_port, parse_port_range
-from modelfs.service.supervisor import mount_command
+from modelfs.service.supervisor import mount_command, mount_options, write_settings
 
 CLUSTER = """
 [cluster]
@@ -48,21 +51,25 @@ def test_the_lowest_free_port_and_a_mount_keeps_its_own() -> None:
     assert choose_port(ports, {7481, 7482, 7483}) is None
 
 
-def test_the_cluster_settings_go_on_every_mount_command_line() -> None:
+def test_the_cluster_settings_go_to_every_mount_process(tmp_path: Path) -> None:
     config = parse_config(CLUSTER, "config.toml")
-    command = mount_command(config.mounts[0], config, ready_fd=3, peer_port=7482)
-    joined = " ".join(command)
-    assert "--scheduler http://scheduler.internal:7480" in joined
-    assert "--cluster-secret-file /etc/modelfs/cluster-secret" in joined
-    assert "--peer-listen 10.0.0.5:7482" in joined
-    assert "--zone eu-1a" in joined and "--rack" not in joined
-    assert "--peers-without-index" not in joined and "--peer-tls-cert" not in joined
+    options = mount_options(config.mounts[0], config, peer_port=7482)
+    # Handed over as a file, and read back as they were written.
+    write_settings(options, tmp_path / "mount.json")
+    assert MountOptions.from_json((tmp_path / "mount.json").read_text()) == options
+    assert options.cluster == ClusterSettings(
+        "http://scheduler.internal:7480",
+        Path("/etc/modelfs/cluster-secret"),
+        ("10.0.0.5", 7482),
+        zone="eu-1a",
+    )
     ipv6 = parse_config(CLUSTER.replace('"10.0.0.5"', '"::"'), "config.toml")
-    assert "--peer-listen [::]:7481" in " ".join(mount_command(ipv6.mounts[0], ipv6, 3, 7481))
+    cluster = mount_options(ipv6.mounts[0], ipv6, 7481).cluster
+    assert cluster is not None and cluster.listen == ("::", 7481)
     # Without [cluster], no peers.
     plain = parse_config('[[mounts]]\nref = "r.example/a:v1"\npath = "/m/a"\n', "c.toml")
     assert plain.cluster is None
-    assert "--scheduler" not in mount_command(config.mounts[0], plain, 3)
+    assert mount_options(config.mounts[0], plain).cluster is None
 
 
 @pytest.mark.parametrize(
@@ -73,7 +80,7 @@ def test_the_cluster_settings_go_on_every_mount_command_line() -> None:
         (('"7481-7483"', '"7483-7481"'), "peer_ports"),
         (('path = "/m/a"', 'path = "/m/a"\n' + THREE_MORE_MOUNTS), "has 3 ports for 4 mounts"),
         (('"10.0.0.5"', '"10.0.0.5:7481"'), "host only"),
-        (('zone = "eu-1a"', 'tls_cert = "/c.pem"'), "needs all of tls_cert, tls_key, tls_ca"),
+        (('zone = "eu-1a"', 'tls_cert = "/c.pem"'), "needs all three"),
     ],
 )
 def test_cluster_config_errors_name_the_key(change: tuple[str, str], message: str) -> None:
@@ -93,7 +100,7 @@ def test_the_daemons_verbosity_goes_on_every_mount_command_line() -> None:
             (logging.DEBUG, ["-vv"]),
         ):
             root.setLevel(level)
-            command = mount_command(config.mounts[0], config, 3)
+            command = mount_command(mount_options(config.mounts[0], config), Path("m.json"), 3)
             assert command[3 : command.index("mount")] == flags
     finally:
         root.setLevel(before)

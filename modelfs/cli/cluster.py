@@ -11,7 +11,7 @@ import trio
 
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
-from modelfs.peer.options import ClusterOptions
+from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.reference import parse_reference
 from modelfs.sources.registry import RegistryClient
 from modelfs.transport.server import parse_listen
@@ -77,7 +77,7 @@ def _tls_file(name: str, help: str) -> Callable[[F], F]:
     )
 
 
-# The parameters ``cluster_options`` adds to a command: what ``load_cluster_options`` takes.
+# The parameters ``cluster_options`` adds to a command: what ``cluster_settings`` takes.
 CLUSTER_PARAMETERS = (
     "scheduler",
     "cluster_secret_file",
@@ -126,6 +126,37 @@ def cluster_options(command: F) -> F:
     ):
         command = option(command)
     return command
+
+
+def cluster_settings(
+    scheduler: str | None,
+    cluster_secret_file: Path | None,
+    peer_listen: tuple[str, int] | None,
+    zone: str,
+    rack: str,
+    peers_without_index: bool,
+    peer_max_connections: int,
+    peer_tls_cert: Path | None,
+    peer_tls_key: Path | None,
+    peer_tls_ca: Path | None,
+) -> ClusterSettings | None:
+    """What ``cluster_options`` gave: None when peers are not in use."""
+    if scheduler is None and cluster_secret_file is None and peer_listen is None:
+        return None
+    if scheduler is None or cluster_secret_file is None or peer_listen is None:
+        raise ModelfsError("peers need all of --scheduler, --cluster-secret-file and --peer-listen")
+    return ClusterSettings(
+        scheduler,
+        cluster_secret_file,
+        peer_listen,
+        zone,
+        rack,
+        peers_without_index,
+        peer_max_connections,
+        peer_tls_cert,
+        peer_tls_key,
+        peer_tls_ca,
+    )
 
 
 @click.command("scheduler")

@@ -24,7 +24,7 @@ import trio
 from click.core import ParameterSource
 
 from modelfs.cli import F
-from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options
+from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_settings
 from modelfs.cli.options import cache_options, parse_size, source_options
 from modelfs.errors import ModelfsError
 from modelfs.mount.model import Model
@@ -36,7 +36,6 @@ from modelfs.mount.session import (
     is_mount_point,
     serve,
 )
-from modelfs.peer.options import load_cluster_options
 from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers
@@ -173,7 +172,10 @@ def mount_settings(
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option(
     "--stats-socket", type=click.Path(dir_okay=False, path_type=Path), hidden=True
-)  # the daemon asks the mount's counters here
+)  # where the mount answers for its counters (the benchmark asks them)
+@click.option(
+    "--settings", "settings_file", type=click.Path(dir_okay=False, path_type=Path), hidden=True
+)  # a daemon's mount process: every setting from this file (MountOptions.as_json), no other
 @daemon_options
 @cluster_options
 @click.pass_context
@@ -186,6 +188,7 @@ def mount(
     allow_non_empty: bool,
     ready_fd: int | None,
     stats_socket: Path | None,
+    settings_file: Path | None,
     control_socket: Path,
     no_daemon: bool,
     **settings: Any,
@@ -202,17 +205,27 @@ def mount(
     """
     ref = parse_any_reference(reference)
     check_mountpoint(mountpoint, allow_non_empty)
+    if settings_file is not None:
+        _mount_in_foreground(_read_settings(settings_file), ready_fd)
+        return
     if not (foreground or no_daemon) and trio.run(daemon_answers, control_socket):
         _mount_by_daemon(context, control_socket)
         return
     cluster = {name: settings.pop(name) for name in CLUSTER_PARAMETERS}
     options = mount_settings(ref, mountpoint, **settings)
-    options.cluster = load_cluster_options(**cluster)
+    options.cluster = cluster_settings(**cluster)
     options.stats_socket = stats_socket
     if foreground:
         _mount_in_foreground(options, ready_fd)
     else:
         _mount_in_background(options)
+
+
+def _read_settings(path: Path) -> MountOptions:
+    try:
+        return MountOptions.from_json(path.read_text())
+    except OSError as error:
+        raise ModelfsError(f"cannot read the mount settings {path}: {error.strerror}") from None
 
 
 def _mount_by_daemon(context: click.Context, control_socket: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import math
 import os
@@ -33,10 +34,10 @@ from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
 from modelfs.mount.model import Model, load_model
-from modelfs.peer.options import ClusterOptions
+from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
 from modelfs.prefetch.profile import ReadRecorder, recorded_profile
-from modelfs.reference import LayoutReference, Reference
+from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.sources.buffers import PIECE_BUFFERS
 from modelfs.sources.interface import BlobSource
 from modelfs.sources.layout import LayoutSource
@@ -49,6 +50,7 @@ from modelfs.sources.stats import (
     REJECTED_PEER_PIECE,
     MountStats,
 )
+from modelfs.untrusted import loads_json
 
 if TYPE_CHECKING:
     from modelfs.peer.source import PeerStats
@@ -101,8 +103,51 @@ class MountOptions:
     prefetch: PrefetchMode = PrefetchMode.HINTS
     serve_unverified: bool = False  # serve pieces of blobs without an index before their check
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
-    cluster: ClusterOptions | None = None  # share pieces with peers (per the scheduler)
+    cluster: ClusterSettings | None = None  # share pieces with peers (per the scheduler)
     stats_socket: Path | None = None  # where the daemon asks for this mount's counters
+
+    # The one model of a mount's settings: ``modelfs mount``'s options and the daemon's config
+    # both make one, and the daemon hands its mount processes theirs as a file (``--settings``).
+    def as_json(self) -> str:
+        document = {
+            name: _to_json(getattr(self, name)) for name in self.__dataclass_fields__
+        }
+        document["reference"] = str(self.reference)
+        return json.dumps(document, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> MountOptions:
+        """The settings ``as_json`` wrote; a malformed file is one line naming what is wrong."""
+        try:
+            document = loads_json(text)
+            cluster = document.pop("cluster")
+            return cls(
+                reference=parse_any_reference(document.pop("reference")),
+                mountpoint=Path(document.pop("mountpoint")),
+                cache_dir=Path(document.pop("cache_dir")),
+                prefetch=PrefetchMode(document.pop("prefetch")),
+                cluster=None if cluster is None else ClusterSettings.from_json(cluster),
+                stats_socket=_optional_path(document.pop("stats_socket")),
+                **document,
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelfsError(
+                f"the mount settings are malformed ({error}); write them again"
+            ) from None
+
+
+def _to_json(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, PrefetchMode):
+        return value.value
+    if isinstance(value, ClusterSettings):
+        return value.as_json()
+    return value
+
+
+def _optional_path(value: object) -> Path | None:
+    return None if value is None else Path(str(value))
 
 
 @asynccontextmanager
@@ -280,6 +325,7 @@ async def serve(
     """
     options.mountpoint = options.mountpoint.resolve()  # before it is a FUSE mount
     _tune_malloc()
+    cluster = None if options.cluster is None else options.cluster.load()
     selector = options.reference.selector
     set_log_context(
         reference=str(options.reference),
@@ -291,7 +337,7 @@ async def serve(
         rejected_send, rejected_receive = trio.open_memory_channel[str](math.inf)
         async with (
             open_source(options, stats) as origin,
-            _with_peers(options.cluster, origin, selector, cache) as (source, peer_stats),
+            _with_peers(cluster, origin, selector, cache) as (source, peer_stats),
         ):
             fetcher = PieceFetcher(
                 source,

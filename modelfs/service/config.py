@@ -7,13 +7,13 @@ is a one-line ConfigError naming the file and the key.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from modelfs.errors import ModelfsError
 from modelfs.mount.session import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
-from modelfs.peer.options import ClusterOptions, load_cluster_options
+from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
@@ -41,21 +41,17 @@ class MountSpec:
 
 
 @dataclass(frozen=True)
-class ClusterSettings:
-    """``[cluster]``: every mount shares pieces with the cluster's other nodes, each mount
-    process serving them on its own port of ``peer_ports`` (modelfs.service.peer_ports)."""
+class NodeCluster:
+    """``[cluster]``: every mount shares pieces with the cluster's other nodes with the same
+    settings, each mount process serving them on its own port of ``peer_ports``
+    (modelfs.service.peer_ports)."""
 
-    scheduler: str
-    secret_file: Path
+    settings: ClusterSettings  # every mount's, but the port of its ``listen``
     peer_ports: PortRange
-    peer_listen: str = "0.0.0.0"  # the host part: each mount adds its port
-    zone: str = ""
-    rack: str = ""
-    peers_without_index: bool = False
-    max_connections: int = ClusterOptions.max_connections
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
+
+    def for_port(self, port: int) -> ClusterSettings:
+        """The settings of the mount that serves peers on ``port``."""
+        return replace(self.settings, listen=(self.settings.listen[0], port))
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ class DaemonConfig:
     credentials: Path | None = None  # a docker-style config directory (DOCKER_CONFIG)
     registries: dict[str, RegistrySettings] = field(default_factory=dict)
     mounts: list[MountSpec] = field(default_factory=list)
-    cluster: ClusterSettings | None = None
+    cluster: NodeCluster | None = None
 
     def registry_for(self, reference: Reference | LayoutReference) -> RegistrySettings:
         if isinstance(reference, LayoutReference):
@@ -175,7 +171,7 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
 _TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 
 
-def _parse_cluster(table: dict[str, Any], where: str) -> ClusterSettings:
+def _parse_cluster(table: dict[str, Any], where: str) -> NodeCluster:
     _known(
         table,
         {"scheduler", "secret_file", "peer_listen", "peer_ports", "zone", "rack"}
@@ -190,9 +186,7 @@ def _parse_cluster(table: dict[str, Any], where: str) -> ClusterSettings:
     except ValueError as error:
         raise ConfigError(f"{where}: peer_ports {error}") from None
     tls = {key: _typed(table, key, str, where) for key in _TLS_KEYS}
-    if any(tls.values()) and not all(tls.values()):
-        raise ConfigError(f"{where}: mutual TLS between peers needs all of {', '.join(_TLS_KEYS)}")
-    listen = _typed(table, "peer_listen", str, where) or ClusterSettings.peer_listen
+    listen = _typed(table, "peer_listen", str, where) or "0.0.0.0"
     if listen.count(":") == 1 or "]:" in listen:  # host:port; an IPv6 host has several
         raise ConfigError(
             f"{where}: peer_listen {listen!r} is the host only; ports come from peer_ports"
@@ -200,17 +194,20 @@ def _parse_cluster(table: dict[str, Any], where: str) -> ClusterSettings:
     max_connections = _typed(table, "max_connections", int, where)
     if max_connections is not None and max_connections < 1:
         raise ConfigError(f"{where}: max_connections must be at least 1, not {max_connections}")
-    return ClusterSettings(
-        scheduler=_typed(table, "scheduler", str, where),
-        secret_file=Path(_typed(table, "secret_file", str, where)),
-        peer_ports=ports,
-        peer_listen=listen.strip("[]"),
-        zone=_typed(table, "zone", str, where) or "",
-        rack=_typed(table, "rack", str, where) or "",
-        peers_without_index=bool(_typed(table, "peers_without_index", bool, where)),
-        max_connections=max_connections or ClusterOptions.max_connections,
-        **{key: None if value is None else Path(value) for key, value in tls.items()},
-    )
+    try:
+        settings = ClusterSettings(
+            scheduler=_typed(table, "scheduler", str, where),
+            secret_file=Path(_typed(table, "secret_file", str, where)),
+            listen=(listen.strip("[]"), ports.first),
+            zone=_typed(table, "zone", str, where) or "",
+            rack=_typed(table, "rack", str, where) or "",
+            peers_without_index=bool(_typed(table, "peers_without_index", bool, where)),
+            max_connections=max_connections or ClusterOptions.max_connections,
+            **{key: None if value is None else Path(value) for key, value in tls.items()},
+        )
+    except ModelfsError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return NodeCluster(settings, ports)
 
 
 def load_config(path: Path) -> DaemonConfig:
@@ -226,19 +223,10 @@ def load_config(path: Path) -> DaemonConfig:
     return config
 
 
-def check_cluster_files(cluster: ClusterSettings, where: str) -> None:
+def check_cluster_files(cluster: NodeCluster, where: str) -> None:
     """The secret and TLS files load, as each mount process will load them: a mistake is
     reported when the daemon starts (or reloads), not by every mount failing."""
     try:
-        load_cluster_options(
-            cluster.scheduler,
-            cluster.secret_file,
-            (cluster.peer_listen, cluster.peer_ports.first),
-            cluster.zone,
-            cluster.rack,
-            peer_tls_cert=cluster.tls_cert,
-            peer_tls_key=cluster.tls_key,
-            peer_tls_ca=cluster.tls_ca,
-        )
+        cluster.settings.load()
     except ModelfsError as error:
         raise ConfigError(f"{where}: {error}") from None

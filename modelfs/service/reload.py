@@ -31,7 +31,7 @@ from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
 from modelfs.service.control import open_control_socket
 from modelfs.service.mount_table import MountTable, Supervised, config_for
 from modelfs.service.peer_ports import choose_port
-from modelfs.service.supervisor import MountState, mount_command
+from modelfs.service.supervisor import MountState, mount_options
 
 HANDOVER_VARIABLE = "MODELFS_DAEMON_HANDOVER"
 # The daemon's signals are blocked in every thread from its start (threads inherit the mask) and
@@ -103,7 +103,7 @@ def _launch(
 ) -> tuple[Any, ...]:
     """Everything a mount process is started with: if it changes, the mount is restarted."""
     config = config_for(config, spec, settings)
-    return (*mount_command(spec, config, ready_fd=0, peer_port=port), config.credentials)
+    return (mount_options(spec, config, port), config.credentials)
 
 
 def _dropped(entry: Supervised, new: DaemonConfig) -> bool:

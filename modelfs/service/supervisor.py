@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import trio
 
-from modelfs.service.config import ClusterSettings, DaemonConfig, MountSpec
+from modelfs.mount.session import MountOptions
+from modelfs.service.config import DaemonConfig, MountSpec
 from modelfs.service.notify import NOTIFY_VARIABLES
 
 STOP_TIMEOUT = 20.0
@@ -88,49 +89,51 @@ def stats_socket(config: DaemonConfig, mountpoint: Path) -> Path:
     return config.control_socket.parent / f"mount-{name}.sock"
 
 
-def cluster_arguments(cluster: ClusterSettings, port: int) -> list[str]:
-    """The options of ``modelfs mount`` (modelfs.cli.cluster) for ``[cluster]``."""
-    host = cluster.peer_listen
-    optional = {
-        "--zone": cluster.zone,
-        "--rack": cluster.rack,
-        "--peer-tls-cert": cluster.tls_cert,
-        "--peer-tls-key": cluster.tls_key,
-        "--peer-tls-ca": cluster.tls_ca,
-    }
-    return [
-        "--scheduler", cluster.scheduler,
-        "--cluster-secret-file", str(cluster.secret_file),
-        "--peer-listen", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-        "--peer-max-connections", str(cluster.max_connections),
-        *(["--peers-without-index"] if cluster.peers_without_index else []),
-        *(part for name, value in optional.items() if value for part in (name, str(value))),
-    ]  # fmt: skip
+def settings_file(config: DaemonConfig, mountpoint: Path) -> Path:
+    """Where the daemon writes the settings of the mount process on ``mountpoint``."""
+    return stats_socket(config, mountpoint).with_suffix(".json")
 
 
-def mount_command(
-    spec: MountSpec, config: DaemonConfig, ready_fd: int, peer_port: int | None = None
-) -> list[str]:
-    """``peer_port``: where the mount serves peers; with ``[cluster]`` every mount has one."""
+def mount_options(
+    spec: MountSpec, config: DaemonConfig, peer_port: int | None = None
+) -> MountOptions:
+    """The settings of the mount process for ``spec``, from the daemon's config. ``peer_port``:
+    where the mount serves peers; with ``[cluster]`` every mount has one."""
     registry = config.registry_for(spec.reference)
-    peers: list[str] = []
+    cluster = None
     if config.cluster is not None:
         if peer_port is None:
             raise ValueError(f"the mount on {spec.path} has no peer port")  # a bug, not input
-        peers = cluster_arguments(config.cluster, peer_port)
+        cluster = config.cluster.for_port(peer_port)
+    return MountOptions(
+        reference=spec.reference,
+        mountpoint=spec.path,
+        cache_dir=config.cache_dir,
+        cache_size=config.cache_size,
+        plain_http=registry.plain_http,
+        insecure=registry.insecure,
+        prefetch=spec.prefetch,
+        cluster=cluster,
+        stats_socket=stats_socket(config, spec.path),
+    )
+
+
+def mount_command(options: MountOptions, settings: Path, ready_fd: int) -> list[str]:
+    """The mount process's command line: its settings come from the file it is given (written
+    by ``write_settings``); the reference and path are there for ``ps`` to show."""
     return [
         sys.executable, "-m", "modelfs", *_verbosity(),
-        "mount", str(spec.reference), str(spec.path),
-        "--foreground",
-        "--cache-dir", str(config.cache_dir),
-        "--cache-size", str(config.cache_size),
-        "--prefetch", spec.prefetch.value,
-        "--ready-fd", str(ready_fd),
-        "--stats-socket", str(stats_socket(config, spec.path)),
-        *(["--plain-http"] if registry.plain_http else []),
-        *(["--insecure"] if registry.insecure else []),
-        *peers,
+        "mount", str(options.reference), str(options.mountpoint),
+        "--foreground", "--settings", str(settings), "--ready-fd", str(ready_fd),
     ]  # fmt: skip
+
+
+def write_settings(options: MountOptions, path: Path) -> None:
+    """Write the settings for a mount process, atomically (a restart may read them at once)."""
+    staged = path.with_suffix(".tmp")
+    staged.write_text(options.as_json())
+    staged.chmod(0o600)
+    staged.replace(path)
 
 
 def _verbosity() -> list[str]:
@@ -203,10 +206,13 @@ async def _run_once(
     first_attempt: trio.Event,
 ) -> str:
     """Run one mount process until it exits; why it ended."""
+    options = mount_options(spec, config, state.peer_port)
+    settings = settings_file(config, spec.path)
+    await trio.to_thread.run_sync(write_settings, options, settings)
     read_end, write_end = os.pipe()
     try:
         process = await trio.lowlevel.open_process(
-            mount_command(spec, config, write_end, state.peer_port),
+            mount_command(options, settings, write_end),
             pass_fds=(write_end,),
             stdin=subprocess.DEVNULL,
             env=child_environment(config),
