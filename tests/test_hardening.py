@@ -227,7 +227,7 @@ def test_json_nested_past_the_recursion_limit_is_refused_in_one_line(
     if nested == "index":
         (tmp_path / "layout" / "index.json").write_bytes(deep)
     else:
-        stored = layout.write_blob_bytes(deep)
+        stored = layout.write_blob([deep])
         descriptor = {"mediaType": OCI_MANIFEST, "digest": stored.digest, "size": stored.size}
         layout.set_tag("v1", descriptor)
     (tmp_path / "mnt").mkdir()

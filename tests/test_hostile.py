@@ -46,10 +46,10 @@ def layout_model(root: Path, layers: list[tuple[str, bytes, int | None]]) -> str
     """An OCI layout holding a manifest of raw layers (path, bytes, declared size or None for
     the true one); its ``oci:`` reference."""
     layout = OciLayout.create(root)
-    config = layout.write_blob_bytes(b"{}")
+    config = layout.write_blob([b"{}"])
     descriptors = []
     for path, data, declared in layers:
-        blob = layout.write_blob_bytes(data)
+        blob = layout.write_blob([data])
         descriptors.append(
             {
                 "mediaType": layer_media_type("weight", "raw"),
@@ -65,7 +65,7 @@ def layout_model(root: Path, layers: list[tuple[str, bytes, int | None]]) -> str
         "config": {"mediaType": MODEL_CONFIG, "digest": config.digest, "size": config.size},
         "layers": descriptors,
     }
-    stored = layout.write_blob_bytes(json.dumps(manifest).encode())
+    stored = layout.write_blob([json.dumps(manifest).encode()])
     layout.set_tag(TAG, {"mediaType": OCI_MANIFEST, "digest": stored.digest, "size": stored.size})
     return f"oci:{root}:{TAG}"
 

@@ -132,9 +132,6 @@ class OciLayout:
         _fsync_dir(self.blobs)
         return StoredBlob(digest, size, created=True)
 
-    def write_blob_bytes(self, data: bytes) -> StoredBlob:
-        return self.write_blob([data])
-
     def remove_blob(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.blob_path(digest).unlink()
