@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import tarfile
 import time
@@ -660,3 +661,23 @@ def test_with_the_node_daemon_the_daemon_makes_and_keeps_the_model_mounts(
         snapshotter.unmount_models()
         daemon.terminate()
         daemon.wait(timeout=60)
+
+
+def test_cleanup_unmounts_a_model_no_snapshot_holds(
+    lone: Snapshotter, module_proxy: Proxy, model: Reference
+) -> None:
+    client = _client(lone)
+    chain_id = "sha256:" + "a" * 64
+    assert _remote_prepare(client, chain_id, _through(module_proxy, model)) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    assert len(lone.model_mounts()) == 1
+    # A crash between a Remove's transaction and its unmount: the record gone, the mount not.
+    lone.stop()
+    with sqlite3.connect(lone.root / "metadata.db") as db:
+        db.execute("DELETE FROM snapshots WHERE name = ?", (chain_id,))
+    lone.start()
+    assert len(lone.model_mounts()) == 1
+    _client(lone).Cleanup(pb.CleanupRequest())
+    assert lone.model_mounts() == []
+    assert not list((lone.root / "models").iterdir())

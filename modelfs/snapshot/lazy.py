@@ -12,6 +12,7 @@ why, which containerd gets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -77,18 +78,22 @@ class ModelMounts:
             log.info("mounted model %s on %s", model, path)
             return path
 
-    async def release(self, model: Reference) -> None:
-        """Unmount the model (its last snapshot went); a failure is logged, not raised: the
-        snapshot is gone whatever happens to its mount."""
-        path = self.path(model)
+    def places(self) -> list[Path]:
+        """Every model's place, mounted or not: their names are the models' digests."""
+        return sorted(self.directory.iterdir()) if self.directory.exists() else []
+
+    async def release(self, path: Path) -> None:
+        """Unmount the model at ``path`` (its last snapshot went); a failure is logged, not
+        raised: the snapshot is gone whatever happens to its mount."""
         async with self._locks[path.name]:
-            if os.path.ismount(path):
+            if os.path.ismount(path) or _dead(path):
                 failure = await _modelfs(["umount", str(path), *self.daemon])
                 if failure is not None:
-                    log.warning("could not unmount model %s from %s: %s", model, path, failure)
+                    log.warning("could not unmount the model on %s: %s", path, failure)
                     return
-            path.rmdir()
-            log.info("unmounted model %s from %s", model, path)
+            with contextlib.suppress(FileNotFoundError):
+                path.rmdir()
+            log.info("unmounted the model on %s", path)
 
 
 def _dead(path: Path) -> bool:

@@ -142,7 +142,7 @@ class Snapshotter:
             reference = model_reference(model)
             assert reference.digest is not None
             if self.metadata.model_users(reference.digest) == 0:
-                await self.models.release(reference)
+                await self.models.release(self.models.path(reference))
 
     async def usage(self, key: str) -> tuple[int, int]:
         snapshot = self.metadata.get(key)
@@ -151,10 +151,16 @@ class Snapshotter:
         return await asyncio.to_thread(disk_usage, self.layout.fs(snapshot.id))
 
     async def cleanup(self) -> None:
+        """Remove what no snapshot holds: layer directories, and model mounts (a crash between
+        a Remove and its unmount leaves one)."""
         known = {snapshot.id for snapshot in self.metadata.all()}
         for path in self.layout.orphans(known):
             log.info("cleanup: removing %s", path)
             await asyncio.to_thread(self.layout.delete, int(path.name))
+        for place in self.models.places():
+            if self.metadata.model_users("sha256:" + place.name) == 0:
+                log.info("cleanup: unmounting %s", place)
+                await self.models.release(place)
 
     def list(self, filters: list[str]) -> list[Snapshot]:
         matches = matcher(filters)
