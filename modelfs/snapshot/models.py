@@ -4,8 +4,10 @@ containerd pulls images, not ModelPack artifacts (their config has no ``rootfs.d
 layers are not image layers), so a model travels as a small **model image**: an ordinary OCI
 image whose top layer is a *marker layer*, a tar holding one file, ``.modelfs-model``, that names
 the model pinned by digest; the layer's descriptor carries the same name in the annotation
-``containerd.io/snapshot/modelfs.model``. containerd fetches the image (a few hundred bytes), not
-the model; the snapshotter puts the lazily mounted model where the marker layer would be:
+``containerd.io/snapshot/modelfs.model``. ``modelfs model-image`` publishes it next to the model,
+or the snapshotter's mirror (``mirror``) answers it for the model's own reference. containerd
+fetches the image (a few hundred bytes), not the model; the snapshotter puts the lazily mounted
+model where the marker layer would be:
 
 - through containerd's unpacker (CRI, nerdctl, ``client.Pull`` with unpack), ``Prepare`` of the
   marker layer carries the annotation as a label with ``containerd.io/snapshot.ref`` (the layer's
