@@ -649,13 +649,24 @@ def test_with_the_node_daemon_the_daemon_makes_and_keeps_the_model_mounts(
         )
         [mount] = snapshotter.model_mounts()
         assert (mount / "config.json").read_bytes() == model_files["config.json"]
-        status = ("status", "--json", "--control-socket", str(control))
-        listed = json.loads(subprocess.run([MODELFS, *status], capture_output=True).stdout)
+        status = ("status", "--control-socket", str(control), "--snapshotter-root")
+        status += (str(snapshotter.root),)
+        listed = json.loads(
+            subprocess.run([MODELFS, *status, "--json"], capture_output=True).stdout
+        )
         assert [m["mountpoint"] for m in listed["mounts"]] == [str(mount)]
+        through = str(_through(module_proxy, model))
+        assert listed["snapshotter"]["models"] == {through: 1}
+        assert listed["snapshotter"]["kinds"] == {"committed": 1}
+        text = subprocess.run([MODELFS, *status], capture_output=True, text=True).stdout
+        assert f"snapshotter {snapshotter.root}: 1 committed" in text
+        assert f"  model {through}: 1 snapshot" in text
         client.Remove(pb.RemoveSnapshotRequest(key=chain_id))
         assert snapshotter.model_mounts() == []
-        listed = json.loads(subprocess.run([MODELFS, *status], capture_output=True).stdout)
-        assert listed["mounts"] == []
+        listed = json.loads(
+            subprocess.run([MODELFS, *status, "--json"], capture_output=True).stdout
+        )
+        assert listed["mounts"] == [] and listed["snapshotter"]["models"] == {}
     finally:
         snapshotter.stop()
         snapshotter.unmount_models()

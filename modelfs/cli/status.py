@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,13 @@ import click
 import trio
 
 from modelfs.cli.options import mib
+from modelfs.cli.snapshotter import DEFAULT_ROOT
 from modelfs.service.config import (
     DEFAULT_CONTROL_SOCKET,
 )
 from modelfs.service.control import ask
+from modelfs.snapshot.disk import Layout
+from modelfs.snapshot.metadata import read_census
 from modelfs.sources.stats import MountStats
 
 
@@ -26,14 +30,24 @@ from modelfs.sources.stats import MountStats
     help="Where the daemon listens.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's answer as JSON.")
-def status(control_socket: Path, as_json: bool) -> None:
-    """Show the daemon's mounts and the node's cache.
+@click.option(
+    "--snapshotter-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_ROOT,
+    show_default=True,
+    help="The containerd snapshotter's root: its snapshots and models are shown if it has one.",
+)
+def status(control_socket: Path, as_json: bool, snapshotter_root: Path) -> None:
+    """Show the daemon's mounts and the node's cache (and the snapshotter's models).
 
     \b
     Example:
       modelfs status --json
     """
     reply = trio.run(ask, control_socket, {"command": "status"})
+    census = read_census(Layout(snapshotter_root).database)
+    if census is not None:
+        reply["snapshotter"] = {"root": str(snapshotter_root), **dataclasses.asdict(census)}
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return
@@ -80,6 +94,11 @@ def status(control_socket: Path, as_json: bool) -> None:
         f"{cache_state['blobs']} blobs, hit ratio "
         + ("-" if ratio is None else f"{100 * ratio:.0f}%")
     )
+    if census is not None:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(census.kinds.items()))
+        click.echo(f"snapshotter {snapshotter_root}: {kinds or 'no snapshots'}")
+        for model, count in sorted(census.models.items()):
+            click.echo(f"  model {model}: {count} snapshot{'s' if count > 1 else ''}")
 
 
 def short_digest(digest: str | None) -> str:

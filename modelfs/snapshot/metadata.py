@@ -10,16 +10,19 @@ containerd just unpacked stays where it is. The errors carry the gRPC status con
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from modelfs.errors import ModelfsError
 from modelfs.snapshot.mounts import Kind
+
+log = logging.getLogger(__name__)
 
 
 class Code(Enum):
@@ -202,6 +205,29 @@ class Metadata:
             (json.dumps(merged), time.time_ns(), snapshot.id),
         )
         return self.get(name)
+
+
+@dataclass(frozen=True)
+class Census:
+    """What a snapshotter holds, as ``modelfs status`` shows it."""
+
+    kinds: dict[str, int]  # snapshots by kind
+    models: dict[str, int]  # model (host/repo@digest) -> snapshots standing for it
+
+
+def read_census(database: Path) -> Census | None:
+    """The census of a snapshotter's store, read without writing (None if there is none)."""
+    if not database.exists():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            kinds = dict(db.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind"))
+            query = "SELECT model, COUNT(*) FROM snapshots WHERE model != '' GROUP BY model"
+            models = dict(db.execute(query))
+    except sqlite3.Error as error:  # the daemon's status still shows; say why this does not
+        log.warning("cannot read the snapshotter's store %s: %s", database, error)
+        return None
+    return Census(kinds, models)
 
 
 def update_labels(
