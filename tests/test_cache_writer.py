@@ -20,7 +20,8 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache, PieceWrite, PutResult
 from modelfs.errors import IntegrityError
-from modelfs.fetcher.piece_fetcher import PieceFetcher, _BlobHash
+from modelfs.fetcher.blob_hash import BlobHash
+from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.fetcher.slots import Priority
 from modelfs.modelpack import layer_media_type
 from modelfs.pieces import piece_count, piece_span
@@ -262,8 +263,9 @@ def test_prefetched_pieces_do_not_wait_for_a_busy_hash(
     gate = threading.Event()
 
     async def body(fetcher: PieceFetcher) -> None:
-        state = _BlobHash(hasher=GatedHash(gate))  # type: ignore[arg-type]
-        fetcher._hashes[blob.digest] = state
+        state = fetcher._hashes.start(
+            blob.digest, BlobHash(hasher=GatedHash(gate))  # type: ignore[arg-type]
+        )
         try:
             async with fetcher.writing(), trio.open_nursery() as nursery:
                 nursery.start_soon(fetcher.read, blob, 0, 10)  # hashes piece 0, in the gate

@@ -34,7 +34,6 @@ itself, so the next try cannot keep it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,11 +46,12 @@ import trio
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError
+from modelfs.fetcher.blob_hash import BlobHash, BlobHashes
 from modelfs.fetcher.index import IndexCheckedPieces, PieceIndexLookup, sha256_hex
 from modelfs.fetcher.recent import RecentPieces
 from modelfs.fetcher.slots import ConnectionSlots, Priority, Ticket
 from modelfs.fetcher.writer import CacheWriter, QueuedWrite
-from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
+from modelfs.pieces import piece_runs, piece_span, pieces_covering
 from modelfs.sources.buffers import PIECE_BUFFERS
 from modelfs.sources.interface import (
     BlobBytes,
@@ -95,21 +95,6 @@ RUN_PIECES = 4
 
 # Tries of a read whose piece was altered in transit, or whose blob must be checked again.
 _TRIES = 2
-
-# Pieces up to this many ahead of a blob's hash are held for it; further ones are read back
-# from the cache when the hash gets to them (a random reader's pieces, mostly).
-_HASH_AHEAD = 16
-
-
-@dataclass
-class _BlobHash:
-    """A blob's sha256 over its pieces ``0 .. next_index - 1``, fed in order."""
-
-    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
-    next_index: int = 0
-    ahead: dict[int, BlobBytes] = field(default_factory=dict)  # arrived, not hashed yet
-    lock: trio.Lock = field(default_factory=trio.Lock)
-
 
 def _unless_registry(served_by: list[str]) -> str | None:
     # The registry counts what it sends itself (``MeteredRepository``), whole blobs included.
@@ -162,7 +147,7 @@ class PieceFetcher:
         self._runs = source if isinstance(source, PieceRuns) else None
         self._rejections: dict[str, int] = {}  # digest -> times it failed its check
         self._in_flight: dict[tuple[str, int], _InFlight] = {}
-        self._hashes: dict[str, _BlobHash] = {}
+        self._hashes = BlobHashes(cache.piece_size, self._read_back)
         self._verified: set[str] = set()
         # Blobs that failed their digest check, each with the lock of its recheck.
         self._suspect: dict[str, trio.Lock] = {}
@@ -579,19 +564,13 @@ class PieceFetcher:
             )
         return True
 
-    def _hash_state_for(self, blob: BlobRef, index: int, data: BlobBytes) -> _BlobHash | None:
+    def _hash_state_for(self, blob: BlobRef, index: int, data: BlobBytes) -> BlobHash | None:
         """The hash a piece fresh from the source goes to (None: its blob is checked already)."""
         if blob.digest in self._verified:
             if self.cache.is_verified(blob.digest):
                 return None  # another process fetched it too; the cache's copy was checked
             self._verified.discard(blob.digest)  # a piece was evicted and is back: check again
-        state = self._hashes.get(blob.digest)
-        if state is None or index < state.next_index:
-            # (Re)start; a piece hashed before, evicted and fetched again is not covered.
-            state = self._hashes[blob.digest] = _BlobHash()
-        if index - state.next_index < _HASH_AHEAD:
-            state.ahead[index] = data
-        return state
+        return self._hashes.feed(blob, index, data)
 
     async def _verify_once(self, blob: BlobRef) -> None:
         """A blob found complete but unchecked (a process died before checking it) is checked."""
@@ -600,48 +579,27 @@ class PieceFetcher:
         if self.cache.is_verified(blob.digest):
             self._verified.add(blob.digest)
         elif self.cache.is_complete(blob.digest, blob.size):
-            await self._advance_hash(blob, self._hashes.setdefault(blob.digest, _BlobHash()))
+            await self._advance_hash(blob, self._hashes.start(blob.digest))
 
-    async def _advance_hash(self, blob: BlobRef, state: _BlobHash, wait: bool = True) -> None:
-        """Hash the blob's pieces in order as far as they are at hand; check it once whole.
-
-        Pieces come from those that arrived ahead of the hash, else from the cache (a missing
-        one stops the hash until it arrives). Callers that ``wait`` queue on the lock, so they
-        return only once the hash went past what was at hand, their own piece included: a read
-        that completes a blob that fails its check gets the error. The others return at once
-        if the hash is busy; the task hashing gets to their pieces.
-        """
-        if not wait and state.lock.locked():
-            # Its piece is in ``ahead`` (or, far ahead, in the cache when the hash gets there),
-            # where the task hashing looks before it stops.
+    async def _advance_hash(self, blob: BlobRef, state: BlobHash, wait: bool = True) -> None:
+        """Hash the blob as far as its pieces are at hand (``BlobHashes.advance``); once whole,
+        mark it verified, or reject it."""
+        actual = await self._hashes.advance(blob, state, wait)
+        if actual is None:
             return
-        algorithm, _, expected = blob.digest.partition(":")
-        if algorithm != "sha256":
-            raise IntegrityError(f"blob {blob.digest}: only sha256 digests can be checked")
-        count = piece_count(blob.size, self.cache.piece_size)
-        async with state.lock:
-            while self._hashes.get(blob.digest) is state and state.next_index < count:
-                data = state.ahead.pop(state.next_index, None)
-                if data is None:
-                    data = self._writer.queued((blob.digest, state.next_index))
-                if data is None:
-                    data = await self._cache_get(blob, state.next_index, unvouched=True)
-                if data is None:
-                    if state.next_index in state.ahead:
-                        continue  # it arrived while the cache was asked
-                    return  # not here yet (or evicted): hashed when it arrives
-                await trio.to_thread.run_sync(state.hasher.update, data)
-                state.next_index += 1
-            if self._hashes.get(blob.digest) is not state:
-                return  # finished, or restarted, by a task that held the lock before
-            del self._hashes[blob.digest]
-        actual = state.hasher.hexdigest()
-        if actual != expected:
+        if f"sha256:{actual}" != blob.digest:
             raise self._reject(blob, actual)
         self._verified.add(blob.digest)  # first: no task starts hashing it again meanwhile
         await self._mark_verified(blob.digest, blob.size)
         if self._unvouched is not None:
             self._unvouched.blob_checked(blob.digest, True)
+
+    async def _read_back(self, blob: BlobRef, index: int) -> BlobBytes | None:
+        """A piece the hash needs: on its way to the cache, or in it (vouched for or not)."""
+        queued = self._writer.queued((blob.digest, index))
+        if queued is not None:
+            return queued
+        return await self._cache_get(blob, index, unvouched=True)
 
     async def _mark_verified(self, digest: str, size: int) -> None:
         # A write transaction, synced to disk: not on the event loop, where every read waits.
@@ -698,14 +656,4 @@ class PieceFetcher:
         """
         if self._recent.drop_oldest():
             return True
-        for digest, state in self._hashes.items():
-            # Not the next one: the hash may be asking the cache for it right now.
-            stored = [
-                index
-                for index in state.ahead
-                if index > state.next_index and self._writer.queued((digest, index)) is None
-            ]
-            if stored:
-                del state.ahead[max(stored)]
-                return True
-        return False
+        return self._hashes.spare_one(lambda digest, i: self._writer.queued((digest, i)) is None)
