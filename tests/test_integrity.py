@@ -317,3 +317,15 @@ def test_a_flipped_bit_in_a_cached_member_list_is_a_miss_not_a_shifted_file(
     with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
         assert tree_of(mnt) == files
     assert any(request.path.endswith(digest) for request in proxy.blob_requests)  # read again
+
+
+def test_a_mount_by_tag_asks_for_its_manifest_once(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    # The piece index is looked up for the manifest the mount pinned, not by the tag again.
+    name = push(registry, piece_index=True)
+    proxy.reset()
+    with mounted(f"{proxy.host}/{name}", tmp_path / "mnt", tmp_path / "cache"):
+        by_tag = [r for r in proxy.requests if r.path.endswith("/manifests/v1")]
+        assert len(by_tag) == 1, by_tag
+        assert read_all(tmp_path / "mnt" / "w.bin") == DATA

@@ -221,10 +221,17 @@ class IndexLookup:
     def __init__(self, source: BlobSource, selector: str, cache: PieceCache) -> None:
         self._source = source
         self._selector = selector
+        self._by_tag = not selector.startswith("sha256:")  # a tag's model may gain an index
         self._cache = cache
         self._lock = trio.Lock()
         self._resolved = False
         self.index: PieceIndex | None = None
+
+    def pin(self, digest: str) -> None:
+        """Look the index up for the manifest the mount pinned (found in the cache by its
+        digest), not by asking the registry for the tag again."""
+        if not self._resolved:
+            self._selector = digest
 
     async def piece_index(self) -> PieceIndex | None:
         async with self._lock:
@@ -252,7 +259,7 @@ class IndexLookup:
         # may have been published since).
         if cached is not None and cached != NO_INDEX:
             return parse_index(cached, manifest)
-        if cached is not None and self._selector.startswith("sha256:"):
+        if cached is not None and not self._by_tag:
             return None
         if not isinstance(self._source, RegistryRepository):
             return None  # an OCI layout holds no referrers

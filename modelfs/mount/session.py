@@ -339,17 +339,19 @@ async def serve(
             open_source(options, stats) as origin,
             _with_peers(cluster, origin, selector, cache) as (source, peer_stats),
         ):
+            index = IndexLookup(origin, selector, cache)
             fetcher = PieceFetcher(
                 source,
                 cache,
                 on_rejected=rejected_send.send_nowait,
                 stats=stats,
                 source_kind=_source_kind(origin, source),
-                index=IndexLookup(origin, selector, cache),
+                index=index,
                 serve_unverified=options.serve_unverified,
             )
             async with fetcher.writing():
                 model = await load_model(source, selector, cache, fetcher, defer_compressed=True)
+                index.pin(model.digest)
                 await fetcher.look_up_index()  # a few small requests; no read waits for them
                 set_log_context(digest=model.digest)
                 log.info(
