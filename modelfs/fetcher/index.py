@@ -225,6 +225,7 @@ class IndexLookup:
         self._cache = cache
         self._lock = trio.Lock()
         self._resolved = False
+        self._done = False  # looked up: every read asks, most after that, without the lock
         self.index: PieceIndex | None = None
 
     def pin(self, digest: str) -> None:
@@ -234,6 +235,8 @@ class IndexLookup:
             self._selector = digest
 
     async def piece_index(self) -> PieceIndex | None:
+        if self._done:
+            return self.index
         async with self._lock:
             if not self._resolved:
                 self._resolved = True
@@ -248,6 +251,7 @@ class IndexLookup:
                         "(publish one with `modelfs index`)",
                         self._source.name,
                     )
+                self._done = True
         return self.index
 
     async def _look_up(self) -> PieceIndex | None:
@@ -270,6 +274,10 @@ class IndexLookup:
 
 class PieceIndexLookup(Protocol):
     """Where a model's piece index is found: looked up once, bounded in time."""
+
+    def pin(self, digest: str) -> None:
+        """The manifest the mount pinned: look the index up for it, not for a tag again."""
+        ...
 
     async def piece_index(self) -> PieceIndex | None:
         """The index, or None when the model has none (or it could not be had in time)."""

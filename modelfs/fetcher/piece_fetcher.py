@@ -235,9 +235,11 @@ class PieceFetcher:
             self._suspect.setdefault(blob.digest, trio.Lock())
             await self._whole_first(blob)
 
-    async def look_up_index(self) -> None:
-        """Look up the model's piece index now (once), rather than on the first read."""
+    async def look_up_index(self, manifest_digest: str) -> None:
+        """Look up the piece index of the manifest the model was pinned to, now (once), rather
+        than on the first read."""
         if self._index is not None:
+            self._index.pin(manifest_digest)
             await self._index.piece_index()
 
     async def _checked_by_piece(self, blob: BlobRef) -> bool:

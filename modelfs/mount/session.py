@@ -339,20 +339,19 @@ async def serve(
             open_source(options, stats) as origin,
             _with_peers(cluster, origin, selector, cache) as (source, peer_stats),
         ):
-            index = IndexLookup(origin, selector, cache)
             fetcher = PieceFetcher(
                 source,
                 cache,
                 on_rejected=rejected_send.send_nowait,
                 stats=stats,
                 source_kind=_source_kind(origin, source),
-                index=index,
+                index=IndexLookup(origin, selector, cache),
                 serve_unverified=options.serve_unverified,
             )
             async with fetcher.writing():
                 model = await load_model(source, selector, cache, fetcher, defer_compressed=True)
-                index.pin(model.digest)
-                await fetcher.look_up_index()  # a few small requests; no read waits for them
+                # A few small requests, before ready: no read waits for them.
+                await fetcher.look_up_index(model.digest)
                 set_log_context(digest=model.digest)
                 log.info(
                     "%s pinned to %s: %d files, %d bytes",

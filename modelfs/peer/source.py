@@ -120,6 +120,9 @@ class PeerSource:
         found = self._lookup.index
         return None if found is None else found.expected(digest, index)
 
+    def pin(self, digest: str) -> None:
+        self._lookup.pin(digest)
+
     async def piece_index(self) -> PieceIndex | None:
         """The model's piece index, looked up once (bounded in time; None if there is none)."""
         index = await self._lookup.piece_index()
@@ -441,7 +444,6 @@ async def with_peers(
                 nursery.start_soon(scheduler.keep_registered)
                 nursery.start_soon(source.announce_stored)
                 nursery.start_soon(source.send_reports)
-                nursery.start_soon(source.piece_index)
                 try:
                     yield source
                 finally:

@@ -123,6 +123,7 @@ async def preheat(
     async with _open_source(reference, settings) as source:
         fetcher = PieceFetcher(source, cache, index=IndexLookup(source, reference.selector, cache))
         model = await load_model(source, reference.selector, cache, fetcher)
+        await fetcher.look_up_index(model.digest)
         if hints_only:
             hints = await _hinted(model, source, fetcher)
             wanted = [(node.blob, index) for node, index in hinted_pieces(hints, cache.piece_size)]
