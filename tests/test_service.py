@@ -165,6 +165,9 @@ def test_daemon_lifecycle_ready_restart_metrics_stop(
         notifications.wait_for("READY=1")
         # READY means: the control socket answers, and the config's mounts have been tried.
         assert oct(control.stat().st_mode & 0o777) == "0o600"
+        # The mount process's settings, handed over as a file: root's alone.
+        (settings,) = control.parent.glob("mount-*.json")
+        assert oct(settings.stat().st_mode & 0o777) == "0o600"
         reply = status(control)
         (mount,) = reply["mounts"]  # type: ignore[misc]
         assert mount["state"] == "mounted" and mount["digest"].startswith("sha256:")
@@ -216,6 +219,7 @@ def test_daemon_lifecycle_ready_restart_metrics_stop(
         notifications.wait_for("STOPPING=1", timeout=1)
         assert not is_mounted(mnt)
         assert not control.exists()
+        assert not settings.exists()  # gone with its mount
 
 
 def test_reload_keeps_mounts_being_read_and_applies_the_config(

@@ -194,6 +194,7 @@ async def supervise(
             await trio.sleep(min(MAX_RETRY_DELAY, FIRST_RETRY_DELAY * 2 ** (failures - 1)))
     finally:
         state.state, state.pid = "stopped", None
+        settings_file(config, spec.path).unlink(missing_ok=True)  # read at each start only
         with trio.CancelScope(shield=True):
             await detach(path)
 
