@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +15,32 @@ from registry_tools import Proxy, Registry, TokenServer, isolated_docker_config
 
 AUTH_USERNAME = "modelfs"
 AUTH_PASSWORD = "correct horse battery staple"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A test that leaves a thread running would keep the interpreter (and CI) waiting forever
+    after the summary: wait a little for stragglers, then name them, show where they are and exit
+    with a failure."""
+    deadline = time.monotonic() + 15
+    while (left := _threads_left()) and time.monotonic() < deadline:
+        left[0].join(deadline - time.monotonic())
+    if not left:
+        return
+    frames = sys._current_frames()
+    for thread in left:
+        stack = "".join(traceback.format_stack(frames[thread.ident])) if thread.ident else ""
+        print(f"\nthread {thread.name!r} still running after the tests:\n{stack}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _threads_left() -> list[threading.Thread]:
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+    ]
 
 
 @pytest.fixture(scope="session", autouse=True)

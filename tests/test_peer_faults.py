@@ -81,6 +81,8 @@ class BadPeer:
 
     def close(self) -> None:
         self._stop.set()
+        # On Linux, close() alone does not wake a thread blocked in accept(); shutdown() does.
+        self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for thread in self._threads:
             thread.join(10)
