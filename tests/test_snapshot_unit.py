@@ -1,15 +1,20 @@
 """The snapshotter's pure parts: containerd's filter syntax, the mounts of a snapshot, the
 snapshots' state machine (over a real SQLite file), a layer's disk usage, the labels and marker
-that name a model."""
+that name a model, the credentials kept from CRI's pulls."""
 
 from __future__ import annotations
 
+import base64
 import io
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from modelfs.mount.session import MountOptions
+from modelfs.reference import parse_reference
+from modelfs.snapshot.api import cri_pb
+from modelfs.snapshot.cri import IMAGE_REF_LABEL, PulledCredentials, auth_credentials
 from modelfs.snapshot.disk import disk_usage, marker_in
 from modelfs.snapshot.filters import FilterError, Selector, matcher, parse
 from modelfs.snapshot.metadata import Code, Metadata, SnapshotError, update_labels
@@ -25,6 +30,7 @@ from modelfs.snapshot.models import (
     remote_layer,
 )
 from modelfs.snapshot.mounts import Kind, Mount, mounts_for
+from modelfs.sources.credentials import IDENTITY_TOKEN_USER, Credentials
 
 SNAPSHOT = {
     ("name",): "sha256:abc",
@@ -205,3 +211,76 @@ def test_a_bad_marker_is_refused(data: bytes) -> None:
 )
 def test_the_mirror_routes_only_what_it_serves(path: str, expected: Route | None) -> None:
     assert route(path) == expected
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [
+        (cri_pb.AuthConfig(username="u", password="p"), Credentials("u", "p")),
+        (cri_pb.AuthConfig(auth=base64.b64encode(b"u:p:q").decode()), Credentials("u", "p:q")),
+        (cri_pb.AuthConfig(identity_token="t"), Credentials(IDENTITY_TOKEN_USER, "t")),
+        (cri_pb.AuthConfig(auth="not base64!"), None),
+        (cri_pb.AuthConfig(auth=base64.b64encode(b"no colon").decode()), None),
+        (cri_pb.AuthConfig(registry_token="bearer"), None),  # containerd's own, not modelfs's
+        (cri_pb.AuthConfig(), None),
+    ],
+)
+def test_a_cri_auth_config_gives_credentials(auth: object, expected: Credentials | None) -> None:
+    assert auth_credentials(auth) == expected
+
+
+def test_a_pulls_credentials_are_kept_for_its_image_and_registry_only() -> None:
+    now = [0.0]
+    pulled = PulledCredentials(seconds=60, limit=2, clock=lambda: now[0])
+    auth = cri_pb.AuthConfig(username="u", password="secret")
+    assert pulled.keep("registry.test:5000/models/qwen:v1", auth) == (
+        "credentials kept for registry.test:5000"
+    )
+    # Found by the reference as containerd's CRI names it, for that registry alone.
+    found = pulled.for_image("registry.test:5000/models/qwen:v1", "registry.test:5000")
+    assert found == Credentials("u", "secret")
+    assert pulled.for_image("registry.test:5000/models/qwen:v2", "registry.test:5000") is None
+    assert pulled.for_image("registry.test:5000/models/qwen:v1", "elsewhere.test") is None
+    model = parse_reference("registry.test:5000/models/qwen@sha256:" + "a" * 64)
+    labels = {IMAGE_REF_LABEL: "registry.test:5000/models/qwen:v1"}
+    assert pulled.for_model(labels, model) == found
+    assert pulled.for_model({}, model) is None
+    other = parse_reference("elsewhere.test/models/qwen@sha256:" + "a" * 64)
+    assert pulled.for_model(labels, other) is None  # never sent to another registry
+    # Docker Hub's short names are normalized as containerd's CRI does.
+    pulled.keep("qwen", auth)
+    assert pulled.for_image("docker.io/library/qwen:latest", "docker.io") == found
+    # Bounded: the oldest pull goes first.
+    pulled.keep("registry.test:5000/models/third:v1", auth)
+    assert pulled.for_image("registry.test:5000/models/qwen:v1", "registry.test:5000") is None
+    # Expiring.
+    now[0] = 61.0
+    assert pulled.for_image("docker.io/library/qwen:latest", "docker.io") is None
+
+
+@pytest.mark.parametrize(
+    ("image", "auth", "said"),
+    [
+        ("Bad Reference", cri_pb.AuthConfig(username="u", password="p"), "no credentials kept"),
+        ("r.test/m:v1", cri_pb.AuthConfig(registry_token="t"), "no credentials modelfs can use"),
+        (
+            "r.test/m:v1",
+            cri_pb.AuthConfig(username="u", password="p", server_address="https://o.test/v1/"),
+            "credentials not kept: they are for o.test, not r.test",
+        ),
+        ("r.test/m:v1", cri_pb.AuthConfig(username="u", password="p" * (17 << 10)), "16 KiB"),
+    ],
+)
+def test_credentials_that_cannot_be_used_are_not_kept(image: str, auth: object, said: str) -> None:
+    pulled = PulledCredentials()
+    assert said in pulled.keep(image, auth)
+    assert pulled.for_image("r.test/m:v1", "r.test") is None
+
+
+def test_credentials_stay_out_of_logs_and_settings_files(tmp_path: Path) -> None:
+    credentials = Credentials("user", "the-secret")
+    assert "the-secret" not in repr(credentials)
+    assert Credentials.from_json(credentials.as_json()) == credentials
+    options = MountOptions(parse_reference("r.test/m:v1"), tmp_path, credentials=credentials)
+    assert "the-secret" not in options.as_json() and "the-secret" not in repr(options)
+    assert MountOptions.from_json(options.as_json()).credentials is None

@@ -42,7 +42,7 @@ from safetensors.numpy import load, save
 
 from modelfs.modelpack import ANNOTATION_FILEPATH
 from modelfs.reference import Reference, parse_reference
-from modelfs.snapshot.api import pb, services
+from modelfs.snapshot.api import cri_pb, cri_services, pb, services
 from modelfs.snapshot.models import MODEL_LABEL, SNAPSHOT_REF_LABEL, marker_layer
 
 MISSING = containerd_missing()
@@ -364,9 +364,6 @@ def test_model_image_refuses_what_is_not_a_model(registry: Registry, tmp_path: P
     assert "is not a ModelPack model" in result.stderr
 
 
-CRI = grpc.protos_and_services("cri_proto/runtime.proto")
-
-
 def _hosts_toml(directory: Path, registry: str, mirror_port: int) -> Path:
     """containerd's hosts directory: ``registry`` over HTTP, the snapshotter's mirror first."""
     (directory / registry).mkdir(parents=True)
@@ -416,12 +413,11 @@ def test_cri_pulls_a_model_image_as_kubelet_does_without_fetching_its_layer(
         capture_output=True,
     )
     module_proxy.reset()
-    protos, services_ = CRI
     snapshotter, containerd = cri
-    images = services_.ImageServiceStub(grpc.insecure_channel(f"unix://{containerd.address}"))
+    images = cri_services.ImageServiceStub(grpc.insecure_channel(f"unix://{containerd.address}"))
     started = time.monotonic()
-    request = protos.PullImageRequest(
-        image=protos.ImageSpec(image=f"{module_proxy.host}/{repository}:v1")
+    request = cri_pb.PullImageRequest(
+        image=cri_pb.ImageSpec(image=f"{module_proxy.host}/{repository}:v1")
     )
     reply = images.PullImage(request, timeout=120)
     print(f"\nCRI PullImage of the model image: {time.monotonic() - started:.2f} s")
@@ -603,12 +599,11 @@ def test_cri_pulls_a_model_by_its_own_reference_through_the_mirror(
 ) -> None:
     """What a pod's image volume naming ``registry/models/qwen:v1`` asks of containerd."""
     snapshotter, containerd = cri
-    protos, services_ = CRI
-    images = services_.ImageServiceStub(grpc.insecure_channel(f"unix://{containerd.address}"))
+    images = cri_services.ImageServiceStub(grpc.insecure_channel(f"unix://{containerd.address}"))
     own = Reference(module_proxy.host, model.repository, "v1", None)
     module_proxy.reset()
     started = time.monotonic()
-    reply = images.PullImage(protos.PullImageRequest(image=protos.ImageSpec(image=str(own))))
+    reply = images.PullImage(cri_pb.PullImageRequest(image=cri_pb.ImageSpec(image=str(own))))
     print(f"\nCRI PullImage of the model's own reference: {time.monotonic() - started:.2f} s")
     assert reply.image_ref.startswith("sha256:")
     assert _weights_fetched(module_proxy, model_files["model.safetensors"]) == 0

@@ -39,6 +39,7 @@ from modelfs.mount.session import (
 from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET, ask, daemon_answers
+from modelfs.sources.credentials import Credentials
 from modelfs.sources.registry import DEFAULT_READ_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,9 @@ def mount_settings(
 @click.option(
     "--settings", "settings_file", type=click.Path(dir_okay=False, path_type=Path), hidden=True
 )  # a daemon's mount process: every setting from this file (MountOptions.as_json), no other
+@click.option(
+    "--credentials-fd", type=int, hidden=True
+)  # registry credentials (Credentials.as_json) read from this pipe: the snapshotter's, from CRI
 @daemon_options
 @cluster_options
 @click.pass_context
@@ -189,6 +193,7 @@ def mount(
     ready_fd: int | None,
     stats_socket: Path | None,
     settings_file: Path | None,
+    credentials_fd: int | None,
     control_socket: Path,
     no_daemon: bool,
     **settings: Any,
@@ -215,6 +220,8 @@ def mount(
     options = mount_settings(ref, mountpoint, **settings)
     options.cluster = cluster_settings(**cluster)
     options.stats_socket = stats_socket
+    if credentials_fd is not None:
+        options.credentials = _read_credentials(credentials_fd)
     if foreground:
         _mount_in_foreground(options, ready_fd)
     else:
@@ -226,6 +233,12 @@ def _read_settings(path: Path) -> MountOptions:
         return MountOptions.from_json(path.read_text())
     except OSError as error:
         raise ModelfsError(f"cannot read the mount settings {path}: {error.strerror}") from None
+
+
+def _read_credentials(fd: int) -> Credentials:
+    """The credentials written to the pipe ``fd`` (to its end), which is then closed."""
+    with os.fdopen(fd, "rb") as pipe:
+        return Credentials.from_json(pipe.read(64 << 10))
 
 
 def _mount_by_daemon(context: click.Context, control_socket: Path) -> None:

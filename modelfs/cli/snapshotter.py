@@ -10,6 +10,7 @@ import click
 
 DEFAULT_ROOT = Path("/var/lib/modelfs-snapshotter")
 DEFAULT_ADDRESS = Path("/run/modelfs-snapshotter/snapshotter.sock")
+DEFAULT_CRI_ENDPOINT = Path("/run/containerd/containerd.sock")
 
 
 @click.command()
@@ -58,6 +59,20 @@ DEFAULT_ADDRESS = Path("/run/modelfs-snapshotter/snapshotter.sock")
     help="Serve, on HOST:PORT, the registry mirror that answers a model's own reference with "
     "its model image, for containerd's hosts.toml (docs/kubernetes.md; default: off).",
 )
+@click.option(
+    "--cri-image-proxy",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve CRI's image service on this unix socket, for kubelet's --image-service-endpoint: "
+    "every call goes on to --cri-endpoint, and the model mounts of a pull use the credentials "
+    "kubelet gave it (docs/containerd.md; default: off).",
+)
+@click.option(
+    "--cri-endpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CRI_ENDPOINT,
+    show_default=True,
+    help="containerd's CRI socket, where --cri-image-proxy forwards.",
+)
 def snapshotter(
     root: Path,
     address: Path,
@@ -67,6 +82,8 @@ def snapshotter(
     control_socket: Path | None,
     metrics_addr: str | None,
     mirror_addr: str | None,
+    cri_image_proxy: Path | None,
+    cri_endpoint: Path,
 ) -> None:
     """Serve containerd's snapshots API: image layers stacked with overlayfs, models mounted
     lazily in place of their model image's marker layer (docs/kubernetes.md).
@@ -81,9 +98,10 @@ def snapshotter(
     # Imported here: grpcio and the compiled API cost ~0.3 s that other commands need not pay.
     from modelfs.metrics import serving_metrics
     from modelfs.service.notify import notify
+    from modelfs.snapshot.cri import PulledCredentials
     from modelfs.snapshot.lazy import ModelMounts
     from modelfs.snapshot.mirror import ModelImages, serving_mirror
-    from modelfs.snapshot.server import serve
+    from modelfs.snapshot.server import CriProxy, serve
     from modelfs.snapshot.stats import SnapshotterCollector, SnapshotterStats
 
     models = ModelMounts(
@@ -94,10 +112,13 @@ def snapshotter(
         control_socket=control_socket,
     )
     stats = SnapshotterStats()
+    cri = None
+    if cri_image_proxy is not None:
+        cri = CriProxy(cri_image_proxy, cri_endpoint, PulledCredentials())
     with contextlib.ExitStack() as stack:
         if metrics_addr is not None:
             stack.enter_context(serving_metrics(metrics_addr, SnapshotterCollector(stats)))
         if mirror_addr is not None:
-            images = ModelImages(frozenset(plain_http))
+            images = ModelImages(frozenset(plain_http), None if cri is None else cri.pulled)
             stack.enter_context(serving_mirror(mirror_addr, images))
-        asyncio.run(serve(root, address, models, stats, ready=lambda: notify("READY=1")))
+        asyncio.run(serve(root, address, models, stats, cri, ready=lambda: notify("READY=1")))

@@ -39,6 +39,7 @@ from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, ProfileLookup,
 from modelfs.prefetch.profile import ReadRecorder, recorded_profile
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.sources.buffers import PIECE_BUFFERS
+from modelfs.sources.credentials import Credentials
 from modelfs.sources.interface import BlobSource
 from modelfs.sources.layout import LayoutSource
 from modelfs.sources.registry import DEFAULT_READ_TIMEOUT, MeteredRepository, RegistryClient
@@ -105,12 +106,17 @@ class MountOptions:
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
     cluster: ClusterSettings | None = None  # share pieces with peers (per the scheduler)
     stats_socket: Path | None = None  # where the daemon asks for this mount's counters
+    # The registry credentials given to this mount (the snapshotter's, from CRI, over a pipe);
+    # None: the node's docker config. Held in memory only: never in the settings file.
+    credentials: Credentials | None = field(default=None, repr=False, compare=False)
 
     # The one model of a mount's settings: ``modelfs mount``'s options and the daemon's config
     # both make one, and the daemon hands its mount processes theirs as a file (``--settings``).
     def as_json(self) -> str:
         document = {
-            name: _to_json(getattr(self, name)) for name in self.__dataclass_fields__
+            name: _to_json(getattr(self, name))
+            for name in self.__dataclass_fields__
+            if name != "credentials"
         }
         document["reference"] = str(self.reference)
         return json.dumps(document, indent=1)
@@ -167,6 +173,7 @@ async def open_source(
         timeout=options.timeout,
         retries=options.retries,
         read_timeout=options.read_timeout,
+        credentials=options.credentials,
     ) as client:
         if stats is None:
             yield client.repository(ref.repository)

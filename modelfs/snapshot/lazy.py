@@ -22,6 +22,7 @@ from pathlib import Path
 
 from modelfs.reference import Reference
 from modelfs.snapshot.metadata import Code, SnapshotError
+from modelfs.sources.credentials import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class ModelMounts:
         assert model.digest is not None  # models.model_reference pins them
         return self.directory / model.digest.removeprefix("sha256:")
 
-    async def ensure(self, model: Reference) -> Path:
-        """The model's mount, made if it is not up (after a restart it still is)."""
+    async def ensure(self, model: Reference, credentials: Credentials | None = None) -> Path:
+        """The model's mount, made if it is not up (after a restart it still is), with
+        ``credentials`` if given (else the node's: its docker config, or the daemon's)."""
         path = self.path(model)
         async with self._locks[path.name]:
             if _dead(path):  # its process was killed: detach what is left, mount again
@@ -69,7 +71,9 @@ class ModelMounts:
                 arguments += ["--cache-dir", str(self.cache_dir)]
             if self.prefetch is not None:
                 arguments += ["--prefetch", self.prefetch]
-            failure = await _modelfs(arguments)
+            if credentials is not None:  # the daemon's mounts take none: a process of its own
+                arguments.append("--no-daemon")
+            failure = await _modelfs(arguments, credentials)
             if failure is not None:
                 path.rmdir()
                 raise SnapshotError(
@@ -107,17 +111,30 @@ def _dead(path: Path) -> bool:
     return False
 
 
-async def _modelfs(arguments: list[str]) -> str | None:
-    """Run ``modelfs ARGUMENTS``: None if it succeeded, else its last line of error."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "modelfs",
-        *arguments,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+async def _modelfs(arguments: list[str], credentials: Credentials | None = None) -> str | None:
+    """Run ``modelfs ARGUMENTS``: None if it succeeded, else its last line of error. The
+    ``credentials`` go over a pipe (``--credentials-fd``): no file, command line or environment
+    holds them, and the mount process keeps them in memory only."""
+    pipe: tuple[int, int] | None = None
+    if credentials is not None:
+        pipe = os.pipe()
+        os.write(pipe[1], credentials.as_json())  # a few hundred bytes: the pipe holds them
+        os.close(pipe[1])
+        arguments = [*arguments, "--credentials-fd", str(pipe[0])]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "modelfs",
+            *arguments,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=() if pipe is None else (pipe[0],),
+        )
+    finally:
+        if pipe is not None:
+            os.close(pipe[0])
     try:
         _, error = await asyncio.wait_for(process.communicate(), MOUNT_TIMEOUT)
     except TimeoutError:

@@ -31,6 +31,7 @@ from modelfs.errors import ModelfsError
 from modelfs.metrics import parse_address
 from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
 from modelfs.reference import Reference
+from modelfs.snapshot.cri import PulledCredentials
 from modelfs.snapshot.models import MODEL_CONFIGS, model_config_type, model_image
 from modelfs.sources.interface import FetchedManifest
 from modelfs.sources.registry import RegistryClient
@@ -69,8 +70,9 @@ def route(path: str) -> Route | None:
 class ModelImages:
     """Model images built for models' tags, and their parts, kept for the requests after."""
 
-    def __init__(self, plain_http: frozenset[str]) -> None:
+    def __init__(self, plain_http: frozenset[str], pulled: PulledCredentials | None = None) -> None:
         self.plain_http = plain_http
+        self.pulled = pulled  # the credentials CRI's pulls gave, when it proxies CRI's images
         self._kept: dict[str, tuple[str, bytes]] = {}  # digest -> (media type, bytes)
         self._lock = threading.Lock()
 
@@ -99,7 +101,15 @@ class ModelImages:
 
     async def _manifest(self, reference: Reference) -> FetchedManifest:
         plain = reference.registry in self.plain_http
-        async with RegistryClient(reference.api_host, plain_http=plain) as client:
+        # The credentials of CRI's pull of this very tag, if kept; else the node's.
+        pulled = (
+            None
+            if self.pulled is None
+            else self.pulled.for_image(str(reference), reference.registry)
+        )
+        async with RegistryClient(
+            reference.api_host, plain_http=plain, credentials=pulled
+        ) as client:
             return await client.repository(reference.repository).get_manifest(reference.selector)
 
 

@@ -10,10 +10,12 @@ worker threads, after the change it belongs to has committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ from typing import Any
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
+from modelfs.reference import Reference
 from modelfs.snapshot.api import mount_pb, pb, services
+from modelfs.snapshot.cri import PulledCredentials, serving_cri_proxy
 from modelfs.snapshot.disk import Layout, disk_usage, marker_in
 from modelfs.snapshot.filters import FilterError, matcher
 from modelfs.snapshot.lazy import ModelMounts
@@ -45,12 +49,19 @@ _LIST_BATCH = 100  # infos per List message, well under gRPC's 4 MiB message lim
 class Snapshotter:
     """The operations of containerd's Snapshotter interface on one root."""
 
-    def __init__(self, root: Path, models: ModelMounts, stats: SnapshotterStats) -> None:
+    def __init__(
+        self,
+        root: Path,
+        models: ModelMounts,
+        stats: SnapshotterStats,
+        pulled: PulledCredentials | None = None,
+    ) -> None:
         self.layout = Layout(root)
         self.layout.create_root()
         self.metadata = Metadata(self.layout.database)
         self.models = models
         self.stats = stats
+        self.pulled = pulled  # the credentials of CRI's pulls, when it proxies CRI's images
 
     def close(self) -> None:
         self.metadata.close()
@@ -74,7 +85,7 @@ class Snapshotter:
         if remote is None:
             return await self.create(Kind.ACTIVE, key, parent, labels)
         if self.metadata.find(remote.chain_id) is None:
-            await self.models.ensure(remote.model)
+            await self._ensure(remote.model, labels)
             try:
                 with self.metadata.transaction():
                     committed = self.metadata.create(
@@ -93,8 +104,14 @@ class Snapshotter:
         """What a committed snapshot shows as a lower dir: its files, or its model's mount,
         mounted again if it went (the node rebooted, its mount process was killed)."""
         if snapshot.model:
-            return await self.models.ensure(model_reference(snapshot.model))
+            return await self._ensure(model_reference(snapshot.model), snapshot.labels)
         return self.layout.fs(snapshot.id)
+
+    async def _ensure(self, model: Reference, labels: Mapping[str, str]) -> Path:
+        """The model's mount, with the credentials CRI's pull of the snapshot's image gave
+        (``cri.image-ref``), if kept, else the node's."""
+        pulled = None if self.pulled is None else self.pulled.for_model(labels, model)
+        return await self.models.ensure(model, pulled)
 
     async def lower_dirs(self, parent: str) -> list[Path]:
         """The lower dirs of a snapshot over ``parent``, nearest first."""
@@ -295,17 +312,29 @@ class Service(services.SnapshotsServicer):  # type: ignore[misc]
         return Empty()
 
 
+@dataclass(frozen=True)
+class CriProxy:
+    """Where to serve CRI's image service (kubelet's ``--image-service-endpoint``) and where
+    containerd's CRI answers it."""
+
+    address: Path
+    endpoint: Path
+    pulled: PulledCredentials
+
+
 async def serve(
     root: Path,
     address: Path,
     models: ModelMounts,
     stats: SnapshotterStats,
+    cri: CriProxy | None = None,
     ready: Any = None,
 ) -> None:
     """Serve the snapshots API for ``root`` on the unix socket ``address`` until SIGTERM or
-    SIGINT, models mounted by ``models``, counted in ``stats``; ``ready()`` is called once the
-    socket listens."""
-    snapshotter = Snapshotter(root, models, stats)
+    SIGINT, models mounted by ``models``, counted in ``stats``; with ``cri``, CRI's image
+    service too, whose pulls' credentials the model mounts use. ``ready()`` is called once the
+    sockets listen."""
+    snapshotter = Snapshotter(root, models, stats, None if cri is None else cri.pulled)
     stats.holding(*snapshotter.metadata.census())
     server = grpc.aio.server()
     services.add_SnapshotsServicer_to_server(Service(snapshotter), server)
@@ -315,12 +344,16 @@ async def serve(
     await server.start()
     address.chmod(0o600)
     log.info("snapshotter serving %s on %s", root, address)
-    if ready is not None:
-        ready()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    async with contextlib.AsyncExitStack() as stack:
+        if cri is not None:
+            proxy = serving_cri_proxy(cri.address, cri.endpoint, cri.pulled)
+            await stack.enter_async_context(proxy)
+        if ready is not None:
+            ready()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
     await server.stop(grace=5)
     snapshotter.close()

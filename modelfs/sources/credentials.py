@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import os
 import re
@@ -34,7 +35,7 @@ class Credentials:
     """A username and password; an identity token is username ``<token>``, password the token."""
 
     username: str
-    password: str
+    password: str = dataclasses.field(repr=False)  # a logged repr must not hold it
 
     @property
     def is_identity_token(self) -> bool:
@@ -43,6 +44,22 @@ class Credentials:
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def as_json(self) -> bytes:
+        """What a pipe to a mount process carries (never a file or a command line)."""
+        return json.dumps({"username": self.username, "password": self.password}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Credentials:
+        """The credentials ``as_json`` wrote."""
+        try:
+            document = loads_json(data)
+            username, password = document["username"], document["password"]
+        except (ValueError, KeyError, TypeError):
+            raise AuthError("the credentials given to the mount are malformed") from None
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise AuthError("the credentials given to the mount are malformed")
+        return cls(username, password)
 
 
 def normalize_host(text: str) -> str:

@@ -1,0 +1,147 @@
+"""The credentials kubelet gives a pull, for the model it mounts: the snapshotter's CRI image
+proxy (kubelet's ``--image-service-endpoint``) in front of a real containerd's CRI, a model in a
+registry behind htpasswd, and a node with no login of its own."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from containerd_tools import Containerd, Snapshotter, containerd_missing
+from mounting import mount_pid
+from registry_tools import Layer, Registry, free_port, push_artifact
+
+from modelfs.modelpack import ANNOTATION_FILEPATH
+from modelfs.reference import Reference
+from modelfs.snapshot.api import cri_pb, cri_services, pb, services
+
+MISSING = containerd_missing()
+pytestmark = pytest.mark.skipif(
+    MISSING is not None, reason=f"CONTAINERD CANNOT RUN HERE, its tests are skipped: {MISSING}"
+)
+RAW = "application/vnd.cncf.model.weight.v1.raw"
+FILES = {"config.json": b'{"model_type": "test"}', "model.safetensors": os.urandom(3 << 20)}
+
+
+@pytest.fixture(scope="module")
+def private_model(auth_registry: Registry) -> Reference:
+    """A model only the registry's user may read (tag v1)."""
+    layers = [Layer(RAW, data, {ANNOTATION_FILEPATH: name}) for name, data in FILES.items()]
+    repository = f"models/private-{uuid.uuid4().hex[:8]}"
+    push_artifact(
+        auth_registry.host, repository, "v1", layers, credentials=auth_registry.credentials
+    )
+    return Reference(auth_registry.host, repository, "v1", None)
+
+
+@pytest.fixture(scope="module")
+def node(
+    tmp_path_factory: pytest.TempPathFactory, auth_registry: Registry
+) -> Iterator[tuple[Snapshotter, Containerd]]:
+    """As a Kubernetes node: containerd's CRI pulls with the snapshotter, through its mirror,
+    and kubelet talks to the snapshotter's CRI image proxy. The node has no registry login."""
+    root = tmp_path_factory.mktemp("cri-proxy")
+    port = free_port()
+    (root / "containerd").mkdir()
+    options = ("--plain-http-registry", auth_registry.host, "--cache-dir", str(root / "cache"))
+    options += ("--prefetch", "none", "--mirror-addr", f"127.0.0.1:{port}")
+    options += ("--cri-image-proxy", str(root / "cri.sock"))
+    options += ("--cri-endpoint", str(root / "containerd" / "containerd.sock"))
+    snapshotter = Snapshotter(root, *options)
+    snapshotter.start()
+    hosts = root / "certs.d"
+    (hosts / auth_registry.host).mkdir(parents=True)
+    (hosts / auth_registry.host / "hosts.toml").write_text(
+        f'server = "http://{auth_registry.host}"\n'
+        f'[host."http://127.0.0.1:{port}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    containerd = Containerd(root / "containerd", snapshotter, cri_hosts=hosts)
+    assert containerd.address == root / "containerd" / "containerd.sock"
+    containerd.start()
+    yield snapshotter, containerd
+    containerd.stop()
+    snapshotter.stop()
+    snapshotter.unmount_models()
+
+
+def _pull(kubelet: Any, image: str, auth: Any = None) -> str:
+    request = cri_pb.PullImageRequest(image=cri_pb.ImageSpec(image=image), auth=auth)
+    reply = kubelet.PullImage(request, timeout=120)
+    image_ref: str = reply.image_ref
+    return image_ref
+
+
+def _snapshots(snapshotter: Snapshotter) -> list[str]:
+    client = services.SnapshotsStub(grpc.insecure_channel(f"unix://{snapshotter.address}"))
+    return [info.name for reply in client.List(pb.ListSnapshotsRequest()) for info in reply.info]
+
+
+def _holding(directory: Path, secret: bytes) -> list[Path]:
+    """The files under ``directory`` (mounts left out) that hold ``secret``."""
+    found = []
+    for parent, names, files in os.walk(directory):
+        names[:] = [name for name in names if not Path(parent, name).is_mount()]
+        for name in files:
+            path = Path(parent, name)
+            if path.is_file() and secret in path.read_bytes():
+                found.append(path)
+    return found
+
+
+def test_a_model_pulled_through_the_cri_proxy_mounts_with_kubelets_credentials(
+    node: tuple[Snapshotter, Containerd], auth_registry: Registry, private_model: Reference
+) -> None:
+    snapshotter, _ = node
+    proxy = snapshotter.root.parent / "cri.sock"
+    assert proxy.stat().st_mode & 0o777 == 0o600
+    kubelet = cri_services.ImageServiceStub(grpc.insecure_channel(f"unix://{proxy}"))
+    image = str(private_model)
+    assert auth_registry.username is not None and auth_registry.password is not None
+
+    # The node has no login: without credentials, and with wrong ones, the pull is refused,
+    # with containerd's error passed on as it came, and leaves no snapshot nor mount.
+    wrong = cri_pb.AuthConfig(username=auth_registry.username, password="not-the-password")
+    for auth in (None, wrong):
+        with pytest.raises(grpc.RpcError) as error:
+            _pull(kubelet, image, auth)
+        print(f"\npull with {'wrong' if auth else 'no'} credentials: {error.value.details()}")
+        assert error.value.code() == grpc.StatusCode.UNKNOWN
+        assert image in error.value.details() and "401 Unauthorized" in error.value.details()
+        assert _snapshots(snapshotter) == [] and snapshotter.model_mounts() == []
+
+    # With kubelet's credentials (a pod's imagePullSecret): pulled by the model's own reference
+    # (through the mirror, which looked the tag up with them), the model mounted with them.
+    right = cri_pb.AuthConfig(username=auth_registry.username, password=auth_registry.password)
+    started = time.monotonic()
+    image_ref = _pull(kubelet, image, right)
+    print(f"CRI PullImage through the proxy: {time.monotonic() - started:.2f} s")
+    assert image_ref.startswith("sha256:")
+    [mount] = snapshotter.model_mounts()
+    assert sorted(path.name for path in mount.iterdir()) == sorted(FILES)
+    assert all((mount / name).read_bytes() == data for name, data in FILES.items())
+    # Every other call of the image service is containerd's, answered through the proxy.
+    listed = kubelet.ListImages(cri_pb.ListImagesRequest()).images
+    assert [image_ref] == [found.id for found in listed if image in found.repo_tags]
+
+    # The credentials are in no file, log, command line or environment.
+    secret = auth_registry.password.encode()
+    pid = mount_pid(mount)
+    assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert secret not in Path(f"/proc/{pid}/environ").read_bytes()
+    assert _holding(snapshotter.root.parent, secret) == []
+
+    # Removing the image (kubelet's image garbage collection) removes its snapshots, and the
+    # model's mount with the last of them.
+    kubelet.RemoveImage(cri_pb.RemoveImageRequest(image=cri_pb.ImageSpec(image=image_ref)))
+    deadline = time.monotonic() + 20
+    while snapshotter.model_mounts() or _snapshots(snapshotter):
+        assert time.monotonic() < deadline, (_snapshots(snapshotter), snapshotter.model_mounts())
+        time.sleep(0.1)
+    assert not mount.exists()
