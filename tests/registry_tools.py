@@ -1,8 +1,10 @@
 """Test tooling around a real registry: the distribution binary, a counting/faulting proxy, push.
 
 Nothing here fakes a registry: ``Registry`` runs Debian's ``docker-registry`` (distribution 2.8)
-on a loopback port; ``Proxy`` only forwards to it, counting and optionally tampering or
-redirecting, the way a CDN or a broken middlebox would.
+on a loopback port, optionally with its ``redirect`` storage middleware sending blob GETs to
+``Nginx`` (Debian's nginx-light) serving its storage directory, as object storage would;
+``Proxy`` only forwards to either, counting and optionally tampering or redirecting, the way a
+CDN or a broken middlebox would.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from modelfs.sources.interface import FetchedManifest
 from modelfs.sources.registry import RegistryClient
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
+NGINX_BINARY = "/usr/sbin/nginx"
 HTPASSWD_BINARY = "/usr/bin/htpasswd"
 _CHUNK = 1024 * 1024
 _HOP_BY_HOP = frozenset(
@@ -76,6 +79,35 @@ def free_ports(count: int) -> int:
             except OSError:
                 continue
         return first
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (``tls-cert.pem``, ``tls-key.pem``), made by
+    openssl: trusted only where a test says so (``SSL_CERT_FILE``)."""
+    cert, key = directory / "tls-cert.pem", directory / "tls-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
 
 
 def _b64url(data: bytes) -> str:
@@ -263,7 +295,10 @@ class Registry:
         password: str | None = None,
         token_server: TokenServer | None = None,
         tls: bool = False,
+        redirect_to: str | None = None,
     ) -> None:
+        """``redirect_to`` (a base URL such as an ``Nginx``'s ``url``): blob GETs are answered
+        with a 307 there, to the blob's path under the storage directory (``storage``)."""
         self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -278,7 +313,8 @@ class Registry:
         self.config_path = root / "config.yml"
         self._process: subprocess.Popen[bytes] | None = None
         self._paused = False
-        (root / "storage").mkdir(parents=True, exist_ok=True)
+        self.storage = root / "storage"
+        self.storage.mkdir(parents=True, exist_ok=True)
         config: dict[str, object] = {
             "version": 0.1,
             "log": {"level": "error", "accesslog": {"disabled": True}},
@@ -290,34 +326,15 @@ class Registry:
             "http": {"addr": self.host, "secret": secrets.token_hex(16)},
         }
         if tls:
-            # A self-signed certificate for 127.0.0.1: trusted only where a test says so.
-            self.tls_cert, key = root / "tls-cert.pem", root / "tls-key.pem"
-            subprocess.run(
-                [
-                    "openssl",
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=127.0.0.1",
-                    "-addext",
-                    "subjectAltName=IP:127.0.0.1",
-                    "-keyout",
-                    str(key),
-                    "-out",
-                    str(self.tls_cert),
-                ],
-                check=True,
-                capture_output=True,
-            )
+            self.tls_cert, key = self_signed_certificate(root)
             config["http"] = {
                 "addr": self.host,
                 "secret": secrets.token_hex(16),
                 "tls": {"certificate": str(self.tls_cert), "key": str(key)},
+            }
+        if redirect_to is not None:
+            config["middleware"] = {
+                "storage": [{"name": "redirect", "options": {"baseurl": redirect_to}}]
             }
         if token_server is not None:
             config["auth"] = {
@@ -419,6 +436,148 @@ class Registry:
 
 
 @dataclass(frozen=True)
+class Served:
+    """One request as nginx logged it."""
+
+    method: str
+    path: str
+    query: str
+    status: int
+    range: str | None
+    connection: int  # nginx's serial number of the connection it came on
+    authorization: str | None
+
+
+class Nginx:
+    """Debian's nginx-light on 127.0.0.1 serving ``directory`` (``sendfile on``), the way object
+    storage or a CDN serves blobs a registry redirects to; HTTPS with ``tls``
+    (``.tls_cert``, self-signed). ``served()`` reads its access log."""
+
+    _LOG_FIELDS = (
+        "$request_method",
+        "$uri",
+        "$args",
+        "$status",
+        "$http_range",
+        "$connection",
+        "$http_authorization",
+    )
+
+    def __init__(self, root: Path, directory: Path, *, tls: bool = False) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        self.tls_cert: Path | None = None
+        self._log = root / "access.log"
+        listen = f"listen 127.0.0.1:{self.port}"
+        tls_lines = ""
+        if tls:
+            self.tls_cert, key = self_signed_certificate(root)
+            listen += " ssl"
+            tls_lines = f"ssl_certificate {self.tls_cert}; ssl_certificate_key {key};"
+        log_format = '"' + "\\t".join(self._LOG_FIELDS) + '"'  # nginx reads \t as a tab
+        temp = " ".join(
+            f"{kind}_temp_path {root / kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        self._config = root / "nginx.conf"
+        self._config.write_text(
+            f"""
+daemon off;
+master_process off;
+user root;
+pid {root / "nginx.pid"};
+events {{ worker_connections 256; }}
+http {{
+    {temp}
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    default_type application/octet-stream;
+    log_format fields {log_format};
+    access_log {self._log} fields;
+    server {{
+        {listen};
+        {tls_lines}
+        root {directory};
+    }}
+}}
+"""
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.root / "error.log").open("ab") as errors:
+            self._process = subprocess.Popen(
+                [NGINX_BINARY, "-p", str(self.root), "-e", "stderr", "-c", str(self._config)],
+                stdout=errors,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                tail = (self.root / "error.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nginx exited with {self._process.returncode}: {tail}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"nginx on {self.host} did not listen within 10 s")
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "nginx was not started"
+        return self._process.pid
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> Nginx:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def served(self) -> list[Served]:
+        """Every request so far (nginx writes its log line as each request ends)."""
+        if not self._log.exists():
+            return []
+        entries = []
+        for line in self._log.read_text().splitlines():
+            method, path, query, status, ranges, connection, auth = line.split("\t")
+            entries.append(
+                Served(
+                    method,
+                    path,
+                    "" if query == "-" else query,
+                    int(status),
+                    None if ranges == "-" else ranges,
+                    int(connection),
+                    None if auth == "-" else auth,
+                )
+            )
+        return entries
+
+
+@dataclass(frozen=True)
 class ProxiedRequest:
     method: str
     path: str
@@ -461,10 +620,14 @@ class Proxy:
 
     ``redirect=True`` answers blob GETs with a 307 to a second listener (another origin, like
     S3) that records whether ``Authorization`` arrived and serves the bytes itself.
+    ``location_query`` is added to the Location of redirects the registry sends (as a registry
+    presigning its storage's URLs would). In front of ``Nginx``, it counts requests and injects
+    failures at the place blobs are redirected to.
     """
 
-    def __init__(self, upstream: Registry) -> None:
+    def __init__(self, upstream: Registry | Nginx) -> None:
         self.upstream = upstream
+        self.location_query = ""
         self.tamper = False
         self.tamper_manifests = False
         self.redirect = False
@@ -665,6 +828,8 @@ class Proxy:
                 return
             handler.send_response_only(response.status, response.reason)
             for key, value in response.getheaders():
+                if key.lower() == "location" and self.location_query:
+                    value += ("&" if "?" in value else "?") + self.location_query
                 if key.lower() not in _HOP_BY_HOP:
                     handler.send_header(key, value)
             bodyless = handler.command == "HEAD" or response.status in (204, 304)

@@ -1,7 +1,8 @@
 """The lean range GET (modelfs.sources.rangeget) against a real registry and the faulting proxy.
 
-It serves plain ``206`` answers itself and gives everything else back (None) to the general
-path; the behaviour seen through ``read_range`` is covered in test_registry and test_auth.
+It serves plain ``206`` answers itself, raises redirects and refusals for the caller to act on,
+and gives everything else back to the general path; the behaviour seen through ``read_range`` is
+covered in test_registry, test_auth and test_redirects.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from modelfs.modelpack import layer_media_type
 from modelfs.sources.credentials import Credentials
 from modelfs.sources.interface import BlobBytes
-from modelfs.sources.rangeget import Origin, RangeGetter
+from modelfs.sources.rangeget import Origin, RangeGetter, Redirected, Refused
 from modelfs.sources.registry import RegistryClient
 
 T = TypeVar("T")
@@ -118,18 +119,21 @@ def test_a_failing_receiver_ends_the_run_and_its_connection(proxy: Proxy, pushed
     assert proxy.connections == 2  # the first was closed with its body half read
 
 
-def test_a_redirecting_registry_is_left_to_the_general_path(proxy: Proxy, pushed: None) -> None:
+def test_a_redirect_is_given_back_with_its_location(proxy: Proxy, pushed: None) -> None:
     proxy.redirect = True
 
-    async def twice(getter: RangeGetter) -> list[Run]:
-        return [await get_run(getter, 0, [10]), await get_run(getter, 10, [10])]
+    async def redirected(getter: RangeGetter) -> str:
+        with pytest.raises(Redirected) as raised:
+            await get_run(getter, 0, [10])
+        return raised.value.location
 
-    assert with_getter(proxy.host, twice) == [([], b""), ([], b"")]
-    assert len(proxy.blob_requests) == 1  # asked once: then it stands aside
-    assert not proxy.redirect_requests  # and never follows it with the Authorization
+    location = with_getter(proxy.host, redirected)
+    assert location.startswith(f"http://{proxy.redirect_host}/ticket/")
+    assert len(proxy.blob_requests) == 1
+    assert not proxy.redirect_requests  # the caller decides where to go, and with what
 
 
-def test_a_refused_login_is_given_back(auth_registry: Registry) -> None:
+def test_a_refusal_is_given_back_with_its_status(auth_registry: Registry) -> None:
     creds = Credentials(AUTH_USERNAME, AUTH_PASSWORD)
     push_artifact(
         auth_registry.host,
@@ -139,13 +143,12 @@ def test_a_refused_login_is_given_back(auth_registry: Registry) -> None:
         credentials=creds,
     )
 
-    async def anonymous_then_basic(getter: RangeGetter) -> list[Run]:
-        return [
-            await get_run(getter, 0, [10]),
-            await get_run(getter, 0, [10], creds.basic_header()),
-        ]
+    async def anonymous_then_basic(getter: RangeGetter) -> tuple[int, Run]:
+        with pytest.raises(Refused) as raised:
+            await get_run(getter, 0, [10])
+        return raised.value.status, await get_run(getter, 0, [10], creds.basic_header())
 
-    assert with_getter(auth_registry.host, anonymous_then_basic) == [([], b""), ([BLOB[:10]], b"")]
+    assert with_getter(auth_registry.host, anonymous_then_basic) == (401, ([BLOB[:10]], b""))
 
 
 def test_read_range_resumes_a_cut_of_the_lean_path(proxy: Proxy, pushed: None) -> None:

@@ -6,10 +6,12 @@ join, all on the one Python thread that serves the mount. Here the request is wr
 a kept-alive trio stream and each piece of the body lands by ``recv_into`` in its own pooled
 buffer (``modelfs.sources.buffers``), handed on as soon as it is whole.
 
-Only the plain case is handled: anything else (a redirect, a 401, chunked or encoded bodies, a
-Content-Range other than the one asked for, a connection error, a body cut short) ends the run
-where it got to, and the caller takes the httpx path for the rest, which keeps auth refresh,
-redirects, retries and their messages.
+Only the plain case is handled: anything else (a 401, chunked or encoded bodies, a Content-Range
+other than the one asked for, a connection error, a body cut short) ends the run where it got to,
+and the caller takes the httpx path for the rest, which keeps auth refresh, retries and their
+messages. A redirect (``Redirected``) and a refusal (``Refused``) are the caller's to act on: a
+registry that keeps its blobs in object storage sends every blob GET elsewhere, and the place it
+names serves range GETs on connections of its own (``modelfs.sources.redirects``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,25 @@ class _Unusual(Exception):
     """The answer is not a plain range answer: the caller takes the general path."""
 
 
-class _Redirected(_Unusual):
-    """The registry sends blobs elsewhere (a CDN): it will for every piece."""
+class Redirected(Exception):
+    """The answer is a redirect to ``location`` (as sent: maybe relative); nothing was delivered."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+class Refused(Exception):
+    """The answer is a refusal (400, 401, 403, 404 or 410): for a presigned location, that it
+    expired or was revoked; nothing was delivered."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+_REFUSALS = frozenset({"400", "401", "403", "404", "410"})
+_REDIRECTS = frozenset({"301", "302", "303", "307", "308"})
 
 
 class RangeGetter:
@@ -69,9 +88,6 @@ class RangeGetter:
         self._timeout = timeout
         self._idle: list[trio.abc.Stream] = []
         self._closed = False
-        # Set once the registry redirected a blob GET: asking it here first would only add a
-        # round trip to every piece.
-        self.redirects = False
 
     async def aclose(self) -> None:
         self._closed = True
@@ -92,9 +108,10 @@ class RangeGetter:
 
         Returns how many pieces were delivered, and the bytes of the next one that came (for the
         caller to resume from). Fewer than all: the rest is the general path's, which reports
-        what went wrong. An exception from ``deliver`` ends the run and propagates.
+        what went wrong. An exception from ``deliver`` ends the run and propagates, as do
+        ``Redirected`` and ``Refused`` (before anything was delivered).
         """
-        if self._closed or self.redirects:
+        if self._closed:
             return 0, bytearray()
         end = start + sum(lengths) - 1
         stream: trio.abc.Stream | None = None
@@ -106,9 +123,6 @@ class RangeGetter:
                 with trio.fail_after(self._timeout):
                     stream = self._idle.pop() if self._idle else await self._connect()
                     body = await self._request(stream, target, authorization, start, end)
-            except _Redirected:
-                self.redirects = True
-                return 0, bytearray()
             except (_Unusual, OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
                 return 0, bytearray()  # the general path asks again, and reports what is wrong
             for length in lengths:
@@ -220,16 +234,19 @@ def _plain_range_length(head: bytes, start: int, end: int) -> int:
     """The body's length if ``head`` is a plain ``206`` for exactly ``start..end``."""
     status, *header_lines = head.decode("latin-1").split("\r\n")
     version, _, rest = status.partition(" ")
-    if rest[:1] == "3":
-        raise _Redirected
-    if version != "HTTP/1.1" or not rest.startswith("206 "):
-        raise _Unusual
     headers: dict[str, str] = {}
     for line in header_lines:
         name, colon, value = line.partition(":")
         if not colon:
             raise _Unusual
         headers[name.strip().lower()] = value.strip()
+    code = rest[:3]
+    if code in _REDIRECTS and headers.get("location"):
+        raise Redirected(headers["location"])
+    if code in _REFUSALS:
+        raise Refused(int(code))
+    if version != "HTTP/1.1" or not rest.startswith("206 "):
+        raise _Unusual
     if "transfer-encoding" in headers or headers.get("content-encoding", "identity") != "identity":
         raise _Unusual
     if headers.get("connection", "").lower() == "close":

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import ssl
+import time
 import urllib.request
 from collections.abc import (
     AsyncGenerator,
@@ -54,7 +55,8 @@ from modelfs.sources.credentials import (
     token_from_response,
 )
 from modelfs.sources.interface import BlobBytes, Deliver, FetchedManifest, read_as_run
-from modelfs.sources.rangeget import Origin, RangeGetter, parse_content_range
+from modelfs.sources.rangeget import Origin, RangeGetter, Redirected, Refused, parse_content_range
+from modelfs.sources.redirects import BlobLocations, Location
 from modelfs.sources.stats import REGISTRY, MountStats, mark_served_by
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,9 @@ AsyncHTTP11Connection.READ_NUM_BYTES = SOCKET_READ_SIZE
 # The piece fetcher keeps up to 8 range GETs in flight; keep that many connections (and some
 # for manifests, tokens and pushes) open between requests rather than reconnecting.
 _CONNECTION_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+# Places blobs were redirected to whose kept-alive connections stay open (a CDN may spread one
+# model's blobs over a few hosts).
+_REDIRECT_ORIGINS = 8
 
 
 class _TransientError(Exception):
@@ -181,6 +186,17 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return (url.scheme, url.host, url.port)
 
 
+def _connection_origin(url: httpx.URL, tls: ssl.SSLContext) -> Origin:
+    """Where the lean path connects for ``url`` (http or https)."""
+    https = url.scheme == "https"
+    return Origin(
+        host=url.host,
+        port=url.port or (443 if https else 80),
+        ssl_context=tls if https else None,
+        host_header=url.netloc.decode("ascii"),
+    )
+
+
 def _describe_transport_error(error: httpx.TransportError) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -221,6 +237,9 @@ class RegistryClient:
         self._credentials_loaded = credentials is not None
         self._http: httpx.AsyncClient | None = None
         self._range_getter: RangeGetter | None = None
+        self._tls: ssl.SSLContext | None = None  # set on entry, from the trust chosen
+        self._locations = BlobLocations()
+        self._redirect_getters: dict[tuple[str, str, int | None], RangeGetter] = {}
         self._basic = False
         self._bearer: Challenge | None = None
         self._tokens: dict[str | None, str] = {}
@@ -238,17 +257,11 @@ class RegistryClient:
             headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
             limits=_CONNECTION_LIMITS,
         )
+        self._tls = tls = _ssl_context(verify)
         # httpx honours proxy variables; the lean path does not, so it stands aside for them.
         if not urllib.request.getproxies():
             self._range_getter = RangeGetter(
-                Origin(
-                    host=self.base_url.host,
-                    port=self.base_url.port or (443 if self.base_url.scheme == "https" else 80),
-                    ssl_context=_ssl_context(verify) if self.base_url.scheme == "https" else None,
-                    host_header=self.base_url.netloc.decode("ascii"),
-                ),
-                _USER_AGENT,
-                self.timeout,
+                _connection_origin(self.base_url, tls), _USER_AGENT, self.timeout
             )
         return self
 
@@ -261,6 +274,9 @@ class RegistryClient:
         if self._range_getter is not None:
             await self._range_getter.aclose()
             self._range_getter = None
+        getters, self._redirect_getters = self._redirect_getters, {}
+        for getter in getters.values():
+            await getter.aclose()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -287,12 +303,67 @@ class RegistryClient:
         deliver: Deliver,
     ) -> tuple[int, bytearray]:
         """Consecutive pieces from ``start`` at ``url`` by the lean path, each into ``deliver``:
-        how many came, and what came of the next (the general path goes on from there)."""
+        how many came, and what came of the next (the general path goes on from there).
+
+        A blob the registry redirected is read where it was sent while that place is good."""
         if self._range_getter is None or _origin(url) != _origin(self.base_url):
             return 0, bytearray()
+        blob = str(url)
+        kept = self._locations.get(blob, trio.current_time())
+        if kept is not None:
+            try:
+                return await self._read_run_at(kept, scope, start, lengths, deliver)
+            except (Redirected, Refused):
+                self._locations.forget(blob, kept)  # expired or revoked: ask the registry again
         authorization = await self._authorization(scope)
         path = url.raw_path.decode("ascii")
-        return await self._range_getter.get_run(path, authorization, start, lengths, deliver)
+        try:
+            return await self._range_getter.get_run(path, authorization, start, lengths, deliver)
+        except Refused:
+            return 0, bytearray()  # the general path answers challenges and reports refusals
+        except Redirected as redirect:
+            location = redirect.location
+        kept = self._locations.keep(blob, str(url.join(location)), trio.current_time(), time.time())
+        try:
+            return await self._read_run_at(kept, scope, start, lengths, deliver)
+        except (Redirected, Refused):
+            self._locations.forget(blob, kept)
+            return 0, bytearray()  # a fresh location refused: the general path reports it
+
+    async def _read_run_at(
+        self,
+        location: Location,
+        scope: str | None,
+        start: int,
+        lengths: Sequence[int],
+        deliver: Deliver,
+    ) -> tuple[int, bytearray]:
+        """A run of pieces from where a blob was redirected: on connections to that place, and
+        with the registry's Authorization only if that place is the registry itself."""
+        url = httpx.URL(location.url)
+        target = url.raw_path.decode("ascii")
+        if _origin(url) == _origin(self.base_url):
+            assert self._range_getter is not None
+            authorization = await self._authorization(scope)
+            return await self._range_getter.get_run(target, authorization, start, lengths, deliver)
+        if url.scheme not in ("http", "https"):
+            return 0, bytearray()
+        getter = await self._redirect_getter(url)
+        return await getter.get_run(target, None, start, lengths, deliver)
+
+    async def _redirect_getter(self, url: httpx.URL) -> RangeGetter:
+        """Kept-alive connections to a place blobs were redirected to; the least recently used
+        place beyond ``_REDIRECT_ORIGINS`` is let go (its idle connections close)."""
+        key = _origin(url)
+        getter = self._redirect_getters.pop(key, None)
+        if getter is None:
+            assert self._tls is not None, "RegistryClient used outside `async with`"
+            getter = RangeGetter(_connection_origin(url, self._tls), _USER_AGENT, self.timeout)
+        self._redirect_getters[key] = getter  # most recent last
+        while len(self._redirect_getters) > _REDIRECT_ORIGINS:
+            oldest = next(iter(self._redirect_getters))
+            await self._redirect_getters.pop(oldest).aclose()
+        return getter
 
     @property
     def _client(self) -> httpx.AsyncClient:
