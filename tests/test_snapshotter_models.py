@@ -183,6 +183,55 @@ def test_a_model_image_pulls_without_the_model_and_runs_reading_it_exactly(
     assert snapshotter.model_mounts() == [mount]
 
 
+def test_two_running_containers_read_the_model_through_one_mount(
+    containerd: Containerd,
+    snapshotter: Snapshotter,
+    registry: Registry,
+    module_proxy: Proxy,
+    model: Reference,
+    model_files: dict[str, bytes],
+) -> None:
+    image = push_model_image(
+        registry.host, f"images/two-{uuid.uuid4().hex[:8]}", "v1", _through(module_proxy, model)
+    )
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "modelfs", image)
+    assert model.digest is not None
+    place = snapshotter.root / "models" / model.digest.removeprefix("sha256:")
+    names = [f"c-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    try:
+        for name in names:
+            run = ("run", "-d", "--snapshotter", "modelfs", image, name)
+            containerd.ctr(*run, "/bin/busybox", "sleep", "300")
+        # Both containers' root filesystems stack the one model mount, at the same time.
+        overlays = [
+            line for line in Path("/proc/mounts").read_text().splitlines()
+            if line.startswith("overlay ") and f"lowerdir={place}:" in line
+        ]  # fmt: skip
+        assert len(overlays) == 2, overlays
+        assert snapshotter.model_mounts().count(place) == 1
+        expected = hashlib.md5(model_files["model.safetensors"][-(1 << 20) :]).hexdigest()
+        for name in names:
+            read = "tail -c 1048576 /model.safetensors | md5sum"
+            exec_ = ("task", "exec", "--exec-id", f"read-{name}", name, "/bin/sh", "-c", read)
+            assert containerd.ctr(*exec_).split()[0] == expected
+            config = (
+                "task",
+                "exec",
+                "--exec-id",
+                f"cat-{name}",
+                name,
+                "/bin/busybox",
+                "cat",
+                "/config.json",
+            )
+            assert containerd.ctr(*config).encode() == model_files["config.json"]
+    finally:
+        for name in names:
+            containerd.ctr("task", "rm", "-f", name, check=False)
+            containerd.ctr("containers", "rm", name, check=False)
+    assert snapshotter.model_mounts().count(place) == 1  # the image still holds the model
+
+
 @pytest.fixture
 def lone(tmp_path: Path, module_proxy: Proxy) -> Iterator[Snapshotter]:
     """A snapshotter no containerd uses (whose garbage collection would remove the snapshots
@@ -442,6 +491,34 @@ def test_cri_pulls_a_model_image_as_kubelet_does_without_fetching_its_layer(
     assert "containerd.io/snapshot/cri.layer-digest" in info.labels  # CRI's own labels too
     [mount] = snapshotter.model_mounts()
     assert (mount / "config.json").read_bytes() == model_files["config.json"]
+
+
+def test_cri_gets_a_clear_error_for_a_model_that_cannot_be_mounted_and_serves_on(
+    cri: tuple[Snapshotter, Containerd],
+    registry: Registry,
+    module_proxy: Proxy,
+    model: Reference,
+) -> None:
+    """What kubelet sees for an image naming an unknown model: containerd's PullImage fails
+    with the snapshotter's one line; nothing of the model is left; the next pull works."""
+    snapshotter, containerd = cri
+    unknown = Reference(module_proxy.host, "models/none", None, "sha256:" + "0" * 64)
+    image = push_model_image(registry.host, f"images/bad-{uuid.uuid4().hex[:8]}", "v1", unknown)
+    images = cri_services.ImageServiceStub(grpc.insecure_channel(f"unix://{containerd.address}"))
+    with pytest.raises(grpc.RpcError) as error:
+        images.PullImage(cri_pb.PullImageRequest(image=cri_pb.ImageSpec(image=image)))
+    print(f"\nCRI PullImage of an unknown model: {error.value.details()}")
+    assert f"cannot mount model {unknown}: " in error.value.details()
+    client = _client(snapshotter)
+    infos = [info for reply in client.List(pb.ListSnapshotsRequest()) for info in reply.info]
+    assert not [info for info in infos if info.labels.get(MODEL_LABEL) == str(unknown)]
+    assert not [info for info in infos if info.kind == pb.ACTIVE], infos  # no extraction left
+    assert not (snapshotter.root / "models" / ("0" * 64)).exists()
+    good = push_model_image(
+        registry.host, f"images/good-{uuid.uuid4().hex[:8]}", "v1", _through(module_proxy, model)
+    )
+    reply = images.PullImage(cri_pb.PullImageRequest(image=cri_pb.ImageSpec(image=good)))
+    assert reply.image_ref.startswith("sha256:")
 
 
 def test_a_model_mount_that_died_comes_back_when_a_snapshot_needs_it(

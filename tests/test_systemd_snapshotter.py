@@ -40,3 +40,4 @@ def test_the_unit_is_ordered_and_keeps_mounts_usable() -> None:
     start = next(line for line in lines if line.startswith("ExecStart="))
     assert "snapshotter --root /var/lib/modelfs-snapshotter" in start
     assert "--address /run/modelfs-snapshotter/snapshotter.sock" in start
+    assert "--cri-image-proxy /run/modelfs-snapshotter/cri.sock" in start
