@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import selectors
 import signal
 import socket
 import ssl
@@ -1011,3 +1012,134 @@ def isolated_docker_config(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     os.environ["DOCKER_CONFIG"] = str(directory)
     return directory
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """One request an ``HttpProxy`` got: ``CONNECT host:port``, or a forwarded one."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+
+
+class HttpProxy:
+    """A forward HTTP proxy on 127.0.0.1, as a corporate network runs (issue 23): ``CONNECT``
+    tunnels (bytes relayed unread), and absolute-form requests forwarded with keep-alive. It
+    records every request with its headers; with ``credentials`` it answers 407 without them."""
+
+    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+        self.requests: list[ProxyRequest] = []
+        self._lock = threading.Lock()
+        self._expected = (
+            None
+            if credentials is None
+            else "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+        )
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_CONNECT(self) -> None:
+                if owner._admit(self):
+                    owner._tunnel(self)
+
+            def _any(self) -> None:
+                if owner._admit(self):
+                    owner._forward(self)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _any
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def _admit(self, handler: BaseHTTPRequestHandler) -> bool:
+        with self._lock:
+            self.requests.append(ProxyRequest(handler.command, handler.path, dict(handler.headers)))
+        if self._expected is None or handler.headers.get("Proxy-Authorization") == self._expected:
+            return True
+        handler.send_response(407)
+        handler.send_header("Proxy-Authenticate", 'Basic realm="proxy"')
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+        return False
+
+    def _tunnel(self, handler: BaseHTTPRequestHandler) -> None:
+        host, _, port = handler.path.rpartition(":")
+        try:
+            upstream = socket.create_connection((host, int(port)), timeout=30)
+        except OSError:
+            handler.send_error(502)
+            return
+        handler.send_response(200, "Connection established")
+        handler.end_headers()
+        handler.wfile.flush()
+        client = handler.connection
+        sockets = [client, upstream]
+        try:
+            with selectors.DefaultSelector() as selector:
+                for sock in sockets:
+                    selector.register(sock, selectors.EVENT_READ)
+                while True:
+                    for key, _ in selector.select(timeout=30):
+                        sock = key.fileobj
+                        assert isinstance(sock, socket.socket)
+                        data = sock.recv(_CHUNK)
+                        if not data:
+                            return
+                        (upstream if sock is client else client).sendall(data)
+        except OSError:
+            pass
+        finally:
+            upstream.close()
+            handler.close_connection = True
+
+    def _forward(self, handler: BaseHTTPRequestHandler) -> None:
+        target = urllib.parse.urlsplit(handler.path)
+        if target.scheme != "http" or not target.netloc:
+            handler.send_error(400, "absolute-form http:// requests only")
+            return
+        upstream = http.client.HTTPConnection(target.netloc, timeout=60)
+        try:
+            path = target.path + (f"?{target.query}" if target.query else "")
+            headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+            length = int(handler.headers.get("Content-Length") or 0)
+            body = handler.rfile.read(length) if length else None
+            upstream.request(handler.command, path, body=body, headers=headers)
+            response = upstream.getresponse()
+            handler.send_response_only(response.status, response.reason)
+            for key, value in response.getheaders():
+                if key.lower() not in _HOP_BY_HOP:
+                    handler.send_header(key, value)
+            if response.getheader("Content-Length") is None:
+                handler.send_header("Connection", "close")
+                handler.close_connection = True
+            handler.end_headers()
+            if handler.command != "HEAD":
+                while chunk := response.read1(_CHUNK):
+                    handler.wfile.write(chunk)
+        except OSError:
+            handler.close_connection = True
+        finally:
+            upstream.close()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> HttpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

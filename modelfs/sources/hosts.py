@@ -229,7 +229,7 @@ def _headers(table: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
     value = table.get("header", {})
     if not isinstance(value, dict):
         raise HostsError(f"{where}: header must be a table of names and values")
-    headers = []
+    headers: list[tuple[str, str]] = []
     for name, given in value.items():
         values = [given] if isinstance(given, str) else given
         if (
@@ -268,4 +268,4 @@ def _proxy(table: dict[str, Any], where: str) -> str | None:
         raise HostsError(
             f"{where}: proxy must be an http:// URL of a proxy (no path), not {value!r}"
         )
-    return value
+    return str(value)

@@ -16,6 +16,7 @@ names serves range GETs on connections of its own (``modelfs.sources.redirects``
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import trio
 
 from modelfs.sources.buffers import PIECE_BUFFERS
 from modelfs.sources.interface import Deliver
+from modelfs.sources.proxy import ProxyRoute, open_tunnel
 from modelfs.untrusted import decimal
 
 # Status line and headers larger than this are not a plain range answer.
@@ -33,12 +35,17 @@ _RECEIVE_SIZE = 1 << 20
 
 @dataclass(frozen=True)
 class Origin:
-    """Where the connections go: ``ssl_context`` is None for plain HTTP."""
+    """Where the connections go: ``ssl_context`` is None for plain HTTP; ``proxy``: through
+    that HTTP proxy (``modelfs.sources.proxy``); ``headers``: sent with every request (a
+    hosts.toml ``header``); ``dial_timeout``: the most a connection may take to open."""
 
     host: str
     port: int
     ssl_context: ssl.SSLContext | None
     host_header: str
+    proxy: ProxyRoute | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    dial_timeout: float | None = None
 
 
 def parse_content_range(header: str | None) -> tuple[int, int, int | None] | None:
@@ -144,7 +151,15 @@ class RangeGetter:
 
     async def _connect(self) -> trio.abc.Stream:
         origin = self._origin
-        stream: trio.abc.Stream = await trio.open_tcp_stream(origin.host, origin.port)
+        route = origin.proxy
+        with trio.fail_after(origin.dial_timeout or math.inf):
+            stream: trio.abc.Stream = await (
+                trio.open_tcp_stream(origin.host, origin.port)
+                if route is None
+                else trio.open_tcp_stream(route.host, route.port)
+            )
+        if route is not None and origin.ssl_context is not None:
+            await open_tunnel(stream, origin.host, origin.port, route)
         if origin.ssl_context is not None:
             tls = trio.SSLStream(stream, origin.ssl_context, server_hostname=origin.host)
             await tls.do_handshake()
@@ -160,13 +175,20 @@ class RangeGetter:
         end: int,
     ) -> _Body:
         """Send the GET and read its head; the body that follows, if the answer is plain."""
+        origin = self._origin
+        forwarded = origin.proxy is not None and origin.ssl_context is None
+        if forwarded:
+            target = f"http://{origin.host_header}{target}"  # absolute form, for the proxy
         lines = [
             f"GET {target} HTTP/1.1",
-            f"Host: {self._origin.host_header}",
+            f"Host: {origin.host_header}",
             f"User-Agent: {self._user_agent}",
             "Accept-Encoding: identity",
             f"Range: bytes={start}-{end}",
+            *(f"{name}: {value}" for name, value in origin.headers),
         ]
+        if forwarded and origin.proxy is not None and origin.proxy.authorization:
+            lines.append(f"Proxy-Authorization: {origin.proxy.authorization}")
         if authorization:
             lines.append(f"Authorization: {authorization}")
         await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))

@@ -11,9 +11,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import ssl
 import time
-import urllib.request
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -54,7 +54,9 @@ from modelfs.sources.credentials import (
     parse_challenge,
     token_from_response,
 )
+from modelfs.sources.hosts import RegistryHost, server_host
 from modelfs.sources.interface import BlobBytes, Deliver, FetchedManifest, read_as_run
+from modelfs.sources.proxy import ProxyRoute, environment_proxy, parse_proxy_url
 from modelfs.sources.rangeget import Origin, RangeGetter, Redirected, Refused, parse_content_range
 from modelfs.sources.redirects import BlobLocations, Location
 from modelfs.sources.stats import REGISTRY, MountStats, mark_served_by
@@ -182,18 +184,41 @@ def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
     return unchecked
 
 
+def load_host_tls(tls: ssl.SSLContext, host: RegistryHost) -> None:
+    """Add a hosts.toml host's ``ca`` files and its first ``client`` certificate to ``tls``."""
+    try:
+        for ca in host.ca:
+            tls.load_verify_locations(cafile=ca)
+        for certificate, key in host.client[:1]:
+            tls.load_cert_chain(certificate, key)
+    except (OSError, ssl.SSLError) as error:
+        raise RegistryError(
+            f"the TLS files of registry host {host.netloc} do not load ({error}): fix ca or "
+            "client in its hosts.toml"
+        ) from None
+
+
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return (url.scheme, url.host, url.port)
 
 
-def _connection_origin(url: httpx.URL, tls: ssl.SSLContext) -> Origin:
-    """Where the lean path connects for ``url`` (http or https)."""
+def _connection_origin(
+    url: httpx.URL,
+    tls: ssl.SSLContext,
+    proxy: ProxyRoute | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
+    dial_timeout: float | None = None,
+) -> Origin:
+    """Where the lean path connects for ``url`` (http or https), through ``proxy`` if any."""
     https = url.scheme == "https"
     return Origin(
         host=url.host,
         port=url.port or (443 if https else 80),
         ssl_context=tls if https else None,
         host_header=url.netloc.decode("ascii"),
+        proxy=proxy,
+        headers=headers,
+        dial_timeout=dial_timeout,
     )
 
 
@@ -225,9 +250,13 @@ class RegistryClient:
         timeout: float = 30.0,
         retries: int = 3,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
+        endpoint: RegistryHost | None = None,
     ) -> None:
-        self.host = host
-        self.base_url = httpx.URL(f"{'http' if plain_http else 'https'}://{host}")
+        """``endpoint``: where the API answers and how to reach it (a hosts.toml host: a
+        mirror, or the server); by default ``host`` itself, by ``plain_http`` and ``insecure``."""
+        self.endpoint = server_host(host, plain_http) if endpoint is None else endpoint
+        self.host = self.endpoint.netloc
+        self.base_url = httpx.URL(f"{self.endpoint.scheme}://{self.endpoint.netloc}")
         self.timeout = timeout
         self.retries = retries
         self.read_timeout = read_timeout
@@ -246,24 +275,54 @@ class RegistryClient:
         self._token_lock = trio.Lock()
 
     async def __aenter__(self) -> RegistryClient:
+        endpoint = self.endpoint
         # System CAs (not certifi's bundle), as docker and oras use.
         verify: ssl.SSLContext | bool = (
-            False if self._insecure else SystemTrust(ssl.PROTOCOL_TLS_CLIENT)
-        )
-        self._http = httpx.AsyncClient(
-            verify=verify,
-            timeout=httpx.Timeout(self.timeout),
-            follow_redirects=False,
-            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-            limits=_CONNECTION_LIMITS,
+            False
+            if self._insecure or endpoint.skip_verify
+            else SystemTrust(ssl.PROTOCOL_TLS_CLIENT)
         )
         self._tls = tls = _ssl_context(verify)
-        # httpx honours proxy variables; the lean path does not, so it stands aside for them.
-        if not urllib.request.getproxies():
-            self._range_getter = RangeGetter(
-                _connection_origin(self.base_url, tls), _USER_AGENT, self.timeout
-            )
+        load_host_tls(tls, endpoint)
+        self._http = httpx.AsyncClient(
+            verify=tls,
+            timeout=httpx.Timeout(self.timeout, connect=endpoint.dial_timeout or self.timeout),
+            follow_redirects=False,
+            headers=[
+                ("User-Agent", _USER_AGENT),
+                ("Accept-Encoding", "identity"),
+                *endpoint.headers,
+            ],
+            limits=_CONNECTION_LIMITS,
+            # hosts.toml's proxy for this host overrides the environment's, as in containerd.
+            proxy=endpoint.proxy,
+        )
+        self._range_getter = RangeGetter(
+            _connection_origin(
+                self.base_url,
+                tls,
+                self._proxy_route(self.base_url),
+                endpoint.headers,
+                endpoint.dial_timeout,
+            ),
+            _USER_AGENT,
+            self.timeout,
+        )
         return self
+
+    def _proxy_route(self, url: httpx.URL) -> ProxyRoute | None:
+        """The proxy the lean path goes through to ``url``: this host's hosts.toml ``proxy``,
+        else the environment's (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``)."""
+        if self.endpoint.proxy and _origin(url) == _origin(self.base_url):
+            return parse_proxy_url(self.endpoint.proxy)
+        named = environment_proxy(url.scheme, url.netloc.decode("ascii"), os.environ)
+        return None if named is None else parse_proxy_url(named)
+
+    def api_url(self, path: str) -> httpx.URL:
+        """``path`` under the API root (``/v2/`` + path), with ``ns`` for a mirror."""
+        url = self.base_url.join(f"{self.endpoint.api_root.rstrip('/')}/{path}")
+        namespace = self.endpoint.namespace
+        return url if namespace is None else url.copy_add_param("ns", namespace)
 
     async def __aexit__(
         self,
@@ -289,7 +348,7 @@ class RegistryClient:
         what = "the API check (/v2/)"
 
         async def attempt() -> None:
-            async with self.request("GET", self.base_url.join("/v2/"), None, what=what):
+            async with self.request("GET", self.api_url(""), None, what=what):
                 pass
 
         await self.retrying(what, attempt)
@@ -358,7 +417,8 @@ class RegistryClient:
         getter = self._redirect_getters.pop(key, None)
         if getter is None:
             assert self._tls is not None, "RegistryClient used outside `async with`"
-            getter = RangeGetter(_connection_origin(url, self._tls), _USER_AGENT, self.timeout)
+            origin = _connection_origin(url, self._tls, self._proxy_route(url))
+            getter = RangeGetter(origin, _USER_AGENT, self.timeout)
         self._redirect_getters[key] = getter  # most recent last
         while len(self._redirect_getters) > _REDIRECT_ORIGINS:
             oldest = next(iter(self._redirect_getters))
@@ -647,7 +707,7 @@ class RegistryRepository:
         return f"{self._client.host}/{self.repository}"
 
     def _url(self, path: str) -> httpx.URL:
-        return self._client.base_url.join(f"/v2/{self.repository}/{path}")
+        return self._client.api_url(f"{self.repository}/{path}")
 
     async def get_manifest(self, selector: str) -> FetchedManifest:
         pinned = selector.startswith("sha256:")
