@@ -247,8 +247,12 @@ def test_a_pulls_credentials_are_kept_for_its_image_and_registry_only() -> None:
     assert pulled.for_model({}, model) is None
     other = parse_reference("elsewhere.test/models/qwen@sha256:" + "a" * 64)
     assert pulled.for_model(labels, other) is None  # never sent to another registry
-    # Docker Hub's short names are normalized as containerd's CRI does.
-    pulled.keep("qwen", auth)
+    # Docker Hub's short names are normalized as containerd's CRI does; kubelet names the
+    # config key the credentials came from, Docker Hub's historical one included.
+    hub = cri_pb.AuthConfig(
+        username="u", password="secret", server_address="https://index.docker.io/v1/"
+    )
+    assert pulled.keep("qwen", hub) == "credentials kept for docker.io"
     assert pulled.for_image("docker.io/library/qwen:latest", "docker.io") == found
     # Bounded: the oldest pull goes first.
     pulled.keep("registry.test:5000/models/third:v1", auth)
@@ -265,7 +269,7 @@ def test_a_pulls_credentials_are_kept_for_its_image_and_registry_only() -> None:
         ("r.test/m:v1", cri_pb.AuthConfig(registry_token="t"), "no credentials modelfs can use"),
         (
             "r.test/m:v1",
-            cri_pb.AuthConfig(username="u", password="p", server_address="https://o.test/v1/"),
+            cri_pb.AuthConfig(username="u", password="p", server_address="https://o.test/team"),
             "credentials not kept: they are for o.test, not r.test",
         ),
         ("r.test/m:v1", cri_pb.AuthConfig(username="u", password="p" * (17 << 10)), "16 KiB"),

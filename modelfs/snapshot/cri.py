@@ -30,7 +30,12 @@ from google.protobuf.message import DecodeError
 from modelfs.errors import BadReferenceError
 from modelfs.reference import Reference, parse_reference
 from modelfs.snapshot.api import cri_pb
-from modelfs.sources.credentials import IDENTITY_TOKEN_USER, Credentials, normalize_host
+from modelfs.sources.credentials import (
+    IDENTITY_TOKEN_USER,
+    Credentials,
+    normalize_host,
+    same_registry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +104,11 @@ class PulledCredentials:
             return "no credentials modelfs can use"
         if len(credentials.username) + len(credentials.password) > _SECRET_LIMIT:
             return "credentials not kept: larger than 16 KiB"
-        server = normalize_host(auth.server_address) if auth.server_address else None
-        if server is not None and server != normalize_host(reference.registry):
-            return f"credentials not kept: they are for {server}, not {reference.registry}"
+        # kubelet names the docker config key the credentials came from (a host, a URL).
+        server = auth.server_address
+        if server and not same_registry(server, reference.registry):
+            host = normalize_host(server)
+            return f"credentials not kept: they are for {host}, not {reference.registry}"
         key = str(reference)
         with self._lock:
             self._kept.pop(key, None)
@@ -121,7 +128,7 @@ class PulledCredentials:
             if kept is not None and kept.until <= self.clock():
                 del self._kept[key]
                 kept = None
-        if kept is None or normalize_host(kept.registry) != normalize_host(registry):
+        if kept is None or not same_registry(kept.registry, registry):
             return None
         return kept.credentials
 

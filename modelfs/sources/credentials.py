@@ -73,6 +73,12 @@ def _config_key(host: str) -> str:
     return DOCKER_HUB_KEY if host in _DOCKER_HUB_HOSTS else host
 
 
+def same_registry(one: str, other: str) -> bool:
+    """Whether two registry names (hosts, URLs, config keys) name one registry, Docker Hub's
+    several names included."""
+    return _config_key(one) == _config_key(other)
+
+
 def docker_config_path() -> Path:
     directory = os.environ.get("DOCKER_CONFIG")
     base = Path(directory) if directory else Path.home() / ".docker"
