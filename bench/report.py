@@ -53,6 +53,11 @@ ROWS = [
     Row("cache_fill", "(e) page-cache fill: the model's size written to a new file, no fsync"),
     Row("cold_load", "(f) modelfs cold: mount + safetensors load of every tensor"),
     Row("download_load", "(f) curl download + safetensors load from local disk"),
+    Row("curl_redirect", "(a') curl -L through the redirecting registry (307 to nginx)"),
+    Row("cold_read_redirect", "(c') modelfs cold: full read through the redirecting registry"),
+    Row("cold_load_redirect", "(f') modelfs cold: mount + load through the redirecting registry"),
+    Row("skopeo_read", "(g) skopeo copy docker:// dir: (verified pull), then a full read"),
+    Row("skopeo_load", "(g) skopeo copy docker:// dir:, then the safetensors load"),
 ]
 
 REFERENCES = {"curl": "(a)", "oras": "(b)", "memfs_read": "(e)"}
@@ -237,6 +242,102 @@ def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
             f"{_format(rss_growth, '.2f')} x",
         ),
     ]
+
+
+def _with_mount(results: Results, key: str) -> float | None:
+    """A read case's median time with its mount's (its ``mount`` part) added."""
+    samples = results.get(key, [])
+    return median(samples, lambda sample: sample.seconds + sample.parts.get("mount", 0.0))
+
+
+def _time_ratio(mine: float | None, theirs: float | None) -> float | None:
+    return mine / theirs if mine is not None and theirs else None
+
+
+def cpu_per_gb(results: Results, key: str) -> float | None:
+    """The mount process's CPU seconds (user + system, from its start) per GB the case read."""
+    samples = results.get(key, [])
+    cpu = median(samples, lambda sample: sample.mount_cpu)
+    return cpu / (samples[0].payload / 1e9) if cpu is not None and samples[0].payload else None
+
+
+def evaluate_production(results: Results) -> list[Verdict]:
+    """The targets of issue 20 (the production path), judged on the medians of this run."""
+    redirected = ratio(results, "cold_read_redirect", "curl_redirect")
+    read_vs_skopeo = _time_ratio(_with_mount(results, "cold_read"), seconds(results, "skopeo_read"))
+    load_vs_skopeo = _time_ratio(seconds(results, "cold_load"), seconds(results, "skopeo_load"))
+    cold_cpu = cpu_per_gb(results, "cold_read")
+    return [
+        _at_least(
+            "cold full read through the redirecting registry >= 0.35 x curl -L (a')",
+            redirected,
+            0.35,
+            f"{_format(redirected, '.2f')} x: "
+            f"{_format(throughput(results, 'cold_read_redirect'), '.0f', MB)} MB/s against "
+            f"{_format(throughput(results, 'curl_redirect'), '.0f', MB)}; direct "
+            f"{_format(throughput(results, 'cold_read'), '.0f', MB)} MB/s",
+        ),
+        _at_most(
+            "mount + full read <= 0.5 x the time of skopeo copy + read (g)",
+            read_vs_skopeo,
+            0.5,
+            f"{_format(_with_mount(results, 'cold_read'), '.2f')} s vs "
+            f"{_format(seconds(results, 'skopeo_read'), '.2f')} s = "
+            f"{_format(read_vs_skopeo, '.2f')} x",
+        ),
+        _at_most(
+            "cold load (f) <= 0.5 x the time of skopeo copy + load (g)",
+            load_vs_skopeo,
+            0.5,
+            f"{_format(seconds(results, 'cold_load'), '.2f')} s vs "
+            f"{_format(seconds(results, 'skopeo_load'), '.2f')} s = "
+            f"{_format(load_vs_skopeo, '.2f')} x",
+        ),
+        _at_most(
+            "mount process CPU per cold GB <= 1.5 s",
+            cold_cpu,
+            1.5,
+            f"{_format(cold_cpu, '.2f')} CPU-s/GB",
+        ),
+    ]
+
+
+def held_seconds(raw: str, rate: int) -> float:
+    """Seconds a py-spy ``record --gil`` raw profile saw the GIL held: its samples over its
+    rate (it records only the thread holding the GIL, one sample per tick)."""
+    return sum(int(line.rpartition(" ")[2]) for line in raw.splitlines() if " " in line) / rate
+
+
+def render_cpu(
+    results: Results, gil: dict[str, tuple[float, Sample]], model_bytes: int, rate: int
+) -> str:
+    """The mount process's CPU per GB (cold, warm, redirected) and the share of it spent
+    holding the GIL, from the GIL pass: how the data path would scale with cores."""
+    lines = []
+    for key, what in (
+        ("cold_read", "cold read"),
+        ("warm_read", "warm read"),
+        ("cold_read_redirect", "cold read, redirected"),
+    ):
+        samples = results.get(key, [])
+        cpu = median(samples, lambda sample: sample.mount_cpu)
+        took = median(samples, lambda sample: sample.seconds)
+        if cpu is None or not took:
+            continue
+        lines.append(
+            f"- mount process, {what}: {_format(cpu_per_gb(results, key), '.2f')} CPU-s/GB "
+            f"(user + system from /proc, from its start: {cpu:.1f} s over a {took:.2f} s read, "
+            f"{cpu / took:.2f} cores busy)"
+        )
+    for key, (held, sample) in gil.items():
+        cpu = sample.mount_cpu or 0.0
+        lines.append(
+            f"- GIL held, {key.replace('_', ' ')} (a separate run under py-spy record --gil, "
+            f"{rate} Hz, non-blocking): {held:.1f} s of the mount's {cpu:.1f} CPU-s "
+            f"({_format(held / cpu if cpu else None, '.0%')}), {held / sample.seconds:.0%} of "
+            f"the {sample.seconds:.2f} s read; {held / (model_bytes / 1e9):.2f} s/GB"
+        )
+    return "\n".join(lines)
 
 
 def render_verdicts(verdicts: list[Verdict]) -> str:

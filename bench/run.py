@@ -41,6 +41,9 @@ from bench.report import (
     Results,
     Sample,
     evaluate,
+    evaluate_production,
+    held_seconds,
+    render_cpu,
     render_growth,
     render_table,
     render_verdicts,
@@ -51,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the registry fixtures of the test suite, reused as is
 
 from mounting import modelfs, mount_pid, unmount  # noqa: E402
-from registry_tools import Layer, Registry, push_artifact  # noqa: E402
+from registry_tools import Layer, Nginx, Registry, push_artifact  # noqa: E402
 
 from bench.cluster import NODE_COUNTS, ClusterCase, ClusterError, render_cluster  # noqa: E402
 from bench.containerd import ContainerdCase, render_containerd  # noqa: E402
@@ -176,6 +179,46 @@ def start_registry(root: Path) -> Registry:
     return registry
 
 
+def start_redirecting(root: Path, storage: Path) -> tuple[Registry, Nginx]:
+    """The production shape: a registry (distribution's ``redirect`` storage middleware) that
+    answers blob GETs with a 307 to nginx (``sendfile on``) serving its storage, as object
+    storage or a CDN would. It shares ``storage`` with the direct registry: the same models."""
+    nginx = Nginx(root / "nginx", storage)
+    registry = Registry(root / "registry", redirect_to=nginx.url)
+    config = json.loads(registry.config_path.read_text())
+    config["storage"]["filesystem"]["rootdirectory"] = str(storage)
+    registry.config_path.write_text(json.dumps(config))
+    nginx.start()
+    registry.start()
+    return registry, nginx
+
+
+class StorageMeter:
+    """What a redirecting registry and its storage did since a mark: blob bytes nginx sent (its
+    access log) and the CPU seconds of both."""
+
+    def __init__(self, registry: Registry, nginx: Nginx) -> None:
+        self.registry = registry
+        self.nginx = nginx
+
+    def _cpu(self) -> float:
+        return cpu_seconds(self.registry.pid) + cpu_seconds(self.nginx.pid)
+
+    def mark(self) -> RegistryMark:
+        return RegistryMark(len(self.nginx.served()), self._cpu())
+
+    def blob_bytes_since(self, mark: RegistryMark) -> int:
+        time.sleep(0.1)  # nginx logs a request as it ends
+        served = self.nginx.served()[mark.log_size :]
+        return sum(entry.sent for entry in served if entry.path.endswith("/data"))
+
+    def cpu_since(self, mark: RegistryMark) -> float:
+        return self._cpu() - mark.cpu_seconds
+
+
+Meter = RegistryMeter | StorageMeter
+
+
 @dataclass(frozen=True)
 class PushedModel:
     reference: str
@@ -188,6 +231,18 @@ class PushedModel:
 
     def names(self) -> list[str]:
         return [path.name for path in self.files]
+
+    def on(self, registry: Registry) -> PushedModel:
+        """The same model on another registry that serves the same storage."""
+        host = self.reference.split("/", 1)[0]
+        return dataclasses.replace(
+            self,
+            reference=self.reference.replace(host, registry.host, 1),
+            blob_urls={
+                name: url.replace(f"//{host}/", f"//{registry.host}/", 1)
+                for name, url in self.blob_urls.items()
+            },
+        )
 
 
 def push_model(registry: Registry, repository: str, files: list[Path]) -> PushedModel:
@@ -292,14 +347,18 @@ class Bench:
         large: PushedModel,
         small: PushedModel,
         registry: RegistryMeter,
+        redirected: tuple[PushedModel, StorageMeter] | None = None,
     ) -> None:
+        """``redirected``: the large model on the redirecting registry, and its meter."""
         self.work = work
         self.large = large
         self.small = small
         self.registry = registry
+        self.redirected = redirected
         self.results: Results = {}
         self.read_ahead_kb: str | None = None  # modelfs's, copied to the reference FUSE mount
-        self.profile_dir: Path | None = None  # set during the profile pass
+        self.profile_dir: Path | None = None  # set during the profile and GIL passes
+        self.spy_options: list[str] = []  # py-spy's, in those passes
 
     def record(self, key: str, sample: Sample) -> None:
         self.results.setdefault(key, []).append(sample)
@@ -323,22 +382,81 @@ class Bench:
         self.cold_load()
         self.small_model()
         self.memfs_read()
+        if self.redirected is not None:
+            self.redirected_cases(*self.redirected)
+        self.skopeo(downloads)
 
-    def _curl(self, outputs: list[str]) -> Sample:
-        """One curl fetching every layer blob in turn over one connection, into ``outputs``."""
-        command = ["curl", "--silent", "--show-error", "--fail"]
-        for output, url in zip(outputs, self.large.blob_urls.values(), strict=True):
-            command += ["-o", output, url]
+    def redirected_cases(self, pushed: PushedModel, meter: StorageMeter) -> None:
+        """The production path: blobs redirected to storage, curl -L against modelfs."""
+        outputs = ["/dev/null"] * len(pushed.blob_urls)
+        self.record("curl_redirect", self._curl(outputs, pushed, meter))
+        cache = self.fresh_cache("redirect")
+        self.mounted_read("cold_read_redirect", pushed, cache, meter)
+        shutil.rmtree(cache)
+        self.cold_load("cold_load_redirect", pushed, meter)
+
+    def skopeo(self, target: Path) -> None:
+        """``skopeo copy docker://... dir:`` (containers/image: what CRI-O pulls with; it checks
+        every blob's digest) from the direct registry, then a full read and a load of what it
+        wrote (its pages still cached, as after a download)."""
+        shutil.rmtree(target, ignore_errors=True)
         cold_start()
         mark = self.registry.mark()
+        started = time.monotonic()
+        copy = subprocess.run(
+            [
+                *("skopeo", "copy", "--src-tls-verify=false"),
+                *(f"docker://{self.large.reference}", f"dir:{target}"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        copied = time.monotonic() - started
+        if copy.returncode != 0:
+            raise BenchError(f"skopeo copy failed: {copy.stderr.strip()[-300:]}")
+        fetched, registry_cpu = self.registry.blob_bytes_since(mark), self.registry.cpu_since(mark)
+        # skopeo names blobs by digest: the model's files are links to them.
+        model = target / "model"
+        model.mkdir()
+        for name, url in self.large.blob_urls.items():
+            (model / name).symlink_to(target / url.rsplit(":", 1)[1])
+        elapsed, count = timed(lambda: read_all([model / name for name in self.large.names()]))
+        if count != self.large.size:
+            raise BenchError(f"skopeo copy wrote {count} bytes of a {self.large.size}-byte model")
+        parts = {"copy": copied, "read": elapsed}
+        self.record(
+            "skopeo_read",
+            Sample(copied + elapsed, count, fetched, parts=parts, registry_cpu=registry_cpu),
+        )
+        load = run_task("load-all", str(model))
+        parts = {"copy": copied, "load": load["seconds"]}
+        self.record(
+            "skopeo_load",
+            Sample(
+                copied + load["seconds"], count, fetched, parts=parts, registry_cpu=registry_cpu
+            ),
+        )
+        shutil.rmtree(target)
+
+    def _curl(
+        self, outputs: list[str], pushed: PushedModel | None = None, meter: Meter | None = None
+    ) -> Sample:
+        """One curl fetching every layer blob in turn over one connection, into ``outputs``
+        (following redirects: ``-L``)."""
+        pushed, meter = pushed or self.large, meter or self.registry
+        command = ["curl", "--silent", "--show-error", "--fail", "--location"]
+        for output, url in zip(outputs, pushed.blob_urls.values(), strict=True):
+            command += ["-o", output, url]
+        cold_start()
+        mark = meter.mark()
         started = time.monotonic()
         result = subprocess.run(command, capture_output=True, text=True)
         elapsed = time.monotonic() - started
         if result.returncode != 0:
             raise BenchError(f"curl failed: {result.stderr.strip()}")
-        fetched = self.registry.blob_bytes_since(mark)
-        registry_cpu = self.registry.cpu_since(mark)
-        return Sample(elapsed, self.large.size, fetched, registry_cpu=registry_cpu)
+        fetched = meter.blob_bytes_since(mark)
+        registry_cpu = meter.cpu_since(mark)
+        return Sample(elapsed, pushed.size, fetched, registry_cpu=registry_cpu)
 
     def curl(self) -> None:
         """The wire limit: nothing is written anywhere."""
@@ -421,6 +539,7 @@ class Bench:
                 return
             command = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)]
             command += ["--rate", str(PROFILE_RATE), "--format", "raw", "--nonblocking"]
+            command += self.spy_options
             command += ["--output", str(self.profile_dir / f"{key}.txt")]
             spies.append(
                 subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -432,10 +551,13 @@ class Bench:
             for spy in spies:
                 spy.wait(timeout=60)
 
-    def mounted_read(self, key: str, pushed: PushedModel, cache: Path) -> Mount:
+    def mounted_read(
+        self, key: str, pushed: PushedModel, cache: Path, meter: Meter | None = None
+    ) -> Mount:
         """A full read of ``pushed`` through a fresh mount on ``cache``, after a cold start."""
+        meter = meter or self.registry
         cold_start()
-        mark = self.registry.mark()
+        mark = meter.mark()
         with (
             self.profiled(key) as attach,
             mounted(pushed, self.work / "mnt" / "modelfs", cache) as mount,
@@ -444,9 +566,10 @@ class Bench:
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
             counted = mount.counters()
-        fetched = self.registry.blob_bytes_since(mark)
-        registry_cpu = self.registry.cpu_since(mark)
-        sample = Sample(elapsed, count, fetched, rss, {}, mount_cpu, registry_cpu, *counted)
+        fetched = meter.blob_bytes_since(mark)
+        registry_cpu = meter.cpu_since(mark)
+        parts = {"mount": mount.listed_after}
+        sample = Sample(elapsed, count, fetched, rss, parts, mount_cpu, registry_cpu, *counted)
         self.record(key, sample)
         if count != pushed.size:
             raise BenchError(f"{key}: read {count} bytes of a {pushed.size}-byte model")
@@ -458,25 +581,26 @@ class Bench:
         self.mounted_read("warm_read", self.large, cache)
         shutil.rmtree(cache)
 
-    def cold_load(self) -> None:
+    def cold_load(
+        self, key: str = "cold_load", pushed: PushedModel | None = None, meter: Meter | None = None
+    ) -> None:
+        pushed, meter = pushed or self.large, meter or self.registry
         cold_start()
-        mark = self.registry.mark()
+        mark = meter.mark()
         with (
-            self.profiled("cold_load") as attach,
-            mounted(self.large, self.work / "mnt" / "modelfs", self.fresh_cache("load")) as mount,
+            self.profiled(key) as attach,
+            mounted(pushed, self.work / "mnt" / "modelfs", self.fresh_cache("load")) as mount,
         ):
             attach(mount.pid)
             load = run_task("load-all", str(mount.path))
             rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
             counted = mount.counters()
-        fetched = self.registry.blob_bytes_since(mark)
-        registry_cpu = self.registry.cpu_since(mark)
+        fetched = meter.blob_bytes_since(mark)
+        registry_cpu = meter.cpu_since(mark)
         parts = {"mount": mount.listed_after, "load": load["seconds"]}
         total = mount.listed_after + load["seconds"]
-        sample = Sample(
-            total, self.large.size, fetched, rss, parts, mount_cpu, registry_cpu, *counted
-        )
-        self.record("cold_load", sample)
+        sample = Sample(total, pushed.size, fetched, rss, parts, mount_cpu, registry_cpu, *counted)
+        self.record(key, sample)
         shutil.rmtree(self.work / "cache" / "load")
 
     def small_model(self) -> None:
@@ -518,6 +642,23 @@ class Bench:
             if process.poll() is None:
                 unmount(mountpoint)
                 process.wait(timeout=30)
+
+    def gil_pass(self, directory: Path) -> dict[str, tuple[float, Sample]]:
+        """A cold and a warm read once more with py-spy sampling only the thread that holds the
+        GIL (``record --gil``), not timed: per case, the seconds the GIL was held (samples over
+        the rate) and the case's sample (the mount's CPU time)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        timed_results, self.results = self.results, {}
+        self.profile_dir, self.spy_options = directory, ["--gil"]
+        try:
+            self.cold_and_warm_read()
+            measured = self.results
+        finally:
+            self.results, self.profile_dir, self.spy_options = timed_results, None, []
+        return {
+            key: (held_seconds((directory / f"{key}.txt").read_text(), PROFILE_RATE), samples[0])
+            for key, samples in measured.items()
+        }
 
     def profile_pass(self, directory: Path) -> dict[str, str]:
         """The mount process's cases once more under py-spy (not timed); raw stacks per case."""
@@ -637,6 +778,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=arguments.work_dir))
     registry = start_registry(work / "registry")
     meter = RegistryMeter(registry.log_path, registry.pid)
+    redirecting, nginx = start_redirecting(work / "redirecting", registry.storage)
     bench: Bench | None = None
     try:
         sections: list[str] = []
@@ -652,10 +794,13 @@ def main() -> None:
             log(
                 f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB"
             )
-            bench = Bench(work, large, small, meter)
+            redirected = (large.on(redirecting), StorageMeter(redirecting, nginx))
+            bench = Bench(work, large, small, meter, redirected)
             for run in range(1, runs + 1):
                 log(f"bench: run {run} of {runs}")
                 bench.run_once()
+            log("bench: GIL pass")
+            gil = bench.gil_pass(work / "gil")
             sections += [
                 f"modelfs benchmark: large model {large.size / MB:.0f} MB "
                 f"({len(large.files)} files), small model {small.size / MB:.0f} MB; "
@@ -665,6 +810,9 @@ def main() -> None:
                 f"{(time.monotonic() - started) / 60:.1f} min",
                 render_table(bench.results),
                 render_verdicts(evaluate(bench.results, large.size)),
+                "issue 20, the production path:\n"
+                + render_verdicts(evaluate_production(bench.results)),
+                render_cpu(bench.results, gil, large.size, PROFILE_RATE),
             ]
         extra_results: Results = {}  # the memory and cluster cases' samples, for the raw file
         if arguments.only == "memory":
@@ -714,6 +862,8 @@ def main() -> None:
     except (BenchError, ClusterError) as error:
         sys.exit(f"bench: {error}")
     finally:
+        redirecting.stop()
+        nginx.stop()
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -447,6 +447,7 @@ class Served:
     range: str | None
     connection: int  # nginx's serial number of the connection it came on
     authorization: str | None
+    sent: int  # body bytes
 
 
 class Nginx:
@@ -462,6 +463,7 @@ class Nginx:
         "$http_range",
         "$connection",
         "$http_authorization",
+        "$body_bytes_sent",
     )
 
     def __init__(self, root: Path, directory: Path, *, tls: bool = False) -> None:
@@ -563,7 +565,7 @@ http {{
             return []
         entries = []
         for line in self._log.read_text().splitlines():
-            method, path, query, status, ranges, connection, auth = line.split("\t")
+            method, path, query, status, ranges, connection, auth, sent = line.split("\t")
             entries.append(
                 Served(
                     method,
@@ -573,6 +575,7 @@ http {{
                     None if ranges == "-" else ranges,
                     int(connection),
                     None if auth == "-" else auth,
+                    int(sent),
                 )
             )
         return entries

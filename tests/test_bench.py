@@ -13,6 +13,9 @@ from bench.report import (
     Results,
     Sample,
     evaluate,
+    evaluate_production,
+    held_seconds,
+    render_cpu,
     render_growth,
     render_table,
     summarize_profile,
@@ -148,3 +151,53 @@ def test_the_memory_table_gives_peaks_against_the_smallest_model() -> None:
         "| 200 | 200 | 110 | 100-120 | 1.00 | — |",
         "| 6000 | 250 | 150 | 130-170 | 1.36 | 16, 20, 18 |",
     ]
+
+
+def production(results_: Results) -> Results:
+    size = 2 * GB
+    return {
+        **results_,
+        "curl_redirect": [Sample(1.0, size, size)],
+        "cold_read_redirect": [Sample(4.0, size, size, mount_cpu=3.0)],
+        "skopeo_read": [Sample(6.0, size, size, parts={"copy": 5.0, "read": 1.0})],
+        "skopeo_load": [Sample(7.0, size, size, parts={"copy": 5.0, "load": 2.0})],
+    }
+
+
+def test_the_production_targets_compare_with_curl_l_and_skopeo() -> None:
+    measured = production(results(cold_read=2.5, rss_large=150 * MB, rss_small=140 * MB))
+    measured["cold_read"] = [
+        Sample(2.5, 2 * GB, 2 * GB, 150 * MB, {"mount": 0.5}, mount_cpu=2.8),
+        Sample(2.6, 2 * GB, 2 * GB, 150 * MB, {"mount": 0.3}, mount_cpu=3.2),
+    ]
+    verdicts = {verdict.target: verdict for verdict in evaluate_production(measured)}
+    redirected = verdicts["cold full read through the redirecting registry >= 0.35 x curl -L (a')"]
+    assert (redirected.met, redirected.figure) == (
+        False,
+        "0.25 x: 500 MB/s against 2000; direct 784 MB/s",
+    )
+    # The read with its mount, medians: 2.95 s against 6 s.
+    read = verdicts["mount + full read <= 0.5 x the time of skopeo copy + read (g)"]
+    assert (read.met, read.figure) == (True, "2.95 s vs 6.00 s = 0.49 x")
+    load = verdicts["cold load (f) <= 0.5 x the time of skopeo copy + load (g)"]
+    assert (load.met, load.figure) == (True, "3.00 s vs 7.00 s = 0.43 x")
+    cpu = verdicts["mount process CPU per cold GB <= 1.5 s"]
+    assert (cpu.met, cpu.figure) == (True, "1.50 CPU-s/GB")
+    assert all(verdict.met is None for verdict in evaluate_production({}))
+
+
+def test_cpu_per_gb_and_the_share_of_it_holding_the_gil() -> None:
+    measured = production(results(cold_read=2.5, rss_large=150 * MB, rss_small=140 * MB))
+    raw = "main (a.py:1);read (b.py:2) 300\nworker (c.py:3) 100\n"
+    assert held_seconds(raw, 200) == 2.0
+    gil = {"cold_read": (2.0, Sample(2.5, 2 * GB, mount_cpu=5.0))}
+    lines = render_cpu(measured, gil, 2 * GB, 200).splitlines()
+    assert lines[0] == (
+        "- mount process, cold read: 2.50 CPU-s/GB (user + system from /proc, from its start: "
+        "5.0 s over a 2.50 s read, 2.00 cores busy)"
+    )
+    assert lines[1].startswith("- mount process, cold read, redirected: 1.50 CPU-s/GB")
+    assert lines[2] == (
+        "- GIL held, cold read (a separate run under py-spy record --gil, 200 Hz, non-blocking): "
+        "2.0 s of the mount's 5.0 CPU-s (40%), 80% of the 2.50 s read; 1.00 s/GB"
+    )
