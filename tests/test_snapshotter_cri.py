@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from containerd_tools import Containerd, Snapshotter, containerd_missing
 from mounting import mount_pid
 from registry_tools import Layer, Registry, free_port, push_artifact
+from safetensors.numpy import save
 
 from modelfs.modelpack import ANNOTATION_FILEPATH
 from modelfs.reference import Reference
@@ -26,7 +29,8 @@ pytestmark = pytest.mark.skipif(
     MISSING is not None, reason=f"CONTAINERD CANNOT RUN HERE, its tests are skipped: {MISSING}"
 )
 RAW = "application/vnd.cncf.model.weight.v1.raw"
-FILES = {"config.json": b'{"model_type": "test"}', "model.safetensors": os.urandom(3 << 20)}
+WEIGHTS = {"w": np.random.default_rng(18).random(3 << 18, dtype=np.float32)}  # 3 MiB
+FILES = {"config.json": b'{"model_type": "test"}', "model.safetensors": save(WEIGHTS)}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,7 @@ def node(
     options += ("--prefetch", "none", "--mirror-addr", f"127.0.0.1:{port}")
     options += ("--cri-image-proxy", str(root / "cri.sock"))
     options += ("--cri-endpoint", str(root / "containerd" / "containerd.sock"))
+    options += ("--metrics-addr", f"127.0.0.1:{free_port()}")
     snapshotter = Snapshotter(root, *options)
     snapshotter.start()
     hosts = root / "certs.d"
@@ -145,3 +150,16 @@ def test_a_model_pulled_through_the_cri_proxy_mounts_with_kubelets_credentials(
         assert time.monotonic() < deadline, (_snapshots(snapshotter), snapshotter.model_mounts())
         time.sleep(0.1)
     assert not mount.exists()
+
+    # Its metrics count kubelet's calls as containerd answered them, and the credentials kept.
+    address = snapshotter.options[snapshotter.options.index("--metrics-addr") + 1]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    for line in (
+        'modelfs_snapshotter_cri_requests_total{code="UNKNOWN",method="PullImage"} 2.0',
+        'modelfs_snapshotter_cri_requests_total{code="OK",method="PullImage"} 1.0',
+        'modelfs_snapshotter_cri_requests_total{code="OK",method="ListImages"} 1.0',
+        'modelfs_snapshotter_cri_requests_total{code="OK",method="RemoveImage"} 1.0',
+        "modelfs_snapshotter_cri_credentials_kept_total 2.0",  # the wrong ones, the right ones
+    ):
+        assert line in lines, lines

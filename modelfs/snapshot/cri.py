@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 from modelfs.errors import BadReferenceError
 from modelfs.reference import Reference, parse_reference
 from modelfs.snapshot.api import cri_pb
+from modelfs.snapshot.stats import SnapshotterStats
 from modelfs.sources.credentials import (
     IDENTITY_TOKEN_USER,
     Credentials,
@@ -44,6 +45,7 @@ _SERVICE = "/runtime.v1.ImageService/"
 _MESSAGE_LIMIT = 16 << 20  # kubelet's own limit on CRI messages (a long ListImages)
 KEEP_SECONDS = 900.0  # a pull's mounts are made during the pull: minutes are plenty
 KEEP_PULLS = 1024
+KEPT = "credentials kept"  # what keep() says when it kept them
 _SECRET_LIMIT = 16 << 10  # larger credentials are refused (they travel through a pipe)
 
 
@@ -115,7 +117,7 @@ class PulledCredentials:
             self._kept[key] = _Kept(credentials, reference.registry, self.clock() + self.seconds)
             while len(self._kept) > self.limit:
                 self._kept.popitem(last=False)
-        return f"credentials kept for {reference.registry}"
+        return f"{KEPT} for {reference.registry}"
 
     def for_image(self, image: str, registry: str) -> Credentials | None:
         """The credentials a recent pull of ``image`` gave, if they are for ``registry``."""
@@ -142,9 +144,10 @@ class CriImageProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     """CRI's image service, every call forwarded as it came to containerd's CRI socket and its
     answer (or error) returned as it came; a PullImage's credentials are kept on the way."""
 
-    def __init__(self, endpoint: Path, pulled: PulledCredentials) -> None:
+    def __init__(self, endpoint: Path, pulled: PulledCredentials, stats: SnapshotterStats) -> None:
         self.endpoint = endpoint
         self.pulled = pulled
+        self.stats = stats
         options = [
             ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
             ("grpc.max_send_message_length", _MESSAGE_LIMIT),
@@ -158,34 +161,38 @@ class CriImageProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         forward = self.channel.unary_unary(method)  # bytes in, bytes out
 
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if method == _SERVICE + "PullImage":
-                self._keep(request)
-            remaining = context.time_remaining()
+            kept = method == _SERVICE + "PullImage" and self._keep(request)
+            name = method.removeprefix(_SERVICE)
             try:
-                reply: bytes = await forward(request, timeout=remaining)
+                reply: bytes = await forward(request, timeout=context.time_remaining())
             except grpc.aio.AioRpcError as error:
+                self.stats.cri_answered(name, error.code().name, kept)
                 await context.abort(error.code(), error.details() or "")
+            self.stats.cri_answered(name, grpc.StatusCode.OK.name, kept)
             return reply
 
         return grpc.unary_unary_rpc_method_handler(call)
 
-    def _keep(self, request: bytes) -> None:
+    def _keep(self, request: bytes) -> bool:
+        """Keep a PullImage's credentials; whether it did."""
         try:
             pull = cri_pb.PullImageRequest.FromString(request)
         except DecodeError:  # containerd will refuse it, and say why
-            return
-        if pull.HasField("auth"):
-            what = self.pulled.keep(pull.image.image, pull.auth)
-            log.info("CRI PullImage %s: %s", pull.image.image, what)
+            return False
+        if not pull.HasField("auth"):
+            return False
+        what = self.pulled.keep(pull.image.image, pull.auth)
+        log.info("CRI PullImage %s: %s", pull.image.image, what)
+        return what.startswith(KEPT)
 
 
 @asynccontextmanager
 async def serving_cri_proxy(
-    address: Path, endpoint: Path, pulled: PulledCredentials
+    address: Path, endpoint: Path, pulled: PulledCredentials, stats: SnapshotterStats
 ) -> AsyncIterator[None]:
     """Serve CRI's image service on the unix socket ``address`` (mode 0600), forwarding to
-    containerd's CRI socket ``endpoint``, until the block ends."""
-    proxy = CriImageProxy(endpoint, pulled)
+    containerd's CRI socket ``endpoint``, counted in ``stats``, until the block ends."""
+    proxy = CriImageProxy(endpoint, pulled, stats)
     options = [
         ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
         ("grpc.max_send_message_length", _MESSAGE_LIMIT),

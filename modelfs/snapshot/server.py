@@ -346,7 +346,7 @@ async def serve(
     log.info("snapshotter serving %s on %s", root, address)
     async with contextlib.AsyncExitStack() as stack:
         if cri is not None:
-            proxy = serving_cri_proxy(cri.address, cri.endpoint, cri.pulled)
+            proxy = serving_cri_proxy(cri.address, cri.endpoint, cri.pulled, stats)
             await stack.enter_async_context(proxy)
         if ready is not None:
             ready()

@@ -25,6 +25,8 @@ class SnapshotterStats:
     snapshots: dict[str, int] = field(default_factory=dict)  # kind -> how many
     models: int = 0  # models mounted for snapshots
     model_layers: Counter[str] = field(default_factory=Counter)  # UNPACKER / COMMIT
+    cri_requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, code)
+    cri_credentials_kept: int = 0  # PullImage calls whose credentials the proxy kept
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def answered(self, method: str, code: str, seconds: float) -> None:
@@ -41,6 +43,11 @@ class SnapshotterStats:
         with self._lock:
             self.model_layers[path] += 1
 
+    def cri_answered(self, method: str, code: str, kept: bool) -> None:
+        with self._lock:
+            self.cri_requests[method, code] += 1
+            self.cri_credentials_kept += kept
+
     def copy(self) -> SnapshotterStats:
         with self._lock:
             return SnapshotterStats(
@@ -49,6 +56,8 @@ class SnapshotterStats:
                 dict(self.snapshots),
                 self.models,
                 Counter(self.model_layers),
+                Counter(self.cri_requests),
+                self.cri_credentials_kept,
             )
 
 
@@ -92,3 +101,17 @@ class SnapshotterCollector(Collector):
         for path in (UNPACKER, COMMIT):
             layers.add_metric([path], stats.model_layers[path])
         yield layers
+        cri = CounterMetricFamily(
+            "modelfs_snapshotter_cri_requests",
+            "kubelet's image service calls through the CRI image proxy, by method and the gRPC "
+            "status containerd answered.",
+            labels=["method", "code"],
+        )
+        for (method, code), count in sorted(stats.cri_requests.items()):
+            cri.add_metric([method, code], count)
+        yield cri
+        yield CounterMetricFamily(
+            "modelfs_snapshotter_cri_credentials_kept",
+            "PullImage calls whose credentials the CRI image proxy kept for the model mounts.",
+            stats.cri_credentials_kept,
+        )
