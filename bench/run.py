@@ -208,7 +208,6 @@ class StorageMeter:
         return RegistryMark(len(self.nginx.served()), self._cpu())
 
     def blob_bytes_since(self, mark: RegistryMark) -> int:
-        time.sleep(0.1)  # nginx logs a request as it ends
         served = self.nginx.served()[mark.log_size :]
         return sum(entry.sent for entry in served if entry.path.endswith("/data"))
 

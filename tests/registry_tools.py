@@ -560,7 +560,12 @@ http {{
         self.stop()
 
     def served(self) -> list[Served]:
-        """Every request so far (nginx writes its log line as each request ends)."""
+        """Every request so far: nginx writes a request's line just after its answer went
+        out, so the log is read once it stopped growing for a moment."""
+        size = -1
+        while self._log.exists() and size != self._log.stat().st_size:
+            size = self._log.stat().st_size
+            time.sleep(0.1)
         if not self._log.exists():
             return []
         entries = []
