@@ -42,7 +42,9 @@ COMMANDS = {
     "preheat": "modelfs.cli.preheat:preheat",
     "profile": "modelfs.cli.mount:profile",
     "push": "modelfs.cli.build:push",
+    "scan": "modelfs.cli.scan:scan",
     "scheduler": "modelfs.cli.cluster:scheduler",
+    "sign": "modelfs.cli.sign:sign",
     "snapshotter": "modelfs.cli.snapshotter:snapshotter",
     "status": "modelfs.cli.status:status",
     "tag": "modelfs.cli.build:tag",
@@ -84,6 +86,14 @@ SECTIONS = (
             ("model-image", "Publish the image containerd pulls to mount a model lazily."),
         ),
         "modelfs build -t registry.example.com/models/qwen:v1 ./qwen",
+    ),
+    Section(
+        "Trust a model (docs/trust.md)",
+        (
+            ("sign", "Sign a model in cosign's format; mounts check it by policy."),
+            ("scan", "Check a model's signature and files as a mount would."),
+        ),
+        "modelfs sign --key signing.pem registry.example.com/models/qwen:v1",
     ),
     Section(
         "Run a node",

@@ -25,7 +25,13 @@ from click.core import ParameterSource
 
 from modelfs.cli import F
 from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_settings
-from modelfs.cli.options import cache_options, parse_size, source_options
+from modelfs.cli.options import (
+    cache_options,
+    parse_size,
+    scan_policy,
+    source_options,
+    trust_options,
+)
 from modelfs.errors import ModelfsError
 from modelfs.mount.model import Model
 from modelfs.mount.profiling import profile_model
@@ -121,7 +127,7 @@ def mount_options(command: F) -> F:
         ]
     ):
         command = option(command)
-    return cache_options(source_options(command))
+    return trust_options(cache_options(source_options(command)))
 
 
 def mount_settings(
@@ -139,6 +145,8 @@ def mount_settings(
     prefetch: str,
     serve_unverified: bool,
     allow_other: bool | None,
+    signature_policy: Path | None,
+    scan: str,
 ) -> MountOptions:
     """What ``mount_options`` gave, as the options of a mount of ``reference``."""
     options = MountOptions(
@@ -154,6 +162,8 @@ def mount_settings(
         read_ahead_kb=read_ahead_kb,
         prefetch=PrefetchMode(prefetch),
         serve_unverified=serve_unverified,
+        signature_policy=signature_policy,
+        scan=scan_policy(scan),
     )
     if allow_other is not None:
         options.allow_other = allow_other

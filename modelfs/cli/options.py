@@ -8,7 +8,9 @@ import click
 
 from modelfs import sizes
 from modelfs.cli import F
+from modelfs.errors import ModelfsError
 from modelfs.mount.session import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
+from modelfs.trust.scan_policy import ScanPolicy
 
 
 def parse_size(text: str) -> int:
@@ -47,3 +49,31 @@ def source_options(command: F) -> F:
 def mib(size: int) -> str:
     """Bytes as commands print them."""
     return f"{size / (1 << 20):.1f} MiB"
+
+
+def trust_options(command: F) -> F:
+    """The trust policy of a mount (docs/trust.md): ``signature_policy`` and ``scan``."""
+    command = click.option(
+        "--scan",
+        "scan",
+        default="",
+        metavar="FORMAT=ACTION[,...]",
+        help="What a file that fails its scan gets, per format (pickle, safetensors): off, "
+        "warn, refuse-file (reads EIO) or refuse-model (scanned before ready; the mount is "
+        "refused). Default: pickle=refuse-file,safetensors=refuse-file.",
+    )(command)
+    return click.option(
+        "--signature-policy",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="A containers policy.json saying which keys must have signed the models of each "
+        "registry or repository (default: /etc/modelfs/policy.json if it exists, else any model "
+        "is mounted unsigned).",
+    )(command)
+
+
+def scan_policy(text: str) -> ScanPolicy:
+    """``--scan``'s value; a wrong one is a usage error."""
+    try:
+        return ScanPolicy.parse(text)
+    except ModelfsError as error:
+        raise click.BadParameter(str(error), param_hint="--scan") from None

@@ -19,6 +19,7 @@ from modelfs.service.control import ask
 from modelfs.snapshot.disk import Layout
 from modelfs.snapshot.metadata import read_census
 from modelfs.sources.stats import MountStats
+from modelfs.trust.scan_policy import Finding
 
 
 @click.command()
@@ -82,6 +83,11 @@ def status(control_socket: Path, as_json: bool, snapshotter_root: Path) -> None:
         last_error = live.get("last_error") or mount["last_error"]
         if last_error:
             errors.append(f"{mount['mountpoint']}: last error: {last_error}")
+        if live.get("signature"):  # which key verified the model (docs/trust.md)
+            errors.append(f"{mount['mountpoint']}: signature: {live['signature']}")
+        for found in live.get("findings", []):
+            finding = Finding(found["path"], found["format"], found["finding"], found["action"])
+            errors.append(f"{mount['mountpoint']}: scan: {finding.line()}")
     for line in table(rows):
         click.echo(line)
     for line in errors:

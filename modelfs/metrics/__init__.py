@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,6 +94,11 @@ def _mount_families(
         "Piece buffers handed out past the pool's capacity, every pooled one being in flight.",
         labels=labels,
     )
+    findings = GaugeMetricFamily(
+        "modelfs_scan_findings",
+        "Findings of the mount's file scans (docs/trust.md), by format and the policy's action.",
+        labels=[*labels, "format", "action"],
+    )
     ratio = GaugeMetricFamily(
         "modelfs_mount_fetched_ratio",
         "Share of the mounted model's bytes present in the cache.",
@@ -126,6 +132,9 @@ def _mount_families(
         for peer, count in sorted(stats.rejected_by_peer.items()):
             rejected.add_metric([*names, peer], count)
         buffers.add_metric(names, stats.piece_buffers)
+        counted = Counter((found["format"], found["action"]) for found in stats.findings)
+        for (kind, action), count in sorted(counted.items()):
+            findings.add_metric([*names, kind, action], count)
         plain_buffers.add_metric(names, stats.plain_piece_buffers)
     yield from (
         read,
@@ -137,6 +146,7 @@ def _mount_families(
         rejected,
         buffers,
         plain_buffers,
+        findings,
         ratio,
     )
 

@@ -29,11 +29,13 @@ from modelfs.artifact.tree import FileNode
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import IndexLookup
+from modelfs.fetcher.manifests import resolve_manifest
 from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
 from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
 from modelfs.mount.model import Model, load_model
+from modelfs.mount.trust import FileScans, check_signature, load_signature_policy, read_file
 from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, ProfileLookup, WindowPolicy
 from modelfs.prefetch.profile import ReadRecorder, recorded_profile
@@ -51,6 +53,7 @@ from modelfs.sources.stats import (
     REJECTED_PEER_PIECE,
     MountStats,
 )
+from modelfs.trust.scan_policy import ScanPolicy
 from modelfs.untrusted import loads_json
 
 if TYPE_CHECKING:
@@ -106,6 +109,10 @@ class MountOptions:
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
     cluster: ClusterSettings | None = None  # share pieces with peers (per the scheduler)
     stats_socket: Path | None = None  # where the daemon asks for this mount's counters
+    # Trust (docs/trust.md): a containers policy.json (None: the node's, if it has one), and
+    # what a file that fails its scan gets.
+    signature_policy: Path | None = None
+    scan: ScanPolicy = field(default_factory=ScanPolicy)
     # The registry credentials given to this mount (the snapshotter's, from CRI, over a pipe);
     # None: the node's docker config. Held in memory only: never in the settings file.
     credentials: Credentials | None = field(default=None, repr=False, compare=False)
@@ -134,6 +141,8 @@ class MountOptions:
                 prefetch=PrefetchMode(document.pop("prefetch")),
                 cluster=None if cluster is None else ClusterSettings.from_json(cluster),
                 stats_socket=_optional_path(document.pop("stats_socket")),
+                signature_policy=_optional_path(document.pop("signature_policy", None)),
+                scan=ScanPolicy.parse(document.pop("scan", "")),
                 **document,
             )
         except (ValueError, KeyError, TypeError) as error:
@@ -149,6 +158,8 @@ def _to_json(value: object) -> object:
         return value.value
     if isinstance(value, ClusterSettings):
         return value.as_json()
+    if isinstance(value, ScanPolicy):
+        return value.as_text()
     return value
 
 
@@ -333,6 +344,7 @@ async def serve(
     options.mountpoint = options.mountpoint.resolve()  # before it is a FUSE mount
     _tune_malloc()
     cluster = None if options.cluster is None else options.cluster.load()
+    policy = load_signature_policy(options.signature_policy)
     selector = options.reference.selector
     set_log_context(
         reference=str(options.reference),
@@ -356,7 +368,13 @@ async def serve(
                 serve_unverified=options.serve_unverified,
             )
             async with fetcher.writing():
-                model = await load_model(source, selector, cache, fetcher, defer_compressed=True)
+                # The signature policy first: a refused model costs its manifest and signatures.
+                pinned = (await resolve_manifest(origin, selector, cache)).digest
+                verdict = await check_signature(policy, options.reference, origin, pinned)
+                stats.signature = verdict.reason
+                model = await load_model(source, pinned, cache, fetcher, defer_compressed=True)
+                scans = FileScans(options.scan, partial(read_file, fetcher))
+                await scans.refuse_model(options.reference, model.tree)
                 # A few small requests, before ready: no read waits for them.
                 await fetcher.look_up_index(model.digest)
                 set_log_context(digest=model.digest)
@@ -371,11 +389,12 @@ async def serve(
                 leased = [blob.digest for blob in model.blobs] + model.deferred
                 cache.lease(leased)
                 try:
-                    snapshot = partial(_snapshot, model, fetcher, peer_stats)
+                    snapshot = partial(_snapshot, model, fetcher, peer_stats, scans)
                     await _run_session(
                         options,
                         model,
                         fetcher,
+                        scans,
                         rejected_receive,
                         on_ready,
                         snapshot,
@@ -412,12 +431,17 @@ def _source_kind(origin: BlobSource, source: BlobSource) -> str:
 
 
 async def _snapshot(
-    model: Model, fetcher: PieceFetcher, peer_stats: PeerStats | None, request: dict[str, Any]
+    model: Model,
+    fetcher: PieceFetcher,
+    peer_stats: PeerStats | None,
+    scans: FileScans,
+    request: dict[str, Any],
 ) -> dict[str, Any]:
     """The mount's counters as the daemon asks for them (whatever the request says)."""
     stats = replace(
         fetcher.stats,
         errors=dict(fetcher.stats.errors),
+        findings=[finding.as_json() for finding in scans.findings],
         files=len(model.tree.files()),
         piece_buffers=PIECE_BUFFERS.mapped,
         plain_piece_buffers=PIECE_BUFFERS.plain_buffers,
@@ -435,6 +459,7 @@ async def _run_session(
     options: MountOptions,
     model: Model,
     fetcher: PieceFetcher,
+    scans: FileScans,
     rejected: trio.MemoryReceiveChannel[str],
     on_ready: Callable[[Model], None],
     snapshot: Handler,
@@ -445,7 +470,7 @@ async def _run_session(
     prefetcher = Prefetcher(fetcher, options.prefetch, policy, recorded=recorded)
 
     def open_file(node: FileNode) -> OpenFile:
-        opened = prefetcher.open(node)
+        opened = scans.guard(prefetcher.open(node))
         return opened if recorder is None else RecordingFile(opened, recorder)
 
     initialized = trio.Event()

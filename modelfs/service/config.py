@@ -19,6 +19,7 @@ from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 from modelfs.service.peer_ports import PortRange, parse_port_range
 from modelfs.sizes import parse_size
+from modelfs.trust.scan_policy import ScanPolicy
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
 
@@ -64,6 +65,9 @@ class DaemonConfig:
     registries: dict[str, RegistrySettings] = field(default_factory=dict)
     mounts: list[MountSpec] = field(default_factory=list)
     cluster: NodeCluster | None = None
+    # [trust]: every mount's signature policy (None: the node's default) and scan policy.
+    signature_policy: Path | None = None
+    scan: ScanPolicy = field(default_factory=ScanPolicy)
 
     def registry_for(self, reference: Reference | LayoutReference) -> RegistrySettings:
         if isinstance(reference, LayoutReference):
@@ -105,6 +109,7 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
             "registries",
             "mounts",
             "cluster",
+            "trust",
         },
         origin,
     )
@@ -156,6 +161,13 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
                 f"{len(mounts)} mounts (each mount serves peers on its own): widen it"
             )
     credentials = _typed(data, "credentials", str, origin)
+    trust = _table(data.get("trust", {}), f"{origin} [trust]")
+    _known(trust, {"signature_policy", "scan"}, f"{origin} [trust]")
+    policy = _typed(trust, "signature_policy", str, f"{origin} [trust]")
+    try:
+        scan = ScanPolicy.parse(_typed(trust, "scan", str, f"{origin} [trust]") or "")
+    except ModelfsError as error:
+        raise ConfigError(f"{origin} [trust]: {error}") from None
     return DaemonConfig(
         cache_dir=Path(_typed(cache, "dir", str, f"{origin} [cache]") or DEFAULT_CACHE_DIR),
         cache_size=size,
@@ -165,6 +177,8 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
         registries=registries,
         mounts=mounts,
         cluster=cluster,
+        signature_policy=None if policy is None else Path(policy),
+        scan=scan,
     )
 
 

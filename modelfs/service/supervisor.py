@@ -115,6 +115,8 @@ def mount_options(
         prefetch=spec.prefetch,
         cluster=cluster,
         stats_socket=stats_socket(config, spec.path),
+        signature_policy=config.signature_policy,
+        scan=config.scan,
     )
 
 

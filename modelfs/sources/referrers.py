@@ -145,6 +145,17 @@ async def publish_referrer(
     return digest
 
 
+async def list_referrers(repository: RegistryRepository, subject: str) -> list[dict[str, Any]]:
+    """The referrers of manifest ``subject``: from the referrers API, else its fallback tag."""
+    listed = await repository.get_referrers(subject)
+    if listed is None:
+        try:
+            listed = (await repository.get_manifest(referrers_tag(subject))).data
+        except NotFoundError:
+            return []
+    return index_referrers(listed)
+
+
 async def find_referrer(
     repository: RegistryRepository,
     subject: str,
@@ -153,13 +164,7 @@ async def find_referrer(
     max_size: int,
 ) -> bytes | None:
     """The JSON of the newest referrer of ``artifact_type`` of manifest ``subject``, or None."""
-    listed = await repository.get_referrers(subject)
-    if listed is None:
-        try:
-            listed = (await repository.get_manifest(referrers_tag(subject))).data
-        except NotFoundError:
-            return None
-    referrer_digest = pick_referrer(index_referrers(listed), artifact_type)
+    referrer_digest = pick_referrer(await list_referrers(repository, subject), artifact_type)
     if referrer_digest is None:
         return None
     referrer = await repository.get_manifest(referrer_digest)

@@ -127,6 +127,10 @@ class MountStats:
     # buffers handed out past its capacity.
     piece_buffers: int = 0
     plain_piece_buffers: int = 0
+    # Trust (modelfs.trust): what the signature policy said of the model (which key verified
+    # it), and what the file scans found.
+    signature: str | None = None
+    findings: list[dict[str, str]] = field(default_factory=list)
 
     def fetched(self, source: str, size: int) -> None:
         self.fetched_bytes[source] = self.fetched_bytes.get(source, 0) + size
@@ -176,6 +180,8 @@ class MountStats:
             "rejected_by_peer": self.rejected_by_peer,
             "piece_buffers": self.piece_buffers,
             "plain_piece_buffers": self.plain_piece_buffers,
+            "signature": self.signature,
+            "findings": self.findings,
         }
 
     @classmethod
@@ -201,6 +207,11 @@ class MountStats:
             # Older mount processes do not report their buffer pool.
             piece_buffers=int(data.get("piece_buffers", 0)),
             plain_piece_buffers=int(data.get("plain_piece_buffers", 0)),
+            # Older mount processes do not report trust.
+            signature=None if data.get("signature") is None else str(data["signature"]),
+            findings=[
+                {str(k): str(v) for k, v in finding.items()} for finding in data.get("findings", [])
+            ],
         )
 
 
