@@ -31,6 +31,7 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 COMMANDS = {
     "build": "modelfs.cli.build:build",
     "cache": "modelfs.cli.cache:cache",
+    "csi": "modelfs.cli.csi:csi",
     "daemon": "modelfs.cli.daemon:daemon",
     "index": "modelfs.cli.cluster:index",
     "login": "modelfs.cli.login:login",
@@ -103,6 +104,7 @@ SECTIONS = (
             ("preheat", "Fetch models into the node's cache without mounting them."),
             ("cache", "List, verify, shrink or clear the node's piece cache."),
             ("snapshotter", "containerd's proxy snapshotter: images; models mounted lazily."),
+            ("csi", "Kubernetes CSI node plugin: models as pods' volumes, lazily."),
         ),
         "modelfs preheat registry.example.com/models/qwen:v1",
     ),

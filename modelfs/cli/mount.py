@@ -189,7 +189,8 @@ def mount_settings(
 )  # a daemon's mount process: every setting from this file (MountOptions.as_json), no other
 @click.option(
     "--credentials-fd", type=int, hidden=True
-)  # registry credentials (Credentials.as_json) read from this pipe: the snapshotter's, from CRI
+)  # registry credentials (Credentials.as_json) read from this pipe: the snapshotter's, from CRI,
+# or a CSI volume's secret, which the daemon hands its mount process
 @daemon_options
 @cluster_options
 @click.pass_context
@@ -220,8 +221,11 @@ def mount(
     """
     ref = parse_any_reference(reference)
     check_mountpoint(mountpoint, allow_non_empty)
-    if settings_file is not None:
-        _mount_in_foreground(_read_settings(settings_file), ready_fd)
+    credentials = None if credentials_fd is None else _read_credentials(credentials_fd)
+    if settings_file is not None:  # a daemon's mount process
+        options = _read_settings(settings_file)
+        options.credentials = credentials
+        _mount_in_foreground(options, ready_fd)
         return
     if not (foreground or no_daemon) and trio.run(daemon_answers, control_socket):
         _mount_by_daemon(context, control_socket)
@@ -230,8 +234,7 @@ def mount(
     options = mount_settings(ref, mountpoint, **settings)
     options.cluster = cluster_settings(**cluster)
     options.stats_socket = stats_socket
-    if credentials_fd is not None:
-        options.credentials = _read_credentials(credentials_fd)
+    options.credentials = credentials
     if foreground:
         _mount_in_foreground(options, ready_fd)
     else:

@@ -116,8 +116,8 @@ class Daemon:
         if command == "status":
             return await self.status()
         if command == "mount" and self.table is not None:
-            spec, settings = parse_mount_request(request)
-            return {"mount": (await self.table.mount(spec, settings)).as_json()}
+            spec, settings, credentials = parse_mount_request(request)
+            return {"mount": (await self.table.mount(spec, settings, credentials)).as_json()}
         if command == "umount" and self.table is not None:
             path = request.get("path")
             if not isinstance(path, str):

@@ -18,6 +18,7 @@ from modelfs.reference import LayoutReference, parse_any_reference
 from modelfs.service.config import DaemonConfig, MountSpec, RegistrySettings
 from modelfs.service.peer_ports import choose_port
 from modelfs.service.supervisor import Child, MountState, is_mounted, supervise
+from modelfs.sources.credentials import Credentials
 
 
 class MountRequestError(ModelfsError):
@@ -29,6 +30,7 @@ class Supervised:
     spec: MountSpec
     settings: RegistrySettings | None  # a control request's registry settings; None: the config's
     state: MountState
+    credentials: Credentials | None = None  # a control request's, in memory only
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     first_attempt: trio.Event = field(default_factory=trio.Event)
     ended: trio.Event = field(default_factory=trio.Event)
@@ -43,8 +45,12 @@ def config_for(
     return replace(config, registries={**config.registries, spec.reference.registry: settings})
 
 
-def parse_mount_request(request: dict[str, Any]) -> tuple[MountSpec, RegistrySettings]:
-    """``{"reference", "path", "prefetch", "plain_http", "insecure"}`` into what to mount."""
+def parse_mount_request(
+    request: dict[str, Any],
+) -> tuple[MountSpec, RegistrySettings, Credentials | None]:
+    """``{"reference", "path", "prefetch", "plain_http", "insecure", "credentials"}`` into what
+    to mount; ``credentials`` (``{"username", "password"}``, optional) are the registry's for
+    this mount alone (the CSI plugin's, from a pod's secret), else the node's login applies."""
     reference, path = request.get("reference"), request.get("path")
     if not isinstance(reference, str) or not isinstance(path, str) or not os.path.isabs(path):
         raise MountRequestError("a mount request needs a reference and an absolute path")
@@ -57,7 +63,14 @@ def parse_mount_request(request: dict[str, Any]) -> tuple[MountSpec, RegistrySet
     settings = RegistrySettings(
         plain_http=bool(request.get("plain_http")), insecure=bool(request.get("insecure"))
     )
-    return spec, settings
+    credentials = request.get("credentials")
+    if credentials is None:
+        return spec, settings, None
+    username = credentials.get("username") if isinstance(credentials, dict) else None
+    password = credentials.get("password") if isinstance(credentials, dict) else None
+    if not isinstance(username, str) or not username or not isinstance(password, str):
+        raise MountRequestError('a mount request\'s credentials are {"username", "password"}')
+    return spec, settings, Credentials(username, password)
 
 
 class MountTable:
@@ -75,11 +88,12 @@ class MountTable:
         state: MountState,
         settings: RegistrySettings | None = None,
         adopted: Child | None = None,
+        credentials: Credentials | None = None,
     ) -> Supervised:
         """Supervise ``spec``; with ``[cluster]``, on the peer port it had if it may keep it
         (an ``adopted`` process always may: the reload stopped those that may not)."""
         state.peer_port = self._peer_port(spec, state.peer_port)
-        entry = Supervised(spec, settings, state)
+        entry = Supervised(spec, settings, state, credentials)
         self.entries[spec.path.resolve()] = entry
         self.nursery.start_soon(self._supervise, entry, adopted)
         return entry
@@ -105,7 +119,9 @@ class MountTable:
         config = config_for(self.config, entry.spec, entry.settings)
         try:
             with entry.scope:
-                await supervise(entry.spec, config, entry.state, entry.first_attempt, adopted)
+                await supervise(
+                    entry.spec, config, entry.state, entry.first_attempt, adopted, entry.credentials
+                )
         finally:
             entry.ended.set()
             path = entry.spec.path.resolve()
@@ -121,7 +137,9 @@ class MountTable:
         await entry.ended.wait()
         return True
 
-    async def mount(self, spec: MountSpec, settings: RegistrySettings) -> MountState:
+    async def mount(
+        self, spec: MountSpec, settings: RegistrySettings, credentials: Credentials | None = None
+    ) -> MountState:
         """Mount ``spec`` for a control request and keep it up; once its first attempt mounted.
         A first attempt that fails is not retried: the request fails with its error."""
         path = spec.path.resolve()
@@ -133,9 +151,8 @@ class MountTable:
         if is_mounted(path):
             raise MountRequestError(f"{path} is already a mount point; umount it first")
         check_mountpoint(spec.path)  # as `modelfs mount` does: a raw client gets no more
-        entry = self.start(
-            spec, MountState(str(spec.reference), str(path), origin="control"), settings
-        )
+        state = MountState(str(spec.reference), str(path), origin="control")
+        entry = self.start(spec, state, settings, credentials=credentials)
         await entry.first_attempt.wait()
         if entry.state.state != "mounted":
             await self.stop(path)

@@ -25,6 +25,7 @@ import trio
 from modelfs.mount.session import MountOptions
 from modelfs.service.config import DaemonConfig, MountSpec
 from modelfs.service.notify import NOTIFY_VARIABLES
+from modelfs.sources.credentials import Credentials
 
 STOP_TIMEOUT = 20.0
 FIRST_RETRY_DELAY = 0.5
@@ -120,13 +121,17 @@ def mount_options(
     )
 
 
-def mount_command(options: MountOptions, settings: Path, ready_fd: int) -> list[str]:
+def mount_command(
+    options: MountOptions, settings: Path, ready_fd: int, credentials_fd: int | None = None
+) -> list[str]:
     """The mount process's command line: its settings come from the file it is given (written
-    by ``write_settings``); the reference and path are there for ``ps`` to show."""
+    by ``write_settings``), its credentials if any from a pipe; the reference and path are there
+    for ``ps`` to show."""
+    credentials = [] if credentials_fd is None else ["--credentials-fd", str(credentials_fd)]
     return [
         sys.executable, "-m", "modelfs", *_verbosity(),
         "mount", str(options.reference), str(options.mountpoint),
-        "--foreground", "--settings", str(settings), "--ready-fd", str(ready_fd),
+        "--foreground", "--settings", str(settings), "--ready-fd", str(ready_fd), *credentials,
     ]  # fmt: skip
 
 
@@ -174,9 +179,12 @@ async def supervise(
     state: MountState,
     first_attempt: trio.Event,
     adopted: Child | None = None,
+    credentials: Credentials | None = None,
 ) -> None:
     """Keep ``spec`` mounted until cancelled; ``first_attempt`` is set once it mounted or
-    failed once. ``adopted``: the mount's running process, handed over by a reload."""
+    failed once. ``adopted``: the mount's running process, handed over by a reload.
+    ``credentials``: the registry's, given with a control request, for each start (held in
+    memory only: a process restarted after a reload or restart of the daemon goes without)."""
     path = spec.path.resolve()
     failures = 0
     try:
@@ -184,7 +192,7 @@ async def supervise(
             started = time.monotonic()
             if adopted is None:
                 await detach(path)
-                error = await _run_once(spec, config, state, path, first_attempt)
+                error = await _run_once(spec, config, state, path, first_attempt, credentials)
             else:
                 first_attempt.set()  # it is mounted already
                 error = await _watch_adopted(adopted)
@@ -207,21 +215,25 @@ async def _run_once(
     state: MountState,
     path: Path,
     first_attempt: trio.Event,
+    credentials: Credentials | None,
 ) -> str:
     """Run one mount process until it exits; why it ended."""
     options = mount_options(spec, config, state.peer_port)
     settings = settings_file(config, spec.path)
     await trio.to_thread.run_sync(write_settings, options, settings)
     read_end, write_end = os.pipe()
+    secret = None if credentials is None else credentials.to_pipe()
     try:
         process = await trio.lowlevel.open_process(
-            mount_command(options, settings, write_end),
-            pass_fds=(write_end,),
+            mount_command(options, settings, write_end, secret),
+            pass_fds=(write_end,) if secret is None else (write_end, secret),
             stdin=subprocess.DEVNULL,
             env=child_environment(config),
         )
     finally:
         os.close(write_end)
+        if secret is not None:
+            os.close(secret)
     state.pid = process.pid
     try:
         report = await _read_report(read_end)  # EOF: ready, failed, or died

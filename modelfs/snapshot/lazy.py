@@ -115,12 +115,9 @@ async def _modelfs(arguments: list[str], credentials: Credentials | None = None)
     """Run ``modelfs ARGUMENTS``: None if it succeeded, else its last line of error. The
     ``credentials`` go over a pipe (``--credentials-fd``): no file, command line or environment
     holds them, and the mount process keeps them in memory only."""
-    pipe: tuple[int, int] | None = None
-    if credentials is not None:
-        pipe = os.pipe()
-        os.write(pipe[1], credentials.as_json())  # a few hundred bytes: the pipe holds them
-        os.close(pipe[1])
-        arguments = [*arguments, "--credentials-fd", str(pipe[0])]
+    pipe = None if credentials is None else credentials.to_pipe()
+    if pipe is not None:
+        arguments = [*arguments, "--credentials-fd", str(pipe)]
     try:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -130,11 +127,11 @@ async def _modelfs(arguments: list[str], credentials: Credentials | None = None)
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            pass_fds=() if pipe is None else (pipe[0],),
+            pass_fds=() if pipe is None else (pipe,),
         )
     finally:
         if pipe is not None:
-            os.close(pipe[0])
+            os.close(pipe)
     try:
         _, error = await asyncio.wait_for(process.communicate(), MOUNT_TIMEOUT)
     except TimeoutError:

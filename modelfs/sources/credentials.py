@@ -49,6 +49,16 @@ class Credentials:
         """What a pipe to a mount process carries (never a file or a command line)."""
         return json.dumps({"username": self.username, "password": self.password}).encode()
 
+    def to_pipe(self) -> int:
+        """The read end of a pipe holding ``as_json()``, for a mount process to inherit (its
+        ``--credentials-fd``); the writer is closed, the caller closes this end."""
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, self.as_json())  # a few hundred bytes: the pipe holds them
+        finally:
+            os.close(write_end)
+        return read_end
+
     @classmethod
     def from_json(cls, data: bytes) -> Credentials:
         """The credentials ``as_json`` wrote."""
@@ -109,7 +119,7 @@ def _matching_keys(mapping: dict[str, Any], host: str) -> list[str]:
     return [k for k in mapping if _config_key(k) == key]
 
 
-def _entry_credentials(entry: Any, path: Path, key: str) -> Credentials | None:
+def _entry_credentials(entry: Any, path: Path | str, key: str) -> Credentials | None:
     """Credentials from one ``auths`` entry; None for an empty one (e.g. kept by a store)."""
     if not isinstance(entry, dict):
         return None
@@ -190,6 +200,20 @@ def _helper_for(config: dict[str, Any], host: str) -> str | None:
     return None
 
 
+def credentials_in_config(
+    config: dict[str, Any], origin: Path | str, host: str
+) -> Credentials | None:
+    """The credentials a docker config's ``auths`` holds for ``host`` (helpers aside): what a
+    Kubernetes ``dockerconfigjson`` secret carries. ``origin`` names the config in errors."""
+    auths = config.get("auths")
+    if isinstance(auths, dict):
+        for entry_key in _matching_keys(auths, host):
+            creds = _entry_credentials(auths[entry_key], origin, entry_key)
+            if creds:
+                return creds
+    return None
+
+
 def load_credentials(host: str) -> Credentials | None:
     """The stored credentials for a registry host, or None for anonymous access."""
     path = docker_config_path()
@@ -198,12 +222,9 @@ def load_credentials(host: str) -> Credentials | None:
     helper = _helper_for(config, host)
     if helper:
         return _helper_get(helper, key)
-    auths = config.get("auths")
-    if isinstance(auths, dict):
-        for entry_key in _matching_keys(auths, host):
-            creds = _entry_credentials(auths[entry_key], path, entry_key)
-            if creds:
-                return creds
+    creds = credentials_in_config(config, path, host)
+    if creds:
+        return creds
     store = config.get("credsStore")
     if isinstance(store, str) and store:
         return _helper_get(store, key)
