@@ -234,7 +234,8 @@ def test_a_pulls_credentials_are_kept_for_its_image_and_registry_only() -> None:
     pulled = PulledCredentials(seconds=60, limit=2, clock=lambda: now[0])
     auth = cri_pb.AuthConfig(username="u", password="secret")
     assert pulled.keep("registry.test:5000/models/qwen:v1", auth) == (
-        "credentials kept for registry.test:5000"
+        True,
+        "credentials kept for registry.test:5000",
     )
     # Found by the reference as containerd's CRI names it, for that registry alone.
     found = pulled.for_image("registry.test:5000/models/qwen:v1", "registry.test:5000")
@@ -252,7 +253,7 @@ def test_a_pulls_credentials_are_kept_for_its_image_and_registry_only() -> None:
     hub = cri_pb.AuthConfig(
         username="u", password="secret", server_address="https://index.docker.io/v1/"
     )
-    assert pulled.keep("qwen", hub) == "credentials kept for docker.io"
+    assert pulled.keep("qwen", hub) == (True, "credentials kept for docker.io")
     assert pulled.for_image("docker.io/library/qwen:latest", "docker.io") == found
     # Bounded: the oldest pull goes first.
     pulled.keep("registry.test:5000/models/third:v1", auth)
@@ -277,7 +278,8 @@ def test_a_pulls_credentials_are_kept_for_its_image_and_registry_only() -> None:
 )
 def test_credentials_that_cannot_be_used_are_not_kept(image: str, auth: object, said: str) -> None:
     pulled = PulledCredentials()
-    assert said in pulled.keep(image, auth)
+    kept, what = pulled.keep(image, auth)
+    assert not kept and said in what
     assert pulled.for_image("r.test/m:v1", "r.test") is None
 
 

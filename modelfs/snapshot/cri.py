@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 _SERVICE = "/runtime.v1.ImageService/"
-_MESSAGE_LIMIT = 16 << 20  # kubelet's own limit on CRI messages (a long ListImages)
+_MESSAGES = [  # kubelet's own limit on CRI messages (a long ListImages), both ways
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+]
 KEEP_SECONDS = 900.0  # a pull's mounts are made during the pull: minutes are plenty
 KEEP_PULLS = 1024
-KEPT = "credentials kept"  # what keep() says when it kept them
 _SECRET_LIMIT = 16 << 10  # larger credentials are refused (they travel through a pipe)
 
 
@@ -94,30 +96,30 @@ class PulledCredentials:
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._lock = threading.Lock()
 
-    def keep(self, image: str, auth: Any) -> str:
-        """Keep the credentials of a pull of ``image``; says what was kept, for the log (which
-        never shows a secret)."""
+    def keep(self, image: str, auth: Any) -> tuple[bool, str]:
+        """Keep the credentials of a pull of ``image``: whether it did, and what happened, for
+        the log (never a secret)."""
         try:
             reference = parse_reference(image)
         except BadReferenceError:
-            return "no credentials kept (containerd will refuse the reference)"
+            return False, "no credentials kept (containerd will refuse the reference)"
         credentials = auth_credentials(auth)
         if credentials is None:
-            return "no credentials modelfs can use"
+            return False, "no credentials modelfs can use"
         if len(credentials.username) + len(credentials.password) > _SECRET_LIMIT:
-            return "credentials not kept: larger than 16 KiB"
+            return False, "credentials not kept: larger than 16 KiB"
         # kubelet names the docker config key the credentials came from (a host, a URL).
         server = auth.server_address
         if server and not same_registry(server, reference.registry):
             host = normalize_host(server)
-            return f"credentials not kept: they are for {host}, not {reference.registry}"
+            return False, f"credentials not kept: they are for {host}, not {reference.registry}"
         key = str(reference)
         with self._lock:
             self._kept.pop(key, None)
             self._kept[key] = _Kept(credentials, reference.registry, self.clock() + self.seconds)
             while len(self._kept) > self.limit:
                 self._kept.popitem(last=False)
-        return f"{KEPT} for {reference.registry}"
+        return True, f"credentials kept for {reference.registry}"
 
     def for_image(self, image: str, registry: str) -> Credentials | None:
         """The credentials a recent pull of ``image`` gave, if they are for ``registry``."""
@@ -145,14 +147,9 @@ class CriImageProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     answer (or error) returned as it came; a PullImage's credentials are kept on the way."""
 
     def __init__(self, endpoint: Path, pulled: PulledCredentials, stats: SnapshotterStats) -> None:
-        self.endpoint = endpoint
         self.pulled = pulled
         self.stats = stats
-        options = [
-            ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", _MESSAGE_LIMIT),
-        ]
-        self.channel = grpc.aio.insecure_channel(f"unix://{endpoint}", options=options)
+        self.channel = grpc.aio.insecure_channel(f"unix://{endpoint}", options=_MESSAGES)
 
     def service(self, handler_call_details: Any) -> Any:
         method: str = handler_call_details.method
@@ -181,9 +178,9 @@ class CriImageProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             return False
         if not pull.HasField("auth"):
             return False
-        what = self.pulled.keep(pull.image.image, pull.auth)
+        kept, what = self.pulled.keep(pull.image.image, pull.auth)
         log.info("CRI PullImage %s: %s", pull.image.image, what)
-        return what.startswith(KEPT)
+        return kept
 
 
 @asynccontextmanager
@@ -193,11 +190,7 @@ async def serving_cri_proxy(
     """Serve CRI's image service on the unix socket ``address`` (mode 0600), forwarding to
     containerd's CRI socket ``endpoint``, counted in ``stats``, until the block ends."""
     proxy = CriImageProxy(endpoint, pulled, stats)
-    options = [
-        ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
-        ("grpc.max_send_message_length", _MESSAGE_LIMIT),
-    ]
-    server = grpc.aio.server(handlers=[proxy], options=options)
+    server = grpc.aio.server(handlers=[proxy], options=_MESSAGES)
     address.parent.mkdir(parents=True, exist_ok=True)
     address.unlink(missing_ok=True)  # a socket left by a snapshotter that died
     server.add_insecure_port(f"unix://{address}")
