@@ -15,3 +15,15 @@ def parse_size(text: str) -> int:
     number, unit = match.groups()
     factor = 1024 ** ("kmgtp".index(unit.lower()) + 1) if unit else 1
     return int(float(number) * factor)
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes as messages show them: ``512 B``, ``17.9 MiB``, ``4.0 GiB``."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in "KMGTP":
+        value /= 1024
+        if value < 1024 or unit == "P":
+            break
+    return f"{value:.1f} {unit}iB"

@@ -13,11 +13,13 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_compressed_layers import one_file
 
 from modelfs.artifact.tree import MAX_MTIME_NS
+from modelfs.cache import PieceCache
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,
@@ -339,9 +342,11 @@ def high_water_mark(pid: int) -> int:
 @pytest.mark.parametrize(
     ("compression", "extra", "limit"),
     [
-        ("gzip", ["--cache-size", "64M"], "the limit of the cache size"),
-        ("zstd", ["--cache-size", "64M"], "the limit of the cache size"),
-        ("zstd", [], "times its compressed size: a decompression bomb"),
+        ("gzip", ["--cache-size", "64M"], "what the cache can hold"),
+        ("zstd", ["--cache-size", "64M"], "what the cache can hold"),
+        ("zstd", [], "1100 times its compressed size (--max-inflate-ratio)"),
+        ("zstd", ["--max-inflate-ratio", "10"], "10 times its compressed size"),
+        ("gzip", ["--max-inflate-size", "32M"], "--max-inflate-size"),
     ],
 )
 def test_a_bomb_inflated_at_mount_fails_the_mount_in_bounded_memory(
@@ -392,6 +397,64 @@ def test_a_bomb_read_on_first_use_fails_the_read_in_bounded_memory(
     assert elapsed < 30
     log = next((cache_dir / "logs").iterdir()).read_text()
     assert "bytes its annotations declare, plus tar headers" in log, log
+
+
+def fast_gzip_bomb(size: int) -> bytes:
+    """A tar+gzip of one member of ``size`` zero bytes (a multiple of 4 MiB), as ``gzip -1``
+    makes it (~230:1: 4 GiB is 18.7 MB), made in seconds: after a full flush deflate starts
+    afresh, so every 4 MiB of zeros compresses to the same block."""
+    info = tarfile.TarInfo(BOMB_MEMBER)
+    info.size = size
+    header = info.tobuf(format=tarfile.GNU_FORMAT)
+    end = bytes(1024 + -(len(header) + size + 1024) % tarfile.RECORDSIZE)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
+    zeros = bytes(4 << 20)
+    head = deflate.compress(header) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.compress(end) + deflate.flush()
+    crc = zlib.crc32(header)
+    for _ in range(size // len(zeros)):
+        crc = zlib.crc32(zeros, crc)
+    trailer = struct.pack("<II", zlib.crc32(end, crc), (len(header) + size + len(end)) % (1 << 32))
+    gzip_header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    return b"".join([gzip_header, head, block * (size // len(zeros)), tail, trailer])
+
+
+def test_a_gzip_layer_of_4_gib_of_zeros_is_refused_fast_and_leaves_nothing(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Issue 22: 18.7 MB of tar+gzip that inflates to 4 GiB, mounted with a small cache, fails
+    at once with one line naming the layer, its compressed size and how far it expanded (it
+    used to fill the cache for 16 s and blame the registry)."""
+    data = fast_gzip_bomb(4 << 30)
+    assert len(data) < 20_000_000
+    repository = f"test/bomb-{uuid.uuid4().hex[:8]}"
+    push_artifact(
+        registry.host, repository, TAG, [Layer(layer_media_type("weight", "tar+gzip"), data)]
+    )
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    started = time.monotonic()
+    reference = f"{registry.host}/{repository}:{TAG}"
+    result = modelfs("mount", reference, str(mnt), "--plain-http", "--cache-dir", str(cache_dir),
+                     "--cache-size", "256M", timeout=120)  # fmt: skip
+    elapsed = time.monotonic() - started
+    print(f"refused in {elapsed:.1f} s: {result.stderr.strip()}")
+    assert result.returncode == 1 and not is_mounted(mnt)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "layer 0 (sha256:" in lines[0] and "17.9 MiB of tar+gzip" in lines[0], lines[0]
+    assert "expanded to 25" in lines[0] and "past 256.0 MiB" in lines[0], lines[0]
+    assert "what the cache can hold" in lines[0] and "not found" not in lines[0], lines[0]
+    assert elapsed < 30
+    # Nothing it wrote is left: no piece of the stream, no spool, no cache grown by it.
+    assert not [path for path in cache_dir.iterdir() if path.is_file() and "mdb" not in path.name]
+    assert (cache_dir / "data.mdb").stat().st_blocks * 512 < 16 << 20
+    cache = PieceCache(cache_dir, 256 << 20)
+    try:
+        assert cache.blob_states() == [] and cache.stats().size == 0
+    finally:
+        cache.close()
 
 
 # -- point 7: one bound on a read --------------------------------------------------------------

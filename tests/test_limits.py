@@ -17,7 +17,9 @@ from modelfs.artifact.inflate import (
     STEP,
     TAR_OVERHEAD,
     ChunkReader,
+    InflateBounds,
     InflateLimitError,
+    InflateRoom,
     inflate,
     inflate_limit,
 )
@@ -37,6 +39,7 @@ from modelfs.errors import ManifestError
 from modelfs.logs import TextFormatter, escape_controls
 from modelfs.modelpack import MAX_FILE_SIZE, MAX_TOTAL_SIZE
 from modelfs.mount.session import mountinfo_path
+from modelfs.sizes import format_size
 from modelfs.sources.registry import LateRanges
 
 DIGEST = "sha256:" + "a" * 64
@@ -100,10 +103,28 @@ def plan(size: int, meta_size: int | None = None) -> LayerPlan:
 
 
 def test_the_inflate_limit_is_the_smallest_that_applies() -> None:
-    assert inflate_limit(plan(1000), 1 << 30).size == 1000 * MAX_RATIO
-    assert inflate_limit(plan(1 << 30), 64 << 20).reason.startswith("the cache size")
-    declared = inflate_limit(plan(1 << 20, meta_size=5), 1 << 40)
+    room = InflateRoom(cache=1 << 30, disk=1 << 40)
+    assert inflate_limit(plan(1000), room, InflateBounds()).size == 1000 * MAX_RATIO
+    cache = inflate_limit(plan(1 << 30), InflateRoom(64 << 20, 1 << 40), InflateBounds())
+    assert cache.size == 64 << 20 and cache.reason.startswith("what the cache can hold")
+    disk = inflate_limit(plan(1 << 30), InflateRoom(1 << 40, 64 << 20), InflateBounds())
+    assert disk.size == 32 << 20 and "free space" in disk.reason
+    declared = inflate_limit(plan(1 << 20, meta_size=5), room, InflateBounds())
     assert declared.size == 5 + TAR_OVERHEAD and "annotations declare" in declared.reason
+
+
+def test_the_operator_sets_the_ratio_and_size_bounds() -> None:
+    room = InflateRoom(cache=1 << 40, disk=1 << 50)
+    ratio = inflate_limit(plan(1000), room, InflateBounds(ratio=10))
+    assert ratio.size == 10_000 and "--max-inflate-ratio" in ratio.reason
+    size = inflate_limit(plan(1 << 20), room, InflateBounds(size=5 << 20))
+    assert size.size == 5 << 20 and "--max-inflate-size" in size.reason
+
+
+def test_sizes_are_shown_in_binary_units() -> None:
+    assert [format_size(n) for n in (0, 1023, 1024, 18_749_558, 4 << 30, 1 << 60)] == [
+        "0 B", "1023 B", "1.0 KiB", "17.9 MiB", "4.0 GiB", "1024.0 PiB",
+    ]  # fmt: skip
 
 
 def bomb(compression: str, size: int) -> bytes:

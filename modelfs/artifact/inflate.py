@@ -2,9 +2,10 @@
 
 A layer inflates a step (``STEP`` bytes of output) at a time, and stops as soon as it passes its
 limit: a decompression bomb (zstd of zeros reaches ~32,700:1) costs the mount a step of memory and
-the limit of spool, never its whole inflated size. The limit is the smallest of the cache size
-(the stream is kept there), a ratio no model file comes near, modctl's limit on a model, and,
-where the layer's annotations declare its one file's size, that size plus its tar headers.
+the limit of spool, never its whole inflated size. The limit is the smallest of what the cache
+can hold (the stream is kept there), what the disk under it can hold, a ratio no model file comes
+near and a size (both configurable: ``InflateBounds``), and, where the layer's annotations declare
+its one file's size, that size plus its tar headers.
 
 No I/O of its own: compressed bytes come from ``next_chunk``, output goes to ``write``.
 """
@@ -54,14 +55,37 @@ class InflateLimitError(Exception):
         self.size = size
 
 
-def inflate_limit(plan: LayerPlan, cache_size: int) -> InflateLimit:
+@dataclass(frozen=True)
+class InflateBounds:
+    """What an operator lets a layer inflate to: --max-inflate-ratio and --max-inflate-size."""
+
+    ratio: int = MAX_RATIO
+    size: int = MAX_LAYER_SIZE
+
+
+@dataclass(frozen=True)
+class InflateRoom:
+    """Where the stream goes: what the cache can take (its limit less what live mounts hold)
+    and the free space of the disk it is spooled to, then stored on."""
+
+    cache: int
+    disk: int
+
+
+def inflate_limit(plan: LayerPlan, room: InflateRoom, bounds: InflateBounds) -> InflateLimit:
     """The most bytes ``plan``'s layer may decompress to."""
     limits = [
-        InflateLimit(cache_size, "the cache size; a bigger --cache-size holds it"),
         InflateLimit(
-            plan.size * MAX_RATIO, f"{MAX_RATIO} times its compressed size: a decompression bomb"
+            room.cache,
+            "what the cache can hold beside the blobs in use; a bigger --cache-size holds it",
         ),
-        InflateLimit(MAX_LAYER_SIZE, "modctl's limit on a model: a decompression bomb"),
+        # Spooled, then stored: twice on the disk for a moment.
+        InflateLimit(room.disk // 2, "half the free space of the cache's disk; free some"),
+        InflateLimit(
+            plan.size * bounds.ratio,
+            f"{bounds.ratio} times its compressed size (--max-inflate-ratio): a decompression bomb",
+        ),
+        InflateLimit(bounds.size, "--max-inflate-size: a decompression bomb"),
     ]
     if plan.meta_size is not None:
         limits.append(

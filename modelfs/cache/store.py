@@ -456,6 +456,18 @@ class PieceCache:
             for digest in digests:
                 txn.put(f"{digest}/{pid}".encode(), b"")
 
+    def room(self) -> int:
+        """Bytes a new blob can have: the limit less what the blobs live processes lease hold
+        (the rest can be evicted for it)."""
+        with self._env.begin(write=True) as txn:
+            held = 0
+            for digest in self._leased_blobs(txn):
+                value = txn.get(digest.encode(), db=self._blobs)
+                if value is not None:
+                    size, present, _ = _BLOB.unpack(value)
+                    held += min(present * self.piece_size, size)
+        return max(self.max_size - held, 0)
+
     def release(self, digests: list[str]) -> None:
         pid = os.getpid()
         with self._env.begin(write=True, db=self._leases) as txn:

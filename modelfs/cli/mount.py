@@ -23,6 +23,7 @@ import click
 import trio
 from click.core import ParameterSource
 
+from modelfs.artifact.inflate import MAX_RATIO
 from modelfs.cli import F
 from modelfs.cli.cluster import CLUSTER_PARAMETERS, cluster_options, cluster_settings
 from modelfs.cli.options import (
@@ -103,6 +104,20 @@ def mount_options(command: F) -> F:
                 help="Kernel readahead window of the mount.",
             ),
             click.option(
+                "--max-inflate-ratio",
+                type=click.IntRange(min=1),
+                default=MAX_RATIO,
+                show_default=True,
+                help="Most times its compressed size a tar+gzip or tar+zstd layer may inflate to; "
+                "past it the layer is refused as a decompression bomb (docs/limits.md).",
+            ),
+            click.option(
+                "--max-inflate-size",
+                default="8T",
+                show_default=True,
+                help="Most bytes one compressed layer may inflate to (K, M, G, T suffixes).",
+            ),
+            click.option(
                 "--prefetch",
                 type=click.Choice([mode.value for mode in PrefetchMode]),
                 default=PrefetchMode.HINTS.value,
@@ -142,6 +157,8 @@ def mount_settings(
     retries: int,
     read_timeout: float,
     read_ahead_kb: int,
+    max_inflate_ratio: int,
+    max_inflate_size: str,
     prefetch: str,
     serve_unverified: bool,
     allow_other: bool | None,
@@ -160,6 +177,8 @@ def mount_settings(
         retries=retries,
         read_timeout=read_timeout,
         read_ahead_kb=read_ahead_kb,
+        max_inflate_ratio=max_inflate_ratio,
+        max_inflate_size=parse_size(max_inflate_size),
         prefetch=PrefetchMode(prefetch),
         serve_unverified=serve_unverified,
         signature_policy=signature_policy,

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
@@ -26,7 +27,9 @@ import trio
 from modelfs.artifact.inflate import (
     FORMAT_ERRORS,
     ChunkReader,
+    InflateBounds,
     InflateLimitError,
+    InflateRoom,
     inflate,
     inflate_limit,
 )
@@ -45,10 +48,11 @@ from modelfs.artifact.tree import (
     tar_layer_entries,
 )
 from modelfs.cache import PieceCache
-from modelfs.errors import IntegrityError, ManifestError
+from modelfs.errors import CacheError, IntegrityError, ManifestError
 from modelfs.fetcher.manifests import resolve_config, resolve_manifest
 from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.pieces import piece_count
+from modelfs.sizes import format_size
 from modelfs.sources.interface import BlobSource
 from modelfs.untrusted import loads_json
 
@@ -79,12 +83,18 @@ class DeferredLayer:
     """
 
     def __init__(
-        self, plan: LayerPlan, source: BlobSource, cache: PieceCache, fetcher: PieceFetcher
+        self,
+        plan: LayerPlan,
+        source: BlobSource,
+        cache: PieceCache,
+        fetcher: PieceFetcher,
+        bounds: InflateBounds,
     ) -> None:
         self._plan = plan
         self._source = source
         self._cache = cache
         self._fetcher = fetcher
+        self._bounds = bounds
         self._lock = trio.Lock()
         self.location: tuple[BlobRef, int] | None = None
 
@@ -95,7 +105,7 @@ class DeferredLayer:
     async def locate(self) -> tuple[BlobRef, int]:
         async with self._lock:
             if self.location is None:
-                blob = await _tar_blob(self._plan, self._source, self._cache)
+                blob = await _tar_blob(self._plan, self._source, self._cache, self._bounds)
                 # A decompressed stream: checked whole, so its list is vouched for.
                 members, _ = await _members(
                     self._plan, blob, self._source, self._cache, self._fetcher
@@ -118,9 +128,12 @@ async def load_model(
     fetcher: PieceFetcher,
     *,
     defer_compressed: bool = False,
+    inflate_bounds: InflateBounds | None = None,
 ) -> Model:
     """The model ``selector`` names; with ``defer_compressed`` (a mount), compressed layers
-    that describe their one file are fetched on its first read rather than now."""
+    that describe their one file are fetched on its first read rather than now; compressed
+    layers may inflate within ``inflate_bounds`` (by default ``InflateBounds()``)."""
+    inflate_bounds = inflate_bounds or InflateBounds()
     fetched = await resolve_manifest(source, selector, cache)
     try:
         manifest = loads_json(fetched.data)
@@ -142,12 +155,12 @@ async def load_model(
             files.append(file)
             blobs.append(BlobRef(plan.digest, plan.size))
         elif defer_compressed and is_deferrable(plan):
-            layer = DeferredLayer(plan, source, cache, fetcher)
+            layer = DeferredLayer(plan, source, cache, fetcher, inflate_bounds)
             await layer.locate_if_cached()
             files.append(deferred_layer_file(plan, layer, default_mtime_ns=0))
             deferred.append(layer.blob_digest)
         else:
-            blob = await _tar_blob(plan, source, cache)
+            blob = await _tar_blob(plan, source, cache, inflate_bounds)
             members, vouched = await _members(plan, blob, source, cache, fetcher)
             layer_files, layer_dirs = tar_layer_entries(plan, members, blob)
             if not vouched:
@@ -170,14 +183,16 @@ async def _config(source: BlobSource, manifest: dict[str, Any], cache: PieceCach
     return await resolve_config(source, descriptor["digest"], cache, MAX_CONFIG_SIZE)
 
 
-async def _tar_blob(plan: LayerPlan, source: BlobSource, cache: PieceCache) -> BlobRef:
+async def _tar_blob(
+    plan: LayerPlan, source: BlobSource, cache: PieceCache, bounds: InflateBounds
+) -> BlobRef:
     """The blob holding the layer's tar stream: the layer itself, or its decompressed form."""
     if plan.format == "tar":
         return BlobRef(plan.digest, plan.size)
     cached = _cached_tar_blob(plan, cache)
     if cached is not None:
         return cached
-    return await _decompress_into_cache(plan, _derived_digest(plan), source, cache)
+    return await _decompress_into_cache(plan, _derived_digest(plan), source, cache, bounds)
 
 
 def _derived_digest(plan: LayerPlan) -> str:
@@ -195,18 +210,21 @@ def _cached_tar_blob(plan: LayerPlan, cache: PieceCache) -> BlobRef | None:
 
 
 async def _decompress_into_cache(
-    plan: LayerPlan, derived: str, source: BlobSource, cache: PieceCache
+    plan: LayerPlan, derived: str, source: BlobSource, cache: PieceCache, bounds: InflateBounds
 ) -> BlobRef:
     """Fetch a compressed layer whole, check its digest, and store its tar stream as pieces.
 
-    It inflates in a worker thread, a bounded step at a time, into a spool that never passes
-    the layer's limit (``inflate_limit``): a bomb fails here, with the limit it passed.
+    It inflates in a worker thread, a bounded step at a time, into a spool beside the cache
+    (on its disk, private) that never passes the layer's limit (``inflate_limit``): a bomb fails
+    here, with the limit it passed, and the spool goes with it.
     """
-    limit = inflate_limit(plan, cache.max_size)
+    disk = os.statvfs(cache.path)
+    room = InflateRoom(cache=cache.room(), disk=disk.f_bavail * disk.f_frsize)
+    limit = inflate_limit(plan, room, bounds)
     log.info("fetching compressed layer %s (%d bytes) whole", plan.digest, plan.size)
     hasher = hashlib.sha256()
     received = 0
-    with tempfile.TemporaryFile() as spool:
+    with tempfile.TemporaryFile(dir=cache.path) as spool:
         async with source.stream_blob(plan.digest) as chunks:
             iterator = aiter(chunks)
 
@@ -226,10 +244,11 @@ async def _decompress_into_cache(
                 size = await trio.to_thread.run_sync(
                     inflate, plan.format, reader, spool.write, limit.size
                 )
-            except InflateLimitError:
+            except InflateLimitError as passed:
                 raise ManifestError(
-                    f"{plan.label} decompresses to more than {limit.size} bytes, the limit of "
-                    f"{limit.reason}; refusing it"
+                    f"{plan.label}, {format_size(plan.size)} of {plan.format}, expanded to "
+                    f"{format_size(passed.size)} and was stopped: past "
+                    f"{format_size(limit.size)}, {limit.reason}; refusing it"
                 ) from None
             except FORMAT_ERRORS as error:
                 raise ManifestError(f"{plan.label} is not valid {plan.format}: {error}") from None
@@ -239,6 +258,14 @@ async def _decompress_into_cache(
             )
         spool.seek(0)
         await trio.to_thread.run_sync(_store_pieces, cache, derived, spool, size)
+    if not cache.is_verified(derived):
+        # Pieces the cache could not keep (other mounts filled it meanwhile): drop the rest.
+        cache.drop_blob(derived)
+        raise CacheError(
+            f"{plan.label}, {format_size(plan.size)} of {plan.format}, expanded to "
+            f"{format_size(size)}, more than the cache can hold beside the blobs in use; "
+            "use a bigger --cache-size"
+        )
     cache.put_meta(f"decompressed-size/{plan.digest}", str(size).encode())
     return BlobRef(derived, size)
 
