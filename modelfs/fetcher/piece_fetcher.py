@@ -66,6 +66,7 @@ from modelfs.sources.stats import (
     PEER,
     PREFETCH,
     REGISTRY,
+    SELF_COUNTED,
     MountStats,
     attributing,
     error_kind,
@@ -96,9 +97,10 @@ RUN_PIECES = 4
 # Tries of a read whose piece was altered in transit, or whose blob must be checked again.
 _TRIES = 2
 
+
 def _unless_registry(served_by: list[str]) -> str | None:
-    # The registry counts what it sends itself (``MeteredRepository``), whole blobs included.
-    return None if served_by[0] == REGISTRY else served_by[0]
+    # The registry and its mirrors count what they send themselves (``MeteredRepository``).
+    return None if served_by[0] in SELF_COUNTED else served_by[0]
 
 
 class PieceFetcher:

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from modelfs.artifact.inflate import MAX_RATIO, InflateBounds
-from modelfs.artifact.tree import MAX_LAYER_SIZE, FileNode
+from modelfs.artifact.tree import FileNode
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import IndexLookup
@@ -43,9 +42,11 @@ from modelfs.prefetch.profile import ReadRecorder, recorded_profile
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.sources.buffers import PIECE_BUFFERS
 from modelfs.sources.credentials import Credentials
+from modelfs.sources.hosts import DEFAULT_HOSTS_DIR
 from modelfs.sources.interface import BlobSource
 from modelfs.sources.layout import LayoutSource
-from modelfs.sources.registry import DEFAULT_READ_TIMEOUT, MeteredRepository, RegistryClient
+from modelfs.sources.mirrors import find_hosts, open_repository
+from modelfs.sources.registry import DEFAULT_READ_TIMEOUT
 from modelfs.sources.stats import (
     CORRUPT_CACHE_ENTRY,
     LAYOUT,
@@ -104,10 +105,11 @@ class MountOptions:
     timeout: float = 30.0
     retries: int = 3
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    # Where the registry's mirrors are named: containerd's hosts.toml directory, or a list of
+    # modelfs's own ([registries."host"] mirrors), which wins (modelfs.sources.mirrors).
+    hosts_dir: Path | None = DEFAULT_HOSTS_DIR
+    mirrors: tuple[str, ...] = ()
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
-    # What a compressed layer may inflate to (docs/limits.md): times its size, and bytes.
-    max_inflate_ratio: int = MAX_RATIO
-    max_inflate_size: int = MAX_LAYER_SIZE
     prefetch: PrefetchMode = PrefetchMode.HINTS
     serve_unverified: bool = False  # serve pieces of blobs without an index before their check
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
@@ -145,6 +147,8 @@ class MountOptions:
                 prefetch=PrefetchMode(document.pop("prefetch")),
                 cluster=None if cluster is None else ClusterSettings.from_json(cluster),
                 stats_socket=_optional_path(document.pop("stats_socket")),
+                hosts_dir=_optional_path(document.pop("hosts_dir", str(DEFAULT_HOSTS_DIR))),
+                mirrors=tuple(str(url) for url in document.pop("mirrors", ())),
                 signature_policy=_optional_path(document.pop("signature_policy", None)),
                 scan=ScanPolicy.parse(document.pop("scan", "")),
                 **document,
@@ -181,19 +185,24 @@ async def open_source(
     if isinstance(ref, LayoutReference):
         yield LayoutSource(Path(ref.path))
         return
-    async with RegistryClient(
+    hosts = find_hosts(
+        ref.registry,
         ref.api_host,
         plain_http=options.plain_http,
+        hosts_dir=options.hosts_dir,
+        mirrors=options.mirrors,
+    )
+    async with open_repository(
+        ref.repository,
+        hosts,
         insecure=options.insecure,
         timeout=options.timeout,
         retries=options.retries,
         read_timeout=options.read_timeout,
         credentials=options.credentials,
-    ) as client:
-        if stats is None:
-            yield client.repository(ref.repository)
-        else:
-            yield MeteredRepository(client, ref.repository, stats)
+        stats=stats,
+    ) as repository:
+        yield repository
 
 
 # The system's own directories: a mount on one hides what the system runs on. The trees are
@@ -376,16 +385,7 @@ async def serve(
                 pinned = (await resolve_manifest(origin, selector, cache)).digest
                 verdict = await check_signature(policy, options.reference, origin, pinned)
                 stats.signature = verdict.reason
-                model = await load_model(
-                    source,
-                    pinned,
-                    cache,
-                    fetcher,
-                    defer_compressed=True,
-                    inflate_bounds=InflateBounds(
-                        options.max_inflate_ratio, options.max_inflate_size
-                    ),
-                )
+                model = await load_model(source, pinned, cache, fetcher, defer_compressed=True)
                 scans = FileScans(options.scan, partial(read_file, fetcher))
                 await scans.refuse_model(options.reference, model.tree)
                 # A few small requests, before ready: no read waits for them.

@@ -82,6 +82,11 @@ class Refused(Exception):
         self.status = status
 
 
+class WholeBlob(Exception):
+    """The answer is a ``200`` with more than the range asked for (a pull-through cache filling
+    the blob answers so): its body is left unread; nothing was delivered."""
+
+
 _REFUSALS = frozenset({"400", "401", "403", "404", "410"})
 _REDIRECTS = frozenset({"301", "302", "303", "307", "308"})
 
@@ -267,6 +272,10 @@ def _plain_range_length(head: bytes, start: int, end: int) -> int:
         raise Redirected(headers["location"])
     if code in _REFUSALS:
         raise Refused(int(code))
+    if code == "200" and (
+        start != 0 or (decimal(headers.get("content-length", "")) or 0) > end + 1
+    ):
+        raise WholeBlob
     if version != "HTTP/1.1" or not rest.startswith("206 "):
         raise _Unusual
     if "transfer-encoding" in headers or headers.get("content-encoding", "identity") != "identity":

@@ -57,9 +57,16 @@ from modelfs.sources.credentials import (
 from modelfs.sources.hosts import RegistryHost, server_host
 from modelfs.sources.interface import BlobBytes, Deliver, FetchedManifest, read_as_run
 from modelfs.sources.proxy import ProxyRoute, environment_proxy, parse_proxy_url
-from modelfs.sources.rangeget import Origin, RangeGetter, Redirected, Refused, parse_content_range
+from modelfs.sources.rangeget import (
+    Origin,
+    RangeGetter,
+    Redirected,
+    Refused,
+    WholeBlob,
+    parse_content_range,
+)
 from modelfs.sources.redirects import BlobLocations, Location
-from modelfs.sources.stats import REGISTRY, MountStats, mark_served_by
+from modelfs.sources.stats import MIRROR, REGISTRY, MountStats, mark_served_by
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,16 @@ _REDIRECT_ORIGINS = 8
 
 class _TransientError(Exception):
     """An answer worth retrying (5xx, 429, a short body): the message says what happened."""
+
+
+class HostUnreachableError(RegistryUnavailableError):
+    """No attempt got an answer (connections refused, broken or timed out), as against answers
+    that were errors: a mirror so is down, not only wrong about one thing."""
+
+
+class RangeIgnoredError(RegistryError):
+    """The registry answered a range with the whole blob (its body left unread): a pull-through
+    cache does while it fills the blob from upstream (``modelfs.sources.mirrors``)."""
 
 
 def _backoff(attempt: int) -> float:
@@ -439,6 +456,7 @@ class RegistryClient:
             _backoff(n) for n in range(1, self.retries + 1)
         )
         last = "no attempt finished"
+        failure: type[RegistryUnavailableError] = HostUnreachableError  # until one answers
         with trio.move_on_after(deadline):
             for number in range(self.retries + 1):
                 if number:
@@ -447,15 +465,16 @@ class RegistryClient:
                     return await attempt()
                 except _TransientError as error:
                     last = str(error)
+                    failure = RegistryUnavailableError
                 except httpx.TransportError as error:
                     self._raise_if_tls_failure(error)
                     last = _describe_transport_error(error)
                 log.debug("%s: attempt %d failed: %s", what, number + 1, last)
-            raise RegistryUnavailableError(
+            raise failure(
                 f"registry {self.host} failed {what} after {self.retries + 1} attempts "
                 f"({last}): check that it is running and reachable, then retry"
             )
-        raise RegistryUnavailableError(
+        raise failure(
             f"registry {self.host} did not finish {what} within {deadline:.0f} s ({last}): "
             "check that it is running and reachable, then retry"
         )
@@ -706,6 +725,10 @@ class RegistryRepository:
     def name(self) -> str:
         return f"{self._client.host}/{self.repository}"
 
+    @property
+    def client(self) -> RegistryClient:
+        return self._client
+
     def _url(self, path: str) -> httpx.URL:
         return self._client.api_url(f"{self.repository}/{path}")
 
@@ -797,9 +820,15 @@ class RegistryRepository:
     async def _read_pieces(
         self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
     ) -> None:
-        done, partial = await self._client.read_run_plainly(
-            self._url(f"blobs/{digest}"), self._pull, start, lengths, deliver
-        )
+        try:
+            done, partial = await self._client.read_run_plainly(
+                self._url(f"blobs/{digest}"), self._pull, start, lengths, deliver
+            )
+        except WholeBlob:
+            raise RangeIgnoredError(
+                f"registry {self._client.host} answered bytes {start}- of blob {digest} with the "
+                "whole blob: it cannot serve lazy reads"
+            ) from None
         offset = start + sum(lengths[:done])
         for place in range(done, len(lengths)):
             # Cut short, or not a plain answer: the general path, one piece at a time, resuming
@@ -854,7 +883,7 @@ class RegistryRepository:
             else:
                 size = response.headers.get("Content-Length")
                 if offset != 0 or size is None or int(size) > wanted:
-                    raise RegistryError(
+                    raise RangeIgnoredError(
                         f"registry {self._client.host} ignored the Range header for {what}: "
                         "it cannot serve lazy reads"
                     )
@@ -1042,23 +1071,36 @@ class RegistryRepository:
 
 class MeteredRepository(RegistryRepository):
     """A repository that counts every blob byte it receives in a mount's stats (pieces, configs,
-    tar headers, compressed layers fetched whole), and times its range reads."""
+    tar headers, compressed layers fetched whole), and times its range reads: as the registry's,
+    or a mirror's (``source="mirror"``, and by mirror) when its client is a mirror."""
 
     def __init__(self, client: RegistryClient, repository: str, stats: MountStats) -> None:
         super().__init__(client, repository)
         self.stats = stats
+        self.kind = MIRROR if client.endpoint.is_mirror else REGISTRY
+
+    def _fetched(self, size: int) -> None:
+        self.stats.fetched(self.kind, size)
+        if self.kind == MIRROR:
+            self.stats.fetched_from_mirror(self._client.host, size)
 
     async def get_blob(self, digest: str, max_size: int) -> bytes:
         data = await super().get_blob(digest, max_size)
-        self.stats.fetched(REGISTRY, len(data))
+        self._fetched(len(data))
         return data
 
     async def read_pieces(
         self, digest: str, start: int, lengths: Sequence[int], deliver: Deliver
     ) -> None:
-        mark_served_by(REGISTRY)
-        counted = self.stats.counting(lambda: REGISTRY, deliver)
+        mark_served_by(self.kind)
+        counted = self.stats.counting(lambda: self.kind, deliver)
+        if self.kind == MIRROR:
+            counted = partial(self._from_mirror, counted)
         await super().read_pieces(digest, start, lengths, counted)
+
+    async def _from_mirror(self, deliver: Deliver, place: int, data: BlobBytes) -> None:
+        self.stats.fetched_from_mirror(self._client.host, len(data))
+        await deliver(place, data)
 
     @asynccontextmanager
     async def _stream(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -1071,5 +1113,5 @@ class MeteredRepository(RegistryRepository):
 
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         async for chunk in chunks:
-            self.stats.fetched(REGISTRY, len(chunk))
+            self._fetched(len(chunk))
             yield chunk

@@ -51,9 +51,12 @@ READ_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30
 # A read slower than this waited on the network (or a disk), not on the mount's own work.
 SLOW_READ = 0.01
 
-# Where bytes come from (label values of ``modelfs_fetched_bytes_total``).
-REGISTRY, PEER, LAYOUT, CACHE = "registry", "peer", "layout", "cache"
-SOURCES = (REGISTRY, PEER, LAYOUT, CACHE)
+# Where bytes come from (label values of ``modelfs_fetched_bytes_total``): a mirror is one of
+# the registry's hosts.toml mirrors (``modelfs.sources.mirrors``).
+REGISTRY, MIRROR, PEER, LAYOUT, CACHE = "registry", "mirror", "peer", "layout", "cache"
+SOURCES = (REGISTRY, MIRROR, PEER, LAYOUT, CACHE)
+# Sources that count what they send themselves (``MeteredRepository``), whole blobs included.
+SELF_COUNTED = frozenset({REGISTRY, MIRROR})
 
 # What a fetch was for (``modelfs_fetches_total``).
 ON_DEMAND, PREFETCH = "on_demand", "prefetch"
@@ -116,6 +119,7 @@ class MountStats:
     read_bytes: int = 0  # served to readers through FUSE
     read_seconds: Histogram = field(default_factory=lambda: Histogram(READ_BUCKETS))
     fetched_bytes: dict[str, int] = field(default_factory=dict)  # by source
+    mirror_bytes: dict[str, int] = field(default_factory=dict)  # by mirror (its host)
     fetch_seconds: dict[str, Histogram] = field(default_factory=dict)  # by source
     fetches: dict[str, int] = field(default_factory=dict)  # pieces from a source, by purpose
     errors: dict[str, int] = field(default_factory=dict)  # by kind
@@ -134,6 +138,9 @@ class MountStats:
 
     def fetched(self, source: str, size: int) -> None:
         self.fetched_bytes[source] = self.fetched_bytes.get(source, 0) + size
+
+    def fetched_from_mirror(self, host: str, size: int) -> None:
+        self.mirror_bytes[host] = self.mirror_bytes.get(host, 0) + size
 
     def timed(self, source: str, seconds: float) -> None:
         self.fetch_seconds.setdefault(source, Histogram()).observe(seconds)
@@ -170,6 +177,7 @@ class MountStats:
             "read_bytes": self.read_bytes,
             "read_seconds": _histogram_json(self.read_seconds),
             "fetched_bytes": self.fetched_bytes,
+            "mirror_bytes": self.mirror_bytes,
             "fetch_seconds": {
                 source: _histogram_json(h) for source, h in self.fetch_seconds.items()
             },
@@ -196,6 +204,8 @@ class MountStats:
                 else Histogram(READ_BUCKETS)
             ),
             fetched_bytes={str(k): int(v) for k, v in data["fetched_bytes"].items()},
+            # Older mount processes read no mirrors.
+            mirror_bytes={str(k): int(v) for k, v in data.get("mirror_bytes", {}).items()},
             fetch_seconds={
                 str(source): _histogram_from_json(h) for source, h in data["fetch_seconds"].items()
             },
