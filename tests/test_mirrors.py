@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,10 +55,10 @@ def mirror(tmp_path: Path, origin: Proxy) -> Iterator[Registry]:
     cache.stop()
 
 
-def push_model(registry: Registry) -> str:
+def push_model(registry: Registry, data: bytes = DATA, piece_index: bool = True) -> str:
     repository = f"test/mirrors-{uuid.uuid4().hex[:8]}"
-    layer = Layer(layer_media_type("weight", "raw"), DATA, {"org.cncf.model.filepath": "w.bin"})
-    push_artifact(registry.host, repository, "v1", [layer])
+    layer = Layer(layer_media_type("weight", "raw"), data, {"org.cncf.model.filepath": "w.bin"})
+    push_artifact(registry.host, repository, "v1", [layer], piece_index=piece_index)
     return f"{repository}:v1"
 
 
@@ -69,9 +69,16 @@ def hosts_toml(directory: Path, registry: str, text: str) -> Path:
     return directory
 
 
-def read_model(reference: str, hosts_dir: Path, cache_dir: Path) -> tuple[bytes, MountStats]:
+def read_model(
+    reference: str,
+    hosts_dir: Path,
+    cache_dir: Path,
+    between: Callable[[], None] = lambda: None,
+    data: bytes = DATA,
+) -> tuple[bytes, MountStats]:
     """The model's weights read as a mount reads them (pieces, in runs, checked), on a node of
-    its own (its own cache); and what the node counted."""
+    its own (its own cache), 8 MiB at a time, ``between`` run after the first; and what the
+    node counted."""
     options = MountOptions(
         reference=parse_reference(reference),
         mountpoint=Path(),
@@ -90,10 +97,12 @@ def read_model(reference: str, hosts_dir: Path, cache_dir: Path) -> tuple[bytes,
                 source, cache, stats=stats, index=IndexLookup(source, selector, cache)
             )
             async with fetcher.writing():
-                blob = BlobRef(DIGEST, len(DATA))
+                blob = BlobRef("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
                 parts = []
-                for offset in range(0, len(DATA), 8 * MIB):
+                for offset in range(0, len(data), 8 * MIB):
                     parts.append(bytes(await fetcher.read(blob, offset, 8 * MIB)))
+                    if offset == 0:
+                        between()
                 return b"".join(parts)
 
     try:
@@ -130,3 +139,38 @@ def test_a_cold_read_goes_through_the_mirror_and_the_origin_sends_each_byte_once
     assert origin.bytes_by_blob.get(DIGEST, 0) == after_first
     print(f"origin sent {after_first / len(DATA):.2f} x the blob for two nodes")
     assert after_first < 1.5 * len(DATA)
+
+
+def mirror_first(directory: Path, origin: Proxy, mirror: str) -> Path:
+    return hosts_toml(
+        directory,
+        origin.host,
+        f'server = "http://{origin.host}"\n\n[host."http://{mirror}"]\n  capabilities = ["pull"]\n',
+    )
+
+
+def test_a_mirror_stopped_mid_read_leaves_the_rest_to_the_origin(
+    registry: Registry, origin: Proxy, mirror: Registry, tmp_path: Path
+) -> None:
+    name = push_model(registry)
+    hosts = mirror_first(tmp_path / "certs.d", origin, mirror.host)
+    data, stats = read_model(f"{origin.host}/{name}", hosts, tmp_path / "node", mirror.stop)
+    assert data == DATA
+    assert 8 * MIB <= stats.fetched_bytes[MIRROR] < len(DATA)
+    assert stats.fetched_bytes[REGISTRY] >= len(DATA) - stats.fetched_bytes[MIRROR]
+    assert stats.errors == {}  # no read failed
+
+
+@pytest.mark.parametrize("piece_index", [True, False], ids=["piece-index", "no-index"])
+def test_a_mirror_that_alters_bytes_is_passed_over_and_no_wrong_byte_is_read(
+    registry: Registry, origin: Proxy, mirror: Registry, tmp_path: Path, piece_index: bool
+) -> None:
+    data = os.urandom(12 * MIB)
+    name = push_model(registry, data, piece_index)
+    with Proxy(mirror) as tampering:
+        tampering.tamper = True  # every blob answer of the mirror: its first byte flipped
+        hosts = mirror_first(tmp_path / "certs.d", origin, tampering.host)
+        read, stats = read_model(f"{origin.host}/{name}", hosts, tmp_path / "node", data=data)
+        assert tampering.blob_bytes > 0  # the mirror was asked, and answered altered bytes
+    assert read == data
+    assert stats.fetched_bytes[REGISTRY] >= len(data)  # all of it from the origin in the end
