@@ -82,7 +82,9 @@ def _picklescan(data: IO[bytes], path: str, suffix: str) -> list[str]:
 
     result = scan_bytes(data, path, suffix)
     problems = [
-        f"imports {item.module}.{item.name} ({item.safety.value}: outside the safe list)"
+        f"imports {item.module}.{item.name} ("
+        + ("dangerous" if item.safety == SafetyLevel.Dangerous else "outside the safe list")
+        + ")"
         for item in result.globals
         if item.safety != SafetyLevel.Innocuous
     ]
