@@ -1,0 +1,155 @@
+"""deploy/: every YAML document parses, and what the plugin relies on agrees with the code: the
+driver's name, the socket kubelet and the registrar reach it on, the directories its model
+mounts and binds go through (shared with the host both ways), the daemon's control socket, the
+daemon's config, /dev/fuse, the service account, the node image's entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modelfs.cli.csi import csi
+from modelfs.csi import DEFAULT_DRIVER, DEFAULT_ENDPOINT, DEFAULT_STATE_DIR
+from modelfs.service.config import parse_config
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def _documents() -> list[dict[str, Any]]:
+    documents = []
+    for path in sorted(DEPLOY.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            assert isinstance(document, dict), f"{path.name}: a document is not a mapping"
+            assert {"apiVersion", "kind", "metadata"} <= set(document), path.name
+            documents.append(document)
+    return documents
+
+
+def _one(kind: str) -> dict[str, Any]:
+    [document] = [d for d in _documents() if d["kind"] == kind]
+    return document
+
+
+def _container(name: str) -> dict[str, Any]:
+    spec = _one("DaemonSet")["spec"]["template"]["spec"]
+    [container] = [c for c in spec["containers"] if c["name"] == name]
+    return container
+
+
+def _host_path(volume: str) -> str:
+    spec = _one("DaemonSet")["spec"]["template"]["spec"]
+    [entry] = [v for v in spec["volumes"] if v["name"] == volume]
+    return str(entry["hostPath"]["path"])
+
+
+def _mount_of(container: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The volume mount ``path`` lies in (the deepest)."""
+    mounts = [m for m in container["volumeMounts"] if path.is_relative_to(Path(m["mountPath"]))]
+    assert mounts, f"{container['name']} mounts nothing at {path}"
+    return max(mounts, key=lambda m: len(m["mountPath"]))
+
+
+def _plugin_settings() -> dict[str, Any]:
+    """The plugin's settings as its command line in the DaemonSet gives them."""
+    args = _container("modelfs-csi")["args"]
+    assert args[0] == "csi"
+    return csi.make_context("csi", list(args[1:])).params
+
+
+def test_every_document_parses_and_names_a_known_kind() -> None:
+    kinds = sorted(document["kind"] for document in _documents())
+    assert kinds == [
+        "CSIDriver",
+        "ConfigMap",
+        "DaemonSet",
+        "Namespace",
+        "ServiceAccount",
+    ]
+
+
+def test_the_csi_driver_is_the_plugin_s_for_inline_volumes() -> None:
+    driver = _one("CSIDriver")
+    assert driver["metadata"]["name"] == DEFAULT_DRIVER
+    assert driver["spec"]["podInfoOnMount"] is True
+    assert driver["spec"]["volumeLifecycleModes"] == ["Ephemeral"]
+    assert driver["spec"]["attachRequired"] is False
+    assert _plugin_settings()["driver_name"] == DEFAULT_DRIVER
+
+
+def test_the_registrar_and_kubelet_reach_the_plugin_s_socket() -> None:
+    settings = _plugin_settings()
+    assert settings["endpoint"] == DEFAULT_ENDPOINT
+    registrar = _container("node-driver-registrar")
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in registrar["args"])
+    assert Path(args["csi-address"]) == settings["endpoint"]
+    # kubelet's path of the same socket: the host directory the plugin's socket lies in.
+    plugin = _container("modelfs-csi")
+    socket_mount = _mount_of(plugin, settings["endpoint"])
+    assert _mount_of(registrar, Path(args["csi-address"]))["name"] == socket_mount["name"]
+    host_dir = Path(_host_path(socket_mount["name"]))
+    assert host_dir == Path(f"/var/lib/kubelet/plugins/{DEFAULT_DRIVER}")
+    relative = settings["endpoint"].relative_to(socket_mount["mountPath"])
+    assert Path(args["kubelet-registration-path"]) == host_dir / relative
+    assert _mount_of(registrar, Path("/registration"))["name"] == "registration-dir"
+    assert _host_path("registration-dir") == "/var/lib/kubelet/plugins_registry"
+
+
+def test_model_mounts_and_binds_are_shared_with_the_host_both_ways() -> None:
+    settings = _plugin_settings()
+    assert settings["state_dir"] == DEFAULT_STATE_DIR
+    plugin, daemon = _container("modelfs-csi"), _container("modelfs-daemon")
+    # The daemon mounts models under the plugin's state dir; the plugin must see them.
+    for container in (plugin, daemon):
+        state = _mount_of(container, settings["state_dir"] / "models")
+        assert state["mountPropagation"] == "Bidirectional", container["name"]
+        assert state["name"] == "state-dir"
+        assert container["securityContext"]["privileged"] is True
+    # The plugin binds into pods' directories, which kubelet and the runtime must see.
+    kubelet = _mount_of(plugin, Path("/var/lib/kubelet/pods"))
+    assert kubelet["mountPropagation"] == "Bidirectional"
+    assert _host_path(kubelet["name"]) == kubelet["mountPath"] == "/var/lib/kubelet"
+    assert _host_path(_mount_of(daemon, Path("/dev/fuse"))["name"]) == "/dev/fuse"
+
+
+def test_the_plugin_asks_the_daemon_the_config_map_sets_up() -> None:
+    daemon = _container("modelfs-daemon")
+    assert daemon["args"][:2] == ["daemon", "--config"]
+    config_path = Path(daemon["args"][2])
+    config_mount = _mount_of(daemon, config_path)
+    spec = _one("DaemonSet")["spec"]["template"]["spec"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == config_mount["name"]]
+    config_map = _one("ConfigMap")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    text = config_map["data"][str(config_path.relative_to(config_mount["mountPath"]))]
+    config = parse_config(text, "deploy/node-config.yaml")
+    control = _plugin_settings()["control_socket"]
+    assert config.control_socket == control
+    plugin = _container("modelfs-csi")
+    assert _mount_of(plugin, control)["name"] == _mount_of(daemon, control)["name"]
+    # The cache lives on the host, so a new pod finds what the last one fetched.
+    assert _host_path(_mount_of(daemon, config.cache_dir)["name"]) == "/var/lib/modelfs"
+
+
+def test_the_pods_run_as_the_service_account_in_its_namespace() -> None:
+    daemon_set = _one("DaemonSet")
+    account = _one("ServiceAccount")
+    assert (
+        daemon_set["spec"]["template"]["spec"]["serviceAccountName"]
+        == (account["metadata"]["name"])
+    )
+    namespace = _one("Namespace")["metadata"]["name"]
+    for kind in ("DaemonSet", "ServiceAccount", "ConfigMap"):
+        assert _one(kind)["metadata"]["namespace"] == namespace, kind
+
+
+@pytest.mark.parametrize("container", ["modelfs-daemon", "modelfs-csi"])
+def test_the_node_image_runs_modelfs_with_fuse_and_mount(container: str) -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["modelfs"]' in dockerfile
+    runtime = dockerfile.rsplit("FROM ", 1)[1]  # the last stage: the image that runs
+    assert "fuse3" in runtime and " mount" in runtime
+    image = _container(container)["image"]
+    assert image == _container("modelfs-daemon")["image"]
