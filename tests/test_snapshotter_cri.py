@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import trio
 from containerd_tools import Containerd, Snapshotter, containerd_missing
 from mounting import mount_pid
 from registry_tools import Layer, Registry, free_port, push_artifact
@@ -23,6 +24,9 @@ from safetensors.numpy import save
 from modelfs.modelpack import ANNOTATION_FILEPATH
 from modelfs.reference import Reference
 from modelfs.snapshot.api import cri_pb, cri_services, pb, services
+from modelfs.snapshot.cri import IMAGE_REF_LABEL
+from modelfs.snapshot.models import MODEL_LABEL, SNAPSHOT_REF_LABEL
+from modelfs.sources.registry import RegistryClient
 
 MISSING = containerd_missing()
 pytestmark = pytest.mark.skipif(
@@ -33,11 +37,13 @@ WEIGHTS = {"w": np.random.default_rng(18).random(3 << 18, dtype=np.float32)}  # 
 FILES = {"config.json": b'{"model_type": "test"}', "model.safetensors": save(WEIGHTS)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def private_model(auth_registry: Registry) -> Reference:
-    """A model only the registry's user may read (tag v1)."""
-    layers = [Layer(RAW, data, {ANNOTATION_FILEPATH: name}) for name, data in FILES.items()]
+    """A model only the registry's user may read (tag v1), in no cache yet: its own digest
+    (the cache serves by digest)."""
     repository = f"models/private-{uuid.uuid4().hex[:8]}"
+    files = {**FILES, "README.md": repository.encode()}
+    layers = [Layer(RAW, data, {ANNOTATION_FILEPATH: name}) for name, data in files.items()]
     push_artifact(
         auth_registry.host, repository, "v1", layers, credentials=auth_registry.credentials
     )
@@ -129,7 +135,7 @@ def test_a_model_pulled_through_the_cri_proxy_mounts_with_kubelets_credentials(
     print(f"CRI PullImage through the proxy: {time.monotonic() - started:.2f} s")
     assert image_ref.startswith("sha256:")
     [mount] = snapshotter.model_mounts()
-    assert sorted(path.name for path in mount.iterdir()) == sorted(FILES)
+    assert sorted(path.name for path in mount.iterdir()) == sorted([*FILES, "README.md"])
     assert all((mount / name).read_bytes() == data for name, data in FILES.items())
     # Every other call of the image service is containerd's, answered through the proxy.
     listed = kubelet.ListImages(cri_pb.ListImagesRequest()).images
@@ -163,3 +169,49 @@ def test_a_model_pulled_through_the_cri_proxy_mounts_with_kubelets_credentials(
         "modelfs_snapshotter_cri_credentials_kept_total 2.0",  # the wrong ones, the right ones
     ):
         assert line in lines, lines
+
+
+def test_wrong_credentials_from_a_pull_fail_the_model_mount_clearly_and_leave_nothing(
+    node: tuple[Snapshotter, Containerd], auth_registry: Registry, private_model: Reference
+) -> None:
+    """Credentials kubelet gave that the registry refuses, used for a model mount (as when
+    containerd itself pulled with other credentials): the Prepare fails with one line saying
+    whose credentials were refused, nothing is left, and the snapshotter serves on. (A model
+    in the node's cache would mount: its pieces, checked by digest, are not asked again.)"""
+    snapshotter, _ = node
+    kubelet = cri_services.ImageServiceStub(
+        grpc.insecure_channel(f"unix://{snapshotter.root.parent / 'cri.sock'}")
+    )
+    image = str(private_model)
+    wrong = cri_pb.AuthConfig(username="someone", password="not-the-password")
+    with pytest.raises(grpc.RpcError):
+        _pull(kubelet, image, wrong)  # refused by containerd; the proxy kept them on the way
+    client = services.SnapshotsStub(grpc.insecure_channel(f"unix://{snapshotter.address}"))
+    model = _pinned(auth_registry, private_model)
+    chain_id = "sha256:" + "c" * 64
+    labels = {SNAPSHOT_REF_LABEL: chain_id, MODEL_LABEL: str(model), IMAGE_REF_LABEL: image}
+    with pytest.raises(grpc.RpcError) as error:
+        client.Prepare(pb.PrepareSnapshotRequest(key=f"extract {chain_id}", labels=labels))
+    print(f"\n{error.value.details()}")
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"cannot mount model {model} with the credentials of the image's pull: " in (
+        error.value.details()
+    )
+    assert "rejected the credentials" in error.value.details()
+    assert _snapshots(snapshotter) == [] and snapshotter.model_mounts() == []
+    assert not list((snapshotter.root / "models").iterdir())
+    client.Prepare(pb.PrepareSnapshotRequest(key="it-serves-on"))
+    client.Remove(pb.RemoveSnapshotRequest(key="it-serves-on"))
+
+
+def _pinned(registry: Registry, model: Reference) -> Reference:
+    """``model`` pinned by its manifest's digest, asked with the registry's own credentials."""
+
+    async def digest() -> str:
+        async with RegistryClient(
+            registry.host, plain_http=True, credentials=registry.credentials
+        ) as client:
+            fetched = await client.repository(model.repository).get_manifest(model.selector)
+            return fetched.digest
+
+    return model.pinned(trio.run(digest))

@@ -76,8 +76,9 @@ class ModelMounts:
             failure = await _modelfs(arguments, credentials)
             if failure is not None:
                 path.rmdir()
+                given = " with the credentials of the image's pull" if credentials else ""
                 raise SnapshotError(
-                    Code.FAILED_PRECONDITION, f"cannot mount model {model}: {failure}"
+                    Code.FAILED_PRECONDITION, f"cannot mount model {model}{given}: {failure}"
                 )
             log.info("mounted model %s on %s", model, path)
             return path
