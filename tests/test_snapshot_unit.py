@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from modelfs.errors import AuthError
 from modelfs.mount.session import MountOptions
 from modelfs.reference import parse_reference
 from modelfs.snapshot.api import cri_pb
@@ -290,3 +291,11 @@ def test_credentials_stay_out_of_logs_and_settings_files(tmp_path: Path) -> None
     options = MountOptions(parse_reference("r.test/m:v1"), tmp_path, credentials=credentials)
     assert "the-secret" not in options.as_json() and "the-secret" not in repr(options)
     assert MountOptions.from_json(options.as_json()).credentials is None
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not json", b"[]", b'{"username": "u"}', b'{"username": 1, "password": "p"}']
+)
+def test_malformed_credentials_on_the_pipe_are_refused(data: bytes) -> None:
+    with pytest.raises(AuthError, match="the credentials given to the mount are malformed"):
+        Credentials.from_json(data)
