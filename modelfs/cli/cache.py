@@ -113,7 +113,12 @@ def cache_verify(cache_dir: Path, cache_size: str) -> None:
 @cache_options
 @source_options
 def cache_rm(
-    reference: str, cache_dir: Path, cache_size: str, plain_http: bool, insecure: bool
+    reference: str,
+    cache_dir: Path,
+    cache_size: str,
+    plain_http: bool,
+    insecure: bool,
+    hosts_dir: Path,
 ) -> None:
     """Remove a model (REFERENCE, or its bare manifest digest) and the blobs only it uses.
 
@@ -128,7 +133,7 @@ def cache_rm(
         if reference.startswith("sha256:"):
             digest = reference
         else:
-            settings = SourceSettings(plain_http=plain_http, insecure=insecure)
+            settings = SourceSettings(plain_http=plain_http, insecure=insecure, hosts_dir=hosts_dir)
             digest = trio.run(resolve_digest, parse_any_reference(reference), store, settings)
         dropped = remove_model(store, digest)
     finally:

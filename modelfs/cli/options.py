@@ -10,6 +10,7 @@ from modelfs import sizes
 from modelfs.cli import F
 from modelfs.errors import ModelfsError
 from modelfs.mount.session import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
+from modelfs.sources.hosts import DEFAULT_HOSTS_DIR
 from modelfs.trust.scan_policy import ScanPolicy
 
 
@@ -38,6 +39,14 @@ def cache_options(command: F) -> F:
 
 
 def source_options(command: F) -> F:
+    command = click.option(
+        "--hosts-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=DEFAULT_HOSTS_DIR,
+        show_default=True,
+        help="containerd's registry hosts directory: the mirrors a registry's hosts.toml "
+        "there names are read through first (docs/mirrors.md).",
+    )(command)
     command = click.option(
         "--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to this registry."
     )(command)

@@ -33,6 +33,7 @@ def preheat(
     cache_size: str,
     plain_http: bool,
     insecure: bool,
+    hosts_dir: Path,
     hints_only: bool,
 ) -> None:
     """Fetch every piece of each model REFERENCE into the node's cache, without mounting.
@@ -44,7 +45,7 @@ def preheat(
       modelfs preheat --hints-only registry.example.com/models/qwen:v1
     """
     refs = [parse_any_reference(text) for text in references]
-    settings = SourceSettings(plain_http=plain_http, insecure=insecure)
+    settings = SourceSettings(plain_http=plain_http, insecure=insecure, hosts_dir=hosts_dir)
     cache = PieceCache(cache_dir, parse_size(cache_size))
     try:
         for ref in refs:

@@ -46,6 +46,7 @@ def scan(reference: str, as_json: bool, **settings: Any) -> None:
         cache_size=parse_size(settings["cache_size"]),
         plain_http=settings["plain_http"],
         insecure=settings["insecure"],
+        hosts_dir=settings["hosts_dir"],
         signature_policy=settings["signature_policy"],
         scan=scan_policy(settings["scan"]),
     )

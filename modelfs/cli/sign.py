@@ -10,6 +10,7 @@ import trio
 
 from modelfs.cli.options import source_options
 from modelfs.reference import parse_reference
+from modelfs.sources.mirrors import find_hosts
 from modelfs.sources.registry import RegistryClient
 from modelfs.trust import TrustError
 from modelfs.trust.keys import private_key
@@ -35,7 +36,9 @@ PASSWORD_VARIABLE = "MODELFS_KEY_PASSWORD"
     "a simple-signing signature under the tag sha256-<digest>.sig (cosign's classic one).",
 )
 @source_options
-def sign(reference: str, key_path: Path, bundle: bool, plain_http: bool, insecure: bool) -> None:
+def sign(
+    reference: str, key_path: Path, bundle: bool, plain_http: bool, insecure: bool, hosts_dir: Path
+) -> None:
     """Sign the model REFERENCE names (its digest, a tag resolved now) with KEY and publish the
     signature in its registry, where mounts look for it (docs/trust.md). `cosign verify --key`
     accepts it too.
@@ -53,7 +56,11 @@ def sign(reference: str, key_path: Path, bundle: bool, plain_http: bool, insecur
     key = private_key(data, str(key_path), None if password is None else password.encode())
 
     async def run() -> str:
-        async with RegistryClient(parsed.api_host, plain_http=plain_http, insecure=insecure) as c:
+        # Signatures go to the registry's server, never a mirror.
+        *_, server = find_hosts(
+            parsed.registry, parsed.api_host, plain_http=plain_http, hosts_dir=hosts_dir
+        )
+        async with RegistryClient(server.netloc, insecure=insecure, endpoint=server) as c:
             signed = await sign_model(
                 c.repository(parsed.repository), parsed, key, str(key_path), bundle=bundle
             )

@@ -30,6 +30,7 @@ from modelfs.prefetch.hints import Hint, hinted_pieces
 from modelfs.prefetch.prefetcher import feed_hints
 from modelfs.prefetch.profile import recorded_profile
 from modelfs.reference import LayoutReference, Reference
+from modelfs.sources.hosts import DEFAULT_HOSTS_DIR
 from modelfs.sources.interface import BlobSource
 
 PARALLEL_RUNS = 8  # fetched at once, each on its own connection
@@ -53,6 +54,7 @@ class SourceSettings:
     insecure: bool = False
     timeout: float = 30.0
     retries: int = 3
+    hosts_dir: Path | None = DEFAULT_HOSTS_DIR  # containerd's: the registry's mirrors
 
 
 def _open_source(
@@ -67,6 +69,7 @@ def _open_source(
             insecure=settings.insecure,
             timeout=settings.timeout,
             retries=settings.retries,
+            hosts_dir=settings.hosts_dir,
         )
     )
 
