@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from modelfs.service.config import ConfigError, parse_config
+from modelfs.service.supervisor import child_environment, mount_options
 from modelfs.sources.hosts import (
     CAPABILITIES,
     PULL,
@@ -146,3 +148,54 @@ def test_durations() -> None:
     assert parse_duration("250ms") == 0.25
     assert parse_duration("10") is None
     assert parse_duration("") is None
+
+
+def test_the_daemon_config_names_mirrors_hosts_dir_and_proxy(tmp_path: Path) -> None:
+    config = parse_config(
+        """
+hosts_dir = "/srv/certs.d"
+[registries."ghcr.io"]
+mirrors = ["http://127.0.0.1:4001", "https://harbor.example/v2/ghcr"]
+[registries."quay.io"]
+plain_http = false
+[proxy]
+https = "http://user:pw@proxy.example:3128"
+no_proxy = "localhost,.cluster.local"
+[[mounts]]
+ref = "ghcr.io/org/model:v1"
+path = "/var/lib/models/m"
+""",
+        "config.toml",
+    )
+    assert config.hosts_dir == Path("/srv/certs.d")
+    assert config.mirrors == {
+        "ghcr.io": ("http://127.0.0.1:4001", "https://harbor.example/v2/ghcr")
+    }
+    options = mount_options(config.mounts[0], config)
+    assert options.mirrors == config.mirrors["ghcr.io"] and options.hosts_dir == config.hosts_dir
+    environment = child_environment(config)
+    assert environment["HTTPS_PROXY"] == "http://user:pw@proxy.example:3128"
+    assert environment["NO_PROXY"] == "localhost,.cluster.local"
+    assert parse_config("", "config.toml").hosts_dir == Path("/etc/containerd/certs.d")
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        (
+            '[registries."r.io"]\nmirrors = "http://m"',
+            'config.toml [registries."r.io"]: mirrors must be a list',
+        ),
+        ('[registries."r.io"]\nmirrors = ["ftp://m"]', "mirror 'ftp://m'"),
+        (
+            '[proxy]\nhttps = "socks5://p:1080"',
+            "config.toml [proxy]: https: proxy 'socks5://p:1080'",
+        ),
+        ('[proxy]\nftp = "http://p"', "config.toml [proxy]: unknown key 'ftp'"),
+        ("hosts_dir = 3", "hosts_dir must be a str"),
+    ],
+)
+def test_a_wrong_mirror_or_proxy_setting_is_one_line(text: str, names: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "config.toml")
+    assert names in str(raised.value) and "\n" not in str(raised.value)

@@ -19,6 +19,8 @@ from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 from modelfs.service.peer_ports import PortRange, parse_port_range
 from modelfs.sizes import parse_size
+from modelfs.sources.hosts import DEFAULT_HOSTS_DIR, HostsError, mirror_hosts
+from modelfs.sources.proxy import parse_proxy_url
 from modelfs.trust.scan_policy import ScanPolicy
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
@@ -63,6 +65,12 @@ class DaemonConfig:
     metrics_addr: str | None = None
     credentials: Path | None = None  # a docker-style config directory (DOCKER_CONFIG)
     registries: dict[str, RegistrySettings] = field(default_factory=dict)
+    # Registry mirrors (modelfs.sources.mirrors): containerd's hosts.toml directory, and
+    # modelfs's own per registry ([registries."host"] mirrors), which win.
+    hosts_dir: Path | None = DEFAULT_HOSTS_DIR
+    mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # [proxy]: HTTP_PROXY, HTTPS_PROXY and NO_PROXY for the mount processes.
+    proxy: dict[str, str] = field(default_factory=dict)
     mounts: list[MountSpec] = field(default_factory=list)
     cluster: NodeCluster | None = None
     # [trust]: every mount's signature policy (None: the node's default) and scan policy.
@@ -107,6 +115,8 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
             "credentials",
             "cache",
             "registries",
+            "hosts_dir",
+            "proxy",
             "mounts",
             "cluster",
             "trust",
@@ -121,10 +131,12 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
     except ValueError as error:
         raise ConfigError(f"{origin} [cache]: {error}") from None
     registries = {}
+    mirrors: dict[str, tuple[str, ...]] = {}
     for host, settings in _table(data.get("registries", {}), f"{origin} [registries]").items():
         where = f'{origin} [registries."{host}"]'
         table = _table(settings, where)
-        _known(table, {"plain_http", "insecure"}, where)
+        _known(table, {"plain_http", "insecure", "mirrors"}, where)
+        mirrors[host] = _mirrors(table, host, where)
         registries[host] = RegistrySettings(
             plain_http=bool(_typed(table, "plain_http", bool, where)),
             insecure=bool(_typed(table, "insecure", bool, where)),
@@ -175,11 +187,42 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
         metrics_addr=_typed(data, "metrics_addr", str, origin) or None,
         credentials=None if credentials is None else Path(credentials),
         registries=registries,
+        hosts_dir=Path(_typed(data, "hosts_dir", str, origin) or DEFAULT_HOSTS_DIR),
+        mirrors={host: urls for host, urls in mirrors.items() if urls},
+        proxy=_proxy(_table(data.get("proxy", {}), f"{origin} [proxy]"), f"{origin} [proxy]"),
         mounts=mounts,
         cluster=cluster,
         signature_policy=None if policy is None else Path(policy),
         scan=scan,
     )
+
+
+def _mirrors(table: dict[str, Any], host: str, where: str) -> tuple[str, ...]:
+    urls = table.get("mirrors", [])
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise ConfigError(f"{where}: mirrors must be a list of URLs, not {urls!r}")
+    try:
+        mirror_hosts(urls, host, where)
+    except HostsError as error:
+        raise ConfigError(str(error)) from None
+    return tuple(urls)
+
+
+def _proxy(table: dict[str, Any], where: str) -> dict[str, str]:
+    """``[proxy]`` as the environment variables it sets: http, https, no_proxy."""
+    _known(table, {"http", "https", "no_proxy"}, where)
+    environment = {}
+    for key in ("http", "https", "no_proxy"):
+        value = _typed(table, key, str, where)
+        if value is None:
+            continue
+        if key != "no_proxy":
+            try:
+                parse_proxy_url(value)
+            except ModelfsError as error:
+                raise ConfigError(f"{where}: {key}: {error}") from None
+        environment[key.upper() if key == "no_proxy" else f"{key.upper()}_PROXY"] = value
+    return environment
 
 
 _TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")

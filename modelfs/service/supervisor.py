@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import trio
 
 from modelfs.mount.session import MountOptions
+from modelfs.reference import LayoutReference
 from modelfs.service.config import DaemonConfig, MountSpec
 from modelfs.service.notify import NOTIFY_VARIABLES
 from modelfs.sources.credentials import Credentials
@@ -113,6 +114,10 @@ def mount_options(
         cache_size=config.cache_size,
         plain_http=registry.plain_http,
         insecure=registry.insecure,
+        hosts_dir=config.hosts_dir,
+        mirrors=()
+        if isinstance(spec.reference, LayoutReference)
+        else config.mirrors.get(spec.reference.registry, ()),
         prefetch=spec.prefetch,
         cluster=cluster,
         stats_socket=stats_socket(config, spec.path),
@@ -154,6 +159,9 @@ def child_environment(config: DaemonConfig) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in NOTIFY_VARIABLES}
     if config.credentials is not None:
         env["DOCKER_CONFIG"] = str(config.credentials)
+    for name, value in config.proxy.items():  # [proxy]: in place of the daemon's own, either case
+        env.pop(name.lower(), None)
+        env[name] = value
     return env
 
 
