@@ -578,7 +578,10 @@ def test_a_model_that_cannot_be_mounted_fails_the_prepare_and_leaves_nothing(
         registry = auth_registry
         model = _push_model(registry, files, {"config.json": "config.json"})
     (tmp_path / "s").mkdir()
-    snapshotter = Snapshotter(tmp_path / "s", "--plain-http-registry", registry.host)
+    # A cache of its own: the default one may hold the same small model (same digest), which
+    # would mount from it by digest without asking the registry.
+    options = ("--plain-http-registry", registry.host, "--cache-dir", str(tmp_path / "cache"))
+    snapshotter = Snapshotter(tmp_path / "s", *options)
     snapshotter.start()
     try:
         client = _client(snapshotter)
