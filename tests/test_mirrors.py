@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from mounting import modelfs, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, push_artifact
+from test_metrics import running_daemon, scrape, value
+from test_service import status
 
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
@@ -174,3 +177,58 @@ def test_a_mirror_that_alters_bytes_is_passed_over_and_no_wrong_byte_is_read(
         assert tampering.blob_bytes > 0  # the mirror was asked, and answered altered bytes
     assert read == data
     assert stats.fetched_bytes[REGISTRY] >= len(data)  # all of it from the origin in the end
+
+
+def read_file(path: Path) -> bytes:
+    with path.open("rb", buffering=0) as file:
+        return b"".join(iter(lambda: file.read(MIB), b""))
+
+
+def test_modelfs_mount_reads_through_the_hosts_dir_it_is_given(
+    registry: Registry, origin: Proxy, mirror: Registry, tmp_path: Path
+) -> None:
+    name = push_model(registry)
+    hosts = mirror_first(tmp_path / "certs.d", origin, mirror.host)
+    origin.reset()
+    mnt = tmp_path / "mnt"
+    reference = f"{origin.host}/{name}"
+    with mounted(
+        reference, mnt, tmp_path / "cache", "--prefetch", "none", "--hosts-dir", str(hosts)
+    ):
+        assert read_file(mnt / "w.bin") == DATA
+    assert origin.bytes_by_blob.get(DIGEST, 0) < 1.5 * len(DATA)  # the mirror's fill, not ours
+
+
+def test_the_node_service_reads_through_its_configured_mirrors_and_counts_them(
+    registry: Registry, origin: Proxy, mirror: Registry, tmp_path: Path
+) -> None:
+    name = push_model(registry)
+    mnt = tmp_path / "models" / "m"
+    mnt.mkdir(parents=True)
+    control = tmp_path / "run" / "control.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'control_socket = "{control}"\n'
+        f'hosts_dir = "{tmp_path / "no-hosts-dir"}"\n'
+        f'[cache]\ndir = "{tmp_path / "cache"}"\nsize = "1G"\n'
+        f'[registries."{origin.host}"]\nplain_http = true\nmirrors = ["http://{mirror.host}"]\n'
+        f'[[mounts]]\nref = "{origin.host}/{name}"\npath = "{mnt}"\nprefetch = "none"\n'
+    )
+    try:
+        with running_daemon(config, tmp_path) as (port, _):
+            assert read_file(mnt / "w.bin") == DATA
+            (mount,) = status(control)["mounts"]  # type: ignore[misc]
+            live = mount["live"]
+            assert live["mirror_bytes"] == {mirror.host: live["fetched_bytes"]["mirror"]}
+            assert live["fetched_bytes"]["mirror"] >= len(DATA)
+            samples = scrape(port)
+            assert value(samples, "modelfs_fetched_bytes_total", mnt, source="mirror") >= len(DATA)
+            assert (
+                value(samples, "modelfs_mirror_fetched_bytes_total", mnt, mirror=mirror.host)
+                == live["mirror_bytes"][mirror.host]
+            )
+            text = modelfs("status", "--control-socket", str(control)).stdout
+            assert f"{mnt}: from mirror {mirror.host}: " in text
+            assert "mirror 100%" in text
+    finally:
+        unmount(mnt)

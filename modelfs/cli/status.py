@@ -83,6 +83,8 @@ def status(control_socket: Path, as_json: bool, snapshotter_root: Path) -> None:
         last_error = live.get("last_error") or mount["last_error"]
         if last_error:
             errors.append(f"{mount['mountpoint']}: last error: {last_error}")
+        for mirror, size in sorted(live.get("mirror_bytes", {}).items()):
+            errors.append(f"{mount['mountpoint']}: from mirror {mirror}: {mib(size)}")
         if live.get("signature"):  # which key verified the model (docs/trust.md)
             errors.append(f"{mount['mountpoint']}: signature: {live['signature']}")
         for found in live.get("findings", []):

@@ -56,8 +56,13 @@ def _mount_families(
     )
     fetched = CounterMetricFamily(
         "modelfs_fetched_bytes",
-        "Bytes the mount loaded, by source (registry, peer, layout, cache).",
+        "Bytes the mount loaded, by source (registry, mirror, peer, layout, cache).",
         labels=[*labels, "source"],
+    )
+    from_mirrors = CounterMetricFamily(
+        "modelfs_mirror_fetched_bytes",
+        "Bytes the mount loaded from each registry mirror (its host), of source=\"mirror\".",
+        labels=[*labels, "mirror"],
     )
     duration = HistogramMetricFamily(
         "modelfs_fetch_duration_seconds",
@@ -119,6 +124,8 @@ def _mount_families(
         )
         for source in sorted(stats.fetched_bytes):
             fetched.add_metric([*names, source], stats.fetched_bytes[source])
+        for mirror, count in sorted(stats.mirror_bytes.items()):
+            from_mirrors.add_metric([*names, mirror], count)
         for source, histogram in sorted(stats.fetch_seconds.items()):
             duration.add_metric(
                 [*names, source],
@@ -140,6 +147,7 @@ def _mount_families(
         read,
         read_duration,
         fetched,
+        from_mirrors,
         duration,
         fetches,
         errors,
