@@ -6,7 +6,8 @@ image's marker layer, served over containerd's snapshots gRPC API on a unix sock
   of a snapshot, the labels and marker that name a model, its model image).
 - ``metadata``: the snapshots' state machine and its store (SQLite under the root).
 - ``disk``: the snapshot directories and their usage; ``lazy``: the model mounts.
-- ``api``: the protobuf messages and gRPC service, compiled from ``proto/`` at import.
+- ``api``: the protobuf messages and gRPC services, compiled from ``proto/`` at import.
 - ``server``: the gRPC service; ``mirror``: the registry mirror that answers a model's own
-  reference with its model image; ``stats``: the Prometheus metrics.
+  reference with its model image; ``cri``: the CRI image proxy that keeps kubelet's pull
+  credentials for the model mounts; ``stats``: the Prometheus metrics.
 """
