@@ -20,13 +20,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from mounting import is_mounted, modelfs, mounted, unmount
-from registry_tools import Layer, Proxy, Registry, push_artifact
+from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
 from safetensors.numpy import save
 from test_service import Notifications, running_daemon, status
 
@@ -146,6 +147,11 @@ def test_signed_model_mounts_and_unsigned_is_refused(
     error = refused_mount(unsigned, mnt, tmp_path / "cache", "--signature-policy", str(policy))
     assert error.startswith(f"modelfs: error: refusing {unsigned} (sha256:")
     assert f'{policy} scope "{scope}" (sigstoreSigned): no signature found' in error
+    # By digest, its manifest now in the cache: still looked up, still refused.
+    digest = error.split("(", 1)[1].split(")", 1)[0]
+    by_digest = f"{repository_of(unsigned)}@{digest}"
+    again = refused_mount(by_digest, mnt, tmp_path / "cache", "--signature-policy", str(policy))
+    assert again.startswith(f"modelfs: error: refusing {by_digest} ({digest}):")
     # Outside the scope, the default accepts it unsigned.
     elsewhere = push(registry, {"config.json": CONFIG})
     other_policy = write_policy(tmp_path / "other.json", f"{registry.host}/nowhere", public)
@@ -416,7 +422,8 @@ def test_daemon_applies_the_policy_and_status_shows_key_and_findings(
     (tmp_path / "default.json").write_text(json.dumps(document))
     notifications = Notifications(tmp_path / "notify.sock")
     try:
-        with running_daemon(config, notifications):
+        metrics_port = free_port()
+        with running_daemon(config, notifications, "--metrics-addr", f"127.0.0.1:{metrics_port}"):
             notifications.wait_for("READY=1")
             with pytest.raises(OSError):
                 (good / "evil.pkl").read_bytes()
@@ -427,6 +434,11 @@ def test_daemon_applies_the_policy_and_status_shows_key_and_findings(
             reply = status(control)
             live = reply["mounts"][0]["live"]  # type: ignore[index]
             assert live["findings"][0]["action"] == "refuse-file"
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            assert (
+                f'modelfs_scan_findings{{action="refuse-file",format="pickle",'
+                f'mountpoint="{good}",reference="{reference}"}} 1.0'
+            ) in scraped
             # Through the daemon (modelfs mount asks it), an unsigned model is refused.
             result = modelfs(
                 "mount", unsigned, str(bad), "--plain-http", "--control-socket", str(control)
