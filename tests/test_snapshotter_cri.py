@@ -4,11 +4,14 @@ registry behind htpasswd, and a node with no login of its own."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import trio
-from containerd_tools import Containerd, Snapshotter, containerd_missing
+from containerd_tools import MODELFS, Containerd, Snapshotter, containerd_missing
 from mounting import mount_pid
 from registry_tools import Layer, Registry, free_port, push_artifact
 from safetensors.numpy import save
@@ -50,16 +53,48 @@ def private_model(auth_registry: Registry) -> Reference:
     return Reference(auth_registry.host, repository, "v1", None)
 
 
-@pytest.fixture(scope="module")
+@dataclass
+class Node:
+    snapshotter: Snapshotter
+    containerd: Containerd
+    control: Path | None  # the node daemon's control socket, if it runs
+
+
+def _start_daemon(root: Path, registry: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """modelfsd with no registry credentials, as on a node with no login."""
+    control = root / "run" / "control.sock"
+    config = root / "daemon.toml"
+    config.write_text(
+        f'control_socket = "{control}"\n'
+        f'[cache]\ndir = "{root / "daemon-cache"}"\nsize = "1G"\n'
+        f'[registries."{registry}"]\nplain_http = true\n'
+    )
+    daemon = subprocess.Popen([MODELFS, "daemon", "--config", str(config)])
+    deadline = time.monotonic() + 30
+    while not control.exists():
+        assert daemon.poll() is None and time.monotonic() < deadline, "no daemon"
+        time.sleep(0.05)
+    return daemon, control
+
+
+@pytest.fixture(scope="module", params=["alone", "with modelfsd"])
 def node(
-    tmp_path_factory: pytest.TempPathFactory, auth_registry: Registry
-) -> Iterator[tuple[Snapshotter, Containerd]]:
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    auth_registry: Registry,
+) -> Iterator[Node]:
     """As a Kubernetes node: containerd's CRI pulls with the snapshotter, through its mirror,
-    and kubelet talks to the snapshotter's CRI image proxy. The node has no registry login."""
+    and kubelet talks to the snapshotter's CRI image proxy; with the node daemon or not. The
+    node has no registry login."""
     root = tmp_path_factory.mktemp("cri-proxy")
     port = free_port()
     (root / "containerd").mkdir()
+    daemon, control = None, None
+    if request.param == "with modelfsd":
+        daemon, control = _start_daemon(root, auth_registry.host)
     options = ("--plain-http-registry", auth_registry.host, "--cache-dir", str(root / "cache"))
+    if control is not None:
+        options += ("--control-socket", str(control))
     options += ("--prefetch", "none", "--mirror-addr", f"127.0.0.1:{port}")
     options += ("--cri-image-proxy", str(root / "cri.sock"))
     options += ("--cri-endpoint", str(root / "containerd" / "containerd.sock"))
@@ -76,10 +111,13 @@ def node(
     containerd = Containerd(root / "containerd", snapshotter, cri_hosts=hosts)
     assert containerd.address == root / "containerd" / "containerd.sock"
     containerd.start()
-    yield snapshotter, containerd
+    yield Node(snapshotter, containerd, control)
     containerd.stop()
     snapshotter.stop()
     snapshotter.unmount_models()
+    if daemon is not None:
+        daemon.terminate()
+        daemon.wait(timeout=60)
 
 
 def _pull(kubelet: Any, image: str, auth: Any = None) -> str:
@@ -107,9 +145,9 @@ def _holding(directory: Path, secret: bytes) -> list[Path]:
 
 
 def test_a_model_pulled_through_the_cri_proxy_mounts_with_kubelets_credentials(
-    node: tuple[Snapshotter, Containerd], auth_registry: Registry, private_model: Reference
+    node: Node, auth_registry: Registry, private_model: Reference
 ) -> None:
-    snapshotter, _ = node
+    snapshotter = node.snapshotter
     proxy = snapshotter.root.parent / "cri.sock"
     assert proxy.stat().st_mode & 0o777 == 0o600
     kubelet = cri_services.ImageServiceStub(grpc.insecure_channel(f"unix://{proxy}"))
@@ -147,6 +185,10 @@ def test_a_model_pulled_through_the_cri_proxy_mounts_with_kubelets_credentials(
     assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert secret not in Path(f"/proc/{pid}/environ").read_bytes()
     assert _holding(snapshotter.root.parent, secret) == []
+    if node.control is not None:  # the daemon is not handed them: the mount is not the daemon's
+        status = [MODELFS, "status", "--control-socket", str(node.control), "--json"]
+        listed = json.loads(subprocess.run(status, capture_output=True, check=True).stdout)
+        assert listed["mounts"] == []
 
     # Removing the image (kubelet's image garbage collection) removes its snapshots, and the
     # model's mount with the last of them.
@@ -172,13 +214,13 @@ def test_a_model_pulled_through_the_cri_proxy_mounts_with_kubelets_credentials(
 
 
 def test_wrong_credentials_from_a_pull_fail_the_model_mount_clearly_and_leave_nothing(
-    node: tuple[Snapshotter, Containerd], auth_registry: Registry, private_model: Reference
+    node: Node, auth_registry: Registry, private_model: Reference
 ) -> None:
     """Credentials kubelet gave that the registry refuses, used for a model mount (as when
     containerd itself pulled with other credentials): the Prepare fails with one line saying
     whose credentials were refused, nothing is left, and the snapshotter serves on. (A model
     in the node's cache would mount: its pieces, checked by digest, are not asked again.)"""
-    snapshotter, _ = node
+    snapshotter = node.snapshotter
     kubelet = cri_services.ImageServiceStub(
         grpc.insecure_channel(f"unix://{snapshotter.root.parent / 'cri.sock'}")
     )
