@@ -270,7 +270,9 @@ def test_two_pods_share_one_lazy_mount_read_exact_bytes_and_the_last_unpublish_u
     reference = _through(counting, model)
     first = Pod(kubelet, {REFERENCE: reference, PREFETCH: "none"})
     counting.reset()
+    started = time.monotonic()
     first.publish(channel)
+    print(f"first pod's publish (the model mounted): {time.monotonic() - started:.2f} s")
     assert sorted(os.listdir(first.target)) == ["config.json", "weights.raw"]
     assert (first.target / "config.json").read_bytes() == b'{"layers": 2}'
     start = 29 << 20
@@ -294,7 +296,9 @@ def test_two_pods_share_one_lazy_mount_read_exact_bytes_and_the_last_unpublish_u
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
 
     second = Pod(kubelet, {REFERENCE: reference})
+    started = time.monotonic()
     second.publish(channel)
+    print(f"second pod's publish (the mount shared): {time.monotonic() - started:.2f} s")
     assert node.model_mounts() == [mount]
     assert (second.target / "weights.raw").read_bytes()[-4096:] == weights[-4096:]
 
