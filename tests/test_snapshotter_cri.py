@@ -92,7 +92,8 @@ def node(
     daemon, control = None, None
     if request.param == "with modelfsd":
         daemon, control = _start_daemon(root, auth_registry.host)
-    options = ("--plain-http-registry", auth_registry.host, "--cache-dir", str(root / "cache"))
+    options: tuple[str, ...] = ("--plain-http-registry", auth_registry.host)
+    options += ("--cache-dir", str(root / "cache"))
     if control is not None:
         options += ("--control-socket", str(control))
     options += ("--prefetch", "none", "--mirror-addr", f"127.0.0.1:{port}")
