@@ -10,6 +10,7 @@ later mount trusts nothing the refused one left behind.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import json
@@ -32,6 +33,9 @@ from safetensors.numpy import save
 from test_service import Notifications, running_daemon, status
 
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
+from modelfs.reference import parse_reference
+from modelfs.snapshot.lazy import ModelMounts
+from modelfs.snapshot.metadata import SnapshotError
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
@@ -446,6 +450,24 @@ def test_daemon_applies_the_policy_and_status_shows_key_and_findings(
             assert result.returncode == 1
             assert "rejects every model there" in result.stderr.strip().splitlines()[-1]
             assert not is_mounted(bad)
+            # The snapshotter's model mounts go the same way: the daemon's policy decides.
+            models = ModelMounts(
+                tmp_path / "snapshotter" / "models",
+                plain_http=frozenset({registry.host}),
+                cache_dir=None,
+                prefetch=None,
+                control_socket=control,
+            )
+            pinned = parse_reference(f"{repository_of(unsigned)}@{digest_of(unsigned)}")
+            with pytest.raises(SnapshotError, match="rejects every model there"):
+                asyncio.run(models.ensure(pinned))
+            assert not is_mounted(models.path(pinned))
+            pinned = parse_reference(f"{repository_of(reference)}@{digest_of(reference)}")
+            place = asyncio.run(models.ensure(pinned))
+            try:
+                assert (place / "config.json").read_bytes() == CONFIG
+            finally:
+                asyncio.run(models.release(place))
     finally:
         unmount(good)
         unmount(bad)
