@@ -10,13 +10,17 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from cluster_tools import publish, read_all, scheduler_process
 from mounting import modelfs, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_metrics import running_daemon, scrape, value
+from test_node_peers import SECRET, node_config, started
 from test_service import status
 
 from modelfs.artifact.tree import BlobRef
@@ -217,8 +221,7 @@ def test_the_node_service_reads_through_its_configured_mirrors_and_counts_them(
     try:
         with running_daemon(config, tmp_path) as (port, _):
             assert read_file(mnt / "w.bin") == DATA
-            (mount,) = status(control)["mounts"]  # type: ignore[misc]
-            live = mount["live"]
+            live: dict[str, Any] = status(control)["mounts"][0]["live"]  # type: ignore[index]
             assert live["mirror_bytes"] == {mirror.host: live["fetched_bytes"]["mirror"]}
             assert live["fetched_bytes"]["mirror"] >= len(DATA)
             samples = scrape(port)
@@ -232,3 +235,39 @@ def test_the_node_service_reads_through_its_configured_mirrors_and_counts_them(
             assert "mirror 100%" in text
     finally:
         unmount(mnt)
+
+
+def test_peers_first_then_the_mirror_chain_for_what_no_peer_holds(
+    registry: Registry, origin: Proxy, mirror: Registry, tmp_path: Path
+) -> None:
+    """Two nodes with [cluster] and a mirror: node A reads through the mirror (no peer holds
+    the model yet), node B from node A; the origin sends the model once, to the mirror."""
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(DATA)
+    reference = publish(registry.host, "mirrors/cluster", data_path)
+    secret = tmp_path / "cluster-secret"
+    secret.write_bytes(SECRET)
+    with scheduler_process(secret) as scheduler, ExitStack() as stack:
+        configs = []
+        for name in ("a", "b"):
+            config = node_config(tmp_path / name, origin, reference, scheduler, secret)
+            text = config.read_text().replace(
+                "plain_http = true\n", f'plain_http = true\nmirrors = ["http://{mirror.host}"]\n'
+            )
+            config.write_text(text)
+            configs.append(config)
+        origin.reset()
+        for config in configs:
+            started(stack, config)
+        expected = hashlib.sha256(DATA).hexdigest()
+        assert read_all([tmp_path / "a" / "model" / "model.bin"])[0] == [expected]
+        assert read_all([tmp_path / "b" / "model" / "model.bin"])[0] == [expected]
+        live = {
+            name: status(tmp_path / name / "run" / "control.sock")["mounts"][0]["live"]  # type: ignore[index]
+            for name in ("a", "b")
+        }
+        assert live["a"]["fetched_bytes"].get("mirror", 0) >= len(DATA), live["a"]
+        assert live["b"]["fetched_bytes"].get("peer", 0) >= 0.9 * len(DATA), live["b"]
+        assert "registry" not in live["a"]["fetched_bytes"]
+        print(f"origin sent {origin.blob_bytes / len(DATA):.2f} x the model for two nodes")
+        assert origin.blob_bytes < 1.5 * len(DATA)
