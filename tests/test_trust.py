@@ -18,14 +18,14 @@ import os
 import pickle
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from mounting import is_mounted, modelfs, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
@@ -249,6 +249,69 @@ def test_bundle_found_through_the_referrers_fallback_tag(
     assert (
         verdict["accepted"] and "bundle" in verdict["verdict"] and str(public) in verdict["verdict"]
     )
+
+
+def test_cosign_referrer_signature_found_through_the_fallback_tag(
+    registry: Registry, keys: dict[str, tuple[Path, Path]], tmp_path: Path, mnt: Path
+) -> None:
+    """cosign's OCI 1.1 mode: a simple-signing signature stored as a referrer (artifact type
+    application/vnd.dev.cosign.artifact.sig.v1+json), listed under the fallback tag."""
+    import trio
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
+    from modelfs.sources.referrers import Descriptor, empty_config, referrers_tag, with_referrer
+    from modelfs.sources.registry import RegistryClient, sha256_digest
+    from modelfs.trust.cosign import (
+        COSIGN_SIGNATURE_ARTIFACT,
+        signature_layer,
+        simple_signing_payload,
+    )
+
+    private, public = keys["ecdsa"]
+    reference = push(registry, {"config.json": CONFIG})
+    key = load_pem_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+
+    async def publish() -> None:
+        async with RegistryClient(registry.host, plain_http=True) as client:
+            repo = client.repository(repository_of(reference).split("/", 1)[1])
+            subject = await repo.get_manifest("v1")
+            payload = simple_signing_payload(subject.digest, repository_of(reference))
+            signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
+            layer = signature_layer(payload, signature)
+            config = empty_config()
+            for digest, body in ((config.digest, b"{}"), (layer["digest"], payload)):
+
+                async def chunks(data: bytes = body) -> AsyncIterator[bytes]:
+                    yield data
+
+                await repo.push_blob(digest, len(body), chunks())
+            manifest = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": OCI_MANIFEST,
+                    "artifactType": COSIGN_SIGNATURE_ARTIFACT,
+                    "config": config.to_json(),
+                    "layers": [layer],
+                    "subject": Descriptor(
+                        subject.media_type, subject.digest, len(subject.data)
+                    ).to_json(),
+                }
+            ).encode()
+            digest = await repo.push_manifest(sha256_digest(manifest), OCI_MANIFEST, manifest)
+            index = with_referrer(
+                None, Descriptor(OCI_MANIFEST, digest, len(manifest)), COSIGN_SIGNATURE_ARTIFACT
+            )
+            await repo.push_manifest(referrers_tag(subject.digest), OCI_INDEX, index)
+
+    trio.run(publish)
+    policy = write_policy(tmp_path / "policy.json", repository_of(reference), public)
+    with mounted(reference, mnt, tmp_path / "cache", "--signature-policy", str(policy)):
+        assert (mnt / "config.json").read_bytes() == CONFIG
+    result = modelfs("scan", "--json", "--plain-http", "--signature-policy", str(policy),
+                     reference)  # fmt: skip
+    assert "(referrer sha256:" in json.loads(result.stdout)["signature"]["verdict"]
 
 
 def test_reject_and_a_broken_policy_are_one_line(
