@@ -21,11 +21,14 @@ import click
 import trio
 
 from modelfs.builder.build import DEFAULT_CREATED, generate_for_directory, plan_build, write_build
+from modelfs.cli.options import source_options
 from modelfs.errors import BadReferenceError, ManifestError, NotFoundError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
 from modelfs.reference import Reference, parse_layout_reference, parse_reference
+from modelfs.sources.hosts import RegistryHost
 from modelfs.sources.interface import FetchedManifest
 from modelfs.sources.layout import CHUNK_SIZE, MAX_MANIFEST_SIZE, LayoutSource, OciLayout
+from modelfs.sources.mirrors import find_hosts
 from modelfs.sources.registry import RegistryClient
 
 if TYPE_CHECKING:
@@ -169,8 +172,7 @@ def build(
 
 @click.command("push")
 @click.argument("reference")
-@click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to the registry.")
-@click.option("--insecure", is_flag=True, help="Accept any TLS certificate.")
+@source_options
 @click.option(
     "--no-index",
     is_flag=True,
@@ -179,7 +181,12 @@ def build(
 )
 @_store_option
 def push(
-    reference: str, plain_http: bool, insecure: bool, no_index: bool, store: Path | None
+    reference: str,
+    plain_http: bool,
+    insecure: bool,
+    hosts_dir: Path,
+    no_index: bool,
+    store: Path | None,
 ) -> None:
     """Push the build named REFERENCE from the store to its registry, with its piece index.
 
@@ -193,7 +200,11 @@ def push(
     parsed = _registry_reference(reference)
     layout = _open_store(store)
     descriptor = _resolve(layout, store_name(parsed))
-    digest = trio.run(_push, layout, descriptor, parsed, plain_http, insecure, not no_index)
+    # Pushes go to the registry's server (hosts.toml's, if it names one), never a mirror.
+    *_, server = find_hosts(
+        parsed.registry, parsed.api_host, plain_http=plain_http, hosts_dir=hosts_dir
+    )
+    digest = trio.run(_push, layout, descriptor, parsed, server, insecure, not no_index)
     click.echo(f"{store_name(parsed)} {digest}")
 
 
@@ -201,16 +212,14 @@ async def _push(
     layout: OciLayout,
     descriptor: dict[str, Any],
     reference: Reference,
-    plain_http: bool,
+    server: RegistryHost,
     insecure: bool,
     with_index: bool,
 ) -> str:
     manifest_digest = str(descriptor.get("digest"))
     data = layout.read_small_blob(manifest_digest, MAX_MANIFEST_SIZE)
     blobs = _blobs_of(data, manifest_digest)
-    async with RegistryClient(
-        reference.api_host, plain_http=plain_http, insecure=insecure
-    ) as client:
+    async with RegistryClient(server.netloc, insecure=insecure, endpoint=server) as client:
         repository = client.repository(reference.repository)
         total = sum(size for _, size in blobs)
         with _progress(total, f"Pushing {len(blobs)} blobs") as bar:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 import trio
 
+from modelfs.cli.options import source_options
 from modelfs.errors import BadReferenceError
 from modelfs.reference import DOCKER_HUB, DOCKER_HUB_API
 from modelfs.sources.credentials import (
@@ -16,6 +18,7 @@ from modelfs.sources.credentials import (
     remove_credentials,
     save_credentials,
 )
+from modelfs.sources.mirrors import find_hosts
 from modelfs.sources.registry import RegistryClient
 
 
@@ -31,9 +34,13 @@ def _host_argument(text: str) -> str:
     return host
 
 
-async def _check_login(host: str, creds: Credentials, plain_http: bool, insecure: bool) -> None:
+async def _check_login(
+    host: str, creds: Credentials, plain_http: bool, insecure: bool, hosts_dir: Path
+) -> None:
+    # The registry's server (hosts.toml's, if it names one): credentials never go to a mirror.
+    *_, server = find_hosts(host, _api_host(host), plain_http=plain_http, hosts_dir=hosts_dir)
     async with RegistryClient(
-        _api_host(host), plain_http=plain_http, insecure=insecure, credentials=creds
+        server.netloc, insecure=insecure, credentials=creds, endpoint=server
     ) as client:
         await client.ping()
 
@@ -43,8 +50,7 @@ async def _check_login(host: str, creds: Credentials, plain_http: bool, insecure
 @click.option("-u", "--username", help="Registry user name (prompted for when omitted).")
 @click.option("-p", "--password", help="Password or token (prefer --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@click.option("--plain-http", is_flag=True, help="Talk to the registry over plain HTTP.")
-@click.option("--insecure", is_flag=True, help="HTTPS without checking the certificate.")
+@source_options
 def login(
     host: str,
     username: str | None,
@@ -52,6 +58,7 @@ def login(
     password_stdin: bool,
     plain_http: bool,
     insecure: bool,
+    hosts_dir: Path,
 ) -> None:
     """Check credentials for registry HOST and save them in docker's config.json.
 
@@ -78,7 +85,7 @@ def login(
     if not username or not password:
         raise click.UsageError("both a username and a password are needed")
     creds = Credentials(username, password)
-    trio.run(_check_login, host, creds, plain_http, insecure)
+    trio.run(_check_login, host, creds, plain_http, insecure, hosts_dir)
     save_credentials(host, creds)
     click.echo(f"Login Succeeded (saved in {docker_config_path()})")
 
