@@ -20,6 +20,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class Node:
     def state(self) -> Path:
         return self.root / "state"
 
-    def start_plugin(self) -> None:
+    def start_plugin(self, *options: str) -> None:
         hosts = [option for host in self.plain_http for option in ("--plain-http-registry", host)]
         self.plugin = subprocess.Popen(
             [
@@ -103,6 +104,7 @@ class Node:
                 "--control-socket",
                 str(self.control),
                 *hosts,
+                *options,
             ]
         )
         _wait_for(self.endpoint, self.plugin, "plugin")
@@ -491,3 +493,52 @@ def test_credentials_from_the_volume_s_secret(
     finally:
         pod.unpublish(channel)
     assert node.model_mounts() == []
+
+
+def test_pods_published_at_once_share_one_mount_and_a_wrong_volume_id_is_not_found(
+    kubelet: Path, node: Node, channel: grpc.Channel, counting: Proxy, model: str
+) -> None:
+    pods = [Pod(kubelet, {REFERENCE: _through(counting, model)}) for _ in range(4)]
+    with ThreadPoolExecutor(len(pods)) as pool:
+        list(pool.map(lambda pod: pod.publish(channel), pods))
+    [mount] = node.model_mounts()
+    assert node.daemon_mounts() == [str(mount)]
+    for pod in pods:
+        assert (pod.target / "config.json").read_bytes() == b'{"layers": 2}'
+    stranger = pb.NodeUnpublishVolumeRequest(
+        volume_id="csi-not-this-one", target_path=str(pods[0].target)
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        services.NodeStub(channel).NodeUnpublishVolume(stranger)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (pods[0].target / "config.json").exists()
+    with ThreadPoolExecutor(len(pods)) as pool:
+        list(pool.map(lambda pod: pod.unpublish(channel), pods))
+    assert node.model_mounts() == [] and node.daemon_mounts() == []
+
+
+def test_with_keep_models_the_model_stays_mounted_for_the_next_pod(
+    kubelet: Path, tmp_path: Path, node: Node, counting: Proxy, model: str
+) -> None:
+    plugin = Node(tmp_path / "node", node.control, [counting.host])
+    plugin.start_plugin("--keep-models")
+    try:
+        with grpc.insecure_channel(f"unix://{plugin.endpoint}") as channel:
+            first = Pod(kubelet, {REFERENCE: _through(counting, model)})
+            first.publish(channel)
+            [mount] = plugin.model_mounts()
+            first.unpublish(channel)
+            assert not first.target.exists() and plugin.model_mounts() == [mount]
+            counting.reset()
+            second = Pod(kubelet, {REFERENCE: _through(counting, model)})
+            second.publish(channel)
+            assert plugin.model_mounts() == [mount]
+            assert [
+                request.path for request in counting.requests if "/blobs/" in request.path
+            ] == []
+            second.unpublish(channel)
+    finally:
+        plugin.stop_plugin()
+        for path in plugin.model_mounts():
+            subprocess.run([*MODELFS, "umount", str(path), "--control-socket", str(node.control)])
+    assert plugin.model_mounts() == []
