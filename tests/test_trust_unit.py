@@ -4,10 +4,15 @@ safetensors headers and the scan policy. Milliseconds, no I/O."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import os
+import pickle
 import struct
 
 import pytest
+import torch
+import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -28,6 +33,7 @@ from modelfs.trust.cosign import (
 from modelfs.trust.keys import PrivateKey, private_key, public_key, public_of, sign
 from modelfs.trust.policy import ACCEPT_ALL, evaluate, parse_policy
 from modelfs.trust.safetensors import header_length, header_problems
+from modelfs.trust.scan import scan_file
 from modelfs.trust.scan_policy import PICKLE, SAFETENSORS, ScanPolicy, file_kind
 
 DIGEST = "sha256:" + "ab" * 32
@@ -271,3 +277,28 @@ def test_scan_policy() -> None:
     assert file_kind("w/model.safetensors") == SAFETENSORS
     assert file_kind("pytorch_model.BIN") == PICKLE
     assert file_kind("config.json") is None
+
+
+def _scan(path: str, data: bytes) -> list[str]:
+    async def read(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
+    kind = file_kind(path)
+    assert kind is not None
+    return trio.run(scan_file, path, kind, len(data), read).problems
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("true",))
+
+
+def test_pickle_scans() -> None:
+    checkpoint = io.BytesIO()
+    torch.save({"w": torch.zeros(8)}, checkpoint)
+    assert _scan("pytorch_model.bin", checkpoint.getvalue()) == []
+    assert _scan("evil.pkl", pickle.dumps(_Evil())) == ["imports posix.system (dangerous)"]
+    assert _scan("weights.bin", bytes(64)) == []  # not a pickle: nothing a pickle loader reads
+    corrupt = _scan("model.pt", b"PK\x03\x04" + bytes(100))
+    assert corrupt == ["cannot be scanned as a pickle (BadZipFile: File is not a zip file)"]
+    assert _scan("empty.pkl", b"") == ["is empty, not a pickle"]

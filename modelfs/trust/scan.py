@@ -19,6 +19,7 @@ from typing import IO
 
 import trio
 
+from modelfs.errors import ModelfsError
 from modelfs.trust.safetensors import PREFIX, header_length, header_problems
 from modelfs.trust.scan_policy import PICKLE, SAFETENSORS
 
@@ -80,7 +81,12 @@ def _picklescan(data: IO[bytes], path: str, suffix: str) -> list[str]:
     # Imported here: a mount that scans no pickle does not pay for it.
     from picklescan.scanner import SafetyLevel, scan_bytes
 
-    result = scan_bytes(data, path, suffix)
+    try:
+        result = scan_bytes(data, path, suffix)
+    except ModelfsError:
+        raise  # the bytes did not come (the registry): the next read scans again
+    except Exception as error:  # the scanner failed on the bytes: refuse what it cannot read
+        return [f"cannot be scanned as a pickle ({type(error).__name__}: {error})"]
     problems = [
         f"imports {item.module}.{item.name} ("
         + ("dangerous" if item.safety == SafetyLevel.Dangerous else "outside the safe list")
