@@ -9,10 +9,12 @@ from typing import Any, TypeVar
 import click
 import trio
 
+from modelfs.cli.options import source_options
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
 from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.reference import parse_reference
+from modelfs.sources.mirrors import find_hosts
 from modelfs.sources.registry import RegistryClient
 from modelfs.transport.server import parse_listen
 from modelfs.transport.tokens import load_secret
@@ -22,10 +24,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @click.command("index")
 @click.argument("reference")
-@click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to the registry.")
-@click.option("--insecure", is_flag=True, help="Accept any TLS certificate.")
+@source_options
 @click.option("--force", is_flag=True, help="Publish a new index even if one exists.")
-def index(reference: str, plain_http: bool, insecure: bool, force: bool) -> None:
+def index(reference: str, plain_http: bool, insecure: bool, hosts_dir: Path, force: bool) -> None:
     """Publish the piece index of REFERENCE (sha256 of each piece) as a referrer of its manifest.
 
     Peers' pieces are checked against it, so a node can take bytes from a peer without trusting it.
@@ -36,10 +37,13 @@ def index(reference: str, plain_http: bool, insecure: bool, force: bool) -> None
     """
     parsed = parse_reference(reference)
 
+    # The index is published on the registry's server, never a mirror: all of it goes there.
+    *_, server = find_hosts(
+        parsed.registry, parsed.api_host, plain_http=plain_http, hosts_dir=hosts_dir
+    )
+
     async def run() -> str:
-        async with RegistryClient(
-            parsed.api_host, plain_http=plain_http, insecure=insecure
-        ) as client:
+        async with RegistryClient(server.netloc, insecure=insecure, endpoint=server) as client:
             repository = client.repository(parsed.repository)
             manifest = await repository.get_manifest(parsed.selector)
             if not force and await find_index(repository, manifest) is not None:
