@@ -6,7 +6,6 @@ files come from its member headers (see ``tar.read_members``).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from modelfs.modelpack import (
     classify_layer,
     plain_layer_format,
 )
+from modelfs.untrusted import loads_json
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE, the FUSE protocol's fixed root
 FILE_MODE = 0o444
@@ -213,7 +213,7 @@ def _metadata(
 ) -> tuple[int | None, int | None, int | None, int | None]:
     """(mode, mtime_ns, size, typeflag) from a file metadata annotation."""
     try:
-        meta = json.loads(text)
+        meta = loads_json(text)  # bounded: nesting, numbers
     except ValueError:
         raise _layer_error(
             index, digest, "file metadata annotation is not valid JSON; rebuild the artifact"

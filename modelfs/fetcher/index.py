@@ -123,7 +123,7 @@ def parse_index(data: bytes, manifest: FetchedManifest) -> PieceIndex:
             for digest, entry in document["blobs"].items()
         }
         subject = str(document["manifest"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ManifestError(
             f"{where} is malformed ({error}): rebuild it with `modelfs index`"
         ) from None

@@ -8,7 +8,6 @@ streamed; nothing large is ever held whole in memory.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -67,6 +66,7 @@ from modelfs.sources.rangeget import (
 )
 from modelfs.sources.redirects import BlobLocations, Location
 from modelfs.sources.stats import MIRROR, REGISTRY, MountStats, mark_served_by
+from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ def sha256_digest(data: bytes) -> str:
 def registry_message(body: bytes) -> str:
     """The ``errors`` of a distribution error body as ``CODE: message``; '' when there are none."""
     try:
-        answer = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        answer = loads_json(body)  # bounded: nesting, numbers
+    except ValueError:
         return ""
     errors = answer.get("errors") if isinstance(answer, dict) else None
     if not isinstance(errors, list):
@@ -163,8 +163,8 @@ def manifest_media_type(content_type: str | None, data: bytes) -> str:
     if header in _MANIFEST_TYPES:
         return header
     try:
-        declared = json.loads(data).get("mediaType")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        declared = loads_json(data).get("mediaType")
+    except (ValueError, AttributeError):
         declared = None
     return declared if isinstance(declared, str) and declared else header or OCI_MANIFEST
 
