@@ -54,3 +54,4 @@ def test_example_config_parses() -> None:
     ]
     assert config.registries["registry.internal:5000"].plain_http
     assert config.metrics_addr is None
+    assert str(config.signature_policy) == "/etc/modelfs/policy.json"
