@@ -30,6 +30,7 @@ from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.modelpack import layer_media_type
 from modelfs.mount.session import MountOptions, open_source
 from modelfs.reference import parse_reference
+from modelfs.snapshot.mirror import ModelImages, serving_mirror
 from modelfs.sources.mirrors import MirroredRepository
 from modelfs.sources.stats import MIRROR, REGISTRY, MountStats
 
@@ -271,3 +272,35 @@ def test_peers_first_then_the_mirror_chain_for_what_no_peer_holds(
         assert "registry" not in live["a"]["fetched_bytes"]
         print(f"origin sent {origin.blob_bytes / len(DATA):.2f} x the model for two nodes")
         assert origin.blob_bytes < 1.5 * len(DATA)
+
+
+def test_the_snapshotters_own_mirror_named_in_hosts_toml_gives_modelfs_the_model(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """containerd's hosts.toml names the modelfs snapshotter's mirror, which answers a model's
+    tag with its model image (docs/containerd.md): modelfs reading the same registry through
+    that file gets the model itself."""
+    repository = f"test/mirrors-{uuid.uuid4().hex[:8]}"
+    layer = Layer(layer_media_type("weight", "raw"), b"weights", {"org.cncf.model.filepath": "w"})
+    pushed = push_artifact(registry.host, repository, "v1", [layer])
+    images = ModelImages(frozenset({registry.host}))
+    with serving_mirror("127.0.0.1:0", images) as port:
+        hosts = hosts_toml(
+            tmp_path / "certs.d",
+            registry.host,
+            f'server = "http://{registry.host}"\n'
+            f'[host."http://127.0.0.1:{port}"]\n  capabilities = ["pull", "resolve"]\n',
+        )
+        options = MountOptions(
+            reference=parse_reference(f"{registry.host}/{repository}:v1"),
+            mountpoint=Path(),
+            hosts_dir=hosts,
+        )
+
+        async def main() -> str:
+            async with open_source(options) as source:
+                return (await source.get_manifest("v1")).digest
+
+        assert trio.run(main) == pushed
+        # containerd (any other client) still gets the model image from it.
+        assert images.for_tag(registry.host, repository, "v1") is not None

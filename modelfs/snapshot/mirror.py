@@ -140,7 +140,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         route_ = route(url.path)
         host = parse_qs(url.query).get("ns", [None])[0]
-        answer = None if route_ is None else _answer(self.server.images, route_, host)
+        # modelfs itself reads a registry through the mirrors of its hosts.toml, this one among
+        # them: what it wants is the model, never its image (modelfs.sources.mirrors).
+        by_modelfs = self.headers.get("User-Agent", "").startswith("modelfs/")
+        answer = None if route_ is None or by_modelfs else _answer(self.server.images, route_, host)
         if answer is None:
             self.send_response(404)
             self.send_header("Content-Length", "0")
