@@ -375,6 +375,8 @@ def _tar(members: dict[str, bytes]) -> bytes:
         ("bad prefetch", grpc.StatusCode.INVALID_ARGUMENT),
         ("attribute modelfs cannot honour", grpc.StatusCode.INVALID_ARGUMENT),
         ("block volume", grpc.StatusCode.FAILED_PRECONDITION),
+        ("a secret without credentials", grpc.StatusCode.INVALID_ARGUMENT),
+        ("a secret's malformed docker config", grpc.StatusCode.INVALID_ARGUMENT),
         ("unknown tag", grpc.StatusCode.NOT_FOUND),
         ("unknown repository", grpc.StatusCode.NOT_FOUND),
         ("hostile path in the manifest", grpc.StatusCode.INVALID_ARGUMENT),
@@ -403,6 +405,11 @@ def test_a_volume_that_cannot_be_published_is_one_line_with_the_spec_s_status(
         attributes[DEFAULT_DRIVER + "/exclude-model-weights"] = "true"
     elif case == "block volume":
         changes["volume_capability"] = pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume())
+    elif case == "a secret without credentials":
+        changes["secrets"] = {"token": "abc"}
+    elif case == "a secret's malformed docker config":
+        malformed = {"auths": {counting.host: {"auth": "!!"}}}
+        changes["secrets"] = {".dockerconfigjson": json.dumps(malformed)}
     elif case == "unknown tag":
         attributes[REFERENCE] = attributes[REFERENCE].replace(":v1", ":no-such-tag")
     elif case == "unknown repository":

@@ -144,11 +144,13 @@ def secret_credentials(secrets: Mapping[str, str], host: str) -> Credentials | N
                 "with kubectl create secret docker-registry)",
             )
         try:
-            return credentials_in_config(
-                config, f"the volume's secret {DOCKER_CONFIG_SECRET}", host
-            )
-        except ModelfsError as error:
-            raise VolumeError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            return credentials_in_config(config, DOCKER_CONFIG_SECRET, host)
+        except ModelfsError:  # its message tells to run modelfs login: not what fixes a secret
+            raise VolumeError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the volume's secret: the {DOCKER_CONFIG_SECRET} entry for {host} is not "
+                "user:password in base64 (make it with kubectl create secret docker-registry)",
+            ) from None
     username, password = secrets.get("username"), secrets.get("password")
     if username and password is not None:
         return Credentials(username, password)
