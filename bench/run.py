@@ -813,6 +813,7 @@ def main() -> None:
                 + render_verdicts(evaluate_production(bench.results)),
                 render_cpu(bench.results, gil, large.size, PROFILE_RATE),
             ]
+            log("\n\n".join(sections))  # now: a later case that fails must not take it along
         extra_results: Results = {}  # the memory and cluster cases' samples, for the raw file
         if arguments.only == "memory":
             shapes = (
