@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from model_files import random_safetensors
 from mounting import mounted
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_mount import MIB, raw, read_tree, tar_bytes, wait_until
@@ -77,7 +78,7 @@ def digest_of(layer: Layer) -> str:
 def deferred_model(registry: Registry) -> Artifact:
     files = {
         "config.json": b'{"model_type": "bert"}',
-        "model.safetensors": os.urandom(8 * MIB),  # what hints would read first
+        "model.safetensors": random_safetensors(8 * MIB),  # what hints would read first
         "sub/weights.bin": os.urandom(8 * MIB + 77),
         "tokenizer.json": json.dumps({"vocab": list(range(500))}).encode(),
         "code/a.py": b"print('a')\n",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import tarfile
 import uuid
 from pathlib import Path
 
+from model_files import random_safetensors
 from mounting import modelfs, mounted
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
@@ -29,7 +29,7 @@ def _tar(files: dict[str, bytes]) -> bytes:
 
 def push_model(registry: Registry) -> tuple[str, dict[str, bytes]]:
     files = {
-        "model.safetensors": os.urandom(9 * MIB + 17),
+        "model.safetensors": random_safetensors(9 * MIB + 17),
         "tokenizer.json": b'{"vocab": []}',
         "code/run.py": b"print('hi')\n",
     }

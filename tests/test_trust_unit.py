@@ -299,6 +299,8 @@ def test_pickle_scans() -> None:
     assert _scan("pytorch_model.bin", checkpoint.getvalue()) == []
     assert _scan("evil.pkl", pickle.dumps(_Evil())) == ["imports posix.system (dangerous)"]
     assert _scan("weights.bin", bytes(64)) == []  # not a pickle: nothing a pickle loader reads
+    assert _scan("weights.bin", b"\x80\x07" + bytes(64)) == []  # no such pickle protocol
+    assert _scan("weights.bin", pickle.dumps(_Evil(), protocol=2)) != []
     corrupt = _scan("model.pt", b"PK\x03\x04" + bytes(100))
     assert corrupt == ["cannot be scanned as a pickle (BadZipFile: File is not a zip file)"]
     assert _scan("empty.pkl", b"") == ["is empty, not a pickle"]

@@ -26,7 +26,8 @@ from modelfs.trust.scan_policy import PICKLE, SAFETENSORS
 Read = Callable[[int, int], Awaitable[bytes]]
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTO = 0x80  # protocol 2 and later begin with PROTO
+_PICKLE_PROTO = 0x80  # protocol 2 and later begin with PROTO and the protocol's number
+_PROTOCOLS = range(2, 6)
 _READ_BUFFER = 1 << 20
 
 
@@ -71,7 +72,8 @@ async def _pickle(path: str, size: int, read: Read) -> list[str]:
         return ["is empty, not a pickle"]
     head = await read(0, min(4, size))
     suffix = PurePosixPath(path).suffix.lower()
-    if suffix == ".bin" and not (head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO):
+    is_pickle = len(head) > 1 and head[0] == _PICKLE_PROTO and head[1] in _PROTOCOLS
+    if suffix == ".bin" and not (head.startswith(_ZIP_MAGIC) or is_pickle):
         return []  # a .bin of another format (raw weights): nothing a pickle loader reads
     reader: IO[bytes] = io.BufferedReader(_ReaderFile(read, size), _READ_BUFFER)
     return await trio.to_thread.run_sync(_picklescan, reader, path, suffix)
