@@ -5,12 +5,16 @@ against a real registry and a real forward proxy (``HttpProxy``)."""
 from __future__ import annotations
 
 import hashlib
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
 from conftest import AUTH_PASSWORD, AUTH_USERNAME
-from registry_tools import HttpProxy, Layer, Registry, push_artifact
+from registry_tools import HttpProxy, Layer, Registry, free_port, push_artifact
 
 from modelfs.errors import RegistryError
 from modelfs.modelpack import layer_media_type
@@ -186,3 +190,60 @@ def test_proxy_variables() -> None:
     assert route.authorization == "Basic dUB4OnA6dw=="
     with pytest.raises(RegistryError, match="not an http:// URL"):
         parse_proxy_url("socks5://proxy:1080")
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[str]:
+    """Debian's tinyproxy on a free loopback port: its URL. It closes each client connection
+    after one answer, as some proxies do."""
+    port = free_port()
+    config = tmp_path / "tinyproxy.conf"
+    config.write_text(
+        f"Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 50\nLogLevel Critical\n"
+    )
+    process = subprocess.Popen(
+        ["tinyproxy", "-d", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "tinyproxy did not listen within 10 s"
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_fast_path_goes_through_tinyproxy_run_after_run(
+    registry: Registry, tinyproxy: str, no_proxy_environment: pytest.MonkeyPatch
+) -> None:
+    push_artifact(
+        registry.host, "proxy/tiny", "v1", [Layer(layer_media_type("weight", "raw"), BLOB)]
+    )
+    no_proxy_environment.setenv("HTTP_PROXY", tinyproxy)
+    client = RegistryClient(registry.host, plain_http=True)
+    pieces: list[bytes] = []
+
+    async def deliver(place: int, data: BlobBytes) -> None:
+        pieces.append(bytes(data))
+
+    async def main() -> list[int]:
+        async with client:
+            repo = client.repository("proxy/tiny")
+            url, lengths = repo._url(f"blobs/{DIGEST}"), [PIECE, len(BLOB) - PIECE]
+            # Runs on one kept-alive connection, which tinyproxy closes after each answer:
+            # each later run asks again on a new one, still on the lean path.
+            return [
+                (await client.read_run_plainly(url, repo._pull, 0, lengths, deliver))[0]
+                for _ in range(3)
+            ]
+
+    assert trio.run(main) == [2, 2, 2]
+    assert b"".join(pieces) == BLOB * 3

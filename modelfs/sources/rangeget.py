@@ -65,6 +65,10 @@ class _Unusual(Exception):
     """The answer is not a plain range answer: the caller takes the general path."""
 
 
+class _Closed(_Unusual):
+    """The connection closed before any answer: an idle one the other end let go."""
+
+
 class Redirected(Exception):
     """The answer is a redirect to ``location`` (as sent: maybe relative); nothing was delivered."""
 
@@ -133,8 +137,19 @@ class RangeGetter:
             try:
                 # A stalled registry is the general path's to report, with its own timeouts.
                 with trio.fail_after(self._timeout):
-                    stream = self._idle.pop() if self._idle else await self._connect()
-                    body = await self._request(stream, target, authorization, start, end)
+                    kept = bool(self._idle)
+                    stream = self._idle.pop() if kept else await self._connect()
+                    try:
+                        body = await self._request(stream, target, authorization, start, end)
+                    except _Closed:
+                        if not kept:
+                            raise
+                        # A kept-alive connection the other end had let go (its idle timeout;
+                        # a proxy such as tinyproxy closes after each answer): once more, anew.
+                        await trio.aclose_forcefully(stream)
+                        stream = None
+                        stream = await self._connect()
+                        body = await self._request(stream, target, authorization, start, end)
             except (_Unusual, OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
                 return 0, bytearray()  # the general path asks again, and reports what is wrong
             for length in lengths:
@@ -248,7 +263,7 @@ async def _receive_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
     while True:
         chunk = await stream.receive_some(_HEAD_LIMIT)
         if not chunk:
-            raise _Unusual  # closed (an idle connection the server let go)
+            raise _Closed if not received else _Unusual
         received += chunk
         head, found, rest = received.partition(b"\r\n\r\n")
         if found:
