@@ -8,6 +8,7 @@ their reads going, and the plugin started again knows them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import io
@@ -28,7 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from mounting import MODELFS, is_mounted
+from mounting import MODELFS, is_mounted, mount_pid
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
 from modelfs.csi import DEFAULT_DRIVER
@@ -549,3 +550,47 @@ def test_with_keep_models_the_model_stays_mounted_for_the_next_pod(
         for path in plugin.model_mounts():
             subprocess.run([*MODELFS, "umount", str(path), "--control-socket", str(node.control)])
     assert plugin.model_mounts() == []
+
+
+def test_the_node_daemon_killed_and_started_again_leaves_published_volumes_readable(
+    kubelet: Path, tmp_path: Path, counting: Proxy, model: str, weights: bytes
+) -> None:
+    """A node daemon of the test's own: killed outright, its mount processes run on, and the
+    next daemon adopts them (the record it keeps all along), so the plugin's unpublish still
+    unmounts the model through it."""
+    node = Node(tmp_path / "node", tmp_path / "run" / "control.sock", [counting.host])
+    config = tmp_path / "config.toml"
+    config.write_text(f'control_socket = "{node.control}"\n[cache]\ndir = "{tmp_path / "c"}"\n')
+    daemon = subprocess.Popen([*MODELFS, "daemon", "--config", str(config)])
+    try:
+        _wait_for(node.control, daemon, "daemon")
+        node.start_plugin()
+        with grpc.insecure_channel(f"unix://{node.endpoint}") as channel:
+            pod = Pod(kubelet, {REFERENCE: _through(counting, model), PREFETCH: "none"})
+            pod.publish(channel)
+            [mount] = node.model_mounts()
+            # The daemon writes its mounts down every 0.2 s: wait for this one to be.
+            record = node.control.parent / "mounts.json"
+            deadline = time.monotonic() + 10
+            while not (record.exists() and str(mount) in record.read_text()):
+                assert time.monotonic() < deadline, "the daemon never wrote the mount down"
+                time.sleep(0.05)
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait(timeout=30)
+            start = 40 << 20
+            with (pod.target / "weights.raw").open("rb") as reader:
+                reader.seek(start)
+                assert reader.read(65536) == weights[start : start + 65536]
+            daemon = subprocess.Popen([*MODELFS, "daemon", "--config", str(config)])
+            _wait_for(node.control, daemon, "daemon")
+            assert node.daemon_mounts() == [str(mount)]
+            pod.unpublish(channel)
+            assert node.model_mounts() == [] and node.daemon_mounts() == []
+    finally:
+        if node.plugin is not None:
+            node.stop_plugin()
+        _stop(daemon)
+        for path in node.model_mounts():  # a mount process no daemon adopted (a failure)
+            with contextlib.suppress(LookupError):
+                os.kill(mount_pid(path), signal.SIGTERM)
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
