@@ -641,6 +641,9 @@ class Proxy:
         self.tamper_manifests = False
         self.redirect = False
         self.trickle = 0.0  # when set, blob bodies go out one byte per 1/trickle seconds
+        # When set, blob answers are cut once this many blob bytes went out in all: a registry
+        # that goes away mid-download, and stays away.
+        self.blob_budget: int | None = None
         self._closing = threading.Event()
         self.requests: list[ProxiedRequest] = []
         self.redirect_requests: list[ProxiedRequest] = []
@@ -685,6 +688,7 @@ class Proxy:
             self._failures.clear()
             self._cuts_left = 0
             self._patches_left = 0
+            self.blob_budget = None
 
     def connected(self) -> None:
         with self._lock:
@@ -870,6 +874,9 @@ class Proxy:
                 if self._cuts_left:
                     self._cuts_left -= 1
                     limit = self._cut_after
+                if self.blob_budget is not None:
+                    left = max(0, self.blob_budget - self.blob_bytes)
+                    limit = left if limit is None else min(limit, left)
                 if self._patches_left and self._patch_digest in (None, counted_as):
                     self._patches_left -= 1
                     patch = self._patch

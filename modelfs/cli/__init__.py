@@ -31,6 +31,7 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 COMMANDS = {
     "build": "modelfs.cli.build:build",
     "cache": "modelfs.cli.cache:cache",
+    "cluster": "modelfs.cli.cluster:cluster_group",
     "csi": "modelfs.cli.csi:csi",
     "daemon": "modelfs.cli.daemon:daemon",
     "index": "modelfs.cli.cluster:index",
@@ -101,7 +102,7 @@ SECTIONS = (
         (
             ("daemon", "The node service: configured mounts, control socket, metrics."),
             ("status", "The node's mounts, where their bytes came from, the cache."),
-            ("preheat", "Fetch models into the node's cache without mounting them."),
+            ("preheat", "Fetch models into the cache of this node or of chosen nodes."),
             ("cache", "List, verify, shrink or clear the node's piece cache."),
             ("snapshotter", "containerd's proxy snapshotter: images; models mounted lazily."),
             ("csi", "Kubernetes CSI node plugin: models as pods' volumes, lazily."),
@@ -110,7 +111,10 @@ SECTIONS = (
     ),
     Section(
         "Run a cluster (mounts join it with --scheduler)",
-        (("scheduler", "Tell nodes which peer holds a piece; ration registry trips."),),
+        (
+            ("scheduler", "Tell nodes which peer holds a piece; ration registry trips."),
+            ("cluster", "Which nodes are up, and how much of each model each holds."),
+        ),
         "modelfs scheduler --cluster-secret-file /etc/modelfs/cluster-secret",
     ),
 )

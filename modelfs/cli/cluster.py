@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import trio
 
-from modelfs.cli.options import source_options
+from modelfs.cli.options import mib, source_options
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import compute_index, find_index, publish_index
 from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.reference import parse_reference
+from modelfs.service.config import DEFAULT_CONFIG
 from modelfs.sources.mirrors import find_hosts
 from modelfs.sources.registry import RegistryClient
 from modelfs.transport.server import parse_listen
 from modelfs.transport.tokens import load_secret
+
+if TYPE_CHECKING:
+    from modelfs.scheduler.fleet_client import FleetClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -199,3 +204,132 @@ def scheduler(
 
     click.echo(f"scheduler: serving on {host}:{port}", err=True)
     trio.run(run_scheduler, host, port, secret, redis_url)
+
+
+def scheduler_options(command: F) -> F:
+    """How a command reaches the scheduler: its URL and the cluster secret, given, or read from
+    the node's config (``[cluster]``)."""
+    for option in reversed(
+        [
+            click.option(
+                "--scheduler", default=None, help="Scheduler URL (default: the config's)."
+            ),
+            _secret_file,
+            click.option(
+                "--config",
+                "config_path",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=DEFAULT_CONFIG,
+                show_default=True,
+                help="A node's config, whose [cluster] gives the scheduler and secret when "
+                "the options do not.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def fleet_client(
+    scheduler: str | None, cluster_secret_file: Path | None, config_path: Path
+) -> FleetClient:
+    """A client of the scheduler the options (or else the node's config) name."""
+    from modelfs.scheduler.fleet_client import FleetClient
+    from modelfs.service.config import load_config
+
+    if scheduler is None or cluster_secret_file is None:
+        if not config_path.exists():
+            raise ModelfsError(
+                "say where the scheduler is: --scheduler and --cluster-secret-file, or --config "
+                f"with a [cluster] table ({config_path} does not exist)"
+            )
+        cluster = load_config(config_path).cluster
+        if cluster is None:
+            raise ModelfsError(
+                f"{config_path} has no [cluster] table: pass --scheduler and --cluster-secret-file"
+            )
+        scheduler = scheduler or cluster.settings.scheduler
+        cluster_secret_file = cluster_secret_file or cluster.settings.secret_file
+    return FleetClient(scheduler, load_secret(cluster_secret_file))
+
+
+@click.group("cluster")
+def cluster_group() -> None:
+    """Ask the scheduler about the cluster's node services and the models they hold.
+
+    \b
+    Example:
+      modelfs cluster models --json
+    """
+
+
+@cluster_group.command("models")
+@click.argument("model", required=False)
+@scheduler_options
+@click.option("--json", "as_json", is_flag=True, help="The scheduler's answer, as JSON.")
+def models(
+    model: str | None,
+    scheduler: str | None,
+    cluster_secret_file: Path | None,
+    config_path: Path,
+    as_json: bool,
+) -> None:
+    """Which nodes hold how much of each model (or of MODEL: a digest, or a reference a node
+    mounted or preheated it by), as their node services last reported (every few seconds).
+
+    \b
+    Example:
+      modelfs cluster models
+      modelfs cluster models --json registry.example.com/models/qwen:v1
+    """
+    answer = _ask(fleet_client(scheduler, cluster_secret_file, config_path), "/v1/models")
+    found = [entry for entry in answer["models"] if model is None or _names(entry, model)]
+    if as_json:
+        click.echo(json.dumps({"models": found}, indent=1))
+        return
+    rows = [("MODEL", "REFERENCES", "NODE", "HELD")]
+    for entry in found:
+        for node in entry["nodes"]:
+            held = f"{mib(node['present_bytes'])} of {mib(entry['total_bytes'])}"
+            references = ",".join(entry["references"]) or "-"
+            rows.append(
+                (entry["digest"][:19], references, node["name"], f"{held} ({node['percent']}%)")
+            )
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        click.echo("  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[3]]))
+
+
+@cluster_group.command("nodes")
+@scheduler_options
+@click.option("--json", "as_json", is_flag=True, help="The scheduler's answer, as JSON.")
+def nodes(
+    scheduler: str | None, cluster_secret_file: Path | None, config_path: Path, as_json: bool
+) -> None:
+    """The node services the scheduler heard from in the last 15 s, and their labels.
+
+    \b
+    Example:
+      modelfs cluster nodes
+    """
+    answer = _ask(fleet_client(scheduler, cluster_secret_file, config_path), "/v1/nodes")
+    if as_json:
+        click.echo(json.dumps(answer, indent=1))
+        return
+    for node in answer["nodes"]:
+        labels = ",".join(f"{key}={value}" for key, value in sorted(node["labels"].items()))
+        click.echo(f"{node['name']}  {labels}".rstrip())
+
+
+def _ask(client: FleetClient, path: str) -> dict[str, Any]:
+    async def ask() -> dict[str, Any]:
+        async with client:
+            return await client.call(path, {})
+
+    return trio.run(ask)
+
+
+def _names(entry: dict[str, Any], model: str) -> bool:
+    """Whether ``model`` (a digest, a reference, or one pinned by digest) names ``entry``."""
+    digest = model.rpartition("@")[2]
+    return entry["digest"] == digest or model in entry["references"]

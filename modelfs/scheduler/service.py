@@ -13,6 +13,23 @@
   "corrupt"|"missing"|"failed"}``: ``address`` is the reporter (a registered node).
 - ``GET /metrics``: decisions for Prometheus (``SchedulerMetrics``), without a token.
 
+The node services (``modelfs daemon``) and preheats (``modelfs.scheduler.fleet``):
+
+- ``POST /v1/node/report`` ``{"name", "labels", "models": [{"digest", "present_bytes",
+  "total_bytes", "references"}, ...]}``: a node service is alive and holds these (repeat within
+  ``SERVICE_TTL``); ``POST /v1/node/leave`` ``{"name"}``: it stops.
+- ``POST /v1/node/jobs`` ``{"name", "known": [id, ...]}`` -> ``{"jobs": [{"id", "reference",
+  "nodes"}, ...]}``: the preheats queued on it but the ``known`` ones, held (long poll, up to
+  ``JOBS_HOLD``) until there is one.
+- ``POST /v1/node/progress`` ``{"name", "job", "state": "running"|"done"|"failed", "digest",
+  "held_bytes", "total_bytes", "error"}``.
+- ``POST /v1/preheat`` ``{"reference", "nodes": [name, ...]}`` or ``{"reference", "selector"}``
+  -> the preheat ``{"id", "reference", "nodes"}``; ``POST /v1/preheat/status`` ``{"id"}`` -> it
+  with ``"progress": {name: {"state", "digest", "held_bytes", "total_bytes", "error"}}``.
+- ``POST /v1/models`` ``{}`` -> ``{"models": [{"digest", "references", "total_bytes", "nodes":
+  [{"name", "present_bytes", "percent"}, ...]}, ...]}``: which live nodes hold how much of what;
+  ``POST /v1/nodes`` ``{}`` -> ``{"nodes": [{"name", "labels"}, ...]}``: the live ones.
+
 A state backend that fails (Redis down) gives 503, and nodes then go to the registry.
 """
 
@@ -27,7 +44,22 @@ from typing import Any
 import trio
 
 from modelfs.errors import ModelfsError
+from modelfs.reference import parse_reference
+from modelfs.scheduler.fleet import (
+    JOBS_HOLD,
+    Fleet,
+    JobState,
+    NodeReport,
+    Progress,
+    where_models_are,
+)
 from modelfs.scheduler.metrics import SchedulerMetrics
+from modelfs.scheduler.placement import (
+    Holding,
+    labels_problem,
+    node_name_problem,
+    parse_selector,
+)
 from modelfs.scheduler.ranking import Action, FailureKind, NodeInfo
 from modelfs.scheduler.redis import RedisError, RedisKeyValue
 from modelfs.scheduler.state import KeyValue, MemoryKeyValue, SchedulerState
@@ -40,6 +72,12 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAX_ANNOUNCED = 10_000
 LONG_POLL = 0.5
 RECHECK = 0.05
+JOBS_RECHECK = 0.25  # ... and looks at the state this often (a preheat made by a replica)
+MAX_MODELS = 1000  # models one node service reports
+MAX_REFERENCES = 16  # names one model goes by, in a report
+MAX_TEXT = 512  # a reference, an error message
+MAX_JOB_NODES = 1000
+_JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 class BadRequest(ModelfsError):
@@ -64,12 +102,82 @@ def _piece(digest: Any, index: Any) -> tuple[str, int]:
     return digest, index
 
 
+def _count(body: dict[str, Any], name: str) -> int:
+    value = _field(body, name, int, 0)
+    if not 0 <= value < 2**63:
+        raise BadRequest(f"{name} must be a byte count")
+    return int(value)
+
+
+def _text(body: dict[str, Any], name: str, default: str | None = None) -> str:
+    value = _field(body, name, str, default)
+    if len(value) > MAX_TEXT:
+        raise BadRequest(f"{name} is longer than {MAX_TEXT} characters")
+    return str(value)
+
+
+def _name(body: dict[str, Any]) -> str:
+    name = _field(body, "name", str)
+    if (problem := node_name_problem(name)) is not None:
+        raise BadRequest(problem)
+    return str(name)
+
+
+def _holding(entry: Any) -> Holding:
+    if not isinstance(entry, dict):
+        raise BadRequest("models must be objects")
+    digest = entry.get("digest")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise BadRequest("a model's digest must be sha256:<64 hex>")
+    present, total = _count(entry, "present_bytes"), _count(entry, "total_bytes")
+    references = _field(entry, "references", list, [])
+    if present > total or len(references) > MAX_REFERENCES:
+        raise BadRequest(f"model {digest}: present_bytes above total_bytes, or too many names")
+    if not all(isinstance(r, str) and len(r) <= MAX_TEXT for r in references):
+        raise BadRequest(f"model {digest}: references must be strings")
+    return Holding(digest, present, total, tuple(references))
+
+
+def _node_report(body: dict[str, Any]) -> NodeReport:
+    labels = _field(body, "labels", dict, {})
+    if not all(isinstance(value, str) for value in labels.values()):
+        raise BadRequest("label values must be strings")
+    if (problem := labels_problem(labels)) is not None:
+        raise BadRequest(problem)
+    models = _field(body, "models", list, [])
+    if len(models) > MAX_MODELS:
+        raise BadRequest(f"report at most {MAX_MODELS} models")
+    return NodeReport(_name(body), labels, tuple(_holding(entry) for entry in models))
+
+
+def _job_id(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not _JOB_ID.match(value):
+        raise BadRequest(f"{name} must be a preheat id (16 hex digits)")
+    return value
+
+
+def _preheat_reference(body: dict[str, Any]) -> str:
+    text = _text(body, "reference")
+    if text.startswith("oci:"):
+        raise BadRequest(
+            f"{text!r} is a local OCI layout: other nodes preheat from a registry reference"
+        )
+    try:
+        return str(parse_reference(text))
+    except ModelfsError as error:
+        raise BadRequest(str(error)) from None
+
+
 class SchedulerService:
-    def __init__(self, state: SchedulerState) -> None:
+    def __init__(self, state: SchedulerState, fleet: Fleet) -> None:
         self.state = state
+        self.fleet = fleet
         self.metrics = SchedulerMetrics()
         # Asks held until a piece is announced here (a replica's announcement: by RECHECK).
         self._announced: dict[tuple[str, int], trio.Event] = {}
+        # Node services' asks for preheats, held until one is queued here.
+        self._queued: dict[str, trio.Event] = {}
 
     async def handle(self, request: Request) -> Response:
         route = {
@@ -77,6 +185,14 @@ class SchedulerService:
             "/v1/announce": self._announce,
             "/v1/ask": self._ask,
             "/v1/report": self._report,
+            "/v1/node/report": self._node_report,
+            "/v1/node/leave": self._node_leave,
+            "/v1/node/jobs": self._node_jobs,
+            "/v1/node/progress": self._node_progress,
+            "/v1/preheat": self._preheat,
+            "/v1/preheat/status": self._preheat_status,
+            "/v1/models": self._models,
+            "/v1/nodes": self._nodes,
         }.get(request.path)
         if request.method != "POST" or route is None:
             return Response(404)
@@ -155,6 +271,83 @@ class SchedulerService:
         self.metrics.reports.labels(kind.value).inc()
         return {}
 
+    async def _node_report(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.fleet.report(_node_report(body))
+        return {}
+
+    async def _node_leave(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.fleet.leave(_name(body))
+        return {}
+
+    async def _node_jobs(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = _name(body)
+        known = _field(body, "known", list, [])
+        if len(known) > 10 * MAX_JOB_NODES or not all(isinstance(k, str) for k in known):
+            raise BadRequest("known must be a list of preheat ids")
+        deadline = trio.current_time() + JOBS_HOLD
+        while not (jobs := await self.fleet.jobs_for(name, set(known))):
+            left = deadline - trio.current_time()
+            if left <= 0:
+                break
+            with trio.move_on_after(min(left, JOBS_RECHECK)):
+                await self._queued.setdefault(name, trio.Event()).wait()
+        return {"jobs": [job.as_json() for job in jobs]}
+
+    async def _node_progress(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            state = JobState(body.get("state"))
+        except ValueError:
+            raise BadRequest("state must be running, done or failed") from None
+        digest = _text(body, "digest", "")
+        if digest and not _DIGEST.match(digest):
+            raise BadRequest("digest must be sha256:<64 hex>")
+        error = _field(body, "error", str, "")[:MAX_TEXT]
+        progress = Progress(
+            state, digest, _count(body, "held_bytes"), _count(body, "total_bytes"), error
+        )
+        taken = await self.fleet.progress(_name(body), _job_id(body, "job"), progress)
+        if not taken:
+            raise BadRequest("no such preheat of this node, or not a state a node reports")
+        return {}
+
+    async def _preheat(self, body: dict[str, Any]) -> dict[str, Any]:
+        reference = _preheat_reference(body)
+        if ("nodes" in body) == ("selector" in body):
+            raise BadRequest("a preheat names its nodes, or gives a label selector: one of them")
+        if "selector" in body:
+            try:
+                selector = parse_selector(_text(body, "selector"))
+            except ValueError as error:
+                raise BadRequest(str(error)) from None
+            nodes = await self.fleet.select(selector)
+            if not nodes:
+                raise BadRequest(f"no live node service has labels that match {body['selector']!r}")
+        else:
+            nodes = _field(body, "nodes", list)
+            if not 0 < len(nodes) <= MAX_JOB_NODES:
+                raise BadRequest(f"name 1 to {MAX_JOB_NODES} nodes")
+            nodes = [_name({"name": node}) for node in nodes]
+        job = await self.fleet.create(reference, nodes)
+        for name in job.nodes:
+            if (event := self._queued.pop(name, None)) is not None:
+                event.set()
+        return job.as_json()
+
+    async def _preheat_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        job_id = _job_id(body, "id")
+        found = await self.fleet.status(job_id)
+        if found is None:
+            raise BadRequest(f"no preheat {job_id} (preheats are kept for a day)")
+        job, progress = found
+        return {**job.as_json(), "progress": {n: p.as_json() for n, p in progress.items()}}
+
+    async def _models(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"models": where_models_are(await self.fleet.live())}
+
+    async def _nodes(self, body: dict[str, Any]) -> dict[str, Any]:
+        live = await self.fleet.live()
+        return {"nodes": [{"name": n, "labels": node.labels} for n, node in live.items()]}
+
 
 def _json(status: int, document: dict[str, Any]) -> Response:
     return Response(status, json.dumps(document).encode(), "application/json")
@@ -177,7 +370,7 @@ async def run_scheduler(
             redis = await stack.enter_async_context(RedisKeyValue(redis_url))
             await redis.command("PING")  # fail at start, not at the first request
             store = redis
-        service = SchedulerService(SchedulerState(store))
+        service = SchedulerService(SchedulerState(store), Fleet(store))
         server = AuthenticatedServer(
             service.handle, secret, public={"/metrics": service.metrics.scrape}
         )

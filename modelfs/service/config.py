@@ -6,6 +6,8 @@ is a one-line ConfigError naming the file and the key.
 
 from __future__ import annotations
 
+import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from modelfs.mount.session import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
+from modelfs.scheduler.placement import labels_problem, node_name_problem
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 from modelfs.service.peer_ports import PortRange, parse_port_range
 from modelfs.sizes import parse_size
@@ -51,6 +54,11 @@ class NodeCluster:
 
     settings: ClusterSettings  # every mount's, but the port of its ``listen``
     peer_ports: PortRange
+    # The node service's name and labels at the scheduler (preheats, where models are);
+    # None: the NODE_NAME environment variable (Kubernetes's downward API), else the host name.
+    node_name: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    kubernetes_labels: bool = False  # keep this Kubernetes node's model labels current
 
     def for_port(self, port: int) -> ClusterSettings:
         """The settings of the mount that serves peers on ``port``."""
@@ -232,7 +240,8 @@ def _parse_cluster(table: dict[str, Any], where: str) -> NodeCluster:
     _known(
         table,
         {"scheduler", "secret_file", "peer_listen", "peer_ports", "zone", "rack"}
-        | {"peers_without_index", "max_connections", *_TLS_KEYS},
+        | {"peers_without_index", "max_connections", *_TLS_KEYS}
+        | {"node_name", "labels", "kubernetes_labels"},
         where,
     )
     missing = [key for key in ("scheduler", "secret_file", "peer_ports") if key not in table]
@@ -264,7 +273,22 @@ def _parse_cluster(table: dict[str, Any], where: str) -> NodeCluster:
         )
     except ModelfsError as error:
         raise ConfigError(f"{where}: {error}") from None
-    return NodeCluster(settings, ports)
+    node_name = _typed(table, "node_name", str, where)
+    if node_name is not None and (problem := node_name_problem(node_name)) is not None:
+        raise ConfigError(f"{where}: {problem}")
+    labels = _table(table.get("labels", {}), f"{where} labels")
+    if not all(isinstance(value, str) for value in labels.values()):
+        raise ConfigError(f"{where}: label values must be strings")
+    if (problem := labels_problem(labels)) is not None:
+        raise ConfigError(f"{where}: {problem}")
+    kubernetes_labels = bool(_typed(table, "kubernetes_labels", bool, where))
+    return NodeCluster(settings, ports, node_name, labels, kubernetes_labels)
+
+
+def node_name(cluster: NodeCluster) -> str:
+    """The name this node service goes by at the scheduler: ``node_name``, else the NODE_NAME
+    environment variable (a DaemonSet sets it from ``spec.nodeName``), else the host name."""
+    return cluster.node_name or os.environ.get("NODE_NAME") or socket.gethostname().lower()
 
 
 def load_config(path: Path) -> DaemonConfig:
@@ -277,6 +301,8 @@ def load_config(path: Path) -> DaemonConfig:
     config = parse_config(text, str(path))
     if config.cluster is not None:
         check_cluster_files(config.cluster, f"{path} [cluster]")
+        if (problem := node_name_problem(node_name(config.cluster))) is not None:
+            raise ConfigError(f"{path} [cluster]: {problem}: set node_name")
     return config
 
 

@@ -33,6 +33,7 @@ from modelfs.metrics import (
     serving_metrics,
 )
 from modelfs.service.cache_ops import cached_models
+from modelfs.service.cluster_agent import ClusterAgent
 from modelfs.service.config import DaemonConfig
 from modelfs.service.control import ControlError, ask, serve_control
 from modelfs.service.mount_table import MountRequestError, MountTable, parse_mount_request
@@ -191,6 +192,12 @@ class Daemon:
             nursery.start_soon(self._on_signals, nursery.cancel_scope, listener)
             nursery.start_soon(serve_control, listener, self.handle)
             nursery.start_soon(self.keep_record)
+            if self.config.cluster is not None:
+                # The cache by the daemon's attribute: a failed reload opens it again.
+                agent = ClusterAgent(
+                    self.config, self.config.cluster, lambda: self.cache, lambda: self.mounts
+                )
+                nursery.start_soon(agent.run)
             handed = self.handover.mounts if self.handover is not None else []
             # Those up first: their processes hold their peer ports, the others may get new ones.
             handed = sorted(handed, key=lambda mount: mount.state.state != "mounted")

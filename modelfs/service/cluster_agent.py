@@ -1,0 +1,261 @@
+"""The node service's part in the cluster (``[cluster]`` in its config): it reports itself to the
+scheduler by name, with its labels and what its cache holds of each model, and runs the
+preheats the scheduler has queued for it, reporting their progress.
+
+Every call goes to the scheduler, signed with the cluster secret; the node opens no port for
+it, so only a holder of the secret (through the scheduler) can ask this node to preheat. A
+preheat runs as its own ``modelfs preheat --json`` process, with the node's cache, registry
+settings and credentials as a mount process has them, one at a time. Only registry references
+are taken: a preheat never reads a path on this node. Whatever the scheduler or the registry do,
+the daemon goes on: a failed call is logged and tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+
+from modelfs.cache import CacheStats, PieceCache
+from modelfs.errors import ModelfsError
+from modelfs.reference import Reference, parse_reference
+from modelfs.scheduler.fleet import JOBS_HOLD, JobState, NodeReport, Preheat, Progress
+from modelfs.scheduler.fleet_client import FleetClient, SchedulerError
+from modelfs.scheduler.placement import Holding
+from modelfs.service.cache_ops import cached_models
+from modelfs.service.config import DaemonConfig, NodeCluster, node_name
+from modelfs.service.supervisor import MountState, child_environment
+from modelfs.untrusted import loads_json
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL = 0.5  # progress reaches the scheduler within this
+KEEP_ALIVE = 5.0  # a report at least this often (the scheduler forgets a node after 15 s)
+RECOUNT = 30.0  # the cache's models are counted again at least this often
+RETRY = 2.0  # after the scheduler failed to answer
+LEAVE_TIMEOUT = 2.0
+STDERR_KEPT = 4096  # of a preheat process's stderr: its last line is the error reported
+KEPT_JOBS = 256  # finished preheats remembered (so the scheduler's queue is not run twice)
+
+
+@dataclass
+class _Job:
+    preheat: Preheat
+    progress: Progress
+    reported: bool = False  # the scheduler has the latest progress
+
+
+class ClusterAgent:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        cluster: NodeCluster,
+        cache: Callable[[], PieceCache],
+        mounts: Callable[[], list[MountState]],
+    ) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.name = node_name(cluster)
+        self.cache = cache
+        self.mounts = mounts
+        self.jobs: dict[str, _Job] = {}
+        self.holdings: tuple[Holding, ...] = ()
+        self._known_names: dict[str, str] = {}  # reference -> digest, of preheats run here
+        self._counted: tuple[CacheStats, int] | None = None
+        self._counted_at = -math.inf
+        self._queue_send, self._queue_receive = trio.open_memory_channel[_Job](math.inf)
+
+    async def run(self) -> None:
+        """Report, take and run preheats until cancelled; then tell the scheduler it leaves."""
+        cluster = self.cluster.settings.load()
+        async with FleetClient(cluster.scheduler_url, cluster.secret) as client:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._report_loop, client)
+                    nursery.start_soon(self._take_loop, client)
+                    nursery.start_soon(self._run_loop)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT):
+                    try:
+                        await client.call("/v1/node/leave", {"name": self.name})
+                    except SchedulerError as error:
+                        log.info("could not tell the scheduler this node leaves: %s", error)
+
+    # What this node holds.
+
+    def count_models(self) -> tuple[Holding, ...]:
+        """What the cache holds of each model, with the names mounts and preheats knew it by;
+        counted again only when the cache changed (or ``RECOUNT`` passed)."""
+        cache = self.cache()
+        marker = (cache.stats(), len(cache.meta_keys("manifest/")))
+        now = time.monotonic()
+        if marker == self._counted and now - self._counted_at < RECOUNT:
+            return self.holdings
+        names: dict[str, set[str]] = {}
+        for mount in self.mounts():
+            if mount.digest:
+                names.setdefault(mount.digest, set()).add(mount.reference)
+        for reference, digest in self._known_names.items():
+            names.setdefault(digest, set()).add(reference)
+        self.holdings = tuple(
+            Holding(
+                model.digest,
+                model.present_bytes,
+                model.total_bytes,
+                tuple(sorted(names.get(model.digest, ())))[:16],
+            )
+            for model in cached_models(cache)
+        )
+        self._counted, self._counted_at = marker, now
+        return self.holdings
+
+    async def _report_loop(self, client: FleetClient) -> None:
+        sent: NodeReport | None = None
+        sent_at = -math.inf
+        while True:
+            holdings = await trio.to_thread.run_sync(self.count_models)
+            report = NodeReport(self.name, dict(self.cluster.labels), holdings)
+            try:
+                if report != sent or trio.current_time() - sent_at >= KEEP_ALIVE:
+                    await client.call("/v1/node/report", report.as_json())
+                    sent, sent_at = report, trio.current_time()
+                await self._report_progress(client)
+            except SchedulerError as error:
+                log.warning("node %s: %s", self.name, error)
+                sent = None
+                await trio.sleep(RETRY)
+            await trio.sleep(REPORT_INTERVAL)
+
+    async def _report_progress(self, client: FleetClient) -> None:
+        for job_id, job in list(self.jobs.items()):
+            if job.reported:
+                continue
+            progress = job.progress
+            document = {"name": self.name, "job": job_id, **progress.as_json()}
+            try:
+                await client.call("/v1/node/progress", document)
+            except SchedulerError as error:
+                if error.status != 400:
+                    raise
+                log.info("the scheduler no longer has preheat %s: %s", job_id, error)
+            job.reported = job.progress == progress
+        finished = [job_id for job_id, job in self.jobs.items() if job.reported and _final(job)]
+        for job_id in finished[:-KEPT_JOBS]:
+            del self.jobs[job_id]
+
+    # Preheats.
+
+    async def _take_loop(self, client: FleetClient) -> None:
+        while True:
+            document = {"name": self.name, "known": sorted(self.jobs)}
+            try:
+                answer = await client.call("/v1/node/jobs", document, timeout=JOBS_HOLD + 5)
+            except SchedulerError as error:
+                log.warning("node %s: %s", self.name, error)
+                await trio.sleep(RETRY)
+                continue
+            for entry in answer.get("jobs", []):
+                preheat = Preheat(str(entry["id"]), str(entry["reference"]), ())
+                if preheat.id not in self.jobs:
+                    job = _Job(preheat, Progress(JobState.QUEUED), reported=True)
+                    self.jobs[preheat.id] = job
+                    self._queue_send.send_nowait(job)
+
+    async def _run_loop(self) -> None:
+        async for job in self._queue_receive:
+            self._update(job, Progress(JobState.RUNNING))
+            try:
+                reference = parse_reference(job.preheat.reference)
+                await self._preheat(job, reference)
+            except ModelfsError as error:
+                self._update(job, replace(job.progress, state=JobState.FAILED, error=str(error)))
+            self.count_models_soon()
+
+    def count_models_soon(self) -> None:
+        self._counted = None
+
+    def _update(self, job: _Job, progress: Progress) -> None:
+        job.progress, job.reported = progress, False
+
+    async def _preheat(self, job: _Job, reference: Reference) -> None:
+        """``modelfs preheat --json REF`` into the node's cache, its progress into ``job``."""
+        registry = self.config.registry_for(reference)
+        command = [
+            sys.executable, "-m", "modelfs", "preheat", str(reference), "--json",
+            "--cache-dir", str(self.config.cache_dir),
+            "--cache-size", str(self.config.cache_size),
+            *(["--plain-http"] if registry.plain_http else []),
+            *(["--insecure"] if registry.insecure else []),
+        ]  # fmt: skip
+        process = await trio.lowlevel.open_process(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_environment(self.config),
+        )
+        errors = bytearray()
+        try:
+            async with trio.open_nursery() as nursery:
+                assert process.stdout is not None and process.stderr is not None
+                nursery.start_soon(self._follow, job, reference, process.stdout)
+                nursery.start_soon(_keep_tail, process.stderr, errors)
+            code = await process.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        if code != 0 or job.progress.state is not JobState.DONE:
+            lines = errors.decode(errors="replace").strip().splitlines() or [""]
+            error = lines[-1].removeprefix("modelfs: error: ") or f"modelfs preheat exited {code}"
+            raise ModelfsError(error)
+
+    async def _follow(
+        self, job: _Job, reference: Reference, stream: trio.abc.ReceiveStream
+    ) -> None:
+        """The progress ``modelfs preheat --json`` prints, a JSON object per line."""
+        buffer = bytearray()
+        while chunk := await stream.receive_some():
+            buffer += chunk
+            *lines, rest = buffer.split(b"\n")
+            buffer = bytearray(rest)
+            for line in lines:
+                try:
+                    event = loads_json(bytes(line))
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    self._update(job, _progress(job.progress, event))
+                    if job.progress.digest:
+                        self._known_names[str(reference)] = job.progress.digest
+
+
+def _progress(progress: Progress, event: dict[str, Any]) -> Progress:
+    """``progress`` after one line of ``modelfs preheat --json`` (a snapshot of it)."""
+    try:
+        return Progress(
+            JobState(event["state"]),
+            str(event["digest"]),
+            int(event["held_bytes"]),
+            int(event["total_bytes"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return progress
+
+
+def _final(job: _Job) -> bool:
+    return job.progress.state.final
+
+
+async def _keep_tail(stream: trio.abc.ReceiveStream, kept: bytearray) -> None:
+    while chunk := await stream.receive_some():
+        kept += chunk
+        del kept[:-STDERR_KEPT]
