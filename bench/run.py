@@ -58,6 +58,7 @@ from registry_tools import Layer, Nginx, Registry, push_artifact  # noqa: E402
 
 from bench.cluster import NODE_COUNTS, ClusterCase, ClusterError, render_cluster  # noqa: E402
 from bench.containerd import ContainerdCase, render_containerd  # noqa: E402
+from bench.mirrors import MirrorsCase, render_mirrors  # noqa: E402
 from modelfs.modelpack import (  # noqa: E402
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
@@ -713,6 +714,26 @@ def containerd_case(registry: Registry, work: Path, pushed: PushedModel, runs: i
     return results
 
 
+def mirrors_case(
+    registry: Registry, meter: RegistryMeter, work: Path, pushed: PushedModel, runs: int
+) -> Results:
+    log(f"bench: mirrors case, a {pushed.size / MB:.0f} MB model")
+    results: Results = {}
+
+    def record(key: str, sample: Sample) -> None:
+        results.setdefault(key, []).append(sample)
+        log(f"  {key}: {sample.seconds:.2f} s, origin {sample.registry_bytes} bytes")
+
+    case = MirrorsCase(work, registry, pushed.reference, pushed.names())
+    try:
+        for run in range(1, runs + 1):
+            log(f"bench: mirrors run {run} of {runs}")
+            case.run_once(run, cold_start, meter, record)
+    finally:
+        case.close()
+    return results
+
+
 def cluster_case(cluster: ClusterCase, runs: int) -> Results:
     log(f"bench: cluster case, a {cluster.model_size >> 20} MiB model, nodes {cluster.node_counts}")
     results: Results = {}
@@ -744,10 +765,11 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["cluster", "memory", "containerd"],
+        choices=["cluster", "memory", "containerd", "mirrors"],
         help="run only this case (cluster: N nodes with peers; memory: cold reads of three "
         "model sizes, peak RSS against size; containerd: pull to first tensor and whole model "
-        "in a container, overlayfs against the modelfs snapshotter)",
+        "in a container, overlayfs against the modelfs snapshotter; mirrors: cold reads "
+        "direct, through a pull-through cache named in a hosts.toml, through tinyproxy)",
     )
     parser.add_argument(
         "--cluster-size",
@@ -845,6 +867,12 @@ def main() -> None:
             containerd_results = containerd_case(registry, work, pushed, runs)
             extra_results.update(containerd_results)
             sections.append(render_containerd(containerd_results, pushed.size))
+        if arguments.only in (None, "mirrors"):
+            files = models.generate(small_shape, work / "model-mirrors")
+            pushed = push_model(registry, "mirrors", files)
+            mirrors_results = mirrors_case(registry, meter, work, pushed, runs)
+            extra_results.update(mirrors_results)
+            sections.append(render_mirrors(mirrors_results, pushed.size))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if arguments.profile and bench is not None:
             log("bench: profile pass")
