@@ -594,3 +594,28 @@ def test_the_node_daemon_killed_and_started_again_leaves_published_volumes_reada
             with contextlib.suppress(LookupError):
                 os.kill(mount_pid(path), signal.SIGTERM)
             subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+
+
+def test_a_volume_whose_model_mount_died_is_bound_again_by_a_repeated_publish(
+    kubelet: Path, node: Node, channel: grpc.Channel, counting: Proxy, model: str
+) -> None:
+    """The model's mount process killed: the daemon mounts the model again, but the pod's bind
+    still points at the dead mount; kubelet's next publish of the volume binds the new one."""
+    pod = Pod(kubelet, {REFERENCE: _through(counting, model)})
+    pod.publish(channel)
+    [mount] = node.model_mounts()
+    os.kill(mount_pid(mount), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # until the daemon has it mounted again
+        assert time.monotonic() < deadline, "the daemon never mounted the model again"
+        with contextlib.suppress(OSError):
+            if (mount / "config.json").read_bytes() == b'{"layers": 2}':
+                break
+        time.sleep(0.1)
+    with pytest.raises(OSError) as dead:
+        os.listdir(pod.target)
+    assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    pod.publish(channel)
+    assert (pod.target / "config.json").read_bytes() == b'{"layers": 2}'
+    pod.unpublish(channel)
+    assert node.model_mounts() == []

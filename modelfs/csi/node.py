@@ -194,7 +194,12 @@ class Node:
                         f"{target} already holds volume {held.volume_id} ({held.reference})",
                     )
                 if is_mount_point(target):
-                    return
+                    try:
+                        os.listdir(target)
+                        return
+                    except OSError as error:  # its model's mount died: bind it again
+                        log.warning("%s does not list (%s): binding it again", target, error)
+                        _unbind(target)
             credentials = secret_credentials(secrets, request.reference.api_host)
             plain_http = request.reference.registry in self.plain_http
             model = trio.run(
