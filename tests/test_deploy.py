@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 
@@ -153,3 +154,12 @@ def test_the_node_image_runs_modelfs_with_fuse_and_mount(container: str) -> None
     assert "fuse3" in runtime and " mount" in runtime
     image = _container(container)["image"]
     assert image == _container("modelfs-daemon")["image"]
+
+
+def test_the_plugin_takes_its_socket_as_a_path_or_as_csi_endpoint_writes_it() -> None:
+    for given in ("/csi/csi.sock", "unix:///csi/csi.sock"):
+        assert csi.make_context("csi", ["--endpoint", given]).params["endpoint"] == Path(
+            "/csi/csi.sock"
+        )
+    with pytest.raises(click.BadParameter, match="unix:///PATH"):
+        csi.make_context("csi", ["--endpoint", "csi.sock"])

@@ -11,13 +11,23 @@ from modelfs.csi import DEFAULT_DRIVER, DEFAULT_ENDPOINT, DEFAULT_STATE_DIR
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET
 
 
+def _socket_path(context: click.Context, parameter: click.Parameter, value: str) -> Path:
+    """A socket's path, also as CSI drivers' ``CSI_ENDPOINT`` writes it (``unix:///csi.sock``)."""
+    path = value.removeprefix("unix://")
+    if not path.startswith("/"):
+        raise click.BadParameter(f"{value!r} is not an absolute path or unix:///PATH")
+    return Path(path)
+
+
 @click.command()
 @click.option(
     "--endpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_ENDPOINT,
+    envvar="CSI_ENDPOINT",
+    default=str(DEFAULT_ENDPOINT),
     show_default=True,
-    help="The unix socket to serve CSI on (node-driver-registrar's --csi-address).",
+    callback=_socket_path,
+    help="The unix socket to serve CSI on, a path or unix:///PATH (node-driver-registrar's "
+    "--csi-address).",
 )
 @click.option(
     "--driver-name",
