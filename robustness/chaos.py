@@ -1,0 +1,414 @@
+"""``scripts/chaos``: readers that compare every byte they read from real mounts against the
+source, while faults are injected at random moments (seeded, printed). Loopback only; bounded
+in time; everything it started is stopped, and what it could not stop is counted as leaked.
+
+Set-up: a real docker-registry behind the fault-injecting proxy of tests/registry_tools.py, a
+model of raw layers (with a piece index) and one tar+gzip layer fetched whole on first read,
+and ``MOUNTS`` ``modelfs mount`` processes of it: the first with its cache on a small tmpfs.
+Faults: SIGKILL of a mount process (then umount and mount again); the registry stopped and
+started, or frozen (SIGSTOP) for a while; its answers slowed to a trickle, 500 or 429, bodies
+cut mid-way, bytes flipped; the tmpfs cache filled up for a while; a cache's LMDB file damaged
+on disk between two mounts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import gzip
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from mounting import MODELFS, is_mounted, mount_pid
+from registry_tools import Layer, Proxy, Registry, push_artifact
+
+from modelfs.modelpack import ANNOTATION_FILEPATH, ANNOTATION_METADATA, layer_media_type
+
+MOUNTS = 2
+READERS = 4
+READ_SIZE = 256 << 10
+READ_TIMEOUT = 5.0  # --read-timeout of the mounts
+# docs/limits.md: a read waiting for the registry fails within --read-timeout per piece it
+# waits for; a read of READ_SIZE spans at most two pieces, and the kernel may split it in two.
+READ_BOUND = 2 * READ_TIMEOUT + 2.0
+TMPFS_SIZE = 64 << 20
+CACHE_SIZE = "16M"  # under the model's 38 MiB: pieces are evicted and fetched again
+
+
+@dataclass
+class Figures:
+    faults: Counter[str] = field(default_factory=Counter)
+    reads: int = 0
+    bytes_read: int = 0
+    wrong_bytes: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    # Failed reads by the fault last injected when they failed, and the mount they were on.
+    failed_during: Counter[str] = field(default_factory=Counter)
+    longest_wait: float = 0.0
+    longest_failed_wait: float = 0.0
+    remounts: int = 0
+    registry_bytes: int = 0  # blob bytes the registry sent through the proxy
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def model_files(rng: random.Random) -> dict[str, bytes]:
+    return {
+        # Random bytes: named so that no scan applies (a .safetensors or .bin of random bytes
+        # is refused by the mount's scan, which is not what this run is about).
+        "weights-00001.raw": rng.randbytes(24 << 20),
+        "weights-00002.raw": rng.randbytes(12 << 20),
+        "config.json": rng.randbytes(3000),
+        "tokenizer.model": rng.randbytes(2 << 20),  # in the tar+gzip layer
+    }
+
+
+def gzip_layer(name: str, data: bytes) -> Layer:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        archive.addfile(info, io.BytesIO(data))
+    metadata = f'{{"name": "{name}", "mode": 420, "size": {len(data)}, "typeflag": 48}}'
+    return Layer(
+        layer_media_type("weight", "tar+gzip"),
+        gzip.compress(raw.getvalue(), compresslevel=1),
+        {ANNOTATION_FILEPATH: name, ANNOTATION_METADATA: metadata},
+    )
+
+
+class Chaos:
+    def __init__(self, root: Path, seed: int, seconds: float) -> None:
+        self.root = root
+        self.rng = random.Random(seed)
+        self.seconds = seconds
+        self.figures = Figures()
+        self.stop = threading.Event()
+        self.current = "none yet"  # the fault last injected
+        self.registry = Registry(root / "registry")
+        self.proxy: Proxy | None = None
+        self.files: dict[str, bytes] = {}
+        self.reference = ""
+        self.mountpoints = [root / f"mnt{n}" for n in range(MOUNTS)]
+        self.caches = [root / f"cache{n}" for n in range(MOUNTS)]
+        self.tmpfs = root / "tmpfs"
+        # Set while a mount is being replaced: readers leave it alone (its directory is empty).
+        self.replacing = [threading.Event() for _ in range(MOUNTS)]
+
+    # -- set-up and tear-down ----------------------------------------------------------------
+
+    def set_up(self) -> None:
+        self.tmpfs.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(self.tmpfs)],
+            check=True,
+        )
+        self.caches[0] = self.tmpfs / "cache"
+        self.registry.start()
+        self.proxy = Proxy(self.registry)
+        for server in self.proxy._servers:  # a connection the faults reset is no news here
+            server.handle_error = lambda request, address: None  # type: ignore[method-assign, assignment]
+        self.files = model_files(self.rng)
+        raw = [
+            Layer(layer_media_type("weight", "raw"), data, {ANNOTATION_FILEPATH: name})
+            for name, data in self.files.items()
+            if name != "tokenizer.model"
+        ]
+        repository = f"chaos/{uuid.uuid4().hex[:8]}"
+        layers = [*raw, gzip_layer("tokenizer.model", self.files["tokenizer.model"])]
+        push_artifact(self.registry.host, repository, "v1", layers)
+        self.reference = f"{self.proxy.host}/{repository}:v1"
+        for number in range(MOUNTS):
+            self.mount(number)
+
+    def mount(self, number: int) -> None:
+        mountpoint = self.mountpoints[number]
+        mountpoint.mkdir(exist_ok=True)
+        argv = [*MODELFS, "mount", self.reference, str(mountpoint), "--plain-http", "--no-daemon",
+                "--cache-dir", str(self.caches[number]), "--cache-size", CACHE_SIZE,
+                "--read-timeout", str(READ_TIMEOUT), "--timeout", "3"]  # fmt: skip
+        # The registry may be down or failing right now: a mount is retried until it works.
+        deadline = time.monotonic() + 120
+        while True:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+            if result.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot mount {mountpoint}: {result.stderr.strip()}")
+            self.figures.faults["mount refused, retried"] += 1
+            time.sleep(1)
+
+    def umount(self, number: int) -> None:
+        subprocess.run([*MODELFS, "umount", str(self.mountpoints[number])], capture_output=True)
+
+    def tear_down(self) -> tuple[int, int]:
+        """Unmount, stop everything; the mounts and processes that outlived an orderly stop."""
+        for number in range(MOUNTS):
+            pid = self._pid(number)
+            self.umount(number)
+            if pid is not None:
+                _wait_gone(pid, 15)
+        if self.proxy is not None:
+            self.figures.registry_bytes = self.proxy.blob_bytes
+            self.proxy.close()
+        self.registry.stop()
+        leaked_mounts = [path for path in self.mountpoints if is_mounted(path)]
+        leaked_processes = _processes_under(self.root)
+        for path in leaked_mounts:
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+        for pid in leaked_processes:
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(self.tmpfs)], capture_output=True)
+        return len(leaked_mounts), len(leaked_processes)
+
+    def _pid(self, number: int) -> int | None:
+        try:
+            return mount_pid(self.mountpoints[number])
+        except LookupError:
+            return None
+
+    # -- readers ----------------------------------------------------------------------------
+
+    def reader(self, rng: random.Random) -> None:
+        figures = self.figures
+        names = sorted(self.files)
+        while not self.stop.is_set():
+            number = rng.randrange(MOUNTS)
+            name = rng.choice(names)
+            source = self.files[name]
+            offset = rng.randrange(len(source))
+            length = min(rng.randint(1, READ_SIZE), len(source) - offset)
+            if self.replacing[number].is_set():
+                time.sleep(0.05)
+                continue
+            started = time.monotonic()
+            try:
+                fd = os.open(self.mountpoints[number] / name, os.O_RDONLY)
+                try:
+                    # Its pages out of the kernel's cache: the read reaches the mount.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    data = os.pread(fd, length, offset)
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                waited = time.monotonic() - started
+                with figures.lock:
+                    code = errno.errorcode.get(error.errno or 0, "?")
+                    figures.failed[code] += 1
+                    figures.failed_during[f"{code} on mount {number} after {self.current}"] += 1
+                    figures.longest_failed_wait = max(figures.longest_failed_wait, waited)
+                    figures.longest_wait = max(figures.longest_wait, waited)
+                time.sleep(0.05)
+                continue
+            waited = time.monotonic() - started
+            expected = source[offset : offset + length]
+            wrong = sum(a != b for a, b in zip(data, expected, strict=False))
+            wrong += abs(len(expected) - len(data))
+            with figures.lock:
+                figures.reads += 1
+                figures.bytes_read += len(data)
+                figures.wrong_bytes += wrong
+                figures.longest_wait = max(figures.longest_wait, waited)
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def faults(self) -> list[Callable[[], None]]:
+        return [
+            self.kill_mount, self.registry_restart, self.registry_freeze, self.trickle,
+            self.answer_500, self.answer_429, self.cut_bodies, self.flip_bytes,
+            self.fill_cache, self.damage_lmdb,
+        ]  # fmt: skip
+
+    def _hold(self) -> None:
+        self.stop.wait(self.rng.uniform(1, 4))
+
+    def kill_mount(self) -> None:
+        number = self.rng.randrange(MOUNTS)
+        pid = self._pid(number)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)  # reads in flight meet it
+        _wait_gone(pid, 10)
+        self.replace(number, lambda: None)
+
+    def replace(self, number: int, meanwhile: Callable[[], None]) -> None:
+        """Unmount, do ``meanwhile``, mount again: readers leave the mount alone meanwhile."""
+        self.replacing[number].set()
+        try:
+            self.umount(number)
+            meanwhile()
+            self.mount(number)
+            self.figures.remounts += 1
+        finally:
+            self.replacing[number].clear()
+
+    def registry_restart(self) -> None:
+        self.registry.stop()
+        self._hold()
+        self.registry.start()
+
+    def registry_freeze(self) -> None:
+        self.registry.pause()
+        self._hold()
+        self.registry.resume()
+
+    def trickle(self) -> None:
+        assert self.proxy is not None
+        self.proxy.trickle = 2000.0
+        self._hold()
+        self.proxy.trickle = 0.0
+
+    def answer_500(self) -> None:
+        assert self.proxy is not None
+        self.proxy.fail_next(self.rng.randint(1, 20), 500)
+
+    def answer_429(self) -> None:
+        assert self.proxy is not None
+        self.proxy.fail_next(self.rng.randint(1, 20), 429)
+
+    def cut_bodies(self) -> None:
+        assert self.proxy is not None
+        self.proxy.cut_blobs(self.rng.randrange(4 << 20), self.rng.randint(1, 5))
+
+    def flip_bytes(self) -> None:
+        assert self.proxy is not None
+        self.proxy.patch_blobs(self.rng.randrange(4 << 20), b"\xff\x00", self.rng.randint(1, 5))
+
+    def fill_cache(self) -> None:
+        filler = self.tmpfs / "filler"
+        try:
+            with filler.open("wb") as out:
+                while True:
+                    out.write(bytes(8 << 20))
+        except OSError:
+            pass  # full: that is the point
+        self._hold()
+        filler.unlink(missing_ok=True)
+
+    def damage_lmdb(self) -> None:
+        number = self.rng.randrange(MOUNTS)
+        data = self.caches[number] / "data.mdb"
+
+        def damage() -> None:
+            if data.exists():
+                size = data.stat().st_size
+                with data.open("r+b") as out:
+                    for _ in range(self.rng.randint(1, 8)):
+                        out.seek(self.rng.randrange(8192, max(size, 8193)))
+                        out.write(self.rng.randbytes(self.rng.randint(1, 64)))
+
+        self.replace(number, damage)
+
+    def inject(self, count: int) -> None:
+        deadline = time.monotonic() + self.seconds
+        injected = 0
+        while time.monotonic() < deadline and injected < count:
+            if self.stop.wait(self.rng.uniform(0.5, 3.0)):
+                return
+            fault = self.rng.choice(self.faults())
+            self.figures.faults[fault.__name__] += 1
+            self.current = fault.__name__
+            injected += 1
+            fault()
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            status = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1]
+            if status == "Z":
+                return
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.05)
+
+
+def _processes_under(root: Path) -> list[int]:
+    """Live processes whose command line names ``root`` (mount processes, the registry)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().split(") ")[-1][:1]
+            except OSError:
+                continue
+            if str(root).encode() in argv and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/chaos", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=120, help="How long faults are injected.")
+    parser.add_argument("--faults", type=int, default=200, help="Most faults injected.")
+    parser.add_argument("--seed", type=int, help="Seed of the run (default: a random one).")
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
+    print(
+        f"scripts/chaos: seed {seed}, {args.seconds:g} s, at most {args.faults} faults", flush=True
+    )
+    root = Path(tempfile.mkdtemp(prefix="modelfs-chaos-"))
+    chaos = Chaos(root, seed, args.seconds)
+    leaked = (0, 0)
+    started = time.monotonic()
+    try:
+        chaos.set_up()
+        readers = [
+            threading.Thread(
+                target=chaos.reader, args=(random.Random(seed + n),), name=f"reader{n}"
+            )
+            for n in range(READERS)
+        ]
+        for thread in readers:
+            thread.start()
+        try:
+            chaos.inject(args.faults)
+        finally:
+            chaos.stop.set()
+            for thread in readers:
+                thread.join()
+    finally:
+        leaked = chaos.tear_down()
+    figures = chaos.figures
+    elapsed = time.monotonic() - started
+    print(f"ran {elapsed:.0f} s, faults injected: {sum(figures.faults.values())}")
+    for name, count in sorted(figures.faults.items()):
+        print(f"  {name:<24} {count}")
+    print(
+        f"reads: {figures.reads} ok, {figures.bytes_read / (1 << 20):.1f} MiB read; "
+        f"{figures.registry_bytes / (1 << 20):.1f} MiB of blobs from the registry"
+    )
+    print(f"wrong bytes: {figures.wrong_bytes}")
+    failed = ", ".join(f"{name} {count}" for name, count in figures.failed.most_common())
+    print(f"failed reads: {sum(figures.failed.values())} ({failed or 'none'})")
+    for during, count in sorted(figures.failed_during.items()):
+        print(f"  {count:>6}  {during}")
+    print(
+        f"longest read wait: {figures.longest_wait:.2f} s (bound {READ_BOUND:.0f} s; "
+        f"longest failed read {figures.longest_failed_wait:.2f} s)"
+    )
+    print(f"remounts: {figures.remounts}; leaked mounts: {leaked[0]}, processes: {leaked[1]}")
+    ok = figures.wrong_bytes == 0 and leaked == (0, 0) and figures.longest_wait < READ_BOUND
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
