@@ -495,6 +495,16 @@ def test_credentials_from_the_volume_s_secret(
     pod.publish(channel, secrets=secrets)
     try:
         assert (pod.target / "model.bin").read_bytes() == data
+        # The password reached the mount process over a pipe: no file, argv or environment.
+        [mount] = node.model_mounts()
+        process = Path("/proc") / str(mount_pid(mount))
+        password = auth_registry.password.encode()
+        for place in [process / "cmdline", process / "environ"]:
+            assert password not in place.read_bytes(), place
+        for directory in (node.root, node.control.parent):
+            for path in directory.rglob("*"):
+                if path.is_file() and not path.is_relative_to(node.state / "models"):
+                    assert password not in path.read_bytes(), path
         # Another pod without the secret gets no volume, though the model is mounted here.
         stranger = Pod(kubelet, {REFERENCE: reference})
         assert _refusal(stranger, channel).code() == grpc.StatusCode.UNAUTHENTICATED
