@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import trio
 from cluster_tools import publish, read_all, scheduler_process
 from mounting import modelfs, mounted, unmount
-from registry_tools import Layer, Proxy, Registry, push_artifact
+from registry_tools import HttpProxy, Layer, Proxy, Registry, push_artifact
 from test_metrics import running_daemon, scrape, value
 from test_node_peers import SECRET, node_config, started
 from test_service import status
@@ -304,3 +305,29 @@ def test_the_snapshotters_own_mirror_named_in_hosts_toml_gives_modelfs_the_model
         assert trio.run(main) == pushed
         # containerd (any other client) still gets the model image from it.
         assert images.for_tag(registry.host, repository, "v1") is not None
+
+
+def test_a_mirror_gets_its_path_headers_ns_and_proxy_from_hosts_toml(
+    registry: Registry, origin: Proxy, mirror: Registry, tmp_path: Path
+) -> None:
+    """override_path, header and proxy of a [host] as a mirror sees them: its requests go
+    through the proxy named for it (a real forward proxy, which records them), under the path
+    given, with the headers and ``ns``; the lean path's range GETs too."""
+    name = push_model(registry)
+    with HttpProxy() as forward:
+        url = f"http://{mirror.host}/v2"
+        hosts = hosts_toml(
+            tmp_path / "certs.d",
+            origin.host,
+            f'server = "http://{origin.host}"\n\n'
+            f'[host."{url}"]\n  capabilities = ["pull", "resolve"]\n  override_path = true\n'
+            f'  proxy = "{forward.url}"\n'
+            f'  [host."{url}".header]\n    x-mirror-test = "from-hosts-toml"\n',
+        )
+        data, stats = read_model(f"{origin.host}/{name}", hosts, tmp_path / "node")
+        requests = list(forward.requests)
+    assert data == DATA and from_mirror(stats, mirror)
+    assert requests and all(r.target.startswith(f"{url}/test/mirrors-") for r in requests)
+    assert all(f"ns={origin.host}" in unquote(r.target) for r in requests)
+    assert all(r.headers.get("x-mirror-test") == "from-hosts-toml" for r in requests)
+    assert any(r.headers.get("Range", "").startswith("bytes=0-") for r in requests)
