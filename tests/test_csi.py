@@ -90,7 +90,7 @@ class Node:
     def state(self) -> Path:
         return self.root / "state"
 
-    def start_plugin(self, *options: str) -> None:
+    def start_plugin(self, *options: str, env: dict[str, str] | None = None) -> None:
         hosts = [option for host in self.plain_http for option in ("--plain-http-registry", host)]
         self.plugin = subprocess.Popen(
             [
@@ -106,7 +106,8 @@ class Node:
                 str(self.control),
                 *hosts,
                 *options,
-            ]
+            ],
+            env=env,
         )
         _wait_for(self.endpoint, self.plugin, "plugin")
 
@@ -629,3 +630,43 @@ def test_a_volume_whose_model_mount_died_is_bound_again_by_a_repeated_publish(
     assert (pod.target / "config.json").read_bytes() == b'{"layers": 2}'
     pod.unpublish(channel)
     assert node.model_mounts() == []
+
+
+def test_the_node_s_login_serves_pods_without_a_secret(
+    kubelet: Path, tmp_path: Path, auth_registry: Registry
+) -> None:
+    """The plugin and the daemon share a docker config with a login for the registry (as the
+    DaemonSet mounts one in both containers): a pod without a secret gets its volume."""
+    assert auth_registry.username is not None and auth_registry.password is not None
+    data = b"weights behind a login " * 500
+    reference = _push(auth_registry, {"model.bin": data})
+    login = tmp_path / "docker"
+    login.mkdir()
+    entry = {
+        "auths": {
+            auth_registry.host: {
+                "auth": base64.b64encode(
+                    f"{auth_registry.username}:{auth_registry.password}".encode()
+                ).decode()
+            }
+        }
+    }
+    (login / "config.json").write_text(json.dumps(entry))
+    env = {**os.environ, "DOCKER_CONFIG": str(login)}
+    node = Node(tmp_path / "node", tmp_path / "run" / "control.sock", [auth_registry.host])
+    config = tmp_path / "config.toml"
+    config.write_text(f'control_socket = "{node.control}"\n[cache]\ndir = "{tmp_path / "c"}"\n')
+    daemon = subprocess.Popen([*MODELFS, "daemon", "--config", str(config)], env=env)
+    try:
+        _wait_for(node.control, daemon, "daemon")
+        node.start_plugin(env=env)
+        with grpc.insecure_channel(f"unix://{node.endpoint}") as channel:
+            pod = Pod(kubelet, {REFERENCE: reference})
+            pod.publish(channel)
+            assert (pod.target / "model.bin").read_bytes() == data
+            pod.unpublish(channel)
+            assert node.model_mounts() == []
+    finally:
+        if node.plugin is not None:
+            node.stop_plugin()
+        _stop(daemon)
