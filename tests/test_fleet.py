@@ -5,6 +5,7 @@ keys that name a node. The same parts run end to end in tests/test_preheat_nodes
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from modelfs.scheduler.placement import (
 )
 from modelfs.scheduler.service import SchedulerService
 from modelfs.scheduler.state import MemoryKeyValue, SchedulerState
-from modelfs.service.config import ConfigError, parse_config
+from modelfs.service.config import ConfigError, load_config, parse_config
 from modelfs.transport.server import Request
 
 DIGEST = "sha256:" + "ab" * 32
@@ -269,3 +270,20 @@ def test_a_node_is_named_and_labelled_in_its_config() -> None:
         with pytest.raises(ConfigError) as raised:
             parse_config(f"{CLUSTER}{wrong}\n", "c.toml")
         assert message in str(raised.value), wrong
+
+
+def test_kubernetes_labels_need_the_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a pod, asking for node labels is refused when the config loads (the labels
+    themselves are computed by ``model_labels`` and ``label_patch``, tested above; the API
+    calls are not run here: no API server)."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef")
+    config = tmp_path / "config.toml"
+    text = CLUSTER.replace("/etc/modelfs/cluster-secret", str(secret)) + 'node_name = "n1"\n'
+    config.write_text(text)
+    assert load_config(config).cluster is not None
+    config.write_text(text + "kubernetes_labels = true\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    assert "kubernetes_labels needs the API server: KUBERNETES_SERVICE_HOST" in str(raised.value)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +32,7 @@ from modelfs.scheduler.fleet_client import FleetClient, SchedulerError
 from modelfs.scheduler.placement import Holding
 from modelfs.service.cache_ops import cached_models
 from modelfs.service.config import DaemonConfig, NodeCluster, node_name
+from modelfs.service.kube_labels import NodeLabels
 from modelfs.service.supervisor import MountState, child_environment
 from modelfs.untrusted import loads_json
 
@@ -75,10 +77,16 @@ class ClusterAgent:
     async def run(self) -> None:
         """Report, take and run preheats until cancelled; then tell the scheduler it leaves."""
         cluster = self.cluster.settings.load()
-        async with FleetClient(cluster.scheduler_url, cluster.secret) as client:
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                FleetClient(cluster.scheduler_url, cluster.secret)
+            )
+            labels = None
+            if self.cluster.kubernetes_labels:
+                labels = await stack.enter_async_context(NodeLabels(self.name))
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._report_loop, client)
+                    nursery.start_soon(self._report_loop, client, labels)
                     nursery.start_soon(self._take_loop, client)
                     nursery.start_soon(self._run_loop)
             finally:
@@ -116,11 +124,18 @@ class ClusterAgent:
         self._counted, self._counted_at = marker, now
         return self.holdings
 
-    async def _report_loop(self, client: FleetClient) -> None:
+    async def _report_loop(self, client: FleetClient, labels: NodeLabels | None) -> None:
         sent: NodeReport | None = None
         sent_at = -math.inf
+        labelled: tuple[Holding, ...] | None = None
         while True:
             holdings = await trio.to_thread.run_sync(self.count_models)
+            if labels is not None and holdings != labelled:
+                try:
+                    await labels.update(holdings)
+                    labelled = holdings
+                except (ModelfsError, OSError) as error:
+                    log.warning("node %s: its model labels: %s", self.name, error)
             report = NodeReport(self.name, dict(self.cluster.labels), holdings)
             try:
                 if report != sent or trio.current_time() - sent_at >= KEEP_ALIVE:

@@ -20,6 +20,7 @@ from modelfs.prefetch.prefetcher import PrefetchMode
 from modelfs.reference import LayoutReference, Reference, parse_any_reference
 from modelfs.scheduler.placement import labels_problem, node_name_problem
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
+from modelfs.service.kube_labels import in_cluster_problem
 from modelfs.service.peer_ports import PortRange, parse_port_range
 from modelfs.sizes import parse_size
 from modelfs.sources.hosts import DEFAULT_HOSTS_DIR, HostsError, mirror_hosts
@@ -303,6 +304,10 @@ def load_config(path: Path) -> DaemonConfig:
         check_cluster_files(config.cluster, f"{path} [cluster]")
         if (problem := node_name_problem(node_name(config.cluster))) is not None:
             raise ConfigError(f"{path} [cluster]: {problem}: set node_name")
+        if config.cluster.kubernetes_labels and (problem := in_cluster_problem()) is not None:
+            raise ConfigError(
+                f"{path} [cluster]: kubernetes_labels needs the API server: {problem}"
+            )
     return config
 
 
