@@ -26,13 +26,15 @@ from test_service import status
 
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache
-from modelfs.fetcher.index import IndexLookup
+from modelfs.fetcher.index import IndexLookup, PieceHasher, PieceIndex, publish_index
 from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.modelpack import layer_media_type
 from modelfs.mount.session import MountOptions, open_source
+from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.reference import parse_reference
 from modelfs.snapshot.mirror import ModelImages, serving_mirror
 from modelfs.sources.mirrors import MirroredRepository
+from modelfs.sources.registry import RegistryClient
 from modelfs.sources.stats import MIRROR, REGISTRY, MountStats
 
 MIB = 1 << 20
@@ -331,3 +333,37 @@ def test_a_mirror_gets_its_path_headers_ns_and_proxy_from_hosts_toml(
     assert all(f"ns={origin.host}" in unquote(r.target) for r in requests)
     assert all(r.headers.get("x-mirror-test") == "from-hosts-toml" for r in requests)
     assert any(r.headers.get("Range", "").startswith("bytes=0-") for r in requests)
+
+
+def test_a_mirror_that_resolves_tags_is_not_asked_for_what_vouches_for_bytes(
+    registry: Registry, fresh_registry: Registry, tmp_path: Path
+) -> None:
+    """A mirror trusted to resolve tags still never supplies a piece index (nor a signature):
+    they come by the referrers tag of a manifest, from the server. Here the mirror holds the
+    same model with a forged index whose piece hashes match nothing: asked for it, every read
+    would fail."""
+    name = push_model(registry)
+    repository, tag = name.split(":")
+    layer = Layer(layer_media_type("weight", "raw"), DATA, {"org.cncf.model.filepath": "w.bin"})
+    push_artifact(fresh_registry.host, repository, tag, [layer], piece_index=False)
+
+    async def forge() -> None:
+        async with RegistryClient(fresh_registry.host, plain_http=True) as client:
+            mirrored = client.repository(repository)
+            manifest = await mirrored.get_manifest(tag)
+            hasher = PieceHasher(DEFAULT_PIECE_SIZE)
+            hasher.update(bytes(len(DATA)))  # the hashes of zeros: matching no piece
+            forged = PieceIndex(manifest.digest, DEFAULT_PIECE_SIZE, {DIGEST: hasher.finish()})
+            await publish_index(mirrored, manifest, forged)
+
+    trio.run(forge)
+    hosts = hosts_toml(
+        tmp_path / "certs.d",
+        registry.host,
+        f'server = "http://{registry.host}"\n'
+        f'[host."http://{fresh_registry.host}"]\n  capabilities = ["pull", "resolve"]\n',
+    )
+    data, stats = read_model(f"{registry.host}/{name}", hosts, tmp_path / "node")
+    assert data == DATA
+    assert stats.mirror_bytes == {fresh_registry.host: stats.fetched_bytes[MIRROR]}
+    assert stats.errors == {}

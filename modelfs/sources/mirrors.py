@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -65,6 +66,8 @@ PASS_OVER = 10.0  # ... a mirror that refused a blob (404, 401, an error), for t
 DISTRUST = 3600.0  # ... a mirror whose bytes failed a check, for that blob
 FILL_POLL = (0.25, 2.0)  # first and longest wait for a mirror filling a blob to hold it
 _MIRROR_RETRIES = 1
+# Tags of the referrers tag scheme (``sha256-<hex>``) and cosign's (``.sig``, ``.att``, ...).
+_VOUCHING_TAG = re.compile(r"sha256-[0-9a-f]{64}(\.[a-z]+)?")
 
 
 def find_hosts(
@@ -211,6 +214,10 @@ class MirroredRepository(RegistryRepository):
             log.info("mirror %s: %s; asking the next host", host, error)
 
     async def get_manifest(self, selector: str) -> FetchedManifest:
+        if _VOUCHING_TAG.fullmatch(selector):
+            # The referrers tag of a manifest (its piece index, profile) or cosign's signature
+            # tag names what vouches for bytes, even of a model mounted by digest: the server's.
+            return await self._server.get_manifest(selector)
         # Resolving a tag is trusted to ``resolve`` hosts only; a digest checks itself.
         capability = PULL if selector.startswith("sha256:") else RESOLVE
         for number, host in self._hosts(capability, selector):
