@@ -64,6 +64,8 @@ def test_every_document_parses_and_names_a_known_kind() -> None:
     kinds = sorted(document["kind"] for document in _documents())
     assert kinds == [
         "CSIDriver",
+        "ClusterRole",
+        "ClusterRoleBinding",
         "ConfigMap",
         "DaemonSet",
         "Namespace",
@@ -144,6 +146,22 @@ def test_the_pods_run_as_the_service_account_in_its_namespace() -> None:
     namespace = _one("Namespace")["metadata"]["name"]
     for kind in ("DaemonSet", "ServiceAccount", "ConfigMap"):
         assert _one(kind)["metadata"]["namespace"] == namespace, kind
+    # The node service's model labels: get and patch on its node, granted to that account.
+    binding = _one("ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == _one("ClusterRole")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": namespace}
+    ]
+    [rule] = _one("ClusterRole")["rules"]
+    assert rule["resources"] == ["nodes"] and set(rule["verbs"]) == {"get", "patch"}
+
+
+def test_both_modelfs_containers_know_their_node_s_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("modelfs-daemon", "modelfs-csi"):
+        env = {variable["name"]: variable for variable in _container(name)["env"]}
+        assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    monkeypatch.setenv("NODE_NAME", "gpu-node-7")
+    assert csi.make_context("csi", []).params["node_id"] == "gpu-node-7"
 
 
 @pytest.mark.parametrize("container", ["modelfs-daemon", "modelfs-csi"])

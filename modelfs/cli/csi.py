@@ -37,9 +37,9 @@ def _socket_path(context: click.Context, parameter: click.Parameter, value: str)
 )
 @click.option(
     "--node-id",
-    envvar="KUBE_NODE_NAME",
+    envvar="NODE_NAME",
     default=socket.gethostname,
-    show_default="$KUBE_NODE_NAME, else the host name",
+    show_default="$NODE_NAME, else the host name",
     help="This node's name, as NodeGetInfo tells kubelet.",
 )
 @click.option(
