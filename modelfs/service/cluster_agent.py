@@ -5,9 +5,9 @@ preheats the scheduler has queued for it, reporting their progress.
 Every call goes to the scheduler, signed with the cluster secret; the node opens no port for
 it, so only a holder of the secret (through the scheduler) can ask this node to preheat. A
 preheat runs as its own ``modelfs preheat --json`` process, with the node's cache, registry
-settings and credentials as a mount process has them, one at a time. Only registry references
-are taken: a preheat never reads a path on this node. Whatever the scheduler or the registry do,
-the daemon goes on: a failed call is logged and tried again.
+settings, mirrors and credentials as a mount process has them, one at a time. Only registry
+references are taken: a preheat never reads a path on this node. Whatever the scheduler or the
+registry do, the daemon goes on: a failed call is logged and tried again.
 """
 
 from __future__ import annotations
@@ -208,6 +208,7 @@ class ClusterAgent:
             "--cache-size", str(self.config.cache_size),
             *(["--plain-http"] if registry.plain_http else []),
             *(["--insecure"] if registry.insecure else []),
+            *([] if self.config.hosts_dir is None else ["--hosts-dir", str(self.config.hosts_dir)]),
         ]  # fmt: skip
         process = await trio.lowlevel.open_process(
             command,
