@@ -670,3 +670,29 @@ def test_the_node_s_login_serves_pods_without_a_secret(
         if node.plugin is not None:
             node.stop_plugin()
         _stop(daemon)
+
+
+def test_a_model_no_volume_holds_is_unmounted_when_the_plugin_starts(
+    kubelet: Path, tmp_path: Path, node: Node, counting: Proxy, model: str
+) -> None:
+    """The plugin stopped in an unpublish after the volume went and before its model's unmount
+    (or could not reach the daemon then): the next plugin unmounts the model."""
+    plugin = Node(tmp_path / "node", node.control, [counting.host])
+    plugin.start_plugin()
+    with grpc.insecure_channel(f"unix://{plugin.endpoint}") as channel:
+        pod = Pod(kubelet, {REFERENCE: _through(counting, model)})
+        pod.publish(channel)
+    [mount] = plugin.model_mounts()
+    plugin.stop_plugin()
+    # What the unpublish had done when it stopped: the bind, the target and the record gone.
+    subprocess.run(["umount", str(pod.target)], check=True)
+    pod.target.rmdir()
+    [record] = (plugin.state / "volumes").glob("*.json")
+    record.unlink()
+    assert plugin.model_mounts() == [mount]
+    plugin.start_plugin()
+    try:
+        assert plugin.model_mounts() == [] and str(mount) not in node.daemon_mounts()
+        assert not mount.exists()
+    finally:
+        plugin.stop_plugin()

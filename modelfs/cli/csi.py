@@ -94,4 +94,5 @@ def csi(
     node = Node(
         state_dir, control_socket, plain_http=frozenset(plain_http), keep_models=keep_models
     )
+    node.release_unused()
     serve(node, endpoint, driver_name, node_id, ready=lambda: notify("READY=1"))

@@ -180,6 +180,19 @@ class Node:
         except ControlError:  # it does not answer in time
             return False
 
+    def release_unused(self) -> None:
+        """Unmount the models no volume holds (a plugin stopped between an unpublish and its
+        model's unmount, or unable then to reach the daemon leaves one); with
+        ``keep_models``, they stay."""
+        if self.keep_models or not self.models.exists():
+            return
+        for path in sorted(self.models.iterdir()):
+            digest = "sha256:" + path.name
+            with self._models.hold(digest):
+                if self.volumes.users(digest) == 0:
+                    log.warning("no volume holds the model on %s: unmounting it", path)
+                    self._release_model(digest)
+
     def publish(self, request: PublishRequest, secrets: Mapping[str, str]) -> None:
         """Mount the model (if this node has no mount of it yet) and bind it read-only at the
         target; returns once the target lists. A repeated call succeeds; the same target
