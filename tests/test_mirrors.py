@@ -86,16 +86,18 @@ def read_model(
     cache_dir: Path,
     between: Callable[[], None] = lambda: None,
     data: bytes = DATA,
+    read_timeout: float = 20.0,
+    took: list[float] | None = None,
 ) -> tuple[bytes, MountStats]:
     """The model's weights read as a mount reads them (pieces, in runs, checked), on a node of
-    its own (its own cache), 8 MiB at a time, ``between`` run after the first; and what the
-    node counted."""
+    its own (its own cache), 8 MiB at a time, ``between`` run after the first (how long each
+    read took into ``took``); and what the node counted."""
     options = MountOptions(
         reference=parse_reference(reference),
         mountpoint=Path(),
         plain_http=True,
         hosts_dir=hosts_dir,
-        read_timeout=20.0,
+        read_timeout=read_timeout,
     )
     stats = MountStats()
     cache = PieceCache(cache_dir, 1 << 30)
@@ -111,7 +113,10 @@ def read_model(
                 blob = BlobRef("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
                 parts = []
                 for offset in range(0, len(data), 8 * MIB):
+                    started = trio.current_time()
                     parts.append(bytes(await fetcher.read(blob, offset, 8 * MIB)))
+                    if took is not None:
+                        took.append(trio.current_time() - started)
                     if offset == 0:
                         between()
                 return b"".join(parts)
@@ -367,3 +372,27 @@ def test_a_mirror_that_resolves_tags_is_not_asked_for_what_vouches_for_bytes(
     assert data == DATA
     assert stats.mirror_bytes == {fresh_registry.host: stats.fetched_bytes[MIRROR]}
     assert stats.errors == {}
+
+
+def test_a_mirror_that_stops_answering_costs_a_read_its_share_of_the_deadline(
+    registry: Registry, origin: Proxy, mirror: Registry, tmp_path: Path
+) -> None:
+    """The mirror hangs (SIGSTOP) after the first read: the next read waits for it only its
+    share of --read-timeout (half, with one mirror), then takes the rest from the origin,
+    within the one deadline; the reads after it do not wait for it at all."""
+    name = push_model(registry)
+    hosts = mirror_first(tmp_path / "certs.d", origin, mirror.host)
+    took: list[float] = []
+    try:
+        data, stats = read_model(
+            f"{origin.host}/{name}", hosts, tmp_path / "node", mirror.pause, read_timeout=6.0,
+            took=took,
+        )  # fmt: skip
+    finally:
+        mirror.resume()
+    assert data == DATA and stats.errors == {}
+    assert REGISTRY in stats.fetched_bytes
+    _, hung, *rest = took
+    print(f"reads took {took}")
+    assert 3.0 <= hung < 6.0, took  # the mirror's share, then the origin, within the deadline
+    assert all(seconds < 2.0 for seconds in rest), took  # passed over: no wait
