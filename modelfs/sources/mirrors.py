@@ -200,7 +200,7 @@ class MirroredRepository(RegistryRepository):
         it did not answer, or did not deliver a blob in time (an error answer to a manifest,
         such as distribution's 500 for a tag upstream lacks, is about that manifest only)."""
         now = trio.current_time()
-        host = self._mirrors[number].client.host
+        host = self._mirrors[number].client.endpoint.url
         if isinstance(error, HostUnreachableError) or (
             blob and isinstance(error, RegistryUnavailableError)
         ):
