@@ -31,6 +31,7 @@ from modelfs.scheduler.placement import (
 )
 from modelfs.scheduler.service import SchedulerService
 from modelfs.scheduler.state import MemoryKeyValue, SchedulerState
+from modelfs.service.cluster_agent import preheats_in
 from modelfs.service.config import ConfigError, load_config, parse_config
 from modelfs.transport.server import Request
 
@@ -287,3 +288,12 @@ def test_kubernetes_labels_need_the_pod(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(ConfigError) as raised:
         load_config(config)
     assert "kubernetes_labels needs the API server: KUBERNETES_SERVICE_HOST" in str(raised.value)
+
+
+def test_a_node_takes_only_readable_preheats_from_the_scheduler() -> None:
+    """Whatever answers in the scheduler's place, the node service takes well-formed preheats
+    only (and never stops over the rest)."""
+    good = {"id": "0123456789abcdef", "reference": "r.example/m:v1", "nodes": ["n1"]}
+    answer = {"jobs": [good, {"id": "../x", "reference": "r"}, {"id": "0" * 16}, "x", None]}
+    assert [(p.id, p.reference) for p in preheats_in(answer)] == [(good["id"], good["reference"])]
+    assert preheats_in({"jobs": "all"}) == [] and preheats_in({}) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ RETRY = 2.0  # after the scheduler failed to answer
 LEAVE_TIMEOUT = 2.0
 STDERR_KEPT = 4096  # of a preheat process's stderr: its last line is the error reported
 KEPT_JOBS = 256  # finished preheats remembered (so the scheduler's queue is not run twice)
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass
@@ -76,7 +78,11 @@ class ClusterAgent:
 
     async def run(self) -> None:
         """Report, take and run preheats until cancelled; then tell the scheduler it leaves."""
-        cluster = self.cluster.settings.load()
+        try:
+            cluster = self.cluster.settings.load()
+        except ModelfsError as error:  # checked when the config loaded; gone since
+            log.error("node %s takes no part in the cluster: %s", self.name, error)
+            return
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(
                 FleetClient(cluster.scheduler_url, cluster.secret)
@@ -98,38 +104,43 @@ class ClusterAgent:
 
     # What this node holds.
 
-    def count_models(self) -> tuple[Holding, ...]:
-        """What the cache holds of each model, with the names mounts and preheats knew it by;
-        counted again only when the cache changed (or ``RECOUNT`` passed)."""
-        cache = self.cache()
-        marker = (cache.stats(), len(cache.meta_keys("manifest/")))
-        now = time.monotonic()
-        if marker == self._counted and now - self._counted_at < RECOUNT:
-            return self.holdings
+    def names(self) -> dict[str, set[str]]:
+        """The references mounts and preheats knew each model (by digest) by."""
         names: dict[str, set[str]] = {}
         for mount in self.mounts():
             if mount.digest:
                 names.setdefault(mount.digest, set()).add(mount.reference)
         for reference, digest in self._known_names.items():
             names.setdefault(digest, set()).add(reference)
-        self.holdings = tuple(
-            Holding(
-                model.digest,
-                model.present_bytes,
-                model.total_bytes,
-                tuple(sorted(names.get(model.digest, ())))[:16],
+        return names
+
+    def count_models(self, names: dict[str, set[str]]) -> tuple[Holding, ...]:
+        """What the cache holds of each model, with ``names``; counted again only when the
+        cache changed (or ``RECOUNT`` passed). Runs in a thread: it reads the cache."""
+        cache = self.cache()
+        marker = (cache.stats(), len(cache.meta_keys("manifest/")))
+        now = time.monotonic()
+        if marker == self._counted and now - self._counted_at < RECOUNT:
+            counted = self.holdings
+        else:
+            counted = tuple(
+                Holding(model.digest, model.present_bytes, model.total_bytes)
+                for model in cached_models(cache)
             )
-            for model in cached_models(cache)
+            self._counted, self._counted_at = marker, now
+        self.holdings = tuple(
+            replace(held, references=tuple(sorted(names.get(held.digest, ())))[:16])
+            for held in counted
         )
-        self._counted, self._counted_at = marker, now
         return self.holdings
 
     async def _report_loop(self, client: FleetClient, labels: NodeLabels | None) -> None:
         sent: NodeReport | None = None
         sent_at = -math.inf
         labelled: tuple[Holding, ...] | None = None
+        failing = False  # a scheduler that does not answer is logged once until it does
         while True:
-            holdings = await trio.to_thread.run_sync(self.count_models)
+            holdings = await trio.to_thread.run_sync(self.count_models, self.names())
             if labels is not None and holdings != labelled:
                 try:
                     await labels.update(holdings)
@@ -142,9 +153,12 @@ class ClusterAgent:
                     await client.call("/v1/node/report", report.as_json())
                     sent, sent_at = report, trio.current_time()
                 await self._report_progress(client)
+                failing = False
             except SchedulerError as error:
-                log.warning("node %s: %s", self.name, error)
-                sent = None
+                log.log(
+                    logging.INFO if failing else logging.WARNING, "node %s: %s", self.name, error
+                )
+                failing, sent = True, None
                 await trio.sleep(RETRY)
             await trio.sleep(REPORT_INTERVAL)
 
@@ -173,11 +187,10 @@ class ClusterAgent:
             try:
                 answer = await client.call("/v1/node/jobs", document, timeout=JOBS_HOLD + 5)
             except SchedulerError as error:
-                log.warning("node %s: %s", self.name, error)
+                log.info("node %s: %s", self.name, error)  # the report loop warns
                 await trio.sleep(RETRY)
                 continue
-            for entry in answer.get("jobs", []):
-                preheat = Preheat(str(entry["id"]), str(entry["reference"]), ())
+            for preheat in preheats_in(answer):
                 if preheat.id not in self.jobs:
                     job = _Job(preheat, Progress(JobState.QUEUED), reported=True)
                     self.jobs[preheat.id] = job
@@ -191,10 +204,7 @@ class ClusterAgent:
                 await self._preheat(job, reference)
             except ModelfsError as error:
                 self._update(job, replace(job.progress, state=JobState.FAILED, error=str(error)))
-            self.count_models_soon()
-
-    def count_models_soon(self) -> None:
-        self._counted = None
+            self._counted = None  # count again at once: the scheduler hears of it next
 
     def _update(self, job: _Job, progress: Progress) -> None:
         job.progress, job.reported = progress, False
@@ -265,6 +275,20 @@ def _progress(progress: Progress, event: dict[str, Any]) -> Progress:
         )
     except (KeyError, TypeError, ValueError):
         return progress
+
+
+def preheats_in(answer: dict[str, Any]) -> list[Preheat]:
+    """The preheats in the scheduler's answer; anything else in it is left out."""
+    jobs = answer.get("jobs")
+    found = []
+    for entry in jobs if isinstance(jobs, list) else []:
+        job_id = entry.get("id") if isinstance(entry, dict) else None
+        reference = entry.get("reference") if isinstance(entry, dict) else None
+        if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) and isinstance(reference, str):
+            found.append(Preheat(job_id, reference, ()))
+        else:
+            log.warning("the scheduler sent an unreadable preheat: %.200r", entry)
+    return found
 
 
 def _final(job: _Job) -> bool:
