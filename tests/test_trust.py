@@ -534,3 +534,20 @@ def test_daemon_applies_the_policy_and_status_shows_key_and_findings(
     finally:
         unmount(good)
         unmount(bad)
+
+
+def test_sign_with_a_bad_key_is_one_line(
+    registry: Registry, keys: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    reference = push(registry, {"config.json": CONFIG})
+    _, public = keys["ed25519"]
+    for key, message in (
+        (tmp_path / "missing.pem", f"cannot read the key {tmp_path / 'missing.pem'}"),
+        (public, f"{public} is not a PEM private key"),
+    ):
+        result = modelfs("sign", "--key", str(key), "--plain-http", reference)
+        (line,) = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and line.startswith(f"modelfs: error: {message}")
+    result = modelfs("sign", "--key", str(keys["ecdsa"][0]), "--plain-http",
+                     f"{repository_of(reference)}:nope")  # fmt: skip
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
