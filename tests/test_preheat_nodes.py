@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster_tools import scheduler_process
-from mounting import modelfs
+from mounting import MODELFS, modelfs
 from registry_tools import Proxy, Registry, free_ports
 from test_preheat import push_model
 from test_service import Notifications, running_daemon, stop_daemon, wait_until
@@ -35,6 +37,7 @@ class Cluster:
         self.root = root
         self.options = ("--scheduler", scheduler, "--cluster-secret-file", str(secret))
         self.daemons: dict[str, subprocess.Popen[str]] = {}
+        self.starts = 0
 
     def config(self, name: str, proxy: Proxy, labels: str) -> Path:
         root = self.root / name
@@ -50,6 +53,15 @@ class Cluster:
             f'node_name = "{name}"\nlabels = {{ {labels} }}\n'
         )
         return config
+
+    def start(self, stack: ExitStack, name: str) -> None:
+        """Node ``name``'s service, once READY; killed (if still up) when ``stack`` closes."""
+        root = self.root / name
+        self.starts += 1
+        notifications = Notifications(root / f"notify-{self.starts}.sock")
+        config = root / "config.toml"
+        self.daemons[name] = stack.enter_context(running_daemon(config, notifications))
+        notifications.wait_for("READY=1")
 
     def modelfs(self, *args: str) -> subprocess.CompletedProcess[str]:
         return modelfs(*args, *self.options, timeout=60)
@@ -75,18 +87,23 @@ class Cluster:
         return [node["name"] for node in json.loads(result.stdout)["nodes"]]
 
 
-@pytest.fixture
-def cluster(proxy: Proxy, tmp_path: Path) -> Iterator[Cluster]:
-    secret = tmp_path / "cluster-secret"
+@contextmanager
+def running_cluster(proxy: Proxy, root: Path) -> Iterator[Cluster]:
+    """A scheduler and the three node services of ``NODES``, each reported to it."""
+    secret = root / "cluster-secret"
     secret.write_bytes(SECRET)
     with scheduler_process(secret) as scheduler, ExitStack() as stack:
-        nodes = Cluster(tmp_path, scheduler, secret)
+        nodes = Cluster(root, scheduler, secret)
         for name, labels in NODES.items():
-            notifications = Notifications(tmp_path / f"{name}.notify")
-            config = nodes.config(name, proxy, labels)
-            nodes.daemons[name] = stack.enter_context(running_daemon(config, notifications))
-            notifications.wait_for("READY=1")
+            nodes.config(name, proxy, labels)
+            nodes.start(stack, name)
         wait_until(lambda: nodes.live() == sorted(NODES), timeout=20)
+        yield nodes
+
+
+@pytest.fixture
+def cluster(proxy: Proxy, tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(proxy, tmp_path) as nodes:
         yield nodes
 
 
@@ -149,39 +166,69 @@ def test_preheat_two_of_three_nodes_then_where_the_model_is(
     assert cluster.held("node-c") == {digest: (total, total)}
 
 
-def test_preheat_resumes_after_an_interruption(
-    registry: Registry, proxy: Proxy, cluster: Cluster
+def test_preheat_resumes_after_an_interruption_and_a_node_restart(
+    fresh_registry: Registry, tmp_path: Path
 ) -> None:
-    reference, files = push_model(registry)
-    ref = f"{proxy.host}/{reference}"
+    reference, files = push_model(fresh_registry)
     size = len(files["model.safetensors"])
-    # The registry goes away 6 MiB into the download: the weights' first 4 MiB piece gets in,
-    # and the node's preheat fails after its retries.
-    proxy.reset()
-    proxy.blob_budget = 6 << 20
-    cut = cluster.modelfs("preheat", "--nodes", "node-c", ref)
-    assert cut.returncode == 1
-    assert f"{ref}: node-c: failed: " in cut.stderr, cut.stderr
-    assert "not preheated on 1 node(s): node-c (failed)" in cut.stderr
-    ((present, total),) = cluster.held("node-c").values()
-    assert PIECE <= present < total
-    # The scheduler tells how much of it the node holds.
-    wait_until(
-        lambda: [n["present_bytes"] for m in cluster.models() for n in m["nodes"]] == [present],
-        timeout=10,
-    )
-
-    proxy.reset()
-    resumed = cluster.modelfs("preheat", "--nodes", "node-c", ref)
-    assert resumed.returncode == 0, resumed.stderr
-    ((present_after, total_after),) = cluster.held("node-c").values()
-    assert present_after == total_after == total
-    # Only what was missing came from the registry the second time: of the weights, all but
-    # the piece it held; besides, a few KiB (the piece index, the config).
     weights = "sha256:" + hashlib.sha256(files["model.safetensors"]).hexdigest()
-    print(f"\nheld {present} of {total} bytes; the rest took {proxy.blob_bytes} registry bytes")
-    assert proxy.bytes_by_blob[weights] == size - PIECE
-    assert proxy.blob_bytes <= total - present + 64 * 1024
+    with Proxy(fresh_registry) as proxy, running_cluster(proxy, tmp_path) as cluster:
+        ref = f"{proxy.host}/{reference}"
+        # The registry goes away 6 MiB into the download: the weights' first 4 MiB piece gets
+        # in, and the node's preheat fails after its retries.
+        proxy.blob_budget = 6 << 20
+        cut = cluster.modelfs("preheat", "--nodes", "node-c", ref)
+        assert cut.returncode == 1
+        assert f"{ref}: node-c: failed: " in cut.stderr, cut.stderr
+        assert "not preheated on 1 node(s): node-c (failed)" in cut.stderr
+        ((present, total),) = cluster.held("node-c").values()
+        assert PIECE <= present < total
+        # The scheduler tells how much of it the node holds.
+        wait_until(
+            lambda: [n["present_bytes"] for m in cluster.models() for n in m["nodes"]] == [present],
+            timeout=10,
+        )
+
+        # Asked again while the registry hangs, then the node service is killed mid-preheat
+        # (its preheat process with it) and started again: it takes the preheat up, and the
+        # command, still following, sees it done.
+        proxy.reset()
+        fresh_registry.pause()
+        follow = subprocess.Popen(
+            [*MODELFS, "preheat", "--json", "--nodes", "node-c", ref, *cluster.options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follow.stdout is not None
+            assert json.loads(follow.stdout.readline())["state"] == "queued"
+            assert json.loads(follow.stdout.readline())["state"] == "running"
+            daemon = cluster.daemons["node-c"]
+            for child in Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split():
+                os.kill(int(child), signal.SIGKILL)  # the preheat process
+            daemon.kill()
+            daemon.wait()
+            fresh_registry.resume()
+            with ExitStack() as stack:
+                cluster.start(stack, "node-c")
+                output, errors = follow.communicate(timeout=60)
+                assert follow.returncode == 0, errors
+                stop_daemon(cluster.daemons["node-c"])
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+            fresh_registry.resume()
+        last = json.loads(output.splitlines()[-1])
+        assert (last["node"], last["state"], last["held_bytes"]) == ("node-c", "done", total)
+        ((present_after, total_after),) = cluster.held("node-c").values()
+        assert present_after == total_after == total
+        # Only what was missing came from the registry: of the weights, all but the piece the
+        # node held; besides, a few KiB (the piece index, the config).
+        print(f"\nheld {present} of {total} bytes; the rest took {proxy.blob_bytes} registry bytes")
+        assert proxy.bytes_by_blob[weights] == size - PIECE
+        assert proxy.blob_bytes <= total - present + 64 * 1024
 
 
 def test_down_node_and_bad_requests_are_reported_per_node(
