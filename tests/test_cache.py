@@ -105,6 +105,27 @@ def test_leased_blobs_are_evicted_last(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_blobs_leased_whole_keep_every_piece_under_pressure(tmp_path: Path) -> None:
+    """Issue 22 (found by scripts/chaos): a decompressed stream cannot be fetched again a piece
+    at a time, so no piece of it goes while it is leased whole; other leased blobs do."""
+    cache = make(tmp_path, 4 * (PIECE + 8))
+    cache.put(A, 0, bytes(PIECE), 2 * PIECE)
+    cache.put(A, 1, bytes(PIECE), 2 * PIECE)
+    cache.lease([A], whole=True)
+    cache.lease([A])  # a plain lease of the same blob does not undo it
+    cache.put(B, 0, bytes(PIECE), 10 * PIECE)
+    cache.lease([B])
+    for index in range(1, 6):
+        cache.put(B, index, bytes(PIECE), 10 * PIECE)
+    assert cache.has(A, 0) and cache.has(A, 1)
+    assert [index for index in range(6) if cache.has(B, index)] == [4, 5]
+    assert cache.room() < PIECE  # all held by leased blobs
+    cache.release([A, B])
+    cache.put(C, 0, bytes(PIECE), PIECE)
+    assert not cache.has(A, 0)
+    cache.close()
+
+
 def test_lease_of_a_dead_process_is_ignored(tmp_path: Path) -> None:
     cache = make(tmp_path, 2 * (PIECE + 8))
     child = subprocess.run(

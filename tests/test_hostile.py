@@ -457,6 +457,47 @@ def test_a_gzip_layer_of_4_gib_of_zeros_is_refused_fast_and_leaves_nothing(
         cache.close()
 
 
+def read_uncached(path: Path) -> bytes:
+    """The file's bytes from the mount, not from the kernel's page cache."""
+    with path.open("rb", buffering=0) as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return file.read()
+
+
+@pytest.mark.parametrize("annotated", [True, False], ids=["deferred", "listed at mount"])
+def test_a_decompressed_layer_survives_a_cache_smaller_than_the_model(
+    registry: Registry, tmp_path: Path, annotated: bool
+) -> None:
+    """Issue 22 (found by scripts/chaos): with a cache smaller than the model, reading the other
+    files evicted the pieces of a compressed layer's decompressed stream, which cannot be fetched
+    again a piece at a time: every later read of its file failed with ESTALE ("...+decompressed
+    not found on registry"). The mount now leases the stream whole."""
+    # More pieces than the mount holds in memory (12): its stream is then read from the cache.
+    weights, tokenizer = os.urandom(56 << 20), os.urandom(2 << 20)
+    compressed = (
+        one_file("tokenizer.model", tokenizer, "gzip")
+        if annotated
+        else Layer(layer_media_type("weight", "tar+gzip"), gzip_tar("tokenizer.model", tokenizer))
+    )
+    raw = Layer(layer_media_type("weight", "raw"), weights, {ANNOTATION_FILEPATH: "weights.raw"})
+    repository = f"test/evicted-{uuid.uuid4().hex[:8]}"
+    push_artifact(registry.host, repository, TAG, [compressed, raw])
+    reference = f"{registry.host}/{repository}:{TAG}"
+    with mounted(reference, tmp_path / "mnt", tmp_path / "cache", "--cache-size", "16M") as mnt:
+        assert read_uncached(mnt / "tokenizer.model") == tokenizer
+        assert read_uncached(mnt / "weights.raw") == weights  # evicts all it can
+        assert read_uncached(mnt / "tokenizer.model") == tokenizer
+
+
+def gzip_tar(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(archive.getvalue(), compresslevel=1)
+
+
 # -- point 7: one bound on a read --------------------------------------------------------------
 
 READ_TIMEOUT = 3.0

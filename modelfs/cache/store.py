@@ -123,6 +123,7 @@ class PutResult:
 
 
 _NOT_STORED = PutResult(stored=False, blob_complete=False)
+_WHOLE = b"whole"  # the value of a lease on a blob none of whose pieces may be evicted
 
 
 @dataclass(frozen=True)
@@ -450,18 +451,22 @@ class PieceCache:
 
     # -- leases: blobs in use by a live process are evicted last ---------------------------
 
-    def lease(self, digests: list[str]) -> None:
+    def lease(self, digests: list[str], *, whole: bool = False) -> None:
+        """This process reads these blobs: they are evicted last. ``whole``: blobs that cannot
+        be fetched again a piece at a time (a compressed layer's decompressed stream): none of
+        their pieces is evicted while the lease lasts."""
         pid = os.getpid()
         with self._env.begin(write=True, db=self._leases) as txn:
             for digest in digests:
-                txn.put(f"{digest}/{pid}".encode(), b"")
+                # A plain lease does not undo a whole one.
+                txn.put(f"{digest}/{pid}".encode(), _WHOLE if whole else b"", overwrite=whole)
 
     def room(self) -> int:
         """Bytes a new blob can have: the limit less what the blobs live processes lease hold
         (the rest can be evicted for it)."""
         with self._env.begin(write=True) as txn:
             held = 0
-            for digest in self._leased_blobs(txn):
+            for digest in self._leased_blobs(txn)[0]:
                 value = txn.get(digest.encode(), db=self._blobs)
                 if value is not None:
                     size, present, _ = _BLOB.unpack(value)
@@ -686,23 +691,30 @@ class PieceCache:
             txn.put(digest.encode(), _BLOB.pack(size, max(present - 1, 0), 0), db=self._blobs)
         return freed
 
-    def _leased_blobs(self, txn: lmdb.Transaction) -> set[str]:
-        leased, stale = set(), []
-        for key in txn.cursor(db=self._leases).iternext(values=False):
+    def _leased_blobs(self, txn: lmdb.Transaction) -> tuple[set[str], set[str]]:
+        """The blobs live processes lease, and those of them leased whole."""
+        leased, whole, stale = set(), set(), []
+        for key, value in txn.cursor(db=self._leases):
             digest, _, pid = bytes(key).decode().rpartition("/")
             if _pid_alive(int(pid)):
                 leased.add(digest)
+                if value == _WHOLE:
+                    whole.add(digest)
             else:
                 stale.append(bytes(key))
         for key in stale:
             txn.delete(key, db=self._leases)
-        return leased
+        return leased, whole
 
     def _evict(self, txn: lmdb.Transaction, need: int, protect: str) -> int:
         """Free at least ``need`` bytes, oldest first: other blobs no process is reading, then
-        other blobs, then older pieces of the blob being written."""
-        leased = self._leased_blobs(txn)
-        spared_by_pass: tuple[set[str], ...] = (leased | {protect}, {protect}, set())
+        other blobs but those leased whole, then older pieces of the blob being written."""
+        leased, whole = self._leased_blobs(txn)
+        spared_by_pass: tuple[set[str], ...] = (
+            leased | {protect},
+            whole | {protect},
+            whole - {protect},
+        )
         freed = 0
         for spared in spared_by_pass:
             victims = []

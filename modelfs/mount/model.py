@@ -72,6 +72,9 @@ class Model:
     tree: Tree
     blobs: list[BlobRef]  # every blob the tree reads from (for cache leases)
     deferred: list[str]  # blobs deferred layers will be read from once fetched (for leases)
+    # Compressed layers' decompressed streams (deferred or not): no piece of them can be fetched
+    # again alone, so a mount leases them whole (``PieceCache.lease``).
+    decompressed: list[str]
 
 
 class DeferredLayer:
@@ -149,6 +152,7 @@ async def load_model(
     dirs: list[DirSpec] = []
     blobs: list[BlobRef] = []
     deferred: list[str] = []
+    decompressed: list[str] = []
     for plan in plans:
         if plan.format == "raw":
             file = raw_layer_file(plan, default_mtime_ns=0)
@@ -159,6 +163,7 @@ async def load_model(
             await layer.locate_if_cached()
             files.append(deferred_layer_file(plan, layer, default_mtime_ns=0))
             deferred.append(layer.blob_digest)
+            decompressed.append(layer.blob_digest)
         else:
             blob = await _tar_blob(plan, source, cache, inflate_bounds)
             members, vouched = await _members(plan, blob, source, cache, fetcher)
@@ -172,8 +177,10 @@ async def load_model(
             files += layer_files
             dirs += layer_dirs
             blobs.append(blob)
+            if blob.digest != plan.digest:
+                decompressed.append(blob.digest)
     tree = Tree(files, dirs)
-    return Model(fetched.digest, manifest, config, tree, blobs, deferred)
+    return Model(fetched.digest, manifest, config, tree, blobs, deferred, decompressed)
 
 
 async def _config(source: BlobSource, manifest: dict[str, Any], cache: PieceCache) -> bytes:

@@ -401,6 +401,7 @@ async def serve(
 
                 leased = [blob.digest for blob in model.blobs] + model.deferred
                 cache.lease(leased)
+                cache.lease(model.decompressed, whole=True)
                 try:
                     snapshot = partial(_snapshot, model, fetcher, peer_stats, scans)
                     await _run_session(
