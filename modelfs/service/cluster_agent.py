@@ -30,7 +30,7 @@ from modelfs.errors import ModelfsError
 from modelfs.reference import Reference, parse_reference
 from modelfs.scheduler.fleet import JOBS_HOLD, JobState, NodeReport, Preheat, Progress
 from modelfs.scheduler.fleet_client import FleetClient, SchedulerError
-from modelfs.scheduler.placement import Holding
+from modelfs.scheduler.placement import Holding, node_name_problem
 from modelfs.service.cache_ops import cached_models
 from modelfs.service.config import DaemonConfig, NodeCluster, node_name
 from modelfs.service.kube_labels import NodeLabels
@@ -79,9 +79,12 @@ class ClusterAgent:
     async def run(self) -> None:
         """Report, take and run preheats until cancelled; then tell the scheduler it leaves."""
         try:
+            if (problem := node_name_problem(self.name)) is not None:
+                # A host name that is no node name: its mounts share pieces all the same.
+                raise ModelfsError(f"{problem}: set [cluster] node_name")
             cluster = self.cluster.settings.load()
-        except ModelfsError as error:  # checked when the config loaded; gone since
-            log.error("node %s takes no part in the cluster: %s", self.name, error)
+        except ModelfsError as error:  # the files were checked when the config loaded
+            log.error("this node service takes no preheats and reports nothing: %s", error)
             return
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(

@@ -302,8 +302,6 @@ def load_config(path: Path) -> DaemonConfig:
     config = parse_config(text, str(path))
     if config.cluster is not None:
         check_cluster_files(config.cluster, f"{path} [cluster]")
-        if (problem := node_name_problem(node_name(config.cluster))) is not None:
-            raise ConfigError(f"{path} [cluster]: {problem}: set node_name")
         if config.cluster.kubernetes_labels and (problem := in_cluster_problem()) is not None:
             raise ConfigError(
                 f"{path} [cluster]: kubernetes_labels needs the API server: {problem}"
