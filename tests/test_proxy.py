@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import AUTH_PASSWORD, AUTH_USERNAME
+from mounting import unmount
 from registry_tools import HttpProxy, Layer, Registry, free_port, push_artifact
+from test_metrics import running_daemon
 
 from modelfs.errors import RegistryError
 from modelfs.modelpack import layer_media_type
@@ -247,3 +249,37 @@ def test_the_fast_path_goes_through_tinyproxy_run_after_run(
 
     assert trio.run(main) == [2, 2, 2]
     assert b"".join(pieces) == BLOB * 3
+
+
+def test_the_node_services_proxy_setting_reaches_its_mounts(
+    registry: Registry, http_proxy: HttpProxy, tmp_path: Path
+) -> None:
+    """[proxy] in the node service's config: its mount processes read through the proxy, the
+    lean path's range GETs included, with the proxy URL's credentials."""
+    push_artifact(
+        registry.host,
+        "proxy/node",
+        "v1",
+        [Layer(layer_media_type("weight", "raw"), BLOB, {"org.cncf.model.filepath": "w.bin"})],
+    )
+    mnt = tmp_path / "models" / "m"
+    mnt.mkdir(parents=True)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'control_socket = "{tmp_path / "run" / "control.sock"}"\n'
+        f'hosts_dir = "{tmp_path / "no-hosts"}"\n'
+        f'[cache]\ndir = "{tmp_path / "cache"}"\nsize = "1G"\n'
+        f'[registries."{registry.host}"]\nplain_http = true\n'
+        f'[proxy]\nhttp = "{_proxy_url(http_proxy)}"\n'
+        f'[[mounts]]\nref = "{registry.host}/proxy/node:v1"\npath = "{mnt}"\nprefetch = "none"\n'
+    )
+    try:
+        with running_daemon(config, tmp_path):
+            assert (mnt / "w.bin").read_bytes() == BLOB
+    finally:
+        unmount(mnt)
+    ranged = [r for r in http_proxy.requests if r.target.endswith(DIGEST) and "Range" in r.headers]
+    assert ranged and all(r.target.startswith(f"http://{registry.host}/v2/") for r in ranged)
+    assert any("Accept" not in r.headers for r in ranged)  # the lean path's (httpx sends one)
+    authorization = parse_proxy_url(_proxy_url(http_proxy)).authorization
+    assert all(r.headers.get("Proxy-Authorization") == authorization for r in http_proxy.requests)
