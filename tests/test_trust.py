@@ -551,3 +551,31 @@ def test_sign_with_a_bad_key_is_one_line(
     result = modelfs("sign", "--key", str(keys["ecdsa"][0]), "--plain-http",
                      f"{repository_of(reference)}:nope")  # fmt: skip
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_scan_sees_only_checked_bytes_even_when_serving_unverified(
+    registry: Registry, proxy: Proxy, tmp_path: Path, mnt: Path
+) -> None:
+    """--serve-unverified, no piece index: a legacy torch file (its pickles first, then 5 MiB of
+    storage the scanner never reads) whose first fetch is altered on the way, posix.system made
+    numpy.dtype (same length). Were the scan to judge those unchecked bytes, its verdict would
+    stand when the file is opened again and the real bytes served; it waits for the check."""
+    main = b"cposix\nsystem\n(S'x'\ntR."
+    harmless = b"cnumpy\ndtype\n(S'xy'\ntR."
+    head = b"".join(
+        pickle.dumps(value, protocol=2)
+        for value in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})
+    )
+    tail = pickle.dumps([], protocol=2) + pickle.dumps(0, protocol=2)
+    model = head + main + tail + bytes(5 << 20)
+    repository = f"trust/{uuid.uuid4().hex[:10]}"
+    push_artifact(registry.host, repository, "v1", [raw("model.pt", model)], piece_index=False)
+    proxy.patch_blobs(len(head), harmless, times=1, digest=f"sha256:{evil_digest(model)}")
+    reference = f"{proxy.host}/{repository}:v1"
+    with mounted(reference, mnt, tmp_path / "cache", "--serve-unverified", "--prefetch", "none"):
+        for _ in range(2):  # opened again: the real bytes, judged
+            with pytest.raises(OSError) as failure:
+                (mnt / "model.pt").read_bytes()
+            assert failure.value.errno == errno.EIO
+    log = next((tmp_path / "cache" / "logs").glob("mount-*.log")).read_text()
+    assert "refused by the scan policy: imports posix.system (dangerous)" in log
