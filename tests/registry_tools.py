@@ -652,6 +652,7 @@ class Proxy:
         self.connections = 0  # accepted by either listener
         self._lock = threading.Lock()
         self._tickets: dict[str, tuple[str, str | None]] = {}
+        self._expired: set[str] = set()  # tickets the redirect target refuses from now on
         self._failures: list[int] = []
         self._cut_after = 0
         self._cuts_left = 0
@@ -710,6 +711,13 @@ class Proxy:
         with self._lock:
             self._patch_at, self._patch, self._patches_left = at, data, times
             self._patch_digest = digest
+
+    def expire_redirects(self) -> None:
+        """Every redirect given so far expires: its target answers 403, as a presigned URL
+        past its expiry does (S3's "Request has expired")."""
+        with self._lock:
+            self._expired.update(self._tickets)
+            self._tickets.clear()
 
     def close(self) -> None:
         self._closing.set()
@@ -798,8 +806,9 @@ class Proxy:
         ticket = handler.path.rsplit("/", 1)[-1]
         with self._lock:
             found = self._tickets.get(ticket)
+            expired = ticket in self._expired
         if found is None:
-            handler.send_error(404)
+            handler.send_error(403 if expired else 404)
             return
         path, authorization = found
         # Like a presigned URL: the ticket carries the right to read, not the client's header.
