@@ -271,3 +271,28 @@ def test_down_node_and_bad_requests_are_reported_per_node(
     assert refused.returncode == 1
     assert "refused the request (403): use the cluster secret" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_no_scheduler_is_one_line(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    config = tmp_path / "config.toml"
+    down = (
+        "--scheduler",
+        f"http://127.0.0.1:{free_ports(1)}",
+        "--cluster-secret-file",
+        str(secret),
+    )
+    for args, message in (
+        (("cluster", "models", *down), "did not answer (ConnectError"),
+        (("preheat", "--nodes", "n1", "r.example/m:v1", *down), "did not answer (ConnectError"),
+        (("cluster", "nodes", "--config", str(config)), f"({config} does not exist)"),
+        (("preheat", "--nodes", "n1", "--selector", "a=b", "r.example/m:v1"), "not both"),
+        (("preheat", "--nodes", "n1", "--plain-http", "r.example/m:v1"), "apply to a preheat here"),
+    ):
+        result = modelfs(*args)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    config.write_text('control_socket = "/run/x.sock"\n')
+    result = modelfs("cluster", "models", "--config", str(config))
+    assert f"{config} has no [cluster] table: pass --scheduler" in result.stderr
