@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from modelfs.mount import trust as mount_trust
 from modelfs.reference import parse_any_reference, parse_reference
 from modelfs.trust import TrustError
 from modelfs.trust.cosign import (
@@ -304,3 +306,16 @@ def test_pickle_scans() -> None:
     corrupt = _scan("model.pt", b"PK\x03\x04" + bytes(100))
     assert corrupt == ["cannot be scanned as a pickle (BadZipFile: File is not a zip file)"]
     assert _scan("empty.pkl", b"") == ["is empty, not a pickle"]
+
+
+def test_the_nodes_policy_file_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node_policy = tmp_path / "policy.json"
+    monkeypatch.setattr(mount_trust, "DEFAULT_SIGNATURE_POLICY", node_policy)
+    assert mount_trust.load_signature_policy(None) is ACCEPT_ALL  # the node has none
+    node_policy.write_text('{"default": [{"type": "reject"}]}')
+    assert mount_trust.load_signature_policy(None).origin == str(node_policy)
+    other = tmp_path / "other.json"
+    with pytest.raises(TrustError, match="cannot read the signature policy"):
+        mount_trust.load_signature_policy(other)  # named, so it must be there
