@@ -297,3 +297,18 @@ def test_a_node_takes_only_readable_preheats_from_the_scheduler() -> None:
     answer = {"jobs": [good, {"id": "../x", "reference": "r"}, {"id": "0" * 16}, "x", None]}
     assert [(p.id, p.reference) for p in preheats_in(answer)] == [(good["id"], good["reference"])]
     assert preheats_in({"jobs": "all"}) == [] and preheats_in({}) == []
+
+
+def test_a_node_takes_its_preheats_in_the_order_asked() -> None:
+    now = [1000.0]
+    fleet = Fleet(MemoryKeyValue(clock=lambda: now[0]), clock=lambda: now[0])
+
+    async def main() -> None:
+        await fleet.report(NodeReport("n1"))
+        asked = []
+        for number in range(5):
+            asked.append((await fleet.create(f"r.example/m:v{number}", ["n1"])).reference)
+            now[0] += 1
+        assert [job.reference for job in await fleet.jobs_for("n1", set())] == asked
+
+    trio.run(main)

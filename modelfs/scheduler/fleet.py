@@ -155,7 +155,9 @@ class Fleet:
     async def create(self, reference: str, nodes: list[str]) -> Preheat:
         """A preheat of ``reference`` on ``nodes``: queued on each live one; one whose queue is
         full fails at once; the others are down."""
-        job = Preheat(secrets.token_hex(8), reference, tuple(dict.fromkeys(nodes)))
+        # The second it was asked in, then random: a node takes its queue in the order asked.
+        job_id = f"{int(self._clock()) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
+        job = Preheat(job_id, reference, tuple(dict.fromkeys(nodes)))
         await self._store.put(_job_key(job.id), json.dumps(job.as_json()), JOB_TTL)
         live = await self.live()
         for name in job.nodes:
