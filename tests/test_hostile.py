@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -471,8 +472,10 @@ def test_a_decompressed_layer_survives_a_cache_smaller_than_the_model(
     """Issue 22 (found by scripts/chaos): with a cache smaller than the model, reading the other
     files evicted the pieces of a compressed layer's decompressed stream, which cannot be fetched
     again a piece at a time: every later read of its file failed with ESTALE ("...+decompressed
-    not found on registry"). The mount now leases the stream whole."""
-    # More pieces than the mount holds in memory (12): its stream is then read from the cache.
+    not found on registry"). The mount now leases the stream whole, and
+    decompresses the layer again if the cache lost any of it all the same."""
+    # Read twice, more pieces than the mount holds in memory (12) come from the registry, so the
+    # stream's are read from the cache, not from memory.
     weights, tokenizer = os.urandom(56 << 20), os.urandom(2 << 20)
     compressed = (
         one_file("tokenizer.model", tokenizer, "gzip")
@@ -485,7 +488,20 @@ def test_a_decompressed_layer_survives_a_cache_smaller_than_the_model(
     reference = f"{registry.host}/{repository}:{TAG}"
     with mounted(reference, tmp_path / "mnt", tmp_path / "cache", "--cache-size", "16M") as mnt:
         assert read_uncached(mnt / "tokenizer.model") == tokenizer
-        assert read_uncached(mnt / "weights.raw") == weights  # evicts all it can
+        for _ in range(2):
+            assert read_uncached(mnt / "weights.raw") == weights  # evicts all it can
+        assert read_uncached(mnt / "tokenizer.model") == tokenizer
+        # A piece of the stream lost all the same (dropped for failing its checksum, say): the
+        # next read decompresses the layer again instead of asking the registry for the piece.
+        assert isinstance(compressed.data, bytes)
+        stream = f"sha256:{hashlib.sha256(compressed.data).hexdigest()}+decompressed"
+        cache = PieceCache(tmp_path / "cache", 16 << 20)
+        try:
+            cache.drop_piece(stream, 0)
+        finally:
+            cache.close()
+        for _ in range(2):
+            assert read_uncached(mnt / "weights.raw") == weights  # out of the mount's memory
         assert read_uncached(mnt / "tokenizer.model") == tokenizer
 
 

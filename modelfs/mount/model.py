@@ -3,7 +3,8 @@
 This is all the I/O a mount does before it is ready. Raw layers need nothing beyond the
 manifest. An uncompressed tar layer needs its header blocks (small range reads). A compressed tar
 layer has no random access, so it is fetched whole, checked, decompressed into the cache as a
-derived blob, and read from there like an uncompressed one. When its annotations describe the
+derived blob, and read from there like an uncompressed one (``DecompressedStream``: again if the
+cache lost any of it). When its annotations describe the
 one file it holds (modctl's form), a mount does that on the file's first read instead
 (``DeferredLayer``) and does not wait for it. Member lists, manifests and configs are kept in the
 cache so a remount by digest needs no network at all.
@@ -77,6 +78,59 @@ class Model:
     decompressed: list[str]
 
 
+class DecompressedStream:
+    """A compressed layer's tar stream, kept in the cache as a derived blob.
+
+    No piece of it can be fetched alone, so whenever the cache no longer holds it whole (a piece
+    evicted, or dropped for failing its checksum) the next ``ensure`` fetches and decompresses
+    the layer again; concurrent callers wait for that one fetch. The pieces still there are kept:
+    the layer matched its digest, so any piece that passes its checksum is right.
+    """
+
+    def __init__(
+        self, plan: LayerPlan, source: BlobSource, cache: PieceCache, bounds: InflateBounds
+    ) -> None:
+        self._plan = plan
+        self._source = source
+        self._cache = cache
+        self._bounds = bounds
+        self._lock = trio.Lock()
+
+    @property
+    def digest(self) -> str:
+        return _derived_digest(self._plan)
+
+    @property
+    def blob(self) -> BlobRef | None:
+        """The stream, if the cache holds it whole now."""
+        return _cached_tar_blob(self._plan, self._cache)
+
+    async def ensure(self) -> BlobRef:
+        async with self._lock:
+            blob = self.blob
+            if blob is None:
+                blob = await _decompress_into_cache(
+                    self._plan, self.digest, self._source, self._cache, self._bounds
+                )
+            return blob
+
+
+class StreamMember:
+    """A file of a compressed tar layer, at its offset in the layer's decompressed stream."""
+
+    def __init__(self, stream: DecompressedStream, offset: int) -> None:
+        self._stream = stream
+        self._offset = offset
+
+    @property
+    def location(self) -> tuple[BlobRef, int] | None:
+        blob = self._stream.blob
+        return None if blob is None else (blob, self._offset)
+
+    async def locate(self) -> tuple[BlobRef, int]:
+        return await self._stream.ensure(), self._offset
+
+
 class DeferredLayer:
     """A compressed layer holding one file that its annotations describe: located on first read.
 
@@ -97,28 +151,33 @@ class DeferredLayer:
         self._source = source
         self._cache = cache
         self._fetcher = fetcher
-        self._bounds = bounds
+        self._stream = DecompressedStream(plan, source, cache, bounds)
         self._lock = trio.Lock()
-        self.location: tuple[BlobRef, int] | None = None
+        self._offset: int | None = None  # of the file in the stream, once checked
 
     @property
     def blob_digest(self) -> str:
-        return _derived_digest(self._plan)
+        return self._stream.digest
+
+    @property
+    def location(self) -> tuple[BlobRef, int] | None:
+        blob = None if self._offset is None else self._stream.blob
+        return None if blob is None or self._offset is None else (blob, self._offset)
 
     async def locate(self) -> tuple[BlobRef, int]:
         async with self._lock:
-            if self.location is None:
-                blob = await _tar_blob(self._plan, self._source, self._cache, self._bounds)
+            blob = await self._stream.ensure()
+            if self._offset is None:
                 # A decompressed stream: checked whole, so its list is vouched for.
                 members, _ = await _members(
                     self._plan, blob, self._source, self._cache, self._fetcher
                 )
-                self.location = (blob, deferred_member(self._plan, members, blob).offset)
-            return self.location
+                self._offset = deferred_member(self._plan, members, blob).offset
+            return blob, self._offset
 
     async def locate_if_cached(self) -> None:
         """Locate now if the layer was decompressed before and matches (a remount): no network."""
-        if _cached_tar_blob(self._plan, self._cache) is not None:
+        if self._stream.blob is not None:
             # A lying layer stays unlocated: its reads fail, and say why, as on the first mount.
             with contextlib.suppress(ManifestError):
                 await self.locate()
@@ -164,8 +223,8 @@ async def load_model(
             files.append(deferred_layer_file(plan, layer, default_mtime_ns=0))
             deferred.append(layer.blob_digest)
             decompressed.append(layer.blob_digest)
-        else:
-            blob = await _tar_blob(plan, source, cache, inflate_bounds)
+        elif plan.format == "tar":
+            blob = BlobRef(plan.digest, plan.size)
             members, vouched = await _members(plan, blob, source, cache, fetcher)
             layer_files, layer_dirs = tar_layer_entries(plan, members, blob)
             if not vouched:
@@ -177,8 +236,15 @@ async def load_model(
             files += layer_files
             dirs += layer_dirs
             blobs.append(blob)
-            if blob.digest != plan.digest:
-                decompressed.append(blob.digest)
+        else:
+            stream = DecompressedStream(plan, source, cache, inflate_bounds)
+            blob = await stream.ensure()
+            members, _ = await _members(plan, blob, source, cache, fetcher)
+            layer_files, layer_dirs = tar_layer_entries(plan, members, blob)
+            files += [replace(file, blob=StreamMember(stream, file.offset)) for file in layer_files]
+            dirs += layer_dirs
+            blobs.append(blob)
+            decompressed.append(blob.digest)
     tree = Tree(files, dirs)
     return Model(fetched.digest, manifest, config, tree, blobs, deferred, decompressed)
 
@@ -188,18 +254,6 @@ async def _config(source: BlobSource, manifest: dict[str, Any], cache: PieceCach
     if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
         raise ManifestError(f"{source.name}: manifest has no config descriptor")
     return await resolve_config(source, descriptor["digest"], cache, MAX_CONFIG_SIZE)
-
-
-async def _tar_blob(
-    plan: LayerPlan, source: BlobSource, cache: PieceCache, bounds: InflateBounds
-) -> BlobRef:
-    """The blob holding the layer's tar stream: the layer itself, or its decompressed form."""
-    if plan.format == "tar":
-        return BlobRef(plan.digest, plan.size)
-    cached = _cached_tar_blob(plan, cache)
-    if cached is not None:
-        return cached
-    return await _decompress_into_cache(plan, _derived_digest(plan), source, cache, bounds)
 
 
 def _derived_digest(plan: LayerPlan) -> str:
