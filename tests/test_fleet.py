@@ -33,6 +33,7 @@ from modelfs.scheduler.service import SchedulerService
 from modelfs.scheduler.state import MemoryKeyValue, SchedulerState
 from modelfs.service.cluster_agent import preheats_in
 from modelfs.service.config import ConfigError, load_config, parse_config
+from modelfs.service.mount_table import MountTable
 from modelfs.transport.server import Request
 
 DIGEST = "sha256:" + "ab" * 32
@@ -310,5 +311,20 @@ def test_a_node_takes_its_preheats_in_the_order_asked() -> None:
             asked.append((await fleet.create(f"r.example/m:v{number}", ["n1"])).reference)
             now[0] += 1
         assert [job.reference for job in await fleet.jobs_for("n1", set())] == asked
+
+    trio.run(main)
+
+
+def test_a_preheat_takes_a_peer_port_only_while_one_stays_for_a_mount() -> None:
+    config = parse_config(CLUSTER, "c.toml")  # peer_ports 7481-7483
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            table = MountTable(nursery, config)
+            assert table.reserve_port() == 7482  # the lowest stays for the next mount
+            assert table.reserve_port() == 7483
+            assert table.reserve_port() is None  # only 7481 is free: it is a mount's
+            table.release_port(7482)
+            assert table.reserve_port() == 7482
 
     trio.run(main)

@@ -17,10 +17,12 @@ from modelfs.cache import PieceCache
 from modelfs.cli.cluster import fleet_client, scheduler_options
 from modelfs.cli.options import cache_options, mib, parse_size, source_options
 from modelfs.errors import ModelfsError
+from modelfs.peer.options import ClusterOptions, ClusterSettings
 from modelfs.reference import LayoutReference, Reference, parse_any_reference, parse_reference
 from modelfs.scheduler.fleet_client import FleetClient
 from modelfs.service.preheat import PreheatPlan, SourceSettings
 from modelfs.service.preheat import preheat as preheat_model
+from modelfs.untrusted import loads_json
 
 POLL = 0.5  # how often a preheat on nodes asks the scheduler for their progress
 JSON_EVERY = 0.2  # the most often --json prints progress
@@ -51,6 +53,13 @@ JSON_EVERY = 0.2  # the most often --json prints progress
 )
 @scheduler_options
 @click.option(
+    "--cluster-settings",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    hidden=True,  # the node service's preheats: its [cluster] settings, with a peer port
+    help="Take pieces from peers and serve them, with these cluster settings (JSON).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -70,6 +79,7 @@ def preheat(
     scheduler: str | None,
     cluster_secret_file: Path | None,
     config_path: Path,
+    cluster_settings: Path | None,
     as_json: bool,
 ) -> None:
     """Fetch every piece of each model REFERENCE into the node's cache, without mounting; with
@@ -101,12 +111,15 @@ def preheat(
         client = fleet_client(scheduler, cluster_secret_file, config_path)
         trio.run(_preheat_on_nodes, client, references, target, as_json)
         return
+    cluster = None
+    if cluster_settings is not None:
+        cluster = ClusterSettings.from_json(loads_json(cluster_settings.read_text())).load()
     refs = [parse_any_reference(text) for text in references]
     settings = SourceSettings(plain_http=plain_http, insecure=insecure, hosts_dir=hosts_dir)
     cache = PieceCache(cache_dir, parse_size(cache_size))
     try:
         for ref in refs:
-            _preheat_one(ref, cache, settings, hints_only, as_json)
+            _preheat_one(ref, cache, settings, hints_only, as_json, cluster)
     finally:
         cache.close()
 
@@ -117,6 +130,7 @@ def _preheat_one(
     settings: SourceSettings,
     hints_only: bool,
     as_json: bool,
+    cluster: ClusterOptions | None,
 ) -> None:
     with ExitStack() as bar_scope:
         bars: list[Any] = []  # the bar exists once the plan says how many bytes are missing
@@ -142,7 +156,7 @@ def _preheat_one(
                 printed[0] = time.monotonic()
                 _print_json(ref, plans[0], held[0], "running")
 
-        plan = trio.run(preheat_model, ref, cache, settings, on_plan, on_piece, hints_only)
+        plan = trio.run(preheat_model, ref, cache, settings, on_plan, on_piece, hints_only, cluster)
     if as_json:
         _print_json(ref, plan, plan.total_bytes, "done")
         return

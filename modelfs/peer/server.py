@@ -11,6 +11,7 @@ piece it named.
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 import time
@@ -43,6 +44,7 @@ class PeerServer(AuthenticatedServer):
         self._expected = expected
         # Pieces of blobs without an index that this process took from the registry.
         self._from_registry: set[tuple[str, int]] = set()
+        self.last_asked = -math.inf  # trio time of the latest piece request (a preheat's linger)
 
     def vouch(self, digest: str, index: int) -> None:
         """This process took the piece from the registry (a model without an index: its peers
@@ -62,6 +64,7 @@ class PeerServer(AuthenticatedServer):
         match = PIECE_PATH.match(request.path)
         if request.method != "GET" or match is None:
             return Response(404)
+        self.last_asked = trio.current_time()
         # LMDB read and sha256 of 4 MiB: off the event loop.
         data = await trio.to_thread.run_sync(self.piece, match[1], int(match[2]))
         return Response(200, bytes(data)) if data is not None else Response(404)

@@ -425,9 +425,16 @@ class PeerSource:
 
 @asynccontextmanager
 async def with_peers(
-    cluster: ClusterOptions, origin: BlobSource, selector: str, cache: PieceCache
+    cluster: ClusterOptions,
+    origin: BlobSource,
+    selector: str,
+    cache: PieceCache,
+    register_first: bool = False,
 ) -> AsyncIterator[BlobSource]:
-    """A ``PeerSource`` over ``origin``; ``origin`` itself for a layout (no peers to ask)."""
+    """A ``PeerSource`` over ``origin``; ``origin`` itself for a layout (no peers to ask).
+    ``register_first``: registered with the scheduler before it is used (a preheat, which asks
+    for every piece at once: an unregistered node is sent to the registry without a slot); a
+    mount does not wait for it (its listing would wait on a scheduler that does not answer)."""
     if not isinstance(origin, RegistryRepository):
         yield origin
         return
@@ -448,6 +455,8 @@ async def with_peers(
                     origin, selector, cache, scheduler, peers, failures_receive, cluster
                 )
                 await nursery.start(source.server.serve, *cluster.listen)
+                if register_first:
+                    await scheduler.register()
                 nursery.start_soon(scheduler.keep_registered)
                 nursery.start_soon(source.announce_stored)
                 nursery.start_soon(source.send_reports)

@@ -12,8 +12,10 @@ registry do, the daemon goes on: a failed call is logged and tried again.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -34,7 +37,8 @@ from modelfs.scheduler.placement import Holding, node_name_problem
 from modelfs.service.cache_ops import cached_models
 from modelfs.service.config import DaemonConfig, NodeCluster, node_name
 from modelfs.service.kube_labels import NodeLabels
-from modelfs.service.supervisor import MountState, child_environment
+from modelfs.service.mount_table import MountTable
+from modelfs.service.supervisor import child_environment
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
@@ -62,13 +66,13 @@ class ClusterAgent:
         config: DaemonConfig,
         cluster: NodeCluster,
         cache: Callable[[], PieceCache],
-        mounts: Callable[[], list[MountState]],
+        table: Callable[[], MountTable | None],
     ) -> None:
         self.config = config
         self.cluster = cluster
         self.name = node_name(cluster)
         self.cache = cache
-        self.mounts = mounts
+        self.table = table
         self.jobs: dict[str, _Job] = {}
         self.holdings: tuple[Holding, ...] = ()
         self._known_names: dict[str, str] = {}  # reference -> digest, of preheats run here
@@ -110,7 +114,8 @@ class ClusterAgent:
     def names(self) -> dict[str, set[str]]:
         """The references mounts and preheats knew each model (by digest) by."""
         names: dict[str, set[str]] = {}
-        for mount in self.mounts():
+        table = self.table()
+        for mount in [] if table is None else table.states():
             if mount.digest:
                 names.setdefault(mount.digest, set()).add(mount.reference)
         for reference, digest in self._known_names.items():
@@ -213,7 +218,24 @@ class ClusterAgent:
         job.progress, job.reported = progress, False
 
     async def _preheat(self, job: _Job, reference: Reference) -> None:
-        """``modelfs preheat --json REF`` into the node's cache, its progress into ``job``."""
+        """``modelfs preheat --json REF`` into the node's cache, its progress into ``job``; with
+        a peer port to spare, sharing pieces with peers as a mount does."""
+        table = self.table()
+        port = None if table is None else table.reserve_port()
+        settings = self.config.control_socket.parent / f"preheat-{job.preheat.id}.json"
+        try:
+            peers = []
+            if port is not None:
+                text = json.dumps(self.cluster.for_port(port).as_json())
+                await trio.to_thread.run_sync(_write_private, settings, text)
+                peers = ["--cluster-settings", str(settings)]
+            await self._run_preheat(job, reference, peers)
+        finally:
+            settings.unlink(missing_ok=True)
+            if table is not None and port is not None:
+                table.release_port(port)
+
+    async def _run_preheat(self, job: _Job, reference: Reference, peers: list[str]) -> None:
         registry = self.config.registry_for(reference)
         command = [
             sys.executable, "-m", "modelfs", "preheat", str(reference), "--json",
@@ -222,6 +244,7 @@ class ClusterAgent:
             *(["--plain-http"] if registry.plain_http else []),
             *(["--insecure"] if registry.insecure else []),
             *([] if self.config.hosts_dir is None else ["--hosts-dir", str(self.config.hosts_dir)]),
+            *peers,
         ]  # fmt: skip
         process = await trio.lowlevel.open_process(
             command,
@@ -278,6 +301,14 @@ def _progress(progress: Progress, event: dict[str, Any]) -> Progress:
         )
     except (KeyError, TypeError, ValueError):
         return progress
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` into ``path``, readable by root alone (it names the cluster secret's file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 def preheats_in(answer: dict[str, Any]) -> list[Preheat]:

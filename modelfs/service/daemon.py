@@ -195,7 +195,7 @@ class Daemon:
             if self.config.cluster is not None:
                 # The cache by the daemon's attribute: a failed reload opens it again.
                 agent = ClusterAgent(
-                    self.config, self.config.cluster, lambda: self.cache, lambda: self.mounts
+                    self.config, self.config.cluster, lambda: self.cache, lambda: self.table
                 )
                 nursery.start_soon(agent.run)
             handed = self.handover.mounts if self.handover is not None else []

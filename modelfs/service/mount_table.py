@@ -78,9 +78,30 @@ class MountTable:
         self.nursery = nursery
         self.config = config
         self.entries: dict[Path, Supervised] = {}  # by resolved mountpoint
+        self.reserved: set[int] = set()  # peer ports held by the node's preheats
 
     def states(self) -> list[MountState]:
         return [entry.state for entry in self.entries.values()]
+
+    def _taken_ports(self) -> set[int]:
+        mounts = {e.state.peer_port for e in self.entries.values() if e.state.peer_port}
+        return mounts | self.reserved
+
+    def reserve_port(self) -> int | None:
+        """A peer port for a preheat: the second lowest free one, the lowest staying free for
+        the next mount; None when fewer than two are free. Give it back with ``release_port``."""
+        cluster = self.config.cluster
+        if cluster is None:
+            return None
+        taken = self._taken_ports()
+        lowest = choose_port(cluster.peer_ports, taken)
+        second = None if lowest is None else choose_port(cluster.peer_ports, taken | {lowest})
+        if second is not None:
+            self.reserved.add(second)
+        return second
+
+    def release_port(self, port: int) -> None:
+        self.reserved.discard(port)
 
     def start(
         self,
@@ -102,12 +123,7 @@ class MountTable:
         cluster = self.config.cluster
         if cluster is None:
             return None
-        taken = {
-            entry.state.peer_port
-            for entry in self.entries.values()
-            if entry.state.peer_port is not None
-        }
-        port = choose_port(cluster.peer_ports, taken, kept)
+        port = choose_port(cluster.peer_ports, self._taken_ports(), kept)
         if port is None:
             raise MountRequestError(
                 f"no free peer port for {spec.path}: all of [cluster] peer_ports "

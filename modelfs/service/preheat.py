@@ -10,7 +10,7 @@ whole), exactly as a mount would check it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,7 @@ from modelfs.fetcher.piece_fetcher import RUN_PIECES, PieceFetcher
 from modelfs.fetcher.slots import Priority
 from modelfs.mount.model import Model, load_model
 from modelfs.mount.session import MountOptions, open_source
+from modelfs.peer.options import ClusterOptions
 from modelfs.pieces import piece_runs, piece_span
 from modelfs.prefetch.hints import Hint, hinted_pieces
 from modelfs.prefetch.prefetcher import feed_hints
@@ -34,6 +35,8 @@ from modelfs.sources.hosts import DEFAULT_HOSTS_DIR
 from modelfs.sources.interface import BlobSource
 
 PARALLEL_RUNS = 8  # fetched at once, each on its own connection
+LINGER_QUIET = 1.0  # in a cluster, a preheat done serves on until peers are this quiet
+LINGER_MOST = 60.0
 
 
 @dataclass(frozen=True)
@@ -121,14 +124,26 @@ async def preheat(
     on_plan: Callable[[PreheatPlan], None],
     on_piece: Callable[[int], None],
     hints_only: bool = False,
+    cluster: ClusterOptions | None = None,
 ) -> PreheatPlan:
-    """Fetch what the cache lacks of ``reference``; ``on_piece`` gets each piece's size."""
-    async with _open_source(reference, settings) as source:
-        fetcher = PieceFetcher(source, cache, index=IndexLookup(source, reference.selector, cache))
+    """Fetch what the cache lacks of ``reference``; ``on_piece`` gets each piece's size. In a
+    ``cluster``, pieces come from peers first, as a mount's do, and this process serves what
+    it holds to them meanwhile (on ``cluster.listen``)."""
+    async with AsyncExitStack() as stack:
+        origin = await stack.enter_async_context(_open_source(reference, settings))
+        source = origin
+        if cluster is not None:
+            # The peer and scheduler modules only for a preheat in a cluster.
+            from modelfs.peer.source import with_peers
+
+            source = await stack.enter_async_context(
+                with_peers(cluster, origin, reference.selector, cache, register_first=True)
+            )
+        fetcher = PieceFetcher(source, cache, index=IndexLookup(origin, reference.selector, cache))
         model = await load_model(source, reference.selector, cache, fetcher)
         await fetcher.look_up_index(model.digest)
         if hints_only:
-            hints = await _hinted(model, source, fetcher)
+            hints = await _hinted(model, origin, fetcher)
             wanted = [(node.blob, index) for node, index in hinted_pieces(hints, cache.piece_size)]
             plan = plan_pieces(cache, model.digest, wanted)
         else:
@@ -158,4 +173,20 @@ async def preheat(
             # cache, so the mount that follows finds its list there.
             for node in model.tree.files():
                 await node.locate()
+        if source is not origin:
+            await _serve_while_asked(source)
     return plan
+
+
+async def _serve_while_asked(source: BlobSource) -> None:
+    """Serve peers on until none has asked for a piece in ``LINGER_QUIET`` (at most
+    ``LINGER_MOST``): nodes preheating the same model at once take from this one what it
+    fetched last, rather than each going to the registry for it once it is gone."""
+    from modelfs.peer.source import PeerSource
+
+    if not isinstance(source, PeerSource):
+        return
+    with trio.move_on_after(LINGER_MOST):
+        done = trio.current_time()
+        while trio.current_time() - max(done, source.server.last_asked) < LINGER_QUIET:
+            await trio.sleep(LINGER_QUIET / 10)
