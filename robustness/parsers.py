@@ -37,6 +37,7 @@ from modelfs.artifact.tree import (
     tar_layer_entries,
 )
 from modelfs.cache import PieceCache
+from modelfs.csi.volumes import DOCKER_CONFIG_SECRET, secret_credentials
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import parse_index
 from modelfs.jsonsocket import open_control_socket, serve_control
@@ -56,6 +57,7 @@ from modelfs.scheduler.service import run_scheduler
 from modelfs.service.config import parse_config
 from modelfs.service.daemon import Daemon
 from modelfs.service.mount_table import parse_mount_request
+from modelfs.snapshot.models import model_config_type, parse_marker
 from modelfs.sources.credentials import parse_challenge, token_from_response
 from modelfs.sources.hosts import parse_hosts_toml
 from modelfs.sources.interface import FetchedManifest
@@ -63,6 +65,9 @@ from modelfs.sources.redirects import stated_expiry
 from modelfs.sources.referrers import index_referrers, manifest_layers
 from modelfs.sources.registry import manifest_media_type, registry_message
 from modelfs.transport.tokens import sign
+from modelfs.trust import TrustError
+from modelfs.trust.cosign import read_bundle, read_simple_signing
+from modelfs.trust.policy import parse_policy
 from modelfs.trust.safetensors import header_length, header_problems
 from modelfs.untrusted import loads_json
 from robustness.servers import exchange, flaw_log, serving
@@ -270,6 +275,60 @@ def _registry_answers(data: bytes) -> None:
     text = data.decode("utf-8", "replace")
     parse_challenge(text)
     stated_expiry("https://storage.example.com/blob?" + text)
+
+
+# -- signatures, policies, the snapshotter's and the CSI driver's documents -------------------
+
+SIGNED = st.one_of(
+    JSON,
+    st.fixed_dictionaries(
+        {
+            "critical": st.fixed_dictionaries(
+                {
+                    "image": st.fixed_dictionaries({"docker-manifest-digest": DIGESTS | SCALARS})
+                    | JSON,
+                    "type": st.sampled_from(["cosign container image signature"]) | SCALARS,
+                },
+                optional={"identity": st.fixed_dictionaries({"docker-reference": SCALARS}) | JSON},
+            )
+            | JSON
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "dsseEnvelope": st.fixed_dictionaries(
+                {
+                    "payloadType": st.just("application/vnd.in-toto+json") | SCALARS,
+                    "payload": st.sampled_from(["e30=", "W10=", "!!", ""]) | SCALARS,
+                    "signatures": st.lists(
+                        st.fixed_dictionaries({"sig": SCALARS}) | JSON, max_size=3
+                    )
+                    | JSON,
+                }
+            )
+            | JSON
+        }
+    ),
+    st.fixed_dictionaries(
+        {"default": st.lists(st.fixed_dictionaries({"type": SCALARS}) | JSON, max_size=2) | JSON},
+        optional={"transports": JSON},
+    ),
+)
+
+
+def _no_key(path: str) -> bytes:
+    raise TrustError(f"no key file {path} here")
+
+
+def _trust_and_nodes(data: bytes) -> None:
+    """Signatures and policies (trust/), the snapshotter's marker and manifests, a CSI secret."""
+    read_simple_signing(data)
+    read_bundle("fuzz", data)
+    text = data.decode("utf-8", "replace")
+    parse_policy(text, "policy.json", _no_key)
+    model_config_type(data)
+    secret_credentials({DOCKER_CONFIG_SECRET: text}, "r.example.com")
+    parse_marker(data)
 
 
 # -- tar headers ------------------------------------------------------------------------------
@@ -705,6 +764,7 @@ TARGETS = [
     Target("manifest", json_text(MANIFEST), _clean(_manifest)),
     Target("metadata annotation", METADATA, _clean(_metadata_annotation)),
     Target("registry answers", json_text(JSON), _clean(_registry_answers)),
+    Target("signatures, policies", json_text(SIGNED), _clean(_trust_and_nodes)),
     Target("tar headers", TAR, _clean(_tar)),
     Target("safetensors header", SAFETENSORS, _clean(_safetensors)),
     Target("piece index", PIECE_INDEX, _clean(_piece_index)),
