@@ -91,7 +91,9 @@ def test_pieces_served_unverified_do_not_poison_the_cache_for_the_next_mount(
     # stored are vouched for by nothing, so no other reader on the node ever gets them.
     reference = f"{proxy.host}/{push(registry, piece_index=False)}"
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
-    with mounted(reference, mnt, cache_dir, "--prefetch", "none", "--serve-unverified"):
+    # w.bin would be scanned as a pickle, and a scan waits for the whole check: not scanned here.
+    flags = ("--prefetch", "none", "--serve-unverified", "--scan", "pickle=off")
+    with mounted(reference, mnt, cache_dir, *flags):
         proxy.patch_blobs(50, FLIPPED_50, times=1000)
         with (mnt / "w.bin").open("rb", buffering=0) as file:
             assert file.read(64 << 10) != DATA[: 64 << 10]  # the opt-in's documented risk
@@ -113,7 +115,7 @@ def test_serve_unverified_fails_the_open_file_that_was_given_altered_bytes(
 ) -> None:
     reference = f"{proxy.host}/{push(registry, piece_index=False)}"
     mnt = tmp_path / "mnt"
-    flags = ("--prefetch", prefetch, "--serve-unverified")
+    flags = ("--prefetch", prefetch, "--serve-unverified", "--scan", "pickle=off")
     with mounted(reference, mnt, tmp_path / "cache", *flags):
         proxy.patch_blobs(50, FLIPPED_50)
         # Like cat: one open file read to its end. It never ends with exit 0 and a wrong byte.
