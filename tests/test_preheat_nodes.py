@@ -136,6 +136,16 @@ def test_preheat_two_of_three_nodes_then_where_the_model_is(
         f"the registry sent {proxy.blob_bytes / total:.2f} x the model"
     )
 
+    # Each node's status says what it ran for the scheduler.
+    control = str(cluster.root / "node-a" / "run" / "control.sock")
+    node = json.loads(modelfs("status", "--json", "--control-socket", control).stdout)["cluster"]
+    assert (node["node"], node["labels"]) == ("node-a", {"pool": "gpu"})
+    (job,) = node["preheats"]
+    assert (job["reference"], job["state"], job["held_bytes"]) == (ref, "done", total)
+    text = modelfs("status", "--control-socket", control).stdout
+    assert "node node-a at the scheduler (pool=gpu)" in text
+    assert f"  preheat {ref}: done, " in text and "(100%)" in text
+
     # The scheduler knows who holds it, and by what name.
     expected_nodes = [
         {"name": "node-a", "present_bytes": total, "percent": 100},

@@ -102,11 +102,25 @@ def status(control_socket: Path, as_json: bool, snapshotter_root: Path) -> None:
         f"{cache_state['blobs']} blobs, hit ratio "
         + ("-" if ratio is None else f"{100 * ratio:.0f}%")
     )
+    if "cluster" in reply:
+        for line in describe_cluster(reply["cluster"]):
+            click.echo(line)
     if census is not None:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(census.kinds.items()))
         click.echo(f"snapshotter {snapshotter_root}: {kinds or 'no snapshots'}")
         for model, count in sorted(census.models.items()):
             click.echo(f"  model {model}: {count} snapshot{'s' if count > 1 else ''}")
+
+
+def describe_cluster(cluster: dict[str, Any]) -> list[str]:
+    """The node's name at the scheduler, its labels, and the preheats it ran or runs."""
+    labels = ",".join(f"{key}={value}" for key, value in sorted(cluster["labels"].items()))
+    lines = [f"node {cluster['node']} at the scheduler" + (f" ({labels})" if labels else "")]
+    for job in cluster["preheats"]:
+        done = describe_fetched(job["held_bytes"], job["total_bytes"])
+        what = f"{job['state']}: {job['error']}" if job["error"] else f"{job['state']}, {done}"
+        lines.append(f"  preheat {job['reference']}: {what}")
+    return lines
 
 
 def short_digest(digest: str | None) -> str:

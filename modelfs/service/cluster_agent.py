@@ -109,6 +109,18 @@ class ClusterAgent:
                     except SchedulerError as error:
                         log.info("could not tell the scheduler this node leaves: %s", error)
 
+    def as_json(self) -> dict[str, Any]:
+        """This node service at the scheduler, for ``modelfs status``: its name, its labels,
+        the preheats it took (the latest last)."""
+        return {
+            "node": self.name,
+            "labels": dict(self.cluster.labels),
+            "preheats": [
+                {"id": job_id, "reference": job.preheat.reference, **job.progress.as_json()}
+                for job_id, job in self.jobs.items()
+            ],
+        }
+
     # What this node holds.
 
     def names(self) -> dict[str, set[str]]:

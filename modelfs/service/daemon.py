@@ -78,6 +78,7 @@ class Daemon:
         # From the previous image (a reload) or the previous daemon (a restart).
         self.handover = handover or take_saved_handover(config.control_socket)
         self.table: MountTable | None = None
+        self.agent: ClusterAgent | None = None  # with [cluster]
         self.cache = PieceCache(config.cache_dir, config.cache_size)
 
     @property
@@ -89,6 +90,7 @@ class Daemon:
         sample = await self.sample(states)
         live = [mount.live for mount in sample.mounts if mount.live is not None]
         return {
+            **({} if self.agent is None else {"cluster": self.agent.as_json()}),
             "mounts": [
                 {
                     **state.as_json(),
@@ -194,10 +196,10 @@ class Daemon:
             nursery.start_soon(self.keep_record)
             if self.config.cluster is not None:
                 # The cache by the daemon's attribute: a failed reload opens it again.
-                agent = ClusterAgent(
+                self.agent = ClusterAgent(
                     self.config, self.config.cluster, lambda: self.cache, lambda: self.table
                 )
-                nursery.start_soon(agent.run)
+                nursery.start_soon(self.agent.run)
             handed = self.handover.mounts if self.handover is not None else []
             # Those up first: their processes hold their peer ports, the others may get new ones.
             handed = sorted(handed, key=lambda mount: mount.state.state != "mounted")
