@@ -514,6 +514,68 @@ def test_credentials_from_the_volume_s_secret(
     assert node.model_mounts() == []
 
 
+def _mirrored(hosts_dir: Path, registry: str, mirror: Proxy) -> None:
+    """containerd's hosts.toml for ``registry``: ``mirror`` first, the registry last."""
+    (hosts_dir / registry).mkdir(parents=True)
+    (hosts_dir / registry / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n'
+        f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+
+
+def _tag_requests(proxy: Proxy, reference: str) -> list[Any]:
+    repository = reference.split("/", 1)[1].rsplit(":", 1)[0]
+    return [r for r in proxy.requests if r.path == f"/v2/{repository}/manifests/v1"]
+
+
+def test_a_publish_resolves_through_the_mirrors_hosts_toml_names_the_pod_s_secret_not(
+    kubelet: Path,
+    tmp_path: Path,
+    node: Node,
+    counting: Proxy,
+    model: str,
+    registry: Registry,
+    auth_registry: Registry,
+) -> None:
+    """With --hosts-dir, a pod's tag is resolved by the mirror that may resolve (a recording
+    proxy here), not the registry; the pod's secret goes to the registry only: the mirror of a
+    registry that wants it answers 401 to the node, and the registry is asked next."""
+    assert auth_registry.username is not None and auth_registry.password is not None
+    hosts = tmp_path / "certs.d"
+    with Proxy(registry) as mirror, Proxy(auth_registry) as auth_mirror:
+        _mirrored(hosts, counting.host, mirror)
+        _mirrored(hosts, auth_registry.host, auth_mirror)
+        plugin = Node(tmp_path / "node", node.control, [counting.host, auth_registry.host])
+        plugin.start_plugin("--hosts-dir", str(hosts))
+        try:
+            with grpc.insecure_channel(f"unix://{plugin.endpoint}") as channel:
+                reference = _through(counting, model)
+                counting.reset()
+                pod = Pod(kubelet, {REFERENCE: reference})
+                pod.publish(channel)
+                try:
+                    assert (pod.target / "config.json").read_bytes() == b'{"layers": 2}'
+                    assert len(_tag_requests(mirror, reference)) == 1
+                    assert _tag_requests(counting, reference) == []
+                finally:
+                    pod.unpublish(channel)
+
+                data = b"mirrored secret weights " * 1000
+                reference = _push(auth_registry, {"model.bin": data})
+                secrets = {"username": auth_registry.username, "password": auth_registry.password}
+                pod = Pod(kubelet, {REFERENCE: reference})
+                pod.publish(channel, secrets=secrets)
+                try:
+                    assert (pod.target / "model.bin").read_bytes() == data
+                    assert len(_tag_requests(auth_mirror, reference)) == 1
+                    assert not any(request.had_authorization for request in auth_mirror.requests)
+                finally:
+                    pod.unpublish(channel)
+        finally:
+            plugin.stop_plugin()
+    assert plugin.model_mounts() == []
+
+
 def test_pods_published_at_once_share_one_mount_and_a_wrong_volume_id_is_not_found(
     kubelet: Path, node: Node, channel: grpc.Channel, counting: Proxy, model: str
 ) -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from modelfs.cli.csi import csi
 from modelfs.csi import DEFAULT_DRIVER, DEFAULT_ENDPOINT, DEFAULT_STATE_DIR
-from modelfs.service.config import parse_config
+from modelfs.service.config import DaemonConfig, parse_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -117,7 +117,8 @@ def test_model_mounts_and_binds_are_shared_with_the_host_both_ways() -> None:
     assert _host_path(_mount_of(daemon, Path("/dev/fuse"))["name"]) == "/dev/fuse"
 
 
-def test_the_plugin_asks_the_daemon_the_config_map_sets_up() -> None:
+def _daemon_config() -> DaemonConfig:
+    """The daemon's config as its command line and the config map give it."""
     daemon = _container("modelfs-daemon")
     assert daemon["args"][:2] == ["daemon", "--config"]
     config_path = Path(daemon["args"][2])
@@ -127,13 +128,30 @@ def test_the_plugin_asks_the_daemon_the_config_map_sets_up() -> None:
     config_map = _one("ConfigMap")
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
     text = config_map["data"][str(config_path.relative_to(config_mount["mountPath"]))]
-    config = parse_config(text, "deploy/node-config.yaml")
+    return parse_config(text, "deploy/node-config.yaml")
+
+
+def test_the_plugin_asks_the_daemon_the_config_map_sets_up() -> None:
+    daemon = _container("modelfs-daemon")
+    config = _daemon_config()
     control = _plugin_settings()["control_socket"]
     assert config.control_socket == control
     plugin = _container("modelfs-csi")
     assert _mount_of(plugin, control)["name"] == _mount_of(daemon, control)["name"]
     # The cache lives on the host, so a new pod finds what the last one fetched.
     assert _host_path(_mount_of(daemon, config.cache_dir)["name"]) == "/var/lib/modelfs"
+
+
+def test_both_modelfs_containers_read_the_node_s_registry_mirrors() -> None:
+    """containerd's hosts.toml directory, read-only from the host: the plugin resolves tags
+    through the mirrors it names, the daemon reads models through them."""
+    hosts_dir = _plugin_settings()["hosts_dir"]
+    assert hosts_dir == _daemon_config().hosts_dir == Path("/etc/containerd/certs.d")
+    hosts_toml = hosts_dir / "registry.example.com" / "hosts.toml"
+    for name in ("modelfs-csi", "modelfs-daemon"):
+        mount = _mount_of(_container(name), hosts_toml)
+        assert mount["readOnly"] is True, name
+        assert _host_path(mount["name"]) == mount["mountPath"] == str(hosts_dir), name
 
 
 def test_the_pods_run_as_the_service_account_in_its_namespace() -> None:

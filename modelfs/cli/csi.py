@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from modelfs.cli.options import hosts_dir_option
 from modelfs.csi import DEFAULT_DRIVER, DEFAULT_ENDPOINT, DEFAULT_STATE_DIR
 from modelfs.service.control import DEFAULT_CONTROL_SOCKET
 
@@ -64,6 +65,7 @@ def _socket_path(context: click.Context, parameter: click.Parameter, value: str)
     metavar="HOST[:PORT]",
     help="Reach this registry over HTTP, not HTTPS (repeatable).",
 )
+@hosts_dir_option
 @click.option(
     "--keep-models",
     is_flag=True,
@@ -76,6 +78,7 @@ def csi(
     state_dir: Path,
     control_socket: Path,
     plain_http: tuple[str, ...],
+    hosts_dir: Path,
     keep_models: bool,
 ) -> None:
     """Serve CSI's Identity and Node services: pods' inline volumes of driver
@@ -92,7 +95,11 @@ def csi(
     from modelfs.service.notify import notify
 
     node = Node(
-        state_dir, control_socket, plain_http=frozenset(plain_http), keep_models=keep_models
+        state_dir,
+        control_socket,
+        plain_http=frozenset(plain_http),
+        hosts_dir=hosts_dir,
+        keep_models=keep_models,
     )
     node.release_unused()
     serve(node, endpoint, driver_name, node_id, ready=lambda: notify("READY=1"))

@@ -38,8 +38,9 @@ def cache_options(command: F) -> F:
     )(command)
 
 
-def source_options(command: F) -> F:
-    command = click.option(
+def hosts_dir_option(command: F) -> F:
+    """``--hosts-dir``: where a command that talks to a registry finds its mirrors."""
+    return click.option(
         "--hosts-dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=DEFAULT_HOSTS_DIR,
@@ -47,6 +48,10 @@ def source_options(command: F) -> F:
         help="containerd's registry hosts directory: the mirrors a registry's hosts.toml "
         "there names are read through first (docs/mirrors.md).",
     )(command)
+
+
+def source_options(command: F) -> F:
+    command = hosts_dir_option(command)
     command = click.option(
         "--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to this registry."
     )(command)

@@ -12,6 +12,9 @@ pod's credentials (its ``nodePublishSecretRef``, else the node's login): a tag i
 digest it names now, a pod that may not pull the model gets no volume even when another pod's
 mount of it is up, and the errors a pod's events show (bad reference, unknown tag, wrong
 credentials, a manifest modelfs refuses, registry down) come with the status the CSI spec names.
+The registry's mirrors that may resolve (containerd's hosts.toml) are asked first, as containerd
+asks them for images: they get the node's login for their own host, never the pod's credentials,
+so what a mirror serves to the node it serves to any pod on it.
 
 Calls run in gRPC's worker threads; a lock per target path and one per model keep two calls on
 one volume, or on one model, from interleaving.
@@ -52,7 +55,7 @@ from modelfs.mount.session import is_mount_point
 from modelfs.reference import Reference
 from modelfs.service.control import ControlError, ask, daemon_answers
 from modelfs.sources.credentials import Credentials
-from modelfs.sources.registry import RegistryClient
+from modelfs.sources.mirrors import find_hosts, open_repository
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
@@ -71,19 +74,28 @@ _STATUS = {
 
 
 async def resolve_model(
-    reference: Reference, *, plain_http: bool, credentials: Credentials | None
+    reference: Reference,
+    *,
+    plain_http: bool,
+    credentials: Credentials | None,
+    hosts_dir: Path | None = None,
 ) -> Reference:
-    """``reference`` pinned to the digest the registry gives it now, once its manifest proves a
-    model modelfs mounts; a refusal is a VolumeError with the status the CSI spec names."""
+    """``reference`` pinned to the digest the registry (or a mirror of it that may resolve,
+    named under ``hosts_dir``) gives it now, once its manifest proves a model modelfs mounts; a
+    refusal is a VolumeError with the status the CSI spec names."""
     try:
-        async with RegistryClient(
-            reference.api_host,
-            plain_http=plain_http,
+        hosts = find_hosts(
+            reference.registry, reference.api_host, plain_http=plain_http, hosts_dir=hosts_dir
+        )
+        async with open_repository(
+            reference.repository,
+            hosts,
             credentials=credentials,
             timeout=CHECK_TIMEOUT,
             retries=CHECK_RETRIES,
-        ) as client:
-            fetched = await client.repository(reference.repository).get_manifest(reference.selector)
+            read_timeout=CHECK_TIMEOUT,  # each mirror has its share of it to answer
+        ) as repository:
+            fetched = await repository.get_manifest(reference.selector)
         try:
             manifest = loads_json(fetched.data)
         except ValueError as error:
@@ -160,12 +172,14 @@ class Node:
         control_socket: Path,
         *,
         plain_http: frozenset[str] = frozenset(),
+        hosts_dir: Path | None = None,
         keep_models: bool = False,
     ) -> None:
         self.models = state_dir / "models"
         self.volumes = Volumes(state_dir / "volumes")
         self.control_socket = control_socket
         self.plain_http = plain_http
+        self.hosts_dir = hosts_dir  # where the registries' mirrors are named (resolves only)
         self.keep_models = keep_models
         self._targets = _Locks()
         self._models = _Locks()
@@ -217,7 +231,10 @@ class Node:
             plain_http = request.reference.registry in self.plain_http
             model = trio.run(
                 lambda: resolve_model(
-                    request.reference, plain_http=plain_http, credentials=credentials
+                    request.reference,
+                    plain_http=plain_http,
+                    credentials=credentials,
+                    hosts_dir=self.hosts_dir,
                 )
             )
             assert model.digest is not None
