@@ -246,6 +246,13 @@ def test_the_api_refuses_what_it_cannot_take() -> None:
     status, job = _ask(service, "/v1/preheat", {"reference": "r.example/m:v1", "nodes": ["n1"]})
     assert status == 200 and job["nodes"] == ["n1"]
     assert _ask(service, "/v1/node/jobs", {"name": "n1", "known": []}) == (200, {"jobs": [job]})
+    done = {"name": "n1", "job": job["id"], "state": "done", "held_bytes": 2, "total_bytes": 2}
+    assert _ask(service, "/v1/node/progress", done) == (200, {})
+    metrics = service.metrics.registry
+    assert metrics.get_sample_value("modelfs_scheduler_preheats_total") == 1
+    ends = "modelfs_scheduler_preheat_ends_total"
+    assert metrics.get_sample_value(ends, {"state": "done"}) == 1
+    assert metrics.get_sample_value(ends, {"state": "failed"}) == 0
     status, models = _ask(service, "/v1/models", {})
     assert models["models"][0]["nodes"] == [{"name": "n1", "present_bytes": 1, "percent": 50}]
 

@@ -54,6 +54,17 @@ class SchedulerMetrics:
             "Pieces nodes announced they hold",
             registry=self.registry,
         )
+        self.preheats = Counter(
+            "modelfs_scheduler_preheats",
+            "Preheats asked of node services, one per node named or selected",
+            registry=self.registry,
+        )
+        self.preheat_ends = Counter(
+            "modelfs_scheduler_preheat_ends",
+            "Preheats node services reported finished, by state (done, failed)",
+            ["state"],
+            registry=self.registry,
+        )
         self.backend_errors = Counter(
             "modelfs_scheduler_backend_errors",
             "Requests answered 503 because the state backend (Redis) failed",
@@ -69,6 +80,8 @@ class SchedulerMetrics:
             self.answers.labels(action.value)
         for kind in FailureKind:
             self.reports.labels(kind.value)
+        for state in ("done", "failed"):
+            self.preheat_ends.labels(state)
 
     def _live_nodes(self) -> float:
         horizon = self._clock() - NODE_TTL

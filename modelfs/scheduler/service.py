@@ -308,6 +308,8 @@ class SchedulerService:
         taken = await self.fleet.progress(_name(body), _job_id(body, "job"), progress)
         if not taken:
             raise BadRequest("no such preheat of this node, or not a state a node reports")
+        if state.final:
+            self.metrics.preheat_ends.labels(state.value).inc()
         return {}
 
     async def _preheat(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +330,7 @@ class SchedulerService:
                 raise BadRequest(f"name 1 to {MAX_JOB_NODES} nodes")
             nodes = [_name({"name": node}) for node in nodes]
         job = await self.fleet.create(reference, nodes)
+        self.metrics.preheats.inc(len(job.nodes))
         for name in job.nodes:
             if (event := self._queued.pop(name, None)) is not None:
                 event.set()
