@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from cluster_tools import MIB, publish, scheduler_process
 from mounting import MODELFS, modelfs
-from registry_tools import Proxy, Registry, free_ports
+from registry_tools import Layer, Proxy, Registry, free_ports, push_artifact
 from test_preheat import push_model
 from test_service import Notifications, running_daemon, stop_daemon, wait_until
 
 from modelfs.cache import PieceCache
+from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 from modelfs.pieces import DEFAULT_PIECE_SIZE as PIECE
 from modelfs.service.cache_ops import cached_models
 
@@ -289,6 +290,17 @@ def test_down_node_and_bad_requests_are_reported_per_node(
         print(line)
         assert line.startswith(f"{ref}-nope: {name}: failed: ")
         assert "v1-nope" in line and "not found" in line, line
+    # A hostile model (a file path out of the model's tree): each node refuses it, in the
+    # line a mount gives, and keeps none of it.
+    hostile = f"preheat/hostile-{uuid.uuid4().hex[:8]}"
+    layer = Layer(layer_media_type("weight", "raw"), b"x" * 100, {ANNOTATION_FILEPATH: "../evil"})
+    push_artifact(registry.host, hostile, "v1", [layer])
+    refused = cluster.modelfs("preheat", "--nodes", "node-c", f"{proxy.host}/{hostile}:v1")
+    assert refused.returncode == 1
+    line = next(x for x in refused.stderr.splitlines() if "node-c: failed: " in x)
+    print(line)
+    assert "../evil" in line, line
+    assert cluster.held("node-c") == {} or all(p == 0 for p, _ in cluster.held("node-c").values())
     # Not a registry reference: refused before any node is asked; a node would refuse it too.
     local = cluster.modelfs("preheat", "--nodes", "node-a", "oci:/etc")
     assert local.returncode != 0 and "invalid reference 'oci:/etc'" in local.stderr
