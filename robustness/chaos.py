@@ -441,10 +441,14 @@ class Chaos:
     def inject(self, count: int) -> None:
         deadline = time.monotonic() + self.seconds
         injected = 0
+        deck: list[Callable[[], None]] = []
         while time.monotonic() < deadline and injected < count:
             if self.stop.wait(self.rng.uniform(0.5, 3.0)):
                 return
-            fault = self.rng.choice(self.faults())
+            if not deck:  # every kind once per round, in a random order
+                deck = self.faults()
+                self.rng.shuffle(deck)
+            fault = deck.pop()
             self.figures.faults[fault.__name__] += 1
             self.current = fault.__name__
             injected += 1
