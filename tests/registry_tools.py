@@ -861,7 +861,8 @@ class Proxy:
             handler.end_headers()
             if bodyless:
                 return
-            blob = path.rsplit("/", 1)[-1] if count else None
+            # A blob by its digest, whatever the query (a mirror client sends ?ns=registry).
+            blob = path.split("?", 1)[0].rsplit("/", 1)[-1] if count else None
             self._copy_body(response, handler, counted_as=blob, tamper=tamper)
         except (BrokenPipeError, ConnectionResetError):
             handler.close_connection = True

@@ -40,7 +40,7 @@ from mounting import mount_pid
 from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
 from safetensors.numpy import load, save
 
-from modelfs.modelpack import ANNOTATION_FILEPATH
+from modelfs.modelpack import ANNOTATION_FILEPATH, OCI_INDEX
 from modelfs.reference import Reference, parse_reference
 from modelfs.snapshot.api import cri_pb, cri_services, pb, services
 from modelfs.snapshot.models import MODEL_LABEL, SNAPSHOT_REF_LABEL, marker_layer
@@ -776,3 +776,52 @@ def test_cleanup_unmounts_a_model_no_snapshot_holds(
     _client(lone).Cleanup(pb.CleanupRequest())
     assert lone.model_mounts() == []
     assert not list((lone.root / "models").iterdir())
+
+
+def test_with_hosts_dir_its_model_mounts_and_its_mirror_read_through_the_node_s_mirrors(
+    tmp_path: Path, registry: Registry, module_proxy: Proxy
+) -> None:
+    """--hosts-dir: containerd's hosts.toml names the snapshotter's own mirror, then a
+    pull-through mirror (a recording proxy here), the registry last. The snapshotter's mirror
+    resolves a model's tag for containerd through that mirror (passing over itself: it answers
+    modelfs 404), and the model mount it makes reads the model from that mirror."""
+    data = os.urandom(64 << 10)  # its own digest: no cache anywhere holds it
+    repository = f"models/hosts-{uuid.uuid4().hex[:8]}"
+    digest = push_artifact(
+        registry.host, repository, "v1", [Layer(RAW, data, {ANNOTATION_FILEPATH: "w.bin"})]
+    )
+    port = free_port()
+    with Proxy(registry) as mirror:
+        hosts = _hosts_toml(tmp_path / "certs.d", module_proxy.host, port)
+        with (hosts / module_proxy.host / "hosts.toml").open("a") as toml:
+            toml.write(f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n')
+        (tmp_path / "s").mkdir()
+        options = ("--plain-http-registry", module_proxy.host, "--cache-dir", str(tmp_path / "c"))
+        options += ("--mirror-addr", f"127.0.0.1:{port}", "--hosts-dir", str(hosts))
+        snapshotter = Snapshotter(tmp_path / "s", *options)
+        snapshotter.start()
+        try:
+            module_proxy.reset()
+            tag = f"/v2/{repository}/manifests/v1"
+            asked = urllib.request.Request(
+                f"http://127.0.0.1:{port}{tag}?ns={module_proxy.host}",
+                headers={"User-Agent": "containerd/v1.6.20"},
+            )
+            with urllib.request.urlopen(asked, timeout=30) as answer:
+                assert json.loads(answer.read())["mediaType"] == OCI_INDEX
+            assert [r.path for r in mirror.requests].count(tag) == 1
+            assert [r.path for r in module_proxy.requests].count(tag) == 0
+
+            model = Reference(module_proxy.host, repository, None, digest)
+            chain_id = "sha256:" + "b" * 64
+            client = _client(snapshotter)
+            assert _remote_prepare(client, chain_id, model) == grpc.StatusCode.ALREADY_EXISTS
+            [mount] = snapshotter.model_mounts()
+            assert (mount / "w.bin").read_bytes() == data
+            assert _weights_fetched(mirror, data) == len(data)
+            assert module_proxy.blob_bytes == 0
+            client.Remove(pb.RemoveSnapshotRequest(key=chain_id))
+            assert snapshotter.model_mounts() == []
+        finally:
+            snapshotter.stop()
+            snapshotter.unmount_models()

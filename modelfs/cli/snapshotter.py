@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from modelfs.cli.options import hosts_dir_option
+
 DEFAULT_ROOT = Path("/var/lib/modelfs-snapshotter")
 DEFAULT_ADDRESS = Path("/run/modelfs-snapshotter/snapshotter.sock")
 DEFAULT_CRI_ENDPOINT = Path("/run/containerd/containerd.sock")
@@ -36,6 +38,7 @@ DEFAULT_CRI_ENDPOINT = Path("/run/containerd/containerd.sock")
     metavar="HOST[:PORT]",
     help="Mount models from this registry over HTTP, not HTTPS (repeatable).",
 )
+@hosts_dir_option
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -77,6 +80,7 @@ def snapshotter(
     root: Path,
     address: Path,
     plain_http: tuple[str, ...],
+    hosts_dir: Path,
     cache_dir: Path | None,
     prefetch: str | None,
     control_socket: Path | None,
@@ -107,6 +111,7 @@ def snapshotter(
     models = ModelMounts(
         root / "models",
         plain_http=frozenset(plain_http),
+        hosts_dir=hosts_dir,
         cache_dir=cache_dir,
         prefetch=prefetch,
         control_socket=control_socket,
@@ -119,6 +124,7 @@ def snapshotter(
         if metrics_addr is not None:
             stack.enter_context(serving_metrics(metrics_addr, SnapshotterCollector(stats)))
         if mirror_addr is not None:
-            images = ModelImages(frozenset(plain_http), None if cri is None else cri.pulled)
+            pulled = None if cri is None else cri.pulled
+            images = ModelImages(frozenset(plain_http), hosts_dir, pulled)
             stack.enter_context(serving_mirror(mirror_addr, images))
         asyncio.run(serve(root, address, models, stats, cri, ready=lambda: notify("READY=1")))

@@ -23,6 +23,7 @@ from pathlib import Path
 from modelfs.reference import Reference
 from modelfs.snapshot.metadata import Code, SnapshotError
 from modelfs.sources.credentials import Credentials
+from modelfs.sources.hosts import DEFAULT_HOSTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,13 @@ class ModelMounts:
         cache_dir: Path | None,
         prefetch: str | None,
         control_socket: Path | None = None,
+        hosts_dir: Path = DEFAULT_HOSTS_DIR,
     ) -> None:
         self.directory = directory
         self.plain_http = plain_http
+        # The registries' mirrors. Like ``cache_dir``, passed on only when not modelfs mount's
+        # default: a mount the daemon makes takes the daemon's own (``hosts_dir``).
+        self.hosts_dir = hosts_dir
         self.cache_dir = cache_dir
         self.prefetch = prefetch
         # Where `modelfs mount` and `umount` look for the daemon (None: their default).
@@ -65,6 +70,8 @@ class ModelMounts:
                 return path
             path.mkdir(parents=True, exist_ok=True)
             arguments = ["mount", str(model), str(path), *self.daemon]
+            if self.hosts_dir != DEFAULT_HOSTS_DIR:
+                arguments += ["--hosts-dir", str(self.hosts_dir)]
             if model.registry in self.plain_http:
                 arguments.append("--plain-http")
             if self.cache_dir is not None:

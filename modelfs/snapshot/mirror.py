@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -34,7 +35,7 @@ from modelfs.reference import Reference
 from modelfs.snapshot.cri import PulledCredentials
 from modelfs.snapshot.models import MODEL_CONFIGS, model_config_type, model_image
 from modelfs.sources.interface import FetchedManifest
-from modelfs.sources.registry import RegistryClient
+from modelfs.sources.mirrors import find_hosts, open_repository
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,15 @@ def route(path: str) -> Route | None:
 class ModelImages:
     """Model images built for models' tags, and their parts, kept for the requests after."""
 
-    def __init__(self, plain_http: frozenset[str], pulled: PulledCredentials | None = None) -> None:
+    def __init__(
+        self,
+        plain_http: frozenset[str],
+        hosts_dir: Path | None = None,
+        pulled: PulledCredentials | None = None,
+    ) -> None:
         self.plain_http = plain_http
+        # The registries' mirrors, this one among them: it answers itself 404 (``_Handler``).
+        self.hosts_dir = hosts_dir
         self.pulled = pulled  # the credentials CRI's pulls gave, when it proxies CRI's images
         self._kept: dict[str, tuple[str, bytes]] = {}  # digest -> (media type, bytes)
         self._lock = threading.Lock()
@@ -107,10 +115,11 @@ class ModelImages:
             if self.pulled is None
             else self.pulled.for_image(str(reference), reference.registry)
         )
-        async with RegistryClient(
-            reference.api_host, plain_http=plain, credentials=pulled
-        ) as client:
-            return await client.repository(reference.repository).get_manifest(reference.selector)
+        hosts = find_hosts(
+            reference.registry, reference.api_host, plain_http=plain, hosts_dir=self.hosts_dir
+        )
+        async with open_repository(reference.repository, hosts, credentials=pulled) as repository:
+            return await repository.get_manifest(reference.selector)
 
 
 def _answer(images: ModelImages, route_: Route, host: str | None) -> tuple[str, bytes] | None:
