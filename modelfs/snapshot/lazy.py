@@ -20,7 +20,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import trio
+
+from modelfs.errors import ModelfsError
 from modelfs.reference import Reference
+from modelfs.service.control import DEFAULT_CONTROL_SOCKET, daemon_answers
 from modelfs.snapshot.metadata import Code, SnapshotError
 from modelfs.sources.credentials import Credentials
 from modelfs.sources.hosts import DEFAULT_HOSTS_DIR
@@ -45,11 +49,12 @@ class ModelMounts:
     ) -> None:
         self.directory = directory
         self.plain_http = plain_http
-        # The registries' mirrors. Like ``cache_dir``, passed on only when not modelfs mount's
-        # default: a mount the daemon makes takes the daemon's own (``hosts_dir``).
+        # The registries' mirrors and the cache: for the mounts the snapshotter makes itself; a
+        # mount the daemon makes takes the daemon's own.
         self.hosts_dir = hosts_dir
         self.cache_dir = cache_dir
         self.prefetch = prefetch
+        self.control_socket = control_socket or DEFAULT_CONTROL_SOCKET
         # Where `modelfs mount` and `umount` look for the daemon (None: their default).
         self.daemon = [] if control_socket is None else ["--control-socket", str(control_socket)]
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -70,16 +75,17 @@ class ModelMounts:
                 return path
             path.mkdir(parents=True, exist_ok=True)
             arguments = ["mount", str(model), str(path), *self.daemon]
-            if self.hosts_dir != DEFAULT_HOSTS_DIR:
-                arguments += ["--hosts-dir", str(self.hosts_dir)]
             if model.registry in self.plain_http:
                 arguments.append("--plain-http")
-            if self.cache_dir is not None:
-                arguments += ["--cache-dir", str(self.cache_dir)]
             if self.prefetch is not None:
                 arguments += ["--prefetch", self.prefetch]
-            if credentials is not None:  # the daemon's mounts take none: a process of its own
+            # The daemon's mounts take no credentials: with them, a process of its own.
+            if credentials is not None or not await self._daemon_up():
                 arguments.append("--no-daemon")
+                if self.hosts_dir != DEFAULT_HOSTS_DIR:
+                    arguments += ["--hosts-dir", str(self.hosts_dir)]
+                if self.cache_dir is not None:
+                    arguments += ["--cache-dir", str(self.cache_dir)]
             failure = await _modelfs(arguments, credentials)
             if failure is not None:
                 path.rmdir()
@@ -89,6 +95,14 @@ class ModelMounts:
                 )
             log.info("mounted model %s on %s", model, path)
             return path
+
+    async def _daemon_up(self) -> bool:
+        """Whether the node daemon answers, so that it makes the mount (a daemon that is there
+        but does not answer: not up; the mount is then the snapshotter's own)."""
+        try:
+            return await asyncio.to_thread(trio.run, daemon_answers, self.control_socket)
+        except ModelfsError:
+            return False
 
     def places(self) -> list[Path]:
         """Every model's place, mounted or not: their names are the models' digests."""
