@@ -36,7 +36,7 @@ OTHER_PROGRAMS_OPTIONS = {
 }
 # A code line that starts with one of these runs another program: its options are its own.
 OTHER_PROGRAMS = ("scripts/bench", "systemd-escape", "systemctl", "python", "openssl", "pip")
-OTHER_PROGRAMS += ("ctr",)
+OTHER_PROGRAMS += ("ctr", "scripts/fuzz", "scripts/chaos")
 SEPARATORS = {"|", "||", "&&", ";", "#", "--", "<", ">"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -69,22 +69,25 @@ def options_of(command: click.Command) -> set[str]:
 
 
 @cache
-def bench_options() -> frozenset[str]:
-    """The options ``scripts/bench --help`` lists."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return frozenset(OPTION.findall(result.stdout))
+def script_options() -> frozenset[str]:
+    """The options ``scripts/bench``, ``scripts/fuzz`` and ``scripts/chaos --help`` list."""
+    found: set[str] = set()
+    for module in ("bench.run", "robustness.fuzz", "robustness.chaos"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        found |= set(OPTION.findall(result.stdout))
+    return frozenset(found)
 
 
 @cache
 def known_options() -> frozenset[str]:
     """Every option a reader of the docs can type: modelfs's, the benchmark's, a few others'."""
-    every = set(OTHER_PROGRAMS_OPTIONS) | bench_options()
+    every = set(OTHER_PROGRAMS_OPTIONS) | script_options()
     for command in command_tree().values():
         every |= options_of(command)
     return frozenset(every)
