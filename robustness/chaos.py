@@ -485,7 +485,11 @@ def _processes_under(root: Path) -> list[int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="scripts/chaos", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="scripts/chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seconds", type=float, default=120, help="How long faults are injected.")
     parser.add_argument("--faults", type=int, default=200, help="Most faults injected.")
     parser.add_argument("--seed", type=int, help="Seed of the run (default: a random one).")

@@ -84,7 +84,11 @@ def fuzz(target: Target, seconds: float, rng: random.Random) -> Outcome:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="scripts/fuzz", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="scripts/fuzz",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--minutes", type=float, default=5.0, help="Time for all parsers together (default 5)."
     )
