@@ -33,6 +33,7 @@ OTHER_PROGRAMS_OPTIONS = {
     "--snapshotter",  # ctr images pull --snapshotter modelfs
     "--rm",  # ctr run --rm
     "--hosts-dir",  # ctr images pull --hosts-dir
+    "--gil",  # py-spy record --gil (the benchmark's GIL share)
 }
 # A code line that starts with one of these runs another program: its options are its own.
 OTHER_PROGRAMS = ("scripts/bench", "systemd-escape", "systemctl", "python", "openssl", "pip")
