@@ -24,6 +24,7 @@ import gzip
 import io
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -545,6 +546,10 @@ def main() -> int:
         f"leaked mounts: {leaked[0]}, processes: {leaked[1]}"
     )
     ok = figures.wrong_bytes == 0 and leaked == (0, 0) and figures.over_bound == 0
+    if ok:
+        shutil.rmtree(root)
+    else:
+        print(f"logs and caches kept in {root}")
     return 0 if ok else 1
 
 
