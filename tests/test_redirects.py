@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from cluster_tools import nodes, publish, read_all, scheduler_process
 from conftest import AUTH_PASSWORD, AUTH_USERNAME
 from mounting import mounted
 from registry_tools import Layer, Nginx, Proxy, Registry, push_artifact
@@ -263,3 +264,28 @@ def test_locations_are_kept_per_blob_until_they_expire_or_are_forgotten() -> Non
         locations.keep(blob, f"http://s/{blob}", now=0.0, wall_now=0.0)
     assert locations.get("a", 1.0) is None  # beyond capacity, the oldest goes
     assert locations.get("c", 1.0) is not None
+
+
+def test_peers_share_what_one_node_read_from_redirected_storage(tmp_path: Path) -> None:
+    size = 32 * MIB
+    data_path = tmp_path / "model.bin"
+    data_path.write_bytes(os.urandom(size))
+    expected = hashlib.sha256(data_path.read_bytes()).hexdigest()
+    secret = tmp_path / "cluster-secret"
+    secret.write_bytes(os.urandom(32))
+    nginx = Nginx(tmp_path / "nginx", tmp_path / "registry" / "storage")
+    registry = Registry(tmp_path / "registry", redirect_to=nginx.url)
+    with nginx:
+        registry.start()
+        try:
+            reference = publish(registry.host, "tests/redirected-peers", data_path)
+            with scheduler_process(secret) as scheduler:
+                options = ("--scheduler", scheduler, "--cluster-secret-file", str(secret))
+                with nodes(reference, registry.host, tmp_path / "peers", 2, *options) as mounts:
+                    hashes, _ = read_all([mnt / "model.bin" for mnt in mounts])
+        finally:
+            registry.stop()
+        blob = [entry for entry in nginx.served() if entry.path.endswith("/data")]
+    assert hashes == [expected] * 2
+    # Both nodes read it whole; storage sent it about once: the rest came from the peer.
+    assert sum(entry.sent for entry in blob) <= 1.25 * size
