@@ -25,6 +25,7 @@ from modelfs.artifact.inflate import (
 )
 from modelfs.artifact.tar import parse_member
 from modelfs.artifact.tree import (
+    MAX_LAYER_SIZE,
     MAX_MTIME_NS,
     MIN_MTIME_NS,
     BlobRef,
@@ -39,6 +40,8 @@ from modelfs.errors import ManifestError
 from modelfs.logs import TextFormatter, escape_controls
 from modelfs.modelpack import MAX_FILE_SIZE, MAX_TOTAL_SIZE
 from modelfs.mount.session import mountinfo_path
+from modelfs.service.config import ConfigError, parse_config
+from modelfs.service.supervisor import mount_options
 from modelfs.sizes import format_size
 from modelfs.sources.registry import LateRanges
 
@@ -185,3 +188,19 @@ def test_a_late_range_is_remembered_for_a_while_and_only_where_it_overlaps() -> 
 
 def testmountinfo_paths_are_escaped_as_the_kernel_writes_them() -> None:
     assert mountinfo_path(Path("/mnt/a b\\c\td")) == "/mnt/a\\040b\\134c\\011d"
+
+
+def test_the_daemon_s_inflate_bounds_reach_its_mounts() -> None:
+    mount = '[[mounts]]\nref = "r.example/m:v1"\npath = "/m"\n'
+    bounded = '[cache]\nmax_inflate_ratio = 50\nmax_inflate_size = "2G"\n' + mount
+    for text, bounds in [(bounded, (50, 2 << 30)), (mount, (MAX_RATIO, MAX_LAYER_SIZE))]:
+        config = parse_config(text, "config.toml")
+        options = mount_options(config.mounts[0], config)
+        assert (options.max_inflate_ratio, options.max_inflate_size) == bounds
+    for bad, says in [
+        ("max_inflate_ratio = 0", "at least 1"),
+        ('max_inflate_ratio = "x"', "must be a int"),
+        ('max_inflate_size = "lots"', "'lots' is not a size"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            parse_config(f"[cache]\n{bad}\n", "config.toml")

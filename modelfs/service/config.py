@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modelfs.artifact.inflate import InflateBounds
 from modelfs.errors import ModelfsError
 from modelfs.mount.session import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from modelfs.peer.options import ClusterOptions, ClusterSettings
@@ -70,6 +71,7 @@ class NodeCluster:
 class DaemonConfig:
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_size: int = DEFAULT_CACHE_SIZE
+    inflate: InflateBounds = field(default_factory=InflateBounds)  # [cache] max_inflate_*
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     metrics_addr: str | None = None
     credentials: Path | None = None  # a docker-style config directory (DOCKER_CONFIG)
@@ -133,12 +135,20 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
         origin,
     )
     cache = _table(data.get("cache", {}), f"{origin} [cache]")
-    _known(cache, {"dir", "size"}, f"{origin} [cache]")
+    _known(cache, {"dir", "size", "max_inflate_ratio", "max_inflate_size"}, f"{origin} [cache]")
     size_text = _typed(cache, "size", str, f"{origin} [cache]")
+    inflate_size = _typed(cache, "max_inflate_size", str, f"{origin} [cache]")
+    ratio = _typed(cache, "max_inflate_ratio", int, f"{origin} [cache]")
     try:
         size = DEFAULT_CACHE_SIZE if size_text is None else parse_size(size_text)
+        inflate = InflateBounds(
+            ratio=InflateBounds.ratio if ratio is None else ratio,
+            size=InflateBounds.size if inflate_size is None else parse_size(inflate_size),
+        )
     except ValueError as error:
         raise ConfigError(f"{origin} [cache]: {error}") from None
+    if inflate.ratio < 1:
+        raise ConfigError(f"{origin} [cache]: max_inflate_ratio must be at least 1, not {ratio}")
     registries = {}
     mirrors: dict[str, tuple[str, ...]] = {}
     for host, settings in _table(data.get("registries", {}), f"{origin} [registries]").items():
@@ -192,6 +202,7 @@ def parse_config(text: str, origin: str) -> DaemonConfig:
     return DaemonConfig(
         cache_dir=Path(_typed(cache, "dir", str, f"{origin} [cache]") or DEFAULT_CACHE_DIR),
         cache_size=size,
+        inflate=inflate,
         control_socket=Path(_typed(data, "control_socket", str, origin) or DEFAULT_CONTROL_SOCKET),
         metrics_addr=_typed(data, "metrics_addr", str, origin) or None,
         credentials=None if credentials is None else Path(credentials),

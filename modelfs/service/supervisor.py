@@ -112,6 +112,8 @@ def mount_options(
         mountpoint=spec.path,
         cache_dir=config.cache_dir,
         cache_size=config.cache_size,
+        max_inflate_ratio=config.inflate.ratio,
+        max_inflate_size=config.inflate.size,
         plain_http=registry.plain_http,
         insecure=registry.insecure,
         hosts_dir=config.hosts_dir,
