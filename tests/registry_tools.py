@@ -297,14 +297,18 @@ class Registry:
         token_server: TokenServer | None = None,
         tls: bool = False,
         redirect_to: str | None = None,
+        client_certificate: tuple[Path, Path] | None = None,
     ) -> None:
         """``redirect_to`` (a base URL such as an ``Nginx``'s ``url``): blob GETs are answered
-        with a 307 there, to the blob's path under the storage directory (``storage``)."""
+        with a 307 there, to the blob's path under the storage directory (``storage``).
+        ``client_certificate`` (certificate, key; with ``tls``): TLS clients must present
+        that certificate (self-signed: it is its own CA)."""
         self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.tls_cert: Path | None = None
+        self.client_certificate = client_certificate
         self.token_server = token_server
         if token_server is not None:
             username, password = token_server.username, token_server.password
@@ -331,7 +335,11 @@ class Registry:
             config["http"] = {
                 "addr": self.host,
                 "secret": secrets.token_hex(16),
-                "tls": {"certificate": str(self.tls_cert), "key": str(key)},
+                "tls": {
+                    "certificate": str(self.tls_cert),
+                    "key": str(key),
+                    **({"clientcas": [str(client_certificate[0])]} if client_certificate else {}),
+                },
             }
         if redirect_to is not None:
             config["middleware"] = {
@@ -393,10 +401,11 @@ class Registry:
                 raise RuntimeError(
                     f"docker-registry exited with {self._process.returncode}: {tail}"
                 )
+            context = ssl._create_unverified_context()
+            if self.client_certificate:
+                context.load_cert_chain(*self.client_certificate)
             connection = (
-                http.client.HTTPSConnection(
-                    self.host, timeout=2, context=ssl._create_unverified_context()
-                )
+                http.client.HTTPSConnection(self.host, timeout=2, context=context)
                 if self.tls_cert
                 else http.client.HTTPConnection(self.host, timeout=2)
             )
@@ -448,6 +457,7 @@ class Served:
     connection: int  # nginx's serial number of the connection it came on
     authorization: str | None
     sent: int  # body bytes
+    client_certificate: str | None  # its subject, when the client presented one
 
 
 class Nginx:
@@ -464,9 +474,14 @@ class Nginx:
         "$connection",
         "$http_authorization",
         "$body_bytes_sent",
+        "$ssl_client_s_dn",
     )
 
-    def __init__(self, root: Path, directory: Path, *, tls: bool = False) -> None:
+    def __init__(
+        self, root: Path, directory: Path, *, tls: bool = False, client_certs: bool = False
+    ) -> None:
+        """``client_certs`` (with ``tls``): ask TLS clients for a certificate (any, not
+        required) and log its subject, as a storage origin doing mutual TLS would."""
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.port = free_port()
@@ -480,6 +495,8 @@ class Nginx:
             self.tls_cert, key = self_signed_certificate(root)
             listen += " ssl"
             tls_lines = f"ssl_certificate {self.tls_cert}; ssl_certificate_key {key};"
+            if client_certs:
+                tls_lines += " ssl_verify_client optional_no_ca;"
         log_format = '"' + "\\t".join(self._LOG_FIELDS) + '"'  # nginx reads \t as a tab
         temp = " ".join(
             f"{kind}_temp_path {root / kind};"
@@ -570,7 +587,7 @@ http {{
             return []
         entries = []
         for line in self._log.read_text().splitlines():
-            method, path, query, status, ranges, connection, auth, sent = line.split("\t")
+            method, path, query, status, ranges, connection, auth, sent, client = line.split("\t")
             entries.append(
                 Served(
                     method,
@@ -581,6 +598,7 @@ http {{
                     int(connection),
                     None if auth == "-" else auth,
                     int(sent),
+                    None if client in ("-", "") else client,
                 )
             )
         return entries
@@ -592,6 +610,7 @@ class ProxiedRequest:
     path: str
     range: str | None
     had_authorization: bool
+    headers: dict[str, str]  # as they arrived (lower-case names)
 
 
 class _Server(ThreadingHTTPServer):
@@ -748,6 +767,7 @@ class Proxy:
             handler.path.split("?", 1)[0],
             handler.headers.get("Range"),
             "Authorization" in handler.headers,
+            {name.lower(): value for name, value in handler.headers.items()},
         )
         with self._lock:
             into.append(entry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,10 +19,11 @@ import trio
 from cluster_tools import nodes, publish, read_all, scheduler_process
 from conftest import AUTH_PASSWORD, AUTH_USERNAME
 from mounting import mounted
-from registry_tools import Layer, Nginx, Proxy, Registry, push_artifact
+from registry_tools import Layer, Nginx, Proxy, Registry, push_artifact, self_signed_certificate
 
 from modelfs.modelpack import ANNOTATION_FILEPATH, layer_media_type
 from modelfs.sources.credentials import Credentials
+from modelfs.sources.hosts import parse_hosts_toml
 from modelfs.sources.interface import BlobBytes
 from modelfs.sources.redirects import EXPIRY_MARGIN, BlobLocations, stated_expiry
 from modelfs.sources.registry import RegistryClient, RegistryRepository
@@ -177,6 +179,31 @@ def test_a_refusal_from_storage_asks_the_registry_again(storage: Storage, status
     assert not any(r.had_authorization for r in storage.origin.requests)
 
 
+def test_hosts_toml_headers_go_to_their_registry_never_to_the_storage(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """A hosts.toml ``header`` (a token, say) is for its host: the lean path's range GETs and
+    the general path (which follows the redirect itself) both leave it out at the storage."""
+    storage.reset()
+    host = storage.front.host
+    text = f'server = "http://{host}"\n[header]\n  x-registry-token = "secret"\n'
+    endpoint = parse_hosts_toml(text, tmp_path / "hosts.toml", host, host, plain_http=True)[-1]
+
+    async def main() -> None:
+        async with RegistryClient(host, credentials=CREDENTIALS, endpoint=endpoint) as client:
+            await client.ping()
+            repo = client.repository(REPOSITORY)
+            await read_run(repo, 0, [MIB, MIB])  # the lean path
+            assert await repo.get_blob(BLOB_DIGEST, len(BLOB)) == BLOB  # the general path
+
+    trio.run(main)
+    assert storage.registry_gets() == 2  # one redirect per path
+    assert storage.front.requests
+    assert all(r.headers.get("x-registry-token") == "secret" for r in storage.front.requests)
+    assert len(storage.origin.requests) == 2
+    assert not any("x-registry-token" in r.headers for r in storage.origin.requests)
+
+
 @contextmanager
 def anonymous_redirecting(root: Path, *, tls: bool = False) -> Iterator[tuple[Registry, Nginx]]:
     """An anonymous registry redirecting blob GETs to nginx, with the test blob pushed."""
@@ -212,6 +239,50 @@ def test_a_redirect_to_https_storage(tmp_path: Path, monkeypatch: pytest.MonkeyP
         served = [entry for entry in nginx.served() if entry.method == "GET"]  # not the push's
     assert [entry.status for entry in served] == [206] * len(RUNS)
     assert len({entry.connection for entry in served}) == 1
+
+
+def test_the_client_certificate_goes_to_its_registry_never_to_the_storage(
+    tmp_path: Path,
+) -> None:
+    """A hosts.toml ``client`` certificate is presented to its registry (which requires it)
+    and never to the storage blobs are redirected to (nginx asks any client for one); the
+    storage is trusted by the hosts.toml's ``ca``, as containerd trusts redirect targets."""
+    (tmp_path / "client").mkdir()
+    certificate = self_signed_certificate(tmp_path / "client")
+    with anonymous_redirecting(tmp_path / "pushed") as (_, _):
+        pass  # the test blob is in its storage: the mutual-TLS registry serves a copy
+    nginx = Nginx(
+        tmp_path / "nginx", tmp_path / "registry" / "storage", tls=True, client_certs=True
+    )
+    registry = Registry(
+        tmp_path / "registry", tls=True, redirect_to=nginx.url, client_certificate=certificate
+    )
+    shutil.copytree(
+        tmp_path / "pushed" / "registry" / "storage", registry.storage, dirs_exist_ok=True
+    )
+    hosts = tmp_path / "certs.d" / registry.host / "hosts.toml"
+    text = (
+        f'server = "https://{registry.host}"\n'
+        f'ca = ["{registry.tls_cert}", "{nginx.tls_cert}"]\n'
+        f'client = [["{certificate[0]}", "{certificate[1]}"]]\n'
+    )
+    endpoint = parse_hosts_toml(text, hosts, registry.host, registry.host, plain_http=False)[-1]
+    with nginx:
+        registry.start()
+        try:
+
+            async def main() -> None:
+                async with RegistryClient(registry.host, endpoint=endpoint) as client:
+                    repo = client.repository(REPOSITORY)
+                    await read_run(repo, 0, [MIB, MIB])  # the lean path
+                    assert await repo.get_blob(BLOB_DIGEST, len(BLOB)) == BLOB  # the general
+
+            trio.run(main)
+        finally:
+            registry.stop()
+        served = nginx.served()
+    assert [entry.status for entry in served] == [206, 200]
+    assert [entry.client_certificate for entry in served] == [None, None]
 
 
 def test_a_mount_reads_redirected_blobs_from_storage(tmp_path: Path) -> None:

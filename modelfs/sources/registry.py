@@ -201,18 +201,23 @@ def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
     return unchecked
 
 
-def load_host_tls(tls: ssl.SSLContext, host: RegistryHost) -> None:
-    """Add a hosts.toml host's ``ca`` files and its first ``client`` certificate to ``tls``."""
+def host_tls(host: RegistryHost, insecure: bool, *, client: bool) -> ssl.SSLContext:
+    """The TLS context for ``host``: the system's CAs (not certifi's bundle, as docker and oras
+    use) and its hosts.toml ``ca`` files, unchecked with ``insecure`` or ``skip_verify``; with
+    ``client``, its first ``client`` certificate too."""
+    verify = False if insecure or host.skip_verify else SystemTrust(ssl.PROTOCOL_TLS_CLIENT)
+    tls = _ssl_context(verify)
     try:
         for ca in host.ca:
             tls.load_verify_locations(cafile=ca)
-        for certificate, key in host.client[:1]:
+        for certificate, key in host.client[:1] if client else ():
             tls.load_cert_chain(certificate, key)
     except (OSError, ssl.SSLError) as error:
         raise RegistryError(
             f"the TLS files of registry host {host.netloc} do not load ({error}): fix ca or "
             "client in its hosts.toml"
         ) from None
+    return tls
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -282,8 +287,9 @@ class RegistryClient:
         self._credentials = credentials
         self._credentials_loaded = credentials is not None
         self._http: httpx.AsyncClient | None = None
+        self._http_elsewhere: httpx.AsyncClient | None = None
         self._range_getter: RangeGetter | None = None
-        self._tls: ssl.SSLContext | None = None  # set on entry, from the trust chosen
+        self._tls_elsewhere: ssl.SSLContext | None = None  # set on entry: other origins' TLS
         self._locations = BlobLocations()
         self._redirect_getters: dict[tuple[str, str, int | None], RangeGetter] = {}
         self._basic = False
@@ -293,27 +299,15 @@ class RegistryClient:
 
     async def __aenter__(self) -> RegistryClient:
         endpoint = self.endpoint
-        # System CAs (not certifi's bundle), as docker and oras use.
-        verify: ssl.SSLContext | bool = (
-            False
-            if self._insecure or endpoint.skip_verify
-            else SystemTrust(ssl.PROTOCOL_TLS_CLIENT)
+        tls = host_tls(endpoint, self._insecure, client=True)
+        # Other origins (storage blobs were redirected to, a token realm) are trusted as this
+        # host is (containerd's one transport per host does so), but they never get its
+        # client certificate, nor its hosts.toml headers and proxy: those are for it alone.
+        self._tls_elsewhere = (
+            host_tls(endpoint, self._insecure, client=False) if endpoint.client else tls
         )
-        self._tls = tls = _ssl_context(verify)
-        load_host_tls(tls, endpoint)
-        self._http = httpx.AsyncClient(
-            verify=tls,
-            timeout=httpx.Timeout(self.timeout, connect=endpoint.dial_timeout or self.timeout),
-            follow_redirects=False,
-            headers=[
-                ("User-Agent", _USER_AGENT),
-                ("Accept-Encoding", "identity"),
-                *endpoint.headers,
-            ],
-            limits=_CONNECTION_LIMITS,
-            # hosts.toml's proxy for this host overrides the environment's, as in containerd.
-            proxy=endpoint.proxy,
-        )
+        self._http = self._new_http(tls, endpoint.headers, endpoint.proxy, endpoint.dial_timeout)
+        self._http_elsewhere = self._new_http(self._tls_elsewhere, (), None, None)
         self._range_getter = RangeGetter(
             _connection_origin(
                 self.base_url,
@@ -326,6 +320,24 @@ class RegistryClient:
             self.timeout,
         )
         return self
+
+    def _new_http(
+        self,
+        tls: ssl.SSLContext,
+        headers: tuple[tuple[str, str], ...],
+        proxy: str | None,
+        dial_timeout: float | None,
+    ) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            verify=tls,
+            timeout=httpx.Timeout(self.timeout, connect=dial_timeout or self.timeout),
+            follow_redirects=False,
+            headers=[("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity"), *headers],
+            limits=_CONNECTION_LIMITS,
+            # hosts.toml's proxy for this host overrides the environment's, as in containerd;
+            # None: the environment's (HTTPS_PROXY, NO_PROXY).
+            proxy=proxy,
+        )
 
     def _proxy_route(self, url: httpx.URL) -> ProxyRoute | None:
         """The proxy the lean path goes through to ``url``: this host's hosts.toml ``proxy``,
@@ -353,9 +365,10 @@ class RegistryClient:
         getters, self._redirect_getters = self._redirect_getters, {}
         for getter in getters.values():
             await getter.aclose()
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        for http in (self._http, self._http_elsewhere):
+            if http is not None:
+                await http.aclose()
+        self._http = self._http_elsewhere = None
 
     def repository(self, name: str) -> RegistryRepository:
         return RegistryRepository(self, name)
@@ -433,8 +446,8 @@ class RegistryClient:
         key = _origin(url)
         getter = self._redirect_getters.pop(key, None)
         if getter is None:
-            assert self._tls is not None, "RegistryClient used outside `async with`"
-            origin = _connection_origin(url, self._tls, self._proxy_route(url))
+            assert self._tls_elsewhere is not None, "RegistryClient used outside `async with`"
+            origin = _connection_origin(url, self._tls_elsewhere, self._proxy_route(url))
             getter = RangeGetter(origin, _USER_AGENT, self.timeout)
         self._redirect_getters[key] = getter  # most recent last
         while len(self._redirect_getters) > _REDIRECT_ORIGINS:
@@ -442,11 +455,13 @@ class RegistryClient:
             await self._redirect_getters.pop(oldest).aclose()
         return getter
 
-    @property
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
+    def _client_for(self, url: httpx.URL) -> httpx.AsyncClient:
+        """The client for requests to ``url``: this host's (its client certificate, hosts.toml
+        headers and proxy) for its own origin, another without them for any other."""
+        http = self._http if _origin(url) == _origin(self.base_url) else self._http_elsewhere
+        if http is None:
             raise RuntimeError("RegistryClient used outside `async with`")
-        return self._http
+        return http
 
     # --- time bound and retries ------------------------------------------------------------
 
@@ -557,8 +572,9 @@ class RegistryClient:
                 response = await self._send_authorized(method, target, scope, headers, None, what)
             else:
                 # Another origin (a CDN, S3): the registry's Authorization must never go there.
-                request = self._client.build_request(method, target, headers=headers)
-                response = await self._client.send(request, stream=True)
+                elsewhere = self._client_for(target)
+                request = elsewhere.build_request(method, target, headers=headers)
+                response = await elsewhere.send(request, stream=True)
         await response.aclose()
         raise RegistryError(
             f"registry {self.host} redirected {what} more than {_MAX_REDIRECTS} times"
@@ -581,10 +597,11 @@ class RegistryClient:
         anonymous_answered = token_refreshed = False
         while True:
             authorization = await self._authorization(scope)
-            request = self._client.build_request(method, url, headers=headers, content=content)
+            http = self._client_for(url)
+            request = http.build_request(method, url, headers=headers, content=content)
             if authorization:
                 request.headers["Authorization"] = authorization
-            response = await self._client.send(request, stream=True)
+            response = await http.send(request, stream=True)
             if response.status_code != 401:
                 return response
             header = response.headers.get("WWW-Authenticate", "")
@@ -657,6 +674,7 @@ class RegistryClient:
             query["scope"] = wanted
         creds = await self._credentials_for_host()
         what = f"a token from {realm} for {wanted or 'the registry'}"
+        http = self._client_for(realm)
         if creds is not None and creds.is_identity_token:
             # docker's OAuth2 flow: the stored identity token is a refresh token.
             form = {
@@ -665,12 +683,12 @@ class RegistryClient:
                 "refresh_token": creds.password,
                 "client_id": "modelfs",
             }
-            request = self._client.build_request("POST", realm, data=form)
+            request = http.build_request("POST", realm, data=form)
         else:
-            request = self._client.build_request("GET", realm, params=query)
+            request = http.build_request("GET", realm, params=query)
             if creds is not None:
                 request.headers["Authorization"] = creds.basic_header()
-        response = await self._client.send(request, stream=True)
+        response = await http.send(request, stream=True)
         try:
             if response.status_code in (401, 403):
                 raise await self._auth_failure(what)
