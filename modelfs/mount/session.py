@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from modelfs.artifact.tree import FileNode
+from modelfs.artifact.inflate import MAX_RATIO, InflateBounds
+from modelfs.artifact.tree import MAX_LAYER_SIZE, FileNode
 from modelfs.cache import PieceCache
 from modelfs.errors import ModelfsError
 from modelfs.fetcher.index import IndexLookup
@@ -110,6 +111,9 @@ class MountOptions:
     hosts_dir: Path | None = DEFAULT_HOSTS_DIR
     mirrors: tuple[str, ...] = ()
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
+    # What a compressed layer may inflate to (docs/limits.md): times its size, and bytes.
+    max_inflate_ratio: int = MAX_RATIO
+    max_inflate_size: int = MAX_LAYER_SIZE
     prefetch: PrefetchMode = PrefetchMode.HINTS
     serve_unverified: bool = False  # serve pieces of blobs without an index before their check
     allow_other: bool = field(default_factory=lambda: os.getuid() == 0)
@@ -385,7 +389,16 @@ async def serve(
                 pinned = (await resolve_manifest(origin, selector, cache)).digest
                 verdict = await check_signature(policy, options.reference, origin, pinned)
                 stats.signature = verdict.reason
-                model = await load_model(source, pinned, cache, fetcher, defer_compressed=True)
+                model = await load_model(
+                    source,
+                    pinned,
+                    cache,
+                    fetcher,
+                    defer_compressed=True,
+                    inflate_bounds=InflateBounds(
+                        options.max_inflate_ratio, options.max_inflate_size
+                    ),
+                )
                 scans = FileScans(options.scan, partial(read_file, fetcher))
                 await scans.refuse_model(options.reference, model.tree)
                 # A few small requests, before ready: no read waits for them.

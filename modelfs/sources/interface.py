@@ -91,4 +91,3 @@ class UnvouchedPieces(Protocol):
     def blob_checked(self, digest: str, good: bool) -> None:
         """The blob hashed whole to its digest (``good``), or not (its pieces were dropped)."""
         ...
-
