@@ -1,22 +1,29 @@
 """deploy/: every YAML document parses, and what the plugin relies on agrees with the code: the
 driver's name, the socket kubelet and the registrar reach it on, the directories its model
 mounts and binds go through (shared with the host both ways), the daemon's control socket, the
-daemon's config, /dev/fuse, the service account, the node image's entry point."""
+daemon's config, /dev/fuse, the service account, the node image's entry point; and what the
+cluster relies on: the scheduler's command line and Service, the node config's [cluster], the
+cluster secret both read, the address peers on other nodes reach a node at."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import pytest
 import yaml
 
+from modelfs.cli.cluster import scheduler
 from modelfs.cli.csi import csi
 from modelfs.csi import DEFAULT_DRIVER, DEFAULT_ENDPOINT, DEFAULT_STATE_DIR
-from modelfs.service.config import DaemonConfig, parse_config
+from modelfs.peer.options import ClusterOptions
+from modelfs.scheduler.ranking import NodeInfo
+from modelfs.service.config import DaemonConfig, NodeCluster, parse_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+KUBERNETES_DOC = DEPLOY.parent / "docs" / "kubernetes.md"
 
 
 def _documents() -> list[dict[str, Any]]:
@@ -68,7 +75,9 @@ def test_every_document_parses_and_names_a_known_kind() -> None:
         "ClusterRoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "Deployment",
         "Namespace",
+        "Service",
         "ServiceAccount",
     ]
 
@@ -162,7 +171,7 @@ def test_the_pods_run_as_the_service_account_in_its_namespace() -> None:
         == (account["metadata"]["name"])
     )
     namespace = _one("Namespace")["metadata"]["name"]
-    for kind in ("DaemonSet", "ServiceAccount", "ConfigMap"):
+    for kind in ("DaemonSet", "ServiceAccount", "ConfigMap", "Deployment", "Service"):
         assert _one(kind)["metadata"]["namespace"] == namespace, kind
     # The node service's model labels: get and patch on its node, granted to that account.
     binding = _one("ClusterRoleBinding")
@@ -199,3 +208,85 @@ def test_the_plugin_takes_its_socket_as_a_path_or_as_csi_endpoint_writes_it() ->
         )
     with pytest.raises(click.BadParameter, match="unix:///PATH"):
         csi.make_context("csi", ["--endpoint", "csi.sock"])
+
+
+def _cluster() -> NodeCluster:
+    cluster = _daemon_config().cluster
+    assert cluster is not None, "deploy/node-config.yaml has no [cluster]"
+    return cluster
+
+
+def _scheduler_pod() -> dict[str, Any]:
+    return dict(_one("Deployment")["spec"]["template"])
+
+
+def _scheduler_settings() -> dict[str, Any]:
+    """The scheduler's settings as its command line in the Deployment gives them."""
+    [container] = _scheduler_pod()["spec"]["containers"]
+    assert container["args"][0] == "scheduler"
+    return scheduler.make_context("scheduler", list(container["args"][1:])).params
+
+
+def _secret_source(pod: dict[str, Any], container: dict[str, Any], path: Path) -> tuple[str, str]:
+    """The Secret and key the file at ``path`` in ``container`` of ``pod`` holds."""
+    mount = _mount_of(container, path)
+    assert mount.get("readOnly") is True, container["name"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    relative = str(path.relative_to(mount["mountPath"]))
+    [key] = [item["key"] for item in volume["secret"]["items"] if item["path"] == relative]
+    return volume["secret"]["secretName"], key
+
+
+def test_the_node_daemons_reach_the_scheduler_through_its_service() -> None:
+    settings = _scheduler_settings()
+    host, port = settings["listen"]
+    assert host in ("0.0.0.0", "::")  # other pods reach it
+    pod, service = _scheduler_pod(), _one("Service")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [service_port] = service["spec"]["ports"]
+    target = service_port["targetPort"]
+    if isinstance(target, str):  # a named port of the container
+        [container] = pod["spec"]["containers"]
+        [target] = [p["containerPort"] for p in container["ports"] if p["name"] == target]
+    assert target == port
+    url = urlsplit(_cluster().settings.scheduler)
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    assert (url.scheme, url.hostname, url.port) == ("http", f"{name}.{namespace}.svc", port)
+    assert service_port["port"] == port
+    # Replicas keep what they know in memory unless they share Redis: one, replaced whole.
+    deployment = _one("Deployment")["spec"]
+    if settings["redis_url"] is None:
+        assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+
+
+def test_the_scheduler_and_the_node_daemons_read_one_cluster_secret() -> None:
+    secret_file = _scheduler_settings()["cluster_secret_file"]
+    scheduler_pod = _scheduler_pod()["spec"]
+    [scheduler_container] = scheduler_pod["containers"]
+    source = _secret_source(scheduler_pod, scheduler_container, secret_file)
+    node_pod = _one("DaemonSet")["spec"]["template"]["spec"]
+    daemon_file = _cluster().settings.secret_file
+    assert _secret_source(node_pod, _container("modelfs-daemon"), daemon_file) == source
+    # No secret is committed: the operator creates it, as the install steps say.
+    assert "Secret" not in {document["kind"] for document in _documents()}
+    name, key = source
+    assert f"create secret generic {name} --from-literal={key}=" in KUBERNETES_DOC.read_text()
+
+
+def test_peers_on_other_nodes_reach_a_node_at_its_pod_ip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """peer_listen is the wildcard, so each mount tells the scheduler $POD_IP, which the daemon
+    container gets from status.podIP (its mounts, its children, inherit it); not hostNetwork."""
+    daemon = _container("modelfs-daemon")
+    env = {variable["name"]: variable for variable in daemon["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert not _one("DaemonSet")["spec"]["template"]["spec"].get("hostNetwork", False)
+    cluster = _cluster()
+    assert len(cluster.peer_ports) >= 2  # a mount and a preheat each serve on their own
+    settings = cluster.settings
+    monkeypatch.setenv("POD_IP", "10.244.3.17")
+    options = ClusterOptions(settings.scheduler, b"", settings.listen)
+    assert options.advertised == f"10.244.3.17:{cluster.peer_ports.first}"
+    monkeypatch.setenv("POD_IP", "fd00:10:244::3")
+    address = ClusterOptions(settings.scheduler, b"", settings.listen).advertised
+    assert address == f"[fd00:10:244::3]:{cluster.peer_ports.first}"
+    assert NodeInfo(address).problem() is None  # the scheduler takes it

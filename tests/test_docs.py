@@ -34,6 +34,7 @@ OTHER_PROGRAMS_OPTIONS = {
     "--rm",  # ctr run --rm
     "--hosts-dir",  # ctr images pull --hosts-dir
     "--gil",  # py-spy record --gil (the benchmark's GIL share)
+    "--from-literal",  # kubectl create secret generic (the cluster secret)
 }
 # A code line that starts with one of these runs another program: its options are its own.
 OTHER_PROGRAMS = ("scripts/bench", "systemd-escape", "systemctl", "python", "openssl", "pip")

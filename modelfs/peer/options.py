@@ -6,6 +6,7 @@ scheduler modules (~20 ms on the way to a listing).
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,12 @@ class ClusterOptions:
 
     @property
     def advertised(self) -> str:
-        """The address other nodes reach this one at."""
+        """The address other nodes reach this one at: the listen host, or for a wildcard
+        one the POD_IP environment variable (a DaemonSet sets it from ``status.podIP``: a pod's
+        name resolves nowhere else), else this host's FQDN."""
         host, port = self.listen
         if host in ("0.0.0.0", "::", ""):
-            host = socket.getfqdn()
+            host = os.environ.get("POD_IP") or socket.getfqdn()
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
