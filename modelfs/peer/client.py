@@ -15,7 +15,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 import httpx
 import trio
@@ -23,6 +22,7 @@ import trio
 from modelfs.fetcher.index import sha256_hex
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.scheduler.ranking import FailureKind
+from modelfs.transport.client import PooledClient
 from modelfs.transport.tokens import sign
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class PeerFailure:
     kind: FailureKind
 
 
-class PeerClient:
+class PeerClient(PooledClient):
     """``async with PeerClient(secret, report=...) as client:``; one connection pool for all."""
 
     def __init__(
@@ -60,25 +60,13 @@ class PeerClient:
         self.timeout = timeout
         self._max_piece_size = max_piece_size
         self._clock = clock
-        self._http: httpx.AsyncClient | None = None
         self._busy: dict[str, int] = {}  # peer -> 503s in a row
 
-    async def __aenter__(self) -> PeerClient:
-        self._http = httpx.AsyncClient(
+    def open_pool(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout, connect=min(CONNECT_TIMEOUT, self.timeout)),
             verify=self._tls if self._tls else True,
         )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
     async def fetch_piece(
         self, peer: str, digest: str, index: int, expected_sha256: str | None
@@ -87,8 +75,7 @@ class PeerClient:
 
         None is reported, unless the peer was only busy. ``expected_sha256`` None: no piece
         index; the bytes are unchecked here."""
-        if self._http is None:
-            raise RuntimeError("PeerClient used outside `async with`")
+        http = self.http
         path = f"/pieces/{digest}/{index}"
         headers = sign(self._secret, "GET", path, self._clock())
         reason = f"no answer within {self.timeout:.1f} s"
@@ -96,7 +83,7 @@ class PeerClient:
         data: bytes | None = None
         with trio.move_on_after(self.timeout):
             try:
-                async with self._http.stream(
+                async with http.stream(
                     "GET", f"{self._scheme}://{peer}{path}", headers=headers
                 ) as response:
                     status = response.status_code

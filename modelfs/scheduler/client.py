@@ -8,18 +8,16 @@ up to ``BACKOFF_MAX``, so a hung one costs a few timeouts, not one per piece.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import httpx
 import trio
 
 from modelfs.scheduler.ranking import Action, Decision, FailureKind, NodeInfo
-from modelfs.transport.tokens import sign
+from modelfs.transport.client import PooledClient, signed_json
 from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
@@ -30,7 +28,7 @@ BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 
 
-class SchedulerClient:
+class SchedulerClient(PooledClient):
     def __init__(
         self,
         url: str,
@@ -45,39 +43,22 @@ class SchedulerClient:
         self.timeout = timeout
         self._secret = secret
         self._clock = clock
-        self._http: httpx.AsyncClient | None = None
         self._backoff = 0.0
         self._skip_until = float("-inf")  # trio time before which the scheduler is not asked
 
-    async def __aenter__(self) -> SchedulerClient:
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+    def open_pool(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
 
     async def _call(self, path: str, document: dict[str, Any]) -> dict[str, Any] | None:
-        if self._http is None:
-            raise RuntimeError("SchedulerClient used outside `async with`")
+        http = self.http
         if trio.current_time() < self._skip_until:
             return None
-        body = json.dumps(document).encode()
-        headers = {
-            **sign(self._secret, "POST", path, self._clock(), body),
-            "Content-Type": "application/json",
-        }
+        body, headers = signed_json(self._secret, path, document, self._clock())
         problem = f"no answer within {self.timeout:.1f} s"
         unavailable = True
         with trio.move_on_after(self.timeout):
             try:
-                response = await self._http.post(self.url + path, content=body, headers=headers)
+                response = await http.post(self.url + path, content=body, headers=headers)
                 unavailable = response.status_code == 503
                 if response.status_code == 200:
                     answer = loads_json(response.content)  # bounded: nesting, numbers

@@ -8,16 +8,14 @@ says what went wrong; the node service logs it and tries again later, a command 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import httpx
 
 from modelfs.errors import ModelfsError
-from modelfs.transport.tokens import sign
+from modelfs.transport.client import PooledClient, signed_json
 from modelfs.untrusted import loads_json
 
 
@@ -29,7 +27,7 @@ class SchedulerError(ModelfsError):
         self.status = status
 
 
-class FleetClient:
+class FleetClient(PooledClient):
     """``async with FleetClient(url, secret) as client: await client.call(path, document)``."""
 
     def __init__(
@@ -44,35 +42,17 @@ class FleetClient:
         self.timeout = timeout
         self._secret = secret
         self._clock = clock
-        self._http: httpx.AsyncClient | None = None
 
-    async def __aenter__(self) -> FleetClient:
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+    def open_pool(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout))
 
     async def call(
         self, path: str, document: dict[str, Any], timeout: float | None = None
     ) -> dict[str, Any]:
         """POST ``document`` to ``path``, signed; the JSON object answered."""
-        if self._http is None:
-            raise RuntimeError("FleetClient used outside `async with`")
-        body = json.dumps(document).encode()
-        headers = {
-            **sign(self._secret, "POST", path, self._clock(), body),
-            "Content-Type": "application/json",
-        }
+        body, headers = signed_json(self._secret, path, document, self._clock())
         try:
-            response = await self._http.post(
+            response = await self.http.post(
                 self.url + path,
                 content=body,
                 headers=headers,

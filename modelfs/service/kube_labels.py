@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
 from modelfs.errors import ModelfsError
 from modelfs.scheduler.placement import Holding, label_patch, model_labels
+from modelfs.transport.client import PooledClient
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -34,7 +34,7 @@ def in_cluster_problem() -> str | None:
     return None
 
 
-class NodeLabels:
+class NodeLabels(PooledClient):
     """``async with NodeLabels(node) as labels: await labels.update(holdings)``."""
 
     def __init__(self, node: str) -> None:
@@ -42,20 +42,9 @@ class NodeLabels:
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         self.url = f"https://{f'[{host}]' if ':' in host else host}:{port}/api/v1/nodes/{node}"
         self._current: dict[str, str] | None = None
-        self._http: httpx.AsyncClient | None = None
 
-    async def __aenter__(self) -> NodeLabels:
-        self._http = httpx.AsyncClient(verify=str(SERVICE_ACCOUNT / "ca.crt"), timeout=10.0)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._http is not None:
-            await self._http.aclose()
+    def open_pool(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(verify=str(SERVICE_ACCOUNT / "ca.crt"), timeout=10.0)
 
     async def update(self, holdings: tuple[Holding, ...]) -> None:
         """Set the node's model labels to what ``holdings`` says (one request when they changed)."""
@@ -68,14 +57,13 @@ class NodeLabels:
             self._current = dict(node.get("metadata", {}).get("labels") or {})
 
     async def _request(self, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        assert self._http is not None
         # Read each time: kubelet rotates the projected token.
         token = (SERVICE_ACCOUNT / "token").read_text().strip()
         headers = {"Authorization": f"Bearer {token}"}
         if body is not None:
             headers["Content-Type"] = "application/merge-patch+json"
         try:
-            response = await self._http.request(
+            response = await self.http.request(
                 method,
                 self.url,
                 headers=headers,
