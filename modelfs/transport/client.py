@@ -4,6 +4,7 @@ that nodes, mounts and commands send the scheduler."""
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Any, Self
 
@@ -12,13 +13,14 @@ import httpx
 from modelfs.transport.tokens import sign
 
 
-class PooledClient:
+class PooledClient(ABC):
     """``async with`` opens the pool (``open_pool``, which subclasses shape) and closes it."""
 
     _http: httpx.AsyncClient | None = None
 
+    @abstractmethod
     def open_pool(self) -> httpx.AsyncClient:
-        raise NotImplementedError
+        """A new connection pool, with this client's timeouts and TLS."""
 
     @property
     def http(self) -> httpx.AsyncClient:
