@@ -28,10 +28,10 @@ from typing import Any, Protocol
 from mounting import modelfs, unmount
 from registry_tools import Registry, free_port
 
+from bench.reading import read_all
 from bench.report import MB, Results, Sample, median
 
 CASES = ("direct", "mirror_cold", "mirror_warm", "proxy")
-_READ_SIZE = 1 << 20
 
 
 class Meter(Protocol):
@@ -106,7 +106,7 @@ class MirrorsCase:
             cache = self.work / f"cache-{case}-{run}"
             with self._mounted(cache, hosts_dir, environment) as mountpoint:
                 started = time.monotonic()
-                count = _read_all([mountpoint / name for name in self.names])
+                count = read_all([mountpoint / name for name in self.names])
                 seconds = time.monotonic() - started
             shutil.rmtree(cache, ignore_errors=True)
             record(f"mirrors_{case}", Sample(seconds, count, meter.blob_bytes_since(mark)))
@@ -141,16 +141,6 @@ class MirrorsCase:
             self.mirror.stop()
         self.tinyproxy.terminate()
         self.tinyproxy.wait(timeout=10)
-
-
-def _read_all(paths: list[Path]) -> int:
-    buffer = bytearray(_READ_SIZE)
-    total = 0
-    for path in paths:
-        with path.open("rb", buffering=0) as file:
-            while count := file.readinto(buffer):
-                total += count
-    return total
 
 
 def _wait_listening(port: int, what: str) -> None:

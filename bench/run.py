@@ -59,6 +59,7 @@ from registry_tools import Layer, Nginx, Registry, push_artifact  # noqa: E402
 from bench.cluster import NODE_COUNTS, ClusterCase, ClusterError, render_cluster  # noqa: E402
 from bench.containerd import ContainerdCase, render_containerd  # noqa: E402
 from bench.mirrors import MirrorsCase, render_mirrors  # noqa: E402
+from bench.reading import read_all  # noqa: E402
 from modelfs.modelpack import (  # noqa: E402
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
@@ -69,7 +70,6 @@ from modelfs.service.control import ask  # noqa: E402
 from modelfs.sources.stats import MountStats  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
-READ_SIZE = 1 << 20
 PROFILE_RATE = 200  # py-spy samples per second
 _BLOB_LOG_LINE = re.compile(rb'"GET /v2/\S+/blobs/sha256:[0-9a-f]{64} HTTP/[\d.]+" 20[06] (\d+)')
 _READY_IN = re.compile(r"ready in ([\d.]+)s")
@@ -94,17 +94,6 @@ def cold_start() -> None:
     modelfs("--help")
     subprocess.run([sys.executable, "-c", "import bench.tasks, bench.memfs"], check=True, cwd=ROOT)
     subprocess.run(["curl", "--version"], check=True, capture_output=True)
-
-
-def read_all(paths: list[Path]) -> int:
-    """Read every file start to end in 1 MiB reads, as ``cat`` does; the bytes read."""
-    buffer = bytearray(READ_SIZE)
-    total = 0
-    for path in paths:
-        with path.open("rb", buffering=0) as file:
-            while count := file.readinto(buffer):
-                total += count
-    return total
 
 
 def cpu_seconds(pid: int) -> float:
