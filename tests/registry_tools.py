@@ -82,10 +82,14 @@ def free_ports(count: int) -> int:
         return first
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key (``tls-cert.pem``, ``tls-key.pem``), made by
-    openssl: trusted only where a test says so (``SSL_CERT_FILE``)."""
-    cert, key = directory / "tls-cert.pem", directory / "tls-key.pem"
+def self_signed_certificate(
+    directory: Path, name: str = "tls", subject: str = "127.0.0.1"
+) -> tuple[Path, Path]:
+    """A certificate for ``subject`` (an IP is also its subjectAltName) and its key
+    (``NAME-cert.pem``, ``NAME-key.pem``), made by openssl: trusted only where a test says so
+    (``SSL_CERT_FILE``)."""
+    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+    alt_name = ["-addext", f"subjectAltName=IP:{subject}"] if subject[0].isdigit() else []
     subprocess.run(
         [
             "openssl",
@@ -97,9 +101,8 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
             "-days",
             "2",
             "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
+            f"/CN={subject}",
+            *alt_name,
             "-keyout",
             str(key),
             "-out",
@@ -163,27 +166,8 @@ class TokenServer:
         self.username = username
         self.password = password
         self.identity_token = "refresh-" + secrets.token_hex(8)
-        self.key_path = root / "token-key.pem"
-        self.cert_path = root / "token-cert.pem"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=modelfs test token issuer",
-                "-keyout",
-                str(self.key_path),
-                "-out",
-                str(self.cert_path),
-            ],
-            check=True,
-            capture_output=True,
+        self.cert_path, self.key_path = self_signed_certificate(
+            root, "token", "modelfs test token issuer"
         )
         public_der = subprocess.run(
             ["openssl", "pkey", "-in", str(self.key_path), "-pubout", "-outform", "DER"],
