@@ -13,7 +13,7 @@ Faults: SIGKILL of a mount process (a peer; then umount and mount again), of the
 scheduler and Redis (each started again after a while); the registry stopped and started, or
 frozen (SIGSTOP) for a while; its answers slowed to a trickle, 500 or 429, bodies cut mid-way,
 bytes flipped; every redirect given so far expired (its target answers 403); the tmpfs cache
-filled up for a while; a cache's LMDB file damaged on disk between two mounts.
+filled up for a while; a cache's LMDB index or piece file damaged on disk between two mounts.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mounting import MODELFS, is_mounted, mount_pid
 from registry_tools import Layer, Proxy, Registry, free_port, push_artifact
 
+from modelfs.cache.store import PIECES_FILE
 from modelfs.modelpack import ANNOTATION_FILEPATH, ANNOTATION_METADATA, layer_media_type
 from modelfs.sources.registry import DEFAULT_READ_TIMEOUT
 
@@ -337,7 +338,7 @@ class Chaos:
         return [
             self.kill_mount, self.registry_restart, self.registry_freeze, self.trickle,
             self.answer_500, self.answer_429, self.cut_bodies, self.flip_bytes,
-            self.fill_cache, self.damage_lmdb, self.kill_daemon, self.kill_scheduler,
+            self.fill_cache, self.damage_cache, self.kill_daemon, self.kill_scheduler,
             self.kill_redis, self.expire_redirects,
         ]  # fmt: skip
 
@@ -426,9 +427,10 @@ class Chaos:
         self._hold()
         filler.unlink(missing_ok=True)
 
-    def damage_lmdb(self) -> None:
+    def damage_cache(self) -> None:
         number = self.rng.randrange(MOUNTS)
-        data = self.caches[number] / "data.mdb"
+        # The LMDB index or the file of piece bytes, overwritten in a few places.
+        data = self.caches[number] / self.rng.choice(["data.mdb", PIECES_FILE])
 
         def damage() -> None:
             if data.exists():

@@ -1,19 +1,17 @@
 """The LMDB piece cache on real LMDB files: checksums, limits, LRU order, leases, sharing."""
 
 import hashlib
-import itertools
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import lmdb
 import pytest
+from cache_damage import damage_piece, piece_location
 
 from modelfs.cache import PieceCache
-from modelfs.cache.store import copy_releasing_gil
+from modelfs.cache.store import PIECES_FILE
 from modelfs.errors import CacheError
 
 PIECE = 1024
@@ -59,19 +57,76 @@ def test_corrupted_value_is_dropped_not_served(tmp_path: Path) -> None:
     cache = make(tmp_path)
     cache.put(A, 0, b"good bytes" * 10, 100)
     cache.close()
-    # Flip a byte of the stored value behind the cache's back, as disk rot would.
-    env = lmdb.open(str(tmp_path), max_dbs=8)
-    db = env.open_db(b"pieces")
-    with env.begin(write=True, db=db) as txn:
-        key, value = next(iter(txn.cursor()))
-        damaged = bytearray(value)
-        damaged[20] ^= 0xFF
-        txn.put(key, bytes(damaged))
-    env.close()
+    damage_piece(tmp_path, A, 0, at=20)  # behind the cache's back, as disk rot would
     cache = make(tmp_path)
     assert cache.get(A, 0, unvouched=True) is None
     assert not cache.has(A, 0)
     assert cache.stats().size == 0
+    assert cache.corrupt_pieces_found == 1
+    cache.close()
+
+
+def test_a_lost_or_torn_write_is_a_miss_never_served(tmp_path: Path) -> None:
+    """Piece bytes are not synced before the record that points at them (a short last piece is
+    written through the page cache): after a power cut the slot may hold what it held before,
+    or end early. Either is detected, dropped and fetched again."""
+    cache = make(tmp_path)
+    cache.put(A, 0, b"old" * 300, 900)
+    cache.drop_blob(A)
+    cache.put(B, 0, b"new" * 300, 900)  # reuses the slot A's piece left
+    cache.put(C, 0, b"tail" * 200, 800)
+    cache.close()
+    assert piece_location(tmp_path, B, 0)[0] == 0
+    with (tmp_path / PIECES_FILE).open("r+b") as file:
+        file.write(b"old" * 300)  # B's write lost: the slot still holds A's bytes
+        file.truncate(piece_location(tmp_path, C, 0)[0] + 500)  # C's write torn
+    cache = make(tmp_path)
+    assert cache.get(B, 0, unvouched=True) is None
+    assert cache.get(C, 0, unvouched=True) is None
+    assert not cache.has(B, 0) and not cache.has(C, 0)  # dropped: the next read fetches them
+    assert cache.stats().size == 0
+    cache.put(B, 0, b"new" * 300, 900)
+    assert cache.get(B, 0, unvouched=True) == b"new" * 300
+    cache.close()
+
+
+def test_a_slot_reused_while_being_read_is_a_miss_and_the_new_piece_stays(
+    tmp_path: Path,
+) -> None:
+    """Another process may evict a piece and reuse its slot between a reader's look-up and its
+    read: the reader gets a miss (its bytes fail the checksum), and the piece now in the slot
+    is not dropped for it."""
+    reader = make(tmp_path)
+    reader.put(A, 0, b"a" * PIECE, PIECE)
+    read_into = reader._file.read_into
+    other = (
+        "import sys; from pathlib import Path; from modelfs.cache import PieceCache; "
+        f"c = PieceCache(Path(sys.argv[1]), {100 * PIECE}, piece_size={PIECE}); "
+        f"c.drop_blob('{A}'); c.put('{B}', 0, b'b' * {PIECE}, {PIECE}); c.close()"
+    )
+
+    def evicted_meanwhile(slot: int, into: bytearray | memoryview) -> int:
+        subprocess.run([sys.executable, "-c", other, str(tmp_path)], check=True)
+        return read_into(slot, into)
+
+    reader._file.read_into = evicted_meanwhile  # type: ignore[method-assign]
+    assert reader.get(A, 0, bytearray(PIECE), unvouched=True) is None
+    assert reader.corrupt_pieces_found == 0
+    assert reader.get(B, 0, unvouched=True) == b"b" * PIECE
+    reader.close()
+
+
+def test_slots_are_reused_and_their_blocks_given_back(tmp_path: Path) -> None:
+    """The pieces file stays within the limit: an evicted piece's slot is reused, and its disk
+    blocks are freed meanwhile."""
+    piece = 64 << 10
+    cache = PieceCache(tmp_path, 4 * (piece + 8), piece_size=piece)
+    for index in range(12):
+        cache.put(A, index, os.urandom(piece), 12 * piece)
+    data = tmp_path / PIECES_FILE
+    assert data.stat().st_size <= 5 * piece
+    cache.drop_blob(A)
+    assert data.stat().st_blocks * 512 < piece
     cache.close()
 
 
@@ -213,28 +268,6 @@ def test_a_piece_is_vouched_for_by_the_piece_index_once(tmp_path: Path) -> None:
     cache.close()
 
 
-def test_pieces_stored_before_the_vouched_flag_count_as_vouched_if_their_blob_was_verified(
-    tmp_path: Path,
-) -> None:
-    cache = make(tmp_path)
-    for digest, verified in ((A, True), (B, False)):
-        cache.put(digest, 0, b"old", 3)
-        if verified:
-            cache.mark_verified(digest, 3)
-    cache.close()
-    env = lmdb.open(str(tmp_path), max_dbs=8)
-    checksums = env.open_db(b"checksums")
-    with env.begin(write=True, db=checksums) as txn:
-        for digest in (A, B):  # as an older modelfs stored them: the checksum alone
-            key = f"{digest}/{0:010d}".encode()
-            txn.put(key, bytes(txn.get(key))[:8])
-    env.close()
-    cache = make(tmp_path)
-    assert cache.get(A, 0) == b"old"
-    assert cache.get(B, 0) is None
-    cache.close()
-
-
 def test_a_damaged_record_is_a_miss_never_a_wrong_record(tmp_path: Path) -> None:
     cache = make(tmp_path)
     cache.put_meta("tar-index/x", b'[{"data_offset": 512}]')
@@ -252,18 +285,27 @@ def test_a_damaged_record_is_a_miss_never_a_wrong_record(tmp_path: Path) -> None
     cache.close()
 
 
-def test_a_cache_of_an_older_format_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    # Format 1 kept the checksum inside each piece's value: read as format 2, every piece would
-    # fail its checksum, so the cache is refused whole, with the way out.
+def test_a_cache_of_an_older_format_is_made_afresh(tmp_path: Path) -> None:
+    # Formats 1 and 2 kept the pieces inside LMDB: such a cache starts again, empty and usable.
     env = lmdb.open(str(tmp_path), max_dbs=8)
-    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
-        txn.put(b"format", f"modelfs-cache-1/{PIECE}".encode())
+    with env.begin(write=True) as txn:
+        txn.put(b"format", f"modelfs-cache-2/{PIECE}".encode(), db=env.open_db(b"meta", txn=txn))
+        txn.put(f"{A}/{0:010d}".encode(), b"x" * PIECE, db=env.open_db(b"pieces", txn=txn))
     env.close()
+    cache = make(tmp_path)
+    assert cache.stats().pieces == 0 and not cache.has(A, 0)
+    cache.put(A, 0, b"y" * PIECE, PIECE, vouched=True)
+    assert cache.get(A, 0) == b"y" * PIECE
+    cache.close()
+
+
+def test_a_cache_of_another_piece_size_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    make(tmp_path).close()
     with pytest.raises(CacheError, match=r"another format.*another --cache-dir or remove"):
-        make(tmp_path)
+        PieceCache(tmp_path, 100 * PIECE, piece_size=2 * PIECE)
 
 
-def test_a_piece_copied_out_of_the_map_lands_in_the_buffer_given(tmp_path: Path) -> None:
+def test_a_piece_read_lands_in_the_buffer_given(tmp_path: Path) -> None:
     cache = make(tmp_path)
     data = os.urandom(PIECE)
     cache.put("sha256:a", 0, data, PIECE)
@@ -271,34 +313,3 @@ def test_a_piece_copied_out_of_the_map_lands_in_the_buffer_given(tmp_path: Path)
     got = cache.get("sha256:a", 0, into, unvouched=True)
     assert got is into and bytes(into) == data
     cache.close()
-
-
-def test_the_copy_out_of_the_map_lets_the_event_loop_thread_run() -> None:
-    """A cache read copies in a worker thread; meanwhile the thread that started it keeps running.
-    Under the GIL (as a slice assignment copies) it would stop for the whole copy."""
-    size = 512 << 20
-    source = memoryview(bytes(size))
-    into = memoryview(bytearray(size))
-    into[:] = source  # touched: what is timed below is only the copy
-    copied: list[tuple[float, float]] = []
-
-    def copy() -> None:
-        started = time.perf_counter()
-        copy_releasing_gil(into, source)
-        copied.append((started, time.perf_counter()))
-
-    worker = threading.Thread(target=copy)
-    turns: list[float] = []
-    worker.start()
-    while worker.is_alive():
-        turns.append(time.perf_counter())
-    worker.join()
-    started, ended = copied[0]
-    inside = [started] + [turn for turn in turns if started < turn < ended] + [ended]
-    longest_wait = max(later - earlier for earlier, later in itertools.pairwise(inside))
-    assert longest_wait < (ended - started) / 2
-
-
-def test_a_copy_between_buffers_of_different_sizes_is_refused() -> None:
-    with pytest.raises(ValueError, match="copy of 10 bytes into 9"):
-        copy_releasing_gil(bytearray(9), b"0123456789")

@@ -6,9 +6,8 @@ import hashlib
 import uuid
 from pathlib import Path
 
-import lmdb
 import pytest
-import xxhash
+from cache_damage import damage_piece
 from mounting import modelfs
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_preheat import MIB, push_model
@@ -29,22 +28,6 @@ def cache_cli(cache_dir: Path, *args: str) -> tuple[int, str]:
     result = modelfs("cache", *args, "--cache-dir", str(cache_dir))
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, result.stdout + result.stderr
-
-
-def rewrite_piece(cache_dir: Path, digest: str, index: int, *, fix_checksum: bool) -> None:
-    """Flip a byte of a stored piece; with ``fix_checksum`` the piece's own checksum still
-    passes and only the blob's sha256 can tell."""
-    env = lmdb.open(str(cache_dir), max_dbs=8, map_size=1 << 34)
-    db = env.open_db(b"pieces")
-    with env.begin(write=True, db=db) as txn:
-        key = f"{digest}/{index:010d}".encode()
-        value = bytearray(txn.get(key))
-        value[1000] ^= 0xFF
-        txn.put(key, bytes(value))
-        if fix_checksum:
-            checksum = xxhash.xxh3_64_intdigest(bytes(value)).to_bytes(8, "little")
-            txn.put(key, checksum, db=env.open_db(b"checksums", txn=txn))
-    env.close()
 
 
 def weights_digest(files: dict[str, bytes]) -> str:
@@ -104,7 +87,7 @@ def test_verify_finds_and_drops_a_corrupted_piece(
     code, out = cache_cli(cache_dir, "verify")
     assert code == 0, out
     weights = weights_digest(files)
-    rewrite_piece(cache_dir, weights, 1, fix_checksum=fix_checksum)
+    damage_piece(cache_dir, weights, 1, reseal=fix_checksum)
     code, out = cache_cli(cache_dir, "verify")
     assert code == 1, out
     if fix_checksum:

@@ -31,6 +31,7 @@ from test_compressed_layers import one_file
 
 from modelfs.artifact.tree import MAX_MTIME_NS
 from modelfs.cache import PieceCache
+from modelfs.cache.store import PIECES_FILE
 from modelfs.modelpack import (
     ANNOTATION_FILEPATH,
     ANNOTATION_METADATA,
@@ -449,8 +450,12 @@ def test_a_gzip_layer_of_4_gib_of_zeros_is_refused_fast_and_leaves_nothing(
     assert "what the cache can hold" in lines[0] and "not found" not in lines[0], lines[0]
     assert elapsed < 30
     # Nothing it wrote is left: no piece of the stream, no spool, no cache grown by it.
-    assert not [path for path in cache_dir.iterdir() if path.is_file() and "mdb" not in path.name]
+    cache_files = {"data.mdb", "lock.mdb", PIECES_FILE}
+    assert not [
+        path for path in cache_dir.iterdir() if path.is_file() and path.name not in cache_files
+    ]
     assert (cache_dir / "data.mdb").stat().st_blocks * 512 < 16 << 20
+    assert (cache_dir / PIECES_FILE).stat().st_blocks * 512 < 16 << 20
     cache = PieceCache(cache_dir, 256 << 20)
     try:
         assert cache.blob_states() == [] and cache.stats().size == 0

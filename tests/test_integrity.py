@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-import xxhash
+from cache_damage import damage_piece
 from mounting import modelfs, mounted
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
@@ -125,21 +125,6 @@ def test_serve_unverified_fails_the_open_file_that_was_given_altered_bytes(
         assert read_all(mnt / "w.bin") == DATA  # opened again: the checked bytes
 
 
-def poison_cached_piece(cache_dir: Path, digest: str, index: int) -> None:
-    """What a bug or an attacker with the cache file could leave: other bytes, with their own
-    checksum and the vouched flag set, so only a digest check can tell."""
-    env = lmdb.open(str(cache_dir), max_dbs=8, map_size=1 << 34)
-    with env.begin(write=True) as txn:
-        pieces, checksums = env.open_db(b"pieces", txn=txn), env.open_db(b"checksums", txn=txn)
-        key = f"{digest}/{index:010d}".encode()
-        value = bytearray(txn.get(key, db=pieces))
-        value[50] ^= 0x01
-        txn.put(key, bytes(value), db=pieces)
-        record = xxhash.xxh3_64_intdigest(bytes(value)).to_bytes(8, "little") + b"\x01"
-        txn.put(key, record, db=checksums)
-    env.close()
-
-
 def test_cache_verify_checks_blobs_against_their_digests(
     registry: Registry, tmp_path: Path
 ) -> None:
@@ -147,7 +132,7 @@ def test_cache_verify_checks_blobs_against_their_digests(
     mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
     with mounted(reference, mnt, cache_dir, "--prefetch", "none"):
         assert read_all(mnt / "w.bin") == DATA
-    poison_cached_piece(cache_dir, LAYER_DIGEST, 0)
+    damage_piece(cache_dir, LAYER_DIGEST, 0, at=50, reseal=True)
     result = modelfs("cache", "verify", "--cache-dir", str(cache_dir))
     assert result.returncode == 1
     assert f"blob {LAYER_DIGEST} does not match its digest: dropped" in result.stdout
@@ -165,7 +150,7 @@ def test_cache_verify_checks_the_pieces_of_a_partial_blob_against_the_piece_inde
         (mnt / "w.bin").open("rb", buffering=0) as file,
     ):
         assert file.read(64 << 10) == DATA[: 64 << 10]
-    poison_cached_piece(cache_dir, LAYER_DIGEST, 0)
+    damage_piece(cache_dir, LAYER_DIGEST, 0, at=50, reseal=True)
     result = modelfs("cache", "verify", "--cache-dir", str(cache_dir))
     assert result.returncode == 1
     assert f"corrupt piece 0 of {LAYER_DIGEST}: dropped" in result.stdout

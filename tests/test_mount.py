@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pytest
 import zstandard
+from cache_damage import damage_piece
 from mounting import MODELFS, is_mounted, modelfs, mounted, unmount
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from safetensors.numpy import save
@@ -508,17 +508,6 @@ def test_tampered_blob_is_never_served(
         assert (mnt / "big.bin").read_bytes() == big
 
 
-def flip_cached_piece(cache_dir: Path, digest: str, index: int) -> None:
-    env = lmdb.open(str(cache_dir), max_dbs=8, map_size=1 << 34)
-    db = env.open_db(b"pieces")
-    with env.begin(write=True, db=db) as txn:
-        key = f"{digest}/{index:010d}".encode()
-        value = bytearray(txn.get(key))
-        value[1000] ^= 0xFF
-        txn.put(key, bytes(value))
-    env.close()
-
-
 def test_cache_survives_remount_and_corruption_is_refetched(
     registry: Registry, proxy: Proxy, mnt: Path, cache_dir: Path
 ) -> None:
@@ -533,7 +522,7 @@ def test_cache_survives_remount_and_corruption_is_refetched(
     with mounted(pinned, mnt, cache_dir):
         assert (mnt / "w.bin").read_bytes() == data
     assert proxy.requests == [], "a remount by digest must need no network"
-    flip_cached_piece(cache_dir, layer_digest, 1)
+    damage_piece(cache_dir, layer_digest, 1)
     with mounted(pinned, mnt, cache_dir):
         assert (mnt / "w.bin").read_bytes() == data
     assert proxy.blob_bytes == 4 * MIB  # just the damaged piece, fetched again
@@ -711,25 +700,9 @@ def rss_file_kb() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
 
 
-def test_cache_reads_leave_no_mapped_pages_behind(tmp_path: Path) -> None:
-    # Warm reads copy pieces out of LMDB's map; the cache lets go of those pages as it goes.
-    cache = PieceCache(tmp_path / "cache", 1 << 30, release_mapped_every=1 << 40)
-    digest = "sha256:" + "a" * 64
-    for index in range(16):
-        cache.put(digest, index, os.urandom(4 * MIB), 64 * MIB, vouched=True)
-    before = rss_file_kb()
-    for index in range(16):
-        assert cache.get(digest, index) is not None
-    assert rss_file_kb() - before > 48 * 1024
-    cache.release_mapped_pages()
-    assert rss_file_kb() - before < 8 * 1024
-    assert cache.get(digest, 5) is not None  # still readable
-    cache.close()
-
-
-def test_the_cache_lets_go_of_mapped_pages_by_itself(tmp_path: Path) -> None:
-    # Every 32 MiB read or stored, in whichever thread: the warm reads of a mount, and the pieces
-    # its peer server hands out, alike.
+def test_pieces_through_the_cache_leave_no_mapped_pages(tmp_path: Path) -> None:
+    # Pieces move by pread and pwrite, not through a map: when they lived in LMDB's map, every
+    # piece read or stored stayed in the process's RSS until let go.
     cache = PieceCache(tmp_path / "cache", 1 << 30)
     digest = "sha256:" + "b" * 64
     before = rss_file_kb()

@@ -1,16 +1,17 @@
-"""The node's piece cache: one LMDB environment shared by every modelfs process on the node.
+"""The node's piece cache: an LMDB index and a file of piece bytes, shared by every modelfs
+process on the node.
 
-Layout (named sub-databases):
-- ``pieces``: ``<digest>/<index>`` -> the piece's bytes.
-- ``checksums``: ``<digest>/<index>`` -> the piece's xxh3-64 (8 bytes, little endian) and whether
-  something vouched for its bytes (1 byte; see below); apart from the bytes, so that storing a
-  piece hands LMDB the fetched buffer as it is, with no copy.
+The bytes are in ``pieces.data`` (``modelfs.cache.piece_file``: fixed slots, direct I/O); LMDB
+holds what says which bytes are which, in named sub-databases:
+- ``pieces``: ``<digest>/<index>`` -> the piece's slot, length, xxh3-64 and whether something
+  vouched for its bytes (see below).
+- ``free``:   slot (8 bytes, big endian) -> empty: slots to reuse, lowest first.
 - ``stamps``: ``<digest>/<index>`` -> the piece's last-use stamp (8 bytes, big endian).
 - ``lru``:    stamp + ``<digest>/<index>`` -> empty; iterated in order, oldest first, to evict.
 - ``blobs``:  ``<digest>`` -> size, pieces present, verified flag.
 - ``leases``: ``<digest>/<pid>`` -> empty: blobs a live process is reading are evicted last.
-- ``meta``:   small records (the stamp clock, total bytes, manifests, configs, tar indexes), each
-  stored with its xxh3-64, so a flipped bit is a cache miss, never a wrong record.
+- ``meta``:   small records (the stamp clock, total bytes, slots made, manifests, configs, tar
+  indexes), each stored with its xxh3-64, so a flipped bit is a cache miss, never a wrong record.
 
 A piece is *vouched* once something other than its own checksum proved its bytes: the piece index
 (a sha256 per piece, from the registry side) or its whole blob hashing to the blob's digest. The
@@ -18,18 +19,17 @@ checksum only proves the bytes are the ones stored. ``get`` serves vouched piece
 stored before its blob was checked (a write-behind, a crash, another process with other flags)
 is invisible to every reader on the node until it is vouched for.
 
-LMDB serialises writers across processes, so the size accounting in ``meta`` is exact and the
-limit holds for the whole node. Reads touch pieces in memory; the new stamps are written with the
-next write transaction rather than making every read a write.
+The checksum is checked on every read, on the copy that is served: a write lost in a power cut, a
+slot another process reused meanwhile, or disk rot all read as a miss, and the piece is fetched
+again. LMDB serialises writers across processes, so the size accounting in ``meta`` is exact and
+the limit holds for the whole node. The new stamps of pieces read are written with the next write
+transaction rather than making every read a write.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import logging
-import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -40,78 +40,44 @@ from typing import TypeVar, overload
 import lmdb
 import xxhash
 
+from modelfs.cache.piece_file import PieceFile
 from modelfs.errors import CacheError
 from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
 
 log = logging.getLogger(__name__)
 
-
-class _PyBuffer(ctypes.Structure):
-    """CPython's ``Py_buffer`` (stable ABI): where an object's bytes are."""
-
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_PyBUF_WRITABLE = 0x1
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    # Looked up once: the mapped pages are let go every few MiB read or stored.
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def copy_releasing_gil(into: memoryview | bytearray, source: memoryview | bytes) -> None:
-    """``into[:] = source`` without holding the GIL while the bytes move.
-
-    Copying a piece out of LMDB's map faults its pages in from disk once the page cache let them
-    go; under the GIL (as a slice assignment copies) the event loop, and every FUSE reply, would
-    wait on that disk read. ``ctypes.memmove`` lets the GIL go for the call. Both buffers are held
-    (exported) for the copy, so neither can be resized or released under it.
-    """
-    target, origin = _PyBuffer(), _PyBuffer()
-    _get_buffer(into, ctypes.byref(target), _PyBUF_WRITABLE)
-    try:
-        _get_buffer(source, ctypes.byref(origin), 0)
-        try:
-            if origin.len != target.len:
-                raise ValueError(f"copy of {origin.len} bytes into {target.len}")
-            ctypes.memmove(target.buf, origin.buf, origin.len)
-        finally:
-            _release_buffer(ctypes.byref(origin))
-    finally:
-        _release_buffer(ctypes.byref(target))
-
-
+PIECES_FILE = "pieces.data"
 _BLOB = struct.Struct(">QIB")  # size, pieces present, verified
 _U64 = struct.Struct(">Q")
-_CHECKSUM = struct.Struct("<Q")
-# Checksum records: the xxh3-64, then the vouched flag (records of 8 bytes predate the flag).
-_CHECKSUM_RECORD = struct.Struct("<QB")
-_VOUCHED = 1
-_FORMAT = b"modelfs-cache-2"
+_CHECKSUM_SIZE = 8  # what a piece's checksum adds to its cost against the limit
+_RECORD_CHECKSUM = struct.Struct("<Q")  # a meta record's xxh3-64, before its value
+_FORMAT = b"modelfs-cache-3"
+# Formats before 3 kept pieces inside LMDB: such a cache is made again, empty.
+_OLDER_FORMATS = (b"modelfs-cache-1", b"modelfs-cache-2")
 _TOUCH_FLUSH = 256  # pending stamp updates that force a write
-# Reading pieces maps the map's pages into this process, and so does storing them (LMDB reads its
-# B-tree through the map, and each fault maps the neighbouring pages just written); every page
-# touched stays mapped. They are let go after this many bytes passed through, so the RSS stays
-# flat instead of growing with what was read and stored.
-RELEASE_MAPPED_EVERY = 8 << 20
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Where a stored piece is and how to know it: its ``pieces`` record."""
+
+    slot: int
+    length: int
+    checksum: int  # xxh3-64 of its bytes
+    vouched: bool
+
+    _FORMAT = struct.Struct("<QIQB")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.slot, self.length, self.checksum, self.vouched)
+
+    @classmethod
+    def unpack(cls, record: bytes | memoryview | None) -> _Piece | None:
+        """The record's piece; None for none or a damaged record (read as a miss)."""
+        if record is None or len(record) != cls._FORMAT.size:
+            return None
+        slot, length, checksum, vouched = cls._FORMAT.unpack(record)
+        return cls(slot, length, checksum, vouched == 1)
 
 
 @dataclass(frozen=True)
@@ -168,25 +134,9 @@ def _split_piece_key(key: bytes) -> tuple[str, int]:
     return digest, int(index)
 
 
-def _stored_size(data: bytes | bytearray | memoryview) -> int:
-    """What a piece counts against the limit: its bytes and its checksum."""
-    return len(data) + _CHECKSUM.size
-
-
-def _checksum_record(checksum: int, vouched: bool) -> bytes:
-    return _CHECKSUM_RECORD.pack(checksum, _VOUCHED if vouched else 0)
-
-
-def _read_checksum_record(record: bytes | memoryview | None) -> tuple[int | None, bool]:
-    """(checksum, vouched) of a stored record; (None, False) for none or a damaged one."""
-    if record is None:
-        return None, False
-    if len(record) == _CHECKSUM.size:
-        return _CHECKSUM.unpack(record)[0], False
-    if len(record) == _CHECKSUM_RECORD.size:
-        checksum, flag = _CHECKSUM_RECORD.unpack(record)
-        return checksum, flag == _VOUCHED
-    return None, False
+def _stored_size(length: int) -> int:
+    """What a piece of ``length`` bytes counts against the limit: its bytes and its checksum."""
+    return length + _CHECKSUM_SIZE
 
 
 def _pid_alive(pid: int) -> bool:
@@ -207,54 +157,51 @@ def _make_private(*paths: Path) -> None:
             path.chmod(0o700 if path.is_dir() else 0o600)
 
 
+def _open_index(path: Path, max_size: int) -> lmdb.Environment:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private(path)
+        environment = lmdb.open(
+            str(path),
+            # A sparse file: room for the records of a full cache (a few hundred bytes a piece,
+            # manifests, piece indexes, tar member lists) with LMDB's free-page slack.
+            map_size=max(max_size // 64, 1 << 30),
+            max_dbs=8,
+            metasync=False,
+            mode=0o600,
+        )
+        _make_private(path / "data.mdb", path / "lock.mdb", path / PIECES_FILE)
+    except (OSError, lmdb.Error) as error:
+        raise CacheError(
+            f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
+        ) from error
+    # A data file cut short (a full disk, a bad copy) is mapped all the same, and the first
+    # page read past its end kills the process with SIGBUS: refuse it while only the meta
+    # pages were read.
+    needed = (environment.info()["last_pgno"] + 1) * environment.stat()["psize"]
+    if (path / "data.mdb").stat().st_size < needed:
+        environment.close()
+        raise CacheError(
+            f"the cache at {path} is truncated (data.mdb is shorter than its {needed} bytes); "
+            "remove it or use another --cache-dir"
+        )
+    return environment
+
+
 class PieceCache:
     """Pieces of blobs, checksummed, bounded in size, least recently used evicted first."""
 
-    def __init__(
-        self,
-        path: Path,
-        max_size: int,
-        piece_size: int = DEFAULT_PIECE_SIZE,
-        release_mapped_every: int = RELEASE_MAPPED_EVERY,
-    ) -> None:
+    def __init__(self, path: Path, max_size: int, piece_size: int = DEFAULT_PIECE_SIZE) -> None:
         self.path = path
         self.max_size = max_size
         self.piece_size = piece_size
-        self._release_mapped_every = release_mapped_every
-        self._through_map = 0  # bytes read or stored since the mapped pages were released
-        self._map_spans: list[tuple[int, int]] | None = None  # found on the first release
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _make_private(path)
-            # The map is a sparse file: room for the limit plus LMDB's free-page slack.
-            self._env = lmdb.open(
-                str(path),
-                map_size=max(2 * max_size, 1 << 30),
-                max_dbs=8,
-                metasync=False,
-                # Pieces are 4 MiB values read whole: let the kernel read ahead in the map.
-                # Without it every 4 KiB page faults alone (warm reads after the page cache
-                # was dropped: 47 MB/s instead of 320 here).
-                readahead=True,
-                mode=0o600,
-            )
-            _make_private(path / "data.mdb", path / "lock.mdb")
-        except (OSError, lmdb.Error) as error:
-            raise CacheError(
-                f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
-            ) from error
-        # A data file cut short (a full disk, a bad copy) is mapped all the same, and the first
-        # page read past its end kills the process with SIGBUS: refuse it while only the meta
-        # pages were read.
-        needed = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
-        if (path / "data.mdb").stat().st_size < needed:
+        self._env = _open_index(path, max_size)
+        if self._older_format():
             self._env.close()
-            raise CacheError(
-                f"the cache at {path} is truncated (data.mdb is shorter than its {needed} bytes); "
-                "remove it or use another --cache-dir"
-            )
+            self._remake()
+            self._env = _open_index(path, max_size)
         self._pieces = self._env.open_db(b"pieces")
-        self._checksums = self._env.open_db(b"checksums")
+        self._free = self._env.open_db(b"free")
         self._stamps = self._env.open_db(b"stamps")
         self._lru = self._env.open_db(b"lru")
         self._blobs = self._env.open_db(b"blobs")
@@ -264,6 +211,27 @@ class PieceCache:
         # Counted for this process's metrics (evictions are counted node-wide, in ``meta``).
         self.corrupt_pieces_found = 0
         self._check_format()
+        try:
+            self._file = PieceFile(path / PIECES_FILE, piece_size)
+        except OSError as error:
+            self._env.close()
+            raise CacheError(
+                f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
+            ) from error
+
+    def _older_format(self) -> bool:
+        """Whether the cache was made by a modelfs that kept pieces in LMDB."""
+        meta = self._env.open_db(b"meta")
+        with self._env.begin(db=meta) as txn:
+            stored = txn.get(b"format")
+        return stored is not None and bytes(stored).split(b"/")[0] in _OLDER_FORMATS
+
+    def _remake(self) -> None:
+        """Start the cache afresh: its pieces are fetched again. A process of the older modelfs
+        that still has it open goes on with the files it opened, apart from the new ones."""
+        log.warning("cache: %s was made by an older modelfs; made afresh, empty", self.path)
+        for name in ("data.mdb", "lock.mdb", PIECES_FILE):
+            (self.path / name).unlink(missing_ok=True)
 
     def _check_format(self) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
@@ -280,6 +248,7 @@ class PieceCache:
     def close(self) -> None:
         self.flush()
         self._env.close()
+        self._file.close()
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -309,39 +278,41 @@ class PieceCache:
         """The piece's bytes if vouched for (with ``unvouched``, also if not: to hash them), or
         None when absent, not vouched for, or when its checksum fails (it is dropped).
 
-        They are copied out of the map into ``into`` when it is the piece's length, else into new
-        bytes; the checksum is checked on the copy, the bytes that are served.
+        They are read into ``into`` when it is the piece's length, else into new bytes; the
+        checksum is checked on what was read, the bytes that are served.
         """
         key = _piece_key(digest, index)
-        with self._env.begin(db=self._pieces, buffers=True) as txn:
-            value = txn.get(key)
-            record = txn.get(key, db=self._checksums)
-            expected, vouched = _read_checksum_record(record)
-            if record is not None and len(record) == _CHECKSUM.size:
-                # Stored before pieces kept a flag: vouched for if its blob was verified whole.
-                vouched = self._blob_verified(txn, digest)
-            if value is None or not (vouched or unvouched):
-                return None
-            data: bytes | memoryview | bytearray
-            if into is not None and len(into) == len(value):
-                copy_releasing_gil(into, value)
-                data = into
-            else:
-                data = bytes(value)
-        self._passed_through_map(len(data))
-        if xxhash.xxh3_64_intdigest(data) != expected:
-            log.error(
-                "cache: piece %d of %s failed its checksum; dropped, fetching it again",
-                index,
-                digest,
-            )
-            self.drop_piece(digest, index)
-            self.corrupt_pieces_found += 1
+        with self._env.begin(db=self._pieces) as txn:
+            piece = _Piece.unpack(txn.get(key))
+        if piece is None or not (piece.vouched or unvouched):
+            return None
+        data: bytes | memoryview | bytearray
+        if into is not None and len(into) == piece.length:
+            complete = self._file.read_into(piece.slot, into) == piece.length
+            data = into
+        else:
+            data = self._file.read(piece.slot, piece.length)
+            complete = len(data) == piece.length
+        if not complete or xxhash.xxh3_64_intdigest(data) != piece.checksum:
+            self._drop_damaged(key, piece)
             return None
         self._touched[key] = None
         if len(self._touched) >= _TOUCH_FLUSH:
             self.flush()
         return data
+
+    def _drop_damaged(self, key: bytes, piece: _Piece) -> None:
+        """Drop a piece whose bytes failed its checksum, unless it was dropped or stored anew
+        since it was looked up: then another process reused its slot meanwhile (a miss)."""
+        with self._env.begin(write=True) as txn:
+            if _Piece.unpack(txn.get(key, db=self._pieces)) != piece:
+                return
+            self._delete_piece(txn, key)
+        digest, index = _split_piece_key(key)
+        log.error(
+            "cache: piece %d of %s failed its checksum; dropped, fetching it again", index, digest
+        )
+        self.corrupt_pieces_found += 1
 
     def get_checked(
         self, digest: str, index: int, expected_sha256: str, into: memoryview | bytearray | None
@@ -359,15 +330,11 @@ class PieceCache:
 
     def vouch(self, digest: str, index: int) -> None:
         """Mark a stored piece vouched for (the piece index checked its bytes)."""
-        key = _piece_key(digest, index)
-        with self._env.begin(write=True, db=self._checksums) as txn:
-            self._set_vouched(txn, key)
+        with self._env.begin(write=True, db=self._pieces) as txn:
+            self._set_vouched(txn, _piece_key(digest, index))
 
     def has(self, digest: str, index: int) -> bool:
-        # Asks the stamps (every piece has one) so the piece's own pages are not touched: the
-        # first page of a 4 MiB value is a disk read once the page cache let it go, and this is
-        # called on the event loop.
-        with self._env.begin(db=self._stamps, buffers=True) as txn:
+        with self._env.begin(db=self._stamps) as txn:
             return txn.get(_piece_key(digest, index)) is not None
 
     def put(
@@ -392,22 +359,20 @@ class PieceCache:
         refuses is not stored (a piece of a blob dropped since it was fetched).
         """
         try:
-            with self._env.begin(write=True, buffers=True) as txn:
+            with self._env.begin(write=True) as txn:
                 self._write_touches(txn)
-                results = [self._put(txn, w) if keep(w) else _NOT_STORED for w in writes]
-        except lmdb.Error as error:
+                return [self._put(txn, w) if keep(w) else _NOT_STORED for w in writes]
+        except (lmdb.Error, OSError) as error:
             raise CacheError(f"cannot write to the cache at {self.path}: {error}") from error
-        self._passed_through_map(sum(len(write.data) for write in writes))
-        return results
 
     def drop_piece(self, digest: str, index: int) -> None:
-        with self._env.begin(write=True, buffers=True) as txn:
+        with self._env.begin(write=True) as txn:
             self._delete_piece(txn, _piece_key(digest, index))
 
     def drop_blob(self, digest: str) -> None:
         """Remove every piece of a blob (after it failed its digest check)."""
         prefix = f"{digest}/".encode()
-        with self._env.begin(write=True, buffers=True) as txn:
+        with self._env.begin(write=True) as txn:
             cursor = txn.cursor(db=self._pieces)
             keys: list[bytes] = []
             if cursor.set_range(prefix):
@@ -420,7 +385,7 @@ class PieceCache:
             txn.delete(digest.encode(), db=self._blobs)
 
     def missing(self, digest: str, blob_size: int) -> list[int]:
-        with self._env.begin(db=self._stamps, buffers=True) as txn:  # as in ``has``
+        with self._env.begin(db=self._stamps) as txn:
             return [
                 index
                 for index in range(piece_count(blob_size, self.piece_size))
@@ -442,7 +407,7 @@ class PieceCache:
 
     def mark_verified(self, digest: str, blob_size: int) -> None:
         """The blob hashed whole to its digest: it, and every piece of it, is vouched for."""
-        with self._env.begin(write=True, buffers=True) as txn:
+        with self._env.begin(write=True) as txn:
             size, present, _ = self._blob_state(txn, digest, blob_size)
             if present == piece_count(blob_size, self.piece_size):
                 txn.put(digest.encode(), _BLOB.pack(size, present, 1), db=self._blobs)
@@ -489,9 +454,9 @@ class PieceCache:
         if stored is None:
             return None
         record = bytes(stored)
-        value = record[_CHECKSUM.size :]
-        if len(record) < _CHECKSUM.size or (
-            _CHECKSUM.unpack_from(record)[0] != xxhash.xxh3_64_intdigest(value)
+        value = record[_RECORD_CHECKSUM.size :]
+        if len(record) < _RECORD_CHECKSUM.size or (
+            _RECORD_CHECKSUM.unpack_from(record)[0] != xxhash.xxh3_64_intdigest(value)
         ):
             log.error("cache: the record %s failed its checksum; dropped, made again", key)
             self.delete_meta(key)
@@ -500,34 +465,8 @@ class PieceCache:
 
     def put_meta(self, key: str, value: bytes) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
-            checksum = _CHECKSUM.pack(xxhash.xxh3_64_intdigest(value))
+            checksum = _RECORD_CHECKSUM.pack(xxhash.xxh3_64_intdigest(value))
             txn.put(f"record/{key}".encode(), checksum + value)
-
-    def release_mapped_pages(self) -> None:
-        """Unmap the pages of the cache this process touched; they stay in the page cache.
-
-        Done by the cache itself every ``release_mapped_every`` bytes read or stored.
-        """
-        if self._map_spans is None:
-            # The map is made once, when the environment opens: find it once.
-            data_file = os.fsencode(self.path.resolve() / "data.mdb")
-            with open("/proc/self/maps", "rb") as maps:
-                self._map_spans = [
-                    (int(start, 16), int(end, 16))
-                    for line in maps
-                    if line.rstrip().endswith(data_file)
-                    for start, end in [line.split(maxsplit=1)[0].split(b"-")]
-                ]
-        madvise = _libc().madvise
-        for start, end in self._map_spans:
-            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
-
-    def _passed_through_map(self, size: int) -> None:
-        # Called from the threads reading and writing; a count lost to a race only delays it.
-        self._through_map += size
-        if self._through_map >= self._release_mapped_every:
-            self._through_map = 0
-            self.release_mapped_pages()
 
     def stats(self) -> CacheStats:
         with self._env.begin() as txn:
@@ -571,7 +510,7 @@ class PieceCache:
     def evict_to(self, size: int) -> int:
         """Evict least recently used pieces (blobs in use last) until at most ``size`` bytes
         are held; the bytes freed."""
-        with self._env.begin(write=True, buffers=True) as txn:
+        with self._env.begin(write=True) as txn:
             self._write_touches(txn)
             total = self._total(txn)
             if total <= size:
@@ -580,36 +519,42 @@ class PieceCache:
 
     def drop_corrupt_pieces(self) -> list[tuple[str, int]]:
         """Check every piece against its checksum; drop and return the ones that fail."""
-        bad: list[bytes] = []
-        with self._env.begin(db=self._pieces, buffers=True) as txn:
-            for key, value in txn.cursor():
-                checksum, _ = _read_checksum_record(txn.get(key, db=self._checksums))
-                if checksum is None or xxhash.xxh3_64_intdigest(value) != checksum:
-                    bad.append(bytes(key))
-        if bad:
-            with self._env.begin(write=True, buffers=True) as txn:
-                for bad_key in bad:
-                    self._delete_piece(txn, bad_key)
-        return [_split_piece_key(bad_key) for bad_key in bad]
+        with self._env.begin(db=self._pieces) as txn:
+            stored = [(bytes(key), _Piece.unpack(value)) for key, value in txn.cursor()]
+        bad: list[tuple[str, int]] = []
+        for key, piece in stored:
+            data = None if piece is None else self._file.read(piece.slot, piece.length)
+            if (
+                piece is None
+                or data is None
+                or len(data) != piece.length
+                or (xxhash.xxh3_64_intdigest(data) != piece.checksum)
+            ):
+                with self._env.begin(write=True) as txn:
+                    if _Piece.unpack(txn.get(key, db=self._pieces)) == piece:
+                        self._delete_piece(txn, key)
+                        bad.append(_split_piece_key(key))
+        return bad
 
     def stored_pieces(self, digest: str, blob_size: int) -> Iterator[bytes | None]:
         """The blob's pieces in order as stored, unchecked and without counting as a use."""
         for index in range(piece_count(blob_size, self.piece_size)):
-            with self._env.begin(db=self._pieces, buffers=True) as txn:
-                value = txn.get(_piece_key(digest, index))
-                yield None if value is None else bytes(value)
+            with self._env.begin(db=self._pieces) as txn:
+                piece = _Piece.unpack(txn.get(_piece_key(digest, index)))
+            yield None if piece is None else self._file.read(piece.slot, piece.length)
 
     def flush(self) -> None:
         """Write the stamps of pieces read since the last write."""
         if self._touched:
-            with self._env.begin(write=True, buffers=True) as txn:
+            with self._env.begin(write=True) as txn:
                 self._write_touches(txn)
 
     # -- inside a write transaction ------------------------------------------------------
 
     def _put(self, txn: lmdb.Transaction, write: PieceWrite) -> PutResult:
         key = _piece_key(write.digest, write.index)
-        cost = _stored_size(write.data)
+        length = len(write.data)
+        cost = _stored_size(length)
         if cost > self.max_size:
             return _NOT_STORED
         if txn.get(key, db=self._pieces) is not None:
@@ -621,9 +566,12 @@ class PieceCache:
             total -= self._evict(txn, total + cost - self.max_size, protect=write.digest)
             if total + cost > self.max_size:
                 return _NOT_STORED
-        txn.put(key, write.data, db=self._pieces)
+        slot = self._take_slot(txn)
+        # Written before the record that points at it is committed: a reader never finds a
+        # record for bytes not yet written (a crash in between leaves a free slot).
+        self._file.write(slot, write.data)
         checksum = xxhash.xxh3_64_intdigest(write.data)
-        txn.put(key, _checksum_record(checksum, write.vouched), db=self._checksums)
+        txn.put(key, _Piece(slot, length, checksum, write.vouched).pack(), db=self._pieces)
         self._stamp(txn, key)
         txn.put(b"total", _U64.pack(total + cost), db=self._meta)
         size, present, verified = self._blob_state(txn, write.digest, write.blob_size)
@@ -632,14 +580,26 @@ class PieceCache:
         complete = present == piece_count(write.blob_size, self.piece_size)
         return PutResult(stored=True, blob_complete=complete and not verified)
 
+    def _take_slot(self, txn: lmdb.Transaction) -> int:
+        """A free slot, the lowest first, else a new one at the end of the file."""
+        cursor = txn.cursor(db=self._free)
+        if cursor.first():
+            slot = int(_U64.unpack(cursor.key())[0])
+            cursor.delete()
+            return slot
+        slot = self._counter(txn, b"slots")
+        txn.put(b"slots", _U64.pack(slot + 1), db=self._meta)
+        return slot
+
     def _blob_verified(self, txn: lmdb.Transaction, digest: str) -> bool:
         value = txn.get(digest.encode(), db=self._blobs)
         return value is not None and _BLOB.unpack(value)[2] == 1
 
     def _set_vouched(self, txn: lmdb.Transaction, key: bytes) -> None:
-        checksum, vouched = _read_checksum_record(txn.get(key, db=self._checksums))
-        if checksum is not None and not vouched:
-            txn.put(key, _checksum_record(checksum, True), db=self._checksums)
+        piece = _Piece.unpack(txn.get(key, db=self._pieces))
+        if piece is not None and not piece.vouched:
+            vouched = _Piece(piece.slot, piece.length, piece.checksum, vouched=True)
+            txn.put(key, vouched.pack(), db=self._pieces)
 
     def _total(self, txn: lmdb.Transaction) -> int:
         return self._counter(txn, b"total")
@@ -673,17 +633,21 @@ class PieceCache:
                 self._stamp(txn, key)
 
     def _delete_piece(self, txn: lmdb.Transaction, key: bytes) -> int:
-        value = txn.get(key, db=self._pieces)
-        if value is None:
+        record = txn.get(key, db=self._pieces)
+        if record is None:
             return 0
-        freed = _stored_size(value)
         txn.delete(key, db=self._pieces)
-        txn.delete(key, db=self._checksums)
+        piece = _Piece.unpack(record)
+        freed = 0
+        if piece is not None:  # a damaged record's slot is lost, not reused for other bytes
+            freed = _stored_size(piece.length)
+            txn.put(_U64.pack(piece.slot), b"", db=self._free)
+            self._file.free(piece.slot)
         stamp = txn.get(key, db=self._stamps)
         if stamp is not None:
             txn.delete(bytes(stamp) + key, db=self._lru)
             txn.delete(key, db=self._stamps)
-        txn.put(b"total", _U64.pack(self._total(txn) - freed), db=self._meta)
+        txn.put(b"total", _U64.pack(max(self._total(txn) - freed, 0)), db=self._meta)
         digest, _ = _split_piece_key(key)
         blob = txn.get(digest.encode(), db=self._blobs)
         if blob is not None:
@@ -723,8 +687,8 @@ class PieceCache:
                 if _split_piece_key(key)[0] in spared:
                     continue
                 victims.append(key)
-                value = txn.get(key, db=self._pieces)
-                freed += 0 if value is None else _stored_size(value)
+                piece = _Piece.unpack(txn.get(key, db=self._pieces))
+                freed += 0 if piece is None else _stored_size(piece.length)
                 if freed >= need:
                     break
             for key in victims:
