@@ -16,7 +16,9 @@ names serves range GETs on connections of its own (``modelfs.sources.redirects``
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -238,11 +240,19 @@ class _Body:
         view[:received] = self._early[:received]
         self._early = self._early[received:]
         stream = self._stream
+        plain = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # A plain socket wakes its reader only once a MiB waits (or the stream ends): a piece
+        # comes in a few receives, not one per burst of segments, each a trip through the loop.
+        low_water = 1
         try:
             with trio.move_on_after(timeout):
                 while received < len(view):
-                    if isinstance(stream, trio.SocketStream):
-                        count = await stream.socket.recv_into(view[received:])
+                    if plain is not None:
+                        wanted = _RECEIVE_SIZE if len(view) - received > _RECEIVE_SIZE else 1
+                        if wanted != low_water:
+                            plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+                            low_water = wanted
+                        count = await plain.recv_into(view[received:])
                     else:
                         chunk = await stream.receive_some(min(len(view) - received, _RECEIVE_SIZE))
                         count = len(chunk)
@@ -252,6 +262,10 @@ class _Body:
                     received += count
         except (OSError, trio.BrokenResourceError, ssl.SSLError):
             pass  # as good as an early end: the caller resumes from what came
+        finally:
+            if plain is not None and low_water != 1:
+                with contextlib.suppress(OSError):  # the next answer's head wakes it at once
+                    plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         if received < len(view):
             self._broken = True
         return received
