@@ -28,6 +28,9 @@ class Sample:
     slow_reads: int | None = None
     # Piece buffers the mount's pool mapped (``modelfs_piece_buffers``): its memory bound in use.
     piece_buffers: int | None = None
+    # Of ``mount_cpu``, the main thread's: trio's event loop, FUSE requests and replies, HTTP. The
+    # rest ran in worker threads (hashing, the cache's reads and writes), free of the GIL.
+    loop_cpu: float | None = None
 
 
 Results = dict[str, list[Sample]]
@@ -321,13 +324,15 @@ def render_cpu(
     ):
         samples = results.get(key, [])
         cpu = median(samples, lambda sample: sample.mount_cpu)
+        loop = median(samples, lambda sample: sample.loop_cpu)
         took = median(samples, lambda sample: sample.seconds)
         if cpu is None or not took:
             continue
+        threads = "" if loop is None else f"; {loop:.1f} s of it on the event-loop thread"
         lines.append(
             f"- mount process, {what}: {_format(cpu_per_gb(results, key), '.2f')} CPU-s/GB "
             f"(user + system from /proc, from its start: {cpu:.1f} s over a {took:.2f} s read, "
-            f"{cpu / took:.2f} cores busy)"
+            f"{cpu / took:.2f} cores busy{threads})"
         )
     for key, (held, sample) in gil.items():
         cpu = sample.mount_cpu or 0.0

@@ -96,9 +96,11 @@ def cold_start() -> None:
     subprocess.run(["curl", "--version"], check=True, capture_output=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User plus system CPU time of process ``pid`` so far (/proc/PID/stat), or of one of its
+    threads."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -274,6 +276,10 @@ class Mount:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
+
+    def loop_cpu_seconds(self) -> float:
+        """The main thread's CPU time: trio's event loop, where the GIL-bound work runs."""
+        return cpu_seconds(self.pid, thread=self.pid)
 
     def counters(self) -> tuple[int, int, int]:
         """From the mount's own counters so far: its reads, those over 10 ms, and the piece
@@ -553,12 +559,18 @@ class Bench:
         ):
             attach(mount.pid)
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
-            rss, mount_cpu = mount.peak_rss(), mount.cpu_seconds()
+            rss, mount_cpu, loop_cpu = (
+                mount.peak_rss(),
+                mount.cpu_seconds(),
+                mount.loop_cpu_seconds(),
+            )
             counted = mount.counters()
         fetched = meter.blob_bytes_since(mark)
         registry_cpu = meter.cpu_since(mark)
         parts = {"mount": mount.listed_after}
-        sample = Sample(elapsed, count, fetched, rss, parts, mount_cpu, registry_cpu, *counted)
+        sample = Sample(
+            elapsed, count, fetched, rss, parts, mount_cpu, registry_cpu, *counted, loop_cpu
+        )
         self.record(key, sample)
         if count != pushed.size:
             raise BenchError(f"{key}: read {count} bytes of a {pushed.size}-byte model")
