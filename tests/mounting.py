@@ -46,10 +46,14 @@ def mount_pid(mountpoint: Path) -> int:
 
 
 @contextmanager
-def mounted(reference: str, mountpoint: Path, cache_dir: Path, *extra: str) -> Iterator[Path]:
-    """``modelfs mount`` in the background; unmounted on exit, whatever happened."""
+def mounted(
+    reference: str, mountpoint: Path, cache_dir: Path, *extra: str, verbose: int = 0
+) -> Iterator[Path]:
+    """``modelfs mount`` in the background; unmounted on exit, whatever happened. ``verbose``:
+    how many ``-v`` (the mount's log is under ``cache_dir``'s ``logs/``)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     result = modelfs(
+        *["-v"] * verbose,
         "mount",
         reference,
         str(mountpoint),

@@ -663,6 +663,7 @@ class Proxy:
         self._patch = b""
         self._patches_left = 0
         self._patch_digest: str | None = None
+        self._held: dict[str, threading.Event] = {}
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
         main = self._serve(_Handler)
@@ -693,6 +694,7 @@ class Proxy:
             self._cuts_left = 0
             self._patches_left = 0
             self.blob_budget = None
+        self._release_held()
 
     def connected(self) -> None:
         with self._lock:
@@ -715,6 +717,12 @@ class Proxy:
             self._patch_at, self._patch, self._patches_left = at, data, times
             self._patch_digest = digest
 
+    def hold_blob(self, digest: str) -> threading.Event:
+        """GETs of blob ``digest`` wait, before any byte of the answer, until the event returned
+        is set: a registry slow to start sending one blob, at a moment the test chooses."""
+        with self._lock:
+            return self._held.setdefault(digest, threading.Event())
+
     def expire_redirects(self) -> None:
         """Every redirect given so far expires: its target answers 403, as a presigned URL
         past its expiry does (S3's "Request has expired")."""
@@ -722,8 +730,15 @@ class Proxy:
             self._expired.update(self._tickets)
             self._tickets.clear()
 
+    def _release_held(self) -> None:
+        with self._lock:
+            for event in self._held.values():
+                event.set()
+            self._held.clear()
+
     def close(self) -> None:
         self._closing.set()
+        self._release_held()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -781,6 +796,10 @@ class Proxy:
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return
+        with self._lock:
+            held = self._held.get(path.rsplit("/", 1)[-1]) if is_blob else None
+        if held is not None:
+            held.wait(timeout=60)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
         is_manifest = handler.command == "GET" and bool(_MANIFEST_PATH.match(path))
         self._forward(
