@@ -13,6 +13,8 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -316,3 +318,52 @@ def test_a_mount_by_tag_asks_for_its_manifest_once(
         by_tag = [r for r in proxy.requests if r.path.endswith("/manifests/v1")]
         assert len(by_tag) == 1, by_tag
         assert read_all(tmp_path / "mnt" / "w.bin") == DATA
+
+
+def test_a_blob_checked_while_its_last_pieces_wait_for_the_cache_is_served(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    """A blob without a piece index checked whole (by prefetch) while its last pieces still wait
+    to be stored, with a piece stored unvouched before (a process died before checking it): a
+    read of that piece gets its bytes. It got EIO ("could not be checked whole"): the check is
+    marked in the cache only once every piece is stored, so the stored piece looked unchecked,
+    and the recheck looked at the cache alone, not at the pieces on their way to it.
+
+    Another process holding the cache's write lock keeps the pieces waiting for as long as the
+    test needs (a busy node's writer is just slower); the proxy holds the blob back until then.
+    """
+    reference = f"{proxy.host}/{push(registry, piece_index=False)}"
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    cache = PieceCache(cache_dir, 1 << 30)
+    cache.put(LAYER_DIGEST, 0, DATA[: cache.piece_size], len(DATA))
+    cache.close()
+    released = proxy.hold_blob(LAYER_DIGEST)
+    with mounted(reference, mnt, cache_dir, "--prefetch", "all", verbose=2):
+        log = next((cache_dir / "logs").iterdir())
+        env = lmdb.open(str(cache_dir), max_dbs=8, map_size=1 << 34)
+        writing = env.begin(write=True)
+        try:
+            released.set()  # prefetch fetches pieces 1 and 2; the mount cannot store them
+            deadline = time.monotonic() + 30
+            while f"blob {LAYER_DIGEST} matches its digest" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            got: list[bytes | OSError] = []
+
+            def read_first_bytes() -> None:
+                try:
+                    with (mnt / "w.bin").open("rb", buffering=0) as file:
+                        got.append(file.read(4096))
+                except OSError as error:
+                    got.append(error)
+
+            reader = threading.Thread(target=read_first_bytes)
+            reader.start()
+            # Refused, it fails at once; served, it may wait for the cache's write lock.
+            reader.join(timeout=2)
+        finally:
+            writing.abort()
+            env.close()
+        reader.join(timeout=30)
+        assert got == [DATA[:4096]]
+        assert read_all(mnt / "w.bin") == DATA

@@ -577,13 +577,24 @@ class PieceFetcher:
         return self._hashes.feed(blob, index, data)
 
     async def _verify_once(self, blob: BlobRef) -> None:
-        """A blob found complete but unchecked (a process died before checking it) is checked."""
+        """A blob whose pieces are all at hand but unchecked is checked: one a process died
+        before checking, or one whose check is under way or was undone (``_from_cache``) while
+        its last pieces wait for the writer; a hash under way is waited for, not begun again."""
         if blob.digest in self._verified:
             return
         if self.cache.is_verified(blob.digest):
             self._verified.add(blob.digest)
-        elif self.cache.is_complete(blob.digest, blob.size):
+        elif self._at_hand(blob):
             await self._advance_hash(blob, self._hashes.start(blob.digest))
+
+    def _at_hand(self, blob: BlobRef) -> bool:
+        """Whether every piece of the blob is in the cache or queued for it. The cache marks a
+        blob checked only once it holds every piece, so until the queued ones are stored its
+        stored pieces look unchecked: a read of one then must not find the blob unfit."""
+        if self.cache.is_complete(blob.digest, blob.size):
+            return True
+        queued = self._writer.queued_indexes(blob.digest)
+        return bool(queued) and set(self.cache.missing(blob.digest, blob.size)) <= queued
 
     async def _advance_hash(self, blob: BlobRef, state: BlobHash, wait: bool = True) -> None:
         """Hash the blob as far as its pieces are at hand (``BlobHashes.advance``); once whole,
@@ -594,6 +605,7 @@ class PieceFetcher:
         if f"sha256:{actual}" != blob.digest:
             raise self._reject(blob, actual)
         self._verified.add(blob.digest)  # first: no task starts hashing it again meanwhile
+        log.debug("blob %s matches its digest", blob.digest)
         await self._mark_verified(blob.digest, blob.size)
         if self._unvouched is not None:
             self._unvouched.blob_checked(blob.digest, True)

@@ -63,6 +63,10 @@ class CacheWriter:
         """The piece if it is on its way to the cache (found there as if cached)."""
         return self._queued.get(key)
 
+    def queued_indexes(self, digest: str) -> set[int]:
+        """The pieces of a blob on their way to the cache (a few: fetches wait for room)."""
+        return {index for queued, index in self._queued if queued == digest}
+
     def drop_blob(self, digest: str) -> None:
         """Forget the queued pieces of a blob that failed its check (the writer skips them)."""
         for key in [key for key in self._queued if key[0] == digest]:
