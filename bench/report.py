@@ -50,7 +50,7 @@ ROWS = [
     Row("first_tensor", "(c) modelfs cold: first tensor (config, index, safe_open, the tensor)"),
     Row("cold_read", "(c) modelfs cold: full sequential read, 1 MiB reads"),
     Row("cold_read_small", "(c) modelfs cold: full sequential read, small model"),
-    Row("warm_read", "(d) modelfs warm: full read from LMDB, page cache dropped"),
+    Row("warm_read", "(d) modelfs warm: full read from the cache, page cache dropped"),
     Row("memfs_read", "(e) trivial pyfuse3 memory FS: full read (FUSE ceiling)"),
     Row("disk_read", "(e) local disk, page cache dropped: full read"),
     Row("cache_fill", "(e) page-cache fill: the model's size written to a new file, no fsync"),
@@ -201,9 +201,9 @@ def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
             + (
                 ""
                 if fill is None
-                else f"; it fills two page caches (LMDB's file, the FUSE file), and one fill "
-                f"of the model's size took {fill:.2f} s here, {_format(fill_share, '.0%')} of "
-                "the read's time each"
+                else f"; it fills the FUSE file's page cache (the cache's own writes bypass it), "
+                f"and a fill of the model's size took {fill:.2f} s here, "
+                f"{_format(fill_share, '.0%')} of the read's time"
             ),
         ),
         _at_least(
@@ -220,8 +220,8 @@ def evaluate(results: Results, model_bytes: int) -> list[Verdict]:
             "warm read >= 0.8 x trivial FUSE (e)",
             vs_memfs,
             0.8,
-            f"{_format(vs_memfs, '.2f')} x; a cold local disk read, where LMDB's pages come "
-            f"from once dropped, is {_format(disk_vs_memfs, '.2f')} x",
+            f"{_format(vs_memfs, '.2f')} x; a cold local disk read, where the cache's pieces "
+            f"come from once dropped, is {_format(disk_vs_memfs, '.2f')} x",
         ),
         _at_most(
             "registry bytes of a cold full read <= 1.02 x model size",

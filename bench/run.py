@@ -478,7 +478,8 @@ class Bench:
     def cache_fill(self) -> None:
         """Write the model's size into a new file, page cache only (no fsync): what one of the
         page-cache fills of a cold read costs on this machine at this hour (a cold read fills
-        two, LMDB's file and the FUSE file; download-then-load one)."""
+        one, the FUSE file's: the cache writes its pieces with direct I/O; download-then-load
+        one)."""
         target = self.work / "fill"
         chunk = os.urandom(16 << 20)
         cold_start()
