@@ -10,7 +10,7 @@ import lmdb
 import pytest
 from cache_damage import damage_piece, piece_location
 
-from modelfs.cache import PieceCache
+from modelfs.cache import PieceCache, piece_checksum
 from modelfs.cache.store import PIECES_FILE
 from modelfs.errors import CacheError
 
@@ -32,7 +32,8 @@ def test_put_get_and_blob_completion(tmp_path: Path) -> None:
     assert cache.put(A, 1, b"y" * PIECE, size).blob_complete is True
     assert cache.get(A, 1, unvouched=True) == b"y" * PIECE
     assert cache.stats().pieces == 3
-    cache.mark_verified(A, size)
+    checksums = [piece_checksum(piece) for piece in (b"x" * PIECE, b"y" * PIECE, b"z" * 10)]
+    assert cache.mark_verified(A, size, checksums)
     assert cache.is_verified(A)
     cache.close()
 
@@ -244,7 +245,7 @@ def test_a_piece_nothing_vouched_for_is_served_to_no_reader(tmp_path: Path) -> N
     assert cache.has(A, 0)
     assert cache.get(A, 0) is None  # stored before its blob was checked: readers do not see it
     assert cache.get(A, 0, unvouched=True) == b"a" * PIECE  # the hash reads it back
-    cache.mark_verified(A, size)
+    assert cache.mark_verified(A, size, [piece_checksum(b"a" * PIECE), piece_checksum(b"b" * 5)])
     assert cache.get(A, 0) == b"a" * PIECE
     assert cache.get(A, 1) == b"b" * 5
     # An eviction of one piece un-verifies the blob but leaves its other pieces vouched for.
@@ -312,4 +313,25 @@ def test_a_piece_read_lands_in_the_buffer_given(tmp_path: Path) -> None:
     into = memoryview(bytearray(PIECE + 10))[:PIECE]
     got = cache.get("sha256:a", 0, into, unvouched=True)
     assert got is into and bytes(into) == data
+    cache.close()
+
+
+def test_a_blob_is_vouched_for_only_over_the_very_pieces_that_were_hashed(tmp_path: Path) -> None:
+    """A process hashed a blob whole; meanwhile another evicted a piece and stored other bytes
+    for it. Marking the blob checked must not vouch for bytes nobody checked."""
+    cache = make(tmp_path)
+    size = 2 * PIECE
+    hashed = [b"a" * PIECE, b"b" * PIECE]
+    for index, piece in enumerate(hashed):
+        cache.put(A, index, piece, size)
+    cache.drop_piece(A, 1)
+    cache.put(A, 1, b"X" * PIECE, size)  # stored since, unchecked
+    assert not cache.mark_verified(A, size, [piece_checksum(piece) for piece in hashed])
+    assert not cache.is_verified(A)
+    assert cache.get(A, 0) is None and cache.get(A, 1) is None  # neither is served
+    assert not cache.mark_verified(A, size, [piece_checksum(hashed[0])])  # not every piece
+    cache.drop_piece(A, 1)
+    cache.put(A, 1, hashed[1], size)  # the hashed bytes again: now it may be vouched for
+    assert cache.mark_verified(A, size, [piece_checksum(piece) for piece in hashed])
+    assert cache.get(A, 1) == hashed[1]
     cache.close()

@@ -23,7 +23,7 @@ from registry_tools import Proxy, Registry, free_port, free_ports
 from test_peer import make_ca, make_node_cert
 from test_scheduler import Redis, redis_fixture  # noqa: F401  (the fixture)
 
-from modelfs.cache.store import PieceCache
+from modelfs.cache.store import PieceCache, piece_checksum
 from modelfs.peer.server import PeerServer
 from modelfs.scheduler.client import SchedulerClient
 from modelfs.scheduler.ranking import Decision, NodeInfo
@@ -104,7 +104,8 @@ def lying_peer(scheduler: str, cache_dir: Path, data: bytes, digest: str) -> Ite
     cache = PieceCache(cache_dir, 256 * MIB)
     for index in range(0, len(data), piece_size):
         cache.put(digest, index // piece_size, data[index : index + piece_size], len(data))
-    cache.mark_verified(digest, len(data))
+    checksums = [piece_checksum(data[i : i + piece_size]) for i in range(0, len(data), piece_size)]
+    cache.mark_verified(digest, len(data), checksums)
     address = f"127.0.0.1:{free_port()}"
     stop = threading.Event()
     ready = threading.Event()

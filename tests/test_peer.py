@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from modelfs.cache.store import PieceCache
+from modelfs.cache.store import PieceCache, piece_checksum
 from modelfs.errors import AuthError, ModelfsError
 from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.options import ClusterSettings
@@ -139,7 +139,7 @@ def test_server_never_vouches_for_unverified_bytes(cache: PieceCache) -> None:
     # A blob verified whole needs no index.
     cache.drop_piece(DIGEST, 2)
     cache.put(DIGEST, 2, PIECES[2], len(BLOB))
-    cache.mark_verified(DIGEST, len(BLOB))
+    cache.mark_verified(DIGEST, len(BLOB), [piece_checksum(piece) for piece in PIECES])
     assert PeerServer(cache, SECRET, lambda digest, index: None).piece(DIGEST, 2) == PIECES[2]
 
 

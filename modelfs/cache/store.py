@@ -134,6 +134,11 @@ def _split_piece_key(key: bytes) -> tuple[str, int]:
     return digest, int(index)
 
 
+def piece_checksum(data: bytes | bytearray | memoryview) -> int:
+    """The checksum the cache keeps of a piece's bytes (xxh3-64)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
 def _stored_size(length: int) -> int:
     """What a piece of ``length`` bytes counts against the limit: its bytes and its checksum."""
     return length + _CHECKSUM_SIZE
@@ -293,7 +298,7 @@ class PieceCache:
         else:
             data = self._file.read(piece.slot, piece.length)
             complete = len(data) == piece.length
-        if not complete or xxhash.xxh3_64_intdigest(data) != piece.checksum:
+        if not complete or piece_checksum(data) != piece.checksum:
             self._drop_damaged(key, piece)
             return None
         self._touched[key] = None
@@ -405,14 +410,25 @@ class PieceCache:
             blob_size, self.piece_size
         )
 
-    def mark_verified(self, digest: str, blob_size: int) -> None:
-        """The blob hashed whole to its digest: it, and every piece of it, is vouched for."""
+    def mark_verified(self, digest: str, blob_size: int, checksums: Sequence[int]) -> bool:
+        """The blob hashed whole to its digest, over pieces of these ``piece_checksum``s: it,
+        and every piece of it, is vouched for, if the cache holds those very pieces. False when
+        a piece is missing or other bytes (another process evicted and stored it again since it
+        was hashed): nothing is vouched for, the blob is checked again when next read."""
+        count = piece_count(blob_size, self.piece_size)
+        keys = [_piece_key(digest, index) for index in range(count)]
         with self._env.begin(write=True) as txn:
+            stored = [_Piece.unpack(txn.get(key, db=self._pieces)) for key in keys]
+            if len(checksums) != count or any(
+                piece is None or piece.checksum != checksum
+                for piece, checksum in zip(stored, checksums, strict=True)
+            ):
+                return False
             size, present, _ = self._blob_state(txn, digest, blob_size)
-            if present == piece_count(blob_size, self.piece_size):
-                txn.put(digest.encode(), _BLOB.pack(size, present, 1), db=self._blobs)
-                for index in range(present):
-                    self._set_vouched(txn, _piece_key(digest, index))
+            txn.put(digest.encode(), _BLOB.pack(size, present, 1), db=self._blobs)
+            for key in keys:
+                self._set_vouched(txn, key)
+        return True
 
     # -- leases: blobs in use by a live process are evicted last ---------------------------
 
@@ -570,7 +586,7 @@ class PieceCache:
         # Written before the record that points at it is committed: a reader never finds a
         # record for bytes not yet written (a crash in between leaves a free slot).
         self._file.write(slot, write.data)
-        checksum = xxhash.xxh3_64_intdigest(write.data)
+        checksum = piece_checksum(write.data)
         txn.put(key, _Piece(slot, length, checksum, write.vouched).pack(), db=self._pieces)
         self._stamp(txn, key)
         txn.put(b"total", _U64.pack(total + cost), db=self._meta)

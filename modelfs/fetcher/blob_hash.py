@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from modelfs.artifact.tree import BlobRef
+from modelfs.cache import piece_checksum
 from modelfs.errors import IntegrityError
 from modelfs.pieces import piece_count
 from modelfs.sources.interface import BlobBytes
@@ -33,9 +34,16 @@ class BlobHash:
     """A blob's sha256 over its pieces ``0 .. next_index - 1``, fed in order."""
 
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    # Each piece's ``piece_checksum`` as hashed: the cache vouches for exactly those bytes.
+    checksums: list[int] = field(default_factory=list)
     next_index: int = 0
     ahead: dict[int, BlobBytes] = field(default_factory=dict)  # arrived, not hashed yet
     lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+def _hash_piece(state: BlobHash, data: BlobBytes) -> None:
+    state.hasher.update(data)
+    state.checksums.append(piece_checksum(data))
 
 
 class BlobHashes:
@@ -87,7 +95,7 @@ class BlobHashes:
                     if state.next_index in state.ahead:
                         continue  # it arrived while it was read back
                     return None  # not here yet (or evicted): hashed when it arrives
-                await trio.to_thread.run_sync(state.hasher.update, data)
+                await trio.to_thread.run_sync(_hash_piece, state, data)
                 state.next_index += 1
             if self._states.get(blob.digest) is not state:
                 return None  # finished, or restarted, by a task that held the lock before

@@ -151,6 +151,9 @@ class PieceFetcher:
         self._in_flight: dict[tuple[str, int], _InFlight] = {}
         self._hashes = BlobHashes(cache.piece_size, self._read_back)
         self._verified: set[str] = set()
+        # Of those, the ones this process hashed whole: each piece's checksum as hashed, for the
+        # cache to vouch for exactly those bytes once it holds them all.
+        self._hashed: dict[str, list[int]] = {}
         # Blobs that failed their digest check, each with the lock of its recheck.
         self._suspect: dict[str, trio.Lock] = {}
         self._writer = CacheWriter(cache, self.stats, self._still_good, self._stored_whole)
@@ -427,7 +430,7 @@ class PieceFetcher:
                 # Stored before its blob was checked (by any process): the blob is checked
                 # (again) before ``piece`` serves it; it is not fetched again.
                 data = await self._cache_get(blob, index, unvouched=True)
-                self._verified.discard(blob.digest)
+                self._unverify(blob.digest)
         if data is None:
             return None  # evicted meanwhile, unvouched, or a corrupt entry: fetched instead
         self.stats.timed(CACHE, time.monotonic() - started)
@@ -573,7 +576,7 @@ class PieceFetcher:
         if blob.digest in self._verified:
             if self.cache.is_verified(blob.digest):
                 return None  # another process fetched it too; the cache's copy was checked
-            self._verified.discard(blob.digest)  # a piece was evicted and is back: check again
+            self._unverify(blob.digest)  # a piece was evicted and is back: check again
         return self._hashes.feed(blob, index, data)
 
     async def _verify_once(self, blob: BlobRef) -> None:
@@ -605,6 +608,7 @@ class PieceFetcher:
         if f"sha256:{actual}" != blob.digest:
             raise self._reject(blob, actual)
         self._verified.add(blob.digest)  # first: no task starts hashing it again meanwhile
+        self._hashed[blob.digest] = state.checksums
         log.debug("blob %s matches its digest", blob.digest)
         await self._mark_verified(blob.digest, blob.size)
         if self._unvouched is not None:
@@ -618,8 +622,18 @@ class PieceFetcher:
         return await self._cache_get(blob, index, unvouched=True)
 
     async def _mark_verified(self, digest: str, size: int) -> None:
+        """Have the cache vouch for the blob's pieces this process hashed, once it holds them
+        all (until then, the writer's last store of the blob asks again)."""
+        checksums = self._hashed.get(digest)
+        if checksums is None:
+            return  # the cache vouched for it already (another process checked it)
         # A write transaction, synced to disk: not on the event loop, where every read waits.
-        await trio.to_thread.run_sync(self.cache.mark_verified, digest, size)
+        await trio.to_thread.run_sync(self.cache.mark_verified, digest, size, checksums)
+
+    def _unverify(self, digest: str) -> None:
+        """The blob is to be checked again before its pieces are served."""
+        self._verified.discard(digest)
+        self._hashed.pop(digest, None)
 
     def _reject(self, blob: BlobRef, actual: str) -> IntegrityError:
         """Drop a blob that hashed wrong; its pieces are served again only once it checks out."""

@@ -48,7 +48,7 @@ from modelfs.artifact.tree import (
     raw_layer_file,
     tar_layer_entries,
 )
-from modelfs.cache import PieceCache
+from modelfs.cache import PieceCache, piece_checksum
 from modelfs.errors import CacheError, IntegrityError, ManifestError
 from modelfs.fetcher.manifests import resolve_config, resolve_manifest
 from modelfs.fetcher.piece_fetcher import PieceFetcher
@@ -333,9 +333,12 @@ async def _decompress_into_cache(
 
 def _store_pieces(cache: PieceCache, digest: str, spool: IO[bytes], size: int) -> None:
     # The stream came from a blob whose digest was just checked, so its pieces are known good.
+    checksums = []
     for index in range(piece_count(size, cache.piece_size)):
-        cache.put(digest, index, spool.read(cache.piece_size), size)
-    cache.mark_verified(digest, size)
+        data = spool.read(cache.piece_size)
+        cache.put(digest, index, data, size)
+        checksums.append(piece_checksum(data))
+    cache.mark_verified(digest, size, checksums)
 
 
 async def _members(

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 
 from modelfs.artifact.tree import BlobRef, plan_layers
-from modelfs.cache import PieceCache
+from modelfs.cache import PieceCache, piece_checksum
 from modelfs.cache.store import BlobState
 from modelfs.errors import CacheError, ModelfsError
 from modelfs.fetcher.index import INDEX_RECORD, NO_INDEX, BlobPieces, parse_index
@@ -125,13 +125,15 @@ def _indexed_blobs(cache: PieceCache) -> dict[str, BlobPieces]:
     return blobs
 
 
-def _blob_matches(cache: PieceCache, state: BlobState) -> bool:
-    hasher = hashlib.sha256()
+def _blob_matches(cache: PieceCache, state: BlobState) -> list[int] | None:
+    """The checksums of the blob's pieces as stored, if they hash to its digest; else None."""
+    hasher, checksums = hashlib.sha256(), []
     for data in cache.stored_pieces(state.digest, state.size):
         if data is None:
-            return False
+            return None
         hasher.update(data)
-    return f"sha256:{hasher.hexdigest()}" == state.digest
+        checksums.append(piece_checksum(data))
+    return checksums if f"sha256:{hasher.hexdigest()}" == state.digest else None
 
 
 def _check_pieces(cache: PieceCache, state: BlobState, pieces: BlobPieces) -> list[int]:
@@ -163,8 +165,9 @@ def verify(cache: PieceCache) -> VerifyReport:
             continue
         checked += 1
         if state.present == piece_count(state.size, cache.piece_size):
-            if _blob_matches(cache, state):
-                cache.mark_verified(state.digest, state.size)
+            checksums = _blob_matches(cache, state)
+            if checksums is not None:
+                cache.mark_verified(state.digest, state.size, checksums)
                 continue
             corrupt_blobs.append(state.digest)
             cache.drop_blob(state.digest)
