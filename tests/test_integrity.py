@@ -367,3 +367,5 @@ def test_a_blob_checked_while_its_last_pieces_wait_for_the_cache_is_served(
         reader.join(timeout=30)
         assert got == [DATA[:4096]]
         assert read_all(mnt / "w.bin") == DATA
+    # The stored piece is the one the check hashed: served as it is, the blob not hashed again.
+    assert log.read_text().count(f"blob {LAYER_DIGEST} matches its digest") == 1

@@ -44,7 +44,7 @@ from functools import partial
 import trio
 
 from modelfs.artifact.tree import BlobRef
-from modelfs.cache import PieceCache
+from modelfs.cache import PieceCache, piece_checksum
 from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError
 from modelfs.fetcher.blob_hash import BlobHash, BlobHashes
 from modelfs.fetcher.index import IndexCheckedPieces, PieceIndexLookup, sha256_hex
@@ -428,9 +428,11 @@ class PieceFetcher:
             data = await self._cache_get(blob, index)
             if data is None and self.cache.has(blob.digest, index):
                 # Stored before its blob was checked (by any process): the blob is checked
-                # (again) before ``piece`` serves it; it is not fetched again.
+                # (again) before ``piece`` serves it, unless these are the very bytes this
+                # process hashed it over (its mark waits for the writer); not fetched again.
                 data = await self._cache_get(blob, index, unvouched=True)
-                self._unverify(blob.digest)
+                if data is None or not self._hashed_over(blob.digest, index, data):
+                    self._unverify(blob.digest)
         if data is None:
             return None  # evicted meanwhile, unvouched, or a corrupt entry: fetched instead
         self.stats.timed(CACHE, time.monotonic() - started)
@@ -629,6 +631,11 @@ class PieceFetcher:
             return  # the cache vouched for it already (another process checked it)
         # A write transaction, synced to disk: not on the event loop, where every read waits.
         await trio.to_thread.run_sync(self.cache.mark_verified, digest, size, checksums)
+
+    def _hashed_over(self, digest: str, index: int, data: BlobBytes) -> bool:
+        """Whether ``data`` is the piece this process hashed its blob over, whole and right."""
+        checksums = self._hashed.get(digest)
+        return checksums is not None and checksums[index] == piece_checksum(data)
 
     def _unverify(self, digest: str) -> None:
         """The blob is to be checked again before its pieces are served."""
