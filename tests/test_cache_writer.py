@@ -264,7 +264,8 @@ def test_prefetched_pieces_do_not_wait_for_a_busy_hash(
 
     async def body(fetcher: PieceFetcher) -> None:
         state = fetcher._hashes.start(
-            blob.digest, BlobHash(hasher=GatedHash(gate))  # type: ignore[arg-type]
+            blob.digest,
+            BlobHash(hasher=GatedHash(gate)),  # type: ignore[arg-type]
         )
         try:
             async with fetcher.writing(), trio.open_nursery() as nursery:

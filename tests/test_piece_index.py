@@ -121,9 +121,7 @@ def test_referrers_tag_index_keeps_other_referrers() -> None:
 
 def test_index_command_publishes_a_findable_referrer(registry: Registry) -> None:
     layers = [Layer(RAW, BIG), Layer(RAW, SMALL)]
-    manifest_digest = push_artifact(
-        registry.host, "index/model", "v1", layers, piece_index=False
-    )
+    manifest_digest = push_artifact(registry.host, "index/model", "v1", layers, piece_index=False)
     reference = f"{registry.host}/index/model:v1"
 
     first = run("index", reference, "--plain-http")
@@ -169,9 +167,7 @@ def test_unindexed_model_has_no_index(registry: Registry) -> None:
 
 
 def test_altered_blob_is_never_indexed(proxy: Proxy) -> None:
-    push_artifact(
-        proxy.upstream.host, "index/tampered", "v1", [Layer(RAW, BIG)], piece_index=False
-    )
+    push_artifact(proxy.upstream.host, "index/tampered", "v1", [Layer(RAW, BIG)], piece_index=False)
     proxy.tamper = True
 
     async def index(repo: RegistryRepository) -> PieceIndex:

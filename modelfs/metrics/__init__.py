@@ -61,7 +61,7 @@ def _mount_families(
     )
     from_mirrors = CounterMetricFamily(
         "modelfs_mirror_fetched_bytes",
-        "Bytes the mount loaded from each registry mirror (its host), of source=\"mirror\".",
+        'Bytes the mount loaded from each registry mirror (its host), of source="mirror".',
         labels=[*labels, "mirror"],
     )
     duration = HistogramMetricFamily(

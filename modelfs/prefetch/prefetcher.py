@@ -274,7 +274,6 @@ class FileReader:
         fetcher.stats.read_seconds.observe(time.monotonic() - started)
         return data
 
-
     def _check_given(self) -> None:
         """With --serve-unverified: fail once the blob failed its check after this handle's
         first read began, since bytes it was given may be among those that failed."""
