@@ -291,14 +291,8 @@ class PieceCache:
             piece = _Piece.unpack(txn.get(key))
         if piece is None or not (piece.vouched or unvouched):
             return None
-        data: bytes | memoryview | bytearray
-        if into is not None and len(into) == piece.length:
-            complete = self._file.read_into(piece.slot, into) == piece.length
-            data = into
-        else:
-            data = self._file.read(piece.slot, piece.length)
-            complete = len(data) == piece.length
-        if not complete or piece_checksum(data) != piece.checksum:
+        data = self._read(piece, into)
+        if data is None:
             self._drop_damaged(key, piece)
             return None
         self._touched[key] = None
@@ -306,18 +300,34 @@ class PieceCache:
             self.flush()
         return data
 
-    def _drop_damaged(self, key: bytes, piece: _Piece) -> None:
-        """Drop a piece whose bytes failed its checksum, unless it was dropped or stored anew
-        since it was looked up: then another process reused its slot meanwhile (a miss)."""
+    def _read(
+        self, piece: _Piece, into: memoryview | bytearray | None
+    ) -> bytes | memoryview | bytearray | None:
+        """The piece's bytes, into ``into`` when it is the piece's length, else new bytes; None
+        when the file does not hold them all or they fail the checksum."""
+        data: bytes | memoryview | bytearray
+        if into is not None and len(into) == piece.length:
+            complete = self._file.read_into(piece.slot, into) == piece.length
+            data = into
+        else:
+            data = self._file.read(piece.slot, piece.length)
+            complete = len(data) == piece.length
+        return data if complete and piece_checksum(data) == piece.checksum else None
+
+    def _drop_damaged(self, key: bytes, piece: _Piece | None) -> bool:
+        """Drop a piece whose bytes failed its checksum (or whose record is damaged: ``None``),
+        unless it was dropped or stored anew since it was looked up: then another process
+        reused its slot meanwhile (a miss). Whether it was dropped."""
         with self._env.begin(write=True) as txn:
             if _Piece.unpack(txn.get(key, db=self._pieces)) != piece:
-                return
+                return False
             self._delete_piece(txn, key)
         digest, index = _split_piece_key(key)
         log.error(
             "cache: piece %d of %s failed its checksum; dropped, fetching it again", index, digest
         )
         self.corrupt_pieces_found += 1
+        return True
 
     def get_checked(
         self, digest: str, index: int, expected_sha256: str, into: memoryview | bytearray | None
@@ -537,20 +547,11 @@ class PieceCache:
         """Check every piece against its checksum; drop and return the ones that fail."""
         with self._env.begin(db=self._pieces) as txn:
             stored = [(bytes(key), _Piece.unpack(value)) for key, value in txn.cursor()]
-        bad: list[tuple[str, int]] = []
-        for key, piece in stored:
-            data = None if piece is None else self._file.read(piece.slot, piece.length)
-            if (
-                piece is None
-                or data is None
-                or len(data) != piece.length
-                or (xxhash.xxh3_64_intdigest(data) != piece.checksum)
-            ):
-                with self._env.begin(write=True) as txn:
-                    if _Piece.unpack(txn.get(key, db=self._pieces)) == piece:
-                        self._delete_piece(txn, key)
-                        bad.append(_split_piece_key(key))
-        return bad
+        return [
+            _split_piece_key(key)
+            for key, piece in stored
+            if (piece is None or self._read(piece, None) is None) and self._drop_damaged(key, piece)
+        ]
 
     def stored_pieces(self, digest: str, blob_size: int) -> Iterator[bytes | None]:
         """The blob's pieces in order as stored, unchecked and without counting as a use."""
