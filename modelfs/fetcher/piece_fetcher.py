@@ -635,6 +635,7 @@ class PieceFetcher:
     def _hashed_over(self, digest: str, index: int, data: BlobBytes) -> bool:
         """Whether ``data`` is the piece this process hashed its blob over, whole and right."""
         checksums = self._hashed.get(digest)
+        # Of the bytes read, not the cache's record: the record may have changed since the read.
         return checksums is not None and checksums[index] == piece_checksum(data)
 
     def _unverify(self, digest: str) -> None:
