@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import lmdb
 import pytest
 from cache_damage import damage_piece, piece_location
@@ -259,11 +260,14 @@ def test_a_piece_is_vouched_for_by_the_piece_index_once(tmp_path: Path) -> None:
     cache = make(tmp_path)
     cache.put(A, 0, b"good", 4)
     cache.put(B, 0, b"evil", 4)
-    good = hashlib.sha256(b"good").hexdigest()
+    good = f"blake3:{blake3.blake3(b'good').hexdigest()}"
     assert cache.get_checked(B, 0, good, None) is None  # bytes that do not match stay unserved
     assert cache.get(B, 0) is None
     assert cache.get_checked(A, 0, good, None) == b"good"
     assert cache.get(A, 0) == b"good"  # marked: the next reader does not hash it again
+    cache.put(A, 1, b"old", 3)  # a piece of a model indexed before v2: sha256
+    assert cache.get_checked(A, 1, "sha256:" + hashlib.sha256(b"evil").hexdigest(), None) is None
+    assert cache.get_checked(A, 1, "sha256:" + hashlib.sha256(b"old").hexdigest(), None) == b"old"
     assert cache.put(B, 1, b"x", 2, vouched=True).stored
     assert cache.get(B, 1) == b"x"
     cache.close()

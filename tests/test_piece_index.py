@@ -2,33 +2,39 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
+import blake3
 import pytest
 import trio
 from click.testing import CliRunner, Result
+from mounting import mounted
 from registry_tools import Layer, Proxy, Registry, push_artifact
 
 from modelfs.cli import cli
 from modelfs.errors import IntegrityError, ManifestError
 from modelfs.fetcher.index import (
     PIECE_INDEX_ARTIFACT_TYPE,
+    BlobPieces,
     PieceHasher,
     PieceIndex,
     compute_index,
     encode_index,
     find_index,
     parse_index,
+    publish_index,
 )
 from modelfs.modelpack import OCI_INDEX, OCI_MANIFEST
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.sources.interface import FetchedManifest
-from modelfs.sources.referrers import Descriptor, referrers_tag, with_referrer
+from modelfs.sources.referrers import Descriptor, publish_referrer, referrers_tag, with_referrer
 from modelfs.sources.registry import RegistryClient, RegistryRepository
 
 RAW = "application/vnd.cncf.model.weight.v1.raw"
@@ -36,10 +42,12 @@ PIECE = DEFAULT_PIECE_SIZE
 T = TypeVar("T")
 BIG = os.urandom(2 * PIECE + 12345)
 SMALL = b"tokenizer"
+V1_INDEX_TYPE = "application/vnd.modelfs.piece-index.v1+json"  # what modelfs published before v2
 
 
 def piece_hashes(data: bytes, size: int = PIECE) -> tuple[str, ...]:
-    return tuple(hashlib.sha256(data[i : i + size]).hexdigest() for i in range(0, len(data), size))
+    pieces = (data[i : i + size] for i in range(0, len(data), size))
+    return tuple(f"blake3:{blake3.blake3(piece).hexdigest()}" for piece in pieces)
 
 
 def digest_of(data: bytes) -> str:
@@ -82,7 +90,7 @@ def test_index_json_round_trip_and_checks() -> None:
     hasher.update(blob)
     good = PieceIndex(manifest.digest, 10, {digest_of(blob): hasher.finish()})
     assert parse_index(encode_index(good), manifest) == good
-    assert good.expected(digest_of(blob), 2) == hashlib.sha256(b"x" * 5).hexdigest()
+    assert good.expected(digest_of(blob), 2) == f"blake3:{blake3.blake3(b'x' * 5).hexdigest()}"
     assert good.expected(digest_of(blob), 3) is None
 
     other = _manifest([(digest_of(b"other"), 5)])
@@ -93,6 +101,39 @@ def test_index_json_round_trip_and_checks() -> None:
         parse_index(encode_index(short), manifest)
     with pytest.raises(ManifestError, match="malformed"):
         parse_index(b"{}", manifest)
+    unknown = PieceIndex(manifest.digest, 10, {digest_of(blob): BlobPieces(25, ("md5:00",) * 3)})
+    with pytest.raises(ManifestError, match="does not match layer"):
+        parse_index(encode_index(unknown), manifest)
+
+
+def _v1_index(manifest: FetchedManifest, blobs: dict[str, bytes], piece_size: int) -> bytes:
+    """A piece index as modelfs wrote it before v2: bare sha256 hex."""
+    return json.dumps(
+        {
+            "schemaVersion": 1,
+            "manifest": manifest.digest,
+            "pieceSize": piece_size,
+            "blobs": {
+                digest: {
+                    "size": len(data),
+                    "pieces": [
+                        hashlib.sha256(data[i : i + piece_size]).hexdigest()
+                        for i in range(0, len(data), piece_size)
+                    ],
+                }
+                for digest, data in blobs.items()
+            },
+        }
+    ).encode()
+
+
+def test_an_index_published_before_v2_is_read_as_sha256() -> None:
+    blob = b"y" * 25
+    manifest = _manifest([(digest_of(blob), len(blob))])
+    index = parse_index(_v1_index(manifest, {digest_of(blob): blob}, 10), manifest)
+    assert index.expected(digest_of(blob), 2) == "sha256:" + hashlib.sha256(b"y" * 5).hexdigest()
+    # What the cache keeps of it is read back the same.
+    assert parse_index(encode_index(index), manifest) == index
     with pytest.raises(ManifestError, match="not a sha256 digest"):
         referrers_tag("latest")
 
@@ -155,6 +196,55 @@ def test_index_command_publishes_a_findable_referrer(registry: Registry) -> None
     assert forced.exit_code == 0, forced.output
     relisted = on_repo(registry.host, "index/model", lookup)
     assert relisted[1] == found
+
+
+def test_an_index_published_before_v2_is_found_and_a_v2_preferred(registry: Registry) -> None:
+    push_artifact(registry.host, "index/both", "v1", [Layer(RAW, BIG)], piece_index=False)
+
+    async def publish_both(repo: RegistryRepository) -> tuple[PieceIndex | None, ...]:
+        manifest = await repo.get_manifest("v1")
+        old = _v1_index(manifest, {digest_of(BIG): BIG}, PIECE)
+        await publish_referrer(repo, manifest, V1_INDEX_TYPE, V1_INDEX_TYPE, old)
+        found_v1 = await find_index(repo, manifest)
+        await publish_index(repo, manifest, await compute_index(repo, manifest))
+        return found_v1, await find_index(repo, manifest)
+
+    found_v1, found_v2 = on_repo(registry.host, "index/both", publish_both)
+    assert found_v1 is not None and found_v2 is not None
+    assert found_v1.blobs[digest_of(BIG)].pieces == tuple(
+        "sha256:" + hashlib.sha256(BIG[i : i + PIECE]).hexdigest()
+        for i in range(0, len(BIG), PIECE)
+    )
+    assert found_v2.blobs[digest_of(BIG)].pieces == piece_hashes(BIG)
+
+
+def test_a_model_indexed_before_v2_is_checked_piece_by_piece(
+    registry: Registry, proxy: Proxy, tmp_path: Path
+) -> None:
+    """A mount checks each piece against a v1 index's sha256: the last piece is served while the
+    first always arrives altered (without an index the blob would be checked whole, and fail)."""
+    data = bytearray(BIG)
+    data[50] = data[2 * PIECE + 50] ^ 0xFF
+    layer = Layer(RAW, bytes(data), {"org.cncf.model.filepath": "w.raw"})
+    push_artifact(registry.host, "index/old", "v1", [layer], piece_index=False)
+
+    async def publish_v1(repo: RegistryRepository) -> None:
+        manifest = await repo.get_manifest("v1")
+        old = _v1_index(manifest, {digest_of(bytes(data)): bytes(data)}, PIECE)
+        await publish_referrer(repo, manifest, V1_INDEX_TYPE, V1_INDEX_TYPE, old)
+
+    on_repo(registry.host, "index/old", publish_v1)
+    mnt = tmp_path / "mnt"
+    with mounted(f"{proxy.host}/index/old:v1", mnt, tmp_path / "cache", "--prefetch", "none"):
+        # Byte 50 of every blob answer: a change in pieces 0 and 1, the very byte in piece 2.
+        proxy.patch_blobs(50, bytes([data[2 * PIECE + 50]]), times=1000)
+        with (mnt / "w.raw").open("rb", buffering=0) as file:
+            file.seek(2 * PIECE)
+            assert file.read() == data[2 * PIECE :]
+            file.seek(0)
+            with pytest.raises(OSError) as raised:
+                file.read(PIECE)
+            assert raised.value.errno == errno.EIO
 
 
 def test_unindexed_model_has_no_index(registry: Registry) -> None:

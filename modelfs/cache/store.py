@@ -14,7 +14,7 @@ holds what says which bytes are which, in named sub-databases:
   indexes), each stored with its xxh3-64, so a flipped bit is a cache miss, never a wrong record.
 
 A piece is *vouched* once something other than its own checksum proved its bytes: the piece index
-(a sha256 per piece, from the registry side) or its whole blob hashing to the blob's digest. The
+(a digest per piece, from the registry side) or its whole blob hashing to the blob's digest. The
 checksum only proves the bytes are the ones stored. ``get`` serves vouched pieces only, so a piece
 stored before its blob was checked (a write-behind, a crash, another process with other flags)
 is invisible to every reader on the node until it is vouched for.
@@ -28,7 +28,6 @@ transaction rather than making every read a write.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
@@ -42,7 +41,7 @@ import xxhash
 
 from modelfs.cache.piece_file import PieceFile
 from modelfs.errors import CacheError
-from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
+from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_matches
 
 log = logging.getLogger(__name__)
 
@@ -330,15 +329,15 @@ class PieceCache:
         return True
 
     def get_checked(
-        self, digest: str, index: int, expected_sha256: str, into: memoryview | bytearray | None
+        self, digest: str, index: int, expected: str, into: memoryview | bytearray | None
     ) -> bytes | memoryview | bytearray | None:
-        """The piece if vouched for, or if its sha256 is ``expected_sha256`` (the piece index's):
+        """The piece if vouched for, or if it has the piece digest ``expected`` (the index's):
         then it is marked vouched, so the next reader does not hash it again."""
         data = self.get(digest, index, into)
         if data is not None or not self.has(digest, index):
             return data
         data = self.get(digest, index, into, unvouched=True)
-        if data is None or hashlib.sha256(data).hexdigest() != expected_sha256:
+        if data is None or not piece_matches(data, expected):
             return None
         self.vouch(digest, index)
         return data

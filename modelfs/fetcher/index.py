@@ -1,4 +1,4 @@
-"""The piece index: the sha256 of every piece of every layer of a model, published as a referrer.
+"""The piece index: the digest of every piece of every layer of a model, published as a referrer.
 
 A peer's bytes are checked against this index, never against anything the peer says: the index
 comes from the registry, bound to the model manifest by its ``subject``, so it is exactly as
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -21,7 +20,14 @@ import trio
 from modelfs.cache import PieceCache
 from modelfs.errors import IntegrityError, ManifestError, ModelfsError
 from modelfs.fetcher.manifests import resolve_manifest
-from modelfs.pieces import DEFAULT_PIECE_SIZE, piece_count
+from modelfs.pieces import (
+    DEFAULT_PIECE_HASH,
+    DEFAULT_PIECE_SIZE,
+    PIECE_DIGEST,
+    PIECE_HASHES,
+    piece_count,
+    piece_matches,
+)
 from modelfs.sources.interface import BlobSource, FetchedManifest
 from modelfs.sources.referrers import find_referrer, manifest_layers, publish_referrer
 from modelfs.sources.registry import RegistryRepository
@@ -29,11 +35,14 @@ from modelfs.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
-PIECE_INDEX_ARTIFACT_TYPE = "application/vnd.modelfs.piece-index.v1+json"
-PIECE_INDEX_MEDIA_TYPE = "application/vnd.modelfs.piece-index.v1+json"
+# Published as v2 (pieces as ``blake3:<hex>``); v1 (bare sha256 hex) is still read. An older
+# modelfs looks for v1 only, so it finds no index in a v2 and checks blobs whole: never a piece
+# against the wrong hash.
+PIECE_INDEX_ARTIFACT_TYPE = "application/vnd.modelfs.piece-index.v2+json"
+PIECE_INDEX_MEDIA_TYPE = "application/vnd.modelfs.piece-index.v2+json"
+_V1_INDEX_TYPE = "application/vnd.modelfs.piece-index.v1+json"
 # 140 GB of 4 MiB pieces is ~35 000 hashes, ~2.5 MB of JSON: room to spare, never unbounded.
 MAX_INDEX_SIZE = 64 * 1024 * 1024
-_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 # How long the first read may wait for the index lookup before the model counts as without one.
 INDEX_TIMEOUT = 15.0
 # The cache's record of a model's index: ``piece-index/<manifest digest>``, the index as
@@ -44,7 +53,7 @@ NO_INDEX = b"none"
 
 @dataclass(frozen=True)
 class BlobPieces:
-    """One blob's size and the hex sha256 of each of its pieces, in order."""
+    """One blob's size and the digest of each of its pieces (``blake3:<hex>``), in order."""
 
     size: int
     pieces: tuple[str, ...]
@@ -57,7 +66,7 @@ class PieceIndex:
     blobs: dict[str, BlobPieces]
 
     def expected(self, digest: str, index: int) -> str | None:
-        """The hex sha256 piece ``index`` of blob ``digest`` must have; None if not indexed."""
+        """The digest piece ``index`` of blob ``digest`` must have; None if not indexed."""
         blob = self.blobs.get(digest)
         if blob is None or not 0 <= index < len(blob.pieces):
             return None
@@ -70,11 +79,13 @@ class PieceIndex:
 class PieceHasher:
     """Hashes a stream, piece by piece, whatever the chunk boundaries."""
 
-    def __init__(self, piece_size: int) -> None:
+    def __init__(self, piece_size: int, algorithm: str = DEFAULT_PIECE_HASH) -> None:
         self.piece_size = piece_size
         self.pieces: list[str] = []
         self.size = 0
-        self._current = hashlib.sha256()
+        self._new = PIECE_HASHES[algorithm]
+        self._prefix = algorithm + ":"
+        self._current = self._new()
         self._filled = 0
 
     def update(self, chunk: bytes) -> None:
@@ -94,14 +105,14 @@ class PieceHasher:
         return BlobPieces(self.size, tuple(self.pieces))
 
     def _close_piece(self) -> None:
-        self.pieces.append(self._current.hexdigest())
-        self._current = hashlib.sha256()
+        self.pieces.append(self._prefix + self._current.hexdigest())
+        self._current = self._new()
         self._filled = 0
 
 
 def encode_index(index: PieceIndex) -> bytes:
     document = {
-        "schemaVersion": 1,
+        "schemaVersion": 2,
         "manifest": index.manifest,
         "pieceSize": index.piece_size,
         "blobs": {
@@ -118,8 +129,12 @@ def parse_index(data: bytes, manifest: FetchedManifest) -> PieceIndex:
     try:
         document = loads_json(data)
         piece_size = int(document["pieceSize"])
+        # Version 1 held bare sha256 hex.
+        prefix = "sha256:" if document.get("schemaVersion") == 1 else ""
         blobs = {
-            str(digest): BlobPieces(int(entry["size"]), tuple(str(p) for p in entry["pieces"]))
+            str(digest): BlobPieces(
+                int(entry["size"]), tuple(prefix + str(p) for p in entry["pieces"])
+            )
             for digest, entry in document["blobs"].items()
         }
         subject = str(document["manifest"])
@@ -137,7 +152,7 @@ def parse_index(data: bytes, manifest: FetchedManifest) -> PieceIndex:
             blob is None
             or blob.size != layer.size
             or len(blob.pieces) != piece_count(layer.size, piece_size)
-            or not all(_HEX.match(piece) for piece in blob.pieces)
+            or not all(PIECE_DIGEST.match(piece) for piece in blob.pieces)
         ):
             raise ManifestError(
                 f"{where} does not match layer {layer.digest}: rebuild it with `modelfs index`"
@@ -148,9 +163,10 @@ def parse_index(data: bytes, manifest: FetchedManifest) -> PieceIndex:
 # --- I/O edges ----------------------------------------------------------------------------
 
 
-async def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """Hash in a worker thread: 4 MiB takes ~10 ms, too long to hold the event loop."""
-    return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+async def matches_index(data: bytes | bytearray | memoryview, expected: str) -> bool:
+    """Whether ``data`` has the piece digest ``expected``, hashed in a worker thread (4 MiB
+    takes 1-3 ms, too long to hold the event loop; both hashes release the GIL)."""
+    return await trio.to_thread.run_sync(piece_matches, data, expected)
 
 
 async def compute_index(
@@ -202,8 +218,7 @@ async def find_index(
     data = await find_referrer(
         repository,
         manifest.digest,
-        PIECE_INDEX_ARTIFACT_TYPE,
-        PIECE_INDEX_MEDIA_TYPE,
+        {PIECE_INDEX_ARTIFACT_TYPE: PIECE_INDEX_MEDIA_TYPE, _V1_INDEX_TYPE: _V1_INDEX_TYPE},
         MAX_INDEX_SIZE,
     )
     return None if data is None else parse_index(data, manifest)

@@ -47,7 +47,7 @@ from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache, piece_checksum
 from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError
 from modelfs.fetcher.blob_hash import BlobHash, BlobHashes
-from modelfs.fetcher.index import IndexCheckedPieces, PieceIndexLookup, sha256_hex
+from modelfs.fetcher.index import IndexCheckedPieces, PieceIndexLookup, matches_index
 from modelfs.fetcher.recent import RecentPieces
 from modelfs.fetcher.slots import ConnectionSlots, Priority, Ticket
 from modelfs.fetcher.writer import CacheWriter, QueuedWrite
@@ -253,7 +253,7 @@ class PieceFetcher:
         return self._serve_unverified or await self._indexed(blob) is not None
 
     async def _indexed(self, blob: BlobRef) -> tuple[str, ...] | None:
-        """The piece index's sha256 of each piece of the blob; None if it has none for it."""
+        """The piece index's digest of each piece of the blob; None if it has none for it."""
         index = None if self._index is None else await self._index.piece_index()
         if index is None or index.piece_size != self.cache.piece_size:
             return None
@@ -423,7 +423,7 @@ class PieceFetcher:
         started = time.monotonic()
         indexed = await self._indexed(blob)
         if indexed is not None:
-            data = await self._cache_get(blob, index, expected_sha256=indexed[index])
+            data = await self._cache_get(blob, index, expected=indexed[index])
         else:
             data = await self._cache_get(blob, index)
             if data is None and self.cache.has(blob.digest, index):
@@ -560,7 +560,7 @@ class PieceFetcher:
             return False
         if self._source_checks_index:
             return True
-        if await sha256_hex(data) != indexed[index]:
+        if not await matches_index(data, indexed[index]):
             log.error(
                 "piece %d of blob %s from %s does not match the piece index; fetching it again",
                 index,
@@ -671,15 +671,15 @@ class PieceFetcher:
         index: int,
         *,
         unvouched: bool = False,
-        expected_sha256: str | None = None,
+        expected: str | None = None,
     ) -> BlobBytes | None:
         """The cached piece as ``PieceCache.get`` gives it, or ``get_checked`` with the piece
-        index's ``expected_sha256``."""
+        index's ``expected`` digest."""
         _, length = piece_span(index, blob.size, self.cache.piece_size)
         buffer = PIECE_BUFFERS.take(length)  # here: buffers are taken on the trio thread only
-        if expected_sha256 is not None:
+        if expected is not None:
             return await trio.to_thread.run_sync(
-                self.cache.get_checked, blob.digest, index, expected_sha256, buffer
+                self.cache.get_checked, blob.digest, index, expected, buffer
             )
         get = partial(self.cache.get, unvouched=unvouched)
         return await trio.to_thread.run_sync(get, blob.digest, index, buffer)

@@ -1,8 +1,8 @@
 """Fetching one piece from a peer, trusting nothing it says.
 
-The bytes are checked against the piece index's sha256 (which came from the registry), so a
+The bytes are checked against the piece index's digests (which came from the registry), so a
 lying peer costs one wasted transfer and a report, never a corrupt byte. Without an index (no
-expected sha256) the caller checks the whole blob instead. Every failure (bad bytes, refusal,
+expected digest) the caller checks the whole blob instead. Every failure (bad bytes, refusal,
 timeout, dead peer, an address httpx refuses) gives None and a report; the caller falls back.
 A busy peer (503: at its connection limit) gives None, and a report only once it has answered
 503 ``BUSY_REPORT`` times in a row: a peer that is always busy is as useless as a dead one.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from modelfs.fetcher.index import sha256_hex
+from modelfs.fetcher.index import matches_index
 from modelfs.pieces import DEFAULT_PIECE_SIZE
 from modelfs.scheduler.ranking import FailureKind
 from modelfs.transport.client import PooledClient
@@ -69,12 +69,12 @@ class PeerClient(PooledClient):
         )
 
     async def fetch_piece(
-        self, peer: str, digest: str, index: int, expected_sha256: str | None
+        self, peer: str, digest: str, index: int, expected: str | None
     ) -> bytes | None:
         """Piece ``index`` of blob ``digest`` from ``peer`` (host:port), or None.
 
-        None is reported, unless the peer was only busy. ``expected_sha256`` None: no piece
-        index; the bytes are unchecked here."""
+        None is reported, unless the peer was only busy. ``expected`` is the piece index's digest
+        of the piece; None: no piece index, the bytes are unchecked here."""
         http = self.http
         path = f"/pieces/{digest}/{index}"
         headers = sign(self._secret, "GET", path, self._clock())
@@ -103,9 +103,7 @@ class PeerClient(PooledClient):
             # InvalidURL and StreamError are no HTTPError; OSError: a socket error httpx let by.
             except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, OSError) as error:
                 reason = f"{type(error).__name__}: {error}".rstrip(": ")
-        if data is not None and (
-            expected_sha256 is None or await sha256_hex(data) == expected_sha256
-        ):
+        if data is not None and (expected is None or await matches_index(data, expected)):
             return data
         if data is not None:
             reason, kind = "sent bytes that do not match the piece index", FailureKind.CORRUPT

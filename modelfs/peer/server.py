@@ -24,7 +24,7 @@ from modelfs.transport.server import DEFAULT_MAX_CONNECTIONS, AuthenticatedServe
 
 PIECE_PATH = re.compile(r"^/pieces/(sha256:[0-9a-f]{64})/([0-9]{1,9})$")
 
-# The hex sha256 the piece index gives for (blob digest, piece index); None if not indexed.
+# The digest the piece index gives for (blob digest, piece index); None if not indexed.
 ExpectedPiece = Callable[[str, int], str | None]
 
 
@@ -65,6 +65,6 @@ class PeerServer(AuthenticatedServer):
         if request.method != "GET" or match is None:
             return Response(404)
         self.last_asked = trio.current_time()
-        # LMDB read and sha256 of 4 MiB: off the event loop.
+        # Cache read and hash of 4 MiB: off the event loop.
         data = await trio.to_thread.run_sync(self.piece, match[1], int(match[2]))
         return Response(200, bytes(data)) if data is not None else Response(404)

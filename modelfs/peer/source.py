@@ -29,7 +29,7 @@ import trio
 
 from modelfs.cache.store import PieceCache
 from modelfs.errors import IntegrityError
-from modelfs.fetcher.index import IndexLookup, PieceIndex, sha256_hex
+from modelfs.fetcher.index import IndexLookup, PieceIndex, matches_index
 from modelfs.peer.client import PeerClient, PeerFailure
 from modelfs.peer.options import ClusterOptions
 from modelfs.peer.server import PeerServer
@@ -241,7 +241,7 @@ class PeerSource:
 
         async def checked(place: int, data: BlobBytes) -> None:
             self.stats.registry_bytes += len(data)
-            if await sha256_hex(data) != expected[place]:
+            if not await matches_index(data, expected[place]):
                 raise self._altered(digest, first + place)
             self._offer(digest, first + place)
             await deliver(base + place, data)
@@ -284,7 +284,7 @@ class PeerSource:
         decision: Decision | None = None,
     ) -> BlobBytes:
         """One whole piece: from a peer the scheduler names, else (none within the wait budget)
-        from the registry. ``expected``: its sha256 from the index; None, unvouched."""
+        from the registry. ``expected``: its digest from the index; None, unvouched."""
         found = await self._from_peers(digest, piece, expected, length, decision)
         if found is None:
             received: list[BlobBytes] = []
@@ -293,7 +293,7 @@ class PeerSource:
                 # Checked as it is handed over: a registry mirror that sent it learns it was
                 # altered, and is passed over for the blob (modelfs.sources.mirrors).
                 self.stats.registry_bytes += len(data)
-                if expected is not None and await sha256_hex(data) != expected:
+                if expected is not None and not await matches_index(data, expected):
                     raise self._altered(digest, piece)
                 received.append(data)
 
@@ -325,7 +325,7 @@ class PeerSource:
     def _indexed_pieces(
         index: PieceIndex | None, digest: str, start: int, lengths: Sequence[int]
     ) -> tuple[int, list[str]]:
-        """(first piece number, expected sha256 of each) when the ranges are whole indexed
+        """(first piece number, expected digest of each) when the ranges are whole indexed
         pieces; (-1, []) otherwise."""
         blob = None if index is None else index.blobs.get(digest)
         if index is None or blob is None or start % index.piece_size or start >= blob.size:

@@ -159,7 +159,7 @@ async def publish_profile(
 async def find_profile(repository: RegistryRepository, manifest: str) -> Profile | None:
     """The newest read profile of manifest ``manifest``, or None when none was published."""
     data = await find_referrer(
-        repository, manifest, PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE, MAX_PROFILE_SIZE
+        repository, manifest, {PROFILE_ARTIFACT_TYPE: PROFILE_MEDIA_TYPE}, MAX_PROFILE_SIZE
     )
     return None if data is None else parse_profile(data, manifest)
 

@@ -16,7 +16,7 @@ from modelfs.cache import PieceCache, piece_checksum
 from modelfs.cache.store import BlobState
 from modelfs.errors import CacheError, ModelfsError
 from modelfs.fetcher.index import INDEX_RECORD, NO_INDEX, BlobPieces, parse_index
-from modelfs.pieces import piece_count
+from modelfs.pieces import piece_count, piece_matches
 from modelfs.service.preheat import plan_missing
 from modelfs.sources.interface import FetchedManifest
 
@@ -143,7 +143,7 @@ def _check_pieces(cache: PieceCache, state: BlobState, pieces: BlobPieces) -> li
     for index, data in enumerate(cache.stored_pieces(state.digest, state.size)):
         if data is None:
             continue
-        if hashlib.sha256(data).hexdigest() == pieces.pieces[index]:
+        if piece_matches(data, pieces.pieces[index]):
             cache.vouch(state.digest, index)
         else:
             cache.drop_piece(state.digest, index)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,14 +159,19 @@ async def list_referrers(repository: RegistryRepository, subject: str) -> list[d
 async def find_referrer(
     repository: RegistryRepository,
     subject: str,
-    artifact_type: str,
-    media_type: str,
+    kinds: Mapping[str, str],
     max_size: int,
 ) -> bytes | None:
-    """The JSON of the newest referrer of ``artifact_type`` of manifest ``subject``, or None."""
-    referrer_digest = pick_referrer(await list_referrers(repository, subject), artifact_type)
-    if referrer_digest is None:
+    """The JSON of the newest referrer of manifest ``subject`` of the first of ``kinds``
+    (artifact type: its layer's media type, the preferred first) it has, or None."""
+    listed = await list_referrers(repository, subject)
+    for artifact_type in kinds:
+        referrer_digest = pick_referrer(listed, artifact_type)
+        if referrer_digest is not None:
+            break
+    else:
         return None
+    media_type = kinds[artifact_type]
     referrer = await repository.get_manifest(referrer_digest)
     layers = manifest_layers(referrer)
     if len(layers) != 1 or layers[0].media_type != media_type:
