@@ -59,6 +59,7 @@ ROWS = [
     Row("curl_redirect", "(a') curl -L through the redirecting registry (307 to nginx)"),
     Row("cold_read_redirect", "(c') modelfs cold: full read through the redirecting registry"),
     Row("cold_load_redirect", "(f') modelfs cold: mount + load through the redirecting registry"),
+    Row("cold_read_redirect_one_core", "(c'1) as (c'), the mount process held to one core"),
     Row("skopeo_read", "(g) skopeo copy docker:// dir: (verified pull), then a full read"),
     Row("skopeo_load", "(g) skopeo copy docker:// dir:, then the safetensors load"),
 ]
@@ -333,6 +334,14 @@ def render_cpu(
             f"- mount process, {what}: {_format(cpu_per_gb(results, key), '.2f')} CPU-s/GB "
             f"(user + system from /proc, from its start: {cpu:.1f} s over a {took:.2f} s read, "
             f"{cpu / took:.2f} cores busy{threads})"
+        )
+    one_core = seconds(results, "cold_read_redirect_one_core")
+    both = seconds(results, "cold_read_redirect")
+    if one_core is not None and both:
+        lines.append(
+            f"- cores: the redirected cold read took {one_core:.2f} s with the mount held to one "
+            f"core and {both:.2f} s with both: {one_core / both:.2f} x from the second core "
+            f"(nginx and the reader share them)"
         )
     for key, (held, sample) in gil.items():
         cpu = sample.mount_cpu or 0.0

@@ -110,6 +110,12 @@ def timed(action: Callable[[], int]) -> tuple[float, int]:
     return time.monotonic() - started, result
 
 
+def pin_to_cores(pid: int, cores: set[int]) -> None:
+    """Every thread of ``pid`` on ``cores`` only (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cores)
+
+
 def run_task(*arguments: str) -> dict[str, float]:
     """One of ``bench.tasks`` in its own process; its JSON result."""
     result = subprocess.run(
@@ -388,6 +394,10 @@ class Bench:
         cache = self.fresh_cache("redirect")
         self.mounted_read("cold_read_redirect", pushed, cache, meter)
         shutil.rmtree(cache)
+        # The same read with the mount held to one core: what a second core gives it.
+        cache = self.fresh_cache("redirect-one-core")
+        self.mounted_read("cold_read_redirect_one_core", pushed, cache, meter, cores={0})
+        shutil.rmtree(cache)
         self.cold_load("cold_load_redirect", pushed, meter)
 
     def skopeo(self, target: Path) -> None:
@@ -548,9 +558,15 @@ class Bench:
                 spy.wait(timeout=60)
 
     def mounted_read(
-        self, key: str, pushed: PushedModel, cache: Path, meter: Meter | None = None
+        self,
+        key: str,
+        pushed: PushedModel,
+        cache: Path,
+        meter: Meter | None = None,
+        cores: set[int] | None = None,
     ) -> Mount:
-        """A full read of ``pushed`` through a fresh mount on ``cache``, after a cold start."""
+        """A full read of ``pushed`` through a fresh mount on ``cache``, after a cold start;
+        ``cores``: the only cores the mount process may run on."""
         meter = meter or self.registry
         cold_start()
         mark = meter.mark()
@@ -559,6 +575,8 @@ class Bench:
             mounted(pushed, self.work / "mnt" / "modelfs", cache) as mount,
         ):
             attach(mount.pid)
+            if cores is not None:
+                pin_to_cores(mount.pid, cores)
             elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
             rss, mount_cpu, loop_cpu = (
                 mount.peak_rss(),
