@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import blake3
 import httpx
 import pytest
 import trio
@@ -31,7 +32,7 @@ SECRET = b"cluster-secret-0123456789abcdef"
 BLOB = os.urandom(3 * PIECE - 100)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 PIECES = [BLOB[i : i + PIECE] for i in range(0, len(BLOB), PIECE)]
-HASHES = [hashlib.sha256(piece).hexdigest() for piece in PIECES]
+HASHES = [f"blake3:{blake3.blake3(piece).hexdigest()}" for piece in PIECES]  # the piece index
 NOW = 1_800_000_000.0
 
 
