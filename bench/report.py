@@ -60,8 +60,6 @@ ROWS = [
     Row("cold_read_redirect", "(c') modelfs cold: full read through the redirecting registry"),
     Row("cold_load_redirect", "(f') modelfs cold: mount + load through the redirecting registry"),
     Row("cold_read_redirect_one_core", "(c'1) as (c'), the mount process held to one core"),
-    Row("cold_read_redirect_memory_cache", "(c'2) as (c'), the mount's cache on tmpfs"),
-    Row("cold_read_redirect_memory_cache_one_core", "(c'3) as (c'2), held to one core"),
     Row("skopeo_read", "(g) skopeo copy docker:// dir: (verified pull), then a full read"),
     Row("skopeo_load", "(g) skopeo copy docker:// dir:, then the safetensors load"),
 ]
@@ -337,15 +335,14 @@ def render_cpu(
             f"(user + system from /proc, from its start: {cpu:.1f} s over a {took:.2f} s read, "
             f"{cpu / took:.2f} cores busy{threads})"
         )
-    for cache, suffix in (("on disk", ""), ("on tmpfs", "_memory_cache")):
-        both = seconds(results, f"cold_read_redirect{suffix}")
-        one_core = seconds(results, f"cold_read_redirect{suffix}_one_core")
-        if one_core is not None and both:
-            lines.append(
-                f"- cores, cache {cache}: the redirected cold read took {one_core:.2f} s with the "
-                f"mount held to one core and {both:.2f} s with both: {one_core / both:.2f} x from "
-                "the second core (nginx and the reader share them)"
-            )
+    one_core = seconds(results, "cold_read_redirect_one_core")
+    both = seconds(results, "cold_read_redirect")
+    if one_core is not None and both:
+        lines.append(
+            f"- cores: the redirected cold read took {one_core:.2f} s with the mount held to one "
+            f"core and {both:.2f} s with both: {one_core / both:.2f} x from the second core "
+            f"(nginx and the reader share them)"
+        )
     for key, (held, sample) in gil.items():
         cpu = sample.mount_cpu or 0.0
         lines.append(
