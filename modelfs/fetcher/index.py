@@ -53,7 +53,8 @@ NO_INDEX = b"none"
 
 @dataclass(frozen=True)
 class BlobPieces:
-    """One blob's size and the digest of each of its pieces (``blake3:<hex>``), in order."""
+    """One blob's size and the digest of each of its pieces, in order (``blake3:<hex>``;
+    ``sha256:<hex>`` from a v1 index)."""
 
     size: int
     pieces: tuple[str, ...]
@@ -79,13 +80,11 @@ class PieceIndex:
 class PieceHasher:
     """Hashes a stream, piece by piece, whatever the chunk boundaries."""
 
-    def __init__(self, piece_size: int, algorithm: str = DEFAULT_PIECE_HASH) -> None:
+    def __init__(self, piece_size: int) -> None:
         self.piece_size = piece_size
         self.pieces: list[str] = []
         self.size = 0
-        self._new = PIECE_HASHES[algorithm]
-        self._prefix = algorithm + ":"
-        self._current = self._new()
+        self._current = PIECE_HASHES[DEFAULT_PIECE_HASH]()
         self._filled = 0
 
     def update(self, chunk: bytes) -> None:
@@ -105,8 +104,8 @@ class PieceHasher:
         return BlobPieces(self.size, tuple(self.pieces))
 
     def _close_piece(self) -> None:
-        self.pieces.append(self._prefix + self._current.hexdigest())
-        self._current = self._new()
+        self.pieces.append(f"{DEFAULT_PIECE_HASH}:{self._current.hexdigest()}")
+        self._current = PIECE_HASHES[DEFAULT_PIECE_HASH]()
         self._filled = 0
 
 
