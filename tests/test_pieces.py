@@ -1,6 +1,9 @@
+import hashlib
+
+import blake3
 import pytest
 
-from modelfs.pieces import piece_count, piece_runs, piece_span, pieces_covering
+from modelfs.pieces import piece_count, piece_matches, piece_runs, piece_span, pieces_covering
 
 
 def test_piece_count() -> None:
@@ -41,3 +44,12 @@ def test_consecutive_pieces_of_one_blob_are_grouped_into_runs() -> None:
         ("a", [3]),
         ("a", [5, 6]),
     ]
+
+
+def test_a_piece_matches_the_digest_of_the_hash_it_names() -> None:
+    data = b"piece"
+    assert piece_matches(data, "blake3:" + blake3.blake3(data).hexdigest())
+    assert piece_matches(data, "sha256:" + hashlib.sha256(data).hexdigest())  # a v1 index
+    assert not piece_matches(b"other", "blake3:" + blake3.blake3(data).hexdigest())
+    assert not piece_matches(data, "blake3:" + hashlib.sha256(data).hexdigest())
+    assert not piece_matches(data, "md5:" + hashlib.md5(data).hexdigest())
