@@ -60,13 +60,6 @@ ROWS = [
     Row("cold_read_redirect", "(c') modelfs cold: full read through the redirecting registry"),
     Row("cold_load_redirect", "(f') modelfs cold: mount + load through the redirecting registry"),
     Row("cold_read_redirect_one_core", "(c'1) as (c'), the mount process held to one core"),
-    Row(
-        "curl_remote",
-        "(a'') curl -L as (a'), the storage in memory (a remote registry: this disk holds only "
-        "the cache)",
-    ),
-    Row("cold_read_remote", "(c'') modelfs cold: full read as (c'), the storage in memory"),
-    Row("cold_read_remote_one_core", "(c''1) as (c''), the mount process held to one core"),
     Row("skopeo_read", "(g) skopeo copy docker:// dir: (verified pull), then a full read"),
     Row("skopeo_load", "(g) skopeo copy docker:// dir:, then the safetensors load"),
 ]
@@ -329,7 +322,6 @@ def render_cpu(
         ("cold_read", "cold read"),
         ("warm_read", "warm read"),
         ("cold_read_redirect", "cold read, redirected"),
-        ("cold_read_remote", "cold read, redirected, storage in memory"),
     ):
         samples = results.get(key, [])
         cpu = median(samples, lambda sample: sample.mount_cpu)
@@ -343,24 +335,13 @@ def render_cpu(
             f"(user + system from /proc, from its start: {cpu:.1f} s over a {took:.2f} s read, "
             f"{cpu / took:.2f} cores busy{threads})"
         )
-    for key, what in (
-        ("cold_read_redirect", "the redirected cold read"),
-        ("cold_read_remote", "with the storage in memory, it"),
-    ):
-        one_core, both = seconds(results, f"{key}_one_core"), seconds(results, key)
-        if one_core is not None and both:
-            lines.append(
-                f"- cores: {what} took {one_core:.2f} s with the mount held to one core and "
-                f"{both:.2f} s with both: {one_core / both:.2f} x from the second core (nginx "
-                f"and the reader share them)"
-            )
-    remote = ratio(results, "cold_read_remote", "curl_remote")
-    if remote is not None:
-        in_memory = _format(throughput(results, "cold_read_remote"), ".0f", MB)
-        on_disk = _format(throughput(results, "cold_read_redirect"), ".0f", MB)
+    one_core = seconds(results, "cold_read_redirect_one_core")
+    both = seconds(results, "cold_read_redirect")
+    if one_core is not None and both:
         lines.append(
-            f"- storage in memory, the cache alone on this disk: the cold read ran at {in_memory} "
-            f"MB/s, {remote:.2f} x curl -L (a''); with the storage on the same disk {on_disk} MB/s"
+            f"- cores: the redirected cold read took {one_core:.2f} s with the mount held to one "
+            f"core and {both:.2f} s with both: {one_core / both:.2f} x from the second core "
+            f"(nginx and the reader share them)"
         )
     for key, (held, sample) in gil.items():
         cpu = sample.mount_cpu or 0.0

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,21 +191,6 @@ def start_redirecting(root: Path, storage: Path) -> tuple[Registry, Nginx]:
     return registry, nginx
 
 
-@contextmanager
-def in_memory_copy(storage: Path, root: Path) -> Iterator[Path]:
-    """A copy of a registry's ``storage`` on a tmpfs of its own at ``root`` (dropping the page
-    cache leaves it in memory): a registry on another machine, whose reads of its blobs do not
-    share this machine's disk with the cache the mount writes."""
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", str(root)], check=True)
-    try:
-        copy = root / "storage"
-        shutil.copytree(storage, copy)
-        yield copy
-    finally:
-        subprocess.run(["umount", str(root)], check=True)
-
-
 class StorageMeter:
     """What a redirecting registry and its storage did since a mark: blob bytes nginx sent (its
     access log) and the CPU seconds of both."""
@@ -364,16 +349,13 @@ class Bench:
         small: PushedModel,
         registry: RegistryMeter,
         redirected: tuple[PushedModel, StorageMeter] | None = None,
-        remote: tuple[PushedModel, StorageMeter] | None = None,
     ) -> None:
-        """``redirected``: the large model on the redirecting registry, and its meter;
-        ``remote``: on one whose storage is in memory (``in_memory_copy``)."""
+        """``redirected``: the large model on the redirecting registry, and its meter."""
         self.work = work
         self.large = large
         self.small = small
         self.registry = registry
         self.redirected = redirected
-        self.remote = remote
         self.results: Results = {}
         self.read_ahead_kb: str | None = None  # modelfs's, copied to the reference FUSE mount
         self.profile_dir: Path | None = None  # set during the profile and GIL passes
@@ -403,29 +385,20 @@ class Bench:
         self.memfs_read()
         if self.redirected is not None:
             self.redirected_cases(*self.redirected)
-        if self.remote is not None:
-            self.remote_cases(*self.remote)
         self.skopeo(downloads)
 
     def redirected_cases(self, pushed: PushedModel, meter: StorageMeter) -> None:
         """The production path: blobs redirected to storage, curl -L against modelfs."""
-        self._curl_and_read("redirect", pushed, meter)
-        self.cold_load("cold_load_redirect", pushed, meter)
-
-    def remote_cases(self, pushed: PushedModel, meter: StorageMeter) -> None:
-        """The production path again with the storage in memory: only the cache on this disk."""
-        self._curl_and_read("remote", pushed, meter)
-
-    def _curl_and_read(self, name: str, pushed: PushedModel, meter: StorageMeter) -> None:
         outputs = ["/dev/null"] * len(pushed.blob_urls)
-        self.record(f"curl_{name}", self._curl(outputs, pushed, meter))
-        cache = self.fresh_cache(name)
-        self.mounted_read(f"cold_read_{name}", pushed, cache, meter)
+        self.record("curl_redirect", self._curl(outputs, pushed, meter))
+        cache = self.fresh_cache("redirect")
+        self.mounted_read("cold_read_redirect", pushed, cache, meter)
         shutil.rmtree(cache)
         # The same read with the mount held to one core: what a second core gives it.
-        cache = self.fresh_cache(f"{name}-one-core")
-        self.mounted_read(f"cold_read_{name}_one_core", pushed, cache, meter, cores={0})
+        cache = self.fresh_cache("redirect-one-core")
+        self.mounted_read("cold_read_redirect_one_core", pushed, cache, meter, cores={0})
         shutil.rmtree(cache)
+        self.cold_load("cold_load_redirect", pushed, meter)
 
     def skopeo(self, target: Path) -> None:
         """``skopeo copy docker://... dir:`` (containers/image: what CRI-O pulls with; it checks
@@ -848,7 +821,6 @@ def main() -> None:
     meter = RegistryMeter(registry.log_path, registry.pid)
     redirecting, nginx = start_redirecting(work / "redirecting", registry.storage)
     bench: Bench | None = None
-    stack = ExitStack()
     try:
         sections: list[str] = []
         load_before, started = os.getloadavg()[0], time.monotonic()
@@ -864,12 +836,7 @@ def main() -> None:
                 f"bench: large model {large.size / MB:.0f} MB, small model {small.size / MB:.0f} MB"
             )
             redirected = (large.on(redirecting), StorageMeter(redirecting, nginx))
-            storage = stack.enter_context(in_memory_copy(registry.storage, work / "remote"))
-            remote_registry, remote_nginx = start_redirecting(work / "remote-registry", storage)
-            stack.callback(remote_nginx.stop)
-            stack.callback(remote_registry.stop)
-            remote = (large.on(remote_registry), StorageMeter(remote_registry, remote_nginx))
-            bench = Bench(work, large, small, meter, redirected, remote)
+            bench = Bench(work, large, small, meter, redirected)
             for run in range(1, runs + 1):
                 log(f"bench: run {run} of {runs}")
                 bench.run_once()
@@ -943,7 +910,6 @@ def main() -> None:
     except (BenchError, ClusterError) as error:
         sys.exit(f"bench: {error}")
     finally:
-        stack.close()
         redirecting.stop()
         nginx.stop()
         registry.stop()

@@ -201,26 +201,3 @@ def test_cpu_per_gb_and_the_share_of_it_holding_the_gil() -> None:
         "- GIL held, cold read (a separate run under py-spy record --gil, 200 Hz, non-blocking): "
         "2.0 s of the mount's 5.0 CPU-s (40%), 80% of the 2.50 s read; 1.00 s/GB"
     )
-
-
-def test_the_storage_in_memory_shows_what_the_shared_disk_cost_and_what_a_core_gives() -> None:
-    size = 2 * GB
-    measured = production(results(cold_read=2.5, rss_large=150 * MB, rss_small=140 * MB))
-    measured |= {
-        "cold_read_redirect_one_core": [Sample(3.0, size, size, mount_cpu=2.5)],
-        "curl_remote": [Sample(0.8, size, size)],
-        "cold_read_remote": [Sample(2.0, size, size, mount_cpu=1.8)],
-        "cold_read_remote_one_core": [Sample(2.5, size, size, mount_cpu=1.6)],
-    }
-    lines = render_cpu(measured, {}, size, 200).splitlines()
-    assert lines[2].startswith("- mount process, cold read, redirected, storage in memory: 0.90 ")
-    assert lines[3:] == [
-        "- cores: the redirected cold read took 3.00 s with the mount held to one core and 4.00 s "
-        "with both: 0.75 x from the second core (nginx and the reader share them)",
-        "- cores: with the storage in memory, it took 2.50 s with the mount held to one core and "
-        "2.00 s with both: 1.25 x from the second core (nginx and the reader share them)",
-        "- storage in memory, the cache alone on this disk: the cold read ran at 1000 MB/s, "
-        "0.40 x curl -L (a''); with the storage on the same disk 500 MB/s",
-    ]
-    table = render_table(measured)
-    assert "| (c'') modelfs cold: full read as (c'), the storage in memory | 2.00 |" in table
