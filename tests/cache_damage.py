@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import lmdb
@@ -15,14 +16,19 @@ RECORD = struct.Struct("<QIQB")
 
 
 def piece_location(cache_dir: Path, digest: str, index: int) -> tuple[int, int]:
-    """(offset in the pieces file, length) of a stored piece."""
+    """(offset in the pieces file, length) of a stored piece, waiting a while for a mount that
+    is still storing what it fetched (the record is committed after the bytes are written)."""
     env = lmdb.open(str(cache_dir), max_dbs=8)
+    deadline = time.monotonic() + 10
     try:
-        # A write transaction: it waits for a mount still storing what it fetched.
-        with env.begin(write=True) as txn:
-            pieces, meta = (env.open_db(name, txn=txn) for name in (b"pieces", b"meta"))
-            record = txn.get(f"{digest}/{index:010d}".encode(), db=pieces)
-            piece_size = int(bytes(txn.get(b"format", db=meta)).rpartition(b"/")[2])
+        while True:
+            with env.begin() as txn:
+                pieces, meta = (env.open_db(name, txn=txn) for name in (b"pieces", b"meta"))
+                record = txn.get(f"{digest}/{index:010d}".encode(), db=pieces)
+                piece_size = int(bytes(txn.get(b"format", db=meta)).rpartition(b"/")[2])
+            if record is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         env.close()
     assert record is not None, f"piece {index} of {digest} is not in {cache_dir}"

@@ -11,7 +11,7 @@ import lmdb
 import pytest
 from cache_damage import damage_piece, piece_location
 
-from modelfs.cache import PieceCache, piece_checksum
+from modelfs.cache import PieceCache, PieceWrite, PutResult, piece_checksum
 from modelfs.cache.store import PIECES_FILE
 from modelfs.errors import CacheError
 
@@ -338,4 +338,78 @@ def test_a_blob_is_vouched_for_only_over_the_very_pieces_that_were_hashed(tmp_pa
     cache.put(A, 1, hashed[1], size)  # the hashed bytes again: now it may be vouched for
     assert cache.mark_verified(A, size, [piece_checksum(piece) for piece in hashed])
     assert cache.get(A, 1) == hashed[1]
+    cache.close()
+
+
+def _slots_made(cache: PieceCache) -> int:
+    with cache._env.begin(db=cache._meta) as txn:
+        return cache._counter(txn, b"slots")
+
+
+def test_no_lock_is_held_while_a_piece_is_written(tmp_path: Path) -> None:
+    """LMDB's write lock is the whole node's: while one process writes a piece's bytes, another
+    stores, leases and records (it would wait for the lock forever, and time out, if the bytes
+    were written inside the transaction)."""
+    cache = make(tmp_path)
+    write = cache._file.write
+    other = (
+        "import sys; from pathlib import Path; from modelfs.cache import PieceCache; "
+        f"c = PieceCache(Path(sys.argv[1]), {100 * PIECE}, piece_size={PIECE}); "
+        f"c.put('{B}', 0, b'b' * {PIECE}, {PIECE}); c.lease(['{B}']); "
+        "c.put_meta('note', b'written'); c.close()"
+    )
+
+    def others_meanwhile(slot: int, data: bytes | bytearray | memoryview) -> None:
+        subprocess.run([sys.executable, "-c", other, str(tmp_path)], check=True, timeout=30)
+        write(slot, data)
+
+    cache._file.write = others_meanwhile  # type: ignore[method-assign]
+    assert cache.put(A, 0, b"a" * PIECE, PIECE).stored
+    assert cache.get(A, 0, unvouched=True) == b"a" * PIECE
+    assert cache.get(B, 0, unvouched=True) == b"b" * PIECE
+    assert cache.get_meta("note") == b"written"
+    assert cache.stats().size == 2 * (PIECE + 8)  # both counted, once each
+    cache.close()
+
+
+def test_the_slot_of_a_writer_that_died_mid_write_is_freed_by_the_next_opener(
+    tmp_path: Path,
+) -> None:
+    """A process killed between reserving a slot and recording its piece leaves a slot no record
+    points to, counted against the limit: the next process to open the cache frees it."""
+    limit = PIECE + 8  # room for one piece: a reservation never freed would block every put
+    dies = (
+        "import os, sys; from pathlib import Path; from modelfs.cache import PieceCache; "
+        f"c = PieceCache(Path(sys.argv[1]), {limit}, piece_size={PIECE}); "
+        "c._file.write = lambda slot, data: os.kill(os.getpid(), 9); "
+        f"c.put('{A}', 0, b'a' * {PIECE}, {PIECE})"
+    )
+    child = subprocess.run([sys.executable, "-c", dies, str(tmp_path)])
+    assert child.returncode == -9
+    cache = make(tmp_path, limit)
+    assert cache.stats().size == 0
+    assert cache.put(B, 0, b"b" * PIECE, PIECE).stored
+    assert cache.get(B, 0, unvouched=True) == b"b" * PIECE
+    assert not cache.has(A, 0)
+    assert _slots_made(cache) == 1  # the freed slot was reused
+    cache.close()
+
+
+def test_a_failed_or_refused_write_gives_its_slot_and_bytes_back(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    write = cache._file.write
+
+    def disk_full(slot: int, data: bytes | bytearray | memoryview) -> None:
+        raise OSError(28, "No space left on device")
+
+    cache._file.write = disk_full  # type: ignore[method-assign]
+    with pytest.raises(CacheError, match="No space left on device"):
+        cache.put(A, 0, b"a" * PIECE, PIECE)
+    cache._file.write = write  # type: ignore[method-assign]
+    assert (cache.stats().size, cache.has(A, 0)) == (0, False)
+    refused = cache.put_many([PieceWrite(A, 0, b"a" * PIECE, PIECE)], keep=lambda w: False)
+    assert refused == [PutResult(stored=False, blob_complete=False)]
+    assert (cache.stats().size, cache.has(A, 0)) == (0, False)
+    assert cache.put(B, 0, b"b" * PIECE, PIECE).stored
+    assert _slots_made(cache) == 1  # one slot served all three
     cache.close()

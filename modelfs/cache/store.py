@@ -10,6 +10,7 @@ holds what says which bytes are which, in named sub-databases:
 - ``lru``:    stamp + ``<digest>/<index>`` -> empty; iterated in order, oldest first, to evict.
 - ``blobs``:  ``<digest>`` -> size, pieces present, verified flag.
 - ``leases``: ``<digest>/<pid>`` -> empty: blobs a live process is reading are evicted last.
+- ``reserved``: slot -> the pid writing a piece into it and the bytes it counts (see below).
 - ``meta``:   small records (the stamp clock, total bytes, slots made, manifests, configs, tar
   indexes), each stored with its xxh3-64, so a flipped bit is a cache miss, never a wrong record.
 
@@ -24,6 +25,13 @@ slot another process reused meanwhile, or disk rot all read as a miss, and the p
 again. LMDB serialises writers across processes, so the size accounting in ``meta`` is exact and
 the limit holds for the whole node. The new stamps of pieces read are written with the next write
 transaction rather than making every read a write.
+
+LMDB's write transaction is one lock for the whole node, so a piece's bytes are not written inside
+one: a short transaction reserves its slot (counted against the limit, in ``reserved``), the bytes
+go to the slot with no lock held, and a second one commits the record. Other processes' writers,
+and the small writes of readers, wait for the index only, never for the disk. A process that
+dies in between leaves a reserved slot no record points to: the next process to open the cache
+frees it.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ log = logging.getLogger(__name__)
 PIECES_FILE = "pieces.data"
 _BLOB = struct.Struct(">QIB")  # size, pieces present, verified
 _U64 = struct.Struct(">Q")
+_RESERVATION = struct.Struct("<IQ")  # the writer's pid, the bytes the slot counts
 _CHECKSUM_SIZE = 8  # what a piece's checksum adds to its cost against the limit
 _RECORD_CHECKSUM = struct.Struct("<Q")  # a meta record's xxh3-64, before its value
 _FORMAT = b"modelfs-cache-3"
@@ -211,6 +220,7 @@ class PieceCache:
         self._blobs = self._env.open_db(b"blobs")
         self._leases = self._env.open_db(b"leases")
         self._meta = self._env.open_db(b"meta")
+        self._reserved = self._env.open_db(b"reserved")
         self._touched: dict[bytes, None] = {}
         # Counted for this process's metrics (evictions are counted node-wide, in ``meta``).
         self.corrupt_pieces_found = 0
@@ -222,6 +232,7 @@ class PieceCache:
             raise CacheError(
                 f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
             ) from error
+        self._free_dead_reservations()
 
     def _older_format(self) -> bool:
         """Whether the cache was made by a modelfs that kept pieces in LMDB."""
@@ -367,15 +378,32 @@ class PieceCache:
     def put_many(
         self, writes: Sequence[W], keep: Callable[[W], bool] = lambda write: True
     ) -> list[PutResult]:
-        """Store pieces in one write transaction (one commit for all), as ``put`` does each.
+        """Store pieces, as ``put`` does each: their slots reserved in one transaction, their
+        bytes written outside it, their records committed in another (one commit for all).
 
-        ``keep`` is asked inside the transaction, holding the node's write lock: a write it
+        ``keep`` is asked in that second transaction, holding the node's write lock: a write it
         refuses is not stored (a piece of a blob dropped since it was fetched).
         """
         try:
             with self._env.begin(write=True) as txn:
                 self._write_touches(txn)
-                return [self._put(txn, w) if keep(w) else _NOT_STORED for w in writes]
+                slots = [self._reserve(txn, write) for write in writes]
+            checksums: dict[int, int] = {}
+            try:
+                for write, slot in zip(writes, slots, strict=True):
+                    if not isinstance(slot, PutResult):
+                        self._file.write(slot, write.data)
+                        checksums[slot] = piece_checksum(write.data)
+            finally:
+                # Also when a write failed: the slots it did not fill are freed.
+                with self._env.begin(write=True) as txn:
+                    results = [
+                        slot
+                        if isinstance(slot, PutResult)
+                        else self._record(txn, write, slot, checksums.get(slot), keep)
+                        for write, slot in zip(writes, slots, strict=True)
+                    ]
+            return results
         except (lmdb.Error, OSError) as error:
             raise CacheError(f"cannot write to the cache at {self.path}: {error}") from error
 
@@ -567,34 +595,80 @@ class PieceCache:
 
     # -- inside a write transaction ------------------------------------------------------
 
-    def _put(self, txn: lmdb.Transaction, write: PieceWrite) -> PutResult:
+    def _stored_already(self, txn: lmdb.Transaction, write: PieceWrite) -> PutResult | None:
+        """The result for a piece the cache holds already (vouched for now if ``write`` is)."""
         key = _piece_key(write.digest, write.index)
-        length = len(write.data)
-        cost = _stored_size(length)
+        if txn.get(key, db=self._pieces) is None:
+            return None
+        if write.vouched:
+            self._set_vouched(txn, key)
+        return PutResult(stored=True, blob_complete=False)
+
+    def _reserve(self, txn: lmdb.Transaction, write: PieceWrite) -> int | PutResult:
+        """A slot for the piece, counted against the limit (evicting others for it) and marked
+        this process's, or the result when it needs none: stored already, or no room."""
+        cost = _stored_size(len(write.data))
         if cost > self.max_size:
             return _NOT_STORED
-        if txn.get(key, db=self._pieces) is not None:
-            if write.vouched:
-                self._set_vouched(txn, key)
-            return PutResult(stored=True, blob_complete=False)
+        stored = self._stored_already(txn, write)
+        if stored is not None:
+            return stored
         total = self._total(txn)
         if total + cost > self.max_size:
             total -= self._evict(txn, total + cost - self.max_size, protect=write.digest)
             if total + cost > self.max_size:
                 return _NOT_STORED
         slot = self._take_slot(txn)
-        # Written before the record that points at it is committed: a reader never finds a
-        # record for bytes not yet written (a crash in between leaves a free slot).
-        self._file.write(slot, write.data)
-        checksum = piece_checksum(write.data)
-        txn.put(key, _Piece(slot, length, checksum, write.vouched).pack(), db=self._pieces)
-        self._stamp(txn, key)
+        txn.put(_U64.pack(slot), _RESERVATION.pack(os.getpid(), cost), db=self._reserved)
         txn.put(b"total", _U64.pack(total + cost), db=self._meta)
+        return slot
+
+    def _record(
+        self,
+        txn: lmdb.Transaction,
+        write: W,
+        slot: int,
+        checksum: int | None,
+        keep: Callable[[W], bool],
+    ) -> PutResult:
+        """Commit the piece written to its reserved ``slot`` (``checksum``: None if it was not
+        written), or free the slot: not written, refused by ``keep``, or stored by another
+        process meanwhile. The record comes after the bytes, so no reader finds one for bytes
+        not yet written."""
+        txn.delete(_U64.pack(slot), db=self._reserved)
+        stored = self._stored_already(txn, write)
+        if checksum is None or stored is not None or not keep(write):
+            self._free_slot(txn, slot, _stored_size(len(write.data)))
+            return stored or _NOT_STORED
+        key = _piece_key(write.digest, write.index)
+        txn.put(key, _Piece(slot, len(write.data), checksum, write.vouched).pack(), db=self._pieces)
+        self._stamp(txn, key)
         size, present, verified = self._blob_state(txn, write.digest, write.blob_size)
         present += 1
         txn.put(write.digest.encode(), _BLOB.pack(size, present, verified), db=self._blobs)
         complete = present == piece_count(write.blob_size, self.piece_size)
         return PutResult(stored=True, blob_complete=complete and not verified)
+
+    def _free_slot(self, txn: lmdb.Transaction, slot: int, cost: int) -> None:
+        """Give a slot back (to reuse, its blocks to the disk) and the bytes it counted."""
+        txn.put(_U64.pack(slot), b"", db=self._free)
+        self._file.free(slot)
+        txn.put(b"total", _U64.pack(max(self._total(txn) - cost, 0)), db=self._meta)
+
+    def _free_dead_reservations(self) -> None:
+        """Free the slots of writers that died between reserving and recording them."""
+        with self._env.begin(write=True) as txn:
+            dead = [
+                (int(_U64.unpack(key)[0]), cost)
+                for key, value in txn.cursor(db=self._reserved)
+                for pid, cost in [_RESERVATION.unpack(value)]
+                if not _pid_alive(pid)
+            ]
+            for slot, cost in dead:
+                txn.delete(_U64.pack(slot), db=self._reserved)
+                self._free_slot(txn, slot, cost)
+        if dead:
+            log.warning("cache: freed %d slots that writers which died had reserved", len(dead))
 
     def _take_slot(self, txn: lmdb.Transaction) -> int:
         """A free slot, the lowest first, else a new one at the end of the file."""
@@ -657,13 +731,11 @@ class PieceCache:
         freed = 0
         if piece is not None:  # a damaged record's slot is lost, not reused for other bytes
             freed = _stored_size(piece.length)
-            txn.put(_U64.pack(piece.slot), b"", db=self._free)
-            self._file.free(piece.slot)
+            self._free_slot(txn, piece.slot, freed)
         stamp = txn.get(key, db=self._stamps)
         if stamp is not None:
             txn.delete(bytes(stamp) + key, db=self._lru)
             txn.delete(key, db=self._stamps)
-        txn.put(b"total", _U64.pack(max(self._total(txn) - freed, 0)), db=self._meta)
         digest, _ = _split_piece_key(key)
         blob = txn.get(digest.encode(), db=self._blobs)
         if blob is not None:

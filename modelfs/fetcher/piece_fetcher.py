@@ -20,8 +20,8 @@ verified only once it hashed whole to its digest; a mismatch drops every piece o
 fails the read (or prefetch) that completed it, so no byte proven wrong is served again.
 
 A piece fetched goes to its readers before it is stored: inside ``writing()`` a writer task
-stores the queued pieces, several per LMDB write transaction, and until then a queued piece
-counts as cached (served, hashed, not fetched again). The writer asks inside its transaction
+stores the queued pieces, several at a time, and until then a queued piece counts as cached
+(served, hashed, not fetched again). The writer asks inside the transaction that records them
 whether the piece's blob failed its check since the piece was fetched, so no piece of a failed
 blob is stored after its blob was dropped.
 

@@ -1,11 +1,12 @@
 """Write-behind: fetched pieces go to their readers first and to the cache from a writer task.
 
 While ``CacheWriter.running`` is active, a fetched piece is queued (a fetch waits for room, so
-pieces never pile up) and a writer task stores up to ``WRITES_PER_TRANSACTION`` at a time, one
-LMDB commit for all; until then a queued piece counts as cached (served, hashed, not fetched
-again). The writer asks inside its transaction whether the piece is still good (its blob did
-not fail its check since the piece was fetched), so no piece of a failed blob is stored after
-its blob was dropped. Without ``running``, each piece is stored as it is put.
+pieces never pile up) and a writer task stores up to ``WRITES_PER_TRANSACTION`` at a time
+(``PieceCache.put_many``: one LMDB commit records them all); until then a queued piece counts as
+cached (served, hashed, not fetched again). The writer asks inside the transaction that records
+them whether the piece is still good (its blob did not fail its check since the piece was
+fetched), so no piece of a failed blob is stored after its blob was dropped. Without
+``running``, each piece is stored as it is put.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from modelfs.sources.stats import MountStats, error_kind
 
 log = logging.getLogger(__name__)
 
-# Pieces waiting for the writer before a fetch waits for room; the most it stores per LMDB write
-# transaction (one commit for all).
+# Pieces waiting for the writer before a fetch waits for room; the most it stores at a time (one
+# commit records them all).
 QUEUED_WRITES = 4
 WRITES_PER_TRANSACTION = 4
 
@@ -41,7 +42,7 @@ class QueuedWrite(PieceWrite):
 class CacheWriter:
     """Stores fetched pieces in ``cache``; see the module's docstring.
 
-    ``still_good(write)`` is asked inside the write transaction (in the writer's thread);
+    ``still_good(write)`` is asked inside the transaction that records it (writer thread);
     ``stored_whole(digest, size)`` is awaited when a piece completed its blob in the cache.
     """
 
