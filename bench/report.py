@@ -31,6 +31,9 @@ class Sample:
     # Of ``mount_cpu``, the main thread's: trio's event loop, FUSE requests and replies, HTTP. The
     # rest ran in worker threads (hashing, the cache's reads and writes), free of the GIL.
     loop_cpu: float | None = None
+    # Bytes the disk under the work directory read and wrote during the case (its sector counts):
+    # a cold read here reads the registry's blobs and writes the cache's pieces on one disk.
+    disk_bytes: int | None = None
 
 
 Results = dict[str, list[Sample]]
@@ -54,6 +57,10 @@ ROWS = [
     Row("memfs_read", "(e) trivial pyfuse3 memory FS: full read (FUSE ceiling)"),
     Row("disk_read", "(e) local disk, page cache dropped: full read"),
     Row("cache_fill", "(e) page-cache fill: the model's size written to a new file, no fsync"),
+    Row(
+        "disk_both",
+        "(e) the disk reading the model and writing its size at once (direct I/O, 4 MiB)",
+    ),
     Row("cold_load", "(f) modelfs cold: mount + safetensors load of every tensor"),
     Row("download_load", "(f) curl download + safetensors load from local disk"),
     Row("curl_redirect", "(a') curl -L through the redirecting registry (307 to nginx)"),
@@ -343,6 +350,7 @@ def render_cpu(
             f"core and {both:.2f} s with both: {one_core / both:.2f} x from the second core "
             f"(nginx and the reader share them)"
         )
+    lines += _disk_lines(results)
     for key, (held, sample) in gil.items():
         cpu = sample.mount_cpu or 0.0
         lines.append(
@@ -352,6 +360,24 @@ def render_cpu(
             f"the {sample.seconds:.2f} s read; {held / (model_bytes / 1e9):.2f} s/GB"
         )
     return "\n".join(lines)
+
+
+def _disk_lines(results: Results) -> list[str]:
+    """How close the cold reads came to what the disk gives reading and writing at once."""
+    ceiling = median(results.get("disk_both", []), lambda s: s.disk_bytes / s.seconds)
+    lines = []
+    for key, what in (("cold_read", "cold read"), ("cold_read_redirect", "redirected cold read")):
+        moved = median(results.get(key, []), lambda s: s.disk_bytes)
+        took = seconds(results, key)
+        if moved is None or not took or not ceiling:
+            continue
+        lines.append(
+            f"- disk, {what}: {moved / 1e9:.1f} GB read and written (the blobs the registry "
+            f"served, the pieces the cache stored) in {took:.2f} s, {moved / took / 1e9:.2f} GB/s: "
+            f"{moved / took / ceiling:.2f} x the {ceiling / 1e9:.2f} GB/s the disk gave reading "
+            f"and writing at once"
+        )
+    return lines
 
 
 def render_verdicts(verdicts: list[Verdict]) -> str:

@@ -201,3 +201,17 @@ def test_cpu_per_gb_and_the_share_of_it_holding_the_gil() -> None:
         "- GIL held, cold read (a separate run under py-spy record --gil, 200 Hz, non-blocking): "
         "2.0 s of the mount's 5.0 CPU-s (40%), 80% of the 2.50 s read; 1.00 s/GB"
     )
+
+
+def test_the_disk_lines_compare_the_cold_reads_with_what_the_disk_gives() -> None:
+    size = 2 * GB
+    measured = production(results(cold_read=2.5, rss_large=150 * MB, rss_small=140 * MB))
+    measured["cold_read"] = [Sample(4.0, size, size, disk_bytes=2 * size)]
+    measured["disk_both"] = [Sample(2.0, disk_bytes=2 * size), Sample(8.0, disk_bytes=2 * size)]
+    lines = render_cpu(measured, {}, size, 200).splitlines()
+    assert lines[-1] == (
+        "- disk, cold read: 4.0 GB read and written (the blobs the registry served, the pieces "
+        "the cache stored) in 4.00 s, 1.00 GB/s: 0.80 x the 1.25 GB/s the disk gave reading "
+        "and writing at once"
+    )  # the median of 2.0 and 0.5 GB/s; the redirected read has no disk figure: no line
+    assert "| (e) the disk reading the model and writing its size at once" in render_table(measured)
