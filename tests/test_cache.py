@@ -368,7 +368,7 @@ def test_no_lock_is_held_while_a_piece_is_written(tmp_path: Path) -> None:
     assert cache.get(A, 0, unvouched=True) == b"a" * PIECE
     assert cache.get(B, 0, unvouched=True) == b"b" * PIECE
     assert cache.get_meta("note") == b"written"
-    assert cache.stats().size == 2 * (PIECE + 8)  # both counted, once each
+    assert cache.accounting() == (2 * (PIECE + 8), 2 * (PIECE + 8))  # both counted, once each
     cache.close()
 
 
@@ -387,8 +387,9 @@ def test_the_slot_of_a_writer_that_died_mid_write_is_freed_by_the_next_opener(
     child = subprocess.run([sys.executable, "-c", dies, str(tmp_path)])
     assert child.returncode == -9
     cache = make(tmp_path, limit)
-    assert cache.stats().size == 0
+    assert cache.accounting() == (0, 0)
     assert cache.put(B, 0, b"b" * PIECE, PIECE).stored
+    assert cache.accounting() == (limit, limit)
     assert cache.get(B, 0, unvouched=True) == b"b" * PIECE
     assert not cache.has(A, 0)
     assert _slots_made(cache) == 1  # the freed slot was reused
@@ -413,3 +414,20 @@ def test_a_failed_or_refused_write_gives_its_slot_and_bytes_back(tmp_path: Path)
     assert cache.put(B, 0, b"b" * PIECE, PIECE).stored
     assert _slots_made(cache) == 1  # one slot served all three
     cache.close()
+
+
+def test_a_damaged_index_is_refused_in_one_line_that_says_what_to_do(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    for index in range(4):
+        cache.put(A, index, bytes([index]) * PIECE, 4 * PIECE)
+    cache.close()
+    data = tmp_path / "data.mdb"
+    with data.open("r+b") as file:  # every page but LMDB's two meta pages
+        file.seek(2 * 4096)
+        file.write(b"\xff" * (data.stat().st_size - 2 * 4096))
+    with pytest.raises(CacheError) as raised:
+        make(tmp_path)
+    message = str(raised.value)
+    assert message.startswith(f"the cache's index at {tmp_path} is damaged (")
+    assert message.endswith("remove the cache or use another --cache-dir")
+    assert "\n" not in message

@@ -209,10 +209,32 @@ class PieceCache:
         self.max_size = max_size
         self.piece_size = piece_size
         self._env = _open_index(path, max_size)
+        self._touched: dict[bytes, None] = {}
+        # Counted for this process's metrics (evictions are counted node-wide, in ``meta``).
+        self.corrupt_pieces_found = 0
+        try:
+            self._open_databases()
+        except lmdb.Error as error:
+            self._env.close()
+            raise self._damaged(error) from error
+        try:
+            self._file = PieceFile(path / PIECES_FILE, piece_size)
+        except OSError as error:
+            self._env.close()
+            raise CacheError(
+                f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
+            ) from error
+        try:
+            self._free_dead_reservations()
+        except lmdb.Error as error:
+            self.close()
+            raise self._damaged(error) from error
+
+    def _open_databases(self) -> None:
         if self._older_format():
             self._env.close()
             self._remake()
-            self._env = _open_index(path, max_size)
+            self._env = _open_index(self.path, self.max_size)
         self._pieces = self._env.open_db(b"pieces")
         self._free = self._env.open_db(b"free")
         self._stamps = self._env.open_db(b"stamps")
@@ -221,18 +243,13 @@ class PieceCache:
         self._leases = self._env.open_db(b"leases")
         self._meta = self._env.open_db(b"meta")
         self._reserved = self._env.open_db(b"reserved")
-        self._touched: dict[bytes, None] = {}
-        # Counted for this process's metrics (evictions are counted node-wide, in ``meta``).
-        self.corrupt_pieces_found = 0
         self._check_format()
-        try:
-            self._file = PieceFile(path / PIECES_FILE, piece_size)
-        except OSError as error:
-            self._env.close()
-            raise CacheError(
-                f"cannot open the cache at {path}: {error} (check --cache-dir and its permissions)"
-            ) from error
-        self._free_dead_reservations()
+
+    def _damaged(self, error: lmdb.Error) -> CacheError:
+        return CacheError(
+            f"the cache's index at {self.path} is damaged ({error}); remove the cache or use "
+            "another --cache-dir"
+        )
 
     def _older_format(self) -> bool:
         """Whether the cache was made by a modelfs that kept pieces in LMDB."""
@@ -569,6 +586,24 @@ class PieceCache:
             if total <= size:
                 return 0
             return self._evict(txn, total - size, protect="")
+
+    def accounting(self) -> tuple[int, int]:
+        """The bytes counted against the limit, and what the pieces held and the slots live
+        writers reserved add up to: equal unless the count went wrong."""
+        try:
+            with self._env.begin() as txn:
+                held = sum(
+                    _stored_size(piece.length)
+                    for _, record in txn.cursor(db=self._pieces)
+                    for piece in [_Piece.unpack(record)]
+                    if piece is not None
+                )
+                reserved = sum(
+                    _RESERVATION.unpack(value)[1] for _, value in txn.cursor(db=self._reserved)
+                )
+                return self._total(txn), held + reserved
+        except lmdb.Error as error:
+            raise self._damaged(error) from error
 
     def drop_corrupt_pieces(self) -> list[tuple[str, int]]:
         """Check every piece against its checksum; drop and return the ones that fail."""
