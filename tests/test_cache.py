@@ -10,6 +10,7 @@ import blake3
 import lmdb
 import pytest
 from cache_damage import damage_piece, piece_location
+from mounting import modelfs
 
 from modelfs.cache import PieceCache, PieceWrite, PutResult, piece_checksum
 from modelfs.cache.store import PIECES_FILE
@@ -431,3 +432,6 @@ def test_a_damaged_index_is_refused_in_one_line_that_says_what_to_do(tmp_path: P
     assert message.startswith(f"the cache's index at {tmp_path} is damaged (")
     assert message.endswith("remove the cache or use another --cache-dir")
     assert "\n" not in message
+    verify = modelfs("cache", "verify", "--cache-dir", str(tmp_path))
+    assert verify.returncode == 1
+    assert verify.stderr == f"modelfs: error: {message}\n"
