@@ -435,3 +435,19 @@ def test_a_damaged_index_is_refused_in_one_line_that_says_what_to_do(tmp_path: P
     verify = modelfs("cache", "verify", "--cache-dir", str(tmp_path))
     assert verify.returncode == 1
     assert verify.stderr == f"modelfs: error: {message}\n"
+
+
+def test_a_vouched_write_vouches_only_for_the_same_bytes_stored_before(tmp_path: Path) -> None:
+    """A piece stored unvouched (by a process without the piece index: from a peer, say, before
+    its blob was checked) is not vouched for by a later write the index checked unless it holds
+    the same bytes; other bytes are replaced, and no reader is served them."""
+    cache = make(tmp_path)
+    cache.put(A, 0, b"L" * PIECE, 2 * PIECE)  # a lying peer's bytes, unvouched
+    cache.put(B, 0, b"b" * PIECE, PIECE)
+    assert cache.put(A, 0, b"a" * PIECE, 2 * PIECE, vouched=True).stored
+    assert cache.get(A, 0) == b"a" * PIECE
+    assert cache.put(B, 0, b"b" * PIECE, PIECE, vouched=True).stored  # the same bytes
+    assert cache.get(B, 0) == b"b" * PIECE
+    assert cache.stats().pieces == 2
+    assert cache.accounting() == (2 * (PIECE + 8), 2 * (PIECE + 8))
+    cache.close()

@@ -630,12 +630,25 @@ class PieceCache:
 
     # -- inside a write transaction ------------------------------------------------------
 
-    def _stored_already(self, txn: lmdb.Transaction, write: PieceWrite) -> PutResult | None:
-        """The result for a piece the cache holds already (vouched for now if ``write`` is)."""
+    def _stored_already(
+        self, txn: lmdb.Transaction, write: PieceWrite, checksum: int | None = None
+    ) -> PutResult | None:
+        """The result for a piece the cache holds already, or None to store ``write``. A
+        ``write`` the piece index vouched for vouches for the stored piece only if it has the
+        same bytes (``checksum``: the write's, when known); other bytes, stored unvouched (a
+        process without the index, say), are dropped for it."""
         key = _piece_key(write.digest, write.index)
-        if txn.get(key, db=self._pieces) is None:
+        record = txn.get(key, db=self._pieces)
+        if record is None:
             return None
-        if write.vouched:
+        stored = _Piece.unpack(record)
+        if stored is None:  # a damaged record: dropped, the piece stored anew
+            self._delete_piece(txn, key)
+            return None
+        if write.vouched and not stored.vouched:
+            if stored.checksum != (checksum or piece_checksum(write.data)):
+                self._delete_piece(txn, key)
+                return None
             self._set_vouched(txn, key)
         return PutResult(stored=True, blob_complete=False)
 
@@ -671,7 +684,7 @@ class PieceCache:
         process meanwhile. The record comes after the bytes, so no reader finds one for bytes
         not yet written."""
         txn.delete(_U64.pack(slot), db=self._reserved)
-        stored = self._stored_already(txn, write)
+        stored = None if checksum is None else self._stored_already(txn, write, checksum)
         if checksum is None or stored is not None or not keep(write):
             self._free_slot(txn, slot, _stored_size(len(write.data)))
             return stored or _NOT_STORED
