@@ -307,8 +307,10 @@ class PieceFetcher:
                 if blob.digest in self._verified or self.cache.is_verified(blob.digest):
                     del self._suspect[blob.digest]
                     return
-                if good:
-                    break
+                if good and blob.size > self.cache.max_size:
+                    break  # it cannot be whole in the cache: trying again fetches it again
+                # Else another process dropped pieces of it meanwhile (its own check of them
+                # failed): they are fetched again.
             if not good:
                 raise IntegrityError(
                     f"blob {blob.digest} from {self._supplier} does not match its digest; "
