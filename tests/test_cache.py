@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -450,4 +451,39 @@ def test_a_vouched_write_vouches_only_for_the_same_bytes_stored_before(tmp_path:
     assert cache.get(B, 0) == b"b" * PIECE
     assert cache.stats().pieces == 2
     assert cache.accounting() == (2 * (PIECE + 8), 2 * (PIECE + 8))
+    cache.close()
+
+
+def test_a_reservation_of_a_dead_writer_whose_pid_is_reused_is_freed(tmp_path: Path) -> None:
+    """In a container, a new process is often given the pid of one that died: a reservation is
+    the writer's by pid and start time, so the pid alone does not keep it."""
+    limit = PIECE + 8
+    make(tmp_path, limit).close()
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        reserved, meta = (env.open_db(name, txn=txn) for name in (b"reserved", b"meta"))
+        # Slot 0, reserved by a process with this pid that started at another time.
+        txn.put((0).to_bytes(8, "big"), struct.pack("<IQQ", os.getpid(), 1, limit), db=reserved)
+        txn.put(b"total", limit.to_bytes(8, "big"), db=meta)
+        txn.put(b"slots", (1).to_bytes(8, "big"), db=meta)
+    env.close()
+    cache = make(tmp_path, limit)
+    assert cache.accounting() == (0, 0)
+    assert cache.put(A, 0, b"a" * PIECE, PIECE).stored
+    assert _slots_made(cache) == 1
+    cache.close()
+
+
+def test_a_damaged_reservation_is_freed_not_fatal(tmp_path: Path) -> None:
+    make(tmp_path).close()
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        reserved, meta = (env.open_db(name, txn=txn) for name in (b"reserved", b"meta"))
+        txn.put((0).to_bytes(8, "big"), b"\x01" * 5, db=reserved)  # slot 0's, cut short
+        txn.put(b"slots", (1).to_bytes(8, "big"), db=meta)
+    env.close()
+    cache = make(tmp_path)
+    assert cache.accounting() == (0, 0)
+    assert cache.put(A, 0, b"a" * PIECE, PIECE).stored
+    assert _slots_made(cache) == 1  # slot 0 again
     cache.close()

@@ -10,7 +10,8 @@ holds what says which bytes are which, in named sub-databases:
 - ``lru``:    stamp + ``<digest>/<index>`` -> empty; iterated in order, oldest first, to evict.
 - ``blobs``:  ``<digest>`` -> size, pieces present, verified flag.
 - ``leases``: ``<digest>/<pid>`` -> empty: blobs a live process is reading are evicted last.
-- ``reserved``: slot -> the pid writing a piece into it and the bytes it counts (see below).
+- ``reserved``: slot -> the process writing a piece into it (pid, start time) and the bytes it
+  counts (see below).
 - ``meta``:   small records (the stamp clock, total bytes, slots made, manifests, configs, tar
   indexes), each stored with its xxh3-64, so a flipped bit is a cache miss, never a wrong record.
 
@@ -56,7 +57,9 @@ log = logging.getLogger(__name__)
 PIECES_FILE = "pieces.data"
 _BLOB = struct.Struct(">QIB")  # size, pieces present, verified
 _U64 = struct.Struct(">Q")
-_RESERVATION = struct.Struct("<IQ")  # the writer's pid, the bytes the slot counts
+# The writer's pid and its start time (so a new process given a dead writer's pid is not taken
+# for it), the bytes the slot counts.
+_RESERVATION = struct.Struct("<IQQ")
 _CHECKSUM_SIZE = 8  # what a piece's checksum adds to its cost against the limit
 _RECORD_CHECKSUM = struct.Struct("<Q")  # a meta record's xxh3-64, before its value
 _FORMAT = b"modelfs-cache-3"
@@ -152,6 +155,29 @@ def _stored_size(length: int) -> int:
     return length + _CHECKSUM_SIZE
 
 
+def _start_time(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot); 0 when it is not there to ask."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _unpack_reservation(value: bytes | memoryview) -> tuple[int, int, int]:
+    """A ``reserved`` value's pid, start time and bytes; a damaged one reads as a dead writer's
+    that counted nothing."""
+    if len(value) != _RESERVATION.size:
+        return 0, 0, 0
+    pid, started, cost = _RESERVATION.unpack(value)
+    return int(pid), int(started), int(cost)
+
+
+def _writer_alive(pid: int, started: int) -> bool:
+    """Whether the process that reserved a slot is still there: its pid, started then."""
+    return pid > 0 and _pid_alive(pid) and _start_time(pid) == started
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -210,6 +236,7 @@ class PieceCache:
         self.piece_size = piece_size
         self._env = _open_index(path, max_size)
         self._touched: dict[bytes, None] = {}
+        self._started = _start_time(os.getpid())  # marks this process's reservations
         # Counted for this process's metrics (evictions are counted node-wide, in ``meta``).
         self.corrupt_pieces_found = 0
         try:
@@ -599,7 +626,7 @@ class PieceCache:
                     if piece is not None
                 )
                 reserved = sum(
-                    _RESERVATION.unpack(value)[1] for _, value in txn.cursor(db=self._reserved)
+                    _unpack_reservation(value)[2] for _, value in txn.cursor(db=self._reserved)
                 )
                 return self._total(txn), held + reserved
         except lmdb.Error as error:
@@ -667,7 +694,8 @@ class PieceCache:
             if total + cost > self.max_size:
                 return _NOT_STORED
         slot = self._take_slot(txn)
-        txn.put(_U64.pack(slot), _RESERVATION.pack(os.getpid(), cost), db=self._reserved)
+        writer = _RESERVATION.pack(os.getpid(), self._started, cost)
+        txn.put(_U64.pack(slot), writer, db=self._reserved)
         txn.put(b"total", _U64.pack(total + cost), db=self._meta)
         return slot
 
@@ -709,8 +737,8 @@ class PieceCache:
             dead = [
                 (int(_U64.unpack(key)[0]), cost)
                 for key, value in txn.cursor(db=self._reserved)
-                for pid, cost in [_RESERVATION.unpack(value)]
-                if not _pid_alive(pid)
+                for pid, started, cost in [_unpack_reservation(value)]
+                if not _writer_alive(pid, started)
             ]
             for slot, cost in dead:
                 txn.delete(_U64.pack(slot), db=self._reserved)
