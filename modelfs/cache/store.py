@@ -673,7 +673,9 @@ class PieceCache:
             self._delete_piece(txn, key)
             return None
         if write.vouched and not stored.vouched:
-            if stored.checksum != (checksum or piece_checksum(write.data)):
+            if checksum is None:
+                checksum = piece_checksum(write.data)
+            if stored.checksum != checksum:
                 self._delete_piece(txn, key)
                 return None
             self._set_vouched(txn, key)
