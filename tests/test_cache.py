@@ -205,6 +205,59 @@ def test_lease_of_a_dead_process_is_ignored(tmp_path: Path) -> None:
     cache.close()
 
 
+def _lease_values(tmp_path: Path, values: dict[bytes, bytes]) -> None:
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        leases = env.open_db(b"leases", txn=txn)
+        for key, value in values.items():
+            txn.put(key, value, db=leases)
+    env.close()
+
+
+def test_a_lease_of_a_dead_process_whose_pid_was_given_again_is_ignored(tmp_path: Path) -> None:
+    """In a container a new process often gets a dead one's pid: a lease is its holder's by pid
+    and start time. Here this very pid, started at another time, leased A whole."""
+    make(tmp_path).close()
+    pid = os.getpid()
+    _lease_values(tmp_path, {f"{A}/{pid}".encode(): struct.pack("<Q", 1) + b"whole"})
+    cache = make(tmp_path, 2 * (PIECE + 8))
+    cache.put(A, 0, bytes(PIECE), 4 * PIECE)
+    assert cache.room() == 2 * (PIECE + 8)  # A is held by no one
+    cache.put(B, 0, bytes(PIECE), 4 * PIECE)
+    cache.put(B, 1, bytes(PIECE), 4 * PIECE)
+    assert not cache.has(A, 0)  # evicted, though "leased whole" by a pid that is alive
+    cache.close()
+
+
+def test_a_lease_written_before_start_times_were_kept_still_holds(tmp_path: Path) -> None:
+    make(tmp_path).close()
+    pid = os.getpid()
+    _lease_values(tmp_path, {f"{A}/{pid}".encode(): b"whole", f"{B}/{pid}".encode(): b"\x01"})
+    cache = make(tmp_path, 2 * (PIECE + 8))
+    cache.put(A, 0, bytes(PIECE), 4 * PIECE)
+    cache.put(B, 0, bytes(PIECE), 4 * PIECE)  # B's lease value is damaged: no lease
+    cache.put(C, 0, bytes(PIECE), 4 * PIECE)
+    assert cache.has(A, 0) and not cache.has(B, 0)
+    cache.close()
+
+
+def test_a_plain_lease_writes_over_a_dead_holders_whole_one(tmp_path: Path) -> None:
+    make(tmp_path).close()
+    pid = os.getpid()
+    _lease_values(tmp_path, {f"{A}/{pid}".encode(): struct.pack("<Q", 1) + b"whole"})
+    cache = make(tmp_path, 3 * (PIECE + 8))
+    cache.put(A, 0, bytes(PIECE), 4 * PIECE)
+    cache.lease([A])  # this process's now: held, though not whole
+    assert cache.room() == 3 * (PIECE + 8) - PIECE
+    cache.lease([B], whole=True)
+    cache.lease([B])  # does not undo this process's own whole lease
+    cache.put(B, 0, bytes(PIECE), 4 * PIECE)
+    cache.put(C, 0, bytes(PIECE), 4 * PIECE)
+    cache.put(C, 1, bytes(PIECE), 4 * PIECE)
+    assert cache.has(B, 0) and not cache.has(A, 0)
+    cache.close()
+
+
 def test_piece_larger_than_the_cache_is_not_stored(tmp_path: Path) -> None:
     cache = make(tmp_path, PIECE // 2)
     assert cache.put(A, 0, bytes(PIECE), PIECE).stored is False

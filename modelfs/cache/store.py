@@ -100,7 +100,11 @@ class PutResult:
 
 
 _NOT_STORED = PutResult(stored=False, blob_complete=False)
-_WHOLE = b"whole"  # the value of a lease on a blob none of whose pieces may be evicted
+# A lease's value: its holder's start time (so a new process given a dead holder's pid is not
+# taken for it), then ``_WHOLE`` for a blob none of whose pieces may be evicted. Versions before
+# the start time wrote ``b""`` or ``_WHOLE`` alone: those holders are known by pid only.
+_LEASE_STARTED = struct.Struct("<Q")
+_WHOLE = b"whole"
 
 
 @dataclass(frozen=True)
@@ -173,9 +177,28 @@ def _unpack_reservation(value: bytes | memoryview) -> tuple[int, int, int]:
     return int(pid), int(started), int(cost)
 
 
-def _writer_alive(pid: int, started: int) -> bool:
-    """Whether the process that reserved a slot is still there: its pid, started then."""
-    return pid > 0 and _pid_alive(pid) and _start_time(pid) == started
+def _process_alive(pid: int, started: int | None) -> bool:
+    """Whether the process that reserved a slot or holds a lease is still there: its pid,
+    started then (``None``: not known, the pid alone)."""
+    if pid <= 0 or not _pid_alive(pid):
+        return False
+    return started is None or _start_time(pid) == started
+
+
+def _lease_value(started: int, whole: bool) -> bytes:
+    return _LEASE_STARTED.pack(started) + (_WHOLE if whole else b"")
+
+
+def _unpack_lease(value: bytes | memoryview) -> tuple[int | None, bool] | None:
+    """A lease value's holder start time (None if written before it was kept) and whether the
+    lease is whole; None for a damaged value (read as a dead holder's)."""
+    value = bytes(value)
+    if value in (b"", _WHOLE):
+        return None, value == _WHOLE
+    started, rest = value[: _LEASE_STARTED.size], value[_LEASE_STARTED.size :]
+    if len(started) != _LEASE_STARTED.size or rest not in (b"", _WHOLE):
+        return None
+    return int(_LEASE_STARTED.unpack(started)[0]), rest == _WHOLE
 
 
 def _pid_alive(pid: int) -> bool:
@@ -520,8 +543,13 @@ class PieceCache:
         pid = os.getpid()
         with self._env.begin(write=True, db=self._leases) as txn:
             for digest in digests:
-                # A plain lease does not undo a whole one.
-                txn.put(f"{digest}/{pid}".encode(), _WHOLE if whole else b"", overwrite=whole)
+                key = f"{digest}/{pid}".encode()
+                held = txn.get(key)
+                # A plain lease does not undo this process's whole one (a dead holder's with the
+                # same pid is written over).
+                if not whole and held is not None and _unpack_lease(held) == (self._started, True):
+                    continue
+                txn.put(key, _lease_value(self._started, whole))
 
     def room(self) -> int:
         """Bytes a new blob can have: the limit less what the blobs live processes lease hold
@@ -740,7 +768,7 @@ class PieceCache:
                 (int(_U64.unpack(key)[0]), cost)
                 for key, value in txn.cursor(db=self._reserved)
                 for pid, started, cost in [_unpack_reservation(value)]
-                if not _writer_alive(pid, started)
+                if not _process_alive(pid, started)
             ]
             for slot, cost in dead:
                 txn.delete(_U64.pack(slot), db=self._reserved)
@@ -826,9 +854,10 @@ class PieceCache:
         leased, whole, stale = set(), set(), []
         for key, value in txn.cursor(db=self._leases):
             digest, _, pid = bytes(key).decode().rpartition("/")
-            if _pid_alive(int(pid)):
+            lease = _unpack_lease(value)
+            if lease is not None and _process_alive(int(pid), lease[0]):
                 leased.add(digest)
-                if value == _WHOLE:
+                if lease[1]:
                     whole.add(digest)
             else:
                 stale.append(bytes(key))
