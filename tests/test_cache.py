@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from mounting import modelfs
 
 from modelfs.cache import PieceCache, PieceWrite, PutResult, piece_checksum
 from modelfs.cache.store import PIECES_FILE
+from modelfs.cli.mount import _died
 from modelfs.errors import CacheError
 
 PIECE = 1024
@@ -476,10 +478,7 @@ def test_a_damaged_index_is_refused_in_one_line_that_says_what_to_do(tmp_path: P
     for index in range(4):
         cache.put(A, index, bytes([index]) * PIECE, 4 * PIECE)
     cache.close()
-    data = tmp_path / "data.mdb"
-    with data.open("r+b") as file:  # every page but LMDB's two meta pages
-        file.seek(2 * 4096)
-        file.write(b"\xff" * (data.stat().st_size - 2 * 4096))
+    _damage_every_index_page(tmp_path)
     with pytest.raises(CacheError) as raised:
         make(tmp_path)
     message = str(raised.value)
@@ -489,6 +488,76 @@ def test_a_damaged_index_is_refused_in_one_line_that_says_what_to_do(tmp_path: P
     verify = modelfs("cache", "verify", "--cache-dir", str(tmp_path))
     assert verify.returncode == 1
     assert verify.stderr == f"modelfs: error: {message}\n"
+
+
+def _damage_every_index_page(cache_dir: Path) -> None:
+    data = cache_dir / "data.mdb"
+    with data.open("r+b") as file:  # every page but LMDB's two meta pages
+        file.seek(2 * 4096)
+        file.write(b"\xff" * (data.stat().st_size - 2 * 4096))
+
+
+def test_an_index_damaged_while_in_use_puts_the_cache_out_of_use_not_the_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by damaging the index under live mounts: LMDB's errors came out of reads (EIO) and
+    out of the mount (it died). Now the cache answers as one that holds nothing, said once."""
+    cache = make(tmp_path)
+    for index in range(4):
+        cache.put(A, index, bytes([index]) * PIECE, 4 * PIECE, vouched=True)
+    assert cache.get(A, 0) == bytes(PIECE)
+    _damage_every_index_page(tmp_path)  # under the open cache, as disk rot would
+    assert cache.get(A, 1) is None
+    assert cache.damage is not None
+    assert cache.damage.startswith(f"the cache's index at {tmp_path} is damaged (")
+    assert not cache.has(A, 2)
+    assert cache.missing(A, 4 * PIECE) == [0, 1, 2, 3]
+    assert cache.put(B, 0, b"b" * PIECE, PIECE, vouched=True).stored is False
+    assert cache.put_many([PieceWrite(B, 1, b"b", 2 * PIECE)]) == [PutResult(False, False)]
+    cache.lease([A], whole=True)
+    cache.release([A])
+    assert cache.get_meta("manifest/x") is None
+    assert cache.stats().size == 0 and cache.room() == 0
+    assert [record.message for record in caplog.records if record.levelname == "ERROR"] == [
+        f"{cache.damage}; this process goes on without the cache"
+    ]
+    with pytest.raises(CacheError) as raised:
+        cache.raise_if_out_of_use()
+    assert str(raised.value) == cache.damage
+    cache.close()
+
+
+def test_a_mount_killed_by_sigbus_is_told_as_a_damaged_index(tmp_path: Path) -> None:
+    """LMDB maps its file: a damaged page pointing past the file's end kills the reader with
+    SIGBUS, which no Python code can catch. The mount command says what to do instead of
+    "status -7"."""
+    killed = signal.SIGBUS  # the wait status of a process the signal killed
+    message = _died(killed, tmp_path / "mount.log", tmp_path)
+    assert message == (
+        "the mount process was killed by SIGBUS, as a damaged cache index does; remove the "
+        f"cache at {tmp_path} or use another --cache-dir (see {tmp_path / 'mount.log'})"
+    )
+    assert _died(1 << 8, tmp_path / "mount.log", tmp_path).startswith(
+        "the mount process exited with status 1;"
+    )
+
+
+def test_a_damaged_record_naming_any_slot_and_length_is_a_miss(tmp_path: Path) -> None:
+    """A record that parses but holds garbage (a 4 GiB length, a slot past any file) made a
+    read of 4 GiB, or an offset the kernel cannot take (the mount died of OverflowError)."""
+    cache = make(tmp_path)
+    cache.put(A, 0, b"a" * PIECE, 2 * PIECE, vouched=True)
+    cache.put(A, 1, b"b" * PIECE, 2 * PIECE, vouched=True)
+    with cache._env.begin(write=True, db=cache._pieces) as txn:
+        for index, (slot, length) in enumerate([(0, (1 << 32) - 1), (1 << 63, PIECE)]):
+            key = f"{A}/{index:010d}".encode()
+            checksum = struct.unpack("<QIQB", txn.get(key))[2]
+            txn.put(key, struct.pack("<QIQB", slot, length, checksum, 1))
+    assert cache.get(A, 0) is None and cache.get(A, 1) is None
+    assert list(cache.stored_pieces(A, 2 * PIECE)) == [None, None]
+    assert cache.put(A, 0, b"a" * PIECE, 2 * PIECE, vouched=True).stored  # fetched again
+    assert cache.get(A, 0) == b"a" * PIECE
+    cache.close()
 
 
 def test_a_vouched_write_vouches_only_for_the_same_bytes_stored_before(tmp_path: Path) -> None:

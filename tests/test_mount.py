@@ -528,6 +528,35 @@ def test_cache_survives_remount_and_corruption_is_refetched(
     assert proxy.blob_bytes == 4 * MIB  # just the damaged piece, fetched again
 
 
+def test_a_mount_goes_on_from_the_registry_when_its_cache_index_is_damaged_under_it(
+    registry: Registry, proxy: Proxy, mnt: Path, cache_dir: Path
+) -> None:
+    """Found by damaging the index under live mounts: LMDB's errors failed reads with EIO or
+    killed the mount. Now the mount logs it once and reads from the registry, every byte right."""
+    data = os.urandom(64 * MIB)  # more than a mount keeps in memory: reads reach the cache
+    repository = f"test/damaged-index-{uuid.uuid4().hex[:8]}"
+    digest = push_artifact(registry.host, repository, "v1", [raw("w.bin", data)])
+    with mounted(f"{proxy.host}/{repository}@{digest}", mnt, cache_dir):
+        assert (mnt / "w.bin").read_bytes() == data
+        wait_cached(cache_dir, data)
+        index = cache_dir / "data.mdb"
+        with index.open("r+b") as file:  # every page but LMDB's two meta pages
+            file.seek(2 * 4096)
+            file.write(b"\xff" * (index.stat().st_size - 2 * 4096))
+        proxy.reset()
+        fd = os.open(mnt / "w.bin", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the reads reach the mount
+            assert os.pread(fd, len(data), 0) == data
+        finally:
+            os.close(fd)
+        assert proxy.blob_bytes >= 4 * MIB  # from the registry, not the damaged cache
+        assert (mnt / "w.bin").stat().st_size == len(data)  # still serving
+    (log,) = (cache_dir / "logs").glob("mount-*.log")
+    lines = [line for line in log.read_text().splitlines() if "goes on without the cache" in line]
+    assert len(lines) == 1 and f"the cache's index at {cache_dir} is damaged (" in lines[0]
+
+
 def test_two_mounts_share_one_cache(
     model: Model, proxy: Proxy, tmp_path: Path, cache_dir: Path
 ) -> None:

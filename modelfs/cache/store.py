@@ -9,7 +9,8 @@ holds what says which bytes are which, in named sub-databases:
 - ``stamps``: ``<digest>/<index>`` -> the piece's last-use stamp (8 bytes, big endian).
 - ``lru``:    stamp + ``<digest>/<index>`` -> empty; iterated in order, oldest first, to evict.
 - ``blobs``:  ``<digest>`` -> size, pieces present, verified flag.
-- ``leases``: ``<digest>/<pid>`` -> empty: blobs a live process is reading are evicted last.
+- ``leases``: ``<digest>/<pid>`` -> the holder's start time, and whether the lease is whole: blobs
+  a live process is reading are evicted last.
 - ``reserved``: slot -> the process writing a piece into it (pid, start time) and the bytes it
   counts (see below).
 - ``meta``:   small records (the stamp clock, total bytes, slots made, manifests, configs, tar
@@ -23,9 +24,11 @@ is invisible to every reader on the node until it is vouched for.
 
 The checksum is checked on every read, on the copy that is served: a write lost in a power cut, a
 slot another process reused meanwhile, or disk rot all read as a miss, and the piece is fetched
-again. LMDB serialises writers across processes, so the size accounting in ``meta`` is exact and
-the limit holds for the whole node. The new stamps of pieces read are written with the next write
-transaction rather than making every read a write.
+again. A damaged index found while the cache is in use (LMDB reports a page of the wrong type, say)
+puts the cache out of use for the process: logged once, every answer from then on is "not cached",
+and a mount goes on from its sources. LMDB serialises writers across processes, so the size
+accounting in ``meta`` is exact and the limit holds for the whole node. The new stamps of pieces
+read are written with the next write transaction rather than making every read a write.
 
 LMDB's write transaction is one lock for the whole node, so a piece's bytes are not written inside
 one: a short transaction reserves its slot (counted against the limit, in ``reserved``), the bytes
@@ -37,13 +40,14 @@ frees it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import lmdb
 import xxhash
@@ -66,6 +70,7 @@ _FORMAT = b"modelfs-cache-3"
 # Formats before 3 kept pieces inside LMDB: such a cache is made again, empty.
 _OLDER_FORMATS = (b"modelfs-cache-1", b"modelfs-cache-2")
 _TOUCH_FLUSH = 256  # pending stamp updates that force a write
+_MOST_SLOTS = 1 << 62  # bytes: a slot's offset must fit in a file offset (63 bits)
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,56 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _unless_damaged(otherwise: Callable[..., object]) -> Callable[[_Method], _Method]:
+    """The method, until the index is found damaged; from then on (and for the call that found
+    it) ``otherwise``'s answer, given the same arguments: what a cache holding nothing says."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def guarded(cache: PieceCache, /, *args: Any, **kwargs: Any) -> Any:
+            if cache.damage is None:
+                try:
+                    return method(cache, *args, **kwargs)
+                except lmdb.Error as error:
+                    cache.put_out_of_use(error)
+            return otherwise(cache, *args, **kwargs)
+
+        return cast(_Method, guarded)
+
+    return wrap
+
+
+def _nothing(*_: Any, **__: Any) -> None:
+    return None
+
+
+def _no(*_: Any, **__: Any) -> bool:
+    return False
+
+
+def _none_listed(*_: Any, **__: Any) -> list[Any]:
+    return []
+
+
+def _zero(*_: Any, **__: Any) -> int:
+    return 0
+
+
+def _nothing_stored(_: PieceCache, writes: Sequence[PieceWrite], *__: Any) -> list[PutResult]:
+    return [_NOT_STORED] * len(writes)
+
+
+def _every_piece(cache: PieceCache, digest: str, blob_size: int) -> list[int]:
+    return list(range(piece_count(blob_size, cache.piece_size)))
+
+
+def _empty_stats(cache: PieceCache) -> CacheStats:
+    return CacheStats(size=0, limit=cache.max_size, pieces=0, blobs=0, evicted_pieces=0)
+
+
 def _make_private(*paths: Path) -> None:
     """Models are often private: the cache is its owner's alone (0700, files 0600), also when
     an older modelfs made it world-readable. Another user's cache is left as it is."""
@@ -258,6 +313,8 @@ class PieceCache:
         self.max_size = max_size
         self.piece_size = piece_size
         self._env = _open_index(path, max_size)
+        # Why the cache is out of use for this process (its index found damaged), else None.
+        self.damage: str | None = None
         self._touched: dict[bytes, None] = {}
         self._started = _start_time(os.getpid())  # marks this process's reservations
         # Counted for this process's metrics (evictions are counted node-wide, in ``meta``).
@@ -300,6 +357,18 @@ class PieceCache:
             f"the cache's index at {self.path} is damaged ({error}); remove the cache or use "
             "another --cache-dir"
         )
+
+    def put_out_of_use(self, error: lmdb.Error) -> None:
+        """Stop using the cache: its index was found damaged while in use. Logged once; from
+        then on it answers as a cache that holds nothing, and a mount goes on from its sources."""
+        if self.damage is None:
+            self.damage = str(self._damaged(error))
+            log.error("%s; this process goes on without the cache", self.damage)
+
+    def raise_if_out_of_use(self) -> None:
+        """For commands whose answer would be wrong from a cache out of use (``cache ls``)."""
+        if self.damage is not None:
+            raise CacheError(self.damage)
 
     def _older_format(self) -> bool:
         """Whether the cache was made by a modelfs that kept pieces in LMDB."""
@@ -349,6 +418,7 @@ class PieceCache:
         unvouched: bool = False,
     ) -> bytes | memoryview | bytearray | None: ...
 
+    @_unless_damaged(_nothing)
     def get(
         self,
         digest: str,
@@ -382,6 +452,8 @@ class PieceCache:
     ) -> bytes | memoryview | bytearray | None:
         """The piece's bytes, into ``into`` when it is the piece's length, else new bytes; None
         when the file does not hold them all or they fail the checksum."""
+        if not self._plausible(piece):
+            return None
         data: bytes | memoryview | bytearray
         if into is not None and len(into) == piece.length:
             complete = self._file.read_into(piece.slot, into) == piece.length
@@ -390,6 +462,11 @@ class PieceCache:
             data = self._file.read(piece.slot, piece.length)
             complete = len(data) == piece.length
         return data if complete and piece_checksum(data) == piece.checksum else None
+
+    def _plausible(self, piece: _Piece) -> bool:
+        """Whether the record could be one this cache wrote: a damaged record can name any slot
+        and length (a 4 GiB read, an offset past what a file can have), and reads as a miss."""
+        return piece.length <= self.piece_size and piece.slot < _MOST_SLOTS // self.piece_size
 
     def _drop_damaged(self, key: bytes, piece: _Piece | None) -> bool:
         """Drop a piece whose bytes failed its checksum (or whose record is damaged: ``None``),
@@ -406,6 +483,7 @@ class PieceCache:
         self.corrupt_pieces_found += 1
         return True
 
+    @_unless_damaged(_nothing)
     def get_checked(
         self, digest: str, index: int, expected: str, into: memoryview | bytearray | None
     ) -> bytes | memoryview | bytearray | None:
@@ -420,11 +498,13 @@ class PieceCache:
         self.vouch(digest, index)
         return data
 
+    @_unless_damaged(_nothing)
     def vouch(self, digest: str, index: int) -> None:
         """Mark a stored piece vouched for (the piece index checked its bytes)."""
         with self._env.begin(write=True, db=self._pieces) as txn:
             self._set_vouched(txn, _piece_key(digest, index))
 
+    @_unless_damaged(_no)
     def has(self, digest: str, index: int) -> bool:
         with self._env.begin(db=self._stamps) as txn:
             return txn.get(_piece_key(digest, index)) is not None
@@ -442,6 +522,7 @@ class PieceCache:
         ``vouched``: the piece index checked it."""
         return self.put_many([PieceWrite(digest, index, data, blob_size, vouched)])[0]
 
+    @_unless_damaged(_nothing_stored)
     def put_many(
         self, writes: Sequence[W], keep: Callable[[W], bool] = lambda write: True
     ) -> list[PutResult]:
@@ -471,13 +552,15 @@ class PieceCache:
                         for write, slot in zip(writes, slots, strict=True)
                     ]
             return results
-        except (lmdb.Error, OSError) as error:
+        except OSError as error:
             raise CacheError(f"cannot write to the cache at {self.path}: {error}") from error
 
+    @_unless_damaged(_nothing)
     def drop_piece(self, digest: str, index: int) -> None:
         with self._env.begin(write=True) as txn:
             self._delete_piece(txn, _piece_key(digest, index))
 
+    @_unless_damaged(_nothing)
     def drop_blob(self, digest: str) -> None:
         """Remove every piece of a blob (after it failed its digest check)."""
         prefix = f"{digest}/".encode()
@@ -493,6 +576,7 @@ class PieceCache:
                 self._delete_piece(txn, key)
             txn.delete(digest.encode(), db=self._blobs)
 
+    @_unless_damaged(_every_piece)
     def missing(self, digest: str, blob_size: int) -> list[int]:
         with self._env.begin(db=self._stamps) as txn:
             return [
@@ -503,10 +587,12 @@ class PieceCache:
 
     # -- blob state -----------------------------------------------------------------------
 
+    @_unless_damaged(_no)
     def is_verified(self, digest: str) -> bool:
         with self._env.begin() as txn:
             return self._blob_verified(txn, digest)
 
+    @_unless_damaged(_no)
     def is_complete(self, digest: str, blob_size: int) -> bool:
         with self._env.begin(db=self._blobs) as txn:
             value = txn.get(digest.encode())
@@ -514,6 +600,7 @@ class PieceCache:
             blob_size, self.piece_size
         )
 
+    @_unless_damaged(_no)
     def mark_verified(self, digest: str, blob_size: int, checksums: Sequence[int]) -> bool:
         """The blob hashed whole to its digest, over pieces of these ``piece_checksum``s: it,
         and every piece of it, is vouched for, if the cache holds those very pieces. False when
@@ -536,6 +623,7 @@ class PieceCache:
 
     # -- leases: blobs in use by a live process are evicted last ---------------------------
 
+    @_unless_damaged(_nothing)
     def lease(self, digests: list[str], *, whole: bool = False) -> None:
         """This process reads these blobs: they are evicted last. ``whole``: blobs that cannot
         be fetched again a piece at a time (a compressed layer's decompressed stream): none of
@@ -551,6 +639,7 @@ class PieceCache:
                     continue
                 txn.put(key, _lease_value(self._started, whole))
 
+    @_unless_damaged(_zero)
     def room(self) -> int:
         """Bytes a new blob can have: the limit less what the blobs live processes lease hold
         (the rest can be evicted for it)."""
@@ -563,6 +652,7 @@ class PieceCache:
                     held += min(present * self.piece_size, size)
         return max(self.max_size - held, 0)
 
+    @_unless_damaged(_nothing)
     def release(self, digests: list[str]) -> None:
         pid = os.getpid()
         with self._env.begin(write=True, db=self._leases) as txn:
@@ -571,6 +661,7 @@ class PieceCache:
 
     # -- small records ---------------------------------------------------------------------
 
+    @_unless_damaged(_nothing)
     def get_meta(self, key: str) -> bytes | None:
         """The record, or None when absent or when it fails its checksum (then it is dropped:
         every record can be fetched or derived again)."""
@@ -588,11 +679,13 @@ class PieceCache:
             return None
         return value
 
+    @_unless_damaged(_nothing)
     def put_meta(self, key: str, value: bytes) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
             checksum = _RECORD_CHECKSUM.pack(xxhash.xxh3_64_intdigest(value))
             txn.put(f"record/{key}".encode(), checksum + value)
 
+    @_unless_damaged(_empty_stats)
     def stats(self) -> CacheStats:
         with self._env.begin() as txn:
             return CacheStats(
@@ -605,6 +698,7 @@ class PieceCache:
 
     # -- operations over the whole cache (modelfs cache ls|gc|verify|rm) ----------------------
 
+    @_unless_damaged(_none_listed)
     def blob_states(self) -> list[BlobState]:
         """Every blob with at least one piece present."""
         with self._env.begin(db=self._blobs) as txn:
@@ -615,6 +709,7 @@ class PieceCache:
             ]
         return [state for state in states if state.present > 0]
 
+    @_unless_damaged(_none_listed)
     def meta_keys(self, prefix: str) -> list[str]:
         """Keys of the small records starting with ``prefix`` (as given to ``put_meta``)."""
         start = f"record/{prefix}".encode()
@@ -628,10 +723,12 @@ class PieceCache:
                     keys.append(bytes(key).decode()[len("record/") :])
         return keys
 
+    @_unless_damaged(_nothing)
     def delete_meta(self, key: str) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
             txn.delete(f"record/{key}".encode())
 
+    @_unless_damaged(_zero)
     def evict_to(self, size: int) -> int:
         """Evict least recently used pieces (blobs in use last) until at most ``size`` bytes
         are held; the bytes freed."""
@@ -660,6 +757,7 @@ class PieceCache:
         except lmdb.Error as error:
             raise self._damaged(error) from error
 
+    @_unless_damaged(_none_listed)
     def drop_corrupt_pieces(self) -> list[tuple[str, int]]:
         """Check every piece against its checksum; drop and return the ones that fail."""
         with self._env.begin(db=self._pieces) as txn:
@@ -673,10 +771,18 @@ class PieceCache:
     def stored_pieces(self, digest: str, blob_size: int) -> Iterator[bytes | None]:
         """The blob's pieces in order as stored, unchecked and without counting as a use."""
         for index in range(piece_count(blob_size, self.piece_size)):
-            with self._env.begin(db=self._pieces) as txn:
-                piece = _Piece.unpack(txn.get(_piece_key(digest, index)))
-            yield None if piece is None else self._file.read(piece.slot, piece.length)
+            piece = self._record_of(digest, index)
+            if piece is None or not self._plausible(piece):
+                yield None
+            else:
+                yield self._file.read(piece.slot, piece.length)
 
+    @_unless_damaged(_nothing)
+    def _record_of(self, digest: str, index: int) -> _Piece | None:
+        with self._env.begin(db=self._pieces) as txn:
+            return _Piece.unpack(txn.get(_piece_key(digest, index)))
+
+    @_unless_damaged(_nothing)
     def flush(self) -> None:
         """Write the stamps of pieces read since the last write."""
         if self._touched:
@@ -835,7 +941,8 @@ class PieceCache:
         txn.delete(key, db=self._pieces)
         piece = _Piece.unpack(record)
         freed = 0
-        if piece is not None:  # a damaged record's slot is lost, not reused for other bytes
+        # A damaged record's slot is lost, not reused for other bytes.
+        if piece is not None and self._plausible(piece):
             freed = _stored_size(piece.length)
             self._free_slot(txn, piece.slot, freed)
         stamp = txn.get(key, db=self._stamps)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -26,10 +28,18 @@ def cache() -> None:
     """
 
 
-def _open_cache(cache_dir: Path, cache_size: str) -> PieceCache:
+@contextmanager
+def _opened_cache(cache_dir: Path, cache_size: str) -> Iterator[PieceCache]:
+    """The cache, closed after; a damaged index found meanwhile is the command's error (a
+    cache out of use answers as if it held nothing, which is no answer here)."""
     if not (cache_dir / "data.mdb").exists():
         raise CacheError(f"no modelfs cache at {cache_dir}; pass the --cache-dir mounts use")
-    return PieceCache(cache_dir, parse_size(cache_size))
+    store = PieceCache(cache_dir, parse_size(cache_size))
+    try:
+        yield store
+    finally:
+        store.close()
+    store.raise_if_out_of_use()
 
 
 @cache.command("ls", short_help="List cached models and how much of each is present.")
@@ -41,12 +51,9 @@ def cache_ls(cache_dir: Path, cache_size: str) -> None:
     Example:
       modelfs cache ls
     """
-    store = _open_cache(cache_dir, cache_size)
-    try:
+    with _opened_cache(cache_dir, cache_size) as store:
         models = cached_models(store)
         stats = store.stats()
-    finally:
-        store.close()
     click.echo(f"{'MODEL':<72} {'BLOBS':>5} {'PRESENT':>12} {'TOTAL':>12} {'%':>6}")
     for model in models:
         percent = 100 * model.present_bytes / model.total_bytes if model.total_bytes else 100.0
@@ -70,12 +77,9 @@ def cache_gc(cache_dir: Path, cache_size: str, target: str) -> None:
     Example:
       modelfs cache gc --size 50G
     """
-    store = _open_cache(cache_dir, cache_size)
-    try:
+    with _opened_cache(cache_dir, cache_size) as store:
         freed = store.evict_to(parse_size(target))
         size = store.stats().size
-    finally:
-        store.close()
     click.echo(f"evicted {mib(freed)}; the cache holds {mib(size)}")
 
 
@@ -91,11 +95,8 @@ def cache_verify(cache_dir: Path, cache_size: str) -> None:
     Example:
       modelfs cache verify
     """
-    store = _open_cache(cache_dir, cache_size)
-    try:
+    with _opened_cache(cache_dir, cache_size) as store:
         report = verify(store)
-    finally:
-        store.close()
     for digest, index in report.corrupt_pieces:
         click.echo(f"corrupt piece {index} of {digest}: dropped")
     for digest in report.corrupt_blobs:
@@ -128,14 +129,11 @@ def cache_rm(
     Example:
       modelfs cache rm registry.example.com/models/qwen:v1
     """
-    store = _open_cache(cache_dir, cache_size)
-    try:
+    with _opened_cache(cache_dir, cache_size) as store:
         if reference.startswith("sha256:"):
             digest = reference
         else:
             settings = SourceSettings(plain_http=plain_http, insecure=insecure, hosts_dir=hosts_dir)
             digest = trio.run(resolve_digest, parse_any_reference(reference), store, settings)
         dropped = remove_model(store, digest)
-    finally:
-        store.close()
     click.echo(f"removed {digest} and {len(dropped)} blobs")

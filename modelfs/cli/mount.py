@@ -388,11 +388,19 @@ def _mount_in_background(options: MountOptions) -> NoReturn:
         sys.stderr.flush()
         os._exit(0)
     _, status = os.waitpid(pid, 0)
-    raise ModelfsError(
-        report.strip()
-        or f"the mount process exited with status {os.waitstatus_to_exitcode(status)}; "
-        f"see {log_path}"
-    )
+    raise ModelfsError(report.strip() or _died(status, log_path, options.cache_dir))
+
+
+def _died(status: int, log_path: Path, cache_dir: Path) -> str:
+    """Why the mount process ended before it was ready, when it could not say so itself."""
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
+        # LMDB maps the index: a damaged page can point past the file's end, read there.
+        return (
+            f"the mount process was killed by SIGBUS, as a damaged cache index does; remove the "
+            f"cache at {cache_dir} or use another --cache-dir (see {log_path})"
+        )
+    code = os.waitstatus_to_exitcode(status)
+    return f"the mount process exited with status {code}; see {log_path}"
 
 
 @click.command()

@@ -120,6 +120,7 @@ def preheat(
     try:
         for ref in refs:
             _preheat_one(ref, cache, settings, hints_only, as_json, cluster)
+        cache.raise_if_out_of_use()  # else it fetched what it could not keep
     finally:
         cache.close()
 

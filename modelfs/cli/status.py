@@ -102,6 +102,8 @@ def status(control_socket: Path, as_json: bool, snapshotter_root: Path) -> None:
         f"{cache_state['blobs']} blobs, hit ratio "
         + ("-" if ratio is None else f"{100 * ratio:.0f}%")
     )
+    if cache_state.get("damage"):
+        click.echo(f"cache out of use: {cache_state['damage']}")
     if "cluster" in reply:
         for line in describe_cluster(reply["cluster"]):
             click.echo(line)

@@ -137,7 +137,8 @@ class CacheWriter:
         results = await trio.to_thread.run_sync(self._cache.put_many, writes, self._still_good)
         for write, result in zip(writes, results, strict=True):
             self._dequeue(write)
-            if not result.stored and self._still_good(write):
+            # A cache out of use (its index damaged) said so once, when it was found.
+            if not result.stored and self._still_good(write) and self._cache.damage is None:
                 log.warning(
                     "cache full: piece %d of %s served without caching", write.index, write.digest
                 )

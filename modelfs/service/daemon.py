@@ -109,6 +109,7 @@ class Daemon:
                 "evicted_pieces": sample.cache.evicted_pieces,
                 "models": len(self.cache.meta_keys("manifest/")),
                 "hit_ratio": hit_ratio(live),
+                "damage": self.cache.damage,  # None, or why it is out of use
             },
         }
 
