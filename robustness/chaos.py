@@ -156,11 +156,20 @@ def _answers(port: int, probe: bytes = b"", reply: bytes = b"") -> bool:
         return False
 
 
+# Every kind of fault, by the name of the method that injects it.
+FAULTS = (
+    "kill_mount", "registry_restart", "registry_freeze", "trickle", "answer_500", "answer_429",
+    "cut_bodies", "flip_bytes", "fill_cache", "damage_cache", "kill_daemon", "kill_scheduler",
+    "kill_redis", "expire_redirects",
+)  # fmt: skip
+
+
 class Chaos:
-    def __init__(self, root: Path, seed: int, seconds: float) -> None:
+    def __init__(self, root: Path, seed: int, seconds: float, only: str | None = None) -> None:
         self.root = root
         self.rng = random.Random(seed)
         self.seconds = seconds
+        self.only = only  # the one kind of fault injected, else every kind
         self.figures = Figures()
         self.stop = threading.Event()
         self.current = "none yet"  # the fault last injected
@@ -359,12 +368,8 @@ class Chaos:
     # -- faults -----------------------------------------------------------------------------
 
     def faults(self) -> list[Callable[[], None]]:
-        return [
-            self.kill_mount, self.registry_restart, self.registry_freeze, self.trickle,
-            self.answer_500, self.answer_429, self.cut_bodies, self.flip_bytes,
-            self.fill_cache, self.damage_cache, self.kill_daemon, self.kill_scheduler,
-            self.kill_redis, self.expire_redirects,
-        ]  # fmt: skip
+        """The faults to inject: every kind, or the one asked for."""
+        return [getattr(self, name) for name in FAULTS if self.only in (None, name)]
 
     def kill_daemon(self) -> None:
         self.daemon.kill()  # its mount process goes on serving; the next daemon adopts it
@@ -520,13 +525,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120, help="How long faults are injected.")
     parser.add_argument("--faults", type=int, default=200, help="Most faults injected.")
     parser.add_argument("--seed", type=int, help="Seed of the run (default: a random one).")
+    parser.add_argument(
+        "--only",
+        choices=FAULTS,
+        help="Inject this kind of fault only (every 0.5-3 s), to look at one closely.",
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     print(
-        f"scripts/chaos: seed {seed}, {args.seconds:g} s, at most {args.faults} faults", flush=True
+        f"scripts/chaos: seed {seed}, {args.seconds:g} s, at most {args.faults} faults"
+        + (f" ({args.only} only)" if args.only else ""),
+        flush=True,
     )
     root = Path(tempfile.mkdtemp(prefix="modelfs-chaos-"))
-    chaos = Chaos(root, seed, args.seconds)
+    chaos = Chaos(root, seed, args.seconds, args.only)
     leaked = (0, 0)
     started = time.monotonic()
     try:

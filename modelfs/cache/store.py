@@ -70,7 +70,7 @@ _FORMAT = b"modelfs-cache-3"
 # Formats before 3 kept pieces inside LMDB: such a cache is made again, empty.
 _OLDER_FORMATS = (b"modelfs-cache-1", b"modelfs-cache-2")
 _TOUCH_FLUSH = 256  # pending stamp updates that force a write
-_MOST_SLOTS = 1 << 62  # bytes: a slot's offset must fit in a file offset (63 bits)
+_LARGEST_OFFSET = 1 << 62  # a slot's offset must fit in a file offset (63 bits)
 
 
 @dataclass(frozen=True)
@@ -466,7 +466,7 @@ class PieceCache:
     def _plausible(self, piece: _Piece) -> bool:
         """Whether the record could be one this cache wrote: a damaged record can name any slot
         and length (a 4 GiB read, an offset past what a file can have), and reads as a miss."""
-        return piece.length <= self.piece_size and piece.slot < _MOST_SLOTS // self.piece_size
+        return piece.length <= self.piece_size and piece.slot < _LARGEST_OFFSET // self.piece_size
 
     def _drop_damaged(self, key: bytes, piece: _Piece | None) -> bool:
         """Drop a piece whose bytes failed its checksum (or whose record is damaged: ``None``),
