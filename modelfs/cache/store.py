@@ -302,6 +302,13 @@ def _open_index(path: Path, max_size: int) -> lmdb.Environment:
             f"the cache at {path} is truncated (data.mdb is shorter than its {needed} bytes); "
             "remove it or use another --cache-dir"
         )
+    # A damaged page can also name bytes past the file's end (a value whose size runs beyond
+    # it), and reading them there is SIGBUS. So the map's whole length is file, sparse (no
+    # disk): such a read finds zeros, which LMDB reports as damage and the cache goes out of
+    # use. Only extended, never cut: LMDB writes its pages at their offsets.
+    data, map_size = path / "data.mdb", environment.info()["map_size"]
+    if data.stat().st_size < map_size:
+        os.truncate(data, map_size)
     return environment
 
 
