@@ -271,7 +271,14 @@ class Chaos:
             time.sleep(1)
 
     def umount(self, number: int) -> None:
-        subprocess.run([*MODELFS, "umount", str(self.mountpoints[number])], capture_output=True)
+        """Unmount, waiting out the reads in flight: a mount with a file open is busy and
+        refuses, as any filesystem does (each read is bounded)."""
+        deadline = time.monotonic() + 2 * READ_BOUND
+        argv = [*MODELFS, "umount", str(self.mountpoints[number])]
+        while subprocess.run(argv, capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot unmount {self.mountpoints[number]}: still busy")
+            time.sleep(0.2)
 
     def tear_down(self) -> tuple[int, int]:
         """Unmount, stop everything; the mounts and processes that outlived an orderly stop."""

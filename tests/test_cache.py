@@ -527,6 +527,24 @@ def test_an_index_damaged_while_in_use_puts_the_cache_out_of_use_not_the_process
     cache.close()
 
 
+def test_records_of_the_wrong_size_are_damage_too(tmp_path: Path) -> None:
+    """Found by scripts/chaos --only damage_cache: a key or value of the wrong size made
+    struct.error come out of opening the cache (the mount "failed unexpectedly", every time)
+    or out of a lookup."""
+    cache = make(tmp_path)
+    cache.put(A, 0, b"a" * PIECE, 2 * PIECE, vouched=True)
+    with cache._env.begin(write=True, db=cache._blobs) as txn:
+        txn.put(A.encode(), b"\x01\x02")  # a blob's state, cut short
+    assert cache.is_complete(A, 2 * PIECE) is False
+    assert cache.damage is not None and "unpack requires a buffer" in cache.damage
+    cache.close()
+    with lmdb.open(str(tmp_path), max_dbs=8) as env, env.begin(write=True) as txn:
+        txn.put(b"\x07", b"", db=env.open_db(b"reserved", txn=txn))  # a slot key, cut short
+    with pytest.raises(CacheError) as raised:
+        make(tmp_path)
+    assert str(raised.value).startswith(f"the cache's index at {tmp_path} is damaged (")
+
+
 def test_a_mount_killed_by_sigbus_is_told_as_a_damaged_index(tmp_path: Path) -> None:
     """LMDB maps its file: a damaged page pointing past the file's end kills the reader with
     SIGBUS, which no Python code can catch. The mount command says what to do instead of

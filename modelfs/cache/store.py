@@ -71,6 +71,9 @@ _FORMAT = b"modelfs-cache-3"
 _OLDER_FORMATS = (b"modelfs-cache-1", b"modelfs-cache-2")
 _TOUCH_FLUSH = 256  # pending stamp updates that force a write
 _LARGEST_OFFSET = 1 << 62  # a slot's offset must fit in a file offset (63 bits)
+# What reading a damaged index raises: LMDB's own errors, and keys or values of the wrong size or
+# bytes (struct's and decoding's errors).
+_DAMAGE = (lmdb.Error, struct.error, ValueError)
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def _unless_damaged(otherwise: Callable[..., object]) -> Callable[[_Method], _Me
             if cache.damage is None:
                 try:
                     return method(cache, *args, **kwargs)
-                except lmdb.Error as error:
+                except _DAMAGE as error:
                     cache.put_out_of_use(error)
             return otherwise(cache, *args, **kwargs)
 
@@ -328,7 +331,7 @@ class PieceCache:
         self.corrupt_pieces_found = 0
         try:
             self._open_databases()
-        except lmdb.Error as error:
+        except _DAMAGE as error:
             self._env.close()
             raise self._damaged(error) from error
         try:
@@ -340,7 +343,7 @@ class PieceCache:
             ) from error
         try:
             self._free_dead_reservations()
-        except lmdb.Error as error:
+        except _DAMAGE as error:
             self.close()
             raise self._damaged(error) from error
 
@@ -359,13 +362,13 @@ class PieceCache:
         self._reserved = self._env.open_db(b"reserved")
         self._check_format()
 
-    def _damaged(self, error: lmdb.Error) -> CacheError:
+    def _damaged(self, error: Exception) -> CacheError:
         return CacheError(
             f"the cache's index at {self.path} is damaged ({error}); remove the cache or use "
             "another --cache-dir"
         )
 
-    def put_out_of_use(self, error: lmdb.Error) -> None:
+    def put_out_of_use(self, error: Exception) -> None:
         """Stop using the cache: its index was found damaged while in use. Logged once; from
         then on it answers as a cache that holds nothing, and a mount goes on from its sources."""
         if self.damage is None:
@@ -761,7 +764,7 @@ class PieceCache:
                     _unpack_reservation(value)[2] for _, value in txn.cursor(db=self._reserved)
                 )
                 return self._total(txn), held + reserved
-        except lmdb.Error as error:
+        except _DAMAGE as error:
             raise self._damaged(error) from error
 
     @_unless_damaged(_none_listed)
