@@ -83,6 +83,7 @@ class Figures:
     # Caches whose size counted against their limit is not what their pieces add up to, once
     # every process stopped (a mount killed while writing must leave nothing counted).
     miscounted_caches: list[str] = field(default_factory=list)
+    caches_removed: int = 0  # a mount refused a damaged cache and said to remove it
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -266,6 +267,9 @@ class Chaos:
                 return
             refusals.append(_refusal(result.stderr))
             self.figures.mount_refusals[refusals[-1]] += 1
+            if "remove the cache" in result.stderr:  # as an operator would, told so
+                shutil.rmtree(self.caches[number])
+                self.figures.caches_removed += 1
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cannot mount {mountpoint}, refused: {Counter(refusals)}")
             time.sleep(1)
@@ -609,7 +613,8 @@ def main() -> int:
     for refusal, count in figures.mount_refusals.most_common():
         print(f"  {count:>6}  {refusal}")
     print(
-        f"caches whose counted size is not their pieces': {len(figures.miscounted_caches)}"
+        f"caches removed as a refused mount said: {figures.caches_removed}; caches whose "
+        f"counted size is not their pieces': {len(figures.miscounted_caches)}"
         + "".join(f"\n  {line}" for line in figures.miscounted_caches)
     )
     ok = (

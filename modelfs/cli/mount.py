@@ -391,13 +391,18 @@ def _mount_in_background(options: MountOptions) -> NoReturn:
     raise ModelfsError(report.strip() or _died(status, log_path, options.cache_dir))
 
 
+# How LMDB ends a process on a damaged index: an assertion (abort), or a damaged page read
+# through its map past the file or the map.
+_INDEX_DAMAGE_SIGNALS = (signal.SIGABRT, signal.SIGBUS, signal.SIGSEGV)
+
+
 def _died(status: int, log_path: Path, cache_dir: Path) -> str:
     """Why the mount process ended before it was ready, when it could not say so itself."""
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
-        # LMDB maps the index: a damaged page can point past the file's end, read there.
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) in _INDEX_DAMAGE_SIGNALS:
+        name = signal.Signals(os.WTERMSIG(status)).name
         return (
-            f"the mount process was killed by SIGBUS, as a damaged cache index does; remove the "
-            f"cache at {cache_dir} or use another --cache-dir (see {log_path})"
+            f"the mount process was killed by {name}, as a damaged cache index does (see "
+            f"{log_path}); remove the cache at {cache_dir} or use another --cache-dir"
         )
     code = os.waitstatus_to_exitcode(status)
     return f"the mount process exited with status {code}; see {log_path}"
