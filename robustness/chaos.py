@@ -13,7 +13,9 @@ Faults: SIGKILL of a mount process (a peer; then umount and mount again), of the
 scheduler and Redis (each started again after a while); the registry stopped and started, or
 frozen (SIGSTOP) for a while; its answers slowed to a trickle, 500 or 429, bodies cut mid-way,
 bytes flipped; every redirect given so far expired (its target answers 403); the tmpfs cache
-filled up for a while; a cache's LMDB index or piece file damaged on disk between two mounts.
+filled up for a while; a cache's LMDB index or piece file damaged on disk between two mounts
+(a mount that then refuses the cache and says to remove it has it removed). ``--only KIND``
+injects one kind of fault alone.
 """
 
 from __future__ import annotations

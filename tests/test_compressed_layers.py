@@ -16,15 +16,21 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
+import lmdb
 import pytest
+import trio
 import zstandard
 from model_files import random_safetensors
 from mounting import mounted
 from registry_tools import Layer, Proxy, Registry, push_artifact
 from test_mount import MIB, raw, read_tree, tar_bytes, wait_until
 
+from modelfs.cache import PieceCache
+from modelfs.errors import CacheError
 from modelfs.modelpack import ANNOTATION_FILEPATH, ANNOTATION_METADATA, layer_media_type
+from modelfs.mount.model import _decompress_into_cache
 
 MTIME = "2024-05-01T12:00:00Z"
 
@@ -195,3 +201,17 @@ def test_layer_unlike_its_annotations_fails_its_reads(
         digest = digest_of(layers[name])
         lines = [line for line in log.splitlines() if f"({digest}): the archive holds" in line]
         assert lines, f"no log line names the layer of {name}"
+
+
+def test_a_cache_out_of_use_refuses_a_compressed_layer_saying_why(tmp_path: Path) -> None:
+    """A compressed layer's stream lives in the cache only: with the cache out of use (its index
+    found damaged), inflating it fails with the damage and what to do, not with "a bigger
+    --cache-size holds it" (seen in scripts/chaos --only damage_cache)."""
+    cache = PieceCache(tmp_path, 64 * MIB)
+    cache.put_out_of_use(lmdb.CorruptedError("mdb_get: MDB_CORRUPTED"))
+    nothing = cast(Any, None)  # never reached: the cache is asked first
+    with pytest.raises(CacheError) as raised:
+        trio.run(_decompress_into_cache, nothing, "sha256:x+decompressed", nothing, cache, nothing)
+    assert str(raised.value).startswith(f"the cache's index at {tmp_path} is damaged (")
+    assert str(raised.value).endswith("remove the cache or use another --cache-dir")
+    cache.close()

@@ -279,6 +279,8 @@ async def _decompress_into_cache(
     (on its disk, private) that never passes the layer's limit (``inflate_limit``): a bomb fails
     here, with the limit it passed, and the spool goes with it.
     """
+    # Its stream lives in the cache only: one out of use (its index damaged) cannot hold it.
+    cache.raise_if_out_of_use()
     disk = os.statvfs(cache.path)
     room = InflateRoom(cache=cache.room(), disk=disk.f_bavail * disk.f_frsize)
     limit = inflate_limit(plan, room, bounds)
