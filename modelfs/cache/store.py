@@ -310,8 +310,11 @@ def _open_index(path: Path, max_size: int) -> lmdb.Environment:
     # disk): such a read finds zeros, which LMDB reports as damage and the cache goes out of
     # use. Only extended, never cut: LMDB writes its pages at their offsets.
     data, map_size = path / "data.mdb", environment.info()["map_size"]
-    if data.stat().st_size < map_size:
-        os.truncate(data, map_size)
+    try:
+        if data.stat().st_size < map_size:
+            os.truncate(data, map_size)
+    except OSError as error:  # another user's cache, say: usable, without this guard
+        log.warning("cache: could not extend %s to its map's length: %s", data, error)
     return environment
 
 
