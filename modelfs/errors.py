@@ -48,6 +48,10 @@ class CacheError(ModelfsError):
     """The local cache cannot be opened or written."""
 
 
+class StreamLostError(CacheError):
+    """A piece of a decompressed layer's stream, which only the cache holds, is gone from it."""
+
+
 class InternalError(ModelfsError):
     """A state modelfs should never reach (a bug): logged with its traceback."""
 

@@ -215,3 +215,24 @@ def test_a_cache_out_of_use_refuses_a_compressed_layer_saying_why(tmp_path: Path
     assert str(raised.value).startswith(f"the cache's index at {tmp_path} is damaged (")
     assert str(raised.value).endswith("remove the cache or use another --cache-dir")
     cache.close()
+
+
+def test_a_stream_that_lost_a_piece_is_made_again_not_asked_of_the_registry(
+    registry: Registry, tmp_path: Path, cache_dir: Path
+) -> None:
+    """Found by scripts/chaos --only damage_cache: a decompressed stream still marked whole after
+    one of its pieces was gone (its record lost to damage) sent reads to the registry for it,
+    and every read of the file failed with ESTALE. Now the read makes the stream again."""
+    data = os.urandom(9 * MIB)
+    layer = one_file("w.bin", data, "gzip")
+    reference = f"{registry.host}/{push(registry, 'lost-piece', {'w.bin': layer})}"
+    mnt = tmp_path / "mnt"
+    with mounted(reference, mnt, cache_dir):
+        assert (mnt / "w.bin").read_bytes() == data
+    with lmdb.open(str(cache_dir), max_dbs=8) as env, env.begin(write=True) as txn:
+        key = f"{digest_of(layer)}+decompressed/{1:010d}".encode()
+        assert txn.delete(key, db=env.open_db(b"pieces", txn=txn))  # the blob is still "whole"
+    with mounted(reference, mnt, cache_dir):  # a new process: nothing of it in memory
+        assert (mnt / "w.bin").read_bytes() == data
+    (log,) = (cache_dir / "logs").glob("mount-*.log")
+    assert "w.bin: piece 1 of" in log.read_text()

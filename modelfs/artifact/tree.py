@@ -62,6 +62,8 @@ class BlobRef:
 
     digest: str  # the cache key; for a decompressed layer, an id derived from the blob digest
     size: int
+    # A decompressed layer's stream: only the cache holds it (no source can give a piece of it).
+    cache_only: bool = False
 
 
 @dataclass(frozen=True)

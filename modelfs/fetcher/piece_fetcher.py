@@ -45,7 +45,7 @@ import trio
 
 from modelfs.artifact.tree import BlobRef
 from modelfs.cache import PieceCache, piece_checksum
-from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError
+from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError, StreamLostError
 from modelfs.fetcher.blob_hash import BlobHash, BlobHashes
 from modelfs.fetcher.index import IndexCheckedPieces, PieceIndexLookup, matches_index
 from modelfs.fetcher.recent import RecentPieces
@@ -492,6 +492,8 @@ class PieceFetcher:
             self._settle((blob.digest, index), flights[place], data)
 
         try:
+            if blob.cache_only:
+                raise await self._stream_lost(blob, first)
             async with self._slots.slot(ticket):
                 purpose = ON_DEMAND if ticket.priority == Priority.DEMAND else PREFETCH
                 for _ in flights:
@@ -510,6 +512,16 @@ class PieceFetcher:
         finally:
             for place, flight in enumerate(flights):
                 self._settle((blob.digest, first + place), flight)
+
+    async def _stream_lost(self, blob: BlobRef, index: int) -> StreamLostError:
+        """A piece of a stream only the cache holds is gone from it (evicted, or dropped as
+        damaged), and no source has it: the stream is dropped whole, so that the next read of
+        its file makes it again (``modelfs.mount.model.DecompressedStream``)."""
+        await trio.to_thread.run_sync(self.cache.drop_blob, blob.digest)
+        return StreamLostError(
+            f"piece {index} of {blob.digest} is gone from the cache; its layer is fetched and "
+            "decompressed again"
+        )
 
     async def _read_pieces(
         self, digest: str, start: int, lengths: list[int], deliver: Deliver

@@ -266,7 +266,7 @@ def _cached_tar_blob(plan: LayerPlan, cache: PieceCache) -> BlobRef | None:
     derived = _derived_digest(plan)
     size = cache.get_meta(f"decompressed-size/{plan.digest}")
     if size is not None and cache.is_verified(derived):
-        return BlobRef(derived, int(size))
+        return BlobRef(derived, int(size), cache_only=True)
     return None
 
 
@@ -330,7 +330,7 @@ async def _decompress_into_cache(
             "use a bigger --cache-size"
         )
     cache.put_meta(f"decompressed-size/{plan.digest}", str(size).encode())
-    return BlobRef(derived, size)
+    return BlobRef(derived, size, cache_only=True)
 
 
 def _store_pieces(cache: PieceCache, digest: str, spool: IO[bytes], size: int) -> None:
