@@ -66,6 +66,10 @@ class BlobRef:
     cache_only: bool = False
 
 
+# A compressed layer's tar stream is kept in the cache under the layer's digest and this.
+STREAM_SUFFIX = "+decompressed"
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What one manifest layer says, before any blob is read."""
@@ -85,6 +89,11 @@ class LayerPlan:
     def label(self) -> str:
         """How messages name the layer."""
         return f"layer {self.index} ({self.digest})"
+
+    @property
+    def stream_digest(self) -> str:
+        """The cache key of a compressed layer's tar stream."""
+        return self.digest + STREAM_SUFFIX
 
 
 class DeferredData(Protocol):

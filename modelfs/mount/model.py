@@ -98,7 +98,7 @@ class DecompressedStream:
 
     @property
     def digest(self) -> str:
-        return _derived_digest(self._plan)
+        return self._plan.stream_digest
 
     @property
     def blob(self) -> BlobRef | None:
@@ -256,14 +256,9 @@ async def _config(source: BlobSource, manifest: dict[str, Any], cache: PieceCach
     return await resolve_config(source, descriptor["digest"], cache, MAX_CONFIG_SIZE)
 
 
-def _derived_digest(plan: LayerPlan) -> str:
-    """The cache key of a compressed layer's tar stream."""
-    return f"{plan.digest}+decompressed"
-
-
 def _cached_tar_blob(plan: LayerPlan, cache: PieceCache) -> BlobRef | None:
     """A compressed layer's tar stream if the cache holds it whole; None if not."""
-    derived = _derived_digest(plan)
+    derived = plan.stream_digest
     size = cache.get_meta(f"decompressed-size/{plan.digest}")
     if size is not None and cache.is_verified(derived):
         return BlobRef(derived, int(size), cache_only=True)

@@ -2,7 +2,7 @@
 
 A model in the cache is a manifest record (``manifest/<digest>``, written by every mount and
 preheat); its blobs are its layers, or for a compressed layer the decompressed stream stored in
-its place (``<layer digest>+decompressed``).
+its place (``LayerPlan.stream_digest``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from modelfs.artifact.tree import BlobRef, plan_layers
+from modelfs.artifact.tree import STREAM_SUFFIX, BlobRef, plan_layers
 from modelfs.cache import PieceCache, piece_checksum
 from modelfs.cache.store import BlobState
 from modelfs.errors import CacheError, ModelfsError
@@ -19,8 +19,6 @@ from modelfs.fetcher.index import INDEX_RECORD, NO_INDEX, BlobPieces, parse_inde
 from modelfs.pieces import piece_count, piece_matches
 from modelfs.service.preheat import plan_missing
 from modelfs.sources.interface import FetchedManifest
-
-_DERIVED = "+decompressed"
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ def model_blobs(cache: PieceCache, manifest: dict[str, object]) -> list[BlobRef]
         if plan.format in ("tar+gzip", "tar+zstd"):
             # Never stored compressed: unknown size until first decompressed, counted as missing.
             size = plan.size if decompressed is None else int(decompressed)
-            blobs.append(BlobRef(plan.digest + _DERIVED, size))
+            blobs.append(BlobRef(plan.stream_digest, size))
         else:
             blobs.append(BlobRef(plan.digest, plan.size))
     return blobs
@@ -101,7 +99,7 @@ def remove_model(cache: PieceCache, digest: str) -> list[str]:
     for blob_digest in dropped:
         cache.drop_blob(blob_digest)
         cache.delete_meta(f"tar-index/{blob_digest}")
-        cache.delete_meta(f"decompressed-size/{blob_digest.removesuffix(_DERIVED)}")
+        cache.delete_meta(f"decompressed-size/{blob_digest.removesuffix(STREAM_SUFFIX)}")
     if target.config_digest not in {model.config_digest for model in others}:
         cache.delete_meta(f"config/{target.config_digest}")
     cache.delete_meta(f"manifest/{digest}")
@@ -161,7 +159,7 @@ def verify(cache: PieceCache) -> VerifyReport:
     checked, corrupt_blobs = 0, []
     for state in cache.blob_states():
         # A decompressed stream has no digest of its own; its pieces' checksums cover it.
-        if _DERIVED in state.digest:
+        if state.digest.endswith(STREAM_SUFFIX):
             continue
         checked += 1
         if state.present == piece_count(state.size, cache.piece_size):
