@@ -43,7 +43,7 @@ from functools import partial
 
 import trio
 
-from modelfs.artifact.tree import BlobRef
+from modelfs.artifact.tree import BlobRef, FileNode
 from modelfs.cache import PieceCache, piece_checksum
 from modelfs.errors import IntegrityError, ModelfsError, PieceAlteredError, StreamLostError
 from modelfs.fetcher.blob_hash import BlobHash, BlobHashes
@@ -198,6 +198,18 @@ class PieceFetcher:
             memoryview(part)[max(offset - index * piece_size, 0) : end - index * piece_size]
             for index, part in zip(indexes, parts, strict=True)
         )
+
+    async def read_file(self, node: FileNode, offset: int, size: int) -> bytes | memoryview:
+        """``size`` bytes of a file from ``offset``, its layer fetched first if it is deferred.
+        A decompressed stream that lost a piece (``StreamLostError``) is made again, and the
+        bytes read once more."""
+        await node.locate()
+        try:
+            return await self.read(node.blob, node.offset + offset, size)
+        except StreamLostError as lost:
+            log.warning("%s: %s", node.path, lost)
+            await node.locate()
+            return await self.read(node.blob, node.offset + offset, size)
 
     async def piece(
         self, blob: BlobRef, index: int, priority: Priority = Priority.DEMAND

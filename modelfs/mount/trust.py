@@ -82,7 +82,7 @@ async def read_file(fetcher: PieceFetcher, node: FileNode, offset: int, length: 
     await node.locate()
     if fetcher.serve_unverified:
         await fetcher.check_whole(node.blob)
-    return bytes(await fetcher.read(node.blob, node.offset + offset, length))
+    return bytes(await fetcher.read_file(node, offset, length))
 
 
 class FileScans:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import trio
 
 from modelfs.artifact.tree import FileNode, Tree
-from modelfs.errors import IntegrityError, ModelfsError, StreamLostError
+from modelfs.errors import IntegrityError, ModelfsError
 from modelfs.fetcher.piece_fetcher import RUN_PIECES, Job, PieceFetcher
 from modelfs.fetcher.slots import Priority
 from modelfs.pieces import piece_runs, pieces_covering
@@ -265,13 +265,7 @@ class FileReader:
             if ahead is not None:
                 self._prefetcher.start_readahead(self.node, *ahead)
         self._prefetcher.note_read(self.node, offset, size)
-        try:
-            data = await fetcher.read(self.node.blob, self.node.offset + offset, size)
-        except StreamLostError as lost:
-            # Its layer's stream lost a piece and was dropped: made again, then read once more.
-            log.warning("%s: %s", self.node.path, lost)
-            await self.node.locate()
-            data = await fetcher.read(self.node.blob, self.node.offset + offset, size)
+        data = await fetcher.read_file(self.node, offset, size)
         if fetcher.serve_unverified and offset + len(data) >= self.node.size:
             # The read that ends the file returns only once the blob checked out.
             await fetcher.check_whole(self.node.blob)
