@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pyfuse3
 import pytest
 import trio
 
@@ -32,7 +31,9 @@ from modelfs.errors import (
     errno_of,
 )
 from modelfs.fetcher.piece_fetcher import PieceFetcher
+from modelfs.fs import protocol
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
+from modelfs.fs.protocol import FuseError
 from modelfs.mount.model import load_model
 from modelfs.prefetch.prefetcher import Prefetcher, PrefetchMode, WindowPolicy
 from modelfs.scheduler.service import BadRequest
@@ -45,7 +46,6 @@ CONFIG = b'{"model_type": "bert"}'
 WEIGHTS = os.urandom(5 * PIECE + 123)  # six pieces, the last one short
 VOCAB = b"[PAD]\n[UNK]\n"
 FILES = {"config.json": CONFIG, "model.safetensors": WEIGHTS, "tokenizer/vocab.txt": VOCAB}
-CTX = pyfuse3.RequestContext()  # the caller of a request: no operation here looks at it
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ async def filesystem(source: MemorySource, cache: PieceCache) -> AsyncIterator[R
     policy = WindowPolicy(PIECE, kernel_readahead=128 << 10)
     prefetcher = Prefetcher(fetcher, PrefetchMode.NONE, policy)
     with trio.fail_after(5):
-        yield ReadOnlyTreeFS(model.tree, prefetcher.open, lambda: None)
+        yield ReadOnlyTreeFS(model.tree, prefetcher.open)
 
 
 def run(
@@ -81,29 +81,36 @@ def run(
     trio.run(main)
 
 
-async def inode_of(fs: ReadOnlyTreeFS, path: str) -> int:
+def inode_of(fs: ReadOnlyTreeFS, path: str) -> int:
     inode = ROOT_INODE
     for name in path.split("/"):
-        inode = (await fs.lookup(inode, name.encode(), CTX)).st_ino
+        inode = fs.lookup(inode, name.encode()).ino
     return inode
 
 
 async def read_file(fs: ReadOnlyTreeFS, path: str, chunk: int = 128 << 10) -> bytes:
     """The file's bytes as the kernel asks for them: open, reads of ``chunk`` to EOF, release."""
-    info = await fs.open(await inode_of(fs, path), os.O_RDONLY, CTX)
+    handle, _ = fs.open(inode_of(fs, path), os.O_RDONLY)
     data = bytearray()
     try:
-        while part := await fs.read(info.fh, len(data), chunk):
+        while part := await fs.read(handle, len(data), chunk):
             data += part
     finally:
-        await fs.release(info.fh)
+        fs.release(handle)
     return bytes(data)
 
 
 async def fuse_errno(request: Awaitable[object]) -> int:
-    """The errno the request failed with (it must fail)."""
-    with pytest.raises(pyfuse3.FUSEError) as raised:
+    """The errno the read failed with (it must fail)."""
+    with pytest.raises(FuseError) as raised:
         await request
+    return raised.value.errno
+
+
+def failed_with(operation: Callable[..., object], *arguments: object) -> int:
+    """The errno the operation failed with (it must fail)."""
+    with pytest.raises(FuseError) as raised:
+        operation(*arguments)
     return raised.value.errno
 
 
@@ -114,34 +121,31 @@ def test_lookup_and_getattr_describe_files_and_directories(
     source: MemorySource, cache: PieceCache
 ) -> None:
     async def body(fs: ReadOnlyTreeFS) -> None:
-        weights = await fs.lookup(ROOT_INODE, b"model.safetensors", CTX)
-        assert stat.S_ISREG(weights.st_mode) and weights.st_mode & 0o777 == 0o444
-        assert weights.st_size == len(WEIGHTS) and weights.st_nlink == 1
-        assert weights.st_blocks == (len(WEIGHTS) + 511) // 512
-        assert (await fs.getattr(weights.st_ino, CTX)).st_size == len(WEIGHTS)
-        tokenizer = await fs.lookup(ROOT_INODE, b"tokenizer", CTX)
-        assert stat.S_ISDIR(tokenizer.st_mode) and tokenizer.st_mode & 0o777 == 0o555
-        root = await fs.getattr(ROOT_INODE, CTX)
-        assert root.st_nlink == 3  # ".", its entry in its parent, "tokenizer/.."
-        assert (await fs.lookup(ROOT_INODE, b".", CTX)).st_ino == ROOT_INODE
-        assert (await fs.lookup(tokenizer.st_ino, b"vocab.txt", CTX)).st_size == len(VOCAB)
+        weights = fs.lookup(ROOT_INODE, b"model.safetensors")
+        assert stat.S_ISREG(weights.mode) and weights.mode & 0o777 == 0o444
+        assert weights.size == len(WEIGHTS) and weights.nlink == 1
+        assert weights.blocks == (len(WEIGHTS) + 511) // 512
+        assert fs.getattr(weights.ino).size == len(WEIGHTS)
+        tokenizer = fs.lookup(ROOT_INODE, b"tokenizer")
+        assert stat.S_ISDIR(tokenizer.mode) and tokenizer.mode & 0o777 == 0o555
+        root = fs.getattr(ROOT_INODE)
+        assert root.nlink == 3  # ".", its entry in its parent, "tokenizer/.."
+        assert fs.lookup(ROOT_INODE, b".").ino == ROOT_INODE
+        assert fs.lookup(tokenizer.ino, b"vocab.txt").size == len(VOCAB)
 
     run(source, cache, body)
 
 
 def test_names_and_inodes_that_are_not_there(source: MemorySource, cache: PieceCache) -> None:
     async def body(fs: ReadOnlyTreeFS) -> None:
-        config = await inode_of(fs, "config.json")
+        config = inode_of(fs, "config.json")
         unknown = 10_000
-        assert await fuse_errno(fs.lookup(ROOT_INODE, b"missing.bin", CTX)) == errno.ENOENT
-        assert await fuse_errno(fs.lookup(config, b"x", CTX)) == errno.ENOTDIR
-        for request in (
-            fs.getattr(unknown, CTX),
-            fs.lookup(unknown, b"config.json", CTX),
-            fs.open(unknown, os.O_RDONLY, CTX),
-            fs.opendir(unknown, CTX),
-        ):
-            assert await fuse_errno(request) == errno.ESTALE
+        assert failed_with(fs.lookup, ROOT_INODE, b"missing.bin") == errno.ENOENT
+        assert failed_with(fs.lookup, config, b"x") == errno.ENOTDIR
+        assert failed_with(fs.getattr, unknown) == errno.ESTALE
+        assert failed_with(fs.lookup, unknown, b"config.json") == errno.ESTALE
+        assert failed_with(fs.open, unknown, os.O_RDONLY) == errno.ESTALE
+        assert failed_with(fs.opendir, unknown) == errno.ESTALE
 
     run(source, cache, body)
 
@@ -153,11 +157,11 @@ def test_a_listing_is_sorted_and_resumes_where_the_kernel_asks(
     source: MemorySource, cache: PieceCache
 ) -> None:
     async def body(fs: ReadOnlyTreeFS) -> None:
-        fh = await fs.opendir(ROOT_INODE, CTX)
-        entries = [(name, attr.st_ino, next_id) for name, attr, next_id in fs.entries(fh, 0)]
+        fh = fs.opendir(ROOT_INODE)
+        entries = [(name, attr.ino, next_id) for name, attr, next_id in fs.entries(fh, 0)]
         names = [name for name, _, _ in entries]
         assert names == [b"config.json", b"model.safetensors", b"tokenizer"]
-        assert [await inode_of(fs, name.decode()) for name in names] == [e[1] for e in entries]
+        assert [inode_of(fs, name.decode()) for name in names] == [e[1] for e in entries]
         assert [name for name, _, _ in fs.entries(fh, entries[0][2])] == names[1:]
         assert list(fs.entries(fh, len(names))) == []
 
@@ -165,58 +169,61 @@ def test_a_listing_is_sorted_and_resumes_where_the_kernel_asks(
 
 
 def test_readdir_stops_when_the_reply_is_full_and_goes_on_from_there(
-    source: MemorySource, cache: PieceCache, monkeypatch: pytest.MonkeyPatch
+    source: MemorySource, cache: PieceCache
 ) -> None:
-    listed: list[tuple[bytes, int]] = []
-    room = 0
-
-    def reply(token: pyfuse3.ReaddirToken, name: bytes, attr: object, next_id: int) -> bool:
-        """The kernel's reply buffer in pyfuse3's place: ``room`` entries a request."""
-        nonlocal room
-        if room == 0:
-            return False
-        room -= 1
-        listed.append((name, next_id))
-        return True
-
-    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    room = 2 * protocol.DIRENT.size + 2 * 24  # two entries of names up to 24 bytes a reply
 
     async def body(fs: ReadOnlyTreeFS) -> None:
-        nonlocal room
-        fh = await fs.opendir(ROOT_INODE, CTX)
-        requests = 0
-        while room != 2:  # until a request adds nothing: the end of the listing
-            room = 2
-            await fs.readdir(fh, listed[-1][1] if listed else 0, pyfuse3.ReaddirToken())
-            requests += 1
+        handle = fs.opendir(ROOT_INODE)
+        listed: list[tuple[bytes, int]] = []
+        replies = []
+        while True:  # as the kernel asks: from the offset of the last entry it got
+            reply = protocol.dirents(fs.entries(handle, listed[-1][1] if listed else 0), room)
+            replies.append(reply)
+            if not reply:
+                break
+            listed += parse_dirents(reply)
         assert [name for name, _ in listed] == [b"config.json", b"model.safetensors", b"tokenizer"]
-        assert requests == 3  # two entries, one, none
+        assert [len(parse_dirents(reply)) for reply in replies] == [2, 1, 0]
 
     run(source, cache, body)
 
 
+def parse_dirents(reply: bytes) -> list[tuple[bytes, int]]:
+    """(name, offset) of each ``fuse_dirent`` in a READDIR reply, as the kernel reads it."""
+    entries = []
+    position = 0
+    while position < len(reply):
+        inode, offset, length, kind = protocol.DIRENT.unpack_from(reply, position)
+        start = position + protocol.DIRENT.size
+        assert inode and kind in (stat.S_IFREG >> 12, stat.S_IFDIR >> 12)
+        entries.append((reply[start : start + length], offset))
+        position += (protocol.DIRENT.size + length + 7) & ~7
+    return entries
+
+
 def test_what_is_not_a_directory_or_not_a_file(source: MemorySource, cache: PieceCache) -> None:
     async def body(fs: ReadOnlyTreeFS) -> None:
-        config = await inode_of(fs, "config.json")
-        assert await fuse_errno(fs.opendir(config, CTX)) == errno.ENOTDIR
-        assert await fuse_errno(fs.open(ROOT_INODE, os.O_RDONLY, CTX)) == errno.EISDIR
+        config = inode_of(fs, "config.json")
+        assert failed_with(fs.opendir, config) == errno.ENOTDIR
+        assert failed_with(fs.open, ROOT_INODE, os.O_RDONLY) == errno.EISDIR
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
-            assert await fuse_errno(fs.open(config, flags, CTX)) == errno.EROFS
-        assert await fs.access(config, os.R_OK, CTX)
-        assert not await fs.access(config, os.W_OK, CTX)
-        assert await fuse_errno(fs.getxattr(config, b"user.x", CTX)) == errno.ENODATA
-        assert await fs.listxattr(config, CTX) == []
-        assert await fuse_errno(fs.read(pyfuse3.FileHandleT(99), 0, 10)) == errno.EBADF
+            assert failed_with(fs.open, config, flags) == errno.EROFS
+        assert fs.access(config, os.R_OK)
+        assert not fs.access(config, os.W_OK)
+        assert failed_with(fs.getxattr, config, b"user.x") == errno.ENODATA
+        assert fs.listxattr(config) == []
+        assert await fuse_errno(fs.read(99, 0, 10)) == errno.EBADF
 
     run(source, cache, body)
 
 
 def test_statfs_counts_the_model(source: MemorySource, cache: PieceCache) -> None:
     async def body(fs: ReadOnlyTreeFS) -> None:
-        stats = await fs.statfs(CTX)
+        stats = fs.statfs()
         total = sum(map(len, FILES.values()))
-        assert stats.f_blocks == (total + 4095) // 4096 and stats.f_bsize == 4096
-        assert stats.f_files == len(FILES) and stats.f_bfree == stats.f_ffree == 0
+        assert stats.blocks == (total + 4095) // 4096 and stats.block_size == 4096
+        assert stats.files == len(FILES)
 
     run(source, cache, body)
 
@@ -235,14 +242,14 @@ def test_files_read_whole_through_the_fetcher(source: MemorySource, cache: Piece
 
 def test_reads_across_pieces_at_and_past_the_end(source: MemorySource, cache: PieceCache) -> None:
     async def body(fs: ReadOnlyTreeFS) -> None:
-        info = await fs.open(await inode_of(fs, "model.safetensors"), os.O_RDONLY, CTX)
+        handle, _ = fs.open(inode_of(fs, "model.safetensors"), os.O_RDONLY)
         span = (PIECE - 10, 2 * PIECE + 20)
-        assert await fs.read(info.fh, span[0], span[1]) == WEIGHTS[span[0] : sum(span)]
-        tail = await fs.read(info.fh, len(WEIGHTS) - 5, 4096)
+        assert await fs.read(handle, span[0], span[1]) == WEIGHTS[span[0] : sum(span)]
+        tail = await fs.read(handle, len(WEIGHTS) - 5, 4096)
         assert tail == WEIGHTS[-5:]  # cut at the end of the file, not short before it
-        assert await fs.read(info.fh, len(WEIGHTS), 4096) == b""
-        await fs.release(info.fh)
-        assert await fuse_errno(fs.read(info.fh, 0, 10)) == errno.EBADF
+        assert await fs.read(handle, len(WEIGHTS), 4096) == b""
+        fs.release(handle)
+        assert await fuse_errno(fs.read(handle, 0, 10)) == errno.EBADF
 
     run(source, cache, body)
 
@@ -306,10 +313,10 @@ def test_a_failed_read_gives_its_errors_errno_and_the_next_read_recovers(
         assert await read_file(fs, "config.json") == CONFIG  # the filesystem is fine
         good = dict(source.blobs)
         fault(source, digest)
-        info = await fs.open(await inode_of(fs, "model.safetensors"), os.O_RDONLY, CTX)
-        assert await fuse_errno(fs.read(info.fh, 0, 4096)) == expected
+        handle, _ = fs.open(inode_of(fs, "model.safetensors"), os.O_RDONLY)
+        assert await fuse_errno(fs.read(handle, 0, 4096)) == expected
         source.blobs, source.failures = good, {}
-        assert await fs.read(info.fh, 0, 4096) == WEIGHTS[:4096]
+        assert await fs.read(handle, 0, 4096) == WEIGHTS[:4096]
 
     run(source, cache, body)
     # Reported in one line, even when pieces fetched at once failed together.
@@ -350,9 +357,9 @@ def test_a_bug_or_a_short_read_is_eio_and_logged(
             def broken(node: FileNode) -> OpenFile:
                 return BrokenFile(node, error)
 
-            fs = ReadOnlyTreeFS(real.tree, broken, lambda: None)
-            info = await fs.open(await inode_of(fs, "config.json"), os.O_RDONLY, CTX)
-            assert await fuse_errno(fs.read(info.fh, 0, 10)) == errno.EIO
+            fs = ReadOnlyTreeFS(real.tree, broken)
+            handle, _ = fs.open(inode_of(fs, "config.json"), os.O_RDONLY)
+            assert await fuse_errno(fs.read(handle, 0, 10)) == errno.EIO
 
     trio.run(main)
     assert "config.json" in caplog.text

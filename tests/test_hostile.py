@@ -139,13 +139,13 @@ def test_far_mtimes_are_clamped_and_df_works(registry: Registry, tmp_path: Path)
 
 
 # A bug in the FUSE session (a handler raising what no one expected), injected into a real
-# mount process: it must be logged and end the process with a failure, never a silent 0.
+# mount process: it fails that request, with its traceback in the log; the mount goes on.
 _BROKEN_STATFS = """
 import sys
 from modelfs.cli import main
 from modelfs.fs.fuse import ReadOnlyTreeFS
 
-async def statfs(self, ctx):
+def statfs(self):
     raise OverflowError("injected into statfs")
 
 ReadOnlyTreeFS.statfs = statfs
@@ -154,7 +154,7 @@ main()
 """
 
 
-def test_an_unexpected_error_is_logged_and_exits_non_zero(
+def test_an_unexpected_error_fails_its_request_only_and_is_logged(
     registry: Registry, tmp_path: Path
 ) -> None:
     repository = f"test/hostile-{uuid.uuid4().hex[:8]}"
@@ -172,21 +172,22 @@ def test_an_unexpected_error_is_logged_and_exits_non_zero(
             for entry in Path("/proc").glob("[0-9]*")
             if _BROKEN_STATFS.encode() in entry.joinpath("cmdline").read_bytes()
         )
-        subprocess.run(["df", str(mnt)], capture_output=True, timeout=30)
-        waited = wait_gone(pid)
+        df = subprocess.run(["df", str(mnt)], capture_output=True, text=True, timeout=30)
+        assert df.returncode != 0 and "Input/output error" in df.stderr, df.stderr
         log = next((cache_dir / "logs").iterdir()).read_text()
         assert "failed unexpectedly" in log and "injected into statfs" in log, log
         assert "Traceback" in log, log
-        assert waited, "the mount process outlived its broken session"
+        assert (mnt / "w.bin").read_bytes() == b"weights"  # the mount goes on
         umount = modelfs("umount", str(mnt))
         assert umount.returncode == 0, umount.stderr
         assert not is_mounted(mnt)
+        assert wait_gone(pid)
     finally:
         unmount(mnt)
 
 
 _BROKEN_BEFORE_READY = _BROKEN_STATFS.replace(
-    "async def statfs(self, ctx):", "def statfs(self, *args):"
+    "def statfs(self):", "def statfs(self, *args):"
 ).replace("ReadOnlyTreeFS.statfs = statfs", "ReadOnlyTreeFS.__init__ = statfs")
 
 

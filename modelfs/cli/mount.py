@@ -383,7 +383,7 @@ def _mount_in_background(options: MountOptions) -> NoReturn:
     if report.startswith("ready "):
         click.echo(report[len("ready ") :].strip(), err=True)
         # Done: exit now rather than tear the interpreter down (freeing every module of trio,
-        # httpx, pyfuse3...), which held the shell, and so the first `ls`, ~0.1 s longer.
+        # httpx, grpc...), which held the shell, and so the first `ls`, ~0.1 s longer.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

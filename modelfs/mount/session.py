@@ -1,8 +1,8 @@
 """Running one mount: load the model, start the FUSE session, serve until unmounted or signalled.
 
-One process serves one mount (pyfuse3 runs one FUSE session per process). The session ends when
-the kernel unmounts it (``modelfs umount``, ``fusermount3 -u``) or on SIGTERM/SIGINT, which
-unmount it; either way the cache is flushed and the leases on its blobs released.
+One process serves one mount. The session ends when the kernel unmounts it (``modelfs umount``,
+``fusermount3 -u``) or on SIGTERM/SIGINT, which unmount it; either way the cache is flushed and
+the leases on its blobs released.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyfuse3
 import trio
 
 from modelfs.artifact.inflate import MAX_RATIO, InflateBounds
@@ -33,6 +32,7 @@ from modelfs.fetcher.index import IndexLookup
 from modelfs.fetcher.manifests import resolve_manifest
 from modelfs.fetcher.piece_fetcher import PieceFetcher
 from modelfs.fs.fuse import OpenFile, ReadOnlyTreeFS
+from modelfs.fs.session import FuseSession, mount, unmount
 from modelfs.jsonsocket import Handler, open_control_socket, serve_control
 from modelfs.logs import set_log_context
 from modelfs.mount.model import Model, load_model
@@ -280,16 +280,9 @@ def _has_entries(directory: Path) -> bool:
         raise ModelfsError(f"mountpoint {directory}: {error.strerror}") from None
 
 
-def _fuse_options(options: MountOptions, model: Model) -> set[str]:
-    name = str(options.reference).replace(",", "_")
-    fuse_options = set(pyfuse3.default_options) | {
-        "ro",
-        f"fsname=modelfs:{name}",
-        "subtype=modelfs",
-    }
-    if options.allow_other:
-        fuse_options.add("allow_other")
-    return fuse_options
+def _fsname(options: MountOptions) -> str:
+    """What the mount table shows as the mount's source (no commas: fusermount3 splits on them)."""
+    return "modelfs:" + str(options.reference).replace(",", "_")
 
 
 def mountinfo_path(path: Path) -> str:
@@ -322,7 +315,7 @@ def _fuse_device(mountpoint: Path) -> str | None:
 
 
 def _raise_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
-    """Raise the mount's bdi readahead (pyfuse3 cannot set max_read; this is the lever)."""
+    """Raise the mount's bdi readahead: the INIT reply can only lower it."""
     device = _fuse_device(mountpoint)
     try:
         Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(read_ahead_kb))
@@ -501,27 +494,28 @@ async def _run_session(
         return opened if recorder is None else RecordingFile(opened, recorder)
 
     initialized = trio.Event()
-    operations = ReadOnlyTreeFS(model.tree, open_file, initialized.set)
+    operations = ReadOnlyTreeFS(model.tree, open_file)
     try:
-        pyfuse3.init(operations, str(options.mountpoint), _fuse_options(options, model))
-    except RuntimeError as error:
+        fd = mount(options.mountpoint, _fsname(options), options.allow_other)
+    except OSError as error:
         raise ModelfsError(
-            f"cannot mount on {options.mountpoint}: {error} (is it an existing empty directory, "
-            "and is /dev/fuse available?)"
+            f"cannot mount on {options.mountpoint}: {error.strerror} (is it an existing empty "
+            "directory, and is /dev/fuse available?)"
         ) from None
+    fuse = FuseSession(operations, fd, initialized.set, options.read_ahead_kb << 10)
     unmounted_by_kernel = False
     try:
         async with trio.open_nursery() as nursery:
 
             async def serve_until_unmounted() -> None:
                 nonlocal unmounted_by_kernel
-                await pyfuse3.main()
+                await fuse.run()
                 unmounted_by_kernel = True
                 nursery.cancel_scope.cancel()
 
             async def raise_read_ahead_after_init() -> None:
-                # The kernel lowers the bdi readahead to what the INIT reply allows (128 KiB
-                # from libfuse), so a value written before the reply does not stick.
+                # The kernel lowers the bdi readahead to what the INIT reply allows (what it
+                # offered: 128 KiB), so a value written before the reply does not stick.
                 await initialized.wait()
                 _raise_read_ahead(options.mountpoint, options.read_ahead_kb)
 
@@ -529,17 +523,21 @@ async def _run_session(
             nursery.start_soon(raise_read_ahead_after_init)
             nursery.start_soon(serve_until_unmounted)
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            nursery.start_soon(_purge_rejected, model, rejected)
+            nursery.start_soon(_purge_rejected, model, fuse, rejected)
             if options.stats_socket is not None:
                 listener = await open_control_socket(options.stats_socket)
                 nursery.start_soon(serve_control, listener, snapshot)
             on_ready(model)
     finally:
-        pyfuse3.close(unmount=not unmounted_by_kernel)
+        if not unmounted_by_kernel:
+            unmount(options.mountpoint)
+        os.close(fd)
         log.info("%s unmounted from %s", options.reference, options.mountpoint)
 
 
-async def _purge_rejected(model: Model, rejected: trio.MemoryReceiveChannel[str]) -> None:
+async def _purge_rejected(
+    model: Model, fuse: FuseSession, rejected: trio.MemoryReceiveChannel[str]
+) -> None:
     """Drop the kernel's page cache of files whose blob failed its digest check.
 
     Runs beside the request handlers, never inside one: the kernel waits on pages that an
@@ -548,7 +546,7 @@ async def _purge_rejected(model: Model, rejected: trio.MemoryReceiveChannel[str]
     async for digest in rejected:
         for file in model.tree.files():
             if file.located and file.blob.digest == digest:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, file.inode, False)
+                await trio.to_thread.run_sync(fuse.invalidate_inode, file.inode)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
