@@ -99,6 +99,8 @@ def test_pieces_served_unverified_do_not_poison_the_cache_for_the_next_mount(
         proxy.patch_blobs(50, FLIPPED_50, times=1000)
         with (mnt / "w.bin").open("rb", buffering=0) as file:
             assert file.read(64 << 10) != DATA[: 64 << 10]  # the opt-in's documented risk
+        # The rest of the piece may still be arriving: an unmount would cancel its store.
+        wait_stored(cache_dir, LAYER_DIGEST, 0)
     proxy.patch_blobs(50, FLIPPED_50, times=0)
     cache = PieceCache(cache_dir, 1 << 30)
     try:
@@ -109,6 +111,17 @@ def test_pieces_served_unverified_do_not_poison_the_cache_for_the_next_mount(
         assert read_all(mnt / "w.bin") == DATA
     result = modelfs("cache", "verify", "--cache-dir", str(cache_dir))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def wait_stored(cache_dir: Path, digest: str, index: int, timeout: float = 10) -> None:
+    """Until the node's cache holds piece ``index`` of ``digest`` (stored after it was served)."""
+    cache = PieceCache(cache_dir, 1 << 30)
+    try:
+        deadline = time.monotonic() + timeout
+        while not cache.has(digest, index) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        cache.close()
 
 
 @pytest.mark.parametrize("prefetch", ["hints", "none"])

@@ -18,8 +18,10 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -138,8 +140,11 @@ class FuseSession:
         self._on_init = on_init
         self._max_readahead = max_readahead
         self._buffer = bytearray(16 * protocol.MIN_READ_BUFFER)
-        # One writer per core: more threads copying would only wait for the cores.
-        self._writers = trio.CapacityLimiter(os.cpu_count() or 1)
+        # READ replies waiting for a writer thread, each holding its data until written: as many
+        # as the kernel has reads in flight (its max_background, and the readers' own).
+        self._replies: queue.SimpleQueue[tuple[int, bytes | memoryview] | None] = (
+            queue.SimpleQueue()
+        )
         self._answers: dict[int, Callable[[Request], bytes | None]] = {
             protocol.INIT: self._init,
             protocol.LOOKUP: self._lookup,
@@ -165,16 +170,36 @@ class FuseSession:
     async def run(self) -> None:
         """Serve until the kernel ends the connection."""
         os.set_blocking(self._fd, False)
-        async with trio.open_nursery() as nursery:
-            while (request := await self._next_request()) is not None:
-                if request.opcode == protocol.READ:
-                    nursery.start_soon(self._read, request)
-                elif request.opcode == protocol.DESTROY:
-                    self._reply(request.unique, b"")
-                    break
-                else:
-                    self._answer(request)
-            nursery.cancel_scope.cancel()  # reads still in flight have no one to answer
+        # One writer per core: more threads copying would only wait for the cores. Plain threads
+        # fed by a queue, not trio.to_thread: a read's task has nothing to wait for once its
+        # reply is handed over, and the hand-off was a quarter of the loop's GIL-held time.
+        writers = [
+            threading.Thread(target=self._write_replies, name="fuse-reply", daemon=True)
+            for _ in range(os.cpu_count() or 1)
+        ]
+        for writer in writers:
+            writer.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                while (request := await self._next_request()) is not None:
+                    if request.opcode == protocol.READ:
+                        nursery.start_soon(self._read, request)
+                    elif request.opcode == protocol.DESTROY:
+                        self._reply(request.unique, b"")
+                        break
+                    else:
+                        self._answer(request)
+                nursery.cancel_scope.cancel()  # reads still in flight have no one to answer
+        finally:
+            for _ in writers:
+                self._replies.put(None)
+            with trio.CancelScope(shield=True):  # the replies handed over are written first
+                for writer in writers:
+                    await trio.to_thread.run_sync(writer.join)
+
+    def _write_replies(self) -> None:
+        while (reply := self._replies.get()) is not None:
+            self._reply(*reply)
 
     def invalidate_inode(self, inode: int) -> None:
         """Drop the kernel's pages of ``inode`` (blocks while the kernel waits on them: call it
@@ -236,7 +261,7 @@ class FuseSession:
         if len(data) < _THREADED_REPLY:
             self._reply(request.unique, data)
         else:
-            await trio.to_thread.run_sync(self._reply, request.unique, data, limiter=self._writers)
+            self._replies.put((request.unique, data))
 
     def _reply(self, unique: int, payload: bytes | memoryview, error: int = 0) -> None:
         header = protocol.out_header(unique, len(payload), error)
