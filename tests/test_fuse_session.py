@@ -14,6 +14,7 @@ import itertools
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -367,3 +368,45 @@ def test_a_user_who_is_not_root_mounts_through_fusermount3(tmp_path: Path) -> No
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
         mnt.rmdir()
+
+
+def test_the_session_answers_what_it_cannot_read_and_ends_when_its_peer_does() -> None:
+    """Driven over a SOCK_SEQPACKET pair, which keeps messages whole as ``/dev/fuse`` does: no
+    request is left unanswered, and a closed peer ends ``run``."""
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.settimeout(5)  # a request left unanswered fails the test, not hangs it
+    files = MemoryFiles({"a.bin": b"a"})
+    initialized = []
+
+    def exchange(message: bytes) -> tuple[int, int, bytes]:
+        kernel.send(message)
+        reply = kernel.recv(1 << 16)
+        length, error, unique = protocol.OUT_HEADER.unpack_from(reply)
+        assert length == len(reply)
+        return unique, -error, reply[protocol.OUT_HEADER.size :]
+
+    def as_kernel() -> None:
+        with kernel:
+            init = protocol.INIT_IN.pack(7, 31, 1 << 20, protocol.ASYNC_READ) + bytes(48)
+            unique, error, body = exchange(request_bytes(protocol.INIT, 1, 0, init))
+            assert (unique, error, protocol.INIT_OUT.unpack(body)[:2]) == (1, 0, (7, 31))
+            # Says 4 bytes more than it has: answered EIO, not left waiting.
+            short = request_bytes(protocol.GETATTR, 2, 1, bytes(16))
+            assert exchange(short[:-4])[:2] == (2, errno.EIO)
+            assert exchange(request_bytes(51, 3, 1, b""))[:2] == (3, errno.ENOSYS)  # TMPFILE
+            unique, error, body = exchange(request_bytes(protocol.LOOKUP, 4, 1, b"nope\0"))
+            assert (unique, error, protocol.ENTRY_OUT.unpack_from(body)[0]) == (4, 0, 0)
+            assert exchange(request_bytes(protocol.GETATTR, 5, 99, bytes(16)))[:2] == (
+                5,
+                errno.ESTALE,
+            )
+
+    async def main() -> None:
+        with ours, trio.fail_after(10):
+            session = FuseSession(files, ours.fileno(), lambda: initialized.append(True), 1 << 20)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run)
+                await trio.to_thread.run_sync(as_kernel)  # then the peer closes: run ends
+
+    trio.run(main)
+    assert initialized == [True]  # once the INIT reply was written

@@ -224,10 +224,15 @@ class FuseSession:
                 if error.errno == errno.ENODEV:  # unmounted
                     return None
                 raise
+            if size == 0:  # the other end is gone (/dev/fuse says ENODEV; a socket says this)
+                return None
             try:
                 return protocol.parse_request(memoryview(self._buffer)[:size])
             except ProtocolError as problem:
-                log.error("FUSE: %s; request skipped", problem)
+                log.error("FUSE: %s; answered EIO", problem)
+                if size >= protocol.IN_HEADER.size:  # its sender is waiting: never leave it so
+                    unique = protocol.IN_HEADER.unpack_from(self._buffer)[2]
+                    self._reply(unique, b"", errno.EIO)
 
     def _answer(self, request: Request) -> None:
         answer = self._answers.get(request.opcode)
