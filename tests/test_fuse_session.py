@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from modelfs.artifact.tree import ROOT_INODE
 from modelfs.fs import protocol
 from modelfs.fs.protocol import Attributes, FsStats, FuseError, ProtocolError
 from modelfs.fs.session import FuseSession, mount, unmount
@@ -57,15 +58,15 @@ def test_a_request_is_read_whole_or_refused() -> None:
 def test_init_speaks_the_older_minor_and_asks_only_what_the_kernel_offers() -> None:
     offered = protocol.ASYNC_READ | protocol.MAX_PAGES | (1 << 12)
     body = protocol.INIT_IN.pack(7, 44, 128 << 10, offered) + bytes(48)
-    reply, minor = protocol.init_reply(body, max_readahead=4 << 20)
+    reply, minor = protocol.init_reply(body)
     fields = protocol.INIT_OUT.unpack(reply)
     assert minor == protocol.KERNEL_MINOR_VERSION and fields[:2] == (7, minor)
-    assert fields[2] == 128 << 10  # the readahead can only be lowered here
+    assert fields[2] == 128 << 10  # the kernel's own offer; the mount raises it later
     assert fields[3] == protocol.ASYNC_READ | protocol.MAX_PAGES  # nothing not offered
     assert fields[8] * 4096 == protocol.MAX_READ
-    assert protocol.init_reply(protocol.INIT_IN.pack(7, 27, 1 << 20, 0), 1 << 20)[1] == 27
+    assert protocol.init_reply(protocol.INIT_IN.pack(7, 27, 1 << 20, 0))[1] == 27
     with pytest.raises(ProtocolError, match=r"FUSE 8\.0"):
-        protocol.init_reply(protocol.INIT_IN.pack(8, 0, 0, 0), 1 << 20)
+        protocol.init_reply(protocol.INIT_IN.pack(8, 0, 0, 0))
 
 
 def test_attributes_are_packed_as_the_kernel_reads_them() -> None:
@@ -131,7 +132,7 @@ class MemoryFiles:
         self.reads_started = 0
 
     def _attributes(self, inode: int) -> Attributes:
-        if inode == protocol.ROOT_ID:
+        if inode == ROOT_INODE:
             return Attributes(inode, stat.S_IFDIR | 0o555, 2, 0, 0, 0, 0, 60.0)
         if not 2 <= inode < 2 + len(self.names):
             raise FuseError(errno.ESTALE)
@@ -188,7 +189,7 @@ async def served(files: MemoryFiles, mountpoint: Path) -> AsyncIterator[trio.Nur
     """``files`` mounted on ``mountpoint`` by a session in this process, until the block ends."""
     mountpoint.mkdir(exist_ok=True)
     fd = mount(mountpoint, "modelfs:test", allow_other=False)
-    session = FuseSession(files, fd, lambda: None, 1 << 20)
+    session = FuseSession(files, fd, lambda: None)
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -307,7 +308,7 @@ def test_a_session_cancelled_with_a_read_in_flight_ends_and_frees_the_reader(
         try:
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(FuseSession(files, fd, lambda: None, 1 << 20).run)
+                    nursery.start_soon(FuseSession(files, fd, lambda: None).run)
                     while files.reads_started == 0:
                         await trio.sleep(0.01)
                     nursery.cancel_scope.cancel()
@@ -335,7 +336,7 @@ async def main(mnt):
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
     fd = mount(mnt, "modelfs:user", allow_other=False)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(FuseSession(files, fd, lambda: None, 1 << 20).run)
+        nursery.start_soon(FuseSession(files, fd, lambda: None).run)
         data = await trio.to_thread.run_sync((mnt / "weights.bin").read_bytes)
         mounts = Path("/proc/self/mountinfo").read_text()
         unmount(mnt)
@@ -403,7 +404,7 @@ def test_the_session_answers_what_it_cannot_read_and_ends_when_its_peer_does() -
 
     async def main() -> None:
         with ours, trio.fail_after(10):
-            session = FuseSession(files, ours.fileno(), lambda: initialized.append(True), 1 << 20)
+            session = FuseSession(files, ours.fileno(), lambda: initialized.append(True))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.run)
                 await trio.to_thread.run_sync(as_kernel)  # then the peer closes: run ends

@@ -30,7 +30,7 @@ from modelfs.modelpack import (
 )
 from modelfs.untrusted import loads_json
 
-ROOT_INODE = 1  # pyfuse3.ROOT_INODE, the FUSE protocol's fixed root
+ROOT_INODE = 1  # the FUSE protocol's fixed root (FUSE_ROOT_ID)
 FILE_MODE = 0o444
 DIR_MODE = 0o555
 # Read-only and no setuid/setgid/sticky, whatever the artifact asks for.

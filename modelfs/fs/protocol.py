@@ -16,13 +16,11 @@ from dataclasses import dataclass
 KERNEL_VERSION = 7
 # 7.28 brought max_pages (reads up to 1 MiB); nothing modelfs uses came later.
 KERNEL_MINOR_VERSION = 31
-ROOT_ID = 1
 
 # Opcodes (enum fuse_opcode).
 LOOKUP = 1
 FORGET = 2
 GETATTR = 3
-READLINK = 5
 OPEN = 14
 READ = 15
 STATFS = 17
@@ -35,7 +33,6 @@ OPENDIR = 27
 READDIR = 28
 RELEASEDIR = 29
 ACCESS = 34
-INTERRUPT = 36
 DESTROY = 38
 BATCH_FORGET = 42
 
@@ -145,8 +142,11 @@ def out_header(unique: int, payload_size: int, error: int = 0) -> bytes:
     return OUT_HEADER.pack(OUT_HEADER.size + payload_size, -error, unique)
 
 
-def init_reply(body: bytes, max_readahead: int) -> tuple[bytes, int]:
-    """The INIT reply for the kernel's INIT, and the minor version both sides speak."""
+def init_reply(body: bytes) -> tuple[bytes, int]:
+    """The INIT reply for the kernel's INIT, and the minor version both sides speak.
+
+    The readahead is the kernel's own offer: a reply can only lower it, and the mount raises
+    it afterwards through the bdi (``mount.session``)."""
     major, minor, kernel_readahead, kernel_flags = INIT_IN.unpack_from(body)
     if major != KERNEL_VERSION:
         raise ProtocolError(f"the kernel speaks FUSE {major}.{minor}, modelfs {KERNEL_VERSION}.x")
@@ -155,7 +155,7 @@ def init_reply(body: bytes, max_readahead: int) -> tuple[bytes, int]:
     reply = INIT_OUT.pack(
         KERNEL_VERSION,
         minor,
-        min(max_readahead, kernel_readahead),
+        kernel_readahead,
         flags,
         64,  # max_background: reads (readahead among them) in flight at once
         48,  # congestion_threshold

@@ -133,12 +133,10 @@ class FuseSession:
         operations: Operations,
         fd: int,
         on_init: Callable[[], None],
-        max_readahead: int,
     ) -> None:
         self._operations = operations
         self._fd = fd
         self._on_init = on_init
-        self._max_readahead = max_readahead
         self._buffer = bytearray(16 * protocol.MIN_READ_BUFFER)
         # READ replies waiting for a writer thread, each holding its data until written: as many
         # as the kernel has reads in flight (its max_background, and the readers' own).
@@ -170,12 +168,12 @@ class FuseSession:
     async def run(self) -> None:
         """Serve until the kernel ends the connection."""
         os.set_blocking(self._fd, False)
-        # One writer per core: more threads copying would only wait for the cores. Plain threads
+        # One writer per core this process may run on: more would only wait for the cores. Threads
         # fed by a queue, not trio.to_thread: a read's task has nothing to wait for once its
         # reply is handed over, and the hand-off was a quarter of the loop's GIL-held time.
         writers = [
             threading.Thread(target=self._write_replies, name="fuse-reply", daemon=True)
-            for _ in range(os.cpu_count() or 1)
+            for _ in range(len(os.sched_getaffinity(0)))
         ]
         for writer in writers:
             writer.start()
@@ -280,7 +278,7 @@ class FuseSession:
     # -- the answers: each returns the reply's payload, or None for no reply ------------------
 
     def _init(self, request: Request) -> bytes:
-        reply, minor = protocol.init_reply(request.body, self._max_readahead)
+        reply, minor = protocol.init_reply(request.body)
         log.debug("FUSE protocol 7.%d", minor)
         return reply
 

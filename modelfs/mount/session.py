@@ -502,7 +502,7 @@ async def _run_session(
             f"cannot mount on {options.mountpoint}: {error.strerror} (is it an existing empty "
             "directory, and is /dev/fuse available?)"
         ) from None
-    fuse = FuseSession(operations, fd, initialized.set, options.read_ahead_kb << 10)
+    fuse = FuseSession(operations, fd, initialized.set)
     unmounted_by_kernel = False
     try:
         async with trio.open_nursery() as nursery:
