@@ -1,9 +1,12 @@
-"""The FUSE ceiling: a trivial pyfuse3 filesystem serving a directory's files from memory.
+"""The FUSE ceilings: a trivial pyfuse3 filesystem serving a directory's files.
 
-``python -m bench.memfs SOURCE_DIR MOUNTPOINT`` reads every file of SOURCE_DIR (flat) into
-memory, mounts them read-only with ``keep_cache`` like modelfs, prints ``ready`` and serves until
-unmounted. Reads return memoryview slices: no copy on this side. The benchmark driver sets the
-same ``read_ahead_kb`` on this mount as modelfs has on its own.
+``python -m bench.memfs [--from-disk] SOURCE_DIR MOUNTPOINT`` mounts the files of SOURCE_DIR
+(flat) read-only with ``keep_cache`` like modelfs, prints ``ready`` and serves until unmounted.
+By default every file is read into memory first and reads return memoryview slices: no copy on
+this side, the ceiling of FUSE itself. With ``--from-disk`` each read is a ``pread`` of the
+source file in a worker thread (the kernel's readahead on that file, reads in parallel): the
+ceiling of a FUSE filesystem whose bytes are on this disk, as a warm modelfs cache's are. The
+benchmark driver sets the same ``read_ahead_kb`` on this mount as modelfs has on its own.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import pyfuse3
 import trio
 
 
-class MemoryFS(pyfuse3.Operations):
-    def __init__(self, files: dict[str, bytes]) -> None:
+class TrivialFS(pyfuse3.Operations):
+    """The files of ``source``, read from memory or (``from_disk``) from their files."""
+
+    def __init__(self, source: Path, from_disk: bool) -> None:
         super().__init__()
-        self.names = sorted(files)
+        paths = sorted(path for path in source.iterdir() if path.is_file())
+        self.names = [path.name for path in paths]
         # Inodes 2.. in name order; 1 is the root directory.
-        self.data = [memoryview(files[name]) for name in self.names]
+        self.sizes = [path.stat().st_size for path in paths]
+        self.fds = [os.open(path, os.O_RDONLY) for path in paths] if from_disk else []
+        self.data = [] if from_disk else [memoryview(path.read_bytes()) for path in paths]
 
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -31,9 +39,9 @@ class MemoryFS(pyfuse3.Operations):
         attr.entry_timeout = attr.attr_timeout = 3600.0
         if inode == pyfuse3.ROOT_INODE:
             attr.st_mode, attr.st_nlink, attr.st_size = stat.S_IFDIR | 0o555, 2, 0
-        elif 2 <= inode < 2 + len(self.data):
+        elif 2 <= inode < 2 + len(self.sizes):
             attr.st_mode, attr.st_nlink = stat.S_IFREG | 0o444, 1
-            attr.st_size = len(self.data[inode - 2])
+            attr.st_size = self.sizes[inode - 2]
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
@@ -64,13 +72,16 @@ class MemoryFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        if self.fds:
+            return await trio.to_thread.run_sync(os.pread, self.fds[fh - 2], size, off)
         return self.data[fh - 2][off : off + size]  # type: ignore[return-value]  # any buffer
 
 
 def main() -> None:
-    source, mountpoint = Path(sys.argv[1]), sys.argv[2]
-    files = {path.name: path.read_bytes() for path in source.iterdir() if path.is_file()}
-    pyfuse3.init(MemoryFS(files), mountpoint, {"ro", "fsname=bench-memfs", "subtype=memfs"})
+    from_disk = sys.argv[1] == "--from-disk"
+    source, mountpoint = Path(sys.argv[1 + from_disk]), sys.argv[2 + from_disk]
+    filesystem = TrivialFS(source, from_disk)
+    pyfuse3.init(filesystem, mountpoint, {"ro", "fsname=bench-memfs", "subtype=memfs"})
     print("ready", flush=True)
     try:
         trio.run(pyfuse3.main)

@@ -71,6 +71,18 @@ def test_the_cold_read_verdict_names_the_page_cache_fill() -> None:
     )
 
 
+def test_the_warm_verdict_names_the_disk_and_a_trivial_filesystem_over_it() -> None:
+    measured = results(cold_read=2.5, rss_large=150 * MB, rss_small=140 * MB)
+    measured["disk_read"] = [Sample(1.0, 2 * GB)]
+    measured["memfs_disk_read"] = [Sample(3.0, 2 * GB)]
+    (verdict,) = [v for v in evaluate(measured, 2 * GB) if v.target.startswith("warm read")]
+    assert (verdict.met, verdict.figure) == (
+        True,
+        "0.83 x; a cold local disk read, where the cache's pieces come from once dropped, is "
+        "1.25 x; against the trivial FUSE filesystem reading its files from this disk 2.00 x",
+    )
+
+
 def test_targets_missed_and_not_measured() -> None:
     verdicts = {
         verdict.target: verdict
