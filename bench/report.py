@@ -34,6 +34,8 @@ class Sample:
     # Bytes the disk under the work directory read and wrote during the case (its sector counts):
     # a cold read here reads the registry's blobs and writes the cache's pieces on one disk.
     disk_bytes: int | None = None
+    # The cores the mount process kept busy in each 0.2 s of the read (``bench.run.cores_busy``).
+    cores_busy: tuple[float, ...] = ()
 
 
 Results = dict[str, list[Sample]]
@@ -366,6 +368,45 @@ def render_cpu(
             f"the {sample.seconds:.2f} s read; {held / (model_bytes / 1e9):.2f} s/GB"
         )
     return "\n".join(lines)
+
+
+def render_cores(results: Results, runs: int) -> str:
+    """The cores case: the same read on both cores and on one, and how busy the mount kept them."""
+    rows = []
+    for key, where in (
+        ("cold_read_in_memory", "both cores"),
+        ("cold_read_in_memory_one_core", "one core"),
+    ):
+        samples = results.get(key, [])
+        if not samples:
+            continue
+        busy = sorted(value for sample in samples for value in sample.cores_busy)
+        rows.append(
+            f"| {where} | {_format(seconds(results, key), '.2f')} | "
+            f"{_format(throughput(results, key), '.0f', MB)} | "
+            f"{_format(cpu_per_gb(results, key), '.2f')} | "
+            f"{_format(statistics.median(busy) if busy else None, '.2f')} | "
+            f"{_format(busy[int(len(busy) * 0.9)] if busy else None, '.2f')} | "
+            f"{_format(sum(value > 1.05 for value in busy) / len(busy) if busy else None, '.0%')} |"
+        )
+    one_core = seconds(results, "cold_read_in_memory_one_core")
+    both = seconds(results, "cold_read_in_memory")
+    gain = one_core / both if one_core is not None and both else None
+    return "\n".join(
+        [
+            "cores (issue 20): the redirected cold read with the registry's storage and the "
+            "mount's cache in memory (tmpfs: neither the disk nor the network bounds it; nginx "
+            f"and the reader share the cores), alternated, medians of {runs} after one not "
+            "counted",
+            "",
+            "| mount process on | median s | MB/s | mount CPU-s/GB | cores busy, median of "
+            "0.2 s | p90 | 0.2 s over one core |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"- the second core: {_format(gain, '.2f')} x (one core's time over both cores')",
+        ]
+    )
 
 
 def _disk_lines(results: Results) -> list[str]:

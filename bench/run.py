@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ from bench.report import (
     evaluate,
     evaluate_production,
     held_seconds,
+    render_cores,
     render_cpu,
     render_growth,
     render_table,
@@ -104,6 +106,29 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def cores_busy(pid: int, interval: float = 0.2) -> Iterator[list[float]]:
+    """The cores process ``pid`` kept busy in each ``interval`` seconds while the block ran (its
+    CPU seconds per second, from /proc at 100 ticks a second): the list yielded, filled on exit."""
+    series: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        before = (time.monotonic(), cpu_seconds(pid))
+        while not stop.wait(interval):
+            now = (time.monotonic(), cpu_seconds(pid))
+            series.append((now[1] - before[1]) / (now[0] - before[0]))
+            before = now
+
+    sampler = threading.Thread(target=sample, name="cores-busy")
+    sampler.start()
+    try:
+        yield series
+    finally:
+        stop.set()
+        sampler.join()
 
 
 def timed(action: Callable[[], int]) -> tuple[float, int]:
@@ -198,6 +223,17 @@ def start_redirecting(root: Path, storage: Path) -> tuple[Registry, Nginx]:
     nginx.start()
     registry.start()
     return registry, nginx
+
+
+@contextmanager
+def in_memory(root: Path) -> Iterator[Path]:
+    """A tmpfs of its own at ``root`` (dropping the page cache leaves it in memory)."""
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", str(root)], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
 
 
 class StorageMeter:
@@ -621,7 +657,8 @@ class Bench:
             attach(mount.pid)
             if cores is not None:
                 pin_to_cores(mount.pid, cores)
-            elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
+            with cores_busy(mount.pid) as busy:
+                elapsed, count = timed(lambda: read_all(mount.files(pushed.names())))
             rss, mount_cpu, loop_cpu = (
                 mount.peak_rss(),
                 mount.cpu_seconds(),
@@ -633,7 +670,17 @@ class Bench:
         registry_cpu = meter.cpu_since(mark)
         parts = {"mount": mount.listed_after}
         sample = Sample(
-            elapsed, count, fetched, rss, parts, mount_cpu, registry_cpu, *counted, loop_cpu, disk
+            elapsed,
+            count,
+            fetched,
+            rss,
+            parts,
+            mount_cpu,
+            registry_cpu,
+            *counted,
+            loop_cpu,
+            disk,
+            tuple(busy),
         )
         self.record(key, sample)
         if count != pushed.size:
@@ -765,6 +812,36 @@ def memory_case(
     return bench.results, [(memory_key(model), model.size) for model in pushed]
 
 
+def cores_case(bench: Bench, storage: Path, work: Path, runs: int) -> Results:
+    """The redirected cold read with the registry's storage and the mount's cache in memory, on
+    both cores and on one, alternated: what the mount's own work does with a second core when
+    neither the disk nor the network bounds it (the reader and nginx still share the cores).
+
+    A copy of ``storage`` on a tmpfs is served by a redirecting registry and nginx of its own,
+    as a registry on another machine would be; the first read is not counted (it takes the
+    tmpfs's pages from the host, up to 2 x the time on this VM)."""
+    with in_memory(work / "in-memory") as root:
+        shutil.copytree(storage, root / "storage")
+        registry, nginx = start_redirecting(root / "redirecting", root / "storage")
+        try:
+            pushed, meter = bench.large.on(registry), StorageMeter(registry, nginx)
+            timed_results, bench.results = bench.results, {}
+            cases = [("cold_read_in_memory", None), ("cold_read_in_memory_one_core", {0})]
+            for run in range(runs + 1):
+                log(f"bench: cores run {run} of {runs}" + (" (not counted)" if not run else ""))
+                for key, cores in cases:
+                    cache = root / "cache"
+                    bench.mounted_read(key, pushed, cache, meter, cores)
+                    shutil.rmtree(cache)
+                if not run:
+                    bench.results = {}
+            measured, bench.results = bench.results, timed_results
+        finally:
+            nginx.stop()
+            registry.stop()
+    return measured
+
+
 def memory_key(model: PushedModel) -> str:
     return f"memory_{model.size / MB:.0f}MB"
 
@@ -835,11 +912,12 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["cluster", "memory", "containerd", "mirrors"],
-        help="run only this case (cluster: N nodes with peers; memory: cold reads of three "
-        "model sizes, peak RSS against size; containerd: pull to first tensor and whole model "
-        "in a container, overlayfs against the modelfs snapshotter; mirrors: cold reads "
-        "direct, through a pull-through cache named in a hosts.toml, through tinyproxy)",
+        choices=["cores", "cluster", "memory", "containerd", "mirrors"],
+        help="run only this case (cores: the redirected cold read with the storage and the "
+        "cache in memory, on both cores and one; cluster: N nodes with peers; memory: cold "
+        "reads of three model sizes, peak RSS against size; containerd: pull to first tensor "
+        "and whole model in a container, overlayfs against the modelfs snapshotter; mirrors: "
+        "cold reads direct, through a pull-through cache named in a hosts.toml, through tinyproxy)",
     )
     parser.add_argument(
         "--cluster-size",
@@ -906,7 +984,14 @@ def main() -> None:
                 render_cpu(bench.results, gil, large.size, PROFILE_RATE),
             ]
             log("\n\n".join(sections))  # now: a later case that fails must not take it along
-        extra_results: Results = {}  # the memory and cluster cases' samples, for the raw file
+        extra_results: Results = {}  # the other cases' samples, for the raw file
+        if arguments.only == "cores":
+            large = push_model(registry, "large", models.generate(large_shape, work / "model"))
+            bench = Bench(work, large, large, meter)
+        if bench is not None and arguments.only in (None, "cores"):
+            cores_results = cores_case(bench, registry.storage, work, runs)
+            extra_results.update(cores_results)
+            sections.append(render_cores(cores_results, runs))
         if arguments.only == "memory":
             shapes = (
                 [models.QUICK_SMALL, models.QUICK_LARGE, models.SMALL]
