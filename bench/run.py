@@ -429,7 +429,7 @@ class Bench:
         self.cold_load()
         self.small_model()
         self.memfs_read()
-        self.memfs_read(from_disk=True)
+        self.memfs_read("memfs_disk_read", from_disk=True)
         if self.redirected is not None:
             self.redirected_cases(*self.redirected)
         self.skopeo(downloads)
@@ -722,16 +722,16 @@ class Bench:
         self.record("listing_small", listing)
         shutil.rmtree(cache)
 
-    def memfs_read(self, from_disk: bool = False) -> None:
+    def memfs_read(self, key: str = "memfs_read", from_disk: bool = False) -> None:
         """A full read through the trivial filesystem: from memory (the FUSE ceiling), or
-        ``from_disk`` (the ceiling of a FUSE filesystem reading its bytes from this disk, as a
+        ``from_disk`` (a FUSE filesystem at its simplest reading its bytes from this disk, as a
         warm read's come from the cache's file once the page cache is dropped)."""
         mountpoint = self.work / "mnt" / "memfs"
         with self._memfs_mounted(mountpoint, from_disk):
             cold_start()
             paths = [mountpoint / name for name in self.large.names()]
             elapsed, count = timed(lambda: read_all(paths))
-        self.record("memfs_disk_read" if from_disk else "memfs_read", Sample(elapsed, count))
+        self.record(key, Sample(elapsed, count))
 
     @contextmanager
     def _memfs_mounted(self, mountpoint: Path, from_disk: bool) -> Iterator[None]:
@@ -816,6 +816,7 @@ def cores_case(bench: Bench, storage: Path, work: Path, runs: int) -> Results:
     """The redirected cold read with the registry's storage and the mount's cache in memory, on
     both cores and on one, alternated: what the mount's own work does with a second core when
     neither the disk nor the network bounds it (the reader and nginx still share the cores).
+    Also the warm read from that cache against the trivial memory filesystem, alternated.
 
     A copy of ``storage`` on a tmpfs is served by a redirecting registry and nginx of its own,
     as a registry on another machine would be; the first read is not counted (it takes the
@@ -826,13 +827,15 @@ def cores_case(bench: Bench, storage: Path, work: Path, runs: int) -> Results:
         try:
             pushed, meter = bench.large.on(registry), StorageMeter(registry, nginx)
             timed_results, bench.results = bench.results, {}
-            cases = [("cold_read_in_memory", None), ("cold_read_in_memory_one_core", {0})]
+            cache = root / "cache"
             for run in range(runs + 1):
                 log(f"bench: cores run {run} of {runs}" + (" (not counted)" if not run else ""))
-                for key, cores in cases:
-                    cache = root / "cache"
-                    bench.mounted_read(key, pushed, cache, meter, cores)
-                    shutil.rmtree(cache)
+                bench.mounted_read("cold_read_in_memory", pushed, cache, meter)
+                bench.mounted_read("warm_read_in_memory", pushed, cache, meter)
+                shutil.rmtree(cache)
+                bench.memfs_read("memfs_read_in_memory")
+                bench.mounted_read("cold_read_in_memory_one_core", pushed, cache, meter, {0})
+                shutil.rmtree(cache)
                 if not run:
                     bench.results = {}
             measured, bench.results = bench.results, timed_results

@@ -92,13 +92,19 @@ def test_the_cores_case_shows_how_busy_the_mount_kept_them_and_the_second_core()
             Sample(3.0, size, mount_cpu=2.6, cores_busy=(1.0, 1.1)),
         ],
         "cold_read_in_memory_one_core": [Sample(3.0, size, mount_cpu=2.0, cores_busy=(1.0,))],
+        "warm_read_in_memory": [Sample(1.0, size, mount_cpu=1.0)],
+        "memfs_read_in_memory": [Sample(0.5, size)],
     }
     lines = render_cores(measured, 2).splitlines()
     # median 2.5 s, 800 MB/s, 1.25 CPU-s/GB; of six intervals the median 1.15, p90 the highest,
     # four over one core (1.05 is its noise: 100 ticks a second over 0.2 s)
-    assert "| both cores | 2.50 | 800 | 1.25 | 1.15 | 1.60 | 67% |" in lines
-    assert "| one core | 3.00 | 667 | 1.00 | 1.00 | 1.00 | 0% |" in lines
-    assert lines[-1] == "- the second core: 1.20 x (one core's time over both cores')"
+    assert "| cold, both cores | 2.50 | 800 | 1.25 | 1.15 | 1.60 | 67% |" in lines
+    assert "| cold, one core | 3.00 | 667 | 1.00 | 1.00 | 1.00 | 0% |" in lines
+    assert "| warm, both cores | 1.00 | 2000 | 0.50 | — | — | — |" in lines
+    assert lines[-2:] == [
+        "- the second core: 1.20 x (one core's time over both cores')",
+        "- the warm read from the cache in memory: 0.50 x the trivial memory filesystem (0.50 s)",
+    ]
 
 
 def test_targets_missed_and_not_measured() -> None:
