@@ -211,7 +211,8 @@ def test_preheat_resumes_after_an_interruption_and_a_node_restart(
     with Proxy(fresh_registry) as proxy, running_cluster(proxy, tmp_path) as cluster:
         ref = f"{proxy.host}/{reference}"
         # The registry goes away 6 MiB into the download: the weights' first 4 MiB piece gets
-        # in, and the node's preheat fails after its retries.
+        # in (or two: each answer may send what was left of the budget as it started), and the
+        # node's preheat fails after its retries.
         proxy.blob_budget = 6 << 20
         cut = cluster.modelfs("preheat", "--nodes", "node-c", ref)
         assert cut.returncode == 1
@@ -260,10 +261,11 @@ def test_preheat_resumes_after_an_interruption_and_a_node_restart(
         assert (last["node"], last["state"], last["held_bytes"]) == ("node-c", "done", total)
         ((present_after, total_after),) = cluster.held("node-c").values()
         assert present_after == total_after == total
-        # Only what was missing came from the registry: of the weights, all but the piece the
-        # node held; besides, a few KiB (the piece index, the config).
+        # Only what was missing came from the registry: of the weights, all but the whole
+        # pieces the node held; besides, a few KiB (the piece index, the config).
         print(f"\nheld {present} of {total} bytes; the rest took {proxy.blob_bytes} registry bytes")
-        assert proxy.bytes_by_blob[weights] == size - PIECE
+        held_weights = size - proxy.bytes_by_blob[weights]
+        assert held_weights >= PIECE and held_weights % PIECE == 0, held_weights
         assert proxy.blob_bytes <= total - present + 64 * 1024
 
 
