@@ -130,6 +130,7 @@ class MemoryFiles:
         self.handles: dict[int, str] = {}
         self._next_handle = itertools.count(1)
         self.reads_started = 0
+        self.reads_cancelled = 0
 
     def _attributes(self, inode: int) -> Attributes:
         if inode == ROOT_INODE:
@@ -166,7 +167,11 @@ class MemoryFiles:
         name = self.handles[handle]
         self.reads_started += 1
         if name in self.held:
-            await self.go.wait()
+            try:
+                await self.go.wait()
+            except trio.Cancelled:
+                self.reads_cancelled += 1
+                raise
         if name in self.failing:
             raise FuseError(errno.EIO)
         return memoryview(self.files[name])[offset : offset + size]
@@ -290,6 +295,44 @@ def test_a_reader_killed_while_its_read_is_answered_leaves_the_session_serving(
     trio.run(main)
 
 
+_INTERRUPTED_READER = """
+import os, signal, sys
+def stop(*_): raise SystemExit(3)
+signal.signal(signal.SIGUSR1, stop)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+os.pread(fd, 4096, 0)
+"""
+
+
+def test_a_signal_to_a_reader_interrupts_its_read_and_the_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The kernel sends INTERRUPT for a read whose caller got a signal: the read is cancelled
+    and answered EINTR at once, so the caller's handler runs (here: exit 3) while the filesystem
+    would still be waiting."""
+    files = MemoryFiles({"held.bin": b"h" * 4096})
+    files.held.add("held.bin")
+
+    async def main() -> None:
+        mnt = tmp_path / "mnt"
+        async with served(files, mnt):
+            reader = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_READER, mnt / "held.bin"])
+            try:
+                while files.reads_started == 0:
+                    await trio.sleep(0.01)
+                reader.send_signal(signal.SIGUSR1)
+                assert await trio.to_thread.run_sync(reader.wait, 10) == 3
+            finally:
+                reader.kill()
+                await trio.to_thread.run_sync(reader.wait)
+            assert files.reads_cancelled == 1
+            files.go.set()
+            held = await trio.to_thread.run_sync(direct_read, mnt / "held.bin", 0, 4096)
+            assert held == b"h" * 4096
+
+    trio.run(main)
+
+
 def test_a_session_cancelled_with_a_read_in_flight_ends_and_frees_the_reader(
     tmp_path: Path,
 ) -> None:
@@ -369,6 +412,52 @@ def test_a_user_who_is_not_root_mounts_through_fusermount3(tmp_path: Path) -> No
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
         mnt.rmdir()
+
+
+def test_an_interrupt_cancels_its_read_waits_for_one_not_read_yet_and_ignores_one_answered() -> (
+    None
+):
+    """Over a SOCK_SEQPACKET pair: an INTERRUPT for a read in flight gets that read answered
+    EINTR; one for a request the session has not read yet is answered EAGAIN (the kernel sends it
+    again later); one for a request already answered gets no answer."""
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.settimeout(5)
+    files = MemoryFiles({"held.bin": b"h" * 10})
+    files.held.add("held.bin")
+
+    def exchange(message: bytes) -> tuple[int, int, bytes]:
+        kernel.send(message)
+        reply = kernel.recv(1 << 16)
+        _, error, unique = protocol.OUT_HEADER.unpack_from(reply)
+        return unique, -error, reply[protocol.OUT_HEADER.size :]
+
+    def interrupt(unique: int) -> bytes:  # its own unique is the request's with the low bit set
+        return request_bytes(protocol.INTERRUPT, unique | 1, 0, protocol.INTERRUPT_IN.pack(unique))
+
+    def as_kernel() -> None:
+        with kernel:
+            init = protocol.INIT_IN.pack(7, 31, 1 << 20, protocol.ASYNC_READ) + bytes(48)
+            assert exchange(request_bytes(protocol.INIT, 2, 0, init))[:2] == (2, 0)
+            opened = exchange(
+                request_bytes(protocol.OPEN, 4, 2, protocol.OPEN_IN.pack(os.O_RDONLY, 0))
+            )
+            assert opened[:2] == (4, 0)
+            handle = protocol.OPEN_OUT.unpack_from(opened[2])[0]
+            kernel.send(request_bytes(protocol.READ, 6, 2, protocol.READ_IN.pack(handle, 0, 10, 0)))
+            assert exchange(interrupt(8))[:2] == (9, errno.EAGAIN)  # not read yet
+            assert exchange(interrupt(6))[:2] == (6, errno.EINTR)  # the read, answered
+            kernel.send(interrupt(4))  # the OPEN, answered long ago: no answer
+            statfs = exchange(request_bytes(protocol.STATFS, 8, 1, b""))
+            assert statfs[:2] == (8, 0)
+
+    async def main() -> None:
+        with ours, trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(FuseSession(files, ours.fileno(), lambda: None).run)
+                await trio.to_thread.run_sync(as_kernel)
+
+    trio.run(main)
+    assert files.reads_cancelled == 1
 
 
 def test_the_session_answers_what_it_cannot_read_and_ends_when_its_peer_does() -> None:

@@ -534,6 +534,44 @@ def timed_read(path: Path) -> tuple[int, float]:
     return result.returncode, time.monotonic() - started
 
 
+_DIRECT_READER = (
+    "import os, sys; os.pread(os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT), 4096, 0)"
+)
+
+
+def test_a_direct_reader_stopped_by_a_signal_while_the_registry_stalls_stops_at_once(
+    small_model: str, proxy: Proxy, tmp_path: Path
+) -> None:
+    """Ctrl-C on an O_DIRECT reader waiting for a registry that trickles: its read ends at once
+    (the kernel's INTERRUPT, answered EINTR), not after --read-timeout (60 s by default), and the
+    mount serves the next read of the file with exact bytes. (A buffered read waits on the
+    kernel's readahead, which no INTERRUPT reaches: only a fatal signal ends that wait.)"""
+    reference = small_model.replace(proxy.upstream.host, proxy.host)
+    with mounted(reference, tmp_path / "mnt", tmp_path / "cache", "--prefetch", "none") as mnt:
+        proxy.trickle = 1.0
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _DIRECT_READER, mnt / "w.bin"],
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not proxy.blob_requests and time.monotonic() < deadline:
+                time.sleep(0.05)  # until its read waits on the registry
+            time.sleep(0.3)
+            started = time.monotonic()
+            reader.send_signal(signal.SIGINT)
+            assert reader.wait(timeout=10) != 0
+            elapsed = time.monotonic() - started
+        finally:
+            reader.kill()
+            reader.wait()
+        assert reader.stderr is not None and b"KeyboardInterrupt" in reader.stderr.read()
+        print(f"the interrupted reader ended {elapsed:.2f} s after its signal")
+        assert elapsed < 2
+        proxy.trickle = 0
+        assert (mnt / "w.bin").read_bytes() == b"w" * 5000
+
+
 @pytest.fixture
 def gzip_model(registry: Registry) -> str:
     """One file in a gzip layer its annotations describe: fetched whole on its first read."""

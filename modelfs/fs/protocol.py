@@ -33,6 +33,7 @@ OPENDIR = 27
 READDIR = 28
 RELEASEDIR = 29
 ACCESS = 34
+INTERRUPT = 36
 DESTROY = 38
 BATCH_FORGET = 42
 
@@ -64,6 +65,7 @@ OPEN_OUT = struct.Struct("=QII")  # fh, open_flags, padding
 READ_IN = struct.Struct("=QQII")  # fh, offset, size, read_flags (+ lock owner, flags)
 RELEASE_IN = struct.Struct("=Q")  # fh (+ flags...)
 ACCESS_IN = struct.Struct("=I")  # mask
+INTERRUPT_IN = struct.Struct("=Q")  # the unique of the request whose caller got a signal
 GETXATTR_IN = struct.Struct("=II")  # size, padding
 GETXATTR_OUT = struct.Struct("=II")  # size, padding
 STATFS_OUT = struct.Struct("=QQQQQIII28x")  # blocks, bfree, bavail, files, ffree, bsize, ...

@@ -7,9 +7,11 @@ read with the registry off the node's disk, docs/benchmarks.md). With libfuse th
 that copy ran on the event loop with the GIL held, so the mount used one core; here the copies
 run on every core while the loop goes on receiving and checking pieces.
 
-Reads are tasks in the session's nursery; everything else is answered at once, in order. The
-session ends when the kernel ends the connection (the mount is gone: ENODEV) or when its scope
-is cancelled; ``mount`` and ``unmount`` are the calls around it.
+Reads are tasks in the session's nursery; everything else is answered at once, in order. A read
+whose caller gets a signal (the kernel sends INTERRUPT) is cancelled and answered EINTR, so a
+reader waiting on a stalled registry can be stopped with Ctrl-C. The session ends when the
+kernel ends the connection (the mount is gone: ENODEV) or when its scope is cancelled; ``mount``
+and ``unmount`` are the calls around it.
 """
 
 from __future__ import annotations
@@ -143,6 +145,10 @@ class FuseSession:
         self._replies: queue.SimpleQueue[tuple[int, bytes | memoryview] | None] = (
             queue.SimpleQueue()
         )
+        # The reads in flight, by unique, and the highest unique read so far (INTERRUPTs name
+        # the request they are for, and may come before it).
+        self._reads: dict[int, trio.CancelScope] = {}
+        self._last_unique = 0
         self._answers: dict[int, Callable[[Request], bytes | None]] = {
             protocol.INIT: self._init,
             protocol.LOOKUP: self._lookup,
@@ -180,7 +186,13 @@ class FuseSession:
         try:
             async with trio.open_nursery() as nursery:
                 while (request := await self._next_request()) is not None:
+                    if request.opcode == protocol.INTERRUPT:
+                        self._interrupt(request)
+                        continue
+                    self._last_unique = request.unique
                     if request.opcode == protocol.READ:
+                        # Known before the read's task runs: an INTERRUPT may come next.
+                        self._reads[request.unique] = trio.CancelScope()
                         nursery.start_soon(self._read, request)
                     elif request.opcode == protocol.DESTROY:
                         self._reply(request.unique, b"")
@@ -250,16 +262,35 @@ class FuseSession:
             if request.opcode == protocol.INIT:
                 self._on_init()
 
+    def _interrupt(self, request: Request) -> None:
+        """The caller of the request named got a signal: its read, if in flight, is cancelled
+        (and answered EINTR). One not read yet is asked of the kernel again later (EAGAIN);
+        one already answered needs nothing. The INTERRUPT itself is otherwise not answered."""
+        (unique,) = protocol.INTERRUPT_IN.unpack_from(request.body)
+        scope = self._reads.get(unique)
+        if scope is not None:
+            scope.cancel()
+        elif unique > self._last_unique:
+            self._reply(request.unique, b"", errno.EAGAIN)
+
     async def _read(self, request: Request) -> None:
         handle, offset, size, _ = protocol.READ_IN.unpack_from(request.body)
-        try:
-            data = await self._operations.read(handle, offset, size)
-        except FuseError as error:  # the filesystem logs why
-            self._reply(request.unique, b"", error.errno)
-            return
-        except Exception:  # a bug: this read fails, the session goes on
-            log.exception("FUSE: a read failed unexpectedly")
-            self._reply(request.unique, b"", errno.EIO)
+        # A read cancelled by an INTERRUPT leaves the pieces it waited on to be fetched all the
+        # same: the fetcher's other waiters take a cancelled fetch over (``PieceFetcher``).
+        with self._reads[request.unique] as scope:
+            try:
+                data = await self._operations.read(handle, offset, size)
+            except FuseError as error:  # the filesystem logs why
+                self._reply(request.unique, b"", error.errno)
+                return
+            except Exception:  # a bug: this read fails, the session goes on
+                log.exception("FUSE: a read failed unexpectedly")
+                self._reply(request.unique, b"", errno.EIO)
+                return
+            finally:
+                del self._reads[request.unique]
+        if scope.cancelled_caught:
+            self._reply(request.unique, b"", errno.EINTR)
             return
         if len(data) < _THREADED_REPLY:
             self._reply(request.unique, data)
