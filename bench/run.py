@@ -760,18 +760,33 @@ class Bench:
                 unmount(mountpoint)
                 process.wait(timeout=30)
 
+    @contextmanager
+    def results_apart(self) -> Iterator[Results]:
+        """The block's samples go to the results yielded, not to the run's (the table's)."""
+        kept, self.results = self.results, {}
+        try:
+            yield self.results
+        finally:
+            self.results = kept
+
+    @contextmanager
+    def under_py_spy(self, directory: Path, options: list[str]) -> Iterator[Results]:
+        """The block's mounts run under py-spy (its raw stacks in ``directory``), their samples
+        apart from the run's."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.profile_dir, self.spy_options = directory, options
+        try:
+            with self.results_apart() as measured:
+                yield measured
+        finally:
+            self.profile_dir, self.spy_options = None, []
+
     def gil_pass(self, directory: Path) -> dict[str, tuple[float, Sample]]:
         """A cold and a warm read once more with py-spy sampling only the thread that holds the
         GIL (``record --gil``), not timed: per case, the seconds the GIL was held (samples over
         the rate) and the case's sample (the mount's CPU time)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        timed_results, self.results = self.results, {}
-        self.profile_dir, self.spy_options = directory, ["--gil"]
-        try:
+        with self.under_py_spy(directory, ["--gil"]) as measured:
             self.cold_and_warm_read()
-            measured = self.results
-        finally:
-            self.results, self.profile_dir, self.spy_options = timed_results, None, []
         return {
             key: (held_seconds((directory / f"{key}.txt").read_text(), PROFILE_RATE), samples[0])
             for key, samples in measured.items()
@@ -779,14 +794,10 @@ class Bench:
 
     def profile_pass(self, directory: Path) -> dict[str, str]:
         """The mount process's cases once more under py-spy (not timed); raw stacks per case."""
-        directory.mkdir(parents=True, exist_ok=True)
-        timed_results, self.results, self.profile_dir = self.results, {}, directory
-        try:
+        with self.under_py_spy(directory, []) as measured:
             self.cold_and_warm_read()
             self.cold_load()
-            seconds = {key: samples[0].seconds for key, samples in self.results.items()}
-        finally:
-            self.results, self.profile_dir = timed_results, None
+        seconds = {key: samples[0].seconds for key, samples in measured.items()}
         return {
             key: summarize_profile((directory / f"{key}.txt").read_text(), PROFILE_RATE, elapsed)
             for key, elapsed in seconds.items()
@@ -826,19 +837,18 @@ def cores_case(bench: Bench, storage: Path, work: Path, runs: int) -> Results:
         registry, nginx = start_redirecting(root / "redirecting", root / "storage")
         try:
             pushed, meter = bench.large.on(registry), StorageMeter(registry, nginx)
-            timed_results, bench.results = bench.results, {}
             cache = root / "cache"
-            for run in range(runs + 1):
-                log(f"bench: cores run {run} of {runs}" + (" (not counted)" if not run else ""))
-                bench.mounted_read("cold_read_in_memory", pushed, cache, meter)
-                bench.mounted_read("warm_read_in_memory", pushed, cache, meter)
-                shutil.rmtree(cache)
-                bench.memfs_read("memfs_read_in_memory")
-                bench.mounted_read("cold_read_in_memory_one_core", pushed, cache, meter, {0})
-                shutil.rmtree(cache)
-                if not run:
-                    bench.results = {}
-            measured, bench.results = bench.results, timed_results
+            with bench.results_apart() as measured:
+                for run in range(runs + 1):
+                    log(f"bench: cores run {run} of {runs}" + ("" if run else " (not counted)"))
+                    bench.mounted_read("cold_read_in_memory", pushed, cache, meter)
+                    bench.mounted_read("warm_read_in_memory", pushed, cache, meter)
+                    shutil.rmtree(cache)
+                    bench.memfs_read("memfs_read_in_memory")
+                    bench.mounted_read("cold_read_in_memory_one_core", pushed, cache, meter, {0})
+                    shutil.rmtree(cache)
+                    if not run:
+                        measured.clear()
         finally:
             nginx.stop()
             registry.stop()
