@@ -1,11 +1,12 @@
-"""The FUSE ceilings: a trivial pyfuse3 filesystem serving a directory's files.
+"""The reference filesystems: a trivial pyfuse3 filesystem serving a directory's files.
 
 ``python -m bench.memfs [--from-disk] SOURCE_DIR MOUNTPOINT`` mounts the files of SOURCE_DIR
 (flat) read-only with ``keep_cache`` like modelfs, prints ``ready`` and serves until unmounted.
 By default every file is read into memory first and reads return memoryview slices: no copy on
 this side, the ceiling of FUSE itself. With ``--from-disk`` each read is a ``pread`` of the
-source file in a worker thread (the kernel's readahead on that file, reads in parallel): the
-ceiling of a FUSE filesystem whose bytes are on this disk, as a warm modelfs cache's are. The
+source file in a worker thread (the kernel's readahead on that file, reads in parallel): FUSE
+at its simplest over bytes on this disk, as a warm modelfs cache's are (a reference, not a
+ceiling: modelfs's direct reads of 4 MiB slots can beat it). The
 benchmark driver sets the same ``read_ahead_kb`` on this mount as modelfs has on its own.
 """
 
